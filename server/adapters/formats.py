@@ -1,0 +1,265 @@
+"""Read and validate PEFT adapter directories into host-side AdapterWeights.
+
+Supported: LoRA (incl. rsLoRA, rank_pattern/alpha_pattern, fan_in_fan_out), DoRA (use_dora), AdaLoRA, IA3.
+Only ``adapter_model.safetensors`` is ever read: pickled ``.bin``/``.pt`` files are refused, never unpickled.
+Every refusal is an AdapterFormatError naming the file and the reason; nothing is half-loaded, because the
+result is only built after every check passed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from server.errors import AdapterError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
+KEY_PREFIX = "base_model.model."
+MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 16 << 20
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# PEFT config switches whose semantics we do not implement; an adapter that turns one on is refused, not
+# silently served wrong.
+_UNSUPPORTED_FLAGS = ("lora_bias", "use_qalora", "layer_replication", "trainable_token_indices",
+                      "alora_invocation_tokens", "target_parameters", "use_bdlora")
+
+
+class AdapterFormatError(AdapterError):
+    """An adapter directory we refuse to load; the message names the file and the reason."""
+
+
+@dataclass
+class ModuleWeights:
+    """One targeted linear module's adapter tensors, on host, as PEFT stores them.
+
+    LoRA family: a [r, in], b [out, r], delta = scaling * b @ a @ x; DoRA adds magnitude [out].
+    IA3: ia3 [out] scales the output, or [in] scales the input when ``ia3_on_input`` (feedforward_modules).
+    """
+
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    scaling: float = 1.0
+    magnitude: torch.Tensor | None = None
+    ia3: torch.Tensor | None = None
+    ia3_on_input: bool = False
+    dora_scale: torch.Tensor | None = None  # m / ||W + s*B@A||, filled once per adapter on first activation
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.a is None else self.a.shape[0]
+
+
+@dataclass
+class AdapterWeights:
+    """A whole adapter on host: ``modules`` maps a base-model module path to its tensors."""
+
+    name: str
+    peft_type: str  # LORA | ADALORA | IA3
+    use_dora: bool
+    modules: dict[str, ModuleWeights]
+    path: str
+    base_model_name_or_path: str | None = None
+    config: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return "dora" if self.use_dora else self.peft_type.lower()
+
+    @property
+    def rank(self) -> int:
+        return max((m.rank for m in self.modules.values()), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for m in self.modules.values()
+                   for t in (m.a, m.b, m.magnitude, m.ia3) if t is not None)
+
+
+def _pattern_value(patterns: dict | None, module: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: first key that matches a suffix of the module path."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterFormatError(f"{path}: missing; a PEFT adapter directory needs {CONFIG_FILE}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterFormatError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{path}: must be a JSON object")
+    return config
+
+
+def check_safetensors_header(path: Path, max_bytes: int) -> None:
+    """Validate the header before any tensor is read: sizes, offsets and dtypes must be consistent."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise AdapterFormatError(f"{path}: {size} bytes exceeds the {max_bytes}-byte adapter limit")
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise AdapterFormatError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise AdapterFormatError(f"{path}: safetensors header claims {n} bytes; file is corrupt or truncated")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise AdapterFormatError(f"{path}: safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{path}: safetensors header must be a JSON object")
+    data_len = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            numel = math.prod(info["shape"])
+            itemsize = _DTYPE_BYTES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise AdapterFormatError(f"{path}: tensor {key!r} has a malformed header entry") from None
+        if not (0 <= start <= end <= data_len) or numel * itemsize != end - start:
+            raise AdapterFormatError(
+                f"{path}: tensor {key!r} claims {numel * itemsize} bytes at {start}..{end} but the file holds "
+                f"{data_len} data bytes; file is corrupt or truncated")
+
+
+def _check_config(config: dict, path: Path) -> str:
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type not in ("LORA", "ADALORA", "IA3"):
+        raise AdapterFormatError(
+            f"{path}: peft_type {config.get('peft_type')!r} is not supported (supported: LORA, ADALORA, IA3)")
+    if config.get("modules_to_save"):
+        raise AdapterFormatError(
+            f"{path}: modules_to_save={config['modules_to_save']} replaces whole base modules per adapter; "
+            "this server keeps one shared base model and refuses such adapters")
+    if config.get("bias", "none") != "none":
+        raise AdapterFormatError(f"{path}: bias={config['bias']!r} trains base biases; only bias='none' is served")
+    for flag in _UNSUPPORTED_FLAGS:
+        if config.get(flag):
+            raise AdapterFormatError(f"{path}: {flag}={config[flag]!r} is not supported")
+    return peft_type
+
+
+def _split_key(key: str, path: Path) -> tuple[str, str]:
+    """'base_model.model.<module>.lora_A.weight' -> ('<module>', 'lora_A')."""
+    if not key.startswith(KEY_PREFIX):
+        raise AdapterFormatError(f"{path}: unexpected tensor name {key!r} (expected the {KEY_PREFIX!r} prefix)")
+    parts = key[len(KEY_PREFIX):].split(".")
+    if parts[-1] == "weight":
+        parts = parts[:-1]
+    if "lora_embedding_A" in parts or "lora_embedding_B" in parts:
+        raise AdapterFormatError(f"{path}: {key!r} is an embedding LoRA, which is not supported")
+    part = parts[-1]
+    if part not in ("lora_A", "lora_B", "lora_E", "lora_magnitude_vector", "ia3_l"):
+        raise AdapterFormatError(f"{path}: tensor {key!r} is not a LoRA/AdaLoRA/DoRA/IA3 weight")
+    return ".".join(parts[:-1]), part
+
+
+def _module_weights(module: str, t: dict[str, torch.Tensor], config: dict, peft_type: str,
+                    path: Path) -> ModuleWeights:
+    if peft_type == "IA3":
+        ia3 = t.get("ia3_l")
+        if ia3 is None or ia3.dim() != 2 or 1 not in ia3.shape:
+            raise AdapterFormatError(f"{path}: {module}.ia3_l missing or not a [n,1]/[1,n] vector")
+        return ModuleWeights(ia3=ia3.flatten(), ia3_on_input=ia3.shape[0] == 1)
+    a, b = t.get("lora_A"), t.get("lora_B")
+    if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise AdapterFormatError(f"{path}: {module}: lora_A/lora_B missing or of inconsistent rank "
+                                 f"({None if a is None else tuple(a.shape)} vs {None if b is None else tuple(b.shape)})")
+    r = a.shape[0]
+    if peft_type == "ADALORA":
+        e = t.get("lora_E")
+        if e is None or tuple(e.shape) != (r, 1):
+            raise AdapterFormatError(f"{path}: {module}.lora_E missing or not [{r}, 1]")
+        init_r = int(config.get("init_r", r))
+        alpha = config.get("lora_alpha") or init_r
+        return ModuleWeights(a=a * e, b=b, scaling=alpha / (init_r + 1e-5))
+    cfg_r = _pattern_value(config.get("rank_pattern"), module, config.get("r", r))
+    if cfg_r != r:
+        raise AdapterFormatError(f"{path}: {module}: tensors have rank {r} but the config says r={cfg_r}")
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    magnitude = t.get("lora_magnitude_vector")
+    if config.get("use_dora") and (magnitude is None or tuple(magnitude.shape) != (b.shape[0],)):
+        raise AdapterFormatError(f"{path}: {module}: use_dora needs lora_magnitude_vector of shape [{b.shape[0]}]")
+    return ModuleWeights(a=a, b=b, scaling=scaling, magnitude=magnitude if config.get("use_dora") else None)
+
+
+def load_adapter_dir(directory: str | Path, name: str, max_bytes: int = 2 << 30) -> AdapterWeights:
+    """Read a PEFT adapter directory. Raises AdapterFormatError; never unpickles."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterFormatError(f"{directory}: not a directory")
+    config = read_config(directory)
+    peft_type = _check_config(config, directory / CONFIG_FILE)
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        pickles = [p for p in PICKLE_FILES if (directory / p).exists()]
+        why = (f"only pickle weights ({', '.join(pickles)}) found; pickles can run code and are never loaded, "
+               "re-save the adapter with safe_serialization=True") if pickles else "missing"
+        raise AdapterFormatError(f"{weights_path}: {why}")
+    check_safetensors_header(weights_path, max_bytes)
+    try:
+        tensors = load_file(str(weights_path), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise AdapterFormatError(f"{weights_path}: unreadable safetensors file ({e})") from None
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, part = _split_key(key, weights_path)
+        if not tensor.is_floating_point():
+            raise AdapterFormatError(f"{weights_path}: tensor {key!r} has non-float dtype {tensor.dtype}")
+        grouped.setdefault(module, {})[part] = tensor
+    if not grouped:
+        raise AdapterFormatError(f"{weights_path}: holds no adapter tensors")
+    modules = {m: _module_weights(m, t, config, peft_type, weights_path) for m, t in grouped.items()}
+    return AdapterWeights(name=name, peft_type=peft_type, use_dora=bool(config.get("use_dora")),
+                          modules=modules, path=str(directory),
+                          base_model_name_or_path=config.get("base_model_name_or_path"), config=config)
+
+
+def check_against_base(weights: AdapterWeights, targets: dict[str, tuple[int, int]], max_rank: int,
+                       base_model_name: str | None = None) -> None:
+    """Every module must be a wrapped base layer with matching shapes; rank <= max_rank.
+
+    targets: module path -> (in_features, out_features) of the wrapped layers.
+    """
+    where = Path(weights.path) / WEIGHTS_FILE
+    for module, mw in weights.modules.items():
+        if module not in targets:
+            raise AdapterFormatError(
+                f"{where}: targets {module!r}, which is not a linear layer this server can adapt "
+                f"(adaptable: decoder linear layers such as {next(iter(targets), '?')})")
+        fan_in, fan_out = targets[module]
+        if mw.rank > max_rank:
+            raise AdapterFormatError(f"{where}: {module} has rank {mw.rank} > --max-lora-rank {max_rank}")
+        expect = {"a": (mw.rank, fan_in), "b": (fan_out, mw.rank), "magnitude": (fan_out,),
+                  "ia3": ((fan_in,) if mw.ia3_on_input else (fan_out,))}
+        for part, shape in expect.items():
+            t = getattr(mw, part)
+            if t is not None and tuple(t.shape) != shape:
+                raise AdapterFormatError(
+                    f"{where}: {module}.{part} has shape {tuple(t.shape)}, the base model needs {shape}")
+    if base_model_name and weights.base_model_name_or_path and weights.base_model_name_or_path != base_model_name:
+        log.warning("adapter %s was trained on %r, serving it on %r", weights.name,
+                    weights.base_model_name_or_path, base_model_name)

@@ -1,0 +1,95 @@
+"""AdapterManager: the device tier. Owns the preallocated slots of every wrapped layer, LRU over them, and
+builds each step's AdapterMapping.
+
+An adapter is identified on device by its ``AdapterKey`` (name, version): reloading a name bumps the version,
+so a slot filled from an older load is never reused for a newer one.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+from server.adapters.formats import AdapterWeights
+from server.layers.adapter_linear import AdapterLinear
+from server.layers.mapping import NO_SLOT, AdapterMapping, MappingHolder
+
+log = logging.getLogger(__name__)
+
+AdapterKey = tuple[str, int]  # (adapter name, version)
+
+
+class AdapterManager:
+    def __init__(self, layers: dict[str, AdapterLinear], holder: MappingHolder, num_slots: int,
+                 device: torch.device, on_evict: Callable[[AdapterKey], None] | None = None):
+        self.layers = layers
+        self.holder = holder
+        self.num_slots = num_slots
+        self.device = device
+        self.on_evict = on_evict
+        self.slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order: oldest first
+        self.pinned: set[AdapterKey] = set()
+        self.loads = 0
+
+    @property
+    def free_slots(self) -> list[int]:
+        used = set(self.slot_of.values())
+        return [s for s in range(self.num_slots) if s not in used]
+
+    def activate(self, row_keys: list[AdapterKey | None], weights: Callable[[AdapterKey], AdapterWeights],
+                 tokens_per_row: int) -> AdapterMapping:
+        """Make every adapter of this step resident, then publish the step's mapping to the layers.
+
+        row_keys: the adapter of each batch row (None = base). The scheduler guarantees at most
+        ``num_slots`` distinct adapters per step, so a slot can always be found.
+        """
+        needed = {k for k in row_keys if k is not None}
+        if len(needed) > self.num_slots:
+            raise RuntimeError(f"{len(needed)} adapters in one step but only {self.num_slots} slots")
+        for key in needed:
+            self._ensure(key, needed, weights)
+        row_slots = [NO_SLOT if k is None else self.slot_of[k] for k in row_keys]
+        mapping = AdapterMapping.build(row_slots, tokens_per_row, self.num_slots, self.device)
+        self.holder.mapping = mapping
+        return mapping
+
+    def clear(self) -> None:
+        self.holder.mapping = AdapterMapping()
+
+    def _ensure(self, key: AdapterKey, needed: set[AdapterKey], weights) -> None:
+        if key in self.slot_of:
+            self.slot_of.move_to_end(key)
+            return
+        free = self.free_slots
+        slot = free[0] if free else self._evict_for(needed)
+        w = weights(key)
+        for path, layer in self.layers.items():
+            layer.set_slot(slot, w.modules.get(path))
+        self.slot_of[key] = slot
+        self.loads += 1
+
+    def _evict_for(self, needed: set[AdapterKey]) -> int:
+        candidates = [k for k in self.slot_of if k not in needed]
+        unpinned = [k for k in candidates if k not in self.pinned]
+        victim = (unpinned or candidates)[0]  # LRU first; pinned ones only when nothing else can go
+        return self.evict(victim)
+
+    def evict(self, key: AdapterKey) -> int:
+        """Free ``key``'s slot (zeroed so a stale adapter can never leak into a new one). Returns the slot."""
+        slot = self.slot_of.pop(key)
+        for layer in self.layers.values():
+            layer.reset_slot(slot)
+        if self.on_evict:
+            self.on_evict(key)
+        return slot
+
+    def drop(self, name: str) -> None:
+        """Evict every version of ``name`` (after an unload, once nothing in flight uses it)."""
+        for key in [k for k in self.slot_of if k[0] == name]:
+            self.evict(key)
+        self.pinned = {k for k in self.pinned if k[0] != name}
+
+    def resident(self, key: AdapterKey) -> bool:
+        return key in self.slot_of

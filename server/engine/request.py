@@ -1,0 +1,85 @@
+"""Request: one generation carried through every stage (queue -> prefill -> decode -> finished)."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling; vLLM's names and meanings. temperature 0 = greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 / 0 = off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued; its adapter may still be loading
+    RUNNING = "running"  # holds a KV row
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestOutput:
+    """One increment of a request's output, put on its queue each step it advances.
+
+    token_ids / text / logprobs: the new tokens of this increment (text never splits a UTF-8 character).
+    finish_reason: None while running; "stop" (EOS, stop string or stop token), "length" or "abort".
+    error: set when the request failed (e.g. its adapter could not be loaded); then finish_reason is "abort".
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None  # the user's adapter name; None = base model
+    adapter_version: int = 0  # which load of ``adapter`` this request was admitted against
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    aborted: bool = False
+    # detokenization state
+    text: str = ""
+    read_offset: int = 0  # output tokens already turned into text
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids

@@ -1,0 +1,82 @@
+"""ModelRunner: owns the resident model, its wrapped adapter layers, the device slots and the KV cache, and
+runs one forward (prefill or decode) for a set of rows, returning last-token logits."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from server.adapters.manager import AdapterKey, AdapterManager
+from server.config import EngineConfig
+from server.engine.kv_cache import KVCache
+from server.engine.loader import load_model
+from server.layers.inject import target_shapes, wrap_model
+from server.layers.mapping import MappingHolder
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        loaded = load_model(config)
+        self.config = config
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.device, self.dtype = loaded.device, loaded.dtype
+        self.holder = MappingHolder()
+        self.layers = wrap_model(self.model, self.holder, config.max_loras, config.max_lora_rank, self.dtype,
+                                 self.device)
+        self.targets = target_shapes(self.layers)
+        self.manager = AdapterManager(self.layers, self.holder, config.max_loras, self.device)
+        self.max_len = min(config.max_model_len, self._model_max_len())
+        self.kv = KVCache.for_model(self.model.config, config.max_num_seqs, self.max_len, self.dtype, self.device)
+        self.backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
+        self.head = self.model.get_output_embeddings()
+        self.vocab_size = self.head.out_features
+
+    def _model_max_len(self) -> int:
+        cfg = self.model.config.get_text_config()
+        return getattr(cfg, "max_position_embeddings", None) or self.config.max_model_len
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for l in self.layers.values() for b in (l.lora_a, l.lora_b))
+
+    @torch.inference_mode()
+    def prefill(self, start: int, prompts: list[list[int]], row_keys: list[AdapterKey | None],
+                weights) -> torch.Tensor:
+        """Fresh rows [start, start+n) with their prompts (right-padded); returns logits [n, vocab] (float32)."""
+        n, q_len = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((n, q_len), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        pos = torch.arange(q_len, device=self.device)
+        mask = (pos[None, :] <= pos[:, None]).expand(n, 1, q_len, q_len)  # [n, 1, q, k] causal
+        self.kv.bind_prefill(start, start + n, q_len)
+        self.manager.activate(row_keys, weights, q_len)
+        hidden = self._forward(ids.to(self.device), mask, pos.expand(n, q_len))  # [n, q, hidden]
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return self._logits(hidden[torch.arange(n, device=self.device), last])
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], positions: list[int], row_keys: list[AdapterKey | None],
+               weights) -> torch.Tensor:
+        """Rows 0..n-1 each feed one token at its own position; returns logits [n, vocab] (float32)."""
+        n = len(tokens)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # [n]
+        self.kv.bind_decode(pos)
+        cols = torch.arange(self.kv.binding.kv_len, device=self.device)
+        mask = (cols[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, kv_len]
+        self.manager.activate(row_keys, weights, 1)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        hidden = self._forward(ids, mask, pos[:, None])
+        return self._logits(hidden[:, -1])
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        try:
+            out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, cache=self.kv, use_cache=True)
+        finally:
+            self.manager.clear()
+        return out.last_hidden_state
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden).float()

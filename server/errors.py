@@ -1,0 +1,45 @@
+"""Errors that carry what the user needs to fix them, and the HTTP status the API maps them to."""
+from __future__ import annotations
+
+
+class SwapserveError(Exception):
+    status_code = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(SwapserveError, ValueError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AdapterError(InvalidRequestError):
+    """An adapter that cannot be loaded (bad path, bad format, over a limit)."""
+
+
+class AdapterNotAllowedError(AdapterError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class UnknownAdapterError(SwapserveError, KeyError):
+    status_code = 404
+    error_type = "not_found_error"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class QueueFullError(SwapserveError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    retry_after = 1
+
+
+class NotReadyError(SwapserveError):
+    status_code = 503
+    error_type = "service_unavailable"

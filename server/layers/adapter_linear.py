@@ -1,0 +1,133 @@
+"""AdapterLinear: wraps one base linear layer and applies, per token, the adapter of that token's slot.
+
+Semantics for a token routed to slot s (PEFT's, for the adapter loaded in s), with base(x) = W x + b:
+    LoRA/AdaLoRA:  base(x) + scaling * B A x
+    DoRA:          base(x) * d + b * (1 - d) + d * scaling * B A x,   d = m / ||W + scaling B A||_row
+    IA3 (output):  base(x) * l           IA3 (feedforward, input):  base(x * l)
+    no slot:       base(x), bit for bit
+All slot tensors are preallocated; loading an adapter is a copy into a slot, never a module-graph change.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from server.adapters.formats import ModuleWeights
+from server.layers.mapping import MappingHolder
+from server.layers.ops import lora_segments, scale_rows, shift_rows
+
+
+def layer_features(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of nn.Linear, bitsandbytes Linear8bitLt/Linear4bit or HF Conv1D."""
+    if hasattr(layer, "in_features"):
+        return layer.in_features, layer.out_features
+    return layer.weight.shape[0], layer.weight.shape[1]  # transformers Conv1D stores [in, out]
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The base weight as a float [out, in] matrix, dequantized for bitsandbytes layers."""
+    w = layer.weight
+    kind = type(w).__name__
+    if kind == "Params4bit":
+        import bitsandbytes as bnb
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    if kind == "Int8Params":
+        import bitsandbytes as bnb
+        scb = layer.state.SCB if getattr(layer.state, "SCB", None) is not None else w.SCB
+        return bnb.functional.int8_vectorwise_dequant(w.data, scb).float()
+    if not hasattr(layer, "in_features"):  # Conv1D (fan_in_fan_out)
+        return w.detach().T.float()
+    return w.detach().float()
+
+
+class AdapterLinear(nn.Module):
+    """The wrapper; ``holder.mapping`` says which slot each token of the current step uses."""
+
+    def __init__(self, base_layer: nn.Module, holder: MappingHolder, num_slots: int, max_rank: int,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.base_layer = base_layer
+        self.holder = holder
+        self.num_slots = num_slots
+        self.in_features, self.out_features = layer_features(base_layer)
+        fin, fout, s = self.in_features, self.out_features, num_slots
+        self.register_buffer("lora_a", torch.zeros(s, max_rank, fin, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(s, max_rank, fout, dtype=dtype, device=device), persistent=False)
+        # row s (the last) is the identity row used by base tokens
+        self.register_buffer("in_scale", torch.ones(s + 1, fin, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("out_scale", torch.ones(s + 1, fout, dtype=dtype, device=device), persistent=False)
+        bias = getattr(base_layer, "bias", None)
+        self.register_buffer("out_shift", None if bias is None else torch.zeros(s + 1, fout, dtype=dtype, device=device),
+                             persistent=False)
+        self.ranks = [0] * s
+        self.in_scaled: set[int] = set()
+        self.out_scaled: set[int] = set()
+
+    @property
+    def weight(self) -> torch.Tensor:  # HF code sometimes reads .weight (dtype/device checks)
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return getattr(self.base_layer, "bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mapping = self.holder.mapping
+        if mapping.empty:
+            return self.base_layer(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [num_tokens, in]
+        if not self.in_scaled.isdisjoint(mapping.slots):
+            x2 = scale_rows(x2, self.in_scale, mapping.scale_index)
+        y = self.base_layer(x2)  # [num_tokens, out]
+        if not self.out_scaled.isdisjoint(mapping.slots):
+            y = scale_rows(y, self.out_scale, mapping.scale_index)
+            if self.out_shift is not None:
+                y = shift_rows(y, self.out_shift, mapping.scale_index)
+        lora_segments(y, x2, self.lora_a, self.lora_b, self.ranks, mapping.segments)
+        return y.view(*lead, self.out_features)
+
+    @torch.no_grad()
+    def reset_slot(self, slot: int) -> None:
+        self.ranks[slot] = 0
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.in_scale[slot].fill_(1)
+        self.out_scale[slot].fill_(1)
+        if self.out_shift is not None:
+            self.out_shift[slot].zero_()
+        self.in_scaled.discard(slot)
+        self.out_scaled.discard(slot)
+
+    @torch.no_grad()
+    def set_slot(self, slot: int, mw: ModuleWeights | None) -> None:
+        """Copy one adapter's tensors for this layer into ``slot`` (None: the adapter skips this layer)."""
+        self.reset_slot(slot)
+        if mw is None:
+            return
+        if mw.ia3 is not None:
+            table, scaled = (self.in_scale, self.in_scaled) if mw.ia3_on_input else (self.out_scale, self.out_scaled)
+            table[slot].copy_(mw.ia3)
+            scaled.add(slot)
+            return
+        r = mw.rank
+        bt = mw.b.float().T * mw.scaling  # [r, out]
+        if mw.magnitude is not None:
+            d = self._dora_scale(mw)  # [out]
+            bt = bt * d
+            self.out_scale[slot].copy_(d)
+            if self.out_shift is not None:
+                self.out_shift[slot].copy_(self.base_layer.bias.float() * (1 - d))
+            self.out_scaled.add(slot)
+        self.lora_a[slot, :r].copy_(mw.a)
+        self.lora_b[slot, :r].copy_(bt)
+        self.ranks[slot] = r
+
+    def _dora_scale(self, mw: ModuleWeights) -> torch.Tensor:
+        """m / ||W + scaling * B A|| per output row, computed once per adapter and kept on the host weights."""
+        if mw.dora_scale is None:
+            w = dense_weight(self.base_layer).cpu()
+            lora_w = mw.b.float() @ mw.a.float()
+            norm = torch.linalg.norm(w + mw.scaling * lora_w, dim=1)
+            mw.dora_scale = mw.magnitude.float() / norm
+        return mw.dora_scale

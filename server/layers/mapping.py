@@ -1,0 +1,64 @@
+"""AdapterMapping: which device slot each token of one forward step uses.
+
+Built once per step by the AdapterManager and read by every wrapped layer, so the per-layer work is a few
+tensor ops, never Python bookkeeping over rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+NO_SLOT = -1  # a row that runs the plain base model
+
+
+@dataclass(frozen=True)
+class AdapterMapping:
+    """Per-step routing of tokens to adapter slots.
+
+    For a step whose input is ``[num_rows, tokens_per_row]``, token ``i`` belongs to row ``i // tokens_per_row``.
+
+    segments:     ((slot, token_index [n_slot] | None), ...) one entry per distinct slot in the step;
+                  token_index None means "every token" (the whole step uses one slot).
+    scale_index:  [num_tokens] long, the row of each token into a layer's scale tables (``slot``, or the
+                  identity row ``num_slots`` for base rows); None when no token uses a slot.
+    slots:        the distinct slots present, for layers to decide cheaply what applies.
+    """
+
+    segments: tuple[tuple[int, torch.Tensor | None], ...] = ()
+    scale_index: torch.Tensor | None = None
+    slots: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def empty(self) -> bool:
+        return not self.slots
+
+    @classmethod
+    def build(cls, row_slots: list[int], tokens_per_row: int, num_slots: int,
+              device: torch.device | str = "cpu") -> "AdapterMapping":
+        """row_slots: one slot (or NO_SLOT) per batch row."""
+        present = frozenset(s for s in row_slots if s != NO_SLOT)
+        if not present:
+            return cls()
+        if len(set(row_slots)) == 1:  # whole step on one adapter: no gathers at all
+            slot = row_slots[0]
+            n = len(row_slots) * tokens_per_row
+            index = torch.full((n,), slot, dtype=torch.long, device=device)
+            return cls(((slot, None),), index, present)
+        rows = torch.tensor(row_slots, dtype=torch.long)
+        tokens = rows.repeat_interleave(tokens_per_row)  # [num_tokens]
+        segments = tuple(
+            (slot, torch.nonzero(tokens == slot).flatten().to(device)) for slot in sorted(present)
+        )
+        scale_index = torch.where(tokens == NO_SLOT, num_slots, tokens).to(device)
+        return cls(segments, scale_index, present)
+
+
+class MappingHolder:
+    """The one object every wrapped layer shares; the runner sets ``mapping`` before each forward.
+
+    Passed explicitly at wrap time (no module-level global), so two engines in one process never collide.
+    """
+
+    def __init__(self) -> None:
+        self.mapping: AdapterMapping = AdapterMapping()
