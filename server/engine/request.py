@@ -63,6 +63,7 @@ class Request:
     params: SamplingParams
     adapter: str | None = None  # the user's adapter name; None = base model
     adapter_version: int = 0  # which load of ``adapter`` this request was admitted against
+    adapter_entry: object = None  # the store's AdapterEntry it holds (in_flight) until it finishes
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
@@ -75,6 +76,13 @@ class Request:
     # detokenization state
     text: str = ""
     read_offset: int = 0  # output tokens already turned into text
+
+    skipped: int = 0  # steps it was passed over because its adapter had no slot (starvation guard)
+    sent_text_len: int = 0  # characters of ``text`` already emitted
+
+    @property
+    def adapter_key(self) -> tuple[str, int] | None:
+        return None if self.adapter is None else (self.adapter, self.adapter_version)
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,47 @@
+"""ServerConfig: the HTTP layer's settings (the engine's live in server.config.EngineConfig)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_N = 8  # choices per prompt (vLLM's uncapped `n` was a DoS vector)
+MAX_CHOICES = 16  # n * number of prompts per request
+MAX_PROMPTS = 8  # prompts in one /v1/completions batch
+
+
+@dataclass
+class ServerConfig:
+    """Settings of the HTTP server; validated in __post_init__.
+
+    api_key:   when set, inference routes (/v1/completions, /v1/chat/completions, /v1/models, /generate*)
+               require `Authorization: Bearer <api_key>`.
+    admin_key: when set, admin routes require `Authorization: Bearer <admin_key>`; when unset they answer
+               loopback clients only (and still require api_key when that is set).
+    shutdown_timeout: seconds SIGTERM waits for in-flight requests before aborting them.
+    max_body_bytes: larger request bodies are refused with 413.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    admin_key: str | None = None
+    shutdown_timeout: float = 30.0
+    max_body_bytes: int = 4 << 20
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        self.api_key = self.api_key or None
+        self.admin_key = self.admin_key or None
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535, got {self.port}")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
+        levels = ("critical", "error", "warning", "info", "debug", "trace")
+        if self.log_level.lower() not in levels:
+            raise ValueError(f"--log-level must be one of {', '.join(levels)}; got {self.log_level!r}")
+        self.log_level = self.log_level.lower()
+
+    @property
+    def admin_loopback_only(self) -> bool:
+        return self.admin_key is None

@@ -1,0 +1,240 @@
+"""AsyncEngine: the LLMEngine step loop on a background thread, per-request asyncio queues in front.
+
+The event loop thread validates and enqueues; the step thread owns the scheduler, the slots and the KV
+cache. They meet only in ``_inbox`` (a lock-guarded list of callables run by the step thread between steps)
+and in ``loop.call_soon_threadsafe`` for outputs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from typing import AsyncIterator, Callable
+
+from server.config import EngineConfig
+from server.engine.engine import LLMEngine
+from server.engine.request import Request, RequestOutput, SamplingParams
+from server.errors import AdapterError, InvalidRequestError, NotReadyError, QueueFullError
+
+log = logging.getLogger(__name__)
+
+
+class RequestStream:
+    """Async iterator over one request's RequestOutput increments; closing it early aborts the request."""
+
+    def __init__(self, request_id: str, engine: "AsyncEngine"):
+        self.request_id = request_id
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._engine = engine
+        self._done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            out = await self.queue.get()
+        except asyncio.CancelledError:
+            self._engine.abort(self.request_id)
+            raise
+        self._done = out.finished
+        return out
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.observers: list = []
+        t0 = time.perf_counter()
+        self.engine = LLMEngine(config, self.observers)
+        self.tokenizer = self.engine.tokenizer
+        self.model_name = config.served_model_name
+        self.load_seconds = time.perf_counter() - t0
+        self.draining = False
+        self._requests: dict[str, tuple[Request, RequestStream]] = {}
+        self._inbox: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        for name, path in config.lora_modules.items():  # operator-given: trusted paths, pinned
+            entry = self.engine.store.register(name, str(path), pinned=True)
+            self.engine.store.ensure_host(entry).result()
+        self._warmup()
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self.draining
+
+    def add_observer(self, obs) -> None:
+        self.observers.append(obs)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting; wait up to ``timeout`` s for in-flight requests; abort the rest; stop the loop."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self._requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self._requests):
+            self.abort(rid)
+        while self._requests and time.monotonic() < deadline + 2:
+            await asyncio.sleep(0.02)
+        self._stop = True
+        self._wake.set()
+        if self._thread:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5)
+        self.engine.store.close()
+
+    def _warmup(self) -> None:
+        eng = self.engine
+        eng.runner.prefill(0, [[eng.tokenizer.eos_token_id or 0] * 4], [None], eng.store.weights)
+
+    # ---- the step thread --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop:
+            with self._lock:
+                todo, self._inbox = self._inbox, []
+            for fn in todo:
+                fn()
+            if not self.engine.scheduler.has_work:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception:  # a failed step must not kill the server: fail its requests, keep going
+                log.exception("engine step failed")
+                outputs = self._fail_all()
+            for req, out in outputs:
+                self._loop.call_soon_threadsafe(self._deliver, req.request_id, out)
+            if not outputs and self.engine.scheduler.has_work:
+                time.sleep(0.002)  # only waiting requests whose adapters are loading: do not spin
+
+    def _fail_all(self):
+        eng = self.engine
+        outs = []
+        for req in list(eng.scheduler.running) + list(eng.scheduler.waiting):
+            req.aborted = True
+        outs += eng._reap()
+        return outs
+
+    def _submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._inbox.append(fn)
+        self._wake.set()
+
+    def _deliver(self, request_id: str, out: RequestOutput) -> None:
+        item = self._requests.get(request_id)
+        if item is None:
+            return
+        item[1].queue.put_nowait(out)
+        if out.finished:
+            del self._requests[request_id]
+
+    # ---- requests ---------------------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
+                    request_id: str | None = None) -> RequestStream:
+        if not self.ready:
+            raise NotReadyError("the server is not ready or is shutting down")
+        self._validate(prompt_token_ids, params)
+        if len(self.engine.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
+            raise QueueFullError(f"too many waiting requests (limit {self.config.max_waiting}); retry shortly")
+        if adapter == self.model_name:
+            adapter = None
+        req = Request(request_id or f"req-{uuid.uuid4().hex}", list(prompt_token_ids), params, adapter)
+        if adapter is not None:
+            entry = self.engine.store.resolve(adapter)  # UnknownAdapterError -> 404
+            self.engine.store.acquire(entry)
+            req.adapter_version, req.adapter_entry = entry.version, entry
+            self.engine.store.ensure_host(entry)
+            self.engine._emit("on_adapter_event", "hit" if entry.weights is not None else "miss", adapter, None)
+        stream = RequestStream(req.request_id, self)
+        self._requests[req.request_id] = (req, stream)
+        self._submit(lambda: self.engine.scheduler.waiting.append(req))
+        return stream
+
+    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        vocab = self.engine.runner.vocab_size
+        bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} is out of the vocabulary [0, {vocab})", param="prompt")
+        max_len = self.engine.max_len
+        if len(prompt) + params.max_tokens > max_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{len(prompt) + params.max_tokens} tokens ({len(prompt)} in the messages, {params.max_tokens} "
+                "in the completion). Please reduce the length of the messages or completion.", param="max_tokens")
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        stream = self.add_request(prompt_token_ids, params, adapter, request_id)
+        finished = False
+        try:
+            async for out in stream:
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(stream.request_id)
+
+    def abort(self, request_id: str) -> None:
+        item = self._requests.get(request_id)
+        if item is not None:
+            item[0].aborted = True
+            self._wake.set()
+
+    # ---- adapters (admin) -------------------------------------------------------------------------------
+    async def load_adapter(self, name: str, source: str, pinned: bool = False, replace: bool = False) -> dict:
+        store = self.engine.store
+        checked = store.check_source(source)
+        old = store.entries.get(name)
+        entry = store.register(name, checked, pinned, replace)
+        try:
+            await asyncio.wrap_future(store.ensure_host(entry))
+        except Exception as e:
+            with store.lock:
+                if store.entries.get(name) is entry:
+                    store.entries.pop(name)
+            raise AdapterError(f"failed to load adapter {name!r}: {entry.error or e}", param="lora_path") from None
+        if old is not None and old.in_flight == 0:
+            self._submit(lambda: self.engine.drop_device(old.key))
+        return self._info(entry)
+
+    async def unload_adapter(self, name: str) -> None:
+        entry = self.engine.store.unregister(name)
+        if entry.in_flight == 0:
+            self._submit(lambda: self.engine.drop_device(entry.key))
+
+    def list_adapters(self) -> list[dict]:
+        store = self.engine.store
+        with store.lock:
+            return [self._info(e) for e in store.entries.values()]
+
+    def _info(self, e) -> dict:
+        tier = ("device" if self.engine.runner.manager.resident(e.key) else
+                "host" if e.weights is not None else "disk")
+        return {"name": e.name, **({"type": None, "rank": None, "size_bytes": None} | e.info), "tier": tier,
+                "pinned": e.pinned, "in_flight": e.in_flight, "hits": e.hits, "last_used": e.last_used,
+                "source": e.source, "version": e.version}
+
+    def stats(self) -> dict:
+        sched = self.engine.scheduler
+        running = list(sched.running)
+        waiting = list(sched.waiting)
+        return {"num_running": len(running), "num_waiting": len(waiting) + len(self._inbox),
+                "running_adapters": sorted({r.adapter for r in running if r.adapter}),
+                "waiting_adapters": sorted({r.adapter for r in waiting if r.adapter}),
+                "max_loras": self.config.max_loras}

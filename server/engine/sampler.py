@@ -1,0 +1,74 @@
+"""Sampler: next token per row from last-token logits, each row with its own parameters and generator.
+
+A row's result depends only on its own logits, parameters and generator, never on what else is in the
+batch: seeded requests are reproducible whatever they are batched with.
+"""
+from __future__ import annotations
+
+import torch
+
+from server.engine.request import Request
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: set[int], seed: int = 0):
+        self.eos_token_ids = eos_token_ids
+        self._seeder = torch.Generator().manual_seed(seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def _generator(self, req: Request) -> torch.Generator:
+        gen = self._generators.get(req.request_id)
+        if gen is None:
+            seed = req.params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seeder))
+            gen = self._generators[req.request_id] = torch.Generator().manual_seed(seed)
+        return gen
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[float | None]]:
+        """logits: [rows, vocab] float32 (one row per request). Returns (tokens, logprobs or None per row)."""
+        logits = logits.cpu()
+        tokens, logprobs = [], []
+        for row, req in zip(logits, requests):
+            scores = self._process(row.clone(), req)
+            if req.params.greedy:
+                token = int(torch.argmax(scores))
+            else:
+                token = int(torch.multinomial(self._filter(scores, req), 1, generator=self._generator(req)))
+            tokens.append(token)
+            logprobs.append(float(torch.log_softmax(row, -1)[token]) if req.params.logprobs else None)
+        return tokens, logprobs
+
+    def _process(self, scores: torch.Tensor, req: Request) -> torch.Tensor:
+        """Repetition penalty (HF semantics) and min_tokens (no EOS / stop token before it)."""
+        p = req.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(req.all_token_ids)), dtype=torch.long)
+            picked = scores[seen]
+            scores[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if len(req.output_token_ids) < p.min_tokens:
+            banned = (set() if p.ignore_eos else self.eos_token_ids) | set(p.stop_token_ids)
+            if banned:
+                scores[torch.tensor(sorted(banned), dtype=torch.long)] = -float("inf")
+        return scores
+
+    @staticmethod
+    def _filter(scores: torch.Tensor, req: Request) -> torch.Tensor:
+        """Temperature, then top-k, then top-p; returns probabilities."""
+        p = req.params
+        scores = scores / p.temperature
+        if p.top_k and p.top_k > 0 and p.top_k < scores.shape[0]:
+            kth = torch.topk(scores, p.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, -float("inf"))
+        probs = torch.softmax(scores, -1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, -1) - sorted_probs < p.top_p  # always keeps the top token
+            mask = torch.zeros_like(probs, dtype=torch.bool)
+            mask[order[keep]] = True
+            probs = torch.where(mask, probs, torch.zeros_like(probs))
+        return probs
