@@ -1,6 +1,7 @@
 """Read and validate PEFT adapter directories into host-side AdapterWeights.
 
-Supported: LoRA (incl. rsLoRA, rank_pattern/alpha_pattern, fan_in_fan_out), DoRA (use_dora), AdaLoRA, IA3.
+Supported: LoRA (incl. rsLoRA, rank_pattern/alpha_pattern, fan_in_fan_out: PEFT stores A/B the same way, the
+wrapper handles Conv1D bases), DoRA (use_dora), AdaLoRA, IA3.
 Only ``adapter_model.safetensors`` is ever read: pickled ``.bin``/``.pt`` files are refused, never unpickled.
 Every refusal is an AdapterFormatError naming the file and the reason; nothing is half-loaded, because the
 result is only built after every check passed.
@@ -103,7 +104,7 @@ def read_config(directory: Path) -> dict:
         raise AdapterFormatError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
     try:
         config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise AdapterFormatError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{path}: must be a JSON object")
@@ -124,7 +125,7 @@ def check_safetensors_header(path: Path, max_bytes: int) -> None:
             raise AdapterFormatError(f"{path}: safetensors header claims {n} bytes; file is corrupt or truncated")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise AdapterFormatError(f"{path}: safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{path}: safetensors header must be a JSON object")
@@ -197,7 +198,7 @@ def _module_weights(module: str, t: dict[str, torch.Tensor], config: dict, peft_
         return ModuleWeights(a=a * e, b=b, scaling=alpha / (init_r + 1e-5))
     cfg_r = _pattern_value(config.get("rank_pattern"), module, config.get("r", r))
     if cfg_r != r:
-        raise AdapterFormatError(f"{path}: {module}: tensors have rank {r} but the config says r={cfg_r}")
+        raise AdapterFormatError(f"{path}: {module}: tensors have rank {r} but the config says r={cfg_r!r}")
     alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     magnitude = t.get("lora_magnitude_vector")
@@ -224,6 +225,9 @@ def load_adapter_dir(directory: str | Path, name: str, max_bytes: int = 2 << 30)
         tensors = load_file(str(weights_path), device="cpu")
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise AdapterFormatError(f"{weights_path}: unreadable safetensors file ({e})") from None
+    embedding = next((k for k in tensors if "lora_embedding_" in k), None)
+    if embedding is not None:
+        raise AdapterFormatError(f"{weights_path}: {embedding!r} is an embedding LoRA, which is not supported")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         module, part = _split_key(key, weights_path)
@@ -232,7 +236,13 @@ def load_adapter_dir(directory: str | Path, name: str, max_bytes: int = 2 << 30)
         grouped.setdefault(module, {})[part] = tensor
     if not grouped:
         raise AdapterFormatError(f"{weights_path}: holds no adapter tensors")
-    modules = {m: _module_weights(m, t, config, peft_type, weights_path) for m, t in grouped.items()}
+    try:
+        modules = {m: _module_weights(m, t, config, peft_type, weights_path) for m, t in grouped.items()}
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, re.error) as e:
+        if isinstance(e, AdapterFormatError):
+            raise
+        raise AdapterFormatError(f"{directory / CONFIG_FILE}: invalid value in r/lora_alpha/init_r/rank_pattern/"
+                                 f"alpha_pattern ({type(e).__name__}: {e})") from None
     return AdapterWeights(name=name, peft_type=peft_type, use_dora=bool(config.get("use_dora")),
                           modules=modules, path=str(directory),
                           base_model_name_or_path=config.get("base_model_name_or_path"), config=config)
