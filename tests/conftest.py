@@ -1,63 +1,12 @@
-"""Shared fixtures: a tiny random Llama (with a real offline-built tokenizer) and PEFT adapters of every kind.
-
-Nothing is downloaded: the tokenizer is trained here on a few sentences, the model is random, and adapters
-are created with PEFT and given random (non-zero) weights so every path changes the output.
-"""
+"""Session fixtures: a tiny random Llama with an offline-built tokenizer, and PEFT adapters of every kind.
+Helpers live in support.py (a unique module name: several conftest.py files exist under tests/)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Paris is the capital of France. Berlin is the capital of Germany.",
-    "Adapters are small; the base model is large. LoRA, DoRA, IA3 and AdaLoRA are adapter types.",
-    "0123456789 hello world, héllo wörld, 你好世界, emoji 🙂 and more text for merges.",
-] * 20
-
-
-def build_tokenizer(out: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(out)
-    return fast
-
-
-def build_tiny_llama(out: Path, vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # larger weights than the default init, so adapters and sampling have visible effects
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(out)
-    return model
+from support import ADAPTER_KINDS, build_tiny_llama, build_tokenizer, make_adapter
 
 
 @pytest.fixture(scope="session")
@@ -65,50 +14,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-llama")
     tok = build_tokenizer(out)
     build_tiny_llama(out, len(tok))
-    return out
-
-
-ADAPTER_KINDS = ("lora", "rslora", "lora_pattern", "dora", "ia3", "adalora")
-
-
-def peft_config(kind: str):
-    from peft import AdaLoraConfig, IA3Config, LoraConfig
-
-    if kind == "lora":
-        return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
-    if kind == "rslora":
-        return LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"])
-    if kind == "lora_pattern":
-        return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj", "o_proj"],
-                          rank_pattern={"k_proj": 2, "layers.1.self_attn.q_proj": 8},
-                          alpha_pattern={"up_proj": 3})
-    if kind == "dora":
-        return LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "gate_proj"])
-    if kind == "ia3":
-        return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
-    if kind == "adalora":
-        return AdaLoraConfig(init_r=6, target_r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "up_proj"],
-                             total_step=10)
-    raise ValueError(kind)
-
-
-def make_adapter(model_dir: Path, kind: str, out: Path, seed: int) -> Path:
-    """Create a PEFT adapter of ``kind`` with random non-trivial weights and save it to ``out``."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(base, peft_config(kind))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "ia3_l" in name:
-                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=gen))
-            elif "lora_" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    peft_model.save_pretrained(out)
     return out
 
 
@@ -121,15 +26,3 @@ def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     return made
 
 
-def peft_model_for(model_dir: Path, adapter_dir: Path | None, quantization: str = "none"):
-    """The oracle: the base model (quantized like ours if asked) with PEFT's own adapter loading."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from server.engine.loader import _quantization_config
-
-    quant = _quantization_config(quantization, torch.float32)
-    kwargs = {"quantization_config": quant, "device_map": {"": "cpu"}} if quant else {}
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa", **kwargs)
-    model = base if adapter_dir is None else PeftModel.from_pretrained(base, adapter_dir)
-    return model.eval()

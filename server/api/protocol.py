@@ -15,7 +15,7 @@ from server.engine.request import SamplingParams
 I64 = 2**63 - 1
 BIG = 1 << 20  # bound on token counts; the engine enforces --max-model-len on top
 Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-StopStr = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+StopStr = Annotated[str, StringConstraints(max_length=512)]  # "" is accepted and ignored
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=BIG)]
 Stop = StopStr | Annotated[list[StopStr], Field(max_length=16)] | None
@@ -58,7 +58,7 @@ class SamplingFields(Lenient):
 
     def sampling_params(self, max_tokens: int, logprobs: bool, index: int) -> SamplingParams:
         """Engine parameters for choice `index`: choices of one seeded request get seeds seed, seed+1, ..."""
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        stop = [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop or []) if s]
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=-1 if self.top_k is None else self.top_k,
@@ -71,7 +71,8 @@ class SamplingFields(Lenient):
 class CompletionRequest(SamplingFields):
     """POST /v1/completions. prompt: text, texts, token ids, or lists of token ids (each prompt gets n choices)."""
 
-    prompt: (Annotated[str, StringConstraints(min_length=1)] | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+    prompt: (Annotated[str, StringConstraints(min_length=1)]
+             | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
              | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
@@ -143,14 +144,14 @@ class TGIParameters(Lenient):
     typical_p: float | None = Field(None, gt=0.0, lt=1.0)
     top_n_tokens: int | None = Field(None, ge=0, le=5)
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, logprobs: bool) -> SamplingParams:
         sample = self.do_sample or any(v is not None for v in (self.temperature, self.top_k, self.top_p))
         return SamplingParams(
             max_tokens=self.max_new_tokens or 100,
             temperature=(self.temperature or 1.0) if sample else 0.0,
             top_p=self.top_p or 1.0, top_k=self.top_k or -1,
-            repetition_penalty=self.repetition_penalty or 1.0, seed=self.seed, stop=list(self.stop),
-            logprobs=True)
+            repetition_penalty=self.repetition_penalty or 1.0, seed=self.seed, stop=[s for s in self.stop if s],
+            logprobs=logprobs)
 
 
 class TGIRequest(Lenient):
@@ -159,3 +160,27 @@ class TGIRequest(Lenient):
     inputs: Annotated[str, StringConstraints(min_length=1)]
     parameters: TGIParameters = Field(default_factory=TGIParameters)
     stream: bool = False
+
+
+class LoadLoRARequest(Lenient):
+    """vLLM's POST /v1/load_lora_adapter; both fields are checked by the route to give vLLM's message."""
+
+    lora_name: Annotated[str, StringConstraints(max_length=256)] | None = None
+    lora_path: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    load_inplace: bool = False
+
+
+class UnloadLoRARequest(Lenient):
+    """vLLM's POST /v1/unload_lora_adapter."""
+
+    lora_name: Annotated[str, StringConstraints(max_length=256)] | None = None
+    lora_int_id: int | None = Field(None, ge=0, le=2**31 - 1)
+
+
+class AdapterCreate(Lenient):
+    """POST /v1/adapters: `source` is a directory under an --adapter-root or an allowed Hub id[@revision]."""
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    source: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    pinned: bool = False
+    replace: bool = False

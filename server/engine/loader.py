@@ -54,7 +54,9 @@ def _quantization_config(kind: str, dtype: torch.dtype) -> BitsAndBytesConfig | 
     if kind == "none":
         return None
     if kind == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        # threshold 0 turns off LLM.int8's outlier columns: with it on, a column is computed in fp16 when ANY row
+        # of the batch has an outlier there, so one request's output would depend on what it is batched with
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=dtype)
 
 

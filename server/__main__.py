@@ -1,0 +1,158 @@
+"""Command line: `swapserve serve|train` == `python -m server serve|train`; the only place that parses arguments.
+
+Every flag can also be set by the environment variable SWAPSERVE_<FLAG> (e.g. --max-loras -> SWAPSERVE_MAX_LORAS);
+a flag on the command line wins over the environment. List flags take comma-separated values from the
+environment (SWAPSERVE_LORA_MODULES="a=/adapters/a,b=/adapters/b"); switches take 1/true/yes/on.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from server.api.settings import ServerConfig
+from server.config import EngineConfig
+
+ENV_PREFIX = "SWAPSERVE_"
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # --name
+    type: Any  # int | float | str | list (repeatable) | bool (switch)
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+ENGINE_FLAGS = (
+    Flag("model", str, "", "Hub id, local Hugging Face directory or .gguf file (default: SmolLM2-135M-Instruct)"),
+    Flag("served-model-name", str, "", "name clients use as `model` for the base model (default: from --model)"),
+    Flag("dtype", str, "auto", "weight and activation dtype", ("auto", "float32", "bfloat16", "float16")),
+    Flag("device", str, "auto", "where the model runs (auto: cuda when available)", ("auto", "cpu", "cuda")),
+    Flag("quantization", str, "none", "quantize the base model's linear layers", ("none", "int8", "nf4", "fp4")),
+    Flag("lora-modules", list, [], "adapters loaded and pinned at start, as NAME=PATH (repeatable)",
+         metavar="NAME=PATH"),
+    Flag("adapter-root", list, [], "directory adapters may be loaded from; an adapter's name is its directory "
+         "name (repeatable)", metavar="DIR"),
+    Flag("max-loras", int, 16, "adapter slots on the device; also the most distinct adapters in one step"),
+    Flag("max-cpu-loras", int, 64, "adapters kept in host memory (LRU), >= --max-loras"),
+    Flag("max-cpu-lora-bytes", int, 4 << 30, "byte budget of the host adapter tier"),
+    Flag("max-lora-rank", int, 16, "largest adapter rank accepted"),
+    Flag("max-adapter-bytes", int, 1 << 30, "largest adapter file accepted, in bytes"),
+    Flag("max-num-seqs", int, 32, "most sequences in the running batch"),
+    Flag("max-model-len", int, 2048, "prompt + generated tokens per sequence; longer requests get 400"),
+    Flag("max-num-batched-tokens", int, 2048, "prefill token budget per step"),
+    Flag("max-waiting", int, 256, "waiting-queue bound; beyond it requests get 429 with Retry-After"),
+    Flag("allow-hub-adapters", bool, False, "allow adapters from the Hugging Face Hub (orgs in --hub-adapter-org)"),
+    Flag("hub-adapter-org", list, [], "Hub organisation adapters may come from (repeatable)", metavar="ORG"),
+    Flag("adapters-cache", str, "adapters_cache", "directory Hub adapters are downloaded into"),
+    Flag("seed", int, 0, "engine seed for requests that give none"),
+)
+SERVER_FLAGS = (
+    Flag("host", str, "127.0.0.1", "address to listen on (0.0.0.0 exposes the server; set --api-key then)"),
+    Flag("port", int, 8000, "port to listen on"),
+    Flag("api-key", str, None, "require `Authorization: Bearer KEY` on inference routes"),
+    Flag("admin-key", str, None, "require `Authorization: Bearer KEY` on admin routes (without it: loopback only)"),
+    Flag("shutdown-timeout", float, 30.0, "seconds SIGTERM waits for in-flight requests before aborting them"),
+    Flag("max-body-bytes", int, 4 << 20, "largest request body accepted; larger ones get 413"),
+    Flag("log-level", str, "info", "logging level", ("critical", "error", "warning", "info", "debug", "trace")),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swapserve", description="One base model, many hot-swapped adapters.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,train}")
+    serve = commands.add_parser("serve", help="run the HTTP server (OpenAI, TGI and admin APIs)",
+                                epilog=f"Every flag is also read from {ENV_PREFIX}<FLAG>, e.g. {ENV_PREFIX}MAX_LORAS.")
+    for flag in ENGINE_FLAGS + SERVER_FLAGS:
+        _add_flag(serve, flag)
+    commands.add_parser("train", help="fine-tune a LoRA or IA3 adapter (not yet implemented)")
+    return parser
+
+
+def _add_flag(parser: argparse.ArgumentParser, flag: Flag) -> None:
+    shown = "" if flag.default in (None, "", []) else f"; default {flag.default}"
+    help_text = f"{flag.help} (env {flag.env}{shown})"
+    if flag.type is bool:
+        parser.add_argument(f"--{flag.name}", action="store_const", const=True, default=None, help=help_text)
+    elif flag.type is list:
+        parser.add_argument(f"--{flag.name}", action="extend", nargs="+", default=None, help=help_text,
+                            metavar=flag.metavar)
+    else:
+        parser.add_argument(f"--{flag.name}", type=flag.type, default=None, choices=flag.choices,
+                            help=help_text, metavar=flag.metavar)
+
+
+def resolve(flag: Flag, cli_value: Any, environ: dict[str, str]) -> Any:
+    """The flag's value: command line, else environment, else default."""
+    if cli_value is not None:
+        return cli_value
+    raw = environ.get(flag.env)
+    if raw is None or (raw == "" and flag.type is not str):
+        return list(flag.default) if flag.type is list else flag.default
+    if flag.type is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if flag.type is list:
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    value = flag.type(raw)
+    if flag.choices and value not in flag.choices:
+        raise ValueError(f"{flag.env} must be one of {', '.join(flag.choices)}; got {value!r}")
+    return value
+
+
+def parse_lora_modules(items: list[str]) -> dict[str, str]:
+    modules = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules expects NAME=PATH, got {item!r}")
+        modules[name.strip()] = path.strip()
+    return modules
+
+
+def build_configs(args: argparse.Namespace, environ: dict[str, str]) -> tuple[EngineConfig, ServerConfig]:
+    """EngineConfig and ServerConfig from parsed flags and the environment (raises ValueError when invalid)."""
+    values = {f.dest: resolve(f, getattr(args, f.dest), environ) for f in ENGINE_FLAGS + SERVER_FLAGS}
+    values["lora_modules"] = parse_lora_modules(values["lora_modules"])
+    values["adapter_roots"] = values.pop("adapter_root")
+    values["hub_adapter_orgs"] = values.pop("hub_adapter_org")
+    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    server_fields = {f.name for f in dataclasses.fields(ServerConfig)}
+    engine = EngineConfig(**{k: v for k, v in values.items() if k in engine_fields})
+    server = ServerConfig(**{k: v for k, v in values.items() if k in server_fields})
+    return engine, server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        print("swapserve train: not yet implemented", file=sys.stderr)
+        return 2
+    try:
+        engine_config, server_config = build_configs(args, dict(os.environ))
+    except ValueError as exc:
+        parser.error(str(exc))
+    level = "DEBUG" if server_config.log_level == "trace" else server_config.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.api.serve import serve
+
+    return serve(engine_config, server_config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

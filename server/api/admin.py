@@ -1,0 +1,95 @@
+"""Admin routes: vLLM's runtime LoRA endpoints and swapserve's adapter resource.
+
+POST /v1/load_lora_adapter   {"lora_name", "lora_path", "load_inplace"} -> 200 text "Success: ..." | 400/403 JSON
+POST /v1/unload_lora_adapter {"lora_name"}                              -> 200 text "Success: ..." | 404 JSON
+GET  /v1/adapters            -> {"object": "list", "data": [engine.list_adapters() entries]}
+POST /v1/adapters            {"name", "source", "pinned", "replace"} -> 201 adapter info | 409 if it exists
+DELETE /v1/adapters/{name}   -> {"id", "object": "adapter", "deleted": true} | 404
+Every route depends on require_admin (admin key, or loopback-only without one).
+"""
+from __future__ import annotations
+
+import inspect
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from server.api.auth import require_admin
+from server.api.errors import ConflictError
+from server.api.protocol import AdapterCreate, LoadLoRARequest, UnloadLoRARequest
+from server.config import valid_adapter_name
+from server.errors import AdapterError, InvalidRequestError, UnknownAdapterError
+
+router = APIRouter(dependencies=[Depends(require_admin)])
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> PlainTextResponse:
+    if not body.lora_name or not body.lora_path:
+        raise InvalidRequestError("Both 'lora_name' and 'lora_path' must be provided.", "lora_name")
+    engine = request.app.state.engine
+    check_name(engine, body.lora_name)
+    if not body.load_inplace and _exists(engine, body.lora_name):
+        raise AdapterError(f"The lora adapter '{body.lora_name}' has already been loaded. If you want to load "
+                           "the adapter in place, set 'load_inplace' to True.", "lora_name")
+    await engine.load_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(body: UnloadLoRARequest, request: Request) -> PlainTextResponse:
+    if not body.lora_name:
+        raise InvalidRequestError("'lora_name' needs to be provided to unload a LoRA adapter.", "lora_name")
+    await _unload(request.app.state.engine, body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+@router.get("/v1/adapters")
+async def list_adapters(request: Request) -> dict:
+    return {"object": "list", "data": request.app.state.engine.list_adapters()}
+
+
+@router.post("/v1/adapters", status_code=201)
+async def create_adapter(body: AdapterCreate, request: Request) -> JSONResponse:
+    engine = request.app.state.engine
+    check_name(engine, body.name)
+    if not body.replace and _exists(engine, body.name):
+        raise ConflictError(f"adapter '{body.name}' already exists; DELETE it first or set 'replace': true", "name")
+    info = await engine.load_adapter(body.name, body.source, pinned=body.pinned, replace=body.replace)
+    return JSONResponse(_jsonable(info, body.name), status_code=201)
+
+
+@router.delete("/v1/adapters/{name}")
+async def delete_adapter(name: str, request: Request) -> dict:
+    await _unload(request.app.state.engine, name)
+    return {"id": name, "object": "adapter", "deleted": True}
+
+
+def check_name(engine, name: str) -> None:
+    """Adapter names: letters, digits, '.', '_', '-' (at most 128, no '..'), and not the base model's name."""
+    if not valid_adapter_name(name):
+        raise AdapterError(f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' "
+                           "(at most 128 characters, starting with a letter or digit)", "name")
+    if name == engine.model_name:
+        raise AdapterError(f"adapter name {name!r} is the base model's served name", "name")
+
+
+async def _unload(engine, name: str) -> None:
+    if not valid_adapter_name(name):
+        raise UnknownAdapterError(f"The lora adapter '{name}' cannot be found.", "lora_name")
+    try:
+        result = engine.unload_adapter(name)
+        if inspect.isawaitable(result):
+            await result
+    except UnknownAdapterError as exc:
+        raise UnknownAdapterError(f"The lora adapter '{name}' cannot be found.", "lora_name") from exc
+
+
+def _exists(engine, name: str) -> bool:
+    return any(a.get("name") == name for a in engine.list_adapters())
+
+
+def _jsonable(info, name: str) -> dict:
+    if isinstance(info, dict):
+        return info
+    return {"name": name, **({k: v for k, v in vars(info).items() if not k.startswith("_")} if info else {})}

@@ -1,0 +1,122 @@
+"""create_app(engine, server_config): the FastAPI app over a built AsyncEngine (routes, limits, lifecycle).
+
+Lifecycle: the lifespan starts the engine's step loop; `Lifecycle.stop()` (SIGTERM drain or lifespan shutdown,
+whichever comes first, once) calls engine.shutdown(shutdown_timeout): new requests get 503 at once, in-flight
+ones get up to the timeout to finish, the rest are aborted.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api import admin, openai, tgi
+from server.api.errors import error_payload, install_error_handlers
+from server.api.metrics import Metrics
+from server.api.settings import ServerConfig
+
+
+class Lifecycle:
+    """Starts the engine; stops it exactly once however many callers ask (SIGTERM, lifespan shutdown)."""
+
+    def __init__(self, engine, shutdown_timeout: float) -> None:
+        self.engine = engine
+        self.shutdown_timeout = shutdown_timeout
+        self._stopping: asyncio.Future | None = None
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def stop(self) -> None:
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self.engine.shutdown(self.shutdown_timeout))
+        await asyncio.shield(self._stopping)
+
+
+def create_app(engine, server_config: ServerConfig | None = None) -> FastAPI:
+    config = server_config or ServerConfig()
+    lifecycle = Lifecycle(engine, config.shutdown_timeout)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await lifecycle.start()
+        try:
+            yield
+        finally:
+            await lifecycle.stop()
+
+    app = FastAPI(title="swapserve", version="0.1.0", lifespan=lifespan)
+    app.state.engine, app.state.server_config, app.state.lifecycle = engine, config, lifecycle
+    app.state.created = int(time.time())
+    app.state.metrics = Metrics(engine.model_name, engine.config.max_loras)
+    engine.add_observer(app.state.metrics)
+    install_error_handlers(app)
+    for router in (openai.router, tgi.router, admin.router):
+        app.include_router(router)
+    _add_probes(app)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    return app
+
+
+def _add_probes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        """Liveness: the process answers. Cheap; touches nothing."""
+        return Response(status_code=200)
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        """Readiness: 200 once the model is loaded and warmed up and the loop runs; 503 while loading or draining."""
+        engine = request.app.state.engine
+        if engine.ready:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "draining" if engine.draining else "loading"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        state = request.app.state
+        return Response(state.metrics.render(state.engine.stats()), media_type=CONTENT_TYPE_LATEST)
+
+
+class BodyLimit:
+    """Refuses request bodies over `max_bytes` with 413: by Content-Length up front, else while reading."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._refuse(scope, send)
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _message(self) -> str:
+        return f"request body exceeds --max-body-bytes ({self.max_bytes} bytes)"
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        response = JSONResponse(error_payload(scope["path"], 413, self._message(), "invalid_request_error"), 413,
+                                headers={"Connection": "close"})
+        await response(scope, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}

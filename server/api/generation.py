@@ -1,0 +1,204 @@
+"""Generation: the engine requests behind one HTTP request, and how they reach the client.
+
+A request with P prompts and n choices runs P * n engine requests; choice i runs prompt i // n. Whatever way
+the HTTP exchange ends (done, error, client gone, server shutdown), every unfinished engine request is aborted.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from server.engine.request import RequestOutput, SamplingParams
+from server.errors import AdapterError, NotReadyError, SwapserveError
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def adapter_for(engine, model: str | None) -> str | None:
+    """The adapter a `model` field names: None (base model) for no name or the served model name."""
+    return None if not model or model == engine.model_name else model
+
+
+def require_ready(engine) -> None:
+    if not engine.ready:
+        raise NotReadyError("server is draining" if engine.draining else "server is not ready yet")
+
+
+async def encode_text(engine, text: str) -> list[int]:
+    """Token ids of `text` with the tokenizer's special tokens (BOS), off the event loop (long prompts)."""
+    return await run_in_threadpool(lambda: list(engine.tokenizer.encode(text)))
+
+
+@dataclass
+class Choice:
+    """The accumulated output of one engine request."""
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    error: str | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.token_ids += out.token_ids
+        self.text += out.text
+        self.logprobs += out.logprobs or []
+        self.finish_reason = out.finish_reason or self.finish_reason
+        self.num_prompt_tokens = out.num_prompt_tokens
+        self.error = out.error or self.error
+
+
+class Generation:
+    """The engine requests of one HTTP request; `abort()` is idempotent and only touches unfinished ones."""
+
+    def __init__(self, engine, streams: list) -> None:
+        self.engine = engine
+        self.streams = streams
+        self.finished: set[int] = set()
+
+    @classmethod
+    async def start(cls, engine, jobs: list[tuple[list[int], SamplingParams]], adapter: str | None,
+                    request_id: str) -> Generation:
+        """Add every job to the engine; if one is refused, abort those already added and re-raise."""
+        streams = []
+        try:
+            for i, (prompt_ids, params) in enumerate(jobs):
+                stream = engine.add_request(prompt_ids, params, adapter=adapter, request_id=f"{request_id}-{i}")
+                streams.append(await stream if inspect.isawaitable(stream) else stream)
+        except BaseException:
+            for stream in streams:
+                engine.abort(stream.request_id)
+            raise
+        return cls(engine, streams)
+
+    def abort(self) -> None:
+        for i, stream in enumerate(self.streams):
+            if i not in self.finished:
+                self.engine.abort(stream.request_id)
+
+    async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(choice index, output increment) as they come, all choices interleaved; aborts the rest on exit."""
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(self.streams)]
+        try:
+            while len(self.finished) < len(self.streams):
+                i, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    self.finished.add(i)
+                    continue
+                yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.abort()
+
+    async def collect(self) -> list[Choice]:
+        choices = [Choice(i) for i in range(len(self.streams))]
+        async with aclosing(self.events()) as events:
+            async for i, out in events:
+                choices[i].add(out)
+        return choices
+
+
+async def _pump(index: int, stream, queue: asyncio.Queue) -> None:
+    try:
+        async for out in stream:
+            queue.put_nowait((index, out))
+        queue.put_nowait((index, None))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # surfaced to the consumer of Generation.events
+        queue.put_nowait((index, exc))
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Returns when the client has gone (the body is already read, so receive() only reports disconnects)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect_unless_disconnected(request: Request, generation: Generation) -> list[Choice] | None:
+    """All choices, or None (everything aborted) when the client disconnects first."""
+    work = asyncio.create_task(generation.collect())
+    watcher = asyncio.create_task(wait_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+            generation.abort()
+    return work.result() if not work.cancelled() else None
+
+
+def output_error(message: str) -> SwapserveError:
+    """The error of an engine request that failed after admission.
+
+    RequestOutput.error is set when the request's adapter could not be loaded (a bad adapter under a root or
+    on the Hub): the request cannot be served as asked, hence 400 rather than 500.
+    """
+    return AdapterError(message, "model")
+
+
+def raise_choice_error(choices: list[Choice]) -> None:
+    for choice in choices:
+        if choice.error:
+            raise output_error(choice.error)
+
+
+def max_model_len(engine) -> int:
+    """The engine's effective context length (--max-model-len capped by the model's positions)."""
+    inner = getattr(engine, "engine", None)
+    return getattr(engine, "max_model_len", None) or getattr(inner, "max_len", None) or engine.config.max_model_len
+
+
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection; nobody reads it
+
+
+def client_gone() -> Response:
+    return Response(status_code=CLIENT_GONE)
+
+
+class EventStream(StreamingResponse):
+    """SSE response that runs `on_close` however the stream ends (finished, client gone, server stop)."""
+
+    def __init__(self, chunks: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except (ClientDisconnect, OSError):
+            pass
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            self._on_close()
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """The text of one token on its own (what logprobs and TGI details show)."""
+    return tokenizer.decode([token_id])
+
+
+def sse(data: str) -> str:
+    return f"data: {data}\n\n"

@@ -1,0 +1,145 @@
+"""Metrics: Prometheus series in a per-app registry, fed as an engine observer and refreshed on scrape.
+
+vLLM's names (dashboards, GuideLLM and the Gateway API Inference Extension read them):
+  vllm:time_to_first_token_seconds   arrival -> first token          (histogram)
+  vllm:inter_token_latency_seconds   between consecutive tokens      (histogram)
+  vllm:e2e_request_latency_seconds   arrival -> last token           (histogram)
+  vllm:request_queue_time_seconds    arrival -> first scheduled      (histogram)
+  vllm:num_requests_running / vllm:num_requests_waiting               (gauges, read from engine.stats())
+  vllm:lora_requests_info{max_lora,running_lora_adapters,waiting_lora_adapters} = unix time of the update;
+      as in vLLM the labels carry the state, but only the latest label set is kept (bounded cardinality).
+  vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:request_success_total{finished_reason}
+swapserve's own: per-adapter requests / generation tokens / errors, and the adapter cache (entries per tier,
+hits, misses, evictions per tier, load seconds).
+"""
+from __future__ import annotations
+
+import time
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                   240.0, 480.0, 960.0, 1920.0, 7680.0)
+LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+UNKNOWN_ADAPTER = "<unknown>"  # label for refused adapter names (user input must not create label values)
+
+
+class Metrics:
+    """Engine observer (see server/engine/INTERFACE.md) plus the API's error counts; `render()` for /metrics."""
+
+    def __init__(self, model_name: str, max_loras: int) -> None:
+        self.model_name = model_name
+        self.max_loras = max_loras
+        prometheus_client.disable_created_metrics()  # no *_created series (process-wide switch, as in vLLM)
+        self.registry = CollectorRegistry()
+        self._last_token: dict[str, float] = {}  # request_id -> time of its latest token
+        self._latency_series()
+        self._engine_series()
+        self._adapter_series()
+
+    def _latency_series(self) -> None:
+        reg, lbl = self.registry, ["model_name"]
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token in seconds.", lbl,
+                              buckets=TTFT_BUCKETS, registry=reg).labels(self.model_name)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Inter-token latency in seconds.", lbl,
+                             buckets=ITL_BUCKETS, registry=reg).labels(self.model_name)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency in seconds.", lbl,
+                             buckets=REQUEST_BUCKETS, registry=reg).labels(self.model_name)
+        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Time spent waiting in the queue.", lbl,
+                                    buckets=REQUEST_BUCKETS, registry=reg).labels(self.model_name)
+
+    def _engine_series(self) -> None:
+        reg, lbl = self.registry, ["model_name"]
+        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch.", lbl,
+                             registry=reg).labels(self.model_name)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", lbl,
+                             registry=reg).labels(self.model_name)
+        self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting adapters; value = update time.",
+                               ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=reg)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", lbl,
+                                     registry=reg).labels(self.model_name)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", lbl,
+                                         registry=reg).labels(self.model_name)
+        self.request_success = Counter("vllm:request_success", "Finished requests by finish reason.",
+                                       lbl + ["finished_reason"], registry=reg)
+
+    def _adapter_series(self) -> None:
+        reg = self.registry
+        self.adapter_requests = Counter("swapserve:adapter_requests", "Finished requests per adapter "
+                                        "(the base model counts under its served name).", ["adapter"], registry=reg)
+        self.adapter_tokens = Counter("swapserve:adapter_generation_tokens", "Generated tokens per adapter.",
+                                      ["adapter"], registry=reg)
+        self.adapter_errors = Counter("swapserve:adapter_errors", "Failed requests per adapter and error type.",
+                                      ["adapter", "error_type"], registry=reg)
+        self.cache_entries = Gauge("swapserve:adapter_cache_entries", "Adapters resident per tier.", ["tier"],
+                                   registry=reg)
+        self.cache_hits = Counter("swapserve:adapter_cache_hits", "Adapter lookups already on the device.",
+                                  registry=reg)
+        self.cache_misses = Counter("swapserve:adapter_cache_misses", "Adapter lookups that had to load.",
+                                    registry=reg)
+        self.evictions = Counter("swapserve:adapter_cache_evictions", "Adapters evicted, per tier.", ["tier"],
+                                 registry=reg)
+        self.load_seconds = Histogram("swapserve:adapter_load_seconds", "Seconds to load an adapter.",
+                                      buckets=LOAD_BUCKETS, registry=reg)
+
+    # --- engine observer -------------------------------------------------------------------------
+    def on_token(self, req, now: float) -> None:
+        last = self._last_token.get(req.request_id)
+        if last is not None:
+            self.itl.observe(max(0.0, now - last))
+        self._last_token[req.request_id] = now
+
+    def on_request_finished(self, req) -> None:
+        self._last_token.pop(req.request_id, None)
+        end = req.last_token_time or time.monotonic()
+        self.e2e.observe(max(0.0, end - req.arrival_time))
+        if req.first_scheduled_time is not None:
+            self.queue_time.observe(max(0.0, req.first_scheduled_time - req.arrival_time))
+        if req.first_token_time is not None:
+            self.ttft.observe(max(0.0, req.first_token_time - req.arrival_time))
+        adapter = req.adapter or self.model_name
+        generated = len(req.output_token_ids)
+        self.prompt_tokens.inc(len(req.prompt_token_ids))
+        self.generation_tokens.inc(generated)
+        self.request_success.labels(self.model_name, req.finish_reason or "abort").inc()
+        self.adapter_requests.labels(adapter).inc()
+        self.adapter_tokens.labels(adapter).inc(generated)
+        if getattr(req, "error", None):
+            self.adapter_errors.labels(adapter, "generation").inc()
+
+    def on_adapter_event(self, event: str, name: str, seconds: float | None) -> None:
+        if event == "hit":
+            self.cache_hits.inc()
+        elif event == "miss":
+            self.cache_misses.inc()
+        elif event == "load" and seconds is not None:
+            self.load_seconds.observe(seconds)
+        elif event.startswith("evict_"):
+            self.evictions.labels(event.removeprefix("evict_")).inc()
+
+    def on_cache_state(self, state: dict) -> None:
+        for tier, count in state.items():
+            self.cache_entries.labels(tier).set(count)
+
+    # --- API side --------------------------------------------------------------------------------
+    def record_error(self, adapter: str | None, error_type: str) -> None:
+        """A refused or failed request; pass UNKNOWN_ADAPTER for names the engine did not know."""
+        self.adapter_errors.labels(adapter or self.model_name, error_type).inc()
+
+    def refresh(self, stats: dict) -> None:
+        """Copy the engine's instantaneous state (engine.stats()) into the gauges; called on each scrape."""
+        self.running.set(stats.get("num_running", 0))
+        self.waiting.set(stats.get("num_waiting", 0))
+        self.lora_info.clear()
+        self.lora_info.labels(str(stats.get("max_loras", self.max_loras)),
+                              ",".join(stats.get("running_adapters", [])),
+                              ",".join(stats.get("waiting_adapters", []))).set(time.time())
+
+    def render(self, stats: dict) -> bytes:
+        self.refresh(stats)
+        return generate_latest(self.registry)

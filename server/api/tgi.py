@@ -1,0 +1,142 @@
+"""Text Generation Inference routes: POST /generate (JSON) and POST /generate_stream (SSE).
+
+`parameters.adapter_id` names the adapter (absent or the served model name = base model). Token events carry
+{"id", "text", "logprob", "special"}; concatenating the events' token texts gives generated_text.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import APIRouter, Depends, Request
+
+from server.api.auth import require_api_key
+from server.api.errors import error_payload
+from server.api.generation import (
+    Choice,
+    EventStream,
+    Generation,
+    adapter_for,
+    client_gone,
+    collect_unless_disconnected,
+    encode_text,
+    new_id,
+    output_error,
+    raise_choice_error,
+    require_ready,
+    sse,
+    token_text,
+)
+from server.api.metrics import UNKNOWN_ADAPTER
+from server.api.protocol import TGIRequest
+from server.errors import SwapserveError, UnknownAdapterError
+
+log = logging.getLogger("swapserve.api")
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@router.post("/generate")
+async def generate(body: TGIRequest, request: Request):
+    """{"generated_text": str, "details"?: {finish_reason, generated_tokens, seed, prefill, tokens}}."""
+    generation = await _start(request, body, logprobs=body.parameters.details)
+    choices = await collect_unless_disconnected(request, generation)
+    if choices is None:
+        return client_gone()
+    raise_choice_error(choices)
+    choice, params = choices[0], body.parameters
+    out = {"generated_text": (body.inputs if params.return_full_text else "") + choice.text}
+    if params.details:
+        tokenizer = request.app.state.engine.tokenizer
+        tokens = [_token(tokenizer, t, lp, token_text(tokenizer, t)) for t, lp in _with_logprobs(choice)]
+        out["details"] = {"finish_reason": finish_reason(tokenizer, choice), "generated_tokens": len(tokens),
+                          "seed": params.seed, "prefill": [], "tokens": tokens}
+    return out
+
+
+@router.post("/generate_stream")
+async def generate_stream(body: TGIRequest, request: Request):
+    """SSE: one event per token; the last also carries generated_text (and details when asked for)."""
+    generation = await _start(request, body, logprobs=True)
+    return EventStream(_events(request.app.state.engine.tokenizer, body, generation), generation.abort)
+
+
+async def _start(request: Request, body: TGIRequest, logprobs: bool) -> Generation:
+    engine = request.app.state.engine
+    require_ready(engine)
+    params = body.parameters
+    prompt = await encode_text(engine, body.inputs)
+    if params.truncate:
+        prompt = prompt[-params.truncate:]
+    adapter = adapter_for(engine, params.adapter_id)
+    try:
+        return await Generation.start(engine, [(prompt, params.sampling_params(logprobs))], adapter, new_id("tgi"))
+    except SwapserveError as exc:
+        label = UNKNOWN_ADAPTER if isinstance(exc, UnknownAdapterError) else adapter
+        request.app.state.metrics.record_error(label, exc.error_type)
+        raise
+
+
+async def _events(tokenizer, body: TGIRequest, generation: Generation) -> AsyncIterator[str]:
+    choice, index = Choice(0), 0
+    try:
+        async with aclosing(generation.events()) as events:
+            async for _, out in events:
+                choice.add(out)
+                if out.error:
+                    raise output_error(out.error)
+                tokens = _increment_tokens(tokenizer, out)
+                for k, token in enumerate(tokens):
+                    index += 1
+                    last = out.finished and k == len(tokens) - 1
+                    yield sse(json.dumps(_stream_event(tokenizer, body, choice, index, token, last)))
+    except SwapserveError as exc:
+        yield sse(json.dumps(error_payload("/generate_stream", exc.status_code, exc.message, exc.error_type)))
+    except Exception:  # the status line is already sent: report in-band
+        log.exception("generate_stream failed")
+        yield sse(json.dumps(error_payload("/generate_stream", 500, "internal error", "internal_error")))
+
+
+def _increment_tokens(tokenizer, out) -> list[dict]:
+    """Token dicts of one increment: all its text goes on its last token, so texts concatenate exactly.
+
+    A final increment without tokens (an aborted request) still yields one event to carry the end.
+    """
+    logprobs = out.logprobs or [None] * len(out.token_ids)
+    tokens = [_token(tokenizer, t, lp, "") for t, lp in zip(out.token_ids, logprobs)]
+    if tokens:
+        tokens[-1]["text"] = out.text
+    elif out.finished:
+        tokens = [{"id": tokenizer.eos_token_id or 0, "text": out.text, "logprob": None, "special": True}]
+    return tokens
+
+
+def _stream_event(tokenizer, body: TGIRequest, choice: Choice, index: int, token: dict, last: bool) -> dict:
+    event = {"index": index, "token": token, "generated_text": None, "details": None}
+    if last:
+        event["generated_text"] = (body.inputs if body.parameters.return_full_text else "") + choice.text
+        if body.parameters.details:
+            event["details"] = {"finish_reason": finish_reason(tokenizer, choice),
+                                "generated_tokens": len(choice.token_ids), "seed": body.parameters.seed,
+                                "input_length": choice.num_prompt_tokens}
+    return event
+
+
+def _token(tokenizer, token_id: int, logprob: float | None, text: str) -> dict:
+    special = token_id in set(getattr(tokenizer, "all_special_ids", []) or [])
+    return {"id": token_id, "text": text, "logprob": logprob, "special": special}
+
+
+def _with_logprobs(choice: Choice) -> list[tuple[int, float | None]]:
+    logprobs = choice.logprobs if len(choice.logprobs) == len(choice.token_ids) else [None] * len(choice.token_ids)
+    return list(zip(choice.token_ids, logprobs))
+
+
+def finish_reason(tokenizer, choice: Choice) -> str:
+    """TGI's reasons: eos_token (ended on EOS), stop_sequence (stop string/token), length (budget or abort)."""
+    if choice.finish_reason != "stop":
+        return "length"
+    eos = tokenizer.eos_token_id
+    ended_on_eos = bool(choice.token_ids) and eos is not None and choice.token_ids[-1] == eos
+    return "eos_token" if ended_on_eos else "stop_sequence"

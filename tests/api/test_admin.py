@@ -1,0 +1,82 @@
+"""Admin routes (vLLM's runtime LoRA endpoints and /v1/adapters) over the real server, loopback, no admin key."""
+from __future__ import annotations
+
+import pytest
+
+
+def greedy(http, model: str) -> str:
+    r = http.post("/v1/completions", json={"model": model, "prompt": "hello world", "max_tokens": 6,
+                                           "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def model_ids(http) -> dict:
+    return {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+
+
+def test_vllm_load_and_unload_lora_adapter(server, adapter_root):
+    with server.client() as http:
+        load = {"lora_name": "dyn-one", "lora_path": str(adapter_root / "beta")}
+        r = http.post("/v1/load_lora_adapter", json=load)
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'dyn-one' added successfully."
+        assert model_ids(http)["dyn-one"]["parent"] == "tiny-llama"
+        assert greedy(http, "dyn-one") == greedy(http, "beta")
+        again = http.post("/v1/load_lora_adapter", json=load)
+        assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
+        inplace = http.post("/v1/load_lora_adapter", json={**load, "lora_path": str(adapter_root / "alpha"),
+                                                           "load_inplace": True})
+        assert inplace.status_code == 200
+        assert greedy(http, "dyn-one") == greedy(http, "alpha")
+        r = http.post("/v1/unload_lora_adapter", json={"lora_name": "dyn-one"})
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'dyn-one' removed successfully."
+        gone = http.post("/v1/unload_lora_adapter", json={"lora_name": "dyn-one"})
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == 404
+        assert "dyn-one" not in model_ids(http)
+        assert http.post("/v1/completions", json={"model": "dyn-one", "prompt": "x"}).status_code == 404
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"lora_name": "x"}, 400),
+    ({"lora_path": "/tmp"}, 400),
+    ({"lora_name": "../evil", "lora_path": "/tmp"}, 400),
+    ({"lora_name": "has space", "lora_path": "/tmp"}, 400),
+    ({"lora_name": "tiny-llama", "lora_path": "/tmp"}, 400),
+])
+def test_load_lora_adapter_refuses_bad_requests(server, body, status):
+    with server.client() as http:
+        r = http.post("/v1/load_lora_adapter", json=body)
+    assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_load_refuses_paths_outside_the_adapter_roots(server, adapter_root, tiny_model_dir):
+    with server.client() as http:
+        for path in (str(tiny_model_dir), str(adapter_root / ".." / "elsewhere"), "/etc"):
+            r = http.post("/v1/load_lora_adapter", json={"lora_name": "outside", "lora_path": path})
+            assert r.status_code in (400, 403), (path, r.text)
+        assert "outside" not in model_ids(http)
+
+
+def test_adapters_resource(server, adapter_root):
+    with server.client() as http:
+        listed = {a["name"]: a for a in http.get("/v1/adapters").json()["data"]}
+        fields = {"name", "type", "rank", "size_bytes", "tier", "pinned", "in_flight", "hits", "last_used"}
+        assert fields <= set(listed["preloaded"])
+        created = http.post("/v1/adapters", json={"name": "dyn-two", "source": str(adapter_root / "beta"),
+                                                  "pinned": True})
+        assert created.status_code == 201 and created.json()["name"] == "dyn-two"
+        assert {a["name"]: a for a in http.get("/v1/adapters").json()["data"]}["dyn-two"]["pinned"] is True
+        conflict = http.post("/v1/adapters", json={"name": "dyn-two", "source": str(adapter_root / "beta")})
+        assert conflict.status_code == 409
+        deleted = http.delete("/v1/adapters/dyn-two")
+        assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+        assert http.delete("/v1/adapters/dyn-two").status_code == 404
+
+
+def test_admin_refuses_non_loopback_clients_without_admin_key(server):
+    """uvicorn trusts X-Forwarded-For from 127.0.0.1 (a local proxy), so this client is seen as remote."""
+    with server.client(headers={"X-Forwarded-For": "203.0.113.9"}) as http:
+        assert http.get("/v1/adapters").status_code == 403
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "remote", "lora_path": "/tmp"})
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        assert http.get("/v1/models").status_code == 200  # inference routes are not admin routes

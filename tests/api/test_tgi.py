@@ -1,0 +1,61 @@
+"""TGI routes (/generate, /generate_stream) over the real server, with plain HTTP."""
+from __future__ import annotations
+
+import json
+
+
+def sse_events(response) -> list[dict]:
+    return [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
+
+
+def greedy_completion(server, model: str, prompt: str, max_tokens: int) -> str:
+    out = server.openai().completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+    return out.choices[0].text
+
+
+def test_generate_with_details_matches_openai_greedy(server):
+    with server.client() as http:
+        r = http.post("/generate", json={"inputs": "hello world", "parameters": {"max_new_tokens": 5, "details": True}})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["generated_text"] == greedy_completion(server, "tiny-llama", "hello world", 5)
+    details = body["details"]
+    assert details["finish_reason"] == "length" and details["generated_tokens"] == 5
+    assert [set(t) for t in details["tokens"]] == [{"id", "text", "logprob", "special"}] * 5
+    assert all(t["logprob"] <= 0 for t in details["tokens"])
+
+
+def test_generate_adapter_id_and_full_text(server):
+    with server.client() as http:
+        r = http.post("/generate", json={"inputs": "hello world",
+                                         "parameters": {"max_new_tokens": 6, "adapter_id": "beta",
+                                                        "return_full_text": True}})
+    assert r.status_code == 200 and "details" not in r.json()
+    assert r.json()["generated_text"] == "hello world" + greedy_completion(server, "beta", "hello world", 6)
+
+
+def test_generate_stream_events(server):
+    params = {"max_new_tokens": 6, "details": True, "adapter_id": "preloaded"}
+    with server.client() as http, http.stream("POST", "/generate_stream",
+                                              json={"inputs": "hello world", "parameters": params}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert [e["index"] for e in events] == list(range(1, 7))
+    assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
+    last = events[-1]
+    assert last["generated_text"] == "".join(e["token"]["text"] for e in events)
+    assert last["generated_text"] == greedy_completion(server, "preloaded", "hello world", 6)
+    assert last["details"]["finish_reason"] == "length" and last["details"]["generated_tokens"] == 6
+
+
+def test_tgi_errors_use_tgi_shape(server):
+    with server.client() as http:
+        unknown = http.post("/generate", json={"inputs": "hi", "parameters": {"adapter_id": "nope"}})
+        stream_unknown = http.post("/generate_stream", json={"inputs": "hi", "parameters": {"adapter_id": "nope"}})
+        bad_temp = http.post("/generate", json={"inputs": "hi", "parameters": {"temperature": 0}})
+        missing = http.post("/generate", json={"parameters": {}})
+        too_long = http.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 5000}})
+    assert unknown.status_code == 404 and stream_unknown.status_code == 404
+    for r in (bad_temp, missing, too_long):
+        assert r.status_code == 422, r.text
+        assert set(r.json()) == {"error", "error_type"} and r.json()["error_type"] == "validation"

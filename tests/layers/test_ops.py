@@ -1,0 +1,232 @@
+"""The reference batched ops (server/layers/ops.py), AdapterMapping.build, and one AdapterLinear against PEFT.
+
+Layer-level oracle: a toy module with one ``nn.Linear`` (with and without bias, which the tiny Llama lacks, so
+DoRA's bias term is only covered here) wrapped by PEFT per adapter kind; our wrapper holds all kinds in slots
+at once and must match PEFT row by row, while base rows stay bit-exact with the unwrapped layer.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from server.adapters.formats import load_adapter_dir
+from server.layers.adapter_linear import AdapterLinear
+from server.layers.mapping import NO_SLOT, AdapterMapping, MappingHolder
+from server.layers.ops import lora_segments, scale_rows, shift_rows
+
+IN, OUT, SLOTS, MAX_RANK = 16, 12, 4, 8
+
+
+def per_token_reference(y, x, a, b, ranks, token_slots):
+    """The op's contract written as the obvious loop over tokens."""
+    out = y.clone()
+    for t, s in enumerate(token_slots):
+        if s != NO_SLOT and ranks[s]:
+            out[t] += (x[t] @ a[s, :ranks[s]].T) @ b[s, :ranks[s]]
+    return out
+
+
+def random_slots(ranks, gen):
+    a = torch.randn(SLOTS, MAX_RANK, IN, generator=gen)
+    b = torch.randn(SLOTS, MAX_RANK, OUT, generator=gen)
+    for s, r in enumerate(ranks):  # rows past the live rank must never be read
+        a[s, r:] = float("nan")
+        b[s, r:] = float("nan")
+    return a, b
+
+
+# ---------------------------------------------------------------- AdapterMapping.build
+
+def test_mapping_all_base_is_empty():
+    m = AdapterMapping.build([NO_SLOT, NO_SLOT], tokens_per_row=3, num_slots=SLOTS)
+    assert m.empty and m.segments == () and m.scale_index is None and m.slots == frozenset()
+
+
+@pytest.mark.parametrize("rows", [[2], [2, 2, 2]])
+def test_mapping_single_slot_fast_path(rows):
+    m = AdapterMapping.build(rows, tokens_per_row=5, num_slots=SLOTS)
+    assert m.segments == ((2, None),)  # no gather: the op applies the slot to every token
+    assert torch.equal(m.scale_index, torch.full((5 * len(rows),), 2, dtype=torch.long))
+    assert m.slots == frozenset({2})
+
+
+def test_mapping_mixed_segments_and_identity_row():
+    rows, tpr = [1, NO_SLOT, 3, 1, NO_SLOT], 2
+    m = AdapterMapping.build(rows, tokens_per_row=tpr, num_slots=SLOTS)
+    token_slots = [s for s in rows for _ in range(tpr)]
+    assert [s for s, _ in m.segments] == [1, 3]  # one segment per distinct slot, sorted
+    for slot, index in m.segments:
+        assert index.tolist() == [t for t, s in enumerate(token_slots) if s == slot]
+    # base tokens read the identity row (index num_slots) of every scale table
+    assert m.scale_index.tolist() == [SLOTS if s == NO_SLOT else s for s in token_slots]
+    assert m.slots == frozenset({1, 3}) and not m.empty
+
+
+def test_mapping_one_slot_plus_base_rows_is_not_fast_path():
+    m = AdapterMapping.build([0, NO_SLOT], tokens_per_row=3, num_slots=SLOTS)
+    assert len(m.segments) == 1 and m.segments[0][0] == 0 and m.segments[0][1].tolist() == [0, 1, 2]
+    assert m.scale_index.tolist() == [0, 0, 0, SLOTS, SLOTS, SLOTS]
+
+
+# ---------------------------------------------------------------- ops
+
+@pytest.mark.parametrize("rows", [[0, NO_SLOT, 2, 0, 1, NO_SLOT], [1, 1, 1], [3, NO_SLOT]])
+def test_lora_segments_matches_per_token_loop(rows):
+    gen = torch.Generator().manual_seed(0)
+    ranks, tpr = [3, 0, 8, 1], 3  # slot 1 has rank 0: its adapter does not touch this layer
+    a, b = random_slots(ranks, gen)
+    x, y = torch.randn(len(rows) * tpr, IN, generator=gen), torch.randn(len(rows) * tpr, OUT, generator=gen)
+    m = AdapterMapping.build(rows, tpr, SLOTS)
+    token_slots = [s for s in rows for _ in range(tpr)]
+    expect = per_token_reference(y, x, a, b, ranks, token_slots)
+    got = y.clone()
+    lora_segments(got, x, a, b, ranks, m.segments)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    untouched = [t for t, s in enumerate(token_slots) if s == NO_SLOT or ranks[s] == 0]
+    assert torch.equal(got[untouched], y[untouched])  # base / rank-0 tokens: bit for bit
+
+
+def test_scale_and_shift_identity_row_is_bit_exact():
+    gen = torch.Generator().manual_seed(1)
+    t = torch.randn(6, OUT, generator=gen)
+    scale = torch.cat([torch.randn(SLOTS, OUT, generator=gen), torch.ones(1, OUT)])
+    shift = torch.cat([torch.randn(SLOTS, OUT, generator=gen), torch.zeros(1, OUT)])
+    index = torch.tensor([SLOTS, 0, SLOTS, 3, 3, SLOTS])
+    scaled, shifted = scale_rows(t, scale, index), shift_rows(t, shift, index)
+    base = index == SLOTS
+    assert torch.equal(scaled[base], t[base]) and torch.equal(shifted[base], t[base])
+    assert torch.equal(scaled[~base], t[~base] * scale[index[~base]])
+    assert torch.equal(shifted[~base], t[~base] + shift[index[~base]])
+
+
+# ---------------------------------------------------------------- AdapterLinear vs PEFT on one layer
+
+class Toy(nn.Module):
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.proj = nn.Linear(IN, OUT, bias=bias)
+        gen = torch.Generator().manual_seed(0)  # every Toy has the same base weights
+        with torch.no_grad():
+            self.proj.weight.copy_(0.3 * torch.randn(OUT, IN, generator=gen))
+            if bias:
+                self.proj.bias.copy_(0.5 * torch.randn(OUT, generator=gen))
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def toy_config(kind: str):
+    from peft import IA3Config, LoraConfig
+
+    return {"lora": LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]),
+            "rslora": LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=["proj"]),
+            "dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["proj"]),
+            "ia3_out": IA3Config(target_modules=["proj"], feedforward_modules=[]),
+            "ia3_in": IA3Config(target_modules=["proj"], feedforward_modules=["proj"])}[kind]
+
+
+TOY_KINDS = ("lora", "dora", "ia3_out", "ia3_in")  # one per slot; rslora replaces lora in a second layout
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["bias", "nobias"])
+def toy(request, tmp_path_factory):
+    """(bias, {kind: (peft model, ModuleWeights)}) for every toy kind."""
+    from peft import get_peft_model
+
+    out = {}
+    for i, kind in enumerate(TOY_KINDS + ("rslora",)):
+        pm = get_peft_model(Toy(request.param), toy_config(kind))
+        gen = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "ia3_l" in name:
+                    p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
+                elif "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.3 * torch.rand(p.shape, generator=gen))
+                elif "lora_" in name:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        path = tmp_path_factory.mktemp(f"toy-{kind}")
+        pm.save_pretrained(path)
+        out[kind] = (pm.eval(), load_adapter_dir(path, kind).modules["proj"])
+    return request.param, out
+
+
+def wrapped(bias: bool, slot_kinds, toy_adapters):
+    holder = MappingHolder()
+    layer = AdapterLinear(Toy(bias).proj, holder, SLOTS, MAX_RANK, torch.float32, torch.device("cpu"))
+    for slot, kind in enumerate(slot_kinds):
+        layer.set_slot(slot, toy_adapters[kind][1])
+    return layer, holder
+
+
+@pytest.mark.parametrize("slot_kinds", [TOY_KINDS, ("rslora", "ia3_in", "dora", "ia3_out")], ids=["a", "b"])
+@pytest.mark.parametrize("rows", [[0, NO_SLOT, 1, 2, NO_SLOT, 3, 1], [2, 2], [1, 1, 1], [NO_SLOT, 3]])
+def test_adapter_linear_mixed_rows_match_peft(toy, slot_kinds, rows):
+    bias, adapters = toy
+    layer, holder = wrapped(bias, slot_kinds, adapters)
+    tpr = 3
+    x = torch.randn(len(rows), tpr, IN, generator=torch.Generator().manual_seed(2))
+    holder.mapping = AdapterMapping.build(rows, tpr, SLOTS)
+    with torch.no_grad():
+        y = layer(x)  # [rows, tpr, out]
+        unwrapped = layer.base_layer(x.reshape(-1, IN)).view(len(rows), tpr, OUT)
+        for i, slot in enumerate(rows):
+            if slot == NO_SLOT:
+                assert torch.equal(y[i], unwrapped[i]), "base rows must be bit-exact with the unwrapped layer"
+            else:
+                ref = adapters[slot_kinds[slot]][0](x[i])
+                torch.testing.assert_close(y[i], ref, rtol=0, atol=1e-5)
+
+
+def test_adapter_linear_empty_mapping_is_the_base_layer(toy):
+    bias, adapters = toy
+    layer, _ = wrapped(bias, TOY_KINDS, adapters)
+    x = torch.randn(2, 5, IN)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def slot_state(layer: AdapterLinear, slot: int):
+    shift = None if layer.out_shift is None else layer.out_shift[slot].clone()
+    return (layer.lora_a[slot].clone(), layer.lora_b[slot].clone(), layer.in_scale[slot].clone(),
+            layer.out_scale[slot].clone(), shift, layer.ranks[slot], slot in layer.in_scaled,
+            slot in layer.out_scaled)
+
+
+def assert_same_state(a, b):
+    for u, v in zip(a, b, strict=True):
+        assert (torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v), (u, v)
+
+
+def test_identity_row_survives_full_slots_and_reset_leaves_no_residue(toy):
+    bias, adapters = toy
+    fresh, _ = wrapped(bias, (), adapters)
+    layer, holder = wrapped(bias, TOY_KINDS, adapters)
+    # the identity row (index SLOTS) is what base tokens read: loading every slot must not touch it
+    assert torch.equal(layer.in_scale[SLOTS], torch.ones(IN))
+    assert torch.equal(layer.out_scale[SLOTS], torch.ones(OUT))
+    if bias:
+        assert torch.equal(layer.out_shift[SLOTS], torch.zeros(OUT))
+    for slot in range(SLOTS):
+        layer.reset_slot(slot)
+        assert_same_state(slot_state(layer, slot), slot_state(fresh, slot))
+    # a LoRA loaded where DoRA / IA3 lived must see none of their scales
+    layer.set_slot(1, adapters["lora"][1])  # slot 1 held DoRA
+    layer.set_slot(3, adapters["lora"][1])  # slot 3 held input IA3
+    x = torch.randn(3, 2, IN)
+    holder.mapping = AdapterMapping.build([1, 3, NO_SLOT], 2, SLOTS)
+    with torch.no_grad():
+        y, ref = layer(x), adapters["lora"][0](x)
+    torch.testing.assert_close(y[:2], ref[:2], rtol=0, atol=1e-5)
+    assert torch.equal(y[2], layer.base_layer(x.reshape(-1, IN)).view(3, 2, OUT)[2])
+
+
+def test_set_slot_none_means_layer_untouched(toy):
+    bias, adapters = toy
+    layer, holder = wrapped(bias, TOY_KINDS, adapters)
+    layer.set_slot(1, None)  # e.g. an adapter that does not target this module
+    x = torch.randn(2, 4, IN)
+    holder.mapping = AdapterMapping.build([1, 1], 4, SLOTS)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.base_layer(x.reshape(-1, IN)).view(2, 4, OUT))
