@@ -62,9 +62,9 @@ class AdapterManager:
         if key in self.slot_of:
             self.slot_of.move_to_end(key)
             return
+        w = weights(key)  # first: a failing lookup must not cost a resident adapter its slot
         free = self.free_slots
         slot = free[0] if free else self._evict_for(needed)
-        w = weights(key)
         for path, layer in self.layers.items():
             layer.set_slot(slot, w.modules.get(path))
         self.slot_of[key] = slot

@@ -150,7 +150,7 @@ def rewrite_tensors(directory, edit):
 
 
 @pytest.fixture(scope="module")
-def bad(tiny_model_dir, tmp_path_factory, adapters):
+def bad(tiny_model_dir, tmp_path_factory):
     """name -> (adapter dir, words the error must contain)."""
     from peft import LoraConfig
 
@@ -190,7 +190,7 @@ def assert_unchanged(before, after):
         assert all(torch.equal(x, y) for x, y in zip(buffers, after[3][path][3])), path
 
 
-def loading(adapters, bad_dir, runner, host):
+def loading(bad_dir, runner, host):
     """A weights callback that reads and validates on demand, as a store would: bad -> the refused adapter."""
     def weights(key):
         if key[0] != "bad":
@@ -212,29 +212,25 @@ def refuse(runner, weights, directory, words, prompts):
 
 
 @pytest.mark.parametrize("case", ["head", "rank", "embedding", "missing-module", "shape"])
-def test_refused_adapter_names_file_and_reason_and_changes_nothing(runner, host, adapters, bad, case):
+def test_refused_adapter_names_file_and_reason_and_changes_nothing(runner, host, bad, case):
     directory, words = bad[case]
     evict_all(runner)
     prompts = prompts_of([4, 6, 3], seed=11)
     runner.prefill(0, prompts, keys(["lora", "dora", None]), host)  # two resident, two free slots
     before_logits = runner.prefill(0, prompts, keys(["lora", None, None]), host)
     before = snapshot(runner)
-    refuse(runner, loading(adapters, directory, runner, host), directory, words, prompts)
+    refuse(runner, loading(directory, runner, host), directory, words, prompts)
     assert_unchanged(before, snapshot(runner))
     assert torch.equal(runner.prefill(0, prompts, keys(["lora", None, None]), host), before_logits)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "AdapterManager._ensure picks a victim (_evict_for -> evict, which zeroes its slot) BEFORE calling "
-    "weights(key); when weights(key) raises, a resident adapter has been evicted for an adapter that never "
-    "loads. Fix: call `w = weights(key)` first in _ensure, then choose/evict the slot."))
-def test_refused_adapter_with_full_slots_evicts_nothing(runner, host, adapters, bad):
+def test_refused_adapter_with_full_slots_evicts_nothing(runner, host, bad):
     directory, words = bad["rank"]
     evict_all(runner)
     prompts = prompts_of([4, 6, 3], seed=12)
     runner.prefill(0, prompts + [[7, 8]], keys(["lora", "dora", "ia3", "adalora"]), host)  # all slots full
     before = snapshot(runner)
-    refuse(runner, loading(adapters, directory, runner, host), directory, words, prompts)
+    refuse(runner, loading(directory, runner, host), directory, words, prompts)
     assert_unchanged(before, snapshot(runner))
 
 

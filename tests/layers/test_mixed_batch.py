@@ -3,7 +3,8 @@
 Each row of one batch has its own adapter (every kind in conftest.ADAPTER_KINDS) or none; prompts differ in
 length, so right padding is exercised. The oracle for a row is PeftModel.from_pretrained on a fresh base,
 fed that row's prompt plus the tokens we generated (a causal model's logits at position p are the
-last-position logits of the prefix ending at p), and PEFT's own greedy ``generate`` for the token sequence.
+last-position logits of the prefix ending at p): logits must agree and every token we fed must be PEFT's
+argmax; in fp32 PEFT's own greedy ``generate`` must also produce our token sequence.
 """
 from __future__ import annotations
 
@@ -38,9 +39,8 @@ def run_greedy(runner: ModelRunner, prompts, names, weights, steps: int = STEPS)
 class Oracles:
     """PEFT models cached per adapter name, and our host AdapterWeights (checked against the runner's base)."""
 
-    def __init__(self, model_dir, adapters, runner: ModelRunner, quantization: str = "none", prepare=None):
+    def __init__(self, model_dir, adapters, runner: ModelRunner, quantization: str = "none"):
         self.model_dir, self.adapters, self.runner, self.quant = model_dir, adapters, runner, quantization
-        self.prepare = prepare  # applied to each fresh PEFT model (int8: the outlier threshold)
         # PEFT 0.21 + bitsandbytes 0.50 on CPU: DoRA over int8 breaks the layer's state after one forward
         # (dequantize_module_weight re-wraps weight via Int8Params.to, leaving SCB None), so int8 models are
         # not reused and get exactly one forward each.
@@ -52,8 +52,6 @@ class Oracles:
             return self.models[name]
         path = None if name is None else self.adapters[name]
         model = peft_model_for(self.model_dir, path, quantization=self.quant)
-        if self.prepare:
-            self.prepare(model)
         if self.reuse:
             self.models[name] = model
         return model
@@ -76,7 +74,7 @@ class Oracles:
         assert diff <= atol, f"{name}: logits differ from PEFT by {diff:.3g} (> {atol})"
         # greedy, step by step: each token we fed is PEFT's argmax for the same prefix
         assert ref.argmax(-1).tolist() == our_tokens, f"{name}: greedy tokens differ from PEFT's argmax"
-        if not self.reuse:
+        if self.quant != "none":  # PEFT's generate on quantized bases adds time, not coverage, beyond the argmax
             return
         prompt_ids = seq[:, :len(prompt)]
         gen = model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
@@ -86,10 +84,10 @@ class Oracles:
         assert peft_tokens == ours, f"{name}: greedy tokens differ from PEFT's generate"
 
 
-def check_batch(oracles: Oracles, names, lengths, atol, seed=0):
+def check_batch(oracles: Oracles, names, lengths, atol, seed=0, steps=STEPS):
     runner = oracles.runner
     prompts = make_prompts(lengths, runner.vocab_size, seed)
-    logits, tokens = run_greedy(runner, prompts, names, oracles.weights)
+    logits, tokens = run_greedy(runner, prompts, names, oracles.weights, steps)
     for i, name in enumerate(names):
         oracles.check_row(name, prompts[i], logits[i], tokens[i], atol)
     return logits, tokens
@@ -145,41 +143,27 @@ def test_base_rows_are_bit_exact_with_an_all_base_batch(oracles, base_row):
 
 # ---------------------------------------------------------------- quantized bases
 
-def set_int8_threshold(model, value: float | None):
-    """LLM.int8's outlier threshold on every bitsandbytes 8-bit layer (None: leave the default, 6.0)."""
-    if value is not None:
-        for m in model.modules():
-            if type(m).__name__ == "Linear8bitLt" and hasattr(m, "state"):
-                m.state.threshold = value
-    return model
-
-
 @pytest.fixture(scope="module")
 def quantized(tiny_model_dir, adapters):
-    """(quantization, int8 threshold) -> Oracles over a runner with that quantized base, built once."""
+    """quantization -> Oracles over a runner with that quantized base, built once per module."""
     cache = {}
 
-    def get(quantization: str, threshold: float | None = None) -> Oracles:
-        if (quantization, threshold) not in cache:
+    def get(quantization: str) -> Oracles:
+        if quantization not in cache:
             r = ModelRunner(EngineConfig(model=str(tiny_model_dir), quantization=quantization, max_loras=4,
                                          max_lora_rank=8, max_num_seqs=8, max_model_len=128))
-            set_int8_threshold(r.model, threshold)
-            cache[quantization, threshold] = Oracles(tiny_model_dir, adapters, r, quantization,
-                                                     prepare=lambda m: set_int8_threshold(m, threshold))
-        return cache[quantization, threshold]
+            cache[quantization] = Oracles(tiny_model_dir, adapters, r, quantization)
+        return cache[quantization]
     return get
 
 
+# The IA3 row drives layer 0's down_proj input to ~24: with LLM.int8's default outlier threshold (6.0) that
+# column would be computed in fp16 for EVERY row of the batch, making rows depend on their batch-mates
+# (~1e-2 from PEFT); the loader's int8 config turns the outlier split off, and this batch guards that.
 QUANT_NAMES, QUANT_LENGTHS = ["lora", None, "dora", "ia3", "adalora", "dora"], [5, 9, 3, 12, 7, 4]
+QUANT_STEPS = 5  # bitsandbytes on CPU is slow; prefill + 5 greedy steps still cover decode on quantized layers
 
 
-@pytest.mark.parametrize("quantization, threshold", [("nf4", None), ("int8", 0.0)], ids=["nf4", "int8"])
-def test_quantized_mixed_batch_matches_peft(quantized, quantization, threshold):
-    """nf4 as configured; int8 with LLM.int8's outlier split off (threshold 0) on both sides, because that split
-    picks outlier columns over the whole batch and so makes a row depend on its batch-mates (see below)."""
-    check_batch(quantized(quantization, threshold), QUANT_NAMES, QUANT_LENGTHS, atol=1e-3)
-
-
-def test_int8_default_threshold_mixed_batch_matches_peft(quantized):
-    """The loader turns LLM.int8 outlier columns off (threshold 0) so rows do not depend on batch-mates."""
-    check_batch(quantized("int8"), QUANT_NAMES, QUANT_LENGTHS, atol=1e-3)
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_quantized_mixed_batch_matches_peft(quantized, quantization):
+    check_batch(quantized(quantization), QUANT_NAMES, QUANT_LENGTHS, atol=1e-3, steps=QUANT_STEPS)
