@@ -45,15 +45,20 @@ class AdapterManager:
         row_keys: the adapter of each batch row (None = base). The scheduler guarantees at most
         ``num_slots`` distinct adapters per step, so a slot can always be found.
         """
-        needed = {k for k in row_keys if k is not None}
-        if len(needed) > self.num_slots:
-            raise RuntimeError(f"{len(needed)} adapters in one step but only {self.num_slots} slots")
-        for key in needed:
-            self._ensure(key, needed, weights)
+        self.reserve(row_keys, weights)
         row_slots = [NO_SLOT if k is None else self.slot_of[k] for k in row_keys]
         mapping = AdapterMapping.build(row_slots, tokens_per_row, self.num_slots, self.device)
         self.holder.mapping = mapping
         return mapping
+
+    def reserve(self, keys, weights: Callable[[AdapterKey], AdapterWeights]) -> None:
+        """Make every adapter in ``keys`` resident without evicting any of them. The engine calls this once
+        per step with the adapters of all its forwards, so a prefill never evicts a decoding row's adapter."""
+        needed = {k for k in keys if k is not None}
+        if len(needed) > self.num_slots:
+            raise RuntimeError(f"{len(needed)} adapters in one step but only {self.num_slots} slots")
+        for key in needed:
+            self._ensure(key, needed, weights)
 
     def clear(self) -> None:
         self.holder.mapping = AdapterMapping()

@@ -77,7 +77,7 @@ class AdapterStore:
             for root in self.roots:
                 candidate = root / name
                 if (candidate / CONFIG_FILE).is_file():
-                    return str(candidate)
+                    return str(self.under_roots(str(candidate)))  # refuses symlinks leading outside the root
             return None
         if self.config.allow_hub_adapters and HUB_ID_RE.match(name) and self._hub_allowed(name):
             return "hub:" + name.removeprefix("hub:")
@@ -150,12 +150,13 @@ class AdapterStore:
         with self.lock:
             if entry.weights is not None:
                 self._touch(entry)
+                self._emit("on_adapter_event", "hit", entry.name, None)
                 fut: Future = Future()
                 fut.set_result(entry)
                 return fut
+            self._emit("on_adapter_event", "miss", entry.name, None)
             if entry.future is None or entry.future.done():
                 entry.future = self.executor.submit(self._load, entry)
-                self._emit("on_adapter_event", "miss", entry.name, None)
             return entry.future
 
     def _load(self, entry: AdapterEntry) -> AdapterEntry:
@@ -169,12 +170,16 @@ class AdapterStore:
             log.warning("adapter %s failed to load: %s", entry.name, entry.error)
             raise
         with self.lock:
-            entry.weights, entry.error = weights, None
+            entry.error = None
             entry.load_seconds = time.perf_counter() - start
             entry.info = {"type": weights.kind, "rank": weights.rank, "size_bytes": weights.nbytes}
-            self.host[entry.key] = entry
-            self._touch(entry)
-            self._evict_host()
+            if self.entries.get(entry.name) is entry:
+                entry.weights = weights
+                self.host[entry.key] = entry
+                self._touch(entry)
+                self._evict_host()
+            elif entry.key in self.retired:  # unloaded mid-load: serve the in-flight requests, outside the tier
+                entry.weights = weights
         self._emit("on_adapter_event", "load", entry.name, entry.load_seconds)
         log.info("adapter %s (%s r=%d, %.1f MB) loaded to host in %.3fs", entry.name, weights.kind, weights.rank,
                  weights.nbytes / 1e6, entry.load_seconds)
@@ -225,6 +230,7 @@ class AdapterStore:
             if entry is None:
                 return False
             entry.in_flight -= 1
+            self._evict_host()
             if key in self.retired and entry.in_flight == 0:
                 del self.retired[key]
                 entry.weights = None

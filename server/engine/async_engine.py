@@ -158,7 +158,6 @@ class AsyncEngine:
             self.engine.store.acquire(entry)
             req.adapter_version, req.adapter_entry = entry.version, entry
             self.engine.store.ensure_host(entry)
-            self.engine._emit("on_adapter_event", "hit" if entry.weights is not None else "miss", adapter, None)
         stream = RequestStream(req.request_id, self)
         self._requests[req.request_id] = (req, stream)
         self._submit(lambda: self.engine.scheduler.waiting.append(req))

@@ -30,7 +30,7 @@ class Detokenizer:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         req.text = text
         stops = req.params.stop
-        if stops:
+        if stops and len(req.output_token_ids) > req.params.min_tokens:  # vLLM: min_tokens defers stop strings
             start = max(0, req.sent_text_len - max(len(s) for s in stops))
             hits = [(text.find(s, start), s) for s in stops if text.find(s, start) != -1]
             if hits:
@@ -41,7 +41,7 @@ class Detokenizer:
             while end > req.sent_text_len and text[end - 1] == "\ufffd":
                 end -= 1
             if stops:
-                end = min(end, max(req.sent_text_len, len(text) - max(len(s) for s in stops) + 1))
+                end = min(end, max(req.sent_text_len, end - max(len(s) for s in stops) + 1))
         new = text[req.sent_text_len:end]
         req.sent_text_len = max(req.sent_text_len, end)
         return new

@@ -40,6 +40,7 @@ class LLMEngine:
         outputs = self._reap()
         batch = self.scheduler.schedule(self._adapter_ready)
         self._pin(batch.decode + batch.prefill)
+        self.runner.manager.reserve([r.adapter_key for r in batch.decode + batch.prefill], self.store.weights)
         if batch.decode:
             logits = self.runner.decode([r.output_token_ids[-1] for r in batch.decode],
                                         [r.num_tokens - 1 for r in batch.decode],

@@ -291,11 +291,6 @@ def test_reload_serves_new_version_while_old_one_drains(make_store, root):
     assert s.release(old.key) is True and s.weights(new.key).kind == "dora"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: unloading an adapter while its load is in progress leaves a zombie in the host tier: _load puts the "
-    "retired entry into store.host after unregister already popped it; release() later sets its weights to None "
-    "but never removes it from host, so every later _evict_host() raises AttributeError on None.nbytes and no "
-    "other adapter can be loaded any more (requests fail with \"'NoneType' object has no attribute 'nbytes'\")"))
 def test_unload_during_load_leaves_host_tier_usable(make_store, gate):
     s, _ = make_store()
     e = s.resolve("lora")
