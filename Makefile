@@ -27,6 +27,7 @@ test: install
 	$(PY) -m pytest -q $(ARGS)
 
 bench: install
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m bench.run $(ARGS)
 
 clean:

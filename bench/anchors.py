@@ -1,0 +1,81 @@
+"""The anchors swapserve is measured against, in the same process and on the same weights:
+
+    base   HF ``generate`` on the plain base model, batch N (the ceiling: no adapter work at all)
+    peft   PEFT's mixed batch: one ``generate`` over N rows with ``adapter_names=`` (k distinct adapters)
+    naive  the seed's flow: requests one at a time, ``set_adapter`` + ``generate`` each (no batching)
+
+All run greedy with a fixed output length (``min_new_tokens == max_new_tokens``), and return Traces whose
+token timestamps come from a StepClock inside ``generate``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from bench.fixtures import load_base
+from bench.timing import StepClock, Trace
+
+
+class Anchors:
+    """The plain base model and a PeftModel holding every cell adapter (loaded once, up front)."""
+
+    def __init__(self, directory: Path, adapters: dict[str, Path]):
+        from peft import PeftModel
+
+        self.base = load_base(directory)
+        names = list(adapters)
+        self.peft = PeftModel.from_pretrained(load_base(directory), adapters[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            self.peft.load_adapter(adapters[name], adapter_name=name)
+        self.peft.eval()
+        self.pad = self.base.generation_config.eos_token_id
+        if isinstance(self.pad, list):
+            self.pad = self.pad[0]
+
+    @torch.inference_mode()
+    def _generate(self, model, prompts: list[list[int]], max_tokens: int, **kwargs) -> list[Trace]:
+        ids = torch.tensor(prompts, dtype=torch.long)  # [rows, prompt_tokens], equal lengths: no padding
+        clock = StepClock()
+        sent = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                       min_new_tokens=max_tokens, do_sample=False, pad_token_id=self.pad,
+                       logits_processor=[clock], **kwargs)
+        return clock.traces(sent, len(prompts))
+
+    def warm_up(self, prompt: list[int]) -> None:
+        """One tiny generate on each path, so the first measured cell does not pay first-call costs."""
+        self.base_batch([prompt], 2)
+        self.peft_mixed([prompt], [self.peft.active_adapter], 2)
+
+    def base_batch(self, prompts: list[list[int]], max_tokens: int) -> list[Trace]:
+        return self._generate(self.base, prompts, max_tokens)
+
+    def peft_mixed(self, prompts: list[list[int]], names: list[str], max_tokens: int) -> list[Trace]:
+        """names: the adapter of each row (PEFT groups rows by adapter inside every LoRA layer)."""
+        return self._generate(self.peft, prompts, max_tokens, adapter_names=names)
+
+    def naive(self, prompts: list[list[int]], names: list[str], max_tokens: int) -> list[Trace]:
+        """All requests arrive at once and are served one after another, so TTFT includes queueing."""
+        sent = time.perf_counter()
+        traces = []
+        for prompt, name in zip(prompts, names):
+            self.peft.set_adapter(name)
+            trace = self._generate(self.peft, [prompt], max_tokens)[0]
+            trace.sent = sent
+            traces.append(trace)
+        return traces
+
+    def load_adapter_seconds(self, adapters: dict[str, Path]) -> list[float]:
+        """PEFT ``load_adapter`` (read safetensors + inject LoRA modules) of fresh adapters, then delete them."""
+        active = self.peft.active_adapter
+        seconds = []
+        for name, path in adapters.items():
+            start = time.perf_counter()
+            self.peft.load_adapter(path, adapter_name=f"peft-{name}")
+            seconds.append(time.perf_counter() - start)
+        for name in adapters:
+            self.peft.delete_adapter(f"peft-{name}")
+        self.peft.set_adapter(active)
+        return seconds

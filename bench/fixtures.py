@@ -1,0 +1,88 @@
+"""What every system under test shares: the base model directory, the PEFT adapters and the prompts.
+
+The default model ships as a Q4_1 GGUF; transformers dequantizes it on every load (~1 min here, most of it
+tokenizer conversion), so it is converted once to an fp32 safetensors directory under the cache dir and every
+system (HF, PEFT, swapserve) loads that same directory.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def model_dir(model: str, cache_dir: str) -> Path:
+    """An HF directory for ``model`` (a directory, or a .gguf converted to fp32 and cached)."""
+    from server.config import default_model
+
+    model = model or default_model()
+    if not model.endswith(".gguf"):
+        return Path(model)
+    src = Path(model)
+    out = Path(cache_dir) / f"{src.stem}-{src.stat().st_size}-f32"
+    if not (out / "model.safetensors").is_file():
+        _convert_gguf(src, out)
+    return out
+
+
+def _convert_gguf(src: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s to %s (once; about a minute)", src, out)
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    gguf = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    config = gguf.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # GGUF-dequantized weights are plain fp32 now
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf.state_dict())
+    plain.generation_config = gguf.generation_config
+    tmp = out.with_name(out.name + ".partial")
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+
+
+def load_base(directory: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval().requires_grad_(False)
+
+
+def lora_config(rank: int):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0)
+
+
+def make_adapters(directory: Path, names: list[str], root: Path, rank: int, seed: int) -> dict[str, Path]:
+    """Save one PEFT LoRA (r=rank on all 7 linear modules, random small weights, safetensors) per name."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(load_base(directory), lora_config(rank))
+    params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    made = {}
+    for i, name in enumerate(names):
+        gen = torch.Generator().manual_seed(seed * 1000 + i)
+        with torch.no_grad():
+            for p in params:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+        made[name] = root / name
+        peft_model.save_pretrained(made[name], safe_serialization=True)
+    return made
+
+
+def adapter_bytes(path: Path) -> int:
+    return (path / "adapter_model.safetensors").stat().st_size
+
+
+def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+    """``count`` distinct prompts of exactly ``length`` tokens (rotations of one passage)."""
+    text = ("Write a short story about a lighthouse keeper who finds a message in a bottle, and explain "
+            "what the message says, who wrote it, and why it took forty years to arrive. ") * 8
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return [ids[i % 17:i % 17 + length] for i in range(count)]

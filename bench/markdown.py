@@ -1,0 +1,112 @@
+"""BENCHMARKS.md, rendered from one results JSON (never edited by hand)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bench.report import ratio
+
+
+def _f(value, fmt: str = "{:.1f}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def _x(value) -> str:
+    return _f(value, "{:.2f}x")
+
+
+def _rel(path: Path | None, start: Path) -> str:
+    return os.path.relpath(path, start) if path else ""
+
+
+def headline(results: dict) -> str:
+    cells = results["cells"]
+    top = max(cells, key=lambda c: (c["concurrency"], c["adapters"]))
+    base, naive, peft = ratio(top, "swapserve", "base"), ratio(top, "swapserve", "naive"), ratio(top, "peft", "base")
+    return (f"**{top['concurrency']} concurrent requests over {top['adapters']} distinct adapters:** swapserve "
+            f"{top['swapserve']['tok_s']:.1f} output tok/s = **{_x(base)} the base model's HF batched "
+            f"throughput** and **{_x(naive)} the seed's naive serial flow** (PEFT's mixed batch: {_x(peft)} base). "
+            "Targets: >= 0.8x base, >= 8x naive.")
+
+
+def throughput_table(results: dict) -> list[str]:
+    lines = ["| N | k | HF base | swapserve | swapserve, no adapter | PEFT mixed | naive serial | "
+             "**swapserve / base** | **swapserve / naive** | swapserve / PEFT |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in results["cells"]:
+        tok = {k: c[k]["tok_s"] if k in c else None for k in ("base", "swapserve", "swapserve_no_adapter",
+                                                               "peft", "naive")}
+        lines.append(f"| {c['concurrency']} | {c['adapters']} | {_f(tok['base'])} | {_f(tok['swapserve'])} | "
+                     f"{_f(tok['swapserve_no_adapter'])} | {_f(tok['peft'])} | {_f(tok['naive'])} | "
+                     f"**{_x(ratio(c, 'swapserve', 'base'))}** | **{_x(ratio(c, 'swapserve', 'naive'))}** | "
+                     f"{_x(ratio(c, 'swapserve', 'peft'))} |")
+    return lines
+
+
+def latency_table(results: dict) -> list[str]:
+    lines = ["| N | k | system | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |", "|---:|---:|---|---:|---:|---:|---:|"]
+    names = {"swapserve": "swapserve", "base": "HF base", "peft": "PEFT mixed", "naive": "naive serial"}
+    for c in results["cells"]:
+        for key, label in names.items():
+            s = c.get(key)
+            if s:
+                lines.append(f"| {c['concurrency']} | {c['adapters']} | {label} | {_f(s['ttft_p50_ms'])} | "
+                             f"{_f(s['ttft_p99_ms'])} | {_f(s['itl_p50_ms'])} | {_f(s['itl_p99_ms'])} |")
+    return lines
+
+
+def swap_table(results: dict) -> list[str]:
+    s, i = results["swap"], results["interference"]
+    return [
+        "| adapter swap step | time | target |", "|---|---:|---:|",
+        f"| cold load, local safetensors -> host (AdapterStore, p50 of {s['samples']}, "
+        f"{s['adapter_mb']:.1f} MB) | {_f(s['cold_load_p50_ms'])} ms | <= 100 ms |",
+        f"| host -> device slot (AdapterManager.activate, evicting the LRU slot, p50) | "
+        f"{_f(s['activate_p50_ms'], '{:.2f}')} ms | <= 10 ms |",
+        f"| PEFT `load_adapter` (read + inject modules, p50) | {_f(s.get('peft_load_adapter_p50_ms'))} ms | – |",
+        f"| first request on an on-disk adapter: TTFT p50 (on-demand resolve + load + activate) | "
+        f"{_f(s['first_ttft_p50_ms'])} ms | – |",
+        f"| next request on the same adapter: TTFT p50 | {_f(s['warm_ttft_p50_ms'])} ms | – |",
+        f"| ITL p99 of {i['streams']} streams, quiet -> while {i['loads']} adapters cold-load "
+        f"({i['loads_seconds']:.2f} s) | {_f(i['quiet_itl_p99_ms'])} -> {_f(i['loading_itl_p99_ms'])} ms "
+        f"({i['itl_p99_rise'] * 100:+.0f}%) | <= +20% |",
+    ]
+
+
+def machine_lines(results: dict) -> list[str]:
+    m = results["machine"]
+    return [f"- **Machine:** {m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB RAM; torch {m['torch']} "
+            f"({m['torch_threads']} intra-op thread{'s' if m['torch_threads'] != 1 else ''}), Python {m['python']}",
+            f"- **Date:** {results['date']} (wall time {results['wall_seconds']:.0f} s); load average at start "
+            f"{results['load_start']}, at end {results['load_end']} (the machine is shared)",
+            f"- **Command:** `{results['command']}`; commit {m['git'] or '?'}{' (dirty tree)' if m['git_dirty'] else ''}",
+            f"- **Model:** {results['model']}, fp32, CPU; adapters: PEFT LoRA r{results['config']['lora_rank']} "
+            f"on all 7 linear modules, random small weights, made at bench time; greedy, "
+            f"{results['config']['prompt_tokens']}-token prompts, exactly {results['config']['max_tokens']} "
+            "output tokens per request"]
+
+
+def render(results: dict, json_path: Path, png_path: Path | None, md_path: Path) -> str:
+    """md_path: where the markdown will live (links are relative to it)."""
+    cfg, here = results["config"], Path(md_path).resolve().parent
+    src = os.path.relpath(json_path, Path.cwd())
+    out = ["# swapserve benchmarks", "",
+           f"Generated by `bench/` from [`{_rel(json_path, here)}`]({_rel(json_path, here)}); regenerate with "
+           f"`make bench` (or `python -m bench.report {src}`). Do not edit by hand.", "",
+           *machine_lines(results), "", headline(results), "",
+           "## Throughput (output tokens/s, all N requests sent at once)", "",
+           "N = concurrent requests, k = distinct adapters (request i uses adapter i mod k). *HF base*: "
+           "`generate` on the plain base model, batch N (the ceiling). *PEFT mixed*: one `generate` with "
+           "`adapter_names=`. *Naive serial*: the seed's flow, `set_adapter` + `generate` one request at a time "
+           f"(measured on the first min(N, {cfg['naive_requests']}) requests; it does not batch, so its tok/s "
+           "does not grow with N). *swapserve*: the in-process `AsyncEngine`, N concurrent streams.", "",
+           *throughput_table(results), ""]
+    if png_path:
+        out += [f"![throughput vs distinct adapters]({_rel(png_path, here)})", ""]
+    out += ["## Latency (ms; TTFT from send, ITL per token, from the client-side stream timestamps)", "",
+            "HF/PEFT rows share one `generate` call, so every row sees the same step times. Naive TTFT is "
+            "projected for N requests queued at once (request i waits for the i before it, each taking the "
+            "measured per-request time).", "", *latency_table(results), "",
+            "## Adapter swap cost", "", *swap_table(results), "",
+            "\"Disk\" is the OS page cache (the adapters were just written); a cold disk adds its read time.", ""]
+    return "\n".join(out)

@@ -1,0 +1,170 @@
+"""Where a swapserve decode step spends its time: `python -m bench.profile_step [--rows 32] [--adapters 16]`.
+
+Drives LLMEngine synchronously (no step thread), so the numbers are the step itself: first the mean decode
+step time with 0, 1, 4 and k distinct adapters over the same rows, then torch.profiler's top ops and
+(with --cprofile) cProfile's top Python functions. Prints as it goes and writes
+bench/results/profile-step.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from bench.config import BenchConfig, auto_threads  # noqa: E402
+from bench.fixtures import make_adapters, model_dir, prompts  # noqa: E402
+
+
+def build_engine(directory: Path, root: Path, rows: int, slots: int, prompt_tokens: int):
+    from server.config import EngineConfig
+    from server.engine.engine import LLMEngine
+
+    cfg = EngineConfig(model=str(directory), dtype="float32", device="cpu", max_loras=slots, max_lora_rank=16,
+                       max_num_seqs=rows, max_model_len=prompt_tokens + 128, adapter_roots=[str(root)])
+    engine = LLMEngine(cfg)
+    for entry in [engine.store.resolve(p.name) for p in root.iterdir()]:
+        engine.store.ensure_host(entry).result()
+    return engine
+
+
+def admit(engine, batch: list[list[int]], adapters: list[str | None], max_tokens: int) -> None:
+    """What AsyncEngine.add_request does, minus validation and queues."""
+    from server.engine.request import Request, SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(batch):
+        name = adapters[i % len(adapters)]
+        req = Request(f"p{i}", prompt, params, name)
+        if name is not None:
+            entry = engine.store.resolve(name)
+            engine.store.acquire(entry)
+            req.adapter_version, req.adapter_entry = entry.version, entry
+        engine.scheduler.waiting.append(req)
+
+
+def decode_steps(engine, batch, adapters, steps: int, warm: int = 1, profiler=None) -> list[float]:
+    """Seconds of each of ``steps`` decode steps (after prefill and ``warm`` steps); runs the rows to the end."""
+    admit(engine, batch, adapters, warm + steps + 1)
+    engine.step()  # prefill
+    for _ in range(warm):
+        engine.step()
+    if profiler:
+        profiler.enable() if isinstance(profiler, cProfile.Profile) else profiler.__enter__()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    if profiler:
+        profiler.disable() if isinstance(profiler, cProfile.Profile) else profiler.__exit__(None, None, None)
+    while engine.scheduler.has_work:
+        engine.step()
+    return times
+
+
+def say(out: list[str], text: str) -> None:
+    print(text, flush=True)
+    out.append(text)
+
+
+def step_times(engine, batch, names: list[str], steps: int, rounds: int = 2) -> dict[int, list[float]]:
+    """Decode step seconds per distinct-adapter count, the counts interleaved over ``rounds``."""
+    counts = sorted({0, 1, min(4, len(names)), len(names)})
+    times: dict[int, list[float]] = {c: [] for c in counts}
+    for _ in range(rounds):
+        for c in counts:
+            times[c] += decode_steps(engine, batch, names[:c] or [None], steps)
+    return times
+
+
+CATEGORIES = (  # (label, test on (op name, input shapes)); first match wins
+    ("LoRA matmuls (shrink x@A.T, expand @B)", lambda n, s, r: n == "aten::mm" and _has_dim(s, r)),
+    ("base matmuls (the model's linears, lm_head)", lambda n, s, r: n in ("aten::mm", "aten::addmm")),
+    ("LoRA gather/scatter (index_select, index_add_)",
+     lambda n, s, r: n in ("aten::index_select", "aten::index_add_", "aten::scatter_add_")),
+    ("views/indexing (select, slice, as_strided, permute, t, view)",
+     lambda n, s, r: n in ("aten::select", "aten::slice", "aten::as_strided", "aten::permute", "aten::t",
+                           "aten::numpy_T", "aten::view", "aten::reshape", "aten::transpose", "aten::expand",
+                           "aten::unsqueeze", "aten::_reshape_alias", "aten::alias")),
+    ("attention (sdpa)", lambda n, s, r: "scaled_dot_product" in n),
+)
+
+
+def _has_dim(shapes, rank: int) -> bool:
+    return any(rank in shape for shape in shapes if shape)
+
+
+def categories(prof, rank: int, steps: int) -> list[str]:
+    """ms per step by what the op is for (self CPU time; matmuls told apart by the LoRA rank in their shapes)."""
+    totals: dict[str, float] = {}
+    for evt in prof.key_averages(group_by_input_shape=True):
+        label = next((lab for lab, test in CATEGORIES if test(evt.key, evt.input_shapes or [], rank)), "other")
+        totals[label] = totals.get(label, 0.0) + evt.self_cpu_time_total / 1e3 / steps
+    whole = sum(totals.values())
+    return [f"  {ms:8.1f} ms/step  {ms / whole * 100:5.1f}%  {label}"
+            for label, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
+
+
+def run(rows: int, k: int, steps: int, threads: int, with_cprofile: bool) -> str:
+    torch.set_num_threads(threads or auto_threads())
+    threads = torch.get_num_threads()
+    defaults = BenchConfig()
+    directory = model_dir("", defaults.cache_dir)
+    with tempfile.TemporaryDirectory(prefix="swapserve-profile-") as tmp:
+        names = [f"a{i:02d}" for i in range(k)]
+        make_adapters(directory, names, Path(tmp), defaults.lora_rank, 0)
+        engine = build_engine(directory, Path(tmp), rows, k, defaults.prompt_tokens)
+        batch = prompts(engine.tokenizer, rows, defaults.prompt_tokens)
+        out: list[str] = []
+        say(out, f"decode step, {rows} rows, {threads} threads, load average {os.getloadavg()[0]:.2f} "
+            "(median / min over interleaved rounds):")
+        for count, times in step_times(engine, batch, names, steps).items():
+            med, low = statistics.median(times) * 1e3, min(times) * 1e3
+            say(out, f"  {count:3d} distinct adapters: {med:7.1f} / {low:7.1f} ms/step  ({rows / med * 1e3:.1f} tok/s)")
+        from torch.profiler import ProfilerActivity, profile
+
+        with_torch = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+        decode_steps(engine, batch, names, steps, profiler=with_torch)
+        say(out, f"\ntorch.profiler, {steps} decode steps with {k} adapters, self CPU time by purpose:")
+        say(out, "\n".join(categories(with_torch, defaults.lora_rank, steps)))
+        say(out, "\ntop ops by self CPU time:\n"
+            + with_torch.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        if with_cprofile:
+            prof = cProfile.Profile()
+            decode_steps(engine, batch, names, steps, profiler=prof)
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(15)
+            say(out, f"cProfile, {steps} decode steps with {k} adapters (top functions by own time):\n"
+                + text.getvalue())
+        engine.store.close()
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.profile_step")
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--adapters", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--cprofile", action="store_true", help="also cProfile (slow: Python-level tracing)")
+    p.add_argument("--threads", type=int, default=0, help="0 = auto (the CPUs not already busy)")
+    p.add_argument("--out", default="bench/results/profile-step.txt")
+    args = p.parse_args()
+    report = run(args.rows, args.adapters, args.steps, args.threads, args.cprofile)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()

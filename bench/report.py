@@ -1,0 +1,125 @@
+"""Results on disk: bench/results/<preset>.json (the raw numbers + machine), <preset>.png (throughput vs
+distinct adapters), and BENCHMARKS.md regenerated from the JSON.
+
+Regenerate the markdown and chart from a saved run: ``python -m bench.report bench/results/quick.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SYSTEMS = (("base", "HF base"), ("swapserve", "swapserve"), ("peft", "PEFT mixed"), ("naive", "naive serial"))
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cpus": os.cpu_count(), "memory_gb": _mem_gb(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "git": _git("rev-parse", "--short", "HEAD"), "git_dirty": bool(_git("status", "--porcelain"))}
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _mem_gb() -> float | None:
+    line = next((l for l in _read("/proc/meminfo").splitlines() if l.startswith("MemTotal")), None)
+    return round(int(line.split()[1]) / 2**20, 1) if line else None
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def ratio(row: dict, num: str, den: str) -> float | None:
+    a, b = row.get(num), row.get(den)
+    return a["tok_s"] / b["tok_s"] if a and b and b.get("tok_s") else None
+
+
+def save(results: dict, out_dir: str, preset: str) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{preset}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def chart(results: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = results["cells"]
+    ns = sorted({c["concurrency"] for c in cells})
+    fig, axes = plt.subplots(1, len(ns), figsize=(4.2 * len(ns), 3.6), squeeze=False)
+    for ax, n in zip(axes[0], ns):
+        rows = sorted((c for c in cells if c["concurrency"] == n), key=lambda c: c["adapters"])
+        for key, label in SYSTEMS:
+            pts = [(c["adapters"], c[key]["tok_s"]) for c in rows if key in c]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ks = [c["adapters"] for c in rows]
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlim(min(ks) / 1.5, max(ks) * 1.5)
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{n} concurrent request{'s' if n > 1 else ''}")
+        ax.set_xlabel("distinct adapters")
+        ax.set_ylabel("output tok/s")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{results['model']} fp32, LoRA r{results['config']['lora_rank']} all-linear, "
+                 f"{results['config']['max_tokens']} output tokens", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(results: dict, cfg) -> dict[str, str]:
+    path = save(results, cfg.out_dir, cfg.preset)
+    png = chart(results, path.with_suffix(".png"))
+    written = {"json": str(path), "png": str(png) if png else ""}
+    if cfg.markdown:
+        from bench.markdown import render
+
+        Path(cfg.markdown).write_text(render(results, path, png, Path(cfg.markdown)))
+        written["markdown"] = cfg.markdown
+    return written
+
+
+def stamp(results: dict, command: str, started: float) -> dict:
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), "command": command,
+            "wall_seconds": round(time.time() - started, 1), "machine": machine(), **results}
+
+
+def main(argv: list[str]) -> None:
+    from bench.markdown import render
+
+    path = Path(argv[0] if argv else "bench/results/default.json")
+    results = json.loads(path.read_text())
+    png = chart(results, path.with_suffix(".png"))
+    out = Path(argv[1] if len(argv) > 1 else "BENCHMARKS.md")
+    out.write_text(render(results, path, png, out))
+    print(f"wrote {out}" + (f" and {png}" if png else ""))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

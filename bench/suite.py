@@ -1,0 +1,152 @@
+"""One benchmark run: build the fixtures, start swapserve beside the anchors, measure every cell, then the
+swap costs. Everything runs in one process, one system at a time, so the ratios share the machine's state."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.anchors import Anchors
+from bench.config import BenchConfig, auto_threads
+from bench.drivers import Driver, EngineDriver, cell_requests, run_concurrent
+from bench.fixtures import adapter_bytes, make_adapters, model_dir, prompts
+from bench.swap import interference, swap_costs
+from bench.timing import summarize
+
+log = logging.getLogger("bench")
+
+
+@dataclass
+class Fixtures:
+    model_dir: Path
+    cell: dict[str, Path]  # the adapters the cells use: a00, a01, ...
+    pool: dict[str, Path]  # fresh adapters for swap costs and load interference: s00, ...
+    on_demand: list[str]  # adapters left on disk, first requested by name: o00, ...
+    prompts: list[list[int]]
+
+
+def build_fixtures(cfg: BenchConfig, root: Path) -> Fixtures:
+    from transformers import AutoTokenizer
+
+    directory = model_dir(cfg.model, cfg.cache_dir)
+    pool_size = max(cfg.swap_samples, cfg.interference_loads)
+    names = ([f"a{i:02d}" for i in range(cfg.max_adapters)] + [f"s{i:02d}" for i in range(pool_size)]
+             + [f"o{i:02d}" for i in range(cfg.swap_samples)])
+    start = time.perf_counter()
+    made = make_adapters(directory, names, root, cfg.lora_rank, cfg.seed)
+    log.info("made %d PEFT adapters (%.1f MB each) in %.1fs", len(made), adapter_bytes(made[names[0]]) / 1e6,
+             time.perf_counter() - start)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return Fixtures(directory, {n: p for n, p in made.items() if n[0] == "a"},
+                    {n: p for n, p in made.items() if n[0] == "s"}, [n for n in names if n[0] == "o"],
+                    prompts(tokenizer, max(max(cfg.concurrency), cfg.interference_streams), cfg.prompt_tokens))
+
+
+def engine_config(cfg: BenchConfig, fx: Fixtures, root: Path):
+    from server.config import EngineConfig
+
+    n = max(max(cfg.concurrency), cfg.interference_streams)
+    return EngineConfig(model=str(fx.model_dir), dtype="float32", device="cpu", max_loras=cfg.max_adapters,
+                        max_cpu_loras=max(64, len(fx.cell) + len(fx.pool) * 2 + len(fx.on_demand)),
+                        max_lora_rank=cfg.lora_rank, max_num_seqs=n,
+                        max_model_len=cfg.prompt_tokens + max(cfg.max_tokens, 32) + 8,
+                        max_num_batched_tokens=max(2048, n * cfg.prompt_tokens), adapter_roots=[str(root)],
+                        seed=cfg.seed)
+
+
+async def measure_cell(cfg: BenchConfig, fx: Fixtures, anchors: Anchors | None, driver: Driver,
+                       n: int, k: int, with_base_engine: bool) -> dict:
+    """One (concurrency, adapters) cell, systems back to back. Request i uses adapter i % k."""
+    prompts_n, m = fx.prompts[:n], cfg.max_tokens
+    adapters = list(fx.cell)[:k]
+    rows = [adapters[i % k] for i in range(n)]
+    row: dict = {"concurrency": n, "adapters": k}
+    if anchors:
+        row["base"] = summarize(anchors.base_batch(prompts_n, m))
+    row["swapserve"] = summarize(await run_concurrent(driver, cell_requests(prompts_n, adapters, m)))
+    if with_base_engine:
+        row["swapserve_no_adapter"] = summarize(await run_concurrent(driver, cell_requests(prompts_n, [None], m)))
+    if anchors:
+        row["peft"] = summarize(anchors.peft_mixed(prompts_n, rows, m))
+        c = min(n, cfg.naive_requests)
+        row["naive"] = naive_summary(anchors.naive(prompts_n[:c], rows[:c], m), n)
+    _log_cell(row)
+    return row
+
+
+def naive_summary(traces, n: int) -> dict:
+    """The serial flow ran len(traces) of the n requests; its TTFT for all n queued requests is projected:
+    request i waits for the i before it (each takes the measured mean service time)."""
+    from bench.timing import percentile_ms
+
+    out = summarize(traces)
+    service = out["seconds"] / len(traces)
+    own = traces[0].ttft
+    queued = [i * service + own for i in range(n)]
+    return out | {"ran_requests": len(traces), "of_requests": n, "measured_ttft_p50_ms": out["ttft_p50_ms"],
+                  "ttft_p50_ms": percentile_ms(queued, 50), "ttft_p99_ms": percentile_ms(queued, 99)}
+
+
+def _log_cell(row: dict) -> None:
+    parts = [f"{name}={row[name]['tok_s']:.1f}" for name in ("base", "swapserve", "swapserve_no_adapter",
+                                                              "peft", "naive") if name in row]
+    log.info("cell N=%d k=%d tok/s: %s", row["concurrency"], row["adapters"], " ".join(parts))
+
+
+async def warm_up(driver: Driver, fx: Fixtures, cfg: BenchConfig) -> None:
+    """Host-load the cell adapters, then one short request per adapter (fills the device slots)."""
+    for name, path in fx.cell.items():
+        await driver.load_adapter(name, str(path))
+    reqs = cell_requests(fx.prompts[:len(fx.cell)], list(fx.cell), 4)
+    await run_concurrent(driver, reqs)
+
+
+async def run_suite(cfg: BenchConfig) -> dict:
+    from server.engine.engine import AsyncEngine
+
+    torch.set_num_threads(cfg.threads or auto_threads())
+    log.info("torch threads: %d (load average %.2f, %d CPUs)", torch.get_num_threads(), os.getloadavg()[0],
+             os.cpu_count())
+    with tempfile.TemporaryDirectory(prefix="swapserve-bench-") as tmp:
+        root = Path(tmp)
+        fx = build_fixtures(cfg, root)
+        anchors, peft_load = None, []
+        if not cfg.skip_anchors:
+            anchors = Anchors(fx.model_dir, fx.cell)
+            peft_load = anchors.load_adapter_seconds(dict(list(fx.pool.items())[:cfg.swap_samples]))
+        start = time.perf_counter()
+        engine = AsyncEngine(engine_config(cfg, fx, root))
+        log.info("swapserve engine up in %.1fs", time.perf_counter() - start)
+        await engine.start()
+        try:
+            return await _measure(cfg, fx, anchors, engine, peft_load)
+        finally:
+            await engine.shutdown(5)
+
+
+async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -> dict:
+    from bench.timing import percentile_ms
+
+    driver = EngineDriver(engine)
+    await warm_up(driver, fx, cfg)
+    if anchors:
+        anchors.warm_up(fx.prompts[0])
+    seen: set[int] = set()
+    cells = []
+    for n, k in cfg.cells:
+        cells.append(await measure_cell(cfg, fx, anchors, driver, n, k, n not in seen))
+        seen.add(n)
+    pool = dict(list(fx.pool.items())[:cfg.swap_samples])
+    swap = await swap_costs(engine, driver, pool, fx.on_demand, fx.prompts[0])
+    swap["peft_load_adapter_p50_ms"] = percentile_ms(peft_load)
+    log.info("swap costs: %s", {k: round(v, 2) for k, v in swap.items() if v is not None})
+    streams = cell_requests(fx.prompts[:cfg.interference_streams], list(fx.cell)[:4], cfg.max_tokens)
+    loads = dict(list(fx.pool.items())[:cfg.interference_loads])
+    intf = await interference(driver, streams, loads)
+    log.info("load interference: %s", {k: round(v, 3) for k, v in intf.items()})
+    return {"cells": cells, "swap": swap, "interference": intf}

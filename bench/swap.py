@@ -1,0 +1,98 @@
+"""Adapter swap costs inside swapserve, and how much adapter loading disturbs running streams.
+
+    cold load      disk (local safetensors) -> host AdapterWeights: AdapterStore's load, as the engine does it
+    activate       host -> device slot: AdapterManager.activate of an adapter not in a slot (all slots full,
+                   so it includes evicting the LRU slot), timed on the step thread that owns the slots
+    first request  TTFT of a request naming an adapter that is only on disk (on-demand resolve + load +
+                   activate + prefill), vs the TTFT of the next request on the same adapter
+    interference   ITL p99 of N streams while adapters cold-load, vs the same streams without loads
+
+The files were written moments before, so "disk" means the OS page cache; a truly cold disk adds its read time.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from pathlib import Path
+
+from bench.drivers import BenchRequest, Driver, run_concurrent
+from bench.timing import percentile_ms, summarize
+
+
+async def on_step_thread(engine, fn):
+    """Run ``fn`` on the engine's step thread (the only thread allowed to touch slots) and await its result."""
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+
+    def job():
+        try:
+            fut.set_result(fn())
+        except Exception as e:  # surfaced to the awaiting coroutine
+            fut.set_exception(e)
+
+    engine._submit(job)
+    return await asyncio.wrap_future(fut)
+
+
+async def cold_loads(engine, adapters: dict[str, Path], prefix: str = "cold-") -> list:
+    """Register each adapter under a fresh name and load it into the host tier; returns the entries."""
+    store = engine.engine.store
+    entries = []
+    for name, path in adapters.items():
+        entry = store.register(prefix + name, str(path))
+        await asyncio.wrap_future(store.ensure_host(entry))
+        entries.append(entry)
+    return entries
+
+
+async def activate_seconds(engine, entries) -> list[float]:
+    store, manager = engine.engine.store, engine.engine.runner.manager
+
+    def activate(key):
+        start = time.perf_counter()
+        manager.activate([key], store.weights, 1)
+        seconds = time.perf_counter() - start
+        manager.clear()
+        return seconds
+
+    return [await on_step_thread(engine, lambda k=e.key: activate(k)) for e in entries]
+
+
+async def first_request(driver: Driver, names: list[str], prompt: list[int]) -> dict:
+    """TTFT of the first request on an on-disk-only adapter, and of the second one on it (now resident)."""
+    first, second = [], []
+    for name in names:
+        for bucket in (first, second):
+            trace = (await run_concurrent(driver, [BenchRequest(prompt, name, 2)]))[0]
+            bucket.append(trace.ttft)
+    return {"first_ttft_p50_ms": percentile_ms(first), "warm_ttft_p50_ms": percentile_ms(second),
+            "samples": len(names)}
+
+
+async def interference(driver: Driver, reqs: list[BenchRequest], loads: dict[str, Path]) -> dict:
+    """The same streams twice: alone, then with every adapter in ``loads`` cold-loading meanwhile."""
+    quiet = summarize(await run_concurrent(driver, reqs))
+
+    async def load_all():
+        await asyncio.sleep(quiet["ttft_p50_ms"] / 1e3)  # start once the streams are decoding
+        start = time.perf_counter()
+        await asyncio.gather(*(driver.load_adapter(f"intf-{n}", str(p)) for n, p in loads.items()))
+        return time.perf_counter() - start
+
+    traces, load_s = await asyncio.gather(run_concurrent(driver, reqs), load_all())
+    busy = summarize(traces)
+    return {"streams": len(reqs), "loads": len(loads), "loads_seconds": load_s,
+            "quiet_itl_p99_ms": quiet["itl_p99_ms"], "loading_itl_p99_ms": busy["itl_p99_ms"],
+            "quiet_itl_p50_ms": quiet["itl_p50_ms"], "loading_itl_p50_ms": busy["itl_p50_ms"],
+            "itl_p99_rise": busy["itl_p99_ms"] / quiet["itl_p99_ms"] - 1}
+
+
+async def swap_costs(engine, driver: Driver, pool: dict[str, Path], on_demand: list[str],
+                     prompt: list[int]) -> dict:
+    entries = await cold_loads(engine, pool)
+    load_s = [e.load_seconds for e in entries]
+    act_s = await activate_seconds(engine, entries)
+    return {"adapter_mb": entries[0].info["size_bytes"] / 1e6, "samples": len(entries),
+            "cold_load_p50_ms": percentile_ms(load_s), "cold_load_max_ms": max(load_s) * 1e3,
+            "activate_p50_ms": percentile_ms(act_s), "activate_max_ms": max(act_s) * 1e3,
+            **await first_request(driver, on_demand, prompt)}

@@ -1,0 +1,78 @@
+"""Trace: when one request was sent and when each of its tokens arrived; summarize() turns traces into the
+reported numbers. Every system under test produces Traces, so every number is computed the same way."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Trace:
+    """One request as its client saw it (time.perf_counter seconds)."""
+
+    sent: float
+    arrivals: list[float] = field(default_factory=list)  # one per increment received
+    counts: list[int] = field(default_factory=list)  # tokens in each increment
+
+    def add(self, now: float, tokens: int) -> None:
+        if tokens:
+            self.arrivals.append(now)
+            self.counts.append(tokens)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def ttft(self) -> float:
+        return self.arrivals[0] - self.sent
+
+    @property
+    def itls(self) -> list[float]:
+        """Inter-token latency, per token: an increment of n tokens after a gap g counts n gaps of g / n."""
+        out = []
+        for prev, now, n in zip(self.arrivals, self.arrivals[1:], self.counts[1:]):
+            out += [(now - prev) / n] * n
+        return out
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) * 1e3 if values else None  # ms
+
+
+def summarize(traces: list[Trace]) -> dict:
+    """Output tok/s over the whole batch (first send -> last token); TTFT and ITL p50/p99 in ms."""
+    traces = [t for t in traces if t.arrivals]
+    if not traces:
+        return {"requests": 0}
+    start = min(t.sent for t in traces)
+    end = max(t.arrivals[-1] for t in traces)
+    tokens = sum(t.tokens for t in traces)
+    ttfts = [t.ttft for t in traces]
+    itls = [x for t in traces for x in t.itls]
+    return {"requests": len(traces), "tokens": tokens, "seconds": end - start,
+            "tok_s": tokens / (end - start), "ttft_p50_ms": _pct(ttfts, 50), "ttft_p99_ms": _pct(ttfts, 99),
+            "itl_p50_ms": _pct(itls, 50), "itl_p99_ms": _pct(itls, 99)}
+
+
+class StepClock:
+    """A transformers LogitsProcessor that timestamps every decoding step of ``generate`` (all rows at once).
+
+    The timestamp is taken after the forward and before sampling, i.e. when the step's logits are ready.
+    """
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+    def traces(self, sent: float, rows: int) -> list[Trace]:
+        return [Trace(sent, list(self.times), [1] * len(self.times)) for _ in range(rows)]
+
+
+def percentile_ms(values: list[float], q: float = 50) -> float | None:
+    return _pct(values, q)
