@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,12 @@ def default_model() -> str:
         if path.is_file():
             return str(path)
     return HUB_DEFAULT_MODEL
+
+
+def default_cache_dir() -> str:
+    """Where converted models are cached: $XDG_CACHE_HOME/swapserve, else ~/.cache/swapserve."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base).expanduser() / "swapserve")
 
 
 def valid_adapter_name(name: str) -> bool:
@@ -47,10 +54,15 @@ class EngineConfig:
     hub_adapter_orgs: list[str] = field(default_factory=list)
     adapters_cache: str = "adapters_cache"
     seed: int = 0
+    threads: int = 0  # torch intra-op threads set at engine start; 0 = torch's default
+    cache_dir: str = ""  # converted models (GGUF -> safetensors) are cached here; "" = default_cache_dir()
 
     def __post_init__(self) -> None:
         if not self.model:
             self.model = default_model()
+        self.cache_dir = str(Path(self.cache_dir).expanduser()) if self.cache_dir else default_cache_dir()
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0 = torch's default), got {self.threads}")
         if not self.served_model_name:
             self.served_model_name = _display_name(self.model)
         _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))

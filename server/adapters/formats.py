@@ -56,6 +56,7 @@ class ModuleWeights:
     ia3: torch.Tensor | None = None
     ia3_on_input: bool = False
     dora_scale: torch.Tensor | None = None  # m / ||W + s*B@A||, filled once per adapter on first activation
+    slot_b: torch.Tensor | None = None  # [r, out] B.T with scaling (and DoRA's d) folded in, cached likewise
 
     @property
     def rank(self) -> int:

@@ -29,6 +29,7 @@ class AdapterManager:
         self.num_slots = num_slots
         self.device = device
         self.on_evict = on_evict
+        self.dtype = next(iter(layers.values())).lora_a.dtype if layers else torch.float32
         self.slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order: oldest first
         self.pinned: set[AdapterKey] = set()
         self.loads = 0
@@ -47,7 +48,7 @@ class AdapterManager:
         """
         self.reserve(row_keys, weights)
         row_slots = [NO_SLOT if k is None else self.slot_of[k] for k in row_keys]
-        mapping = AdapterMapping.build(row_slots, tokens_per_row, self.num_slots, self.device)
+        mapping = AdapterMapping.build(row_slots, tokens_per_row, self.num_slots, self.device, self.dtype)
         self.holder.mapping = mapping
         return mapping
 

@@ -1,9 +1,19 @@
 """Load the resident base model and its tokenizer: Hub id, local HF directory or .gguf file; plain or
-bitsandbytes-quantized; never with trust_remote_code."""
+bitsandbytes-quantized; never with trust_remote_code.
+
+A .gguf file is dequantized once into a safetensors directory (weights and tokenizer) under
+``EngineConfig.cache_dir``, keyed by the file's path, size and mtime; every later start-up, plain or quantized,
+loads that directory (seconds) instead of converting the GGUF again (about a minute on a small CPU), and
+bitsandbytes quantization reads it like any HF checkpoint (transformers cannot quantize while reading GGUF).
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +24,8 @@ from server.config import EngineConfig
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GGUF_CACHE_VERSION = 1  # part of the cache key: bump when the conversion changes
+SOURCE_FILE = "swapserve-source.json"  # written into each cached copy: what it was converted from
 
 
 @dataclass
@@ -22,6 +34,8 @@ class LoadedModel:
     tokenizer: object
     device: torch.device
     dtype: torch.dtype  # compute dtype (activations, KV cache, adapter slots)
+    weights_from: str = ""  # what from_pretrained read: the model id/directory, or the GGUF's cached copy
+    gguf_cache_hit: bool | None = None  # GGUF models only: True = the cached copy existed, False = converted now
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,6 +54,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32  # CPU matmuls in half precision are slow and less exact
 
 
+def set_threads(threads: int) -> None:
+    """torch's intra-op thread count (0: leave torch's default). Threads started later inherit it."""
+    if threads:
+        torch.set_num_threads(threads)
+    log.info("torch intra-op threads: %d%s", torch.get_num_threads(), "" if threads else " (torch's default)")
+
+
 def _source(model: str) -> tuple[str, dict]:
     """(from_pretrained path or id, extra kwargs) for a Hub id, a local directory or a .gguf file."""
     path = Path(model)
@@ -50,6 +71,83 @@ def _source(model: str) -> tuple[str, dict]:
     return model, {}
 
 
+# ---- GGUF -> safetensors, cached ----------------------------------------------------------------------------
+def gguf_cache_path(gguf: Path, cache_dir: Path) -> Path:
+    """The cached copy's directory: <cache_dir>/gguf/<stem>-<hash of resolved path, size, mtime, version>."""
+    gguf = gguf.resolve()
+    st = gguf.stat()
+    key = f"{gguf}\0{st.st_size}\0{st.st_mtime_ns}\0v{GGUF_CACHE_VERSION}"
+    return cache_dir / "gguf" / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def cached_gguf_dir(gguf: Path, cache_dir: Path) -> tuple[Path, bool]:
+    """(safetensors directory for ``gguf``, whether it was already cached); converts on a miss."""
+    out = gguf_cache_path(gguf, cache_dir)
+    if (out / SOURCE_FILE).is_file():
+        log.info("GGUF %s: loading its cached safetensors copy %s", gguf.name, out)
+        return out, True
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        partial.chmod(0o755)  # mkdtemp makes it private; the finished copy is an ordinary directory
+    except OSError as exc:  # a read-only cache still serves the copies it has; new ones go to the temp dir
+        fallback = Path(tempfile.gettempdir()) / "swapserve-cache"
+        if cache_dir.resolve() == fallback.resolve():
+            raise
+        log.warning("--cache-dir %s is not writable (%s); using %s", cache_dir, exc, fallback)
+        return cached_gguf_dir(gguf, fallback)
+    log.info("GGUF %s: no cached copy yet; converting it once to %s (later start-ups load that)", gguf, out)
+    try:
+        convert_gguf(gguf, partial)
+        try:
+            partial.rename(out)  # atomic: readers see a complete copy or none
+        except OSError:
+            if not (out / SOURCE_FILE).is_file():  # not a concurrent converter winning the race
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out, False
+
+
+def convert_gguf(src: Path, out: Path) -> None:
+    """Write ``src`` dequantized to fp32 as an HF directory: model.safetensors, config, generation config,
+    tokenizer, and SOURCE_FILE (written last: the copy is complete when it exists)."""
+    t0 = time.perf_counter()
+    log.info("GGUF %s: converting the tokenizer ...", src.name)
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name, trust_remote_code=False)
+    t1 = time.perf_counter()
+    log.info("GGUF %s: tokenizer converted in %.1fs; dequantizing the weights ...", src.name, t1 - t0)
+    gguf = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32,
+                                                trust_remote_code=False)
+    t2 = time.perf_counter()
+    log.info("GGUF %s: weights dequantized in %.1fs; writing safetensors ...", src.name, t2 - t1)
+    config = gguf.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are plain fp32 now; GGUF-quantized models refuse to save
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf.state_dict())
+    plain.generation_config = gguf.generation_config
+    del gguf
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    st = src.stat()
+    (out / SOURCE_FILE).write_text(json.dumps({"gguf": str(src.resolve()), "size": st.st_size,
+                                               "mtime_ns": st.st_mtime_ns, "version": GGUF_CACHE_VERSION}))
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    log.info("GGUF %s: wrote %.0f MiB in %.1fs (conversion total %.1fs)", src.name, size / 2**20,
+             time.perf_counter() - t2, time.perf_counter() - t0)
+
+
+def _weights_source(config: EngineConfig) -> tuple[str, dict, bool | None]:
+    """(from_pretrained path or id, extra kwargs, GGUF cache hit or None) for ``config.model``."""
+    where, extra = _source(config.model)
+    if "gguf_file" not in extra:
+        return where, extra, None
+    directory, hit = cached_gguf_dir(Path(config.model), Path(config.cache_dir))
+    return str(directory), {}, hit
+
+
+# ---- the model ---------------------------------------------------------------------------------------------
 def _quantization_config(kind: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:
     if kind == "none":
         return None
@@ -61,23 +159,15 @@ def _quantization_config(kind: str, dtype: torch.dtype) -> BitsAndBytesConfig | 
 
 
 def load_model(config: EngineConfig) -> LoadedModel:
+    set_threads(config.threads)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    where, extra = _source(config.model)
-    common = dict(trust_remote_code=False, **extra)
-    tokenizer = AutoTokenizer.from_pretrained(where, **common)
+    where, extra, cache_hit = _weights_source(config)
+    tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **extra)
     quant = _quantization_config(config.quantization, dtype)
-    kwargs = dict(dtype=dtype, attn_implementation="sdpa", trust_remote_code=False)
+    kwargs = dict(dtype=dtype, attn_implementation="sdpa", trust_remote_code=False, **extra)
     if quant is None:
-        model = AutoModelForCausalLM.from_pretrained(where, **extra, **kwargs).to(device)
-    elif "gguf_file" in extra:
-        # transformers cannot quantize while reading GGUF: dequantize, save as safetensors, reload quantized
-        plain = AutoModelForCausalLM.from_pretrained(where, **extra, **kwargs)
-        with tempfile.TemporaryDirectory(prefix="swapserve-gguf-") as tmp:
-            plain.save_pretrained(tmp)
-            del plain
-            model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, device_map={"": device},
-                                                         **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs).to(device)
     else:
         model = AutoModelForCausalLM.from_pretrained(where, quantization_config=quant, device_map={"": device},
                                                      **kwargs)
@@ -85,4 +175,10 @@ def load_model(config: EngineConfig) -> LoadedModel:
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, device, dtype)
+    return LoadedModel(model, tokenizer, device, dtype, where, cache_hit)
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (packed bytes for quantized weights)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)

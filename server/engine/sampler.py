@@ -31,17 +31,26 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[float | None]]:
         """logits: [rows, vocab] float32 (one row per request). Returns (tokens, logprobs or None per row)."""
+        plain = [self._plain_greedy(r) for r in requests]
+        fast = logits.argmax(-1).tolist() if any(plain) else None  # one batched argmax for the common case
         logits = logits.cpu()
         tokens, logprobs = [], []
-        for row, req in zip(logits, requests):
-            scores = self._process(row.clone(), req)
-            if req.params.greedy:
-                token = int(torch.argmax(scores))
+        for i, (row, req) in enumerate(zip(logits, requests)):
+            if plain[i]:
+                token = fast[i]
+            elif req.params.greedy:
+                token = int(torch.argmax(self._process(row.clone(), req)))
             else:
-                token = int(torch.multinomial(self._filter(scores, req), 1, generator=self._generator(req)))
+                probs = self._filter(self._process(row.clone(), req), req)
+                token = int(torch.multinomial(probs, 1, generator=self._generator(req)))
             tokens.append(token)
             logprobs.append(float(torch.log_softmax(row, -1)[token]) if req.params.logprobs else None)
         return tokens, logprobs
+
+    def _plain_greedy(self, req: Request) -> bool:
+        """Greedy with nothing that edits the logits: the batched argmax is the answer."""
+        p = req.params
+        return p.greedy and p.repetition_penalty == 1.0 and len(req.output_token_ids) >= p.min_tokens
 
     def _process(self, scores: torch.Tensor, req: Request) -> torch.Tensor:
         """Repetition penalty (HF semantics) and min_tokens (no EOS / stop token before it)."""

@@ -14,7 +14,7 @@ from torch import nn
 
 from server.adapters.formats import ModuleWeights
 from server.layers.mapping import MappingHolder
-from server.layers.ops import lora_segments, scale_rows, shift_rows
+from server.layers.ops import lora_grouped, lora_segments, scale_rows, shift_rows
 
 
 def layer_features(layer: nn.Module) -> tuple[int, int]:
@@ -84,20 +84,31 @@ class AdapterLinear(nn.Module):
             y = scale_rows(y, self.out_scale, mapping.scale_index)
             if self.out_shift is not None:
                 y = shift_rows(y, self.out_shift, mapping.scale_index)
-        lora_segments(y, x2, self.lora_a, self.lora_b, self.ranks, mapping.segments)
+        groups = mapping.groups
+        if groups is None:
+            lora_segments(y, x2, self.lora_a, self.lora_b, self.ranks, mapping.segments)
+        else:
+            rank = max(self.ranks[groups.lo:groups.hi])
+            if rank:
+                lora_grouped(y, x2, self.lora_a, self.lora_b, rank, groups)
         return y.view(*lead, self.out_features)
 
     @torch.no_grad()
     def reset_slot(self, slot: int) -> None:
-        self.ranks[slot] = 0
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        self.in_scale[slot].fill_(1)
-        self.out_scale[slot].fill_(1)
-        if self.out_shift is not None:
-            self.out_shift[slot].zero_()
-        self.in_scaled.discard(slot)
-        self.out_scaled.discard(slot)
+        """Back to "no adapter": rows past a slot's rank are always zero, so only live rows need clearing."""
+        r = self.ranks[slot]
+        if r:
+            self.lora_a[slot, :r].zero_()
+            self.lora_b[slot, :r].zero_()
+            self.ranks[slot] = 0
+        if slot in self.in_scaled:
+            self.in_scale[slot].fill_(1)
+            self.in_scaled.discard(slot)
+        if slot in self.out_scaled:
+            self.out_scale[slot].fill_(1)
+            if self.out_shift is not None:
+                self.out_shift[slot].zero_()
+            self.out_scaled.discard(slot)
 
     @torch.no_grad()
     def set_slot(self, slot: int, mw: ModuleWeights | None) -> None:
@@ -111,16 +122,17 @@ class AdapterLinear(nn.Module):
             scaled.add(slot)
             return
         r = mw.rank
-        bt = mw.b.float().T * mw.scaling  # [r, out]
+        if mw.slot_b is None:
+            bt = mw.b.float().T * mw.scaling  # [r, out]
+            mw.slot_b = (bt * self._dora_scale(mw) if mw.magnitude is not None else bt).to(self.lora_b.dtype)
         if mw.magnitude is not None:
             d = self._dora_scale(mw)  # [out]
-            bt = bt * d
             self.out_scale[slot].copy_(d)
             if self.out_shift is not None:
                 self.out_shift[slot].copy_(self.base_layer.bias.float() * (1 - d))
             self.out_scaled.add(slot)
         self.lora_a[slot, :r].copy_(mw.a)
-        self.lora_b[slot, :r].copy_(bt)
+        self.lora_b[slot, :r].copy_(mw.slot_b)
         self.ranks[slot] = r
 
     def _dora_scale(self, mw: ModuleWeights) -> torch.Tensor:

@@ -23,11 +23,14 @@ class AdapterMapping:
     scale_index:  [num_tokens] long, the row of each token into a layer's scale tables (``slot``, or the
                   identity row ``num_slots`` for base rows); None when no token uses a slot.
     slots:        the distinct slots present, for layers to decide cheaply what applies.
+    groups:       the same routing as one padded batch, for the grouped (bmm) op, or None when padding
+                  would waste too much (skewed prefill) and the per-segment loop is cheaper.
     """
 
     segments: tuple[tuple[int, torch.Tensor | None], ...] = ()
     scale_index: torch.Tensor | None = None
     slots: frozenset[int] = field(default_factory=frozenset)
+    groups: "SlotGroups | None" = None
 
     @property
     def empty(self) -> bool:
@@ -35,7 +38,7 @@ class AdapterMapping:
 
     @classmethod
     def build(cls, row_slots: list[int], tokens_per_row: int, num_slots: int,
-              device: torch.device | str = "cpu") -> "AdapterMapping":
+              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "AdapterMapping":
         """row_slots: one slot (or NO_SLOT) per batch row."""
         present = frozenset(s for s in row_slots if s != NO_SLOT)
         if not present:
@@ -51,7 +54,40 @@ class AdapterMapping:
             (slot, torch.nonzero(tokens == slot).flatten().to(device)) for slot in sorted(present)
         )
         scale_index = torch.where(tokens == NO_SLOT, num_slots, tokens).to(device)
-        return cls(segments, scale_index, present)
+        groups = SlotGroups.build(tokens, present, device, dtype)
+        return cls(segments, scale_index, present, groups)
+
+
+@dataclass(frozen=True)
+class SlotGroups:
+    """Tokens grouped by slot and padded, so a layer applies k adapters with two bmm calls, not k loops.
+
+    lo, hi:  the slot range [lo, hi) covered (slots in it that the step does not use get empty groups).
+    index:   [hi - lo, width] token indices, group g holding slot lo + g's tokens; padding points at token 0.
+    mask:    [hi - lo, width, 1] 1 for real entries, 0 for padding (padding then adds exactly 0 to token 0).
+    """
+
+    lo: int
+    hi: int
+    index: torch.Tensor
+    mask: torch.Tensor
+
+    MAX_PADDING = 2.0  # grouped only while padded entries <= this x real tokens (+ a small constant)
+
+    @classmethod
+    def build(cls, tokens: torch.Tensor, present: frozenset[int], device, dtype) -> "SlotGroups | None":
+        lo, hi = min(present), max(present) + 1
+        counts = torch.bincount(tokens[tokens != NO_SLOT] - lo, minlength=hi - lo)  # [hi - lo]
+        width = int(counts.max())
+        if (hi - lo) * width > cls.MAX_PADDING * len(tokens) + 64:
+            return None
+        index = torch.zeros(hi - lo, width, dtype=torch.long)
+        mask = torch.zeros(hi - lo, width, 1, dtype=dtype)
+        for g in range(hi - lo):
+            members = torch.nonzero(tokens == lo + g).flatten()
+            index[g, :len(members)] = members
+            mask[g, :len(members)] = 1
+        return cls(lo, hi, index.to(device), mask.to(device))
 
 
 class MappingHolder:

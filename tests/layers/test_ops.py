@@ -13,7 +13,7 @@ from torch import nn
 from server.adapters.formats import load_adapter_dir
 from server.layers.adapter_linear import AdapterLinear
 from server.layers.mapping import NO_SLOT, AdapterMapping, MappingHolder
-from server.layers.ops import lora_segments, scale_rows, shift_rows
+from server.layers.ops import lora_grouped, lora_segments, scale_rows, shift_rows
 
 IN, OUT, SLOTS, MAX_RANK = 16, 12, 4, 8
 
@@ -230,3 +230,36 @@ def test_set_slot_none_means_layer_untouched(toy):
     holder.mapping = AdapterMapping.build([1, 1], 4, SLOTS)
     with torch.no_grad():
         assert torch.equal(layer(x), layer.base_layer(x.reshape(-1, IN)).view(2, 4, OUT))
+
+
+# ---------------------------------------------------------------- grouped (bmm) op
+
+@pytest.mark.parametrize("rows, tpr", [([0, 2, 2, NO_SLOT, 3, 0], 1), ([1, NO_SLOT, 3], 4), ([3, 1, 1, 1], 2)])
+def test_lora_grouped_matches_reference(rows, tpr):
+    """The fast op equals the per-token contract; slots of smaller rank are computed at the group's rank and
+    their zero rows add nothing; base tokens and padding leave rows untouched."""
+    gen = torch.Generator().manual_seed(3)
+    ranks = [2, 5, 0, 8]
+    a, b = random_slots(ranks, gen)
+    for s, r in enumerate(ranks):  # the layer's invariant: rows past the live rank are zero
+        a[s, r:] = 0
+        b[s, r:] = 0
+    m = AdapterMapping.build(rows, tokens_per_row=tpr, num_slots=SLOTS)
+    assert m.groups is not None
+    n = len(rows) * tpr
+    x, y = torch.randn(n, IN, generator=gen), torch.randn(n, OUT, generator=gen)
+    token_slots = [s for s in rows for _ in range(tpr)]
+    want = per_token_reference(y, x, a, b, ranks, token_slots)
+    got = y.clone()
+    lora_grouped(got, x, a, b, max(ranks[m.groups.lo:m.groups.hi]), m.groups)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for t, s in enumerate(token_slots):
+        if s == NO_SLOT or ranks[s] == 0:
+            assert torch.equal(got[t], y[t])
+
+
+def test_skewed_prefill_falls_back_to_segments():
+    """One long prompt on slot 0 and a short one on slot 3: padding every group to the long one would cost
+    far more than the loop, so the mapping carries no groups."""
+    m = AdapterMapping.build([0] * 50 + [3], tokens_per_row=8, num_slots=SLOTS)
+    assert m.groups is None and [s for s, _ in m.segments] == [0, 3]
