@@ -1,49 +1,26 @@
 """What every system under test shares: the base model directory, the PEFT adapters and the prompts.
 
-The default model ships as a Q4_1 GGUF; transformers dequantizes it on every load (~1 min here, most of it
-tokenizer conversion), so it is converted once to an fp32 safetensors directory under the cache dir and every
-system (HF, PEFT, swapserve) loads that same directory.
+The default model ships as a Q4_1 GGUF; transformers dequantizes it on every load (~1 min here), so it is
+converted once to an fp32 safetensors directory under the cache dir (server.engine.loader.cached_gguf_dir, the
+same conversion and cache layout swapserve itself uses) and every system (HF, PEFT, swapserve) loads that
+same directory.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
-
 
 def model_dir(model: str, cache_dir: str) -> Path:
-    """An HF directory for ``model`` (a directory, or a .gguf converted to fp32 and cached)."""
+    """An HF directory for ``model`` (a directory, or a .gguf converted to fp32 and cached by the server's loader)."""
     from server.config import default_model
+    from server.engine.loader import cached_gguf_dir
 
     model = model or default_model()
     if not model.endswith(".gguf"):
         return Path(model)
-    src = Path(model)
-    out = Path(cache_dir) / f"{src.stem}-{src.stat().st_size}-f32"
-    if not (out / "model.safetensors").is_file():
-        _convert_gguf(src, out)
-    return out
-
-
-def _convert_gguf(src: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("dequantizing %s to %s (once; about a minute)", src, out)
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    gguf = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    config = gguf.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # GGUF-dequantized weights are plain fp32 now
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf.state_dict())
-    plain.generation_config = gguf.generation_config
-    tmp = out.with_name(out.name + ".partial")
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
+    return cached_gguf_dir(Path(model), Path(cache_dir))[0]
 
 
 def load_base(directory: Path):

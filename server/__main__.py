@@ -61,6 +61,12 @@ ENGINE_FLAGS = (
     Flag("hub-adapter-org", list, [], "Hub organisation adapters may come from (repeatable)", metavar="ORG"),
     Flag("adapters-cache", str, "adapters_cache", "directory Hub adapters are downloaded into"),
     Flag("seed", int, 0, "engine seed for requests that give none"),
+    Flag("threads", int, 0, "torch CPU threads for the model (0: torch's default, one per core). On a shared CPU "
+         "host fewer threads than cores can be much faster: threads that wait for cores other processes hold "
+         "stall every matmul"),
+    Flag("cache-dir", str, "", "where converted models are cached: a .gguf --model is dequantized to safetensors "
+         "once and later start-ups load that copy (default: $XDG_CACHE_HOME/swapserve or ~/.cache/swapserve)",
+         metavar="DIR"),
 )
 SERVER_FLAGS = (
     Flag("host", str, "127.0.0.1", "address to listen on (0.0.0.0 exposes the server; set --api-key then)"),

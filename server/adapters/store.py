@@ -57,7 +57,7 @@ class AdapterStore:
         self.retired: dict[tuple[str, int], AdapterEntry] = {}
         self.host: OrderedDict[tuple[str, int], AdapterEntry] = OrderedDict()  # LRU, oldest first
         self.lock = threading.RLock()
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")  # one: loads must not starve the step loop
         self._versions = 0
 
     # ---- names and sources ------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""create_app(engine, server_config): the FastAPI app over a built AsyncEngine (routes, limits, lifecycle).
+"""create_app(engine, server_config): the FastAPI app over an AsyncEngine (routes, limits, lifecycle).
+
+`engine` is a built AsyncEngine, or a stand-in that builds one after start-up (server.api.serve.PendingEngine):
+while its `loading` is true, /health is 200, /ready 503 {"status": "loading"}, and every API route (/v1/*,
+/generate*) 503 "model is loading" in that route's error shape, before auth or body parsing.
 
 Lifecycle: the lifespan starts the engine's step loop; `Lifecycle.stop()` (SIGTERM drain or lifespan shutdown,
 whichever comes first, once) calls engine.shutdown(shutdown_timeout): new requests get 503 at once, in-flight
@@ -61,6 +65,7 @@ def create_app(engine, server_config: ServerConfig | None = None) -> FastAPI:
         app.include_router(router)
     _add_probes(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(LoadingGate, engine=engine)
     return app
 
 
@@ -76,12 +81,35 @@ def _add_probes(app: FastAPI) -> None:
         engine = request.app.state.engine
         if engine.ready:
             return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "draining" if engine.draining else "loading"}, status_code=503)
+        status = ("failed" if getattr(engine, "error", None) is not None else
+                  "draining" if engine.draining else "loading")
+        return JSONResponse({"status": status}, status_code=503)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         state = request.app.state
         return Response(state.metrics.render(state.engine.stats()), media_type=CONTENT_TYPE_LATEST)
+
+
+class LoadingGate:
+    """While the engine is still loading, answers API routes 503 with Retry-After and a message saying so."""
+
+    def __init__(self, app: ASGIApp, engine) -> None:
+        self.app = app
+        self.engine = engine
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not getattr(self.engine, "loading", False) or not _is_api_path(path):
+            return await self.app(scope, receive, send)
+        message = (f"the model is loading ({self.engine.config.model}); retry when GET /ready returns 200")
+        response = JSONResponse(error_payload(path, 503, message, "service_unavailable"), 503,
+                                headers={"Retry-After": "5"})
+        await response(scope, receive, send)
+
+
+def _is_api_path(path: str) -> bool:
+    return path.startswith("/v1/") or path.startswith("/generate")
 
 
 class BodyLimit:

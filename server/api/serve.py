@@ -1,4 +1,9 @@
-"""serve(): build the engine and app, log what was loaded, run uvicorn until SIGTERM has drained.
+"""serve(): open the port, build the engine in the background, log what was loaded, run uvicorn until SIGTERM
+has drained.
+
+Start-up: the port opens at once with a PendingEngine behind the app (/health 200, /ready 503, inference and
+admin routes 503 "model is loading"); a background thread builds the AsyncEngine (load, quantize, warm up), the
+event loop starts its step loop, and /ready turns 200. A model that fails to load stops the server (status 1).
 
 First SIGTERM/SIGINT: the engine stops admitting (new requests get 503 while the socket stays open, /ready
 turns 503 so balancers move away), in-flight requests get up to --shutdown-timeout, then uvicorn closes the
@@ -9,14 +14,124 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
+import time
+from typing import Callable
 
 import uvicorn
 
 from server.api.app import Lifecycle, create_app
 from server.api.auth import is_loopback
 from server.api.settings import ServerConfig
+from server.errors import NotReadyError
 
 log = logging.getLogger("swapserve")
+
+
+class ModelLoadingError(NotReadyError, AttributeError):
+    """What the PendingEngine raises for the engine's attributes before the engine exists (503; and an
+    AttributeError, so getattr(engine, name, default) still returns the default)."""
+
+
+class PendingEngine:
+    """Stands in for the AsyncEngine while a background thread builds it; afterwards forwards everything to it.
+
+    loading: True until the engine is built and its step loop runs (or the build failed, or shutdown came
+    first); the app answers API routes 503 "model is loading" meanwhile. ready: the built engine's. Observers
+    added before the engine exists are handed to it when it does.
+    """
+
+    def __init__(self, config, build: Callable | None = None,
+                 on_loaded: Callable | None = None, on_failed: Callable[[BaseException], None] | None = None):
+        self.config = config
+        self.model_name = config.served_model_name
+        self.inner = None  # the AsyncEngine once built and started
+        self.error: BaseException | None = None
+        self._build = build or _build_engine
+        self._on_loaded, self._on_failed = on_loaded, on_failed
+        self._observers: list = []
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def loading(self) -> bool:
+        return self.inner is None and self.error is None and not self._stopped
+
+    @property
+    def ready(self) -> bool:
+        return self.inner is not None and self.inner.ready
+
+    @property
+    def draining(self) -> bool:
+        return self.inner.draining if self.inner is not None else self._stopped
+
+    def add_observer(self, obs) -> None:
+        self._observers.append(obs)
+        if self.inner is not None:
+            self.inner.add_observer(obs)
+
+    def list_adapters(self) -> list[dict]:
+        return self.inner.list_adapters() if self.inner is not None else []
+
+    def stats(self) -> dict:
+        if self.inner is not None:
+            return self.inner.stats()
+        return {"num_running": 0, "num_waiting": 0, "running_adapters": [], "waiting_adapters": [],
+                "max_loras": self.config.max_loras}
+
+    def __getattr__(self, name: str):
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise ModelLoadingError(f"the model is loading ({name!r} is not available yet)")
+        return getattr(inner, name)
+
+    async def start(self) -> None:
+        """Build the engine on a thread; the event loop starts it when built. Returns at once."""
+        loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._load, args=(loop,), name="engine-load", daemon=True)
+        self._thread.start()
+
+    def _load(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            engine = self._build(self.config)
+        except BaseException as exc:  # reported; the server stops
+            log.exception("loading model %s failed", self.config.model)
+            self._call_soon(loop, self._failed, exc)
+            return
+        self._call_soon(loop, lambda: asyncio.ensure_future(self._started(engine)))
+
+    @staticmethod
+    def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the server already exited (shut down while loading)
+            pass
+
+    def _failed(self, exc: BaseException) -> None:
+        self.error = exc
+        if self._on_failed is not None:
+            self._on_failed(exc)
+
+    async def _started(self, engine) -> None:
+        if self._stopped:  # shut down while loading
+            await engine.shutdown(0)
+            return
+        try:
+            for obs in self._observers:
+                engine.add_observer(obs)
+            await engine.start()
+        except Exception as exc:
+            log.exception("starting the engine failed")
+            self._failed(exc)
+            return
+        self.inner = engine
+        if self._on_loaded is not None:
+            self._on_loaded(engine)
+
+    async def shutdown(self, timeout: float) -> None:
+        self._stopped = True
+        if self.inner is not None:
+            await self.inner.shutdown(timeout)
 
 
 class DrainingServer(uvicorn.Server):
@@ -56,32 +171,51 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def serve(engine_config, server_config: ServerConfig) -> int:
-    """Load the model (blocking), then serve until drained. Returns the process exit status."""
+def _build_engine(config):
     from server.engine.engine import AsyncEngine
 
-    log.info("loading model %s (device=%s, dtype=%s, quantization=%s)", engine_config.model,
-             engine_config.device, engine_config.dtype, engine_config.quantization)
-    engine = AsyncEngine(engine_config)
+    return AsyncEngine(config)
+
+
+def serve(engine_config, server_config: ServerConfig) -> int:
+    """Open the port, load the model in the background, serve until drained. Returns the exit status."""
+    failed: list[BaseException] = []
+    started = time.monotonic()
+
+    def on_loaded(engine) -> None:
+        log_startup(engine, server_config, time.monotonic() - started)
+
+    def on_failed(exc: BaseException) -> None:
+        failed.append(exc)
+        server.should_exit = True
+
+    engine = PendingEngine(engine_config, on_loaded=on_loaded, on_failed=on_failed)
     app = create_app(engine, server_config)
-    log_startup(engine, server_config)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
                             log_level=server_config.log_level, lifespan="on",
                             timeout_graceful_shutdown=int(server_config.shutdown_timeout) + 5)
-    DrainingServer(config, app.state.lifecycle).run()
-    return 0
+    server = DrainingServer(config, app.state.lifecycle)
+    log.info("loading model %s in the background (device=%s, dtype=%s, quantization=%s, threads=%s); "
+             "/health answers now, /ready turns 200 once the model is loaded and warmed up",
+             engine_config.model, engine_config.device, engine_config.dtype, engine_config.quantization,
+             engine_config.threads or "default")
+    server.run()
+    return 1 if failed else 0
 
 
-def log_startup(engine, server_config: ServerConfig) -> None:
-    """One line each: model, placement, memory, adapters, access control."""
+def log_startup(engine, server_config: ServerConfig, seconds: float | None = None) -> None:
+    """What was loaded, where, with what memory; adapter limits; access control. One line per topic."""
     info = describe(engine)
-    log.info("model %s served as %r", info["model"], engine.model_name)
-    log.info("device=%s dtype=%s quantization=%s max_model_len=%d max_num_seqs=%d", info["device"],
-             info["dtype"], info["quantization"], engine.config.max_model_len, engine.config.max_num_seqs)
-    log.info("memory: %s", info["memory"])
+    cfg = engine.config
+    took = f" in {seconds:.1f}s" if seconds is not None else ""
+    log.info("model %s loaded%s, served as %r", info["model"], took, engine.model_name)
+    log.info("device=%s dtype=%s quantization=%s threads=%s max_model_len=%d max_num_seqs=%d", info["device"],
+             info["dtype"], info["quantization"], info["threads"], info["max_model_len"], cfg.max_num_seqs)
+    log.info("memory: parameters %s, KV cache %s, adapter slots %s; %s", _mib(info["parameter_bytes"]),
+             _mib(info["kv_cache_bytes"]), _mib(info["slot_bytes"]), info["memory"])
     names = [a.get("name") for a in engine.list_adapters()]
-    log.info("adapters: %d loaded %s; max_loras=%d max_cpu_loras=%d roots=%s", len(names), names,
-             engine.config.max_loras, engine.config.max_cpu_loras, engine.config.adapter_roots or "none")
+    log.info("adapters: %d loaded %s; max_loras=%d max_lora_rank=%d max_cpu_loras=%d roots=%s", len(names),
+             names, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras, cfg.adapter_roots or "none")
     log.info("inference routes: %s", "API key required" if server_config.api_key else "open (no --api-key)")
     if server_config.admin_loopback_only:
         log.info("admin routes: loopback clients only (no --admin-key)")
@@ -90,17 +224,34 @@ def log_startup(engine, server_config: ServerConfig) -> None:
     if not is_loopback(server_config.host) and not server_config.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach it can generate",
                     server_config.host)
+    log.info("ready: /ready answers 200")
+
+
+def _mib(nbytes: int | None) -> str:
+    return "unknown" if nbytes is None else f"{nbytes / 2**20:.1f} MiB"
 
 
 def describe(engine) -> dict:
-    """What the engine reports about itself (engine.describe() when it has one), with config fallbacks."""
+    """What the engine reports about itself (engine.describe() when it has one), with fallbacks read off the
+    runner (engine.engine.runner) and the config."""
+    import torch
+
+    from server.engine.loader import parameter_bytes
+
     cfg = engine.config
     info = dict(engine.describe()) if callable(getattr(engine, "describe", None)) else {}
     runner = getattr(getattr(engine, "engine", None), "runner", None)  # until the engine has describe()
+    model = getattr(runner, "model", None)
+    kv = getattr(runner, "kv", None)
     info.setdefault("model", cfg.model)
     info.setdefault("device", str(getattr(runner, "device", cfg.device)))
     info.setdefault("dtype", str(getattr(runner, "dtype", cfg.dtype)).removeprefix("torch."))
     info.setdefault("quantization", cfg.quantization)
+    info.setdefault("threads", torch.get_num_threads())
+    info.setdefault("max_model_len", getattr(runner, "max_len", cfg.max_model_len))
+    info.setdefault("parameter_bytes", parameter_bytes(model) if model is not None else None)
+    info.setdefault("kv_cache_bytes", getattr(kv, "nbytes", None))
+    info.setdefault("slot_bytes", getattr(runner, "slot_bytes", None))
     info.setdefault("memory", memory_summary(info["device"]))
     return info
 

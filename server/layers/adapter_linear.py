@@ -129,7 +129,7 @@ class AdapterLinear(nn.Module):
             d = self._dora_scale(mw)  # [out]
             self.out_scale[slot].copy_(d)
             if self.out_shift is not None:
-                self.out_shift[slot].copy_(self.base_layer.bias.float() * (1 - d))
+                self.out_shift[slot].copy_(self.base_layer.bias.detach().float().cpu() * (1 - d))
             self.out_scaled.add(slot)
         self.lora_a[slot, :r].copy_(mw.a)
         self.lora_b[slot, :r].copy_(mw.slot_b)
