@@ -63,6 +63,7 @@ class SamplingFields(Lenient):
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=-1 if self.top_k is None else self.top_k,
             repetition_penalty=self.repetition_penalty or 1.0,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             seed=None if self.seed is None else self.seed + index, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos, logprobs=logprobs)
@@ -150,7 +151,8 @@ class TGIParameters(Lenient):
             max_tokens=self.max_new_tokens or 100,
             temperature=(self.temperature or 1.0) if sample else 0.0,
             top_p=self.top_p or 1.0, top_k=self.top_k or -1,
-            repetition_penalty=self.repetition_penalty or 1.0, seed=self.seed, stop=[s for s in self.stop if s],
+            repetition_penalty=self.repetition_penalty or 1.0, frequency_penalty=self.frequency_penalty or 0.0,
+            seed=self.seed, stop=[s for s in self.stop if s],
             logprobs=logprobs)
 
 

@@ -14,7 +14,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1 / 0 = off
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # HF: divides positive / multiplies negative logits of seen tokens
+    presence_penalty: float = 0.0  # OpenAI: minus this once for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: minus this times how often a token was generated
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)

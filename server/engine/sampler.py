@@ -50,15 +50,20 @@ class Sampler:
     def _plain_greedy(self, req: Request) -> bool:
         """Greedy with nothing that edits the logits: the batched argmax is the answer."""
         p = req.params
-        return p.greedy and p.repetition_penalty == 1.0 and len(req.output_token_ids) >= p.min_tokens
+        return (p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+                and len(req.output_token_ids) >= p.min_tokens)
 
     def _process(self, scores: torch.Tensor, req: Request) -> torch.Tensor:
-        """Repetition penalty (HF semantics) and min_tokens (no EOS / stop token before it)."""
+        """Repetition penalty (HF semantics), presence/frequency penalties (OpenAI semantics, over generated
+        tokens) and min_tokens (no EOS / stop token before it)."""
         p = req.params
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(req.all_token_ids)), dtype=torch.long)
             picked = scores[seen]
             scores[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
+            ids, counts = torch.tensor(req.output_token_ids, dtype=torch.long).unique(return_counts=True)
+            scores[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(scores.dtype)
         if len(req.output_token_ids) < p.min_tokens:
             banned = (set() if p.ignore_eos else self.eos_token_ids) | set(p.stop_token_ids)
             if banned:

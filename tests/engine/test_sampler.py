@@ -162,3 +162,14 @@ def test_sampler_does_not_modify_the_logits():
     Sampler({EOS})(x, [req(temperature=0.0, repetition_penalty=2.0, output=[1, 2]),
                        req(temperature=0.5, top_k=4, min_tokens=9, seed=1)])
     assert torch.equal(x, before)
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    """logit[t] -= presence * (t generated) + frequency * count(t generated); prompt tokens are not counted."""
+
+    logits = torch.tensor([[3.0, 2.9, 2.5, 0.0]])
+    req = Request("r", [2, 2, 2], SamplingParams(temperature=0, presence_penalty=0.05, frequency_penalty=0.1))
+    req.output_token_ids = [0, 0]  # token 0 twice: 3.0 - 0.05 - 0.2 = 2.75 < 2.9
+    assert Sampler(set())(logits, [req])[0] == [1]
+    req.params.frequency_penalty = 0.0  # 3.0 - 0.05 = 2.95 > 2.9
+    assert Sampler(set())(logits, [req])[0] == [0]
