@@ -102,8 +102,12 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
-    with path.open(encoding="utf-8") as lines:
-        for n, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for n, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{n}: not UTF-8 text") from None
             if line.strip():
                 rows.append((n, _parse_row(line, f"{path}:{n}")))
     if not rows:
@@ -124,9 +128,11 @@ def _parse_row(line: str, where: str) -> dict:
         for key in ("prompt", "completion"):
             if not isinstance(row.get(key), str):
                 raise DataError(f"{where}: '{key}' must be a string (rows with 'prompt' need 'completion' too)")
-    elif not isinstance(row.get("text"), str) or not row["text"]:
-        raise DataError(f"{where}: expected {FORMS}; got keys {sorted(row)}" if "text" not in row
-                        else f"{where}: 'text' must be a non-empty string")
+    elif "text" in row:
+        if not isinstance(row["text"], str) or not row["text"]:
+            raise DataError(f"{where}: 'text' must be a non-empty string")
+    else:
+        raise DataError(f"{where}: expected {FORMS}; got keys {sorted(row)}")
     return row
 
 
@@ -215,21 +221,32 @@ def _with_adapter(model, args: argparse.Namespace):
     from transformers import set_seed
 
     if args.quantization == "nf4":
-        model = prepare_model_for_kbit_training(model)
-    targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
+        model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = _linear_names(model) if args.target_modules == ["all-linear"] else args.target_modules
     if args.peft == "lora":
         config = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets,
                             task_type="CAUSAL_LM")
-    else:
-        # feedforward layers get their input scaled, the rest their output; PEFT knows which for common models
-        known = model.config.model_type in TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
-        config = IA3Config(target_modules=targets, feedforward_modules=None if known else [], task_type="CAUSAL_LM")
+    else:  # feedforward layers get their input scaled, the others their output; PEFT knows which for common models
+        feedforward = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model.config.model_type, [])
+        config = IA3Config(target_modules=targets, feedforward_modules=[m for m in targets if m in feedforward],
+                           task_type="CAUSAL_LM")
     set_seed(args.seed)  # adapter init depends on the seed only, not on what loading consumed
     peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = args.model
     trainable, total = peft_model.get_nb_trainable_parameters()
     _say(f"{args.peft}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
     return peft_model
+
+
+def _linear_names(model) -> list[str]:
+    """Names of the linear layers but the output head, as PEFT's "all-linear" (spelled out: PEFT cannot load
+    an IA3 config whose "all-linear" it expanded itself)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear | Conv1D) and module is not head})
 
 
 def fit(model, examples: list[dict], pad_id: int, args: argparse.Namespace, on_cpu: bool) -> list[dict]:
@@ -252,7 +269,7 @@ def fit(model, examples: list[dict], pad_id: int, args: argparse.Namespace, on_c
 def save(model, output: Path, history: list[dict]) -> None:
     """adapter_config.json + adapter_model.safetensors (PEFT format), and the loss log as training_log.jsonl."""
     output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output, safe_serialization=True)
+    model.save_pretrained(output, safe_serialization=True, save_embedding_layers=False)  # never trained here
     with (output / "training_log.jsonl").open("w", encoding="utf-8") as log:
         for entry in history:
             log.write(json.dumps(entry) + "\n")
