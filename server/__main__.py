@@ -16,6 +16,7 @@ from typing import Any
 
 from server.api.settings import ServerConfig
 from server.config import EngineConfig
+from server.train import add_train_arguments, run_train
 
 ENV_PREFIX = "SWAPSERVE_"
 
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=f"Every flag is also read from {ENV_PREFIX}<FLAG>, e.g. {ENV_PREFIX}MAX_LORAS.")
     for flag in ENGINE_FLAGS + SERVER_FLAGS:
         _add_flag(serve, flag)
-    commands.add_parser("train", help="fine-tune a LoRA or IA3 adapter (not yet implemented)")
+    add_train_arguments(commands.add_parser("train", help="fine-tune a LoRA or IA3 adapter and optionally hot-load it"))
     return parser
 
 
@@ -147,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":
-        print("swapserve train: not yet implemented", file=sys.stderr)
-        return 2
+        return run_train(args)
     try:
         engine_config, server_config = build_configs(args, dict(os.environ))
     except ValueError as exc:

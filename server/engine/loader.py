@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -88,7 +89,8 @@ def cached_gguf_dir(gguf: Path, cache_dir: Path) -> tuple[Path, bool]:
         return out, True
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        _remove_abandoned(out)
+        partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
         partial.chmod(0o755)  # mkdtemp makes it private; the finished copy is an ordinary directory
     except OSError as exc:  # a read-only cache still serves the copies it has; new ones go to the temp dir
         fallback = Path(tempfile.gettempdir()) / "swapserve-cache"
@@ -107,6 +109,25 @@ def cached_gguf_dir(gguf: Path, cache_dir: Path) -> tuple[Path, bool]:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out, False
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Delete partial copies of ``out`` whose converting process is gone (killed mid-conversion)."""
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        pid = partial.name.removeprefix(f".{out.name}.partial-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s (an abandoned conversion)", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def convert_gguf(src: Path, out: Path) -> None:
@@ -179,6 +200,10 @@ def load_model(config: EngineConfig) -> LoadedModel:
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers (packed bytes for quantized weights)."""
-    tensors = list(model.parameters()) + list(model.buffers())
+    """Bytes of the model's weights: parameters and persistent buffers (packed bytes for quantized weights);
+    not non-persistent buffers such as rotary tables or adapter slots."""
+    tensors = list(model.parameters())
+    for module in model.modules():
+        skip = module._non_persistent_buffers_set
+        tensors += [b for name, b in module._buffers.items() if b is not None and name not in skip]
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -37,13 +37,29 @@ def test_flags_environment_and_precedence(tmp_path):
     assert (server.api_key, server.port, server.host, server.admin_key) == ("from-env", 9000, "127.0.0.1", None)
 
 
+def test_threads_and_cache_dir_from_flags_or_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    engine, _ = configs(["--model", str(tmp_path)])
+    assert engine.threads == 0 and engine.cache_dir == str(tmp_path / "xdg" / "swapserve")
+    engine, _ = configs(["--model", str(tmp_path)], {"SWAPSERVE_THREADS": "2", "SWAPSERVE_CACHE_DIR": "/c/env"})
+    assert (engine.threads, engine.cache_dir) == (2, "/c/env")
+    engine, _ = configs(["--model", str(tmp_path), "--threads", "1", "--cache-dir", "/c/flag"],
+                        {"SWAPSERVE_THREADS": "2", "SWAPSERVE_CACHE_DIR": "/c/env"})
+    assert (engine.threads, engine.cache_dir) == (1, "/c/flag")
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    threads_help = next(a.help for a in serve._actions if a.dest == "threads")
+    assert "shared CPU" in threads_help
+
+
 def test_invalid_values_exit_with_usage_error(capsys):
     for argv in (["serve", "--max-loras", "0"], ["serve", "--lora-modules", "no-equals-sign"],
-                 ["serve", "--dtype", "float8"]):
+                 ["serve", "--dtype", "float8"], ["serve", "--threads", "-1"]):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
-    assert main(["train"]) == 2 and "not yet implemented" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # train without --data/--output: argparse usage error
+        main(["train"])
+    assert exc.value.code == 2
 
 
 def test_every_flag_has_help_and_an_environment_variable():
@@ -68,7 +84,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir):
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--model", str(tiny_model_dir), "--device", "cpu",
-         "--dtype", "float32", "--served-model-name", "tiny", "--port", str(port), "--shutdown-timeout", "30"],
+         "--dtype", "float32", "--served-model-name", "tiny", "--port", str(port), "--shutdown-timeout", "30",
+         "--threads", "1"],
         cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
     try:
@@ -87,6 +104,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir):
             proc.kill()
     logs = proc.stdout.read()
     assert "admin routes: loopback clients only" in logs and "draining" in logs
+    for line in ("loading model", "in the background", "threads=1", "KV cache", "adapter slots", "parameters",
+                 "max_lora_rank=16", "ready: /ready answers 200"):
+        assert line in logs, line
     assert out["events"][-1] == "[DONE]"
     finals = [json.loads(e)["choices"][0]["finish_reason"] for e in out["events"][:-1]]
     assert finals[-1] == "length"  # the in-flight request ran to its end
