@@ -211,7 +211,7 @@ def log_startup(engine, server_config: ServerConfig, seconds: float | None = Non
     log.info("model %s loaded%s, served as %r", info["model"], took, engine.model_name)
     log.info("device=%s dtype=%s quantization=%s threads=%s max_model_len=%d max_num_seqs=%d", info["device"],
              info["dtype"], info["quantization"], info["threads"], info["max_model_len"], cfg.max_num_seqs)
-    log.info("memory: parameters %s, KV cache %s, adapter slots %s; %s", _mib(info["parameter_bytes"]),
+    log.info("memory: parameters %s, KV cache up to %s, adapter slots %s; %s", _mib(info["parameter_bytes"]),
              _mib(info["kv_cache_bytes"]), _mib(info["slot_bytes"]), info["memory"])
     names = [a.get("name") for a in engine.list_adapters()]
     log.info("adapters: %d loaded %s; max_loras=%d max_lora_rank=%d max_cpu_loras=%d roots=%s", len(names),
@@ -250,7 +250,7 @@ def describe(engine) -> dict:
     info.setdefault("threads", torch.get_num_threads())
     info.setdefault("max_model_len", getattr(runner, "max_len", cfg.max_model_len))
     info.setdefault("parameter_bytes", parameter_bytes(model) if model is not None else None)
-    info.setdefault("kv_cache_bytes", getattr(kv, "nbytes", None))
+    info.setdefault("kv_cache_bytes", getattr(kv, "max_nbytes", None))  # the ceiling it may grow to
     info.setdefault("slot_bytes", getattr(runner, "slot_bytes", None))
     info.setdefault("memory", memory_summary(info["device"]))
     return info

@@ -3,7 +3,9 @@
 Layout: ``keys[layer]: [max_rows, kv_heads, max_len, head_dim]``; row r holds its sequence's token at
 absolute position p in column p, so RoPE positions equal the unpadded ones PEFT would see. Running rows are
 kept dense (0..n-1): when a row finishes, the last row moves into its place. Memory is fixed at start-up, so
-admission (a free row, prompt + max_tokens <= max_len) is the whole out-of-memory check.
+admission (a free row, prompt + max_tokens <= max_len) is the whole out-of-memory check. The column
+dimension starts small and doubles on demand (a rare copy between steps) up to ``max_len``; ``max_nbytes``,
+the ceiling, is checked against free memory at start-up.
 
 It plugs into an unmodified Hugging Face model as a ``transformers`` Cache: before each forward the runner
 ``bind``s which rows the forward covers and where each writes; ``update`` writes in place and returns views.
@@ -59,10 +61,12 @@ class RowKVLayer(CacheLayerMixin):
 
 
 class KVCache(Cache):
+    INITIAL_COLUMNS = 256
+
     def __init__(self, num_layers: int, max_rows: int, kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device):
         self.binding = _Binding()
-        shape = (max_rows, kv_heads, max_len, head_dim)
+        shape = (max_rows, kv_heads, min(max_len, self.INITIAL_COLUMNS), head_dim)
         layers = [RowKVLayer(torch.zeros(shape, dtype=dtype, device=device),
                              torch.zeros(shape, dtype=dtype, device=device), self.binding)
                   for _ in range(num_layers)]
@@ -78,7 +82,30 @@ class KVCache(Cache):
 
     @property
     def nbytes(self) -> int:
+        """Bytes allocated now."""
         return sum(l.keys.numel() * l.keys.element_size() * 2 for l in self.layers)
+
+    @property
+    def max_nbytes(self) -> int:
+        """Bytes once every row can hold ``max_len`` tokens: the most this cache will ever take."""
+        return self.nbytes // self.columns * self.max_len
+
+    @property
+    def columns(self) -> int:
+        return self.layers[0].keys.shape[2]
+
+    def reserve(self, columns: int) -> None:
+        """Make room for positions [0, columns); grows by doubling (copying the live prefix) up to max_len."""
+        have = self.columns
+        if columns <= have:
+            return
+        new = min(self.max_len, max(columns, 2 * have))
+        for layer in self.layers:
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                grown = old.new_zeros(old.shape[0], old.shape[1], new, old.shape[3])
+                grown[:, :, :have] = old
+                setattr(layer, name, grown)
 
     def bind_prefill(self, start: int, stop: int, q_len: int) -> None:
         b = self.binding

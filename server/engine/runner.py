@@ -16,6 +16,21 @@ from server.layers.mapping import MappingHolder
 log = logging.getLogger(__name__)
 
 
+def check_memory(need: int, device: torch.device) -> None:
+    """Refuse to start when the KV cache at its ceiling could not fit: better now than mid-burst."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                free = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            return
+    if need > free:
+        raise MemoryError(f"the KV cache needs up to {need / 2**30:.1f} GiB at --max-num-seqs x --max-model-len "
+                          f"but only {free / 2**30:.1f} GiB is free on {device}; lower --max-num-seqs or --max-model-len")
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig):
         loaded = load_model(config)
@@ -29,6 +44,7 @@ class ModelRunner:
         self.manager = AdapterManager(self.layers, self.holder, config.max_loras, self.device)
         self.max_len = min(config.max_model_len, self._model_max_len())
         self.kv = KVCache.for_model(self.model.config, config.max_num_seqs, self.max_len, self.dtype, self.device)
+        check_memory(self.kv.max_nbytes, self.device)
         self.backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         self.head = self.model.get_output_embeddings()
         self.vocab_size = self.head.out_features
@@ -51,6 +67,7 @@ class ModelRunner:
             ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
         pos = torch.arange(q_len, device=self.device)
         mask = (pos[None, :] <= pos[:, None]).expand(n, 1, q_len, q_len)  # [n, 1, q, k] causal
+        self.kv.reserve(q_len)
         self.kv.bind_prefill(start, start + n, q_len)
         self.manager.activate(row_keys, weights, q_len)
         hidden = self._forward(ids.to(self.device), mask, pos.expand(n, q_len))  # [n, q, hidden]
@@ -63,6 +80,7 @@ class ModelRunner:
         """Rows 0..n-1 each feed one token at its own position; returns logits [n, vocab] (float32)."""
         n = len(tokens)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # [n]
+        self.kv.reserve(max(positions) + 1)
         self.kv.bind_decode(pos)
         cols = torch.arange(self.kv.binding.kv_len, device=self.device)
         mask = (cols[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, kv_len]

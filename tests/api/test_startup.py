@@ -117,7 +117,7 @@ def test_startup_log_names_model_memory_adapters_and_admin_access(tiny_model_dir
     text = caplog.text
     assert str(tiny_model_dir) in text and "loaded in 1.5s" in text
     assert "device=cpu dtype=float32 quantization=none" in text
-    assert f"KV cache {runner.kv.nbytes / 2**20:.1f} MiB" in text
+    assert f"KV cache up to {runner.kv.max_nbytes / 2**20:.1f} MiB" in text
     assert f"adapter slots {runner.slot_bytes / 2**20:.1f} MiB" in text and "parameters " in text
     assert "max_loras=3 max_lora_rank=8" in text and "/srv/ad" in text
     assert "admin routes: loopback clients only" in text
