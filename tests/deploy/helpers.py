@@ -1,0 +1,23 @@
+"""Shared by the deploy tests: the repository root, create_app()'s routes, and flags -> configs as the CLI does."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from server.__main__ import ENGINE_FLAGS, SERVER_FLAGS, build_configs, build_parser
+from server.api.app import create_app
+
+REPO = Path(__file__).resolve().parents[2]
+FLAG_ENV_NAMES = {flag.env for flag in ENGINE_FLAGS + SERVER_FLAGS}
+
+
+def served_routes() -> dict[str, set[str]]:
+    """{path: methods} of create_app() (read from its OpenAPI schema; no engine is loaded or started)."""
+    engine = SimpleNamespace(model_name="m", config=SimpleNamespace(max_loras=1), add_observer=lambda _: None)
+    schema = create_app(engine).openapi()
+    return {path: {method.upper() for method in operations} for path, operations in schema["paths"].items()}
+
+
+def configs_from(args: list[str], env: dict[str, str]):
+    """(EngineConfig, ServerConfig) that `swapserve serve ARGS` builds in environment `env`."""
+    return build_configs(build_parser().parse_args(["serve", *args]), env)
