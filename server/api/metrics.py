@@ -59,6 +59,8 @@ class Metrics:
                              registry=reg).labels(self.model_name)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", lbl,
                              registry=reg).labels(self.model_name)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage: 1 = every row holds max_model_len tokens.",
+                              lbl, registry=reg).labels(self.model_name)
         self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting adapters; value = update time.",
                                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=reg)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", lbl,
@@ -135,6 +137,7 @@ class Metrics:
         """Copy the engine's instantaneous state (engine.stats()) into the gauges; called on each scrape."""
         self.running.set(stats.get("num_running", 0))
         self.waiting.set(stats.get("num_waiting", 0))
+        self.kv_usage.set(stats.get("kv_cache_usage", 0.0))
         self.lora_info.clear()
         self.lora_info.labels(str(stats.get("max_loras", self.max_loras)),
                               ",".join(stats.get("running_adapters", [])),

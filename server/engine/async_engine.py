@@ -236,4 +236,5 @@ class AsyncEngine:
         return {"num_running": len(running), "num_waiting": len(waiting) + len(self._inbox),
                 "running_adapters": sorted({r.adapter for r in running if r.adapter}),
                 "waiting_adapters": sorted({r.adapter for r in waiting if r.adapter}),
-                "max_loras": self.config.max_loras}
+                "max_loras": self.config.max_loras,
+                "kv_cache_usage": sum(r.num_tokens for r in running) / (self.config.max_num_seqs * self.engine.max_len)}

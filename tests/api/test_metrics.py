@@ -7,7 +7,7 @@ from .helpers import metric_value, samples, wait_for
 
 REQUIRED = ("vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
             "vllm:e2e_request_latency_seconds_count", "vllm:request_queue_time_seconds_count",
-            "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:lora_requests_info",
+            "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:num_requests_waiting", "vllm:lora_requests_info",
             "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
             "swapserve:adapter_requests_total", "swapserve:adapter_generation_tokens_total",
             "swapserve:adapter_cache_hits_total", "swapserve:adapter_cache_misses_total",
