@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 PRESETS = {
     # ~2-3 min on 2 shared CPU cores: the headline cell (32 x 16) and its two edges
-    "quick": dict(concurrency=[1, 32], adapters=[1, 16], max_tokens=16, naive_requests=2, swap_samples=3),
-    # ~6-9 min: the grid of the issue minus 64 adapters
+    "quick": dict(concurrency=[1, 32], adapters=[1, 16], max_tokens=16, naive_requests=2, swap_samples=3,
+                  scale_rounds=1),
+    # ~9 min (526 s measured at 1 thread, 2026-11-28): the grid of the issue minus 64 adapters, plus the IA3 and
+    # mixed cells, the 200-adapter Zipf scale run (2 rounds) and the plain / int8 / nf4 memory subprocesses
     "default": dict(concurrency=[1, 8, 32], adapters=[1, 4, 16], max_tokens=32, naive_requests=3, swap_samples=5),
     # GPU or a quiet machine: larger grid, longer outputs
     "full": dict(concurrency=[1, 8, 32, 64], adapters=[1, 4, 16, 64], max_tokens=64, naive_requests=4,
@@ -30,9 +31,23 @@ class BenchConfig:
     interference_loads: int = 10  # cold loads started while streams decode
     interference_streams: int = 16
     threads: int = 0  # torch intra-op threads; 0 = auto (the CPUs not busy with other work, see auto_threads)
+    # scale: adapters registered on disk, requested Zipf(s) by many concurrent requests, loaded on demand
+    scale_adapters: int = 200
+    scale_requests: int = 64
+    scale_cpu_loras: int = 32  # host tier of the scale engine (max_cpu_loras)
+    scale_loras: int = 16  # device slots of the scale engine (max_loras)
+    scale_rank: int = 16
+    zipf_s: float = 1.1
+    scale_rounds: int = 2  # round 1 starts with an empty host tier; later rounds draw again on the warm tiers
+    # adapter types: an IA3 cell and a mixed LoRA/DoRA/IA3/AdaLoRA cell
+    types_concurrency: int = 32
+    types_adapters: int = 16
+    skip_scale: bool = False
+    skip_memory: bool = False
+    skip_types: bool = False
     seed: int = 0
     model: str = ""  # "" = the default model (SmolLM2-135M-Instruct GGUF), dequantized to fp32 and cached
-    cache_dir: str = str(Path.home() / ".cache" / "swapserve-bench")
+    cache_dir: str = field(default_factory=lambda: _server_cache_dir())  # the server's own GGUF cache
     out_dir: str = "bench/results"
     markdown: str = "BENCHMARKS.md"
     skip_anchors: bool = False
@@ -49,6 +64,12 @@ class BenchConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _server_cache_dir() -> str:
+    from server.config import default_cache_dir
+
+    return default_cache_dir()
 
 
 def auto_threads() -> int:
@@ -87,6 +108,13 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--out-dir")
     p.add_argument("--markdown", help="where to write the table ('' = do not write)")
     p.add_argument("--skip-anchors", action="store_true", default=None, help="swapserve only (no HF/PEFT)")
+    p.add_argument("--scale-adapters", type=int, help="adapters on disk for the scale run (default 200)")
+    p.add_argument("--scale-requests", type=int, help="concurrent requests of the scale run (default 64)")
+    p.add_argument("--scale-rank", type=int, help="LoRA rank of the scale adapters (default 16)")
+    p.add_argument("--scale-rounds", type=int)
+    p.add_argument("--skip-scale", action="store_true", default=None)
+    p.add_argument("--skip-memory", action="store_true", default=None)
+    p.add_argument("--skip-types", action="store_true", default=None)
     args = vars(p.parse_args(argv))
     preset = args.pop("preset") or "default"
     values = {**PRESETS[preset], **{k: v for k, v in args.items() if v is not None}}

@@ -108,5 +108,98 @@ def render(results: dict, json_path: Path, png_path: Path | None, md_path: Path)
             "projected for N requests queued at once (request i waits for the i before it, each taking the "
             "measured per-request time).", "", *latency_table(results), "",
             "## Adapter swap cost", "", *swap_table(results), "",
-            "\"Disk\" is the OS page cache (the adapters were just written); a cold disk adds its read time.", ""]
+            "\"Disk\" is the OS page cache (the adapters were just written); a cold disk adds its read time.", "",
+            *scale_section(results), *types_section(results), *memory_section(results)]
     return "\n".join(out)
+
+
+def _mb(value) -> str:
+    return "–" if value is None else f"{value / 1e6:.1f}"
+
+
+def scale_section(results: dict) -> list[str]:
+    sc = results.get("scale")
+    if not sc:
+        return []
+    lines = ["## Scale: many adapters on disk, Zipf traffic, loaded on demand", "",
+             f"{sc['adapters']} LoRA r{sc['rank']} adapters (all 7 linear modules; one PEFT save, then copies with "
+             "per-tensor scaled weights) registered on disk under an `--adapter-root` and never pre-loaded; "
+             f"swapserve with `max_cpu_loras={sc['max_cpu_loras']}` (host tier) and `max_loras={sc['max_loras']}` "
+             f"(device slots); {sc['requests']} requests sent at once, each naming an adapter drawn "
+             f"Zipf(s={sc['zipf_s']}) over all {sc['adapters']}. Round 1 starts with empty tiers; round 2 draws "
+             "again on the tiers round 1 left. *Host hit rate*: requests whose adapter was already in host memory "
+             "when admitted (a request arriving while its adapter is still loading counts as a miss, so round 1, "
+             "where all requests arrive at once onto empty tiers, is 0% by construction; *host loads* counts the "
+             "disk reads). *Device loads*: host -> device slot copies (`runner.manager.loads`). Anchor: HF "
+             f"`generate` on the base model, batch {sc['requests']}.", "",
+             "| round | distinct adapters | HF base tok/s | swapserve tok/s | **swapserve / base** | TTFT p50 | "
+             "TTFT p99 | ITL p50 | ITL p99 | host hit rate | host loads | host evictions | device loads |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sc["rounds"]:
+        s = r["swapserve"]
+        lines.append(f"| {r['round']} | {r['distinct_adapters']} | {_f(r.get('base', {}).get('tok_s'))} | "
+                     f"{_f(s['tok_s'])} | **{_x(ratio(r, 'swapserve', 'base'))}** | {_f(s['ttft_p50_ms'])} | "
+                     f"{_f(s['ttft_p99_ms'])} | {_f(s['itl_p50_ms'])} | {_f(s['itl_p99_ms'])} | "
+                     f"{r['host_hit_rate'] * 100:.0f}% ({r['host_hits']}/{r['host_hits'] + r['host_misses']}) | "
+                     f"{r['host_loads']} | {r['host_evictions']} | {r['device_loads']} |")
+    lines += ["", "Latency in ms (TTFT from send, ITL per token). HF base TTFT/ITL for the same batch: " + "; ".join(
+        f"round {r['round']}: TTFT p50 {_f(r['base']['ttft_p50_ms'])}, ITL p50 {_f(r['base']['itl_p50_ms'])}"
+        for r in sc["rounds"] if r.get("base")) + ".", ""]
+    return lines
+
+
+def types_section(results: dict) -> list[str]:
+    ty = results.get("types")
+    if not ty:
+        return []
+    lines = ["## Adapter types: IA3 and a mixed batch", "",
+             "Same engine as the throughput grid; r16 LoRA / DoRA / AdaLoRA (init_r 16) and IA3 on all 7 linear "
+             "modules (IA3 scales `down_proj`'s input, the others' outputs). *mixed*: LoRA, DoRA, IA3 and "
+             "AdaLoRA adapters round-robin in one batch. No PEFT row: PEFT's `adapter_names` mixed batch works "
+             "only across LoRA adapters, and a PeftModel cannot hold LoRA and IA3 adapters and mix them in one "
+             "batch, so its only way to serve these is the naive serial flow.", "",
+             "| cell | N | adapters | HF base tok/s | swapserve tok/s | **swapserve / base** | TTFT p50 | TTFT p99 | "
+             "ITL p50 | ITL p99 |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in ty["cells"]:
+        s = c["swapserve"]
+        kinds = " + ".join(f"{v} {k}" for k, v in c["kinds"].items())
+        lines.append(f"| {c['cell']} | {c['concurrency']} | {kinds} | {_f(c.get('base', {}).get('tok_s'))} | "
+                     f"{_f(s['tok_s'])} | **{_x(ratio(c, 'swapserve', 'base'))}** | {_f(s['ttft_p50_ms'])} | "
+                     f"{_f(s['ttft_p99_ms'])} | {_f(s['itl_p50_ms'])} | {_f(s['itl_p99_ms'])} |")
+    return lines + [""]
+
+
+def memory_section(results: dict) -> list[str]:
+    mem = results.get("memory")
+    if not mem:
+        return []
+    lines = ["## Memory", "",
+             "Base model resident set, one fresh subprocess per quantization (`python -m bench.memory`): "
+             "`server.engine.loader.load_model`, one 8-token forward (so the mmapped weight pages a server "
+             "touches count), gc + `malloc_trim`. *Model RSS* = RSS after loading minus RSS after importing "
+             "torch/transformers/bitsandbytes (that floor is the same in every row). *Weights*: "
+             "`loader.parameter_bytes` (packed bytes for int8/nf4). Sizes in MB (10^6 bytes).", "",
+             "| base model | weights | model RSS | RSS total | of which anonymous | of which file-backed | peak RSS "
+             "(VmHWM) | load s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in mem["models"]:
+        if "error" in m:
+            lines.append(f"| {m['quantization']} | failed: {' '.join(m['error'])} | | | | | | |")
+            continue
+        lines.append(f"| {'plain fp32' if m['quantization'] == 'none' else m['quantization']} | "
+                     f"{_mb(m['parameter_bytes'])} | **{_mb(m['model_rss'])}** | {_mb(m['rss_loaded'])} | "
+                     f"{_mb(m.get('rss_anon'))} | {_mb(m.get('rss_file'))} | {_mb(m['peak_rss'])} | "
+                     f"{m['load_seconds']:.1f} |")
+    tiers = mem.get("adapter")
+    host = (results.get("types") or {}).get("host_bytes", {})
+    if tiers:
+        lines += ["", f"Bytes per adapter per tier (LoRA r{tiers['rank']}, all 7 linear modules, fp32):", "",
+                  "| tier | bytes per adapter | what |", "|---|---:|---|",
+                  f"| disk | {_mb(tiers['disk_bytes'])} MB | `adapter_model.safetensors` |",
+                  f"| host | {_mb(tiers['host_bytes'])} MB | `AdapterWeights.nbytes` (A, B as loaded) |",
+                  f"| device | {_mb(tiers['device_slot_bytes'])} MB | `runner.slot_bytes / max_loras` "
+                  f"({_mb(tiers['device_total_bytes'])} MB preallocated for {tiers['max_loras']} slots at "
+                  "`--max-lora-rank`, whatever the adapter's own rank or type) |"]
+        if host:
+            lines += ["", "Host bytes by adapter type (r16 / IA3 on the same modules): " + ", ".join(
+                f"{k} {_mb(v)} MB" for k, v in host.items()) + "."]
+    return lines + [""]

@@ -14,7 +14,9 @@ import torch
 from bench.anchors import Anchors
 from bench.config import BenchConfig, auto_threads
 from bench.drivers import Driver, EngineDriver, cell_requests, run_concurrent
-from bench.fixtures import adapter_bytes, make_adapters, model_dir, prompts
+from bench.fixtures import adapter_bytes, copy_adapters, make_adapters, make_typed_adapters, model_dir, prompts
+from bench.memory import model_memory
+from bench.scale import run_scale, run_types, timed
 from bench.swap import interference, swap_costs
 from bench.timing import summarize
 
@@ -28,6 +30,13 @@ class Fixtures:
     pool: dict[str, Path]  # fresh adapters for swap costs and load interference: s00, ...
     on_demand: list[str]  # adapters left on disk, first requested by name: o00, ...
     prompts: list[list[int]]
+    typed: dict[str, Path]  # IA3 / DoRA / AdaLoRA adapters for the types cells: i00.., d00.., ad00..
+    kinds: dict[str, str]  # typed adapter -> its kind
+    scale: list[str]  # the scale run's adapters, on disk under scale_root, in Zipf rank order
+    scale_root: Path | None
+
+
+TYPED = (("i", "ia3"), ("d", "dora"), ("ad", "adalora"))
 
 
 def build_fixtures(cfg: BenchConfig, root: Path) -> Fixtures:
@@ -41,10 +50,32 @@ def build_fixtures(cfg: BenchConfig, root: Path) -> Fixtures:
     made = make_adapters(directory, names, root, cfg.lora_rank, cfg.seed)
     log.info("made %d PEFT adapters (%.1f MB each) in %.1fs", len(made), adapter_bytes(made[names[0]]) / 1e6,
              time.perf_counter() - start)
+    kinds: dict[str, str] = {}
+    typed: dict[str, Path] = {}
+    if not cfg.skip_types:
+        per = max(1, cfg.types_adapters // 4)
+        for prefix, kind in TYPED:
+            kinds.update({f"{prefix}{i:02d}": kind for i in range(cfg.types_adapters if kind == "ia3" else per)})
+        start = time.perf_counter()
+        typed = make_typed_adapters(directory, kinds, root, cfg.lora_rank, cfg.seed)
+        log.info("made %d IA3/DoRA/AdaLoRA adapters in %.1fs", len(typed), time.perf_counter() - start)
+    scale, scale_root = [], None
+    if not cfg.skip_scale:
+        start = time.perf_counter()
+        scale_root = root / "scale"
+        template = made[names[0]]
+        if cfg.scale_rank != cfg.lora_rank:
+            template = make_adapters(directory, ["scale-template"], root / "template", cfg.scale_rank, cfg.seed)[
+                "scale-template"]
+        scale = [f"z{i:03d}" for i in range(cfg.scale_adapters)]
+        copy_adapters(template, scale, scale_root, cfg.seed)
+        log.info("wrote %d scale adapters (%.1f MB each) in %.1fs", len(scale),
+                 adapter_bytes(scale_root / scale[0]) / 1e6, time.perf_counter() - start)
     tokenizer = AutoTokenizer.from_pretrained(directory)
+    count = max(max(cfg.concurrency), cfg.interference_streams, cfg.scale_requests, cfg.types_concurrency)
     return Fixtures(directory, {n: p for n, p in made.items() if n[0] == "a"},
                     {n: p for n, p in made.items() if n[0] == "s"}, [n for n in names if n[0] == "o"],
-                    prompts(tokenizer, max(max(cfg.concurrency), cfg.interference_streams), cfg.prompt_tokens))
+                    prompts(tokenizer, count, cfg.prompt_tokens), typed, kinds, scale, scale_root)
 
 
 def engine_config(cfg: BenchConfig, fx: Fixtures, root: Path):
@@ -52,7 +83,7 @@ def engine_config(cfg: BenchConfig, fx: Fixtures, root: Path):
 
     n = max(max(cfg.concurrency), cfg.interference_streams)
     return EngineConfig(model=str(fx.model_dir), dtype="float32", device="cpu", max_loras=cfg.max_adapters,
-                        max_cpu_loras=max(64, len(fx.cell) + len(fx.pool) * 2 + len(fx.on_demand)),
+                        max_cpu_loras=max(64, len(fx.cell) + len(fx.pool) * 2 + len(fx.on_demand) + len(fx.typed)),
                         max_lora_rank=cfg.lora_rank, max_num_seqs=n,
                         max_model_len=cfg.prompt_tokens + max(cfg.max_tokens, 32) + 8,
                         max_num_batched_tokens=max(2048, n * cfg.prompt_tokens), adapter_roots=[str(root)],
@@ -112,6 +143,11 @@ async def run_suite(cfg: BenchConfig) -> dict:
     torch.set_num_threads(cfg.threads or auto_threads())
     log.info("torch threads: %d (load average %.2f, %d CPUs)", torch.get_num_threads(), os.getloadavg()[0],
              os.cpu_count())
+    memory = []
+    if not cfg.skip_memory:  # first, before anything is timed: three model loads side by side
+        memory = await timed("memory (plain / int8 / nf4 subprocesses)",
+                             model_memory(str(model_dir(cfg.model, cfg.cache_dir))))
+        log.info("model RSS: %s", {m["quantization"]: round(m.get("model_rss", 0) / 1e6) for m in memory})
     with tempfile.TemporaryDirectory(prefix="swapserve-bench-") as tmp:
         root = Path(tmp)
         fx = build_fixtures(cfg, root)
@@ -124,9 +160,16 @@ async def run_suite(cfg: BenchConfig) -> dict:
         log.info("swapserve engine up in %.1fs", time.perf_counter() - start)
         await engine.start()
         try:
-            return await _measure(cfg, fx, anchors, engine, peft_load)
+            results = await _measure(cfg, fx, anchors, engine, peft_load)
         finally:
             await engine.shutdown(5)
+        del engine
+        if fx.scale:
+            results["scale"] = await timed("scale", run_scale(cfg, fx.model_dir, fx.scale_root, fx.scale,
+                                                              fx.prompts[:cfg.scale_requests], anchors))
+        if memory:
+            results["memory"] = {"models": memory, "adapter": results.get("scale", {}).get("tiers")}
+        return results
 
 
 async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -> dict:
@@ -149,4 +192,8 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -
     loads = dict(list(fx.pool.items())[:cfg.interference_loads])
     intf = await interference(driver, streams, loads)
     log.info("load interference: %s", {k: round(v, 3) for k, v in intf.items()})
-    return {"cells": cells, "swap": swap, "interference": intf}
+    out = {"cells": cells, "swap": swap, "interference": intf}
+    if fx.typed:
+        out["types"] = await timed("types", run_types(cfg, engine, fx.typed, fx.kinds, list(fx.cell)[:4],
+                                                      fx.prompts, anchors))
+    return out
