@@ -86,7 +86,15 @@ class AdapterWeights:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for m in self.modules.values()
-                   for t in (m.a, m.b, m.magnitude, m.ia3) if t is not None)
+                   for t in (m.a, m.b, m.slot_b, m.magnitude, m.ia3) if t is not None)
+
+    def prepare_slots(self) -> None:
+        """Precompute each LoRA module's slot-ready B (transposed, scaling folded in) and drop the raw B, so a
+        device-slot fill is two plain copies. DoRA waits: its factor needs the base weight (AdapterLinear)."""
+        for m in self.modules.values():
+            if m.a is not None and m.magnitude is None and m.slot_b is None:
+                m.slot_b = (m.b.float().T * m.scaling).contiguous()  # [r, out]
+                m.b = None
 
 
 def _pattern_value(patterns: dict | None, module: str, default):

@@ -80,13 +80,15 @@ class AdapterManager:
         candidates = [k for k in self.slot_of if k not in needed]
         unpinned = [k for k in candidates if k not in self.pinned]
         victim = (unpinned or candidates)[0]  # LRU first; pinned ones only when nothing else can go
-        return self.evict(victim)
+        return self.evict(victim, clear=False)
 
-    def evict(self, key: AdapterKey) -> int:
-        """Free ``key``'s slot (zeroed so a stale adapter can never leak into a new one). Returns the slot."""
+    def evict(self, key: AdapterKey, clear: bool = True) -> int:
+        """Free ``key``'s slot and return it. ``clear=False`` when the caller refills it at once: set_slot
+        itself clears whatever the new adapter does not overwrite, so no stale weight can leak either way."""
         slot = self.slot_of.pop(key)
-        for layer in self.layers.values():
-            layer.reset_slot(slot)
+        if clear:
+            for layer in self.layers.values():
+                layer.reset_slot(slot)
         if self.on_evict:
             self.on_evict(key)
         return slot

@@ -165,6 +165,7 @@ class AdapterStore:
             directory = self._materialize(entry.source)
             weights = load_adapter_dir(directory, entry.name, self.config.max_adapter_bytes)
             check_against_base(weights, self.targets, self.config.max_lora_rank, self.base_model_name)
+            weights.prepare_slots()
         except Exception as e:
             entry.error = getattr(e, "message", None) or str(e)
             log.warning("adapter %s failed to load: %s", entry.name, entry.error)
@@ -177,7 +178,7 @@ class AdapterStore:
                 entry.weights = weights
                 self.host[entry.key] = entry
                 self._touch(entry)
-                self._evict_host()
+                self._evict_host(keep=entry)  # never the adapter just loaded: someone is about to use it
             elif entry.key in self.retired:  # unloaded mid-load: serve the in-flight requests, outside the tier
                 entry.weights = weights
         self._emit("on_adapter_event", "load", entry.name, entry.load_seconds)
@@ -199,7 +200,7 @@ class AdapterStore:
         if entry.key in self.host:
             self.host.move_to_end(entry.key)
 
-    def _evict_host(self) -> None:
+    def _evict_host(self, keep: AdapterEntry | None = None) -> None:
         def over() -> bool:
             total = sum(e.weights.nbytes for e in self.host.values())
             return len(self.host) > self.config.max_cpu_loras or total > self.config.max_cpu_lora_bytes
@@ -208,7 +209,7 @@ class AdapterStore:
             if not over():
                 break
             entry = self.host[key]
-            if entry.pinned or entry.in_flight > 0:
+            if entry.pinned or entry.in_flight > 0 or entry is keep:
                 continue
             del self.host[key]
             entry.weights = None

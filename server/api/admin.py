@@ -18,7 +18,7 @@ from server.api.auth import require_admin
 from server.api.errors import ConflictError
 from server.api.protocol import AdapterCreate, LoadLoRARequest, UnloadLoRARequest
 from server.config import valid_adapter_name
-from server.errors import AdapterError, InvalidRequestError, UnknownAdapterError
+from server.errors import AdapterError, InvalidRequestError, SwapserveError, UnknownAdapterError
 
 router = APIRouter(dependencies=[Depends(require_admin)])
 
@@ -32,7 +32,7 @@ async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> PlainTex
     if not body.load_inplace and _exists(engine, body.lora_name):
         raise AdapterError(f"The lora adapter '{body.lora_name}' has already been loaded. If you want to load "
                            "the adapter in place, set 'load_inplace' to True.", "lora_name")
-    await engine.load_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
+    await _load(engine, body.lora_name, body.lora_path, replace=body.load_inplace)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
@@ -55,7 +55,7 @@ async def create_adapter(body: AdapterCreate, request: Request) -> JSONResponse:
     check_name(engine, body.name)
     if not body.replace and _exists(engine, body.name):
         raise ConflictError(f"adapter '{body.name}' already exists; DELETE it first or set 'replace': true", "name")
-    info = await engine.load_adapter(body.name, body.source, pinned=body.pinned, replace=body.replace)
+    info = await _load(engine, body.name, body.source, pinned=body.pinned, replace=body.replace)
     return JSONResponse(_jsonable(info, body.name), status_code=201)
 
 
@@ -72,6 +72,18 @@ def check_name(engine, name: str) -> None:
                            "(at most 128 characters, starting with a letter or digit)", "name")
     if name == engine.model_name:
         raise AdapterError(f"adapter name {name!r} is the base model's served name", "name")
+
+
+async def _load(engine, name: str, source: str, **options):
+    """engine.load_adapter, with paths the OS cannot even look up (a NUL byte, a component over NAME_MAX)
+    refused as the client's error rather than surfacing as a 500."""
+    try:
+        return await engine.load_adapter(name, source, **options)
+    except SwapserveError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"{source!r}: not a usable adapter path ({type(exc).__name__}: {exc})",
+                           "lora_path") from None
 
 
 async def _unload(engine, name: str) -> None:

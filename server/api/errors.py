@@ -16,7 +16,7 @@ from server.errors import InvalidRequestError, QueueFullError, SwapserveError
 
 log = logging.getLogger("swapserve.api")
 
-_TGI_TYPES = {401: "authentication", 403: "authentication", 404: "validation", 409: "validation",
+_TGI_TYPES = {400: "validation", 401: "authentication", 403: "authentication", 404: "validation", 409: "validation",
               413: "validation", 422: "validation", 429: "overloaded", 503: "unhealthy"}
 _HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
@@ -96,7 +96,9 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 
 
 async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return error_response(request.url.path, exc.status_code, str(exc.detail), headers=exc.headers)
+    path = request.url.path
+    status = 422 if exc.status_code == 400 and is_tgi_path(path) else exc.status_code  # a body FastAPI could not parse
+    return error_response(path, status, str(exc.detail), headers=exc.headers)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -18,8 +18,9 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from server.api.metrics import UNKNOWN_ADAPTER
 from server.engine.request import RequestOutput, SamplingParams
-from server.errors import AdapterError, NotReadyError, SwapserveError
+from server.errors import AdapterError, NotReadyError, SwapserveError, UnknownAdapterError
 
 
 def new_id(prefix: str) -> str:
@@ -29,6 +30,15 @@ def new_id(prefix: str) -> str:
 def adapter_for(engine, model: str | None) -> str | None:
     """The adapter a `model` field names: None (base model) for no name or the served model name."""
     return None if not model or model == engine.model_name else model
+
+
+def error_label(engine, adapter: str | None, exc: SwapserveError) -> str | None:
+    """The metrics label of a refused request: its adapter only when the engine knows that name. A refusal can
+    come before the name is resolved (bad prompt, full queue), and client-chosen names must not mint labels."""
+    if adapter is None:
+        return None
+    known = not isinstance(exc, UnknownAdapterError) and any(a.get("name") == adapter for a in engine.list_adapters())
+    return adapter if known else UNKNOWN_ADAPTER
 
 
 def require_ready(engine) -> None:
@@ -141,10 +151,10 @@ async def collect_unless_disconnected(request: Request, generation: Generation) 
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not work.done():
+        if not work.done():  # client gone first; cancel() only requests it, so `work` is not cancelled() yet
             work.cancel()
             generation.abort()
-    return work.result() if not work.cancelled() else None
+    return work.result() if work.done() and not work.cancelled() else None
 
 
 def output_error(message: str) -> SwapserveError:

@@ -24,6 +24,7 @@ from server.api.generation import (
     client_gone,
     collect_unless_disconnected,
     encode_text,
+    error_label,
     max_model_len,
     new_id,
     output_error,
@@ -32,7 +33,6 @@ from server.api.generation import (
     sse,
     token_text,
 )
-from server.api.metrics import UNKNOWN_ADAPTER
 from server.api.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -43,7 +43,7 @@ from server.api.protocol import (
     Usage,
 )
 from server.api.settings import MAX_CHOICES
-from server.errors import InvalidRequestError, SwapserveError, UnknownAdapterError
+from server.errors import InvalidRequestError, SwapserveError
 
 log = logging.getLogger("swapserve.api")
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -170,8 +170,7 @@ class _Call:
         try:
             return await Generation.start(self.engine, jobs, self.adapter, self.id)
         except SwapserveError as exc:
-            adapter = UNKNOWN_ADAPTER if isinstance(exc, UnknownAdapterError) else self.adapter
-            self.app.state.metrics.record_error(adapter, exc.error_type)
+            self.app.state.metrics.record_error(error_label(self.engine, self.adapter, exc), exc.error_type)
             raise
 
     def usage(self, choices: list[Choice]) -> dict:

@@ -22,6 +22,7 @@ from server.api.generation import (
     client_gone,
     collect_unless_disconnected,
     encode_text,
+    error_label,
     new_id,
     output_error,
     raise_choice_error,
@@ -29,9 +30,8 @@ from server.api.generation import (
     sse,
     token_text,
 )
-from server.api.metrics import UNKNOWN_ADAPTER
 from server.api.protocol import TGIRequest
-from server.errors import SwapserveError, UnknownAdapterError
+from server.errors import SwapserveError
 
 log = logging.getLogger("swapserve.api")
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -73,8 +73,7 @@ async def _start(request: Request, body: TGIRequest, logprobs: bool) -> Generati
     try:
         return await Generation.start(engine, [(prompt, params.sampling_params(logprobs))], adapter, new_id("tgi"))
     except SwapserveError as exc:
-        label = UNKNOWN_ADAPTER if isinstance(exc, UnknownAdapterError) else adapter
-        request.app.state.metrics.record_error(label, exc.error_type)
+        request.app.state.metrics.record_error(error_label(engine, adapter, exc), exc.error_type)
         raise
 
 

@@ -82,7 +82,12 @@ class LLMEngine:
     # ---- adapters ---------------------------------------------------------------------------------------
     def _adapter_ready(self, req: Request) -> bool:
         entry = req.adapter_entry
-        return entry is None or entry.weights is not None
+        if entry is None or entry.weights is not None:
+            return True
+        fut = entry.future
+        if fut is None or (fut.done() and fut.exception() is None):  # evicted from host meanwhile: load again
+            self.store.ensure_host(entry)
+        return False
 
     def _pin(self, reqs: list[Request]) -> None:
         for r in reqs:

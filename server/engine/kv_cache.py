@@ -118,6 +118,7 @@ class KVCache(Cache):
         b.start, b.stop, b.kv_len = 0, n, int(positions.max()) + 1
         b.decode_pos, b.row_index = positions, torch.arange(n, device=positions.device)
 
+    @torch.inference_mode()  # the buffers may be inference tensors (grown inside the runner's forward)
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy row ``src``'s first ``length`` columns into row ``dst`` (compaction after a row finishes)."""
         for layer in self.layers:

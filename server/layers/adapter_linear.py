@@ -94,13 +94,14 @@ class AdapterLinear(nn.Module):
         return y.view(*lead, self.out_features)
 
     @torch.no_grad()
-    def reset_slot(self, slot: int) -> None:
-        """Back to "no adapter": rows past a slot's rank are always zero, so only live rows need clearing."""
+    def reset_slot(self, slot: int, keep: int = 0) -> None:
+        """Back to "no adapter". Rows past a slot's rank are always zero, so only live rows need clearing;
+        ``keep`` rows are about to be overwritten by the caller and are left alone."""
         r = self.ranks[slot]
-        if r:
-            self.lora_a[slot, :r].zero_()
-            self.lora_b[slot, :r].zero_()
-            self.ranks[slot] = 0
+        if r > keep:
+            self.lora_a[slot, keep:r].zero_()
+            self.lora_b[slot, keep:r].zero_()
+        self.ranks[slot] = 0
         if slot in self.in_scaled:
             self.in_scale[slot].fill_(1)
             self.in_scaled.discard(slot)
@@ -113,7 +114,7 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def set_slot(self, slot: int, mw: ModuleWeights | None) -> None:
         """Copy one adapter's tensors for this layer into ``slot`` (None: the adapter skips this layer)."""
-        self.reset_slot(slot)
+        self.reset_slot(slot, keep=0 if mw is None or mw.ia3 is not None else mw.rank)
         if mw is None:
             return
         if mw.ia3 is not None:
