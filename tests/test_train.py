@@ -19,14 +19,6 @@ COMPLETION = " quick brown fox"  # every prompt "x: N" is answered with this
 HELD_OUT = ["x: 123", "x: 987"]  # prompts not in the training data
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)

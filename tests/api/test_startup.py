@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-import torch
 import uvicorn
 
 from server.api.app import create_app
@@ -17,14 +16,6 @@ from server.api.settings import ServerConfig
 
 from .conftest import engine_config, free_port
 from .helpers import metric_value, wait_for
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class Gated:

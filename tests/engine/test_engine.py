@@ -34,16 +34,6 @@ FFFD = "\ufffd"
 
 
 # ---- fixtures and helpers ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on 2 shared cores: one intra-op thread is several times faster than two (no OpenMP
-    contention with other processes) and changes no result. Restored after the module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def root(adapters, tmp_path_factory) -> Path:
     """An adapter root holding every kind (name == directory name), plus 'cold' (a copy of rslora that only the

@@ -17,16 +17,6 @@ from server.errors import AdapterError, AdapterNotAllowedError, UnknownAdapterEr
 NAMES = ("lora", "rslora", "dora", "ia3", "lora2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on 2 shared cores: one intra-op thread is several times faster than two (no OpenMP
-    contention with other processes) and changes no result. Restored after the module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def root(adapters, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("store-root")

@@ -20,15 +20,6 @@ BASE = "tiny-llama"
 NORMAL = {"model": BASE, "prompt": "hello world", "max_tokens": 4, "temperature": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on 2 shared cores: one intra-op thread avoids OpenMP contention and changes no result."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def still_serves(http, expected_text: str | None = None) -> None:
     """A normal greedy request answers 200 (with the same text as before the attack, when given)."""
     r = http.post("/v1/completions", json=NORMAL)
