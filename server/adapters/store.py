@@ -25,6 +25,14 @@ log = logging.getLogger(__name__)
 HUB_ID_RE = re.compile(r"^(?:hub:)?([A-Za-z0-9][A-Za-z0-9_.-]{0,95})/([A-Za-z0-9][A-Za-z0-9_.-]{0,95})(?:@([A-Za-z0-9_.-]{1,64}))?$")
 
 
+def _lower_thread_priority() -> None:
+    """Nice this thread (Linux schedules threads individually), so the step loop wins any CPU contention."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not permitted: loads simply run at normal priority
+        pass
+
+
 @dataclass(eq=False)
 class AdapterEntry:
     name: str
@@ -57,7 +65,9 @@ class AdapterStore:
         self.retired: dict[tuple[str, int], AdapterEntry] = {}
         self.host: OrderedDict[tuple[str, int], AdapterEntry] = OrderedDict()  # LRU, oldest first
         self.lock = threading.RLock()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")  # one: loads must not starve the step loop
+        # one low-priority loader: a load may take longer, but running streams must not stall behind it
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load",
+                                           initializer=_lower_thread_priority)
         self._versions = 0
 
     # ---- names and sources ------------------------------------------------------------------------------
