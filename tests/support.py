@@ -92,17 +92,23 @@ def make_adapter(model_dir: Path, kind: str, out: Path, seed: int) -> Path:
 
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     peft_model = get_peft_model(base, peft_config(kind))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "ia3_l" in name:
-                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=gen))
-            elif "lora_" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    randomize_adapter(peft_model, seed)
     peft_model.save_pretrained(out)
     return out
+
+
+@torch.no_grad()
+def randomize_adapter(peft_model, seed: int, scale: float = 0.2) -> None:
+    """Give a fresh PEFT adapter random, non-trivial weights (PEFT initialises B/E to zero and IA3 to one,
+    which would make every adapter a no-op and hide wrong math)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in peft_model.named_parameters():
+        if "ia3_l" in name:
+            p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
+        elif "lora_magnitude_vector" in name:
+            p.mul_(1 + 0.3 * torch.rand(p.shape, generator=gen))
+        elif "lora_" in name:
+            p.copy_(scale * torch.randn(p.shape, generator=gen))
 
 
 def peft_model_for(model_dir: Path, adapter_dir: Path | None, quantization: str = "none"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from support import randomize_adapter
 from server.adapters.formats import load_adapter_dir
 from server.layers.adapter_linear import AdapterLinear
 from server.layers.mapping import NO_SLOT, AdapterMapping, MappingHolder
@@ -137,15 +138,7 @@ def toy(request, tmp_path_factory):
     out = {}
     for i, kind in enumerate(TOY_KINDS + ("rslora",)):
         pm = get_peft_model(Toy(request.param), toy_config(kind))
-        gen = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if "ia3_l" in name:
-                    p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
-                elif "lora_magnitude_vector" in name:
-                    p.mul_(1 + 0.3 * torch.rand(p.shape, generator=gen))
-                elif "lora_" in name:
-                    p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        randomize_adapter(pm, seed=10 + i, scale=0.3)
         path = tmp_path_factory.mktemp(f"toy-{kind}")
         pm.save_pretrained(path)
         out[kind] = (pm.eval(), load_adapter_dir(path, kind).modules["proj"])

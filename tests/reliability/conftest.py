@@ -14,7 +14,8 @@ import struct
 from pathlib import Path
 
 import pytest
-import torch
+
+from support import randomize_adapter
 
 BASE = "tiny-llama"
 NORMAL = {"model": BASE, "prompt": "hello world", "max_tokens": 4, "temperature": 0}
@@ -66,11 +67,7 @@ def make_lora(model_dir: Path, out: Path, r: int, seed: int, targets=("q_proj", 
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
                            LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    randomize_adapter(model, seed)
     model.save_pretrained(out)
     return out
 
