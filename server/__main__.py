@@ -68,6 +68,9 @@ ENGINE_FLAGS = (
     Flag("cache-dir", str, "", "where converted models are cached: a .gguf --model is dequantized to safetensors "
          "once and later start-ups load that copy (default: $XDG_CACHE_HOME/swapserve or ~/.cache/swapserve)",
          metavar="DIR"),
+    Flag("adapter-loader", str, "process", "where adapters are read, validated and packed: a helper process "
+         "(running streams keep their pace while adapters load) or a thread of the server process (no extra "
+         "process, but each load stalls the streams for its Python time)", ("process", "thread")),
 )
 SERVER_FLAGS = (
     Flag("host", str, "127.0.0.1", "address to listen on (0.0.0.0 exposes the server; set --api-key then)"),

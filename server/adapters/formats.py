@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+import torch.nn.functional as F
 
 from server.errors import AdapterError
 
@@ -29,8 +29,9 @@ PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 KEY_PREFIX = "base_model.model."
 MAX_CONFIG_BYTES = 1 << 20
 MAX_HEADER_BYTES = 16 << 20
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 # PEFT config switches whose semantics we do not implement; an adapter that turns one on is refused, not
 # silently served wrong.
 _UNSUPPORTED_FLAGS = ("lora_bias", "use_qalora", "layer_replication", "trainable_token_indices",
@@ -64,8 +65,34 @@ class ModuleWeights:
 
 
 @dataclass
+class PackedBank:
+    """One adapter's tensors for one bank of same-shaped base layers (see server.layers.slot_bank), stacked so
+    a device-slot fill is one copy per tensor kind for the whole bank, not one per layer.
+
+    positions: the bank members this adapter targets (indices into the bank's layer list), ascending.
+    index:     the same as a long tensor, or None when the adapter targets every member in order.
+    ranks:     each targeted member's own rank (rows up to ``a.shape[1]`` beyond it are zero).
+    a [n, r, in], b [n, r, out] (B transposed, scaling folded in): LoRA/AdaLoRA; ia3 [n, dim]: IA3.
+    """
+
+    positions: list[int]
+    index: torch.Tensor | None
+    ranks: list[int]
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    ia3: torch.Tensor | None = None
+    ia3_on_input: bool = False
+    modules: list[str] = field(default_factory=list)  # the module path of each position
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.a is None else self.a.shape[1]
+
+
+@dataclass
 class AdapterWeights:
-    """A whole adapter on host: ``modules`` maps a base-model module path to its tensors."""
+    """A whole adapter on host: ``modules`` maps a base-model module path to its tensors; ``packed`` (after
+    ``prepare_slots`` with a bank layout) holds the same tensors stacked per bank, ``modules`` viewing into it."""
 
     name: str
     peft_type: str  # LORA | ADALORA | IA3
@@ -74,6 +101,8 @@ class AdapterWeights:
     path: str
     base_model_name_or_path: str | None = None
     config: dict = field(default_factory=dict)
+    packed: dict[int, PackedBank] = field(default_factory=dict)  # bank number -> stacked tensors
+    _nbytes: int | None = field(default=None, repr=False)
 
     @property
     def kind(self) -> str:
@@ -85,16 +114,130 @@ class AdapterWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for m in self.modules.values()
-                   for t in (m.a, m.b, m.slot_b, m.magnitude, m.ia3) if t is not None)
+        """Host bytes held (packed tensors plus per-module tensors that are not views into them). Computed
+        once by prepare_slots, counting the slot-ready B a DoRA module builds at its first activation: the
+        host tier sums this over every entry whenever a request finishes, so it must cost nothing."""
+        if self._nbytes is None:
+            return self._count_bytes()
+        return self._nbytes
 
-    def prepare_slots(self) -> None:
-        """Precompute each LoRA module's slot-ready B (transposed, scaling folded in) and drop the raw B, so a
-        device-slot fill is two plain copies. DoRA waits: its factor needs the base weight (AdapterLinear)."""
+    def _count_bytes(self) -> int:
+        packed = [t for p in self.packed.values() for t in (p.a, p.b, p.ia3) if t is not None]
+        shared = self._packed_storages()
+        own = [t for m in self.modules.values() for t in (m.a, m.b, m.slot_b, m.magnitude, m.ia3)
+               if t is not None and t.untyped_storage().data_ptr() not in shared]
+        dora_slot_b = sum(m.b.numel() * 4 for m in self.modules.values() if m.magnitude is not None
+                          and m.slot_b is None)
+        return sum(t.numel() * t.element_size() for t in packed + own) + dora_slot_b
+
+    def prepare_slots(self, banks: list[list[str]] | None = None) -> None:
+        """Make the adapter slot-ready: B transposed with its scaling folded in, stacked per bank of the
+        device layout (``banks``: each bank's member module paths, in bank order) where every targeted member
+        of a bank is the same kind (plain LoRA/AdaLoRA, or IA3 on the same side). DoRA waits: its factor
+        needs the base weight, so it is built per layer at first activation (AdapterLinear.set_slot).
+        Afterwards no tensor views the file buffer the adapter was read into, so that buffer is freed."""
+        for number, paths in enumerate(banks or ()):
+            present = [(pos, p, self.modules[p]) for pos, p in enumerate(paths) if p in self.modules]
+            packed = _pack(present) if present else None
+            if packed is not None:
+                self.packed[number] = packed
+        packed = self._packed_storages()
         for m in self.modules.values():
             if m.a is not None and m.magnitude is None and m.slot_b is None:
                 m.slot_b = (m.b.float().T * m.scaling).contiguous()  # [r, out]
                 m.b = None
+            for part in ("a", "b", "magnitude", "ia3"):
+                t = getattr(m, part)
+                if t is not None and t.untyped_storage().data_ptr() not in packed and \
+                        t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                    setattr(m, part, t.clone())  # a view into the file buffer: own it
+        self._nbytes = self._count_bytes()
+
+    # ---- the prepared form: how a loader process hands a slot-ready adapter over (one file, one read) ----
+    def save_prepared(self, path: Path) -> dict:
+        """Write the prepared tensors to one safetensors file; returns the metadata load_prepared needs."""
+        from safetensors.torch import save_file
+
+        tensors, banks, in_bank = {}, {}, set()
+        for number, pb in self.packed.items():
+            for part in ("a", "b", "ia3", "index"):
+                if getattr(pb, part) is not None:
+                    tensors[f"packed.{number}.{part}"] = getattr(pb, part)
+            banks[number] = {"positions": pb.positions, "ranks": pb.ranks, "ia3_on_input": pb.ia3_on_input,
+                             "modules": pb.modules}
+            in_bank.update(pb.modules)
+        modules = {}
+        for module, m in self.modules.items():
+            modules[module] = {"scaling": m.scaling, "ia3_on_input": m.ia3_on_input}
+            if module not in in_bank:
+                for part in ("a", "b", "slot_b", "magnitude", "ia3"):
+                    if getattr(m, part) is not None:
+                        tensors[f"module.{module}.{part}"] = getattr(m, part).contiguous()
+        save_file(tensors, str(path))
+        return {"name": self.name, "peft_type": self.peft_type, "use_dora": self.use_dora, "path": self.path,
+                "base_model_name_or_path": self.base_model_name_or_path, "config": self.config,
+                "nbytes": self.nbytes, "banks": banks, "modules": modules}
+
+    @classmethod
+    def load_prepared(cls, path: Path, meta: dict) -> "AdapterWeights":
+        """Inverse of save_prepared: one read; every tensor, per module too, is a view into that buffer."""
+        t = read_safetensors(path, path.stat().st_size)
+        modules = {m: ModuleWeights(scaling=v["scaling"], ia3_on_input=v["ia3_on_input"])
+                   for m, v in meta["modules"].items()}
+        packed = {}
+        for number, b in meta["banks"].items():
+            pb = PackedBank(b["positions"], t.get(f"packed.{number}.index"), b["ranks"],
+                            a=t.get(f"packed.{number}.a"), b=t.get(f"packed.{number}.b"),
+                            ia3=t.get(f"packed.{number}.ia3"), ia3_on_input=b["ia3_on_input"],
+                            modules=b["modules"])
+            packed[int(number)] = pb
+            for i, (module, r) in enumerate(zip(pb.modules, pb.ranks)):
+                mw = modules[module]
+                if pb.a is not None:
+                    mw.a, mw.slot_b = pb.a[i, :r], pb.b[i, :r]
+                else:
+                    mw.ia3 = pb.ia3[i]
+        for key, tensor in t.items():
+            if key.startswith("module."):
+                module, _, part = key[len("module."):].rpartition(".")
+                setattr(modules[module], part, tensor)
+        w = cls(meta["name"], meta["peft_type"], meta["use_dora"], modules, meta["path"],
+                meta["base_model_name_or_path"], meta["config"], packed)
+        w._nbytes = meta["nbytes"]
+        return w
+
+    def _packed_storages(self) -> set[int]:
+        return {t.untyped_storage().data_ptr() for p in self.packed.values() for t in (p.a, p.b, p.ia3)
+                if t is not None}
+
+
+def _pack(present: list[tuple[int, str, ModuleWeights]]) -> PackedBank | None:
+    """Stack one bank's modules (a few ops for the whole bank), or None when they are not all one packable kind
+    (then the bank is filled layer by layer)."""
+    positions = [pos for pos, _, _ in present]
+    paths = [path for _, path, _ in present]
+    mws = [m for _, _, m in present]
+    index = None if positions == list(range(len(positions))) else torch.tensor(positions, dtype=torch.long)
+    if all(m.ia3 is not None for m in mws):
+        if len({m.ia3_on_input for m in mws}) != 1 or len({m.ia3.shape for m in mws}) != 1:
+            return None
+        ia3 = torch.stack([m.ia3 for m in mws])  # [n, dim]
+        for i, m in enumerate(mws):
+            m.ia3 = ia3[i]
+        return PackedBank(positions, index, [0] * len(mws), ia3=ia3, ia3_on_input=mws[0].ia3_on_input,
+                          modules=paths)
+    if not all(m.a is not None and m.magnitude is None and m.slot_b is None for m in mws):
+        return None
+    ranks = [m.rank for m in mws]
+    r = max(ranks)  # lower ranks (rank_pattern) are zero-padded up to it
+    a = torch.stack([m.a if m.rank == r else F.pad(m.a, (0, 0, 0, r - m.rank)) for m in mws])  # [n, r, in]
+    b = torch.stack([m.b if m.rank == r else F.pad(m.b, (0, r - m.rank)) for m in mws]).float()  # [n, out, r]
+    scalings = {m.scaling for m in mws}
+    scale = scalings.pop() if len(scalings) == 1 else torch.tensor([m.scaling for m in mws]).view(-1, 1, 1)
+    b = (b.transpose(1, 2) * scale).contiguous()  # [n, r, out]
+    for i, m in enumerate(mws):
+        m.a, m.slot_b, m.b = a[i, :ranks[i]], b[i, :ranks[i]], None
+    return PackedBank(positions, index, ranks, a=a, b=b, modules=paths)
 
 
 def _pattern_value(patterns: dict | None, module: str, default):
@@ -120,8 +263,34 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-def check_safetensors_header(path: Path, max_bytes: int) -> None:
-    """Validate the header before any tensor is read: sizes, offsets and dtypes must be consistent."""
+def read_safetensors(path: Path, max_bytes: int) -> dict[str, torch.Tensor]:
+    """Validate the header, then read the data in one call; every tensor is a view into that one buffer.
+
+    No per-tensor file access and little Python per tensor: a load runs on a thread beside the step loop, and
+    every Python bytecode it runs is GIL time the running streams wait for.
+    """
+    header, data_start = check_safetensors_header(path, max_bytes)
+    buf = torch.empty(path.stat().st_size - data_start, dtype=torch.uint8)  # not zero-filled: read over
+    with path.open("rb") as f:
+        f.seek(data_start)
+        if f.readinto(memoryview(buf.numpy())) != len(buf):
+            raise AdapterFormatError(f"{path}: file changed while being read")
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _DTYPES[info["dtype"]]
+        raw = buf[start:end]
+        if start % dtype.itemsize:
+            raw = raw.clone()  # unaligned (old writers did not pad the header): view a copy instead
+        tensors[key] = raw.view(dtype).view(info["shape"])
+    return tensors
+
+
+def check_safetensors_header(path: Path, max_bytes: int) -> tuple[dict, int]:
+    """Validate the header before any tensor is read: sizes, offsets and dtypes must be consistent.
+    Returns the header and the file offset where tensor data starts."""
     size = path.stat().st_size
     if size > max_bytes:
         raise AdapterFormatError(f"{path}: {size} bytes exceeds the {max_bytes}-byte adapter limit")
@@ -141,17 +310,22 @@ def check_safetensors_header(path: Path, max_bytes: int) -> None:
     data_len = size - 8 - n
     for key, info in header.items():
         if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise AdapterFormatError(f"{path}: safetensors __metadata__ must map strings to strings")
             continue
         try:
             start, end = info["data_offsets"]
             numel = math.prod(info["shape"])
-            itemsize = _DTYPE_BYTES[info["dtype"]]
+            itemsize = _DTYPES[info["dtype"]].itemsize
+            if not all(isinstance(v, int) and v >= 0 for v in (start, end, *info["shape"])):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise AdapterFormatError(f"{path}: tensor {key!r} has a malformed header entry") from None
         if not (0 <= start <= end <= data_len) or numel * itemsize != end - start:
             raise AdapterFormatError(
                 f"{path}: tensor {key!r} claims {numel * itemsize} bytes at {start}..{end} but the file holds "
                 f"{data_len} data bytes; file is corrupt or truncated")
+    return header, 8 + n
 
 
 def _check_config(config: dict, path: Path) -> str:
@@ -229,11 +403,7 @@ def load_adapter_dir(directory: str | Path, name: str, max_bytes: int = 2 << 30)
         why = (f"only pickle weights ({', '.join(pickles)}) found; pickles can run code and are never loaded, "
                "re-save the adapter with safe_serialization=True") if pickles else "missing"
         raise AdapterFormatError(f"{weights_path}: {why}")
-    check_safetensors_header(weights_path, max_bytes)
-    try:
-        tensors = load_file(str(weights_path), device="cpu")
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise AdapterFormatError(f"{weights_path}: unreadable safetensors file ({e})") from None
+    tensors = read_safetensors(weights_path, max_bytes)
     embedding = next((k for k in tensors if "lora_embedding_" in k), None)
     if embedding is not None:
         raise AdapterFormatError(f"{weights_path}: {embedding!r} is an embedding LoRA, which is not supported")

@@ -25,6 +25,7 @@ class AdapterManager:
     def __init__(self, layers: dict[str, AdapterLinear], holder: MappingHolder, num_slots: int,
                  device: torch.device, on_evict: Callable[[AdapterKey], None] | None = None):
         self.layers = layers
+        self.banks = list(dict.fromkeys(layer.bank for layer in layers.values()))
         self.holder = holder
         self.num_slots = num_slots
         self.device = device
@@ -33,6 +34,11 @@ class AdapterManager:
         self.slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order: oldest first
         self.pinned: set[AdapterKey] = set()
         self.loads = 0
+
+    @property
+    def layout(self) -> list[list[str]]:
+        """Each bank's member paths: what AdapterWeights.prepare_slots packs adapters for."""
+        return [bank.paths for bank in self.banks]
 
     @property
     def free_slots(self) -> list[int]:
@@ -71,8 +77,13 @@ class AdapterManager:
         w = weights(key)  # first: a failing lookup must not cost a resident adapter its slot
         free = self.free_slots
         slot = free[0] if free else self._evict_for(needed)
-        for path, layer in self.layers.items():
-            layer.set_slot(slot, w.modules.get(path))
+        for number, bank in enumerate(self.banks):
+            packed = w.packed.get(number)
+            if packed is not None:
+                bank.fill(slot, packed)
+            else:  # not packed for this layout (DoRA, a mixed-kind bank, an adapter that skips the bank)
+                for path, layer in zip(bank.paths, bank.layers):
+                    layer.set_slot(slot, w.modules.get(path))
         self.slot_of[key] = slot
         self.loads += 1
 
@@ -87,8 +98,8 @@ class AdapterManager:
         itself clears whatever the new adapter does not overwrite, so no stale weight can leak either way."""
         slot = self.slot_of.pop(key)
         if clear:
-            for layer in self.layers.values():
-                layer.reset_slot(slot)
+            for bank in self.banks:
+                bank.reset(slot)
         if self.on_evict:
             self.on_evict(key)
         return slot

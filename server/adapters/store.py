@@ -17,7 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.adapters.formats import CONFIG_FILE, WEIGHTS_FILE, AdapterWeights, check_against_base, load_adapter_dir
+from server.adapters.formats import CONFIG_FILE, WEIGHTS_FILE, AdapterWeights
+from server.adapters.load_worker import prepare, shared_worker
 from server.config import EngineConfig, valid_adapter_name
 from server.errors import AdapterError, AdapterNotAllowedError, UnknownAdapterError
 
@@ -55,9 +56,11 @@ class AdapterEntry:
 
 class AdapterStore:
     def __init__(self, config: EngineConfig, targets: dict[str, tuple[int, int]], base_model_name: str,
-                 observers=()):
+                 observers=(), banks: list[list[str]] | None = None):
+        """banks: the device tier's SlotBank layout (AdapterManager.layout); loads pack adapters for it."""
         self.config = config
         self.targets = targets
+        self.banks = banks
         self.base_model_name = base_model_name
         self.observers = observers
         self.roots = [Path(r).resolve() for r in config.adapter_roots]
@@ -65,7 +68,7 @@ class AdapterStore:
         self.retired: dict[tuple[str, int], AdapterEntry] = {}
         self.host: OrderedDict[tuple[str, int], AdapterEntry] = OrderedDict()  # LRU, oldest first
         self.lock = threading.RLock()
-        # one low-priority loader: a load may take longer, but running streams must not stall behind it
+        # one low-priority thread drives the loads (the work itself runs in the loader process, load_worker.py)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load",
                                            initializer=_lower_thread_priority)
         self._versions = 0
@@ -173,9 +176,7 @@ class AdapterStore:
         start = time.perf_counter()
         try:
             directory = self._materialize(entry.source)
-            weights = load_adapter_dir(directory, entry.name, self.config.max_adapter_bytes)
-            check_against_base(weights, self.targets, self.config.max_lora_rank, self.base_model_name)
-            weights.prepare_slots()
+            weights = self._read(directory, entry.name)
         except Exception as e:
             entry.error = getattr(e, "message", None) or str(e)
             log.warning("adapter %s failed to load: %s", entry.name, entry.error)
@@ -195,6 +196,14 @@ class AdapterStore:
         log.info("adapter %s (%s r=%d, %.1f MB) loaded to host in %.3fs", entry.name, weights.kind, weights.rank,
                  weights.nbytes / 1e6, entry.load_seconds)
         return entry
+
+    def _read(self, directory: Path, name: str) -> AdapterWeights:
+        """Read, validate against the base and pack one adapter: in the loader process (load_worker.py), or
+        on this thread with --adapter-loader thread."""
+        load = shared_worker().load if self.config.adapter_loader == "process" else prepare
+        return load(directory=str(directory), name=name, max_bytes=self.config.max_adapter_bytes,
+                    targets=self.targets, max_rank=self.config.max_lora_rank,
+                    base_model_name=self.base_model_name, banks=self.banks)
 
     def _materialize(self, source: str) -> Path:
         if not source.startswith("hub:"):

@@ -14,6 +14,7 @@ from torch import nn
 
 from server.adapters.formats import ModuleWeights
 from server.layers.mapping import MappingHolder
+from server.layers.slot_bank import SlotBank
 from server.layers.ops import lora_grouped, lora_segments, scale_rows, shift_rows
 
 
@@ -44,22 +45,22 @@ class AdapterLinear(nn.Module):
     """The wrapper; ``holder.mapping`` says which slot each token of the current step uses."""
 
     def __init__(self, base_layer: nn.Module, holder: MappingHolder, num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, bank: SlotBank | None = None):
+        """``bank``: the SlotBank of same-shaped layers this one's slot tensors live in (wrap_model groups
+        them); None makes a bank of one."""
         super().__init__()
         self.base_layer = base_layer
         self.holder = holder
         self.num_slots = num_slots
         self.in_features, self.out_features = layer_features(base_layer)
-        fin, fout, s = self.in_features, self.out_features, num_slots
-        self.register_buffer("lora_a", torch.zeros(s, max_rank, fin, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(s, max_rank, fout, dtype=dtype, device=device), persistent=False)
-        # row s (the last) is the identity row used by base tokens
-        self.register_buffer("in_scale", torch.ones(s + 1, fin, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("out_scale", torch.ones(s + 1, fout, dtype=dtype, device=device), persistent=False)
-        bias = getattr(base_layer, "bias", None)
-        self.register_buffer("out_shift", None if bias is None else torch.zeros(s + 1, fout, dtype=dtype, device=device),
-                             persistent=False)
-        self.ranks = [0] * s
+        if bank is None:
+            bank = SlotBank(1, self.in_features, self.out_features, getattr(base_layer, "bias", None) is not None,
+                            num_slots, max_rank, dtype, device)
+        self.bank = bank
+        for name, view in bank.member(len(bank.layers)).items():  # [S, R, in], [S, R, out], [S + 1, dim]
+            self.register_buffer(name, view, persistent=False)
+        bank.layers.append(self)
+        self.ranks = [0] * num_slots
         self.in_scaled: set[int] = set()
         self.out_scaled: set[int] = set()
 

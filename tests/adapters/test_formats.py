@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 from server.adapters.formats import (CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE, AdapterFormatError,
-                                     check_against_base, load_adapter_dir)
+                                     check_against_base, load_adapter_dir, read_safetensors)
 from server.errors import AdapterError
 
 PREFIX = "base_model.model."
@@ -86,6 +86,59 @@ def test_good_adapter_matches_peft(case, make_adapter, base_targets):
             assert mw.magnitude is None
     assert weights.nbytes > 0
     check_against_base(weights, base_targets, max_rank=max(rank, 1))  # fits the base exactly: no error
+
+
+# --- the reader and host packing --------------------------------------------------------------------------
+
+def test_reader_equals_safetensors(tmp_path):
+    """Every dtype an adapter may be saved in reads back bit-exact."""
+    gen = torch.Generator().manual_seed(0)
+    sd = {f"t.{dt}": torch.randn(3, 5, generator=gen).to(dt)
+          for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+    sd["t.scalar"], sd["t.empty"] = torch.tensor(2.5), torch.zeros(0, 4)
+    path = tmp_path / "x.safetensors"
+    save_file(sd, str(path))
+    got, want = read_safetensors(path, 1 << 20), load_file(str(path))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+def test_reader_unaligned_tensor(tmp_path):
+    """A hand-written file whose F32 tensor starts at an odd byte offset still reads correctly (a copy)."""
+    values = torch.arange(6, dtype=torch.float32)
+    data = b"\x07" + values.numpy().tobytes()
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(header({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+                             "b": {"dtype": "F32", "shape": [2, 3], "data_offsets": [1, 25]}}, data))
+    got = read_safetensors(path, 1 << 20)
+    assert got["a"].tolist() == [7] and torch.equal(got["b"], values.view(2, 3))
+
+
+def test_packing_shares_storage_and_frees_the_file_buffer(make_adapter, base_targets):
+    """prepare_slots with a bank layout stacks each bank's modules; the modules view into the stacks (no copy
+    kept twice), B is pre-transposed and scaled, and no tensor keeps the file's read buffer alive."""
+    directory, _ = make_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           rank_pattern={"layers.1.self_attn.q_proj": 2}))
+    plain = load_adapter_dir(directory, "x")
+    weights = load_adapter_dir(directory, "x")
+    paths = sorted(weights.modules)
+    q = [p for p in paths if p.endswith("q_proj")]
+    v = [p for p in paths if p.endswith("v_proj")]
+    weights.prepare_slots([["model.layers.0.mlp.up_proj"], q, ["unknown.module"] + v])
+    assert set(weights.packed) == {1, 2}
+    bank_q, bank_v = weights.packed[1], weights.packed[2]
+    assert bank_q.index is None and bank_q.ranks == [4, 2] and bank_q.a.shape[:2] == (2, 4)
+    assert bank_v.positions == [1, 2] and bank_v.index.tolist() == [1, 2]
+    stacks = {t.untyped_storage().data_ptr() for b in (bank_q, bank_v) for t in (b.a, b.b)}
+    for path, mw in weights.modules.items():
+        ref = plain.modules[path]
+        assert mw.b is None and mw.a.untyped_storage().data_ptr() in stacks
+        assert torch.equal(mw.a, ref.a) and torch.equal(mw.slot_b, ref.b.T * ref.scaling), path
+    assert not bank_q.a[1, 2:].any() and not bank_q.b[1, 2:].any(), "rank padding must be zero"
+    file_bytes = sum(t.numel() * t.element_size() for t in load_file(str(directory / WEIGHTS_FILE)).values())
+    padding = 2 * (bank_q.a.shape[2] + bank_q.b.shape[2]) * 4  # q of layer 1: 2 zero rows in a and in b
+    assert weights.nbytes == file_bytes + padding
 
 
 # --- hostile directories, built by corrupting one thing in a valid LoRA ---------------------------------------
@@ -163,7 +216,7 @@ HOSTILE = [  # (id, mutate(dir), file named in the message, reason regex)
     ("no-offsets", weights_bytes(lambda b: header({Q0 + "lora_A.weight": {"dtype": "F32", "shape": [2]}})),
      WEIGHTS_FILE, "malformed header entry"),
     ("bad-metadata", weights_bytes(lambda b: header({"__metadata__": {"a": 1}, Q0 + "lora_A.weight": F32_2x2},
-                                                    b"\0" * 16)), WEIGHTS_FILE, "unreadable safetensors"),
+                                                    b"\0" * 16)), WEIGHTS_FILE, "__metadata__ must map strings"),
     ("no-tensors", weights_bytes(lambda b: header({"__metadata__": {"format": "pt"}})), WEIGHTS_FILE,
      "no adapter tensors"),
     ("int-tensor", tensors(replace(Q0 + "lora_A.weight", lambda t: t.to(torch.int32))), WEIGHTS_FILE, "non-float"),

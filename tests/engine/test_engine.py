@@ -671,14 +671,14 @@ def test_streaming_increments_concatenate_and_never_split_characters(loop, aengi
 def test_single_flight_cold_load_and_it_does_not_stall_others(loop, aengine, observe, monkeypatch, oracle):
     rec = observe(Recorder())
     release, calls = threading.Event(), []
-    original = store_module.load_adapter_dir
+    original = store_module.AdapterStore._read
 
-    def held(directory, name, *args, **kwargs):
+    def held(self, directory, name):
         calls.append(name)
         assert release.wait(30)
-        return original(directory, name, *args, **kwargs)
+        return original(self, directory, name)
 
-    monkeypatch.setattr(store_module, "load_adapter_dir", held)
+    monkeypatch.setattr(store_module.AdapterStore, "_read", held)
     p1, p2 = encode(aengine, "The quick"), encode(aengine, "Adapters")
 
     async def main():
@@ -705,9 +705,8 @@ def test_single_flight_cold_load_and_it_does_not_stall_others(loop, aengine, obs
 def test_cold_request_counts_one_miss(loop, aengine, observe, monkeypatch, root):
     rec = observe(Recorder())
     release = threading.Event()
-    original = store_module.load_adapter_dir
-    monkeypatch.setattr(store_module, "load_adapter_dir",
-                        lambda *a, **k: (release.wait(30), original(*a, **k))[1])
+    original = store_module.AdapterStore._read
+    monkeypatch.setattr(store_module.AdapterStore, "_read", lambda *a: (release.wait(30), original(*a))[1])
 
     async def main():
         aengine.engine.store.register("misscount", str(root / "lora"))

@@ -20,18 +20,49 @@ def runner(tiny_model_dir):
                                     max_num_seqs=8, max_model_len=128))
 
 
-@pytest.fixture(scope="module")
-def host(adapters, runner):
-    """name -> AdapterWeights, validated against the runner's base; ``host.weights`` is the runner's callback."""
+@pytest.fixture(scope="module", params=["per-layer", "banks", "mixed"])
+def host(request, adapters, runner):
+    """The runner's weights callback: name -> AdapterWeights, validated against the runner's base, and packed
+    for its slot banks ("banks", as the store does), not packed ("per-layer": the path DoRA and mixed-kind
+    banks take), or every other adapter packed ("mixed": both fill paths meet in the same slots)."""
     cache = {}
 
     def weights(key):
         if key[0] not in cache:
             w = load_adapter_dir(adapters[key[0]], key[0])
             check_against_base(w, runner.targets, MAX_RANK)
+            if request.param == "banks" or (request.param == "mixed" and len(cache) % 2 == 0):
+                w.prepare_slots(runner.manager.layout)
             cache[key[0]] = w
         return cache[key[0]]
     return weights
+
+
+def slot_state(runner, slot):
+    return {p: (l.ranks[slot], slot in l.in_scaled, slot in l.out_scaled,
+                [t[slot].clone() for t in (l.lora_a, l.lora_b, l.in_scale, l.out_scale)]) for p, l in runner.layers.items()}
+
+
+@pytest.mark.parametrize("name", ["lora", "rslora", "lora_pattern", "ia3", "adalora"])
+def test_bank_fill_equals_layer_by_layer_fill(runner, adapters, name):
+    """A packed adapter (one copy per bank) lands exactly as the layer-by-layer fill does, including rank
+    padding (rank_pattern) and adapters that target only some members of a bank; both fills follow a
+    different adapter in the slot, so what they clear is checked too."""
+    evict_all(runner)
+    per_layer = load_adapter_dir(adapters[name], name)
+    packed = load_adapter_dir(adapters[name], name)
+    packed.prepare_slots(runner.manager.layout)
+    assert packed.packed, "nothing packed: the bank path is not exercised"
+    states = []
+    for w in (per_layer, packed):
+        for key, weights in ((("lora2", 0), load_adapter_dir(adapters["lora2"], "lora2")), ((name, 0), w)):
+            runner.manager.activate([key], lambda k, w=weights: w, 1)
+            states.append(slot_state(runner, runner.manager.slot_of[key]))
+            runner.manager.evict(key, clear=key[0] != "lora2")  # the second adapter takes lora2's dirty slot
+    for path, (rank, ins, outs, tensors) in states[1].items():
+        other = states[3][path]
+        assert (rank, ins, outs) == other[:3], path
+        assert all(torch.equal(x, y) for x, y in zip(tensors, other[3])), path
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +98,7 @@ def test_more_adapters_than_slots_evict_and_reload_stay_exact(runner, host, orac
     """Rows 0-3 decode greedily; before every other step a new request's prefill (rows 4-7) needs four other
     adapters, evicting all of the running ones, which the next decode must reload into whatever slot is free."""
     running, others = ["lora", "dora", None, "ia3"], ["rslora", "lora_pattern", "adalora", "lora2"]
+    evict_all(runner)  # the runner is shared by every ``host`` mode
     prompts = prompts_of([6, 3, 9, 5])
     loads0 = runner.manager.loads
     step_logits = [runner.prefill(0, prompts, keys(running), host)]

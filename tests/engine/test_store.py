@@ -78,15 +78,15 @@ def gate(monkeypatch):
             self.release.set()
 
     g = Gate()
-    original = store_module.load_adapter_dir
+    original = store_module.AdapterStore._read
 
-    def held(directory, name, *args, **kwargs):
+    def held(self, directory, name):
         with g.lock:
             g.calls.append(name)
         assert g.release.wait(20), "test gate never opened"
-        return original(directory, name, *args, **kwargs)
+        return original(self, directory, name)
 
-    monkeypatch.setattr(store_module, "load_adapter_dir", held)
+    monkeypatch.setattr(store_module.AdapterStore, "_read", held)
     yield g
     g.open()
 

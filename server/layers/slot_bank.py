@@ -1,0 +1,83 @@
+"""SlotBank: the slot tensors of same-shaped AdapterLinear layers, stacked into one tensor per kind.
+
+Member i of a bank sees ``bank.lora_a[i]`` as its own ``lora_a`` [num_slots, max_rank, in] (a view), so the
+forward path is unchanged; what changes is filling a slot: an adapter packed per bank on the host
+(formats.PackedBank) goes in with one copy per tensor kind for the whole bank (a handful of copies per adapter)
+instead of a few per layer (hundreds), which is what made a host -> device swap cost Python time, not bytes.
+
+Per-layer bookkeeping (``ranks``, ``in_scaled``, ``out_scaled``) stays on each AdapterLinear: the bank keeps
+it exact, so layer-by-layer fills (DoRA, mixed-kind banks) and bank fills can follow each other in one slot.
+"""
+from __future__ import annotations
+
+import torch
+
+from server.adapters.formats import PackedBank
+
+
+class SlotBank:
+    def __init__(self, size: int, in_features: int, out_features: int, bias: bool, num_slots: int,
+                 max_rank: int, dtype: torch.dtype, device: torch.device):
+        s = num_slots
+        self.lora_a = torch.zeros(size, s, max_rank, in_features, dtype=dtype, device=device)
+        self.lora_b = torch.zeros(size, s, max_rank, out_features, dtype=dtype, device=device)
+        # per member, row s (the last) is the identity row used by base tokens
+        self.in_scale = torch.ones(size, s + 1, in_features, dtype=dtype, device=device)
+        self.out_scale = torch.ones(size, s + 1, out_features, dtype=dtype, device=device)
+        self.out_shift = torch.zeros(size, s + 1, out_features, dtype=dtype, device=device) if bias else None
+        self.layers: list = []  # the AdapterLinear members, in bank order
+        self.paths: list[str] = []  # their module paths (set by wrap_model)
+
+    def member(self, pos: int) -> dict[str, torch.Tensor | None]:
+        """Member ``pos``'s slot tensors: views into the bank."""
+        return {"lora_a": self.lora_a[pos], "lora_b": self.lora_b[pos], "in_scale": self.in_scale[pos],
+                "out_scale": self.out_scale[pos],
+                "out_shift": None if self.out_shift is None else self.out_shift[pos]}
+
+    @torch.no_grad()
+    def reset(self, slot: int) -> None:
+        """Slot ``slot`` back to "no adapter" in every member."""
+        self._clear(slot, keep_rank=0, covers_all=False)
+
+    @torch.no_grad()
+    def fill(self, slot: int, packed: PackedBank) -> None:
+        """Load one adapter's packed tensors for this bank into ``slot``; members it does not target get none."""
+        covers_all = len(packed.positions) == len(self.layers)
+        self._clear(slot, keep_rank=packed.rank, covers_all=covers_all)
+        layers = self.layers
+        if packed.a is not None:
+            r = packed.rank
+            _put(self.lora_a[:, slot, :r], packed.index, packed.a)
+            _put(self.lora_b[:, slot, :r], packed.index, packed.b)
+            for pos, rank in zip(packed.positions, packed.ranks):
+                layers[pos].ranks[slot] = rank
+        else:
+            on_input = packed.ia3_on_input
+            _put((self.in_scale if on_input else self.out_scale)[:, slot], packed.index, packed.ia3)
+            for pos in packed.positions:
+                (layers[pos].in_scaled if on_input else layers[pos].out_scaled).add(slot)
+
+    def _clear(self, slot: int, keep_rank: int, covers_all: bool) -> None:
+        """Zero what a fill of rank ``keep_rank`` would not overwrite, restore the scale rows, reset the books.
+        Rows past a member's live rank are always zero, so only live rows can need it."""
+        live = max(layer.ranks[slot] for layer in self.layers)
+        if live > keep_rank or (live and not covers_all):
+            self.lora_a[:, slot, :live].zero_()
+            self.lora_b[:, slot, :live].zero_()
+        if any(slot in layer.in_scaled or slot in layer.out_scaled for layer in self.layers):
+            self.in_scale[:, slot].fill_(1)
+            self.out_scale[:, slot].fill_(1)
+            if self.out_shift is not None:
+                self.out_shift[:, slot].zero_()
+        for layer in self.layers:
+            layer.ranks[slot] = 0
+            layer.in_scaled.discard(slot)
+            layer.out_scaled.discard(slot)
+
+
+def _put(dst: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor) -> None:
+    """dst[:n] = src, or dst[index] = src for an adapter that targets only some members."""
+    if index is None:
+        dst[:len(src)].copy_(src)
+    else:
+        dst.index_copy_(0, index.to(dst.device), src.to(dst.dtype))

@@ -1,0 +1,108 @@
+"""server.adapters.load_worker: an adapter loaded in the helper process is the same, tensor for tensor, as one
+loaded in-process; refusals keep their message and 400; a dead worker costs one load a clear error, and the
+next load respawns it; no process at all falls back to in-process loading."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from support import ADAPTER_KINDS
+
+from server.adapters import load_worker
+from server.adapters.formats import AdapterFormatError
+from server.errors import AdapterError
+
+MAX_RANK = 8
+
+
+@pytest.fixture(scope="module")
+def layout(tiny_model_dir):
+    """(targets, banks) of the tiny model, as the runner computes them."""
+    from transformers import AutoModelForCausalLM
+
+    from server.adapters.manager import AdapterManager
+    from server.layers.inject import target_shapes, wrap_model
+    from server.layers.mapping import MappingHolder
+
+    holder = MappingHolder()
+    wrapped = wrap_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), holder, 2, MAX_RANK,
+                         torch.float32, torch.device("cpu"))
+    return target_shapes(wrapped), AdapterManager(wrapped, holder, 2, torch.device("cpu")).layout
+
+
+@pytest.fixture
+def worker():
+    w = load_worker.LoadWorker()
+    yield w
+    w.close()
+
+
+def job(directory, layout, name="x"):
+    targets, banks = layout
+    return dict(directory=str(directory), name=name, max_bytes=1 << 30, targets=targets, max_rank=MAX_RANK,
+                base_model_name=None, banks=banks)
+
+
+def tensors_of(w):
+    out = {}
+    for number, pb in w.packed.items():
+        out.update({f"bank{number}.{k}": v for k, v in vars(pb).items()})
+    for module, m in w.modules.items():
+        out.update({f"{module}.{k}": v for k, v in vars(m).items()})
+    return out
+
+
+@pytest.mark.parametrize("kind", [*ADAPTER_KINDS, "lora2"])
+def test_process_load_equals_in_process_load(kind, adapters, layout, worker):
+    here = load_worker.prepare(**job(adapters[kind], layout, kind))
+    there = worker.load(**job(adapters[kind], layout, kind))
+    assert worker.proc is not None and worker.proc.pid != os.getpid()
+    assert (there.name, there.kind, there.rank, there.path, there.config, there.nbytes) == \
+        (here.name, here.kind, here.rank, here.path, here.config, here.nbytes)
+    assert there.packed.keys() == here.packed.keys()
+    if kind != "dora":
+        assert there.packed, "nothing packed"
+    a, b = tensors_of(here), tensors_of(there)
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        if isinstance(value, torch.Tensor):
+            assert isinstance(b[key], torch.Tensor) and value.dtype == b[key].dtype, key
+            assert torch.equal(value, b[key]), key
+        else:
+            assert value == b[key], key
+
+
+def test_refusal_keeps_message_and_status(adapters, layout, worker, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((adapters["lora"] / "adapter_config.json").read_text())
+    (bad / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(AdapterFormatError) as info:
+        worker.load(**job(bad, layout))
+    assert info.value.status_code == 400 and "adapter_model.safetensors" in str(info.value)
+    targets, banks = layout
+    with pytest.raises(AdapterFormatError, match="rank 8 > --max-lora-rank 4"):
+        worker.load(**{**job(adapters["lora"], layout), "max_rank": 4})
+    assert worker.load(**job(adapters["lora"], layout)).packed  # the worker is still fine
+
+
+def test_dead_worker_fails_one_load_then_respawns(adapters, layout, worker):
+    worker.load(**job(adapters["lora"], layout))
+    first = worker.proc.pid
+    worker.proc.kill()
+    worker.proc.join(5)
+    worker.proc.is_alive = lambda: True  # as if it died mid-job, after the liveness check
+    with pytest.raises(AdapterError, match="loader process died"):
+        worker.load(**job(adapters["lora"], layout))
+    again = worker.load(**job(adapters["ia3"], layout))
+    assert worker.proc.pid != first and again.kind == "ia3"
+
+
+def test_no_process_falls_back_in_process(adapters, layout, worker, monkeypatch, caplog):
+    def refuse(method):
+        raise OSError("no semaphores here")
+    monkeypatch.setattr(load_worker.mp, "get_context", refuse)
+    w = worker.load(**job(adapters["lora"], layout))
+    assert worker.disabled and worker.proc is None and w.packed
+    assert "loading adapters in-process" in caplog.text
