@@ -23,7 +23,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from server.adapters.formats import AdapterFormatError, AdapterWeights, check_against_base, load_adapter_dir
+from server.adapters.formats import AdapterFormatError, check_against_base, load_adapter_dir, read_safetensors
+from server.adapters.weights import AdapterWeights, ModuleWeights, PackedBank
 from server.errors import AdapterError
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,57 @@ def prepare(directory: str, name: str, max_bytes: int, targets: dict, max_rank: 
     check_against_base(weights, targets, max_rank, base_model_name)
     weights.prepare_slots(banks)
     return weights
+
+
+# ---- the prepared form: how the worker hands a slot-ready adapter over (one file, read back in one call) ----
+def save_prepared(weights: AdapterWeights, path: Path) -> dict:
+    """Write the prepared tensors to one safetensors file; returns the metadata load_prepared needs."""
+    from safetensors.torch import save_file
+
+    tensors, banks, in_bank = {}, {}, set()
+    for number, pb in weights.packed.items():
+        for part in ("a", "b", "ia3", "index"):
+            if getattr(pb, part) is not None:
+                tensors[f"packed.{number}.{part}"] = getattr(pb, part)
+        banks[number] = {"positions": pb.positions, "ranks": pb.ranks, "ia3_on_input": pb.ia3_on_input,
+                         "modules": pb.modules}
+        in_bank.update(pb.modules)
+    modules = {}
+    for module, m in weights.modules.items():
+        modules[module] = {"scaling": m.scaling, "ia3_on_input": m.ia3_on_input}
+        if module not in in_bank:
+            for part in ("a", "b", "slot_b", "magnitude", "ia3"):
+                if getattr(m, part) is not None:
+                    tensors[f"module.{module}.{part}"] = getattr(m, part).contiguous()
+    save_file(tensors, str(path))
+    return {"name": weights.name, "peft_type": weights.peft_type, "use_dora": weights.use_dora, "path": weights.path,
+            "base_model_name_or_path": weights.base_model_name_or_path, "config": weights.config,
+            "nbytes": weights.nbytes, "banks": banks, "modules": modules}
+
+
+def load_prepared(path: Path, meta: dict) -> AdapterWeights:
+    """Inverse of save_prepared: one read; every tensor, per module too, is a view into that buffer."""
+    t = read_safetensors(path, path.stat().st_size)
+    modules = {m: ModuleWeights(scaling=v["scaling"], ia3_on_input=v["ia3_on_input"])
+               for m, v in meta["modules"].items()}
+    packed = {}
+    for number, b in meta["banks"].items():
+        pb = PackedBank(b["positions"], t.get(f"packed.{number}.index"), b["ranks"], a=t.get(f"packed.{number}.a"),
+                        b=t.get(f"packed.{number}.b"), ia3=t.get(f"packed.{number}.ia3"),
+                        ia3_on_input=b["ia3_on_input"], modules=b["modules"])
+        packed[int(number)] = pb
+        for i, (module, r) in enumerate(zip(pb.modules, pb.ranks)):
+            mw = modules[module]
+            if pb.a is not None:
+                mw.a, mw.slot_b = pb.a[i, :r], pb.b[i, :r]
+            else:
+                mw.ia3 = pb.ia3[i]
+    for key, tensor in t.items():
+        if key.startswith("module."):
+            module, _, part = key[len("module."):].rpartition(".")
+            setattr(modules[module], part, tensor)
+    return AdapterWeights(meta["name"], meta["peft_type"], meta["use_dora"], modules, meta["path"],
+                          meta["base_model_name_or_path"], meta["config"], packed, _nbytes=meta["nbytes"])
 
 
 def _child(conn, scratch: str) -> None:
@@ -59,7 +111,7 @@ def _child(conn, scratch: str) -> None:
         try:
             weights = prepare(**job)
             path = Path(scratch) / f"{os.getpid()}-{jobs}.safetensors"
-            meta = weights.save_prepared(path)
+            meta = save_prepared(weights, path)
             del weights
             conn.send(("ok", str(path), meta))
         except AdapterFormatError as e:
@@ -95,7 +147,7 @@ class LoadWorker:
             raise AdapterError(f"{job['directory']}: {reply[1]}")
         path = Path(reply[1])
         try:
-            return AdapterWeights.load_prepared(path, reply[2])
+            return load_prepared(path, reply[2])
         finally:
             path.unlink(missing_ok=True)
 

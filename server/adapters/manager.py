@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from server.adapters.formats import AdapterWeights
+from server.adapters.weights import AdapterWeights
 from server.layers.adapter_linear import AdapterLinear
 from server.layers.mapping import NO_SLOT, AdapterMapping, MappingHolder
 

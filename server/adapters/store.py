@@ -17,7 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.adapters.formats import CONFIG_FILE, WEIGHTS_FILE, AdapterWeights
+from server.adapters.formats import CONFIG_FILE, WEIGHTS_FILE
+from server.adapters.weights import AdapterWeights
 from server.adapters.load_worker import prepare, shared_worker
 from server.config import EngineConfig, valid_adapter_name
 from server.errors import AdapterError, AdapterNotAllowedError, UnknownAdapterError

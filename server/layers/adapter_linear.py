@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from server.adapters.formats import ModuleWeights
+from server.adapters.weights import ModuleWeights
 from server.layers.mapping import MappingHolder
 from server.layers.slot_bank import SlotBank
 from server.layers.ops import lora_grouped, lora_segments, scale_rows, shift_rows

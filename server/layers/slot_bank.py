@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from server.adapters.formats import PackedBank
+from server.adapters.weights import PackedBank
 
 
 class SlotBank:

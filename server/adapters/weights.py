@@ -1,0 +1,154 @@
+"""Adapter weights on the host: ModuleWeights (one module, as PEFT stores it), AdapterWeights (a whole adapter)
+and PackedBank (an adapter's modules stacked per SlotBank of the device layout, so a slot fill is a few copies).
+formats.py builds these from PEFT directories; AdapterWeights.prepare_slots makes them slot-ready."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ModuleWeights:
+    """One targeted linear module's adapter tensors, on host, as PEFT stores them.
+
+    LoRA family: a [r, in], b [out, r], delta = scaling * b @ a @ x; DoRA adds magnitude [out].
+    IA3: ia3 [out] scales the output, or [in] scales the input when ``ia3_on_input`` (feedforward_modules).
+    """
+
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    scaling: float = 1.0
+    magnitude: torch.Tensor | None = None
+    ia3: torch.Tensor | None = None
+    ia3_on_input: bool = False
+    dora_scale: torch.Tensor | None = None  # m / ||W + s*B@A||, filled once per adapter on first activation
+    slot_b: torch.Tensor | None = None  # [r, out] B.T with scaling (and DoRA's d) folded in, cached likewise
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.a is None else self.a.shape[0]
+
+
+@dataclass
+class PackedBank:
+    """One adapter's tensors for one bank of same-shaped base layers (see server.layers.slot_bank), stacked so
+    a device-slot fill is one copy per tensor kind for the whole bank, not one per layer.
+
+    positions: the bank members this adapter targets (indices into the bank's layer list), ascending.
+    index:     the same as a long tensor, or None when the adapter targets every member in order.
+    ranks:     each targeted member's own rank (rows up to ``a.shape[1]`` beyond it are zero).
+    a [n, r, in], b [n, r, out] (B transposed, scaling folded in): LoRA/AdaLoRA; ia3 [n, dim]: IA3.
+    """
+
+    positions: list[int]
+    index: torch.Tensor | None
+    ranks: list[int]
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    ia3: torch.Tensor | None = None
+    ia3_on_input: bool = False
+    modules: list[str] = field(default_factory=list)  # the module path of each position
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.a is None else self.a.shape[1]
+
+
+@dataclass
+class AdapterWeights:
+    """A whole adapter on host: ``modules`` maps a base-model module path to its tensors; ``packed`` (after
+    ``prepare_slots`` with a bank layout) holds the same tensors stacked per bank, ``modules`` viewing into it."""
+
+    name: str
+    peft_type: str  # LORA | ADALORA | IA3
+    use_dora: bool
+    modules: dict[str, ModuleWeights]
+    path: str
+    base_model_name_or_path: str | None = None
+    config: dict = field(default_factory=dict)
+    packed: dict[int, PackedBank] = field(default_factory=dict)  # bank number -> stacked tensors
+    _nbytes: int | None = field(default=None, repr=False)
+
+    @property
+    def kind(self) -> str:
+        return "dora" if self.use_dora else self.peft_type.lower()
+
+    @property
+    def rank(self) -> int:
+        return max((m.rank for m in self.modules.values()), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held (packed tensors plus per-module tensors that are not views into them). Computed
+        once by prepare_slots, counting the slot-ready B a DoRA module builds at its first activation: the
+        host tier sums this over every entry whenever a request finishes, so it must cost nothing."""
+        if self._nbytes is None:
+            return self._count_bytes()
+        return self._nbytes
+
+    def _count_bytes(self) -> int:
+        packed = [t for p in self.packed.values() for t in (p.a, p.b, p.ia3) if t is not None]
+        shared = self._packed_storages()
+        own = [t for m in self.modules.values() for t in (m.a, m.b, m.slot_b, m.magnitude, m.ia3)
+               if t is not None and t.untyped_storage().data_ptr() not in shared]
+        dora_slot_b = sum(m.b.numel() * 4 for m in self.modules.values() if m.magnitude is not None
+                          and m.slot_b is None)
+        return sum(t.numel() * t.element_size() for t in packed + own) + dora_slot_b
+
+    def prepare_slots(self, banks: list[list[str]] | None = None) -> None:
+        """Make the adapter slot-ready: B transposed with its scaling folded in, stacked per bank of the
+        device layout (``banks``: each bank's member module paths, in bank order) where every targeted member
+        of a bank is the same kind (plain LoRA/AdaLoRA, or IA3 on the same side). DoRA waits: its factor
+        needs the base weight, so it is built per layer at first activation (AdapterLinear.set_slot).
+        Afterwards no tensor views the file buffer the adapter was read into, so that buffer is freed."""
+        for number, paths in enumerate(banks or ()):
+            present = [(pos, p, self.modules[p]) for pos, p in enumerate(paths) if p in self.modules]
+            packed = _pack(present) if present else None
+            if packed is not None:
+                self.packed[number] = packed
+        packed = self._packed_storages()
+        for m in self.modules.values():
+            if m.a is not None and m.magnitude is None and m.slot_b is None:
+                m.slot_b = (m.b.float().T * m.scaling).contiguous()  # [r, out]
+                m.b = None
+            for part in ("a", "b", "magnitude", "ia3"):
+                t = getattr(m, part)
+                if t is not None and t.untyped_storage().data_ptr() not in packed and \
+                        t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                    setattr(m, part, t.clone())  # a view into the file buffer: own it
+        self._nbytes = self._count_bytes()
+
+    def _packed_storages(self) -> set[int]:
+        return {t.untyped_storage().data_ptr() for p in self.packed.values() for t in (p.a, p.b, p.ia3)
+                if t is not None}
+
+
+def _pack(present: list[tuple[int, str, ModuleWeights]]) -> PackedBank | None:
+    """Stack one bank's modules (a few ops for the whole bank), or None when they are not all one packable kind
+    (then the bank is filled layer by layer)."""
+    positions = [pos for pos, _, _ in present]
+    paths = [path for _, path, _ in present]
+    mws = [m for _, _, m in present]
+    index = None if positions == list(range(len(positions))) else torch.tensor(positions, dtype=torch.long)
+    if all(m.ia3 is not None for m in mws):
+        if len({m.ia3_on_input for m in mws}) != 1 or len({m.ia3.shape for m in mws}) != 1:
+            return None
+        ia3 = torch.stack([m.ia3 for m in mws])  # [n, dim]
+        for i, m in enumerate(mws):
+            m.ia3 = ia3[i]
+        return PackedBank(positions, index, [0] * len(mws), ia3=ia3, ia3_on_input=mws[0].ia3_on_input,
+                          modules=paths)
+    if not all(m.a is not None and m.magnitude is None and m.slot_b is None for m in mws):
+        return None
+    ranks = [m.rank for m in mws]
+    r = max(ranks)  # lower ranks (rank_pattern) are zero-padded up to it
+    a = torch.stack([m.a if m.rank == r else F.pad(m.a, (0, 0, 0, r - m.rank)) for m in mws])  # [n, r, in]
+    b = torch.stack([m.b if m.rank == r else F.pad(m.b, (0, r - m.rank)) for m in mws]).float()  # [n, out, r]
+    scalings = {m.scaling for m in mws}
+    scale = scalings.pop() if len(scalings) == 1 else torch.tensor([m.scaling for m in mws]).view(-1, 1, 1)
+    b = (b.transpose(1, 2) * scale).contiguous()  # [n, r, out]
+    for i, m in enumerate(mws):
+        m.a, m.slot_b, m.b = a[i, :ranks[i]], b[i, :ranks[i]], None
+    return PackedBank(positions, index, ranks, a=a, b=b, modules=paths)
