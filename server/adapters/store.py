@@ -16,6 +16,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from server.adapters.formats import CONFIG_FILE, WEIGHTS_FILE
 from server.adapters.weights import AdapterWeights
@@ -57,11 +58,14 @@ class AdapterEntry:
 
 class AdapterStore:
     def __init__(self, config: EngineConfig, targets: dict[str, tuple[int, int]], base_model_name: str,
-                 observers=(), banks: list[list[str]] | None = None):
-        """banks: the device tier's SlotBank layout (AdapterManager.layout); loads pack adapters for it."""
+                 observers=(), banks: list[list[str]] | None = None,
+                 finish: Callable[[AdapterWeights], None] | None = None):
+        """banks: the device tier's SlotBank layout (AdapterManager.layout); loads pack adapters for it.
+        finish: run on each loaded adapter, still on the loader thread (ModelRunner.prepare_dora)."""
         self.config = config
         self.targets = targets
         self.banks = banks
+        self.finish = finish
         self.base_model_name = base_model_name
         self.observers = observers
         self.roots = [Path(r).resolve() for r in config.adapter_roots]
@@ -178,6 +182,8 @@ class AdapterStore:
         try:
             directory = self._materialize(entry.source)
             weights = self._read(directory, entry.name)
+            if self.finish is not None:
+                self.finish(weights)
         except Exception as e:
             entry.error = getattr(e, "message", None) or str(e)
             log.warning("adapter %s failed to load: %s", entry.name, entry.error)

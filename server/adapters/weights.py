@@ -23,7 +23,8 @@ class ModuleWeights:
     magnitude: torch.Tensor | None = None
     ia3: torch.Tensor | None = None
     ia3_on_input: bool = False
-    dora_scale: torch.Tensor | None = None  # m / ||W + s*B@A||, filled once per adapter on first activation
+    dora_scale: torch.Tensor | None = None  # m / ||W + s*B@A|| [out], from the base weight (AdapterLinear.prepare_dora)
+    dora_shift: torch.Tensor | None = None  # bias * (1 - dora_scale) [out], when the base layer has a bias
     slot_b: torch.Tensor | None = None  # [r, out] B.T with scaling (and DoRA's d) folded in, cached likewise
 
     @property
@@ -40,6 +41,7 @@ class PackedBank:
     index:     the same as a long tensor, or None when the adapter targets every member in order.
     ranks:     each targeted member's own rank (rows up to ``a.shape[1]`` beyond it are zero).
     a [n, r, in], b [n, r, out] (B transposed, scaling folded in): LoRA/AdaLoRA; ia3 [n, dim]: IA3.
+    DoRA adds out_scale [n, out] (its d, also folded into b) and out_shift [n, out] (bias * (1 - d)).
     """
 
     positions: list[int]
@@ -50,6 +52,8 @@ class PackedBank:
     ia3: torch.Tensor | None = None
     ia3_on_input: bool = False
     modules: list[str] = field(default_factory=list)  # the module path of each position
+    out_scale: torch.Tensor | None = None
+    out_shift: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -89,21 +93,25 @@ class AdapterWeights:
         return self._nbytes
 
     def _count_bytes(self) -> int:
-        packed = [t for p in self.packed.values() for t in (p.a, p.b, p.ia3) if t is not None]
+        packed = [t for p in self.packed.values() for t in _packed_tensors(p)]
         shared = self._packed_storages()
-        own = [t for m in self.modules.values() for t in (m.a, m.b, m.slot_b, m.magnitude, m.ia3)
+        own = [t for m in self.modules.values()
+               for t in (m.a, m.b, m.slot_b, m.magnitude, m.ia3, m.dora_scale, m.dora_shift)
                if t is not None and t.untyped_storage().data_ptr() not in shared]
         dora_slot_b = sum(m.b.numel() * 4 for m in self.modules.values() if m.magnitude is not None
-                          and m.slot_b is None)
+                          and m.slot_b is None)  # still to come, at first activation
         return sum(t.numel() * t.element_size() for t in packed + own) + dora_slot_b
 
     def prepare_slots(self, banks: list[list[str]] | None = None) -> None:
         """Make the adapter slot-ready: B transposed with its scaling folded in, stacked per bank of the
         device layout (``banks``: each bank's member module paths, in bank order) where every targeted member
-        of a bank is the same kind (plain LoRA/AdaLoRA, or IA3 on the same side). DoRA waits: its factor
-        needs the base weight, so it is built per layer at first activation (AdapterLinear.set_slot).
-        Afterwards no tensor views the file buffer the adapter was read into, so that buffer is freed."""
+        of a bank is the same kind (plain LoRA/AdaLoRA, IA3 on the same side, or DoRA). DoRA packs only once
+        its factors exist (they need the base weight: ModelRunner.prepare_dora, which calls this again);
+        banks already packed are kept. Afterwards no tensor views the file buffer the adapter was read into,
+        so that buffer is freed."""
         for number, paths in enumerate(banks or ()):
+            if number in self.packed:
+                continue
             present = [(pos, p, self.modules[p]) for pos, p in enumerate(paths) if p in self.modules]
             packed = _pack(present) if present else None
             if packed is not None:
@@ -121,8 +129,16 @@ class AdapterWeights:
         self._nbytes = self._count_bytes()
 
     def _packed_storages(self) -> set[int]:
-        return {t.untyped_storage().data_ptr() for p in self.packed.values() for t in (p.a, p.b, p.ia3)
-                if t is not None}
+        return {t.untyped_storage().data_ptr() for p in self.packed.values() for t in _packed_tensors(p)}
+
+
+def _packed_tensors(p: PackedBank) -> list[torch.Tensor]:
+    return [t for t in (p.a, p.b, p.ia3, p.out_scale, p.out_shift) if t is not None]
+
+
+def _stack_rows(ts: list[torch.Tensor], r: int) -> torch.Tensor:
+    """[r_i, d] tensors -> [n, r, d], zero rows past each r_i (lower ranks from rank_pattern)."""
+    return torch.stack([t if t.shape[0] == r else F.pad(t, (0, 0, 0, r - t.shape[0])) for t in ts])
 
 
 def _pack(present: list[tuple[int, str, ModuleWeights]]) -> PackedBank | None:
@@ -140,15 +156,24 @@ def _pack(present: list[tuple[int, str, ModuleWeights]]) -> PackedBank | None:
             m.ia3 = ia3[i]
         return PackedBank(positions, index, [0] * len(mws), ia3=ia3, ia3_on_input=mws[0].ia3_on_input,
                           modules=paths)
-    if not all(m.a is not None and m.magnitude is None and m.slot_b is None for m in mws):
-        return None
     ranks = [m.rank for m in mws]
-    r = max(ranks)  # lower ranks (rank_pattern) are zero-padded up to it
-    a = torch.stack([m.a if m.rank == r else F.pad(m.a, (0, 0, 0, r - m.rank)) for m in mws])  # [n, r, in]
-    b = torch.stack([m.b if m.rank == r else F.pad(m.b, (0, r - m.rank)) for m in mws]).float()  # [n, out, r]
-    scalings = {m.scaling for m in mws}
-    scale = scalings.pop() if len(scalings) == 1 else torch.tensor([m.scaling for m in mws]).view(-1, 1, 1)
-    b = (b.transpose(1, 2) * scale).contiguous()  # [n, r, out]
-    for i, m in enumerate(mws):
-        m.a, m.slot_b, m.b = a[i, :ranks[i]], b[i, :ranks[i]], None
-    return PackedBank(positions, index, ranks, a=a, b=b, modules=paths)
+    r = max(ranks)
+    if all(m.a is not None and m.magnitude is None and m.slot_b is None for m in mws):  # LoRA, AdaLoRA
+        scalings = {m.scaling for m in mws}
+        scale = scalings.pop() if len(scalings) == 1 else torch.tensor([m.scaling for m in mws]).view(-1, 1, 1)
+        a = _stack_rows([m.a for m in mws], r)  # [n, r, in]
+        b = _stack_rows([m.b.T for m in mws], r).float() * scale  # [n, r, out]
+        for i, m in enumerate(mws):
+            m.a, m.slot_b, m.b = a[i, :ranks[i]], b[i, :ranks[i]], None
+        return PackedBank(positions, index, ranks, a=a, b=b, modules=paths)
+    if all(m.magnitude is not None and m.dora_scale is not None for m in mws) and \
+            len({m.dora_shift is None for m in mws}) == 1:  # DoRA with its factors computed
+        a = _stack_rows([m.a for m in mws], r)
+        b = _stack_rows([m.slot_b for m in mws], r)
+        scale = torch.stack([m.dora_scale for m in mws])  # [n, out]
+        shift = None if mws[0].dora_shift is None else torch.stack([m.dora_shift for m in mws])
+        for i, m in enumerate(mws):
+            m.a, m.slot_b, m.dora_scale = a[i, :ranks[i]], b[i, :ranks[i]], scale[i]
+            m.dora_shift = None if shift is None else shift[i]
+        return PackedBank(positions, index, ranks, a=a, b=b, modules=paths, out_scale=scale, out_shift=shift)
+    return None

@@ -30,7 +30,7 @@ class LLMEngine:
         self.max_len = self.runner.max_len
         self.eos_token_ids = _eos_ids(self.runner.model, self.tokenizer)
         self.store = AdapterStore(config, self.runner.targets, config.model, self.observers,
-                                  banks=self.runner.manager.layout)
+                                  banks=self.runner.manager.layout, finish=self.runner.prepare_dora)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_loras, config.max_num_batched_tokens,
                                    config.max_waiting)
         self.sampler = Sampler(self.eos_token_ids, config.seed)

@@ -124,24 +124,30 @@ class AdapterLinear(nn.Module):
             scaled.add(slot)
             return
         r = mw.rank
-        if mw.slot_b is None:
-            bt = mw.b.float().T * mw.scaling  # [r, out]
-            mw.slot_b = (bt * self._dora_scale(mw) if mw.magnitude is not None else bt).to(self.lora_b.dtype)
         if mw.magnitude is not None:
-            d = self._dora_scale(mw)  # [out]
-            self.out_scale[slot].copy_(d)
+            self.prepare_dora(mw)
+            self.out_scale[slot].copy_(mw.dora_scale)
             if self.out_shift is not None:
-                self.out_shift[slot].copy_(self.base_layer.bias.detach().float().cpu() * (1 - d))
+                self.out_shift[slot].copy_(mw.dora_shift)
             self.out_scaled.add(slot)
+        elif mw.slot_b is None:
+            mw.slot_b = (mw.b.float().T * mw.scaling).to(self.lora_b.dtype)  # [r, out]
         self.lora_a[slot, :r].copy_(mw.a)
         self.lora_b[slot, :r].copy_(mw.slot_b)
         self.ranks[slot] = r
 
-    def _dora_scale(self, mw: ModuleWeights) -> torch.Tensor:
-        """m / ||W + scaling * B A|| per output row, computed once per adapter and kept on the host weights."""
-        if mw.dora_scale is None:
-            w = dense_weight(self.base_layer).cpu()
-            lora_w = mw.b.float() @ mw.a.float()
-            norm = torch.linalg.norm(w + mw.scaling * lora_w, dim=1)
-            mw.dora_scale = mw.magnitude.float() / norm
-        return mw.dora_scale
+    @torch.no_grad()
+    def prepare_dora(self, mw: ModuleWeights) -> None:
+        """DoRA's factors for this layer, computed once per adapter and kept on the host weights:
+        d = m / ||W + scaling * B A|| per output row (W dequantized for bitsandbytes layers), the slot-ready
+        B with d folded in, and the bias shift b * (1 - d). The engine calls this on the store's loader thread
+        (ModelRunner.prepare_dora): it reads the whole base weight, far too slow for the step thread."""
+        if mw.dora_scale is not None:
+            return
+        w = dense_weight(self.base_layer).cpu()
+        lora_w = mw.b.float() @ mw.a.float()
+        d = mw.magnitude.float() / torch.linalg.norm(w + mw.scaling * lora_w, dim=1)  # [out]
+        mw.slot_b = ((mw.b.float().T * mw.scaling) * d).to(self.lora_b.dtype)  # [r, out]
+        bias = getattr(self.base_layer, "bias", None)
+        mw.dora_shift = None if bias is None else bias.detach().float().cpu() * (1 - d)  # [out]
+        mw.dora_scale, mw.b = d, None  # B lives on as slot_b

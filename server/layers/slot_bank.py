@@ -51,6 +51,12 @@ class SlotBank:
             _put(self.lora_b[:, slot, :r], packed.index, packed.b)
             for pos, rank in zip(packed.positions, packed.ranks):
                 layers[pos].ranks[slot] = rank
+            if packed.out_scale is not None:  # DoRA
+                _put(self.out_scale[:, slot], packed.index, packed.out_scale)
+                if self.out_shift is not None and packed.out_shift is not None:
+                    _put(self.out_shift[:, slot], packed.index, packed.out_shift)
+                for pos in packed.positions:
+                    layers[pos].out_scaled.add(slot)
         else:
             on_input = packed.ia3_on_input
             _put((self.in_scale if on_input else self.out_scale)[:, slot], packed.index, packed.ia3)

@@ -33,9 +33,28 @@ def host(request, adapters, runner):
             check_against_base(w, runner.targets, MAX_RANK)
             if request.param == "banks" or (request.param == "mixed" and len(cache) % 2 == 0):
                 w.prepare_slots(runner.manager.layout)
+                runner.prepare_dora(w)  # as the store's loader thread does
             cache[key[0]] = w
         return cache[key[0]]
     return weights
+
+
+def test_dora_factors_never_computed_on_the_step_thread(runner, adapters, monkeypatch):
+    """After the loader thread's prepare_dora, activating DoRA reads no base weight (that took ~0.2 s of the
+    step thread for SmolLM2) and its banks are packed like LoRA's."""
+    from server.layers import adapter_linear
+
+    evict_all(runner)
+    w = load_adapter_dir(adapters["dora"], "dora")
+    check_against_base(w, runner.targets, MAX_RANK)
+    w.prepare_slots(runner.manager.layout)
+    assert not w.packed  # no factors yet: nothing DoRA can pack
+    runner.prepare_dora(w)
+    assert w.packed and all(p.out_scale is not None for p in w.packed.values())
+    assert all(m.dora_scale is not None and m.b is None for m in w.modules.values())
+    monkeypatch.setattr(adapter_linear, "dense_weight", lambda layer: pytest.fail("base weight read at activation"))
+    runner.manager.activate([("dora", 0)], lambda k: w, 1)
+    runner.manager.evict(("dora", 0))
 
 
 def slot_state(runner, slot):
@@ -43,7 +62,7 @@ def slot_state(runner, slot):
                 [t[slot].clone() for t in (l.lora_a, l.lora_b, l.in_scale, l.out_scale)]) for p, l in runner.layers.items()}
 
 
-@pytest.mark.parametrize("name", ["lora", "rslora", "lora_pattern", "ia3", "adalora"])
+@pytest.mark.parametrize("name", ["lora", "rslora", "lora_pattern", "ia3", "adalora", "dora"])
 def test_bank_fill_equals_layer_by_layer_fill(runner, adapters, name):
     """A packed adapter (one copy per bank) lands exactly as the layer-by-layer fill does, including rank
     padding (rank_pattern) and adapters that target only some members of a bank; both fills follow a
@@ -52,6 +71,7 @@ def test_bank_fill_equals_layer_by_layer_fill(runner, adapters, name):
     per_layer = load_adapter_dir(adapters[name], name)
     packed = load_adapter_dir(adapters[name], name)
     packed.prepare_slots(runner.manager.layout)
+    runner.prepare_dora(packed)
     assert packed.packed, "nothing packed: the bank path is not exercised"
     states = []
     for w in (per_layer, packed):
