@@ -15,7 +15,7 @@ from torch import nn
 from server.adapters.weights import ModuleWeights
 from server.layers.mapping import MappingHolder
 from server.layers.slot_bank import SlotBank
-from server.layers.ops import lora_grouped, lora_segments, scale_rows, shift_rows
+from server.layers.ops import lora_grouped_views, lora_segments, scale_rows, shift_rows
 
 
 def layer_features(layer: nn.Module) -> tuple[int, int]:
@@ -63,6 +63,7 @@ class AdapterLinear(nn.Module):
         self.ranks = [0] * num_slots
         self.in_scaled: set[int] = set()
         self.out_scaled: set[int] = set()
+        self._views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def weight(self) -> torch.Tensor:  # HF code sometimes reads .weight (dtype/device checks)
@@ -87,12 +88,30 @@ class AdapterLinear(nn.Module):
                 y = shift_rows(y, self.out_shift, mapping.scale_index)
         groups = mapping.groups
         if groups is None:
-            lora_segments(y, x2, self.lora_a, self.lora_b, self.ranks, mapping.segments)
+            lora_segments(y, x2, self.lora_a, self.lora_b, self.ranks, mapping.segments, self._slot_views)
         else:
             rank = max(self.ranks[groups.lo:groups.hi])
             if rank:
-                lora_grouped(y, x2, self.lora_a, self.lora_b, rank, groups)
+                lora_grouped_views(y, x2, *self._range_views(groups.lo, groups.hi, rank), groups)
         return y.view(*lead, self.out_features)
+
+    def _range_views(self, lo: int, hi: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A^T [g, in, r], B [g, r, out]) over slots [lo, hi) at ``rank``. Views into the slot tensors, which
+        are never reallocated, so they are cached: consecutive steps ask for the same ones."""
+        return self._cached((lo, hi, rank), lambda: (self.lora_a[lo:hi, :rank].transpose(1, 2),
+                                                     self.lora_b[lo:hi, :rank]))
+
+    def _slot_views(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A^T [in, r], B [r, out]) of one slot, cached likewise."""
+        return self._cached((slot, rank), lambda: (self.lora_a[slot, :rank].T, self.lora_b[slot, :rank]))
+
+    def _cached(self, key: tuple, make):
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) >= 256:
+                self._views.clear()
+            views = self._views[key] = make()
+        return views
 
     @torch.no_grad()
     def reset_slot(self, slot: int, keep: int = 0) -> None:

@@ -65,12 +65,15 @@ class SlotGroups:
     lo, hi:  the slot range [lo, hi) covered (slots in it that the step does not use get empty groups).
     index:   [hi - lo, width] token indices, group g holding slot lo + g's tokens; padding points at token 0.
     mask:    [hi - lo, width, 1] 1 for real entries, 0 for padding (padding then adds exactly 0 to token 0).
+    flat:    index as [(hi - lo) * width]; padded: whether any entry is padding.
     """
 
     lo: int
     hi: int
     index: torch.Tensor
     mask: torch.Tensor
+    flat: torch.Tensor  # index.view(-1)
+    padded: bool  # any padding entry at all (else the mask is all ones and is skipped)
 
     MAX_PADDING = 2.0  # grouped only while padded entries <= this x real tokens (+ a small constant)
 
@@ -87,7 +90,8 @@ class SlotGroups:
             members = torch.nonzero(tokens == lo + g).flatten()
             index[g, :len(members)] = members
             mask[g, :len(members)] = 1
-        return cls(lo, hi, index.to(device), mask.to(device))
+        index = index.to(device)
+        return cls(lo, hi, index, mask.to(device), index.view(-1), int(counts.sum()) != (hi - lo) * width)
 
 
 class MappingHolder:

@@ -5,24 +5,28 @@ import torch
 
 
 def lora_segments(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                  ranks: list[int], segments) -> None:
+                  ranks: list[int], segments, views=None) -> None:
     """For each (slot, token_index): y[idx] += (x[idx] @ A[slot, :r].T) @ B[slot, :r]   (in place).
 
     y: [num_tokens, out]   x: [num_tokens, in]
     lora_a: [num_slots, max_rank, in]   lora_b: [num_slots, max_rank, out] (B transposed, scaling folded in)
     ranks: the live rank of each slot in this layer; 0 = the slot's adapter does not touch this layer.
+    views: optional (slot, r) -> (A[slot, :r].T, B[slot, :r]), for callers that cache those views.
     """
     for slot, index in segments:
         r = ranks[slot]
         if r == 0:
             continue
-        a = lora_a[slot, :r]  # [r, in]
-        b = lora_b[slot, :r]  # [r, out]
-        if index is None:
-            y += (x.to(a.dtype) @ a.T @ b).to(y.dtype)
+        a_t, b = views(slot, r) if views else (lora_a[slot, :r].T, lora_b[slot, :r])  # [in, r], [r, out]
+        xs = x if index is None else x.index_select(0, index)  # [n, in]
+        if xs.dtype != a_t.dtype:
+            xs = xs.to(a_t.dtype)
+        if index is None and y.dtype == b.dtype:
+            y.addmm_(xs @ a_t, b)
+        elif index is None:
+            y += (xs @ a_t @ b).to(y.dtype)
         else:
-            xs = x.index_select(0, index).to(a.dtype)  # [n, in]
-            y.index_add_(0, index, (xs @ a.T @ b).to(y.dtype))
+            y.index_add_(0, index, (xs @ a_t @ b).to(y.dtype))
 
 
 def lora_grouped(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int,
@@ -33,14 +37,23 @@ def lora_grouped(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b:
     range is computed at ``rank`` = the largest live rank there, and the extra rows contribute exactly 0.
     y: [num_tokens, out]   x: [num_tokens, in]   groups: SlotGroups
     """
-    g, width = groups.index.shape
-    flat = groups.index.view(-1)  # [g * width]
-    a = lora_a[groups.lo:groups.hi, :rank]  # [g, r, in]
+    a_t = lora_a[groups.lo:groups.hi, :rank].transpose(1, 2)  # [g, in, r]
     b = lora_b[groups.lo:groups.hi, :rank]  # [g, r, out]
-    xg = x.index_select(0, flat).view(g, width, -1).to(a.dtype)  # [g, width, in]
-    h = torch.bmm(xg, a.transpose(1, 2)).mul_(groups.mask)  # [g, width, r], padding zeroed
-    delta = torch.bmm(h, b)  # [g, width, out]
-    y.index_add_(0, flat, delta.view(g * width, -1).to(y.dtype))
+    lora_grouped_views(y, x, a_t, b, groups)
+
+
+def lora_grouped_views(y: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, b: torch.Tensor, groups) -> None:
+    """``lora_grouped`` on the slot range already sliced: a_t [g, in, r], b [g, r, out]. Callers keep these
+    views across steps (the slot tensors are never reallocated), so a layer spends its ops on the math."""
+    g, width = groups.index.shape
+    xg = x.index_select(0, groups.flat).view(g, width, -1)  # [g, width, in]
+    if xg.dtype != a_t.dtype:
+        xg = xg.to(a_t.dtype)
+    h = torch.bmm(xg, a_t)  # [g, width, r]
+    if groups.padded:
+        h.mul_(groups.mask)  # padding entries contribute exactly 0
+    delta = torch.bmm(h, b).view(g * width, -1)  # [g * width, out]
+    y.index_add_(0, groups.flat, delta if delta.dtype == y.dtype else delta.to(y.dtype))
 
 
 def scale_rows(t: torch.Tensor, table: torch.Tensor, scale_index: torch.Tensor) -> torch.Tensor:
