@@ -59,6 +59,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     error: str | None = None
@@ -67,6 +68,7 @@ class Choice:
         self.token_ids += out.token_ids
         self.text += out.text
         self.logprobs += out.logprobs or []
+        self.top_logprobs += out.top_logprobs or []
         self.finish_reason = out.finish_reason or self.finish_reason
         self.num_prompt_tokens = out.num_prompt_tokens
         self.error = out.error or self.error

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
+from functools import partial
 
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
@@ -69,7 +70,8 @@ async def completions(body: CompletionRequest, request: Request):
     if body.echo and body.logprobs is not None:
         raise InvalidRequestError("echo with logprobs is not supported (no prompt logprobs)", "echo")
     prompts = await _completion_prompts(engine, body.prompt)
-    call = _Call(request, body, "cmpl", "text_completion", logprobs=body.logprobs is not None)
+    call = _Call(request, body, "cmpl", "text_completion", logprobs=body.logprobs is not None,
+                 top=body.logprobs or 0)
     generation = await call.start(prompts, [body.max_tokens or 16] * len(prompts))
     echo = [engine.tokenizer.decode(p) if not isinstance(body.prompt, str) else body.prompt for p in prompts] \
         if body.echo else None
@@ -80,7 +82,7 @@ async def completions(body: CompletionRequest, request: Request):
         return client_gone()
     raise_choice_error(choices)
     items = [{"index": c.index, "text": (echo[c.index // body.n] if echo else "") + c.text,
-              "logprobs": call.completion_logprobs(c.token_ids, c.logprobs),
+              "logprobs": call.completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs),
               "finish_reason": c.finish_reason, "stop_reason": None} for c in choices]
     return call.response(items, choices)
 
@@ -91,7 +93,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     require_ready(engine)
     prompt = await run_in_threadpool(chat_prompt_ids, engine.tokenizer, body.messages)
     max_tokens = body.max_completion_tokens or body.max_tokens or max(1, max_model_len(engine) - len(prompt))
-    call = _Call(request, body, "chatcmpl", "chat.completion", logprobs=body.logprobs)
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidRequestError("top_logprobs needs logprobs: true", "top_logprobs")
+    call = _Call(request, body, "chatcmpl", "chat.completion", logprobs=body.logprobs, top=body.top_logprobs or 0)
     generation = await call.start([prompt], [max_tokens])
     if body.stream:
         return EventStream(call.stream(generation, _chat_delta(call)), generation.abort)
@@ -100,7 +104,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         return client_gone()
     raise_choice_error(choices)
     items = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-              "logprobs": call.chat_logprobs(c.token_ids, c.logprobs), "finish_reason": c.finish_reason,
+              "logprobs": call.chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs),
+              "finish_reason": c.finish_reason,
               "stop_reason": None} for c in choices]
     return call.response(items, choices)
 
@@ -153,8 +158,9 @@ def _permission(created: int) -> dict:
 class _Call:
     """One OpenAI request in flight: its ids, its engine requests, and how its output is shaped."""
 
-    def __init__(self, request: Request, body: SamplingFields, prefix: str, kind: str, logprobs: bool) -> None:
-        self.app, self.body, self.kind, self.logprobs = request.app, body, kind, logprobs
+    def __init__(self, request: Request, body: SamplingFields, prefix: str, kind: str, logprobs: bool,
+                 top: int = 0) -> None:
+        self.app, self.body, self.kind, self.logprobs, self.top = request.app, body, kind, logprobs, top
         self.engine = request.app.state.engine
         self.id, self.created = new_id(prefix), int(time.time())
         self.model = body.model or self.engine.model_name
@@ -165,7 +171,7 @@ class _Call:
         n = self.body.n
         if n * len(prompts) > MAX_CHOICES:
             raise InvalidRequestError(f"n * number of prompts must be <= {MAX_CHOICES}", "n")
-        jobs = [(p, self.body.sampling_params(m, self.logprobs, j)) for p, m in zip(prompts, max_tokens)
+        jobs = [(p, self.body.sampling_params(m, self.logprobs, j, self.top)) for p, m in zip(prompts, max_tokens)
                 for j in range(n)]
         try:
             return await Generation.start(self.engine, jobs, self.adapter, self.id)
@@ -185,24 +191,31 @@ class _Call:
     def response(self, items: list[dict], choices: list[Choice]) -> dict:
         return {**self.envelope(items), "system_fingerprint": None, "usage": self.usage(choices)}
 
-    def completion_logprobs(self, token_ids: list[int], logprobs: list[float], offset: int = 0) -> dict | None:
+    def completion_logprobs(self, token_ids: list[int], logprobs: list[float], tops: list | None = None,
+                            offset: int = 0) -> dict | None:
+        """The legacy shape. top_logprobs[i]: the ``logprobs`` most likely tokens' text -> logprob, plus the
+        chosen token (so up to logprobs + 1 entries, as vLLM)."""
         if not self.logprobs:
             return None
-        tokens = [token_text(self.engine.tokenizer, t) for t in token_ids]
+        text = partial(token_text, self.engine.tokenizer)
+        tokens = [text(t) for t in token_ids]
         offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        tops = tops or [[]] * len(tokens)
         return {"tokens": tokens, "token_logprobs": list(logprobs), "text_offset": offsets,
-                "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)]}
+                "top_logprobs": [{**{text(i): v for i, v in top}, t: lp} for t, lp, top in zip(tokens, logprobs, tops)]}
 
-    def chat_logprobs(self, token_ids: list[int], logprobs: list[float]) -> dict | None:
+    def chat_logprobs(self, token_ids: list[int], logprobs: list[float], tops: list | None = None) -> dict | None:
+        """{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}, ...]}]}."""
         if not self.logprobs:
             return None
-        top = bool(getattr(self.body, "top_logprobs", None))
-        content = []
-        for token_id, lp in zip(token_ids, logprobs):
-            entry = {"token": token_text(self.engine.tokenizer, token_id), "logprob": lp}
-            entry["bytes"] = list(entry["token"].encode("utf-8"))
-            content.append({**entry, "top_logprobs": [dict(entry)] if top else []})
-        return {"content": content}
+
+        def entry(token_id: int, lp: float) -> dict:
+            token = token_text(self.engine.tokenizer, token_id)
+            return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
+
+        tops = tops or [[]] * len(token_ids)
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]}
+                            for t, lp, top in zip(token_ids, logprobs, tops)]}
 
     async def stream(self, generation: Generation, delta) -> AsyncIterator[str]:
         """SSE chunks: one per output increment, then the usage chunk if asked for, then [DONE]."""
@@ -234,7 +247,7 @@ def _completion_delta(call: _Call, echo: list[str] | None):
             return []  # nothing to show yet (e.g. half of a multi-byte character)
         offset = len(choice.text) - len(out.text)
         return [{"index": choice.index, "text": text,
-                 "logprobs": call.completion_logprobs(out.token_ids, out.logprobs or [], offset),
+                 "logprobs": call.completion_logprobs(out.token_ids, out.logprobs or [], out.top_logprobs, offset),
                  "finish_reason": out.finish_reason, "stop_reason": None}]
     return delta
 
@@ -247,7 +260,7 @@ def _chat_delta(call: _Call):
                           "logprobs": None, "finish_reason": None})
         if out.text or out.finish_reason or call.logprobs:
             items.append({"index": choice.index, "delta": {"content": out.text} if out.text else {},
-                          "logprobs": call.chat_logprobs(out.token_ids, out.logprobs or []),
+                          "logprobs": call.chat_logprobs(out.token_ids, out.logprobs or [], out.top_logprobs),
                           "finish_reason": out.finish_reason, "stop_reason": None})
         return items
     return delta

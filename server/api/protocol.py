@@ -56,7 +56,7 @@ class SamplingFields(Lenient):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int, logprobs: bool, index: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: bool, index: int, top_logprobs: int = 0) -> SamplingParams:
         """Engine parameters for choice `index`: choices of one seeded request get seeds seed, seed+1, ..."""
         stop = [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop or []) if s]
         return SamplingParams(
@@ -66,7 +66,7 @@ class SamplingFields(Lenient):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             seed=None if self.seed is None else self.seed + index, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), min_tokens=self.min_tokens,
-            ignore_eos=self.ignore_eos, logprobs=logprobs)
+            ignore_eos=self.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs if logprobs else 0)
 
 
 class CompletionRequest(SamplingFields):
@@ -153,7 +153,7 @@ class TGIParameters(Lenient):
             top_p=self.top_p or 1.0, top_k=self.top_k or -1,
             repetition_penalty=self.repetition_penalty or 1.0, frequency_penalty=self.frequency_penalty or 0.0,
             seed=self.seed, stop=[s for s in self.stop if s],
-            logprobs=logprobs)
+            logprobs=logprobs, top_logprobs=(self.top_n_tokens or 0) if logprobs else 0)
 
 
 class TGIRequest(Lenient):

@@ -52,6 +52,8 @@ async def generate(body: TGIRequest, request: Request):
         tokens = [_token(tokenizer, t, lp, token_text(tokenizer, t)) for t, lp in _with_logprobs(choice)]
         out["details"] = {"finish_reason": finish_reason(tokenizer, choice), "generated_tokens": len(tokens),
                           "seed": params.seed, "prefill": [], "tokens": tokens}
+        if params.top_n_tokens:
+            out["details"]["top_tokens"] = [_top_tokens(tokenizer, top) for top in choice.top_logprobs]
     return out
 
 
@@ -86,10 +88,14 @@ async def _events(tokenizer, body: TGIRequest, generation: Generation) -> AsyncI
                 if out.error:
                     raise output_error(out.error)
                 tokens = _increment_tokens(tokenizer, out)
+                tops = out.top_logprobs or [[]] * len(tokens)
                 for k, token in enumerate(tokens):
                     index += 1
                     last = out.finished and k == len(tokens) - 1
-                    yield sse(json.dumps(_stream_event(tokenizer, body, choice, index, token, last)))
+                    event = _stream_event(tokenizer, body, choice, index, token, last)
+                    if body.parameters.top_n_tokens:
+                        event["top_tokens"] = _top_tokens(tokenizer, tops[k] if k < len(tops) else [])
+                    yield sse(json.dumps(event))
     except SwapserveError as exc:
         yield sse(json.dumps(error_payload("/generate_stream", exc.status_code, exc.message, exc.error_type)))
     except Exception:  # the status line is already sent: report in-band
@@ -120,6 +126,11 @@ def _stream_event(tokenizer, body: TGIRequest, choice: Choice, index: int, token
                                 "generated_tokens": len(choice.token_ids), "seed": body.parameters.seed,
                                 "input_length": choice.num_prompt_tokens}
     return event
+
+
+def _top_tokens(tokenizer, top: list[tuple[int, float]]) -> list[dict]:
+    """TGI's top_tokens for one position: the top_n_tokens most likely, as token dicts."""
+    return [_token(tokenizer, i, lp, token_text(tokenizer, i)) for i, lp in top]
 
 
 def _token(tokenizer, token_id: int, logprob: float | None, text: str) -> dict:

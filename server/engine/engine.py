@@ -59,10 +59,10 @@ class LLMEngine:
         return outputs
 
     def _update(self, reqs: list[Request], logits: torch.Tensor) -> list[tuple[Request, RequestOutput]]:
-        tokens, logprobs = self.sampler(logits, reqs)
+        tokens, logprobs, tops = self.sampler(logits, reqs)
         now = time.monotonic()
         outs = []
-        for req, token, lp in zip(reqs, tokens, logprobs):
+        for req, token, lp, top in zip(reqs, tokens, logprobs, tops):
             req.output_token_ids.append(token)
             if lp is not None:
                 req.output_logprobs.append(lp)
@@ -71,7 +71,9 @@ class LLMEngine:
             req.finish_reason = req.finish_reason or self.detokenizer.finish_reason(req, token, self.max_len)
             text = self.detokenizer.delta(req)
             self._emit("on_token", req, now)
-            outs.append((req, self._output(req, [token], text, None if lp is None else [lp])))
+            out = self._output(req, [token], text, None if lp is None else [lp])
+            out.top_logprobs = None if top is None else [top]
+            outs.append((req, out))
             if req.finish_reason is not None:
                 self._finished(req)
         return outs

@@ -22,7 +22,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     min_tokens: int = 0
     ignore_eos: bool = False
-    logprobs: bool = False
+    logprobs: bool = False  # the chosen token's logprob (raw model distribution, before penalties/temperature)
+    top_logprobs: int = 0  # also the n most likely tokens' (with ``logprobs``)
 
     @property
     def greedy(self) -> bool:
@@ -40,6 +41,7 @@ class RequestOutput:
     """One increment of a request's output, put on its queue each step it advances.
 
     token_ids / text / logprobs: the new tokens of this increment (text never splits a UTF-8 character).
+    top_logprobs: per new token, the [(token_id, logprob)] of the ``top_logprobs`` most likely tokens.
     finish_reason: None while running; "stop" (EOS, stop string or stop token), "length" or "abort".
     error: set when the request failed (e.g. its adapter could not be loaded); then finish_reason is "abort".
     """
@@ -52,6 +54,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def finished(self) -> bool:

@@ -29,12 +29,13 @@ class Sampler:
         return gen
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[float | None]]:
-        """logits: [rows, vocab] float32 (one row per request). Returns (tokens, logprobs or None per row)."""
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list, list]:
+        """logits: [rows, vocab] float32 (one row per request). Returns per row: the token, its logprob (or
+        None) and the top_logprobs [(token_id, logprob)] (or None) of the raw model distribution."""
         plain = [self._plain_greedy(r) for r in requests]
         fast = logits.argmax(-1).tolist() if any(plain) else None  # one batched argmax for the common case
         logits = logits.cpu()
-        tokens, logprobs = [], []
+        tokens, logprobs, tops = [], [], []
         for i, (row, req) in enumerate(zip(logits, requests)):
             if plain[i]:
                 token = fast[i]
@@ -44,8 +45,16 @@ class Sampler:
                 probs = self._filter(self._process(row.clone(), req), req)
                 token = int(torch.multinomial(probs, 1, generator=self._generator(req)))
             tokens.append(token)
-            logprobs.append(float(torch.log_softmax(row, -1)[token]) if req.params.logprobs else None)
-        return tokens, logprobs
+            lp, top = None, None
+            if req.params.logprobs:
+                logp = torch.log_softmax(row, -1)  # [vocab]
+                lp = float(logp[token])
+                if req.params.top_logprobs:
+                    values, ids = torch.topk(logp, req.params.top_logprobs)
+                    top = list(zip(ids.tolist(), values.tolist()))
+            logprobs.append(lp)
+            tops.append(top)
+        return tokens, logprobs, tops
 
     def _plain_greedy(self, req: Request) -> bool:
         """Greedy with nothing that edits the logits: the batched argmax is the answer."""

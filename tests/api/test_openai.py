@@ -4,6 +4,8 @@ from __future__ import annotations
 import openai
 import pytest
 
+from server.api.generation import token_text
+
 BASE = "tiny-llama"
 
 
@@ -150,3 +152,56 @@ def test_adapter_that_fails_to_load_is_a_client_error_and_the_server_keeps_servi
     with pytest.raises(openai.APIError):
         list(chunks)
     assert complete(client, prompt="hello", max_tokens=2).usage.completion_tokens == 2
+
+
+@pytest.fixture(scope="module")
+def first_token_logprobs(server):
+    """prompt -> the base model's log-softmax over the vocabulary for the first generated position (oracle)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(server.engine.engine.config.model).eval()
+
+    def logprobs(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+    return logprobs
+
+
+def test_top_logprobs_are_the_models_top_tokens(server, first_token_logprobs):
+    """completions logprobs=n and chat top_logprobs=n return the n most likely tokens of the raw model
+    distribution with their logprobs (the oracle is the plain HF model), plus the chosen token."""
+    client, tok = server.openai(), server.engine.tokenizer
+    ids = tok.encode("hello world")
+    ref = first_token_logprobs(ids)
+    want = torch_topk(ref, 5)
+    out = complete(client, prompt=ids, max_tokens=3, logprobs=5).choices[0].logprobs
+    assert len(out.top_logprobs) == 3 and all(1 <= len(t) <= 6 for t in out.top_logprobs)
+    # the legacy shape keys by token text, so byte tokens that render alike share a key, as in OpenAI/vLLM
+    expected = {token_text(tok, i): v for i, v in want}
+    assert out.top_logprobs[0].keys() == expected.keys()
+    assert all(out.top_logprobs[0][k] == pytest.approx(v, abs=1e-4) for k, v in expected.items())
+    assert out.token_logprobs[0] == pytest.approx(want[0][1], abs=1e-4)  # greedy: the chosen token is the top one
+
+    prompt = server.engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True,
+                                                         add_generation_prompt=True)
+    prompt = getattr(prompt, "input_ids", prompt)
+    chat_ref = torch_topk(first_token_logprobs(list(prompt)), 3)
+    chat = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    first = chat.choices[0].logprobs.content[0]
+    assert [t.logprob for t in first.top_logprobs] == pytest.approx([v for _, v in chat_ref], abs=1e-4)
+    assert [t.token for t in first.top_logprobs][0] == first.token and first.logprob == first.top_logprobs[0].logprob
+    assert all(t.bytes == list(t.token.encode()) for t in first.top_logprobs)
+
+
+def torch_topk(logprobs, k: int) -> list[tuple[int, float]]:
+    values, ids = logprobs.topk(k)
+    return list(zip(ids.tolist(), values.tolist()))
+
+
+def test_top_logprobs_without_logprobs_is_400(server):
+    with pytest.raises(openai.BadRequestError) as info:
+        server.openai().chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=2, top_logprobs=2)
+    assert "top_logprobs" in str(info.value)

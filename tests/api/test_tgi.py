@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def sse_events(response) -> list[dict]:
     return [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
@@ -59,3 +61,19 @@ def test_tgi_errors_use_tgi_shape(server):
     for r in (bad_temp, missing, too_long):
         assert r.status_code == 422, r.text
         assert set(r.json()) == {"error", "error_type"} and r.json()["error_type"] == "validation"
+
+
+def test_top_n_tokens_in_details_and_stream(server):
+    """TGI's top_n_tokens: details.top_tokens holds, per generated token, the n most likely tokens (greedy: the
+    first is the generated one); streamed events carry the same per token."""
+    params = {"max_new_tokens": 4, "details": True, "top_n_tokens": 2}
+    with server.client() as http:
+        body = http.post("/generate", json={"inputs": "hello world", "parameters": params}).json()
+        events = [json.loads(line[5:]) for line in http.post("/generate_stream", json={
+            "inputs": "hello world", "parameters": params}).text.splitlines() if line.startswith("data:")]
+    details = body["details"]
+    assert len(details["top_tokens"]) == 4 and all(len(top) == 2 for top in details["top_tokens"])
+    for token, top in zip(details["tokens"], details["top_tokens"]):
+        assert top[0]["id"] == token["id"] and top[0]["logprob"] == pytest.approx(token["logprob"], abs=1e-6)
+        assert top[0]["logprob"] >= top[1]["logprob"] and set(top[0]) == {"id", "text", "logprob", "special"}
+    assert [e["top_tokens"] for e in events] == details["top_tokens"]
