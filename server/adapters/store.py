@@ -46,6 +46,7 @@ class AdapterEntry:
     future: Future | None = None  # the load in progress (single flight)
     error: str | None = None
     in_flight: int = 0
+    on_demand: bool = False  # resolved from an adapter root / the Hub by a request, not loaded by an admin
     hits: int = 0
     last_used: float | None = None
     load_seconds: float | None = None
@@ -88,7 +89,9 @@ class AdapterStore:
             source = self._on_demand_source(name)
             if source is None:
                 raise UnknownAdapterError(f"The model `{name}` does not exist.", param="model")
-            return self._add(name, source, pinned=False)
+            entry = self._add(name, source, pinned=False)
+            entry.on_demand = True
+            return entry
 
     def _on_demand_source(self, name: str) -> str | None:
         if valid_adapter_name(name):
@@ -163,16 +166,19 @@ class AdapterStore:
         self.host.pop(entry.key, None)
 
     # ---- loading (off the step loop) --------------------------------------------------------------------
-    def ensure_host(self, entry: AdapterEntry) -> Future:
-        """Start (or join) the load of ``entry`` into host memory; at most one load per entry at a time."""
+    def ensure_host(self, entry: AdapterEntry, count: bool = True) -> Future:
+        """Start (or join) the load of ``entry`` into host memory; at most one load per entry at a time.
+        ``count``: report the hit or miss (once per request: a caller that only waits passes False)."""
         with self.lock:
             if entry.weights is not None:
                 self._touch(entry)
-                self._emit("on_adapter_event", "hit", entry.name, None)
+                if count:
+                    self._emit("on_adapter_event", "hit", entry.name, None)
                 fut: Future = Future()
                 fut.set_result(entry)
                 return fut
-            self._emit("on_adapter_event", "miss", entry.name, None)
+            if count:
+                self._emit("on_adapter_event", "miss", entry.name, None)
             if entry.future is None or entry.future.done():
                 entry.future = self.executor.submit(self._load, entry)
             return entry.future
@@ -187,6 +193,9 @@ class AdapterStore:
         except Exception as e:
             entry.error = getattr(e, "message", None) or str(e)
             log.warning("adapter %s failed to load: %s", entry.name, entry.error)
+            with self.lock:  # an on-demand name that cannot load is not listed; the next request retries it
+                if entry.on_demand and self.entries.get(entry.name) is entry:
+                    del self.entries[entry.name]
             raise
         with self.lock:
             entry.error = None

@@ -91,6 +91,9 @@ class Generation:
             for i, (prompt_ids, params) in enumerate(jobs):
                 stream = engine.add_request(prompt_ids, params, adapter=adapter, request_id=f"{request_id}-{i}")
                 streams.append(await stream if inspect.isawaitable(stream) else stream)
+            loaded = getattr(engine, "adapter_loaded", None)
+            if loaded is not None and adapter is not None and streams:
+                await loaded(streams[0].request_id)  # a cold adapter that cannot load: 4xx, not 200 + error
         except BaseException:
             for stream in streams:
                 engine.abort(stream.request_id)

@@ -169,6 +169,19 @@ class AsyncEngine:
         self._submit(lambda: self.engine.scheduler.waiting.append(req))
         return stream
 
+    async def adapter_loaded(self, request_id: str) -> None:
+        """Wait until an added request's adapter is in host memory; AdapterError (400) when it cannot load.
+        The routes await this before their status line, so a stream never answers 200 and then fails."""
+        item = self._requests.get(request_id)
+        entry = item[0].adapter_entry if item else None
+        if entry is None or entry.weights is not None:
+            return
+        fut = entry.future or self.engine.store.ensure_host(entry, count=False)
+        try:
+            await asyncio.wrap_future(fut)
+        except Exception:
+            raise AdapterError(f"adapter {entry.name!r} failed to load: {entry.error}", param="model") from None
+
     def _validate(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param="prompt")

@@ -148,9 +148,10 @@ def test_adapter_that_fails_to_load_is_a_client_error_and_the_server_keeps_servi
     with pytest.raises(openai.BadRequestError) as err:
         complete(client, model="broken", prompt="hello", max_tokens=2)
     assert "broken" in err.value.response.json()["error"]["message"]
-    chunks = client.completions.create(model="broken", prompt="hello", max_tokens=2, stream=True)
-    with pytest.raises(openai.APIError):
-        list(chunks)
+    with pytest.raises(openai.BadRequestError) as err:  # streamed too: refused before the stream opens
+        client.completions.create(model="broken", prompt="hello", max_tokens=2, stream=True)
+    assert "broken" in err.value.response.json()["error"]["message"]
+    assert "broken" not in [m.id for m in client.models.list().data]  # a name that cannot load is not listed
     assert complete(client, prompt="hello", max_tokens=2).usage.completion_tokens == 2
 
 

@@ -175,9 +175,11 @@ def test_failed_load_reports_and_can_be_retried(make_store, root, tmp_path):
     with pytest.raises(Exception):
         s.ensure_host(e).result(timeout=20)
     assert e.error and e.weights is None and e.key not in s.host
+    assert "broken" not in s.entries  # an on-demand name that cannot load is not listed (/v1/models)
     shutil.copy(root / "lora" / "adapter_config.json", bad / "adapter_config.json")
-    assert s.ensure_host(e).result(timeout=20) is e  # a new attempt, not the failed future again
-    assert e.error is None and e.weights is not None
+    again = s.resolve("broken")  # the next request resolves it afresh and retries
+    assert again is not e and s.ensure_host(again).result(timeout=20) is again
+    assert again.error is None and again.weights is not None
 
 
 # ---- host tier --------------------------------------------------------------------------------------------
