@@ -89,7 +89,6 @@ class ModelRunner:
     def decode(self, tokens: list[int], positions: list[int], row_keys: list[AdapterKey | None],
                weights) -> torch.Tensor:
         """Rows 0..n-1 each feed one token at its own position; returns logits [n, vocab] (float32)."""
-        n = len(tokens)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # [n]
         self.kv.reserve(max(positions) + 1)
         self.kv.bind_decode(pos)

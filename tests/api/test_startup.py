@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import httpx
-import pytest
 import uvicorn
 
 from server.api.app import create_app

@@ -31,16 +31,32 @@ def draw(sampler: Sampler, row: torch.Tensor, r: Request, n: int) -> list[int]:
 
 def test_greedy_is_argmax_per_row():
     x = logits(5)
-    tokens, lps = Sampler({EOS}).__call__(x, [req(temperature=0.0) for _ in range(5)])
+    tokens, lps, tops = Sampler({EOS}).__call__(x, [req(temperature=0.0) for _ in range(5)])
     assert tokens == x.argmax(-1).tolist()
-    assert lps == [None] * 5
+    assert lps == [None] * 5 and tops == [None] * 5
+
+
+def test_logprobs_and_top_logprobs_are_the_raw_distribution():
+    """The chosen token's logprob and the top-n come from the model's log-softmax, before penalties and
+    temperature (what vLLM returns by default); top-n is sorted, and absent unless asked for."""
+    x = logits(3)
+    reqs = [req(temperature=0.0, logprobs=True, top_logprobs=4), req(temperature=0.0, logprobs=True),
+            req(temperature=0.7, repetition_penalty=1.5, logprobs=True, top_logprobs=2, seed=1)]
+    tokens, lps, tops = Sampler({EOS})(x, reqs)
+    ref = torch.log_softmax(x, -1)
+    for i, (token, lp) in enumerate(zip(tokens, lps)):
+        assert lp == pytest.approx(float(ref[i, token]), abs=1e-6)
+    values, ids = ref[0].topk(4)
+    assert [i for i, _ in tops[0]] == ids.tolist()
+    assert [v for _, v in tops[0]] == pytest.approx(values.tolist(), abs=1e-6)
+    assert tops[1] is None and len(tops[2]) == 2 and tops[2][0][1] >= tops[2][1][1]
 
 
 def test_top_k_one_equals_greedy_whatever_the_temperature():
     x = logits(6, seed=1)
     sampler = Sampler({EOS})
     for temperature in (0.5, 1.0, 3.0):
-        tokens, _ = sampler(x, [req(temperature=temperature, top_k=1) for _ in range(6)])
+        tokens, _, _ = sampler(x, [req(temperature=temperature, top_k=1) for _ in range(6)])
         assert tokens == x.argmax(-1).tolist()
 
 
@@ -48,7 +64,7 @@ def test_logprobs_are_log_softmax_of_raw_logits_at_the_chosen_token():
     x = logits(4, seed=2)
     rows = [req(temperature=0.0, logprobs=True), req(temperature=0.7, seed=3, logprobs=True),
             req(temperature=0.0, logprobs=True, repetition_penalty=1.5), req(temperature=0.0)]
-    tokens, lps = Sampler({EOS})(x, rows)
+    tokens, lps, _ = Sampler({EOS})(x, rows)
     ref = torch.log_softmax(x, -1)
     for i in range(3):
         assert lps[i] == pytest.approx(float(ref[i, tokens[i]]), abs=1e-6)
@@ -67,7 +83,7 @@ def test_seeded_row_is_reproducible_whatever_else_is_batched():
     out = []
     for step in range(20):
         neighbours = [req(temperature=1.3), req(temperature=0.8, seed=step)]
-        tokens, _ = batched(torch.stack([x[0], x[2], x[3]]), [neighbours[0], target2, neighbours[1]])
+        tokens, _, _ = batched(torch.stack([x[0], x[2], x[3]]), [neighbours[0], target2, neighbours[1]])
         out.append(tokens[1])
     assert out == solo
     assert len(set(solo)) > 1  # really sampled, not argmax
@@ -132,7 +148,7 @@ def test_repetition_penalty_matches_transformers():
     r = req(output=output, prompt=prompt, temperature=0.0, repetition_penalty=1.8)
     ids = torch.tensor([prompt + output])
     expected = RepetitionPenaltyLogitsProcessor(1.8)(ids, x.clone())
-    tokens, _ = Sampler({EOS})(x, [r])
+    tokens, _, _ = Sampler({EOS})(x, [r])
     assert tokens == [int(expected.argmax())]
     assert tokens != [int(x.argmax())]  # the penalty changed the choice
 

@@ -1,0 +1,255 @@
+"""AsyncEngine (its step thread, per-request queues): streaming, single-flight cold loads that do not stall
+others, unload/replace during generation, early-exit consumers, aborts, validation and the queue bound."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+import server.adapters.store as store_module
+from server.engine.request import SamplingParams
+from server.errors import InvalidRequestError, QueueFullError, UnknownAdapterError
+from .helpers import FFFD, Hold, Recorder, collect, config, encode, greedy, start, streamed, until, wait_event
+
+
+def test_streaming_increments_concatenate_and_never_split_characters(loop, aengine):
+    tok = aengine.tokenizer
+    prompts = ["héllo wörld", "你好世界", "emoji 🙂", "The quick", "é你🙂", "Paris"]
+    adapters = [None, "lora", "dora", None, "ia3", "lora"]
+
+    async def main():
+        streams = [aengine.add_request(tok.encode(p, add_special_tokens=False),
+                                       SamplingParams(max_tokens=24, temperature=1.0, seed=i), a)
+                   for i, (p, a) in enumerate(zip(prompts, adapters))]
+        return await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), 60)
+
+    results = loop.run_until_complete(main())
+    non_ascii = 0
+    for outs in results:
+        tokens, text = streamed(outs)
+        assert outs[-1].finished and all(not o.finished for o in outs[:-1])
+        final = tok.decode(tokens if outs[-1].finish_reason == "length" else tokens[:-1], skip_special_tokens=True)
+        assert text == final
+        for o in outs:
+            assert FFFD not in o.text or FFFD in final
+        assert outs[-1].num_output_tokens == len(tokens)
+        non_ascii += sum(1 for ch in final if not ch.isascii() and ch != FFFD)
+    assert non_ascii > 0  # multi-byte characters were really produced
+
+
+def test_single_flight_cold_load_and_it_does_not_stall_others(loop, aengine, observe, monkeypatch, oracle):
+    rec = observe(Recorder())
+    release, calls = threading.Event(), []
+    original = store_module.AdapterStore._read
+
+    def held(self, directory, name):
+        calls.append(name)
+        assert release.wait(30)
+        return original(self, directory, name)
+
+    monkeypatch.setattr(store_module.AdapterStore, "_read", held)
+    p1, p2 = encode(aengine, "The quick"), encode(aengine, "Adapters")
+
+    async def main():
+        s1 = aengine.add_request(p1, greedy(6), "cold")
+        s2 = aengine.add_request(p2, greedy(5), "cold")
+        entry = aengine.engine.store.entries["cold"]
+        first_future = entry.future
+        base = await asyncio.wait_for(collect(aengine.add_request(p1, greedy(6))), 30)
+        assert base[-1].finish_reason == "length"  # streamed to the end while "cold" was still loading
+        assert calls == ["cold"] and not first_future.done() and entry.in_flight == 2
+        assert aengine.stats()["waiting_adapters"] == ["cold"]
+        release.set()
+        outs = await asyncio.wait_for(asyncio.gather(collect(s1), collect(s2)), 30)
+        return outs, entry, first_future
+
+    (o1, o2), entry, fut = loop.run_until_complete(main())
+    assert calls == ["cold"] and rec.count("load", "cold") == 1  # one load for two requests
+    assert entry.future is fut
+    assert streamed(o1)[0] == oracle.greedy("rslora", p1, 6)[0]
+    assert streamed(o2)[0] == oracle.greedy("rslora", p2, 5)[0]
+    assert entry.in_flight == 0
+
+
+def test_cold_request_counts_one_miss(loop, aengine, observe, monkeypatch, root):
+    rec = observe(Recorder())
+    release = threading.Event()
+    original = store_module.AdapterStore._read
+    monkeypatch.setattr(store_module.AdapterStore, "_read", lambda *a: (release.wait(30), original(*a))[1])
+
+    async def main():
+        aengine.engine.store.register("misscount", str(root / "lora"))
+        stream = aengine.add_request([5, 6, 7], greedy(2), "misscount")
+        release.set()
+        await asyncio.wait_for(collect(stream), 30)
+        await aengine.unload_adapter("misscount")
+
+    loop.run_until_complete(main())
+    assert rec.count("miss", "misscount") == 1
+
+
+def test_unload_during_generation_then_reload(loop, aengine, observe, oracle):
+    manager, store = aengine.engine.runner.manager, aengine.engine.store
+    p = encode(aengine, "The quick brown")
+    hold = observe(Hold("u1", 3))
+
+    async def main():
+        info = await aengine.load_adapter("victim", "lora")
+        old_key = ("victim", info["version"])
+        task = asyncio.ensure_future(collect(aengine.add_request(p, greedy(8), "victim", request_id="u1")))
+        await wait_event(hold.reached)
+        assert old_key in manager.slot_of
+        await aengine.unload_adapter("victim")
+        with pytest.raises(UnknownAdapterError):  # gone at once for new requests
+            aengine.add_request(p, greedy(2), "victim")
+        assert "victim" not in [a["name"] for a in aengine.list_adapters()]
+        assert old_key in manager.slot_of  # the in-flight request still holds its weights on device
+        hold.go.set()
+        outs = await asyncio.wait_for(task, 30)
+        assert streamed(outs)[0] == oracle.greedy("lora", p, 8)[0]  # finished on the old weights
+        assert outs[-1].finish_reason == "length"
+        assert old_key not in manager.slot_of and not store.retired  # then freed
+        assert not any(k[0] == "victim" for k in manager.pinned)
+
+        info2 = await aengine.load_adapter("victim", "lora2")  # reload under the same name, new weights
+        assert info2["version"] > info["version"] and info2["tier"] == "host"
+        outs = await asyncio.wait_for(collect(aengine.add_request(p, greedy(6), "victim")), 30)
+        assert streamed(outs)[0] == oracle.greedy("lora2", p, 6)[0]
+        await aengine.unload_adapter("victim")
+        key2 = ("victim", info2["version"])
+        await until(lambda: key2 not in manager.slot_of, what="idle unload to free the slot")
+
+    loop.run_until_complete(main())
+
+
+def test_replace_during_generation_serves_both_versions(loop, aengine, observe, oracle):
+    manager = aengine.engine.runner.manager
+    p = encode(aengine, "héllo wörld")
+    hold = observe(Hold("r1", 2))
+
+    async def main():
+        v1 = await aengine.load_adapter("swap", "ia3")
+        old = asyncio.ensure_future(collect(aengine.add_request(p, greedy(7), "swap", request_id="r1")))
+        await wait_event(hold.reached)
+        v2 = await aengine.load_adapter("swap", "adalora", replace=True)
+        assert v2["version"] > v1["version"]
+        new = asyncio.ensure_future(collect(aengine.add_request(p, greedy(5), "swap")))
+        hold.go.set()
+        old_outs, new_outs = await asyncio.wait_for(asyncio.gather(old, new), 30)
+        assert streamed(old_outs)[0] == oracle.greedy("ia3", p, 7)[0]
+        assert streamed(new_outs)[0] == oracle.greedy("adalora", p, 5)[0]
+        assert ("swap", v1["version"]) not in manager.slot_of
+        await aengine.unload_adapter("swap")
+
+    loop.run_until_complete(main())
+
+
+def test_generate_consumer_breaking_early_aborts(loop, aengine, observe):
+    rec = observe(Recorder())
+    hold = observe(Hold("g1", 2))
+
+    async def main():
+        async for out in aengine.generate([5, 6, 7, 8], greedy(100), "lora", request_id="g1"):
+            assert out.token_ids
+            break  # the client went away after the first increment
+        await until(lambda: aengine._requests.get("g1") is None or aengine._requests["g1"][0].aborted,
+                    what="abort after the consumer left")
+        hold.go.set()
+        await until(lambda: "g1" in rec.finished, what="the aborted request to leave")
+        await until(lambda: aengine.stats()["num_running"] == 0, what="the row to be freed")
+
+    loop.run_until_complete(main())
+    req = rec.finished["g1"]
+    assert req.finish_reason == "abort" and len(req.output_token_ids) <= 3
+    assert next(a for a in aengine.list_adapters() if a["name"] == "lora")["in_flight"] == 0
+    assert "g1" not in aengine._requests
+
+
+def test_cancelled_consumer_task_aborts(loop, aengine, observe):
+    rec = observe(Recorder())
+    hold = observe(Hold("c1", 2))
+
+    async def main():
+        stream = aengine.add_request([9, 10, 11], greedy(100), "dora", request_id="c1")
+        task = asyncio.ensure_future(collect(stream))
+        await wait_event(hold.reached)
+        task.cancel()  # e.g. the HTTP handler was cancelled on disconnect
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        hold.go.set()
+        await until(lambda: "c1" in rec.finished, what="the cancelled request to leave")
+        aengine.abort("c1")  # idempotent, also after it left
+        aengine.abort("no-such-request")
+
+    loop.run_until_complete(main())
+    assert rec.finished["c1"].finish_reason == "abort"
+    assert next(a for a in aengine.list_adapters() if a["name"] == "dora")["in_flight"] == 0
+
+
+def test_abort_ends_the_stream_and_frees_the_row(loop, aengine, observe):
+    hold = observe(Hold("a1", 2))
+    store = aengine.engine.store
+
+    async def main():
+        stream = aengine.add_request([5, 6, 7], greedy(50), "ia3", request_id="a1")
+        task = asyncio.ensure_future(collect(stream))
+        await wait_event(hold.reached)
+        assert aengine.stats()["num_running"] == 1 and store.entries["ia3"].in_flight == 1
+        aengine.abort("a1")
+        hold.go.set()
+        outs = await asyncio.wait_for(task, 30)
+        await until(lambda: aengine.stats()["num_running"] == 0, what="the row to be freed")
+        return outs
+
+    outs = loop.run_until_complete(main())
+    assert outs[-1].finish_reason == "abort" and outs[-1].token_ids == []
+    assert outs[-1].num_output_tokens == 2 and len(streamed(outs)[0]) == 2  # it left at the next step
+    assert store.entries["ia3"].in_flight == 0 and aengine.stats()["num_waiting"] == 0
+
+
+def test_request_validation(loop, aengine):
+    vocab, max_len = aengine.engine.runner.vocab_size, aengine.engine.max_len
+    cases = [([], greedy(2), "prompt"), ([5, vocab], greedy(2), "prompt"), ([-1, 5], greedy(2), "prompt"),
+             (list(range(5, 15)), greedy(max_len - 9), "max_tokens")]
+    for prompt, params, param in cases:
+        with pytest.raises(InvalidRequestError) as err:
+            aengine.add_request(prompt, params)
+        assert err.value.status_code == 400 and err.value.param == param
+    with pytest.raises(UnknownAdapterError) as err:
+        aengine.add_request([5, 6], greedy(2), "no-such-adapter")
+    assert err.value.status_code == 404
+    assert aengine.stats()["num_waiting"] == 0  # nothing was queued or held by a refused request
+    assert all(a["in_flight"] == 0 for a in aengine.list_adapters())
+
+    async def fits():  # exactly max_model_len is allowed; the model name means the base model
+        stream = aengine.add_request(list(range(5, 15)), greedy(max_len - 10), aengine.model_name)
+        first = await stream.__anext__()
+        aengine.abort(stream.request_id)
+        return [first] + await collect(stream)
+
+    outs = loop.run_until_complete(asyncio.wait_for(fits(), 60))
+    assert outs[0].token_ids and outs[-1].finish_reason == "abort"
+
+
+def test_queue_bound(loop, tiny_model_dir, root):
+    eng = start(loop, config(tiny_model_dir, root, max_num_seqs=1, max_waiting=2))
+    hold = Hold("q0", 1)
+    eng.add_observer(hold)
+    try:
+        async def main():
+            first = asyncio.ensure_future(collect(eng.add_request([5, 6], greedy(3), request_id="q0")))
+            await wait_event(hold.reached)  # the step thread is busy: new requests queue up
+            queued = [asyncio.ensure_future(collect(eng.add_request([7, 8], greedy(2)))) for _ in range(2)]
+            with pytest.raises(QueueFullError) as err:
+                eng.add_request([7, 8], greedy(2))
+            assert err.value.status_code == 429
+            hold.go.set()
+            done = await asyncio.wait_for(asyncio.gather(first, *queued), 30)
+            assert all(outs[-1].finish_reason == "length" for outs in done)
+            return await asyncio.wait_for(collect(eng.add_request([7, 8], greedy(2))), 30)  # room again
+
+        assert loop.run_until_complete(main())[-1].finished
+    finally:
+        hold.go.set()
+        loop.run_until_complete(eng.shutdown(5))

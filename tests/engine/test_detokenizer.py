@@ -1,0 +1,73 @@
+"""Detokenizer: streamed text never splits a UTF-8 character, stop strings are held back until they can no
+longer match, and min_tokens defers them."""
+from __future__ import annotations
+
+import pytest
+
+from server.engine.detokenizer import Detokenizer
+from server.engine.request import Request, SamplingParams
+from .helpers import FFFD
+
+
+def _byte_tokens(tokenizer, text: str) -> list[int]:
+    """One token per UTF-8 byte (the byte-level alphabet), so every multi-byte character is split."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    alphabet = dict(zip(bs, map(chr, cs)))
+    ids = tokenizer.convert_tokens_to_ids([alphabet[b] for b in text.encode()])
+    assert tokenizer.unk_token_id not in ids and None not in ids
+    return ids
+
+
+def _feed(detok: Detokenizer, tokens: list[int], max_len: int = 1000, **params) -> tuple[Request, list[str]]:
+    req = Request("d", [1], SamplingParams(max_tokens=len(tokens), **params))
+    deltas = []
+    for t in tokens:
+        req.output_token_ids.append(t)
+        req.finish_reason = req.finish_reason or detok.finish_reason(req, t, max_len)
+        deltas.append(detok.delta(req))
+        if req.finish_reason:
+            break
+    return req, deltas
+
+
+@pytest.mark.parametrize("split", ["bytes", "bpe"])
+def test_detokenizer_never_splits_a_character(llm, split):
+    text = "hé 你好 wörld 🙂!é"
+    tok = llm.tokenizer
+    tokens = _byte_tokens(tok, text) if split == "bytes" else tok.encode(text, add_special_tokens=False)
+    req, deltas = _feed(Detokenizer(tok, {2}), tokens)
+    assert "".join(deltas) == text == req.text
+    assert not any(FFFD in d for d in deltas)
+    if split == "bytes":  # a character appears exactly when its last byte arrives
+        held = [i for i, d in enumerate(deltas) if d == ""]
+        assert len(held) == len(text.encode()) - len(text)
+
+
+@pytest.mark.parametrize("text, stop, final", [("你好cd!", "cd", "你好"), ("ab你好cd", "好", "ab你"),
+                                              ("é🙂 stop here", " stop", "é🙂")])
+def test_detokenizer_stop_string_with_multibyte_text(llm, text, stop, final):
+    tok = llm.tokenizer
+    req, deltas = _feed(Detokenizer(tok, {2}), _byte_tokens(tok, text), stop=[stop])
+    assert req.finish_reason == "stop" and req.text == final and "".join(deltas) == final
+    assert not any(FFFD in d for d in deltas)
+    assert len(req.output_token_ids) == len((final + stop).encode())  # stopped on the byte that completed it
+
+
+@pytest.mark.parametrize("stop", ["你好", "xé", "x🙂"])
+def test_stop_string_with_multibyte_tail_is_never_partly_emitted(llm, stop):
+    tok = llm.tokenizer
+    req, deltas = _feed(Detokenizer(tok, {2}), _byte_tokens(tok, "a" + stop + "b"), stop=[stop])
+    assert req.finish_reason == "stop" and req.text == "a"
+    assert "".join(deltas) == "a"
+
+
+def test_min_tokens_also_defers_stop_strings(llm):
+    tok = llm.tokenizer
+    req, _ = _feed(Detokenizer(tok, {2}), _byte_tokens(tok, "abcdefgh"), stop=["b"], min_tokens=5)
+    assert len(req.output_token_ids) >= 5
