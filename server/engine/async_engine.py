@@ -179,6 +179,10 @@ class AsyncEngine:
         fut = entry.future or self.engine.store.ensure_host(entry, count=False)
         try:
             await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            if not fut.cancelled():
+                raise  # this request was cancelled (client gone)
+            # the load itself was cancelled (shutdown): the request stays with the engine, which ends it
         except Exception:
             raise AdapterError(f"adapter {entry.name!r} failed to load: {entry.error}", param="model") from None
 

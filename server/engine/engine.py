@@ -88,7 +88,7 @@ class LLMEngine:
         if entry is None or entry.weights is not None:
             return True
         fut = entry.future
-        if fut is None or (fut.done() and fut.exception() is None):  # evicted from host meanwhile: load again
+        if fut is None or (fut.done() and not _load_failed(fut)):  # evicted from host meanwhile: load again
             self.store.ensure_host(entry)
         return False
 
@@ -110,7 +110,7 @@ class LLMEngine:
         self.scheduler.finish_rows(aborted, self.runner.kv.move_row)
         for req in list(self.scheduler.waiting):
             fut = getattr(req.adapter_entry, "future", None)
-            if req.aborted or (fut is not None and fut.done() and fut.exception() is not None):
+            if req.aborted or (fut is not None and fut.done() and _load_failed(fut)):
                 self.scheduler.remove_waiting(req)
                 req.finish_reason = "abort"
                 error = None if req.aborted else f"adapter {req.adapter!r} failed to load: {req.adapter_entry.error}"
@@ -143,6 +143,11 @@ def _eos_ids(model, tokenizer) -> set[int]:
         if value is not None:
             ids.update(value if isinstance(value, (list, tuple)) else [value])
     return ids
+
+
+def _load_failed(fut) -> bool:
+    """A finished host load that produced no weights: it raised, or was cancelled (the store shut down)."""
+    return fut.cancelled() or fut.exception() is not None
 
 
 from server.engine.async_engine import AsyncEngine, RequestStream  # noqa: E402  (the public entry point)

@@ -192,11 +192,30 @@ def load_model(config: EngineConfig) -> LoadedModel:
     else:
         model = AutoModelForCausalLM.from_pretrained(where, quantization_config=quant, device_map={"": device},
                                                      **kwargs)
+        if device.type == "cpu":
+            _own_unquantized(model)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, device, dtype, where, cache_hit)
+
+
+@torch.no_grad()
+def _own_unquantized(model: torch.nn.Module) -> None:
+    """Copy the tensors a quantized CPU load left unquantized (embeddings, norms, a tied head) out of the
+    checkpoint. They are views into the mmapped fp32 file, which keeps the whole file mapped and its pages
+    resident: measured on SmolLM2, int8 and nf4 held ~640 MB of file pages, more than the plain fp32 model."""
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is None or id(t) in seen or type(t).__name__ in ("Params4bit", "Int8Params"):
+                continue
+            seen.add(id(t))
+            if isinstance(t, torch.nn.Parameter):
+                t.data = t.data.clone()
+            else:
+                module._buffers[name] = t.clone()
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:

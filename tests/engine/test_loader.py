@@ -118,6 +118,26 @@ def test_threads_are_set_when_the_model_loads(tiny_model_dir):
     assert torch.get_num_threads() == 1  # 0 leaves it alone
 
 
+@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+def test_quantized_cpu_load_releases_the_fp32_checkpoint(quantization, tiny_model_dir, tmp_path):
+    """The tensors a quantized load leaves unquantized are copied out of the mmapped fp32 checkpoint, so the
+    file is no longer mapped (it kept every fp32 page resident: int8/nf4 used more memory than fp32)."""
+    import gc
+    import shutil
+
+    private = shutil.copytree(tiny_model_dir, tmp_path / "model")  # mapped by nothing else in this process
+    loaded = loader.load_model(EngineConfig(model=str(private), device="cpu", dtype="float32",
+                                            quantization=quantization))
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        assert str(private) not in maps.read(), "the fp32 checkpoint is still mapped"
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(input_ids=ids).logits).all()  # the copies are what the model uses
+    tied = loaded.model.get_input_embeddings().weight, loaded.model.get_output_embeddings().weight
+    assert not loaded.model.config.tie_word_embeddings or tied[0] is tied[1]
+
+
 def test_default_gguf_nf4_answers_and_second_load_hits_the_cache(tmp_path):
     """The slow one: --quantization nf4 on the bundled GGUF (dequantize, cache, quantize) answers a chat
     question greedily; the next start-up (plain) reads the cached copy and its tokenizer."""
