@@ -1,0 +1,31 @@
+"""bench/markdown.py: the BENCHMARKS.md headline computes its ratios from the results JSON, including the naive
+serial rate pooled over every cell (the serial flow does not batch, so one rate serves all cells)."""
+from __future__ import annotations
+
+from bench.markdown import headline, pooled_naive
+
+
+def cell(n: int, k: int, base: float, ours: float, naive_tokens: int, naive_seconds: float) -> dict:
+    return {"concurrency": n, "adapters": k, "base": {"tok_s": base}, "swapserve": {"tok_s": ours},
+            "peft": {"tok_s": base / 2},
+            "naive": {"tok_s": naive_tokens / naive_seconds, "tokens": naive_tokens, "seconds": naive_seconds,
+                      "requests": 3}}
+
+
+def test_headline_uses_the_top_cell_and_the_pooled_naive_rate():
+    cells = [cell(8, 4, 60.0, 50.0, 96, 8.0),  # naive 12 tok/s
+             cell(32, 16, 100.0, 90.0, 96, 12.0)]  # naive 8 tok/s in this cell alone
+    pooled = pooled_naive(cells)
+    assert pooled == {"tok_s": 192 / 20.0, "requests": 6}
+    text = headline({"cells": cells, "config": {"naive_requests": 3}})
+    assert "32 concurrent requests over 16 distinct adapters" in text
+    assert "**0.90x the base model's HF batched throughput**" in text
+    assert "**11.25x the seed's naive serial flow**" in text  # the cell's own anchor: 90 / 8
+    assert "9.6 tok/s" in text and "**9.38x that pooled naive rate**" in text  # 90 / 9.6
+    assert "8x naive needs 0.77x base" in text  # 8 * 9.6 / 100
+
+
+def test_headline_without_anchors():
+    cells = [{"concurrency": 32, "adapters": 16, "swapserve": {"tok_s": 90.0}}]
+    text = headline({"cells": cells, "config": {}})
+    assert "90.0 output tok/s" in text and "pooled" not in text
