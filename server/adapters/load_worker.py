@@ -121,7 +121,10 @@ def _child(conn, scratch: str) -> None:
 
 
 class LoadWorker:
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = 600.0) -> None:
+        """timeout: seconds one load may take before the worker is presumed stuck and replaced (a 1 GiB
+        adapter, the --max-adapter-bytes default, reads in seconds; this is for a hung process, not a slow one)."""
+        self.timeout = timeout
         self.lock = threading.Lock()
         self.proc = None
         self.conn = None
@@ -133,6 +136,10 @@ class LoadWorker:
             if not self.disabled and self._start():
                 try:
                     self.conn.send(job)
+                    if not self.conn.poll(self.timeout):
+                        self._stop()
+                        raise AdapterError(f"{job['directory']}: the adapter loader process took over "
+                                           f"{self.timeout:.0f} s; it was stopped and is restarted on the next load")
                     reply = self.conn.recv()
                 except (EOFError, OSError, BrokenPipeError):
                     self._stop()

@@ -4,6 +4,7 @@ next load respawns it; no process at all falls back to in-process loading."""
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -106,3 +107,20 @@ def test_no_process_falls_back_in_process(adapters, layout, worker, monkeypatch,
     w = worker.load(**job(adapters["lora"], layout))
     assert worker.disabled and worker.proc is None and w.packed
     assert "loading adapters in-process" in caplog.text
+
+
+def test_stuck_worker_is_replaced(adapters, layout):
+    """A worker that never answers costs one load a clear error after the timeout; the next load gets a new one."""
+    worker = load_worker.LoadWorker(timeout=60)  # the first load includes the worker's start-up
+    try:
+        worker.load(**job(adapters["lora"], layout))
+        stuck = worker.proc.pid
+        os.kill(stuck, signal.SIGSTOP)  # alive but silent
+        worker.timeout = 0.5
+        with pytest.raises(AdapterError, match="took over 0 s"):
+            worker.load(**job(adapters["lora"], layout))
+        assert worker.proc is None
+        worker.timeout = 60
+        assert worker.load(**job(adapters["ia3"], layout)).kind == "ia3" and worker.proc.pid != stuck
+    finally:
+        worker.close()
