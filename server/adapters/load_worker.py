@@ -6,21 +6,26 @@ back thousands of times per step; while a loader thread runs Python it waits for
 interval each time, so a load of ~10 ms of Python stalled the running streams for about as long (measured:
 a 16-stream ITL p99 +39..53% while 10 adapters loaded in a thread). In a child process that work holds
 another interpreter's GIL; the server process only reads the finished, slot-ready file back (one read, a few
-dozen tensor views: formats.AdapterWeights.load_prepared).
+dozen tensor views: load_prepared below).
 
 One worker serves the whole process (all engines, one job at a time: loads are single-flight per adapter
-and one loader thread per store feeds it anyway). It is spawned on first use, niced, with one torch thread,
-and respawned if it dies. When a child process cannot be started at all, loads run in the calling thread.
+and one loader thread per store feeds it anyway). It is a fresh interpreter (`python -m
+server.adapters.load_worker`, over a socket pair), started on first use, niced, with one torch thread (~280 MB
+resident with torch imported), and replaced if it dies or stops answering. When no process can be started,
+loads run in the calling thread.
 """
 from __future__ import annotations
 
 import atexit
 import logging
-import multiprocessing as mp
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from server.adapters.formats import AdapterFormatError, check_against_base, load_adapter_dir, read_safetensors
@@ -159,21 +164,24 @@ class LoadWorker:
             path.unlink(missing_ok=True)
 
     def _start(self) -> bool:
-        if self.proc is not None and self.proc.is_alive():
+        if self.proc is not None and self.proc.poll() is None:
             return True
         self._stop()
         try:
-            ctx = mp.get_context("spawn")  # never fork a process that holds torch threads and a CUDA context
+            # A fresh interpreter (`python -m server.adapters.load_worker`), not multiprocessing: never a fork of a
+            # process holding torch threads and a CUDA context, and, unlike "spawn", it never re-runs the
+            # embedding program's __main__ (an unguarded script, a Ray worker) in the child.
             self.scratch = tempfile.mkdtemp(prefix="swapserve-load-")
-            parent, child = ctx.Pipe()
-            self.proc = ctx.Process(target=_child, args=(child, self.scratch), name="swapserve-adapter-loader",
-                                    daemon=True)
-            self.proc.start()
-            child.close()
-            self.conn = parent
+            ours, theirs = socket.socketpair()
+            root = str(Path(__file__).resolve().parents[2])  # where the `server` package lives
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+            self.proc = subprocess.Popen([sys.executable, "-m", "server.adapters.load_worker", str(theirs.fileno()),
+                                          self.scratch], pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+            theirs.close()
+            self.conn = Connection(ours.detach())
             log.info("adapter loader process started (pid %d)", self.proc.pid)
             return True
-        except Exception as e:  # noqa: BLE001 - e.g. no /dev/shm semaphores in a locked-down sandbox
+        except Exception as e:  # noqa: BLE001 - e.g. a sandbox that forbids new processes
             log.warning("cannot start the adapter loader process (%s); loading adapters in-process", e)
             self.disabled = True
             self._stop()
@@ -187,9 +195,11 @@ class LoadWorker:
                 pass
             self.conn.close()
         if self.proc is not None:
-            self.proc.join(timeout=1)
-            if self.proc.is_alive():
+            try:
+                self.proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
         self.proc = self.conn = self.scratch = None
@@ -209,3 +219,7 @@ def shared_worker() -> LoadWorker:
             _shared = LoadWorker()
             atexit.register(_shared.close)
         return _shared
+
+
+if __name__ == "__main__":  # the worker process: python -m server.adapters.load_worker FD SCRATCH_DIR
+    _child(Connection(int(sys.argv[1])), sys.argv[2])

@@ -3,8 +3,12 @@ loaded in-process; refusals keep their message and 400; a dead worker costs one 
 next load respawns it; no process at all falls back to in-process loading."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,8 +96,8 @@ def test_dead_worker_fails_one_load_then_respawns(adapters, layout, worker):
     worker.load(**job(adapters["lora"], layout))
     first = worker.proc.pid
     worker.proc.kill()
-    worker.proc.join(5)
-    worker.proc.is_alive = lambda: True  # as if it died mid-job, after the liveness check
+    worker.proc.wait(5)
+    worker.proc.poll = lambda: None  # as if it died mid-job, after the liveness check
     with pytest.raises(AdapterError, match="loader process died"):
         worker.load(**job(adapters["lora"], layout))
     again = worker.load(**job(adapters["ia3"], layout))
@@ -101,9 +105,9 @@ def test_dead_worker_fails_one_load_then_respawns(adapters, layout, worker):
 
 
 def test_no_process_falls_back_in_process(adapters, layout, worker, monkeypatch, caplog):
-    def refuse(method):
-        raise OSError("no semaphores here")
-    monkeypatch.setattr(load_worker.mp, "get_context", refuse)
+    def refuse(*args, **kwargs):
+        raise OSError("no new processes here")
+    monkeypatch.setattr(load_worker.subprocess, "Popen", refuse)
     w = worker.load(**job(adapters["lora"], layout))
     assert worker.disabled and worker.proc is None and w.packed
     assert "loading adapters in-process" in caplog.text
@@ -124,3 +128,29 @@ def test_stuck_worker_is_replaced(adapters, layout):
         assert worker.load(**job(adapters["ia3"], layout)).kind == "ia3" and worker.proc.pid != stuck
     finally:
         worker.close()
+
+
+def test_worker_never_runs_the_embedding_programs_main(adapters, layout, tmp_path):
+    """A program that uses swapserve at module level, without a __main__ guard, still gets a loader process:
+    the worker is a fresh `python -m server.adapters.load_worker`, which never re-runs the caller's script
+    (multiprocessing's spawn did, and the script's child then tried to start a worker of its own)."""
+    marker = tmp_path / "runs"
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"""
+import json, os, sys
+from pathlib import Path
+with open({str(marker)!r}, "a") as f:
+    f.write(str(os.getpid()) + "\\n")
+from server.adapters import load_worker
+job = json.loads(Path({str(tmp_path / "job.json")!r}).read_text())
+w = load_worker.LoadWorker()
+weights = w.load(**job)
+print(json.dumps({{"pid": w.proc.pid, "packed": bool(weights.packed)}}))
+w.close()
+""")
+    (tmp_path / "job.json").write_text(json.dumps(job(adapters["lora"], layout)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         cwd=Path(load_worker.__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["packed"] and len(marker.read_text().split()) == 1  # the script ran once: in its own process
