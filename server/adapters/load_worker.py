@@ -136,6 +136,13 @@ class LoadWorker:
         self.scratch: str | None = None
         self.disabled = False
 
+    def start(self) -> None:
+        """Start the process now (servers call this at start-up, off the request path: the first load would
+        otherwise also pay the worker's ~1 s of importing torch)."""
+        with self.lock:
+            if not self.disabled:
+                self._start()
+
     def load(self, **job) -> AdapterWeights:
         with self.lock:
             if not self.disabled and self._start():
@@ -222,4 +229,5 @@ def shared_worker() -> LoadWorker:
 
 
 if __name__ == "__main__":  # the worker process: python -m server.adapters.load_worker FD SCRATCH_DIR
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _child(Connection(int(sys.argv[1])), sys.argv[2])

@@ -77,6 +77,8 @@ class AdapterStore:
         # one low-priority thread drives the loads (the work itself runs in the loader process, load_worker.py)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load",
                                            initializer=_lower_thread_priority)
+        if config.adapter_loader == "process":
+            self.executor.submit(shared_worker().start)  # ready before the first load needs it
         self._versions = 0
 
     # ---- names and sources ------------------------------------------------------------------------------
