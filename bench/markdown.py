@@ -155,16 +155,21 @@ def scale_section(results: dict) -> list[str]:
              "TTFT p99 | ITL p50 | ITL p99 | host hit rate | host loads | host evictions | device loads |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sc["rounds"]:
-        s = r["swapserve"]
         lines.append(f"| {r['round']} | {r['distinct_adapters']} | {_f(r.get('base', {}).get('tok_s'))} | "
-                     f"{_f(s['tok_s'])} | **{_x(ratio(r, 'swapserve', 'base'))}** | {_f(s['ttft_p50_ms'])} | "
-                     f"{_f(s['ttft_p99_ms'])} | {_f(s['itl_p50_ms'])} | {_f(s['itl_p99_ms'])} | "
+                     f"{_stats_vs_base(r)} | "
                      f"{r['host_hit_rate'] * 100:.0f}% ({r['host_hits']}/{r['host_hits'] + r['host_misses']}) | "
                      f"{r['host_loads']} | {r['host_evictions']} | {r['device_loads']} |")
     lines += ["", "Latency in ms (TTFT from send, ITL per token). HF base TTFT/ITL for the same batch: " + "; ".join(
         f"round {r['round']}: TTFT p50 {_f(r['base']['ttft_p50_ms'])}, ITL p50 {_f(r['base']['itl_p50_ms'])}"
         for r in sc["rounds"] if r.get("base")) + ".", ""]
     return lines
+
+
+def _stats_vs_base(row: dict) -> str:
+    """swapserve tok/s | its ratio to base | TTFT p50 | TTFT p99 | ITL p50 | ITL p99, as table cells."""
+    s = row["swapserve"]
+    return (f"{_f(s['tok_s'])} | **{_x(ratio(row, 'swapserve', 'base'))}** | {_f(s['ttft_p50_ms'])} | "
+            f"{_f(s['ttft_p99_ms'])} | {_f(s['itl_p50_ms'])} | {_f(s['itl_p99_ms'])}")
 
 
 def types_section(results: dict) -> list[str]:
@@ -180,11 +185,9 @@ def types_section(results: dict) -> list[str]:
              "| cell | N | adapters | HF base tok/s | swapserve tok/s | **swapserve / base** | TTFT p50 | TTFT p99 | "
              "ITL p50 | ITL p99 |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in ty["cells"]:
-        s = c["swapserve"]
         kinds = " + ".join(f"{v} {k}" for k, v in c["kinds"].items())
         lines.append(f"| {c['cell']} | {c['concurrency']} | {kinds} | {_f(c.get('base', {}).get('tok_s'))} | "
-                     f"{_f(s['tok_s'])} | **{_x(ratio(c, 'swapserve', 'base'))}** | {_f(s['ttft_p50_ms'])} | "
-                     f"{_f(s['ttft_p99_ms'])} | {_f(s['itl_p50_ms'])} | {_f(s['itl_p99_ms'])} |")
+                     f"{_stats_vs_base(c)} |")
     return lines + [""]
 
 

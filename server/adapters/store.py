@@ -168,19 +168,16 @@ class AdapterStore:
         self.host.pop(entry.key, None)
 
     # ---- loading (off the step loop) --------------------------------------------------------------------
-    def ensure_host(self, entry: AdapterEntry, count: bool = True) -> Future:
-        """Start (or join) the load of ``entry`` into host memory; at most one load per entry at a time.
-        ``count``: report the hit or miss (once per request: a caller that only waits passes False)."""
+    def ensure_host(self, entry: AdapterEntry) -> Future:
+        """Start (or join) the load of ``entry`` into host memory; at most one load per entry at a time."""
         with self.lock:
             if entry.weights is not None:
                 self._touch(entry)
-                if count:
-                    self._emit("on_adapter_event", "hit", entry.name, None)
+                self._emit("on_adapter_event", "hit", entry.name, None)
                 fut: Future = Future()
                 fut.set_result(entry)
                 return fut
-            if count:
-                self._emit("on_adapter_event", "miss", entry.name, None)
+            self._emit("on_adapter_event", "miss", entry.name, None)
             if entry.future is None or entry.future.done():
                 entry.future = self.executor.submit(self._load, entry)
             return entry.future

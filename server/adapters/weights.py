@@ -31,6 +31,11 @@ class ModuleWeights:
     def rank(self) -> int:
         return 0 if self.a is None else self.a.shape[0]
 
+    def scaled_bt(self) -> torch.Tensor:
+        """B transposed with the scaling folded in, [r, out] float32: what a slot's lora_b row block holds
+        (times DoRA's d for DoRA)."""
+        return self.b.float().T * self.scaling
+
 
 @dataclass
 class PackedBank:
@@ -119,7 +124,7 @@ class AdapterWeights:
         packed = self._packed_storages()
         for m in self.modules.values():
             if m.a is not None and m.magnitude is None and m.slot_b is None:
-                m.slot_b = (m.b.float().T * m.scaling).contiguous()  # [r, out]
+                m.slot_b = m.scaled_bt().contiguous()
                 m.b = None
             for part in ("a", "b", "magnitude", "ia3"):
                 t = getattr(m, part)

@@ -174,9 +174,9 @@ class AsyncEngine:
         The routes await this before their status line, so a stream never answers 200 and then fails."""
         item = self._requests.get(request_id)
         entry = item[0].adapter_entry if item else None
-        if entry is None or entry.weights is not None:
+        fut = entry.future if entry is not None and entry.weights is None else None
+        if fut is None:  # base model, resident, or no load started: nothing to wait for here
             return
-        fut = entry.future or self.engine.store.ensure_host(entry, count=False)
         try:
             await asyncio.wrap_future(fut)
         except asyncio.CancelledError:

@@ -71,16 +71,16 @@ class LLMEngine:
             req.finish_reason = req.finish_reason or self.detokenizer.finish_reason(req, token, self.max_len)
             text = self.detokenizer.delta(req)
             self._emit("on_token", req, now)
-            out = self._output(req, [token], text, None if lp is None else [lp])
-            out.top_logprobs = None if top is None else [top]
-            outs.append((req, out))
+            outs.append((req, self._output(req, [token], text, None if lp is None else [lp],
+                                           top=None if top is None else [top])))
             if req.finish_reason is not None:
                 self._finished(req)
         return outs
 
-    def _output(self, req: Request, tokens: list[int], text: str, logprobs, error: str | None = None):
+    def _output(self, req: Request, tokens: list[int], text: str, logprobs, error: str | None = None,
+                top: list | None = None):
         return RequestOutput(req.request_id, tokens, text, logprobs, req.finish_reason,
-                             len(req.prompt_token_ids), len(req.output_token_ids), error)
+                             len(req.prompt_token_ids), len(req.output_token_ids), error, top)
 
     # ---- adapters ---------------------------------------------------------------------------------------
     def _adapter_ready(self, req: Request) -> bool:

@@ -150,7 +150,7 @@ class AdapterLinear(nn.Module):
                 self.out_shift[slot].copy_(mw.dora_shift)
             self.out_scaled.add(slot)
         elif mw.slot_b is None:
-            mw.slot_b = (mw.b.float().T * mw.scaling).to(self.lora_b.dtype)  # [r, out]
+            mw.slot_b = mw.scaled_bt().to(self.lora_b.dtype)
         self.lora_a[slot, :r].copy_(mw.a)
         self.lora_b[slot, :r].copy_(mw.slot_b)
         self.ranks[slot] = r
@@ -166,7 +166,7 @@ class AdapterLinear(nn.Module):
         w = dense_weight(self.base_layer).cpu()
         lora_w = mw.b.float() @ mw.a.float()
         d = mw.magnitude.float() / torch.linalg.norm(w + mw.scaling * lora_w, dim=1)  # [out]
-        mw.slot_b = ((mw.b.float().T * mw.scaling) * d).to(self.lora_b.dtype)  # [r, out]
+        mw.slot_b = (mw.scaled_bt() * d).to(self.lora_b.dtype)  # [r, out]
         bias = getattr(self.base_layer, "bias", None)
         mw.dora_shift = None if bias is None else bias.detach().float().cpu() * (1 - d)  # [out]
         mw.dora_scale, mw.b = d, None  # B lives on as slot_b

@@ -299,23 +299,16 @@ def check_idle_state(server) -> None:
 def test_load_churn_hangups_overload(load_server, root, expected):
     engine = load_server.engine
     tokenizer, eos_ids = engine.tokenizer, engine.engine.eos_token_ids
-    timings = []
-
-    results, log, seconds = asyncio.run(one_round(load_server.url, root))
-    timings.append(seconds)
-    sampled_first = check_round(results, log, expected, tokenizer, eos_ids)
-    check_idle_state(load_server)
-    del results
-    gc.collect()
-    rss_first = rss_bytes()
-
-    results, log, seconds = asyncio.run(one_round(load_server.url, root))
-    timings.append(seconds)
-    sampled_second = check_round(results, log, expected, tokenizer, eos_ids)
-    check_idle_state(load_server)
-    del results
-    gc.collect()
-    rss_second = rss_bytes()
+    timings, sampled, rss = [], [], []
+    for _ in range(2):  # two identical rounds: the second must sample the same and not grow memory
+        results, log, seconds = asyncio.run(one_round(load_server.url, root))
+        timings.append(seconds)
+        sampled.append(check_round(results, log, expected, tokenizer, eos_ids))
+        check_idle_state(load_server)
+        del results
+        gc.collect()
+        rss.append(rss_bytes())
+    (sampled_first, sampled_second), (rss_first, rss_second) = sampled, rss
 
     assert sampled_first == sampled_second, "seeded sampling differs between identical rounds"
     growth = (rss_second - rss_first) / rss_first
