@@ -81,7 +81,7 @@ class AdapterManager:
             packed = w.packed.get(number)
             if packed is not None:
                 bank.fill(slot, packed)
-            else:  # not packed for this layout (DoRA, a mixed-kind bank, an adapter that skips the bank)
+            else:  # not packed (mixed kinds in the bank, DoRA before its factors, no module in the bank)
                 for path, layer in zip(bank.paths, bank.layers):
                     layer.set_slot(slot, w.modules.get(path))
         self.slot_of[key] = slot
