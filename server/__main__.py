@@ -71,6 +71,10 @@ ENGINE_FLAGS = (
     Flag("adapter-loader", str, "process", "where adapters are read, validated and packed: a helper process "
          "(running streams keep their pace while adapters load) or a thread of the server process (no extra "
          "process, but each load stalls the streams for its Python time)", ("process", "thread")),
+    Flag("lora-kernel", str, "auto", "how batched LoRA is computed: numba (a compiled CPU loop over each "
+         "adapter's tokens; float32 on CPU, ~2x faster than bmm when many adapters share a decode step), torch "
+         "(bmm / matmul only; what GPUs use), auto (numba where it applies and is installed, else torch)",
+         ("auto", "numba", "torch")),
 )
 SERVER_FLAGS = (
     Flag("host", str, "127.0.0.1", "address to listen on (0.0.0.0 exposes the server; set --api-key then)"),

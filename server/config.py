@@ -57,6 +57,7 @@ class EngineConfig:
     threads: int = 0  # torch intra-op threads set at engine start; 0 = torch's default
     cache_dir: str = ""  # converted models (GGUF -> safetensors) are cached here; "" = default_cache_dir()
     adapter_loader: str = "process"  # process | thread: where adapters are read, validated and packed
+    lora_kernel: str = "auto"  # auto | numba | torch: the CPU LoRA kernel (layers/kernels.py) or torch ops
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -70,6 +71,7 @@ class EngineConfig:
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("quantization", self.quantization, ("none", "int8", "nf4", "fp4"))
         _choice("adapter_loader", self.adapter_loader, ("process", "thread"))
+        _choice("lora_kernel", self.lora_kernel, ("auto", "numba", "torch"))
         for name in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_num_seqs", "max_model_len",
                      "max_num_batched_tokens", "max_waiting", "max_adapter_bytes", "max_cpu_lora_bytes"):
             if getattr(self, name) < 1:

@@ -5,6 +5,8 @@ are created with PEFT and given random (non-zero) weights so every path changes 
 """
 from __future__ import annotations
 
+import copy
+
 import os
 from pathlib import Path
 
@@ -120,6 +122,32 @@ def peft_model_for(model_dir: Path, adapter_dir: Path | None, quantization: str 
 
     quant = _quantization_config(quantization, torch.float32)
     kwargs = {"quantization_config": quant, "device_map": {"": "cpu"}} if quant else {}
+    if quantization in ("nf4", "fp4"):
+        _peft_dora_reads_packed_4bit()
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa", **kwargs)
     model = base if adapter_dir is None else PeftModel.from_pretrained(base, adapter_dir)
     return model.eval()
+
+
+def _peft_dora_reads_packed_4bit() -> None:
+    """Make the oracle right on CPUs with AVX512-BF16. There bitsandbytes repacks a Linear4bit's weight for its
+    fused kernel at the layer's first forward, and PEFT 0.21's DoRA then dequantizes the repacked bytes as if
+    they were not (dequantize_4bit(weight.data, quant_state)): PEFT's own DoRA logits come out ~0.3 off the
+    math. PEFT's DoRA is taught the inverse bitsandbytes applies before saving, on a copy of the state; on
+    other CPUs nothing is packed and this changes nothing."""
+    import peft.tuners.lora.dora as dora
+
+    original = getattr(dora.dequantize_module_weight, "__wrapped__", dora.dequantize_module_weight)
+
+    def dequantize(module):
+        w = module.weight
+        state = getattr(w, "quant_state", None)
+        if type(w).__name__ == "Params4bit" and getattr(state, "packing_format_for_cpu", False):
+            import bitsandbytes as bnb
+
+            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(w.data, copy.copy(state))
+            return bnb.functional.dequantize_4bit(data, state)
+        return original(module)
+
+    dequantize.__wrapped__ = original
+    dora.dequantize_module_weight = dequantize

@@ -23,8 +23,11 @@ AdapterKey = tuple[str, int]  # (adapter name, version)
 
 class AdapterManager:
     def __init__(self, layers: dict[str, AdapterLinear], holder: MappingHolder, num_slots: int,
-                 device: torch.device, on_evict: Callable[[AdapterKey], None] | None = None):
+                 device: torch.device, on_evict: Callable[[AdapterKey], None] | None = None, max_run: int = 0):
+        """``max_run`` > 0: steps whose runs of one slot's tokens are at most that long use the compiled CPU
+        kernel (layers/kernels.py); 0 keeps every step on the torch ops."""
         self.layers = layers
+        self.max_run = max_run
         self.banks = list(dict.fromkeys(layer.bank for layer in layers.values()))
         self.holder = holder
         self.num_slots = num_slots
@@ -54,7 +57,8 @@ class AdapterManager:
         """
         self.reserve(row_keys, weights)
         row_slots = [NO_SLOT if k is None else self.slot_of[k] for k in row_keys]
-        mapping = AdapterMapping.build(row_slots, tokens_per_row, self.num_slots, self.device, self.dtype)
+        mapping = AdapterMapping.build(row_slots, tokens_per_row, self.num_slots, self.device, self.dtype,
+                                       self.max_run)
         self.holder.mapping = mapping
         return mapping
 

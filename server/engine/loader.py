@@ -218,6 +218,16 @@ def _own_unquantized(model: torch.nn.Module) -> None:
                 module._buffers[name] = t.clone()
 
 
+@torch.inference_mode()
+def settle_layout(model: torch.nn.Module, device: torch.device) -> None:
+    """One token through the model, so every quantized layer is in the layout it will serve with before
+    anything reads its weight. On CPUs with AVX512-BF16, bitsandbytes repacks each Linear4bit at its first
+    inference forward (and its kernel then uses bf16 block scales): a DoRA factor computed from the weight
+    before that would differ (~1e-2 in the logits) from one computed after, depending on when the adapter
+    was loaded. Serving only: the packed kernel has no backward, so a model that will train must not run it."""
+    model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+
+
 def parameter_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's weights: parameters and persistent buffers (packed bytes for quantized weights);
     not non-persistent buffers such as rotary tables or adapter slots."""

@@ -9,7 +9,8 @@ import torch
 from server.adapters.manager import AdapterKey, AdapterManager
 from server.config import EngineConfig
 from server.engine.kv_cache import KVCache
-from server.engine.loader import load_model
+from server.engine.loader import load_model, settle_layout
+from server.layers import kernels
 from server.layers.inject import target_shapes, wrap_model
 from server.layers.mapping import MappingHolder
 
@@ -31,9 +32,26 @@ def check_memory(need: int, device: torch.device) -> None:
                           f"but only {free / 2**30:.1f} GiB is free on {device}; lower --max-num-seqs or --max-model-len")
 
 
+def lora_kernel_max_run(choice: str, device: torch.device, dtype: torch.dtype) -> int:
+    """The AdapterManager's ``max_run`` for --lora-kernel: kernels.MAX_RUN when the compiled CPU kernel is used
+    (compiled here, before the first request), 0 for torch ops."""
+    applies = device.type == "cpu" and dtype == torch.float32
+    if choice == "numba" and not (applies and kernels.available()):
+        raise ValueError("--lora-kernel numba needs float32 on CPU and the numba package "
+                         f"(here: {dtype} on {device}, numba {'installed' if kernels.available() else 'missing'}); "
+                         "use --lora-kernel auto or torch")
+    if choice == "torch" or not (applies and kernels.available()):
+        return 0
+    kernels.warm_up()
+    log.info("LoRA kernel: numba (compiled CPU loop) for runs of up to %d tokens per adapter", kernels.MAX_RUN)
+    return kernels.MAX_RUN
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig):
         loaded = load_model(config)
+        if config.quantization != "none":
+            settle_layout(loaded.model, loaded.device)
         self.config = config
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.device, self.dtype = loaded.device, loaded.dtype
@@ -41,7 +59,8 @@ class ModelRunner:
         self.layers = wrap_model(self.model, self.holder, config.max_loras, config.max_lora_rank, self.dtype,
                                  self.device)
         self.targets = target_shapes(self.layers)
-        self.manager = AdapterManager(self.layers, self.holder, config.max_loras, self.device)
+        self.manager = AdapterManager(self.layers, self.holder, config.max_loras, self.device,
+                                      max_run=lora_kernel_max_run(config.lora_kernel, self.device, self.dtype))
         self.max_len = min(config.max_model_len, self._model_max_len())
         self.kv = KVCache.for_model(self.model.config, config.max_num_seqs, self.max_len, self.dtype, self.device)
         check_memory(self.kv.max_nbytes, self.device)

@@ -9,10 +9,14 @@ All slot tensors are preallocated; loading an adapter is a copy into a slot, nev
 """
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import torch
 from torch import nn
 
 from server.adapters.weights import ModuleWeights
+from server.layers import kernels
 from server.layers.mapping import MappingHolder
 from server.layers.slot_bank import SlotBank
 from server.layers.ops import lora_grouped_views, lora_segments, scale_rows, shift_rows
@@ -31,7 +35,13 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     kind = type(w).__name__
     if kind == "Params4bit":
         import bitsandbytes as bnb
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+        data, state = w.data, w.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for its fused kernel at the first
+            # forward; plain dequantize_4bit would read that layout as garbage. Undo it on a copy of the state
+            # (the inverse edits the state it is given) and leave the layer packed.
+            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+        return bnb.functional.dequantize_4bit(data, state).float()
     if kind == "Int8Params":
         import bitsandbytes as bnb
         scb = layer.state.SCB if getattr(layer.state, "SCB", None) is not None else w.SCB
@@ -60,7 +70,10 @@ class AdapterLinear(nn.Module):
         for name, view in bank.member(len(bank.layers)).items():  # [S, R, in], [S, R, out], [S + 1, dim]
             self.register_buffer(name, view, persistent=False)
         bank.layers.append(self)
-        self.ranks = [0] * num_slots
+        self.ranks = np.zeros(num_slots, dtype=np.int64)  # live rank per slot (the CPU kernel reads it as is)
+        # numpy views of the slot tensors for the CPU kernel (same memory; the tensors are never reallocated)
+        cpu32 = self.lora_a.device.type == "cpu" and self.lora_a.dtype == torch.float32
+        self._np = (self.lora_a.numpy(), self.lora_b.numpy()) if cpu32 else None
         self.in_scaled: set[int] = set()
         self.out_scaled: set[int] = set()
         self._views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -87,7 +100,10 @@ class AdapterLinear(nn.Module):
             if self.out_shift is not None:
                 y = shift_rows(y, self.out_shift, mapping.scale_index)
         groups = mapping.groups
-        if groups is None:
+        if mapping.runs is not None and self._np is not None and y.dtype == x2.dtype == torch.float32:
+            y = y.contiguous()
+            kernels.lora_runs(y, x2.contiguous(), *self._np, self.ranks, mapping.runs)
+        elif groups is None:
             lora_segments(y, x2, self.lora_a, self.lora_b, self.ranks, mapping.segments, self._slot_views)
         else:
             rank = max(self.ranks[groups.lo:groups.hi])

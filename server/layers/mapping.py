@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 NO_SLOT = -1  # a row that runs the plain base model
@@ -25,12 +26,16 @@ class AdapterMapping:
     slots:        the distinct slots present, for layers to decide cheaply what applies.
     groups:       the same routing as one padded batch, for the grouped (bmm) op, or None when padding
                   would waste too much (skewed prefill) and the per-segment loop is cheaper.
+    runs:         the same routing as runs of tokens per slot, for the compiled CPU kernel
+                  (kernels.lora_runs); set only when the caller asked for it and no run is longer than
+                  ``max_run``. Layers take runs first, then groups, then segments.
     """
 
     segments: tuple[tuple[int, torch.Tensor | None], ...] = ()
     scale_index: torch.Tensor | None = None
     slots: frozenset[int] = field(default_factory=frozenset)
     groups: "SlotGroups | None" = None
+    runs: "SlotRuns | None" = None
 
     @property
     def empty(self) -> bool:
@@ -38,24 +43,53 @@ class AdapterMapping:
 
     @classmethod
     def build(cls, row_slots: list[int], tokens_per_row: int, num_slots: int,
-              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "AdapterMapping":
-        """row_slots: one slot (or NO_SLOT) per batch row."""
+              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              max_run: int = 0) -> "AdapterMapping":
+        """row_slots: one slot (or NO_SLOT) per batch row. ``max_run`` > 0 asks for ``runs`` (CPU only)."""
         present = frozenset(s for s in row_slots if s != NO_SLOT)
         if not present:
             return cls()
+        runs = SlotRuns.build(row_slots, tokens_per_row, max_run) if max_run else None
         if len(set(row_slots)) == 1:  # whole step on one adapter: no gathers at all
             slot = row_slots[0]
             n = len(row_slots) * tokens_per_row
             index = torch.full((n,), slot, dtype=torch.long, device=device)
-            return cls(((slot, None),), index, present)
+            return cls(((slot, None),), index, present, runs=runs)
         rows = torch.tensor(row_slots, dtype=torch.long)
         tokens = rows.repeat_interleave(tokens_per_row)  # [num_tokens]
         segments = tuple(
             (slot, torch.nonzero(tokens == slot).flatten().to(device)) for slot in sorted(present)
         )
         scale_index = torch.where(tokens == NO_SLOT, num_slots, tokens).to(device)
-        groups = SlotGroups.build(tokens, present, device, dtype)
-        return cls(segments, scale_index, present, groups)
+        groups = None if runs is not None else SlotGroups.build(tokens, present, device, dtype)
+        return cls(segments, scale_index, present, groups, runs)
+
+
+@dataclass(frozen=True)
+class SlotRuns:
+    """The step's adapter tokens as runs, one per slot present, for kernels.lora_runs (numpy, CPU).
+
+    order:   [num_adapter_tokens] int64 token indices, slot by slot (ascending slot, then token)
+    starts:  [num_runs + 1] int64; run j is order[starts[j]:starts[j + 1]]
+    slots:   [num_runs] int64, the slot of run j
+    """
+
+    order: np.ndarray
+    starts: np.ndarray
+    slots: np.ndarray
+
+    @classmethod
+    def build(cls, row_slots: list[int], tokens_per_row: int, max_run: int) -> "SlotRuns | None":
+        """None when some slot has more than ``max_run`` tokens (GEMM-shaped: torch's path is faster)."""
+        tokens = np.repeat(np.asarray(row_slots, dtype=np.int64), tokens_per_row)  # [num_tokens]
+        live = np.flatnonzero(tokens != NO_SLOT)
+        order = live[np.argsort(tokens[live], kind="stable")]
+        slots, counts = np.unique(tokens[order], return_counts=True)
+        if counts.max() > max_run:
+            return None
+        starts = np.zeros(len(slots) + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
+        return cls(order.astype(np.int64), starts, slots.astype(np.int64))
 
 
 @dataclass(frozen=True)

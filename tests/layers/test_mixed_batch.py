@@ -15,6 +15,7 @@ from support import ADAPTER_KINDS, peft_model_for
 from server.adapters.formats import check_against_base, load_adapter_dir
 from server.config import EngineConfig
 from server.engine.runner import ModelRunner
+from server.layers import kernels
 
 STEPS = 8  # decode steps after the prefill
 EOS = 2
@@ -95,10 +96,15 @@ def check_batch(oracles: Oracles, names, lengths, atol, seed=0, steps=STEPS):
 
 # ---------------------------------------------------------------- fp32
 
-@pytest.fixture(scope="module")
-def runner(tiny_model_dir):
-    return ModelRunner(EngineConfig(model=str(tiny_model_dir), max_loras=4, max_lora_rank=8, max_num_seqs=8,
-                                    max_model_len=128))
+@pytest.fixture(scope="module", params=["numba", "torch"])
+def runner(request, tiny_model_dir):
+    """Both LoRA paths: the compiled CPU kernel (every step here has short runs) and torch's bmm/matmul."""
+    if request.param == "numba" and not kernels.available():
+        pytest.skip("numba is not installed")
+    runner = ModelRunner(EngineConfig(model=str(tiny_model_dir), max_loras=4, max_lora_rank=8, max_num_seqs=8,
+                                      max_model_len=128, lora_kernel=request.param))
+    assert runner.manager.max_run == (kernels.MAX_RUN if request.param == "numba" else 0)
+    return runner
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +170,13 @@ QUANT_NAMES, QUANT_LENGTHS = ["lora", None, "dora", "ia3", "adalora", "dora"], [
 QUANT_STEPS = 5  # bitsandbytes on CPU is slow; prefill + 5 greedy steps still cover decode on quantized layers
 
 
+# bitsandbytes rounds an int8 layer's input to fp16 before quantizing it, so the ~1e-6 by which a cached decode
+# step and PEFT's full forward differ in fp32 can flip one fp16 rounding: measured 1.3e-3 at one step of five
+# (logits ~2.2, so ~1 fp16 ulp relative), everything else agreeing to 1e-5. Greedy tokens must still be equal.
+QUANT_ATOL = {"nf4": 1e-3, "int8": 2e-3}
+
+
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_quantized_mixed_batch_matches_peft(quantized, quantization):
-    check_batch(quantized(quantization), QUANT_NAMES, QUANT_LENGTHS, atol=1e-3, steps=QUANT_STEPS)
+    check_batch(quantized(quantization), QUANT_NAMES, QUANT_LENGTHS, atol=QUANT_ATOL[quantization],
+                steps=QUANT_STEPS)

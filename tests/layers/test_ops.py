@@ -12,6 +12,7 @@ from torch import nn
 
 from support import randomize_adapter
 from server.adapters.formats import load_adapter_dir
+from server.layers import kernels
 from server.layers.adapter_linear import AdapterLinear
 from server.layers.mapping import NO_SLOT, AdapterMapping, MappingHolder
 from server.layers.ops import lora_grouped, lora_segments, scale_rows, shift_rows
@@ -153,14 +154,17 @@ def wrapped(bias: bool, slot_kinds, toy_adapters):
     return layer, holder
 
 
+@pytest.mark.parametrize("max_run", [0, kernels.MAX_RUN] if kernels.available() else [0], ids=["torch", "numba"][
+    :1 + kernels.available()])
 @pytest.mark.parametrize("slot_kinds", [TOY_KINDS, ("rslora", "ia3_in", "dora", "ia3_out")], ids=["a", "b"])
 @pytest.mark.parametrize("rows", [[0, NO_SLOT, 1, 2, NO_SLOT, 3, 1], [2, 2], [1, 1, 1], [NO_SLOT, 3]])
-def test_adapter_linear_mixed_rows_match_peft(toy, slot_kinds, rows):
+def test_adapter_linear_mixed_rows_match_peft(toy, slot_kinds, rows, max_run):
     bias, adapters = toy
     layer, holder = wrapped(bias, slot_kinds, adapters)
     tpr = 3
     x = torch.randn(len(rows), tpr, IN, generator=torch.Generator().manual_seed(2))
-    holder.mapping = AdapterMapping.build(rows, tpr, SLOTS)
+    holder.mapping = AdapterMapping.build(rows, tpr, SLOTS, max_run=max_run)
+    assert (holder.mapping.runs is not None) == bool(max_run)
     with torch.no_grad():
         y = layer(x)  # [rows, tpr, out]
         unwrapped = layer.base_layer(x.reshape(-1, IN)).view(len(rows), tpr, OUT)
@@ -256,3 +260,31 @@ def test_skewed_prefill_falls_back_to_segments():
     far more than the loop, so the mapping carries no groups."""
     m = AdapterMapping.build([0] * 50 + [3], tokens_per_row=8, num_slots=SLOTS)
     assert m.groups is None and [s for s, _ in m.segments] == [0, 3]
+
+
+# ---------------------------------------------------------------- dense base weight (DoRA's norm reads it)
+
+def test_dense_weight_of_a_4bit_layer_repacked_for_the_cpu_kernel():
+    """On CPUs with AVX512-BF16 bitsandbytes repacks a Linear4bit at its first forward (block scales in bf16,
+    another byte layout). dense_weight must see through that, without undoing it in the layer; reading the
+    packed bytes plainly gives a different, wrong matrix (what PEFT 0.21's DoRA does there)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from server.layers.adapter_linear import dense_weight
+
+    gen = torch.Generator().manual_seed(4)
+    linear = nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(32, 64, generator=gen))
+    layer = bnb.nn.Linear4bit(64, 32, bias=False, quant_type="nf4", compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")  # quantizes
+    before = dense_weight(layer)
+    w = layer.weight
+    w.data, w.quant_state = bnb.functional._convert_weight_packed_for_cpu(w.data, w.quant_state)
+    packed = w.data.clone()
+    after = dense_weight(layer)
+    assert torch.equal(w.data, packed) and w.quant_state.packing_format_for_cpu  # the layer stays packed
+    scale = before.abs().max()
+    assert (after - before).abs().max() <= 1e-2 * scale  # only the bf16 rounding of the block scales
+    naive = bnb.functional.dequantize_4bit(packed, w.quant_state).float()
+    assert naive.shape != before.shape or (naive - before).abs().max() > 0.1 * scale

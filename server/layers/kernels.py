@@ -1,0 +1,82 @@
+"""The CPU fast path of the LoRA op: one compiled loop over the step's adapter tokens, run by run (numba).
+
+Semantics are ``ops.lora_segments``' (the plain-torch reference): for every run of tokens on one slot s,
+    y[t] += (x[t] @ A[s, :r].T) @ B[s, :r]          r = ranks[s]; r == 0 leaves the tokens untouched.
+Why not bmm: a decode step with k adapters has ~N/k tokens per adapter, so the op is k small matmuls that
+stream every adapter's A and B from memory once (312 MB a step at 16 adapters of r16 on SmolLM2). torch's
+bmm packs each tiny operand first and, with the gather/scatter around it, ran at ~2.3x the bandwidth floor
+here; this loop reads each row of A and B once per run, straight from the slot tensors (no gather, no
+packing, no temporaries past [run, r]), at ~1.3x the floor: 12 ms instead of 21-25 ms a step.
+It is used for float32 on CPU and runs of at most ``MAX_RUN`` tokens (decode, short prefills); long runs
+are matmul-shaped and stay with torch's GEMM. It releases the GIL, so HTTP work overlaps it.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+MAX_RUN = 32  # longest run of one slot's tokens handed to the kernel; longer runs are GEMM-shaped
+
+try:  # an optional speed-up: without numba every step takes the torch path, with the same results
+    import numba
+except ImportError:  # pragma: no cover - numba ships wheels for every platform we build on
+    numba = None
+
+
+def available() -> bool:
+    return numba is not None
+
+
+SIGNATURE = "void(f4[:, ::1], f4[:, ::1], f4[:, :, ::1], f4[:, :, ::1], i8[::1], i8[::1], i8[::1], i8[::1])"
+
+
+def _lora_runs(y, x, a, b, ranks, order, starts, slots):
+    """y: [T, out]  x: [T, in]  a: [S, R, in]  b: [S, R, out]  ranks: [S]
+    order: [n] token indices, run by run; run j = order[starts[j]:starts[j + 1]], all on slot slots[j]."""
+    n_in, n_out = x.shape[1], y.shape[1]
+    h = np.empty((order.shape[0], a.shape[1]), dtype=np.float32)  # [n, R] shrunk activations
+    for j in range(slots.shape[0]):
+        s, lo, hi = slots[j], starts[j], starts[j + 1]
+        rank = ranks[s]
+        for r in range(rank):  # shrink: each row of A is read once for the whole run
+            for k in range(lo, hi):
+                t = order[k]
+                acc = np.float32(0.0)
+                for i in range(n_in):
+                    acc += a[s, r, i] * x[t, i]
+                h[k, r] = acc
+        for k in range(lo, hi):  # expand: y[t] += sum_r h[r] * B[s, r]
+            t = order[k]
+            for r in range(rank):
+                hr = h[k, r]
+                for o in range(n_out):
+                    y[t, o] += hr * b[s, r, o]
+
+
+@functools.cache
+def _compiled():
+    """The loop above compiled once per process (numba's on-disk cache makes later starts ~0.1 s)."""
+    return numba.njit(SIGNATURE, nogil=True, cache=True, fastmath={"reassoc", "contract"},
+                      boundscheck=False)(_lora_runs)
+
+
+def lora_runs(y: torch.Tensor, x: torch.Tensor, a: np.ndarray, b: np.ndarray, ranks: np.ndarray, runs) -> None:
+    """y += LoRA(x) in place for the step's runs (``mapping.SlotRuns``).
+
+    y: [num_tokens, out] float32   x: [num_tokens, in] float32 (both CPU, contiguous)
+    a, b: the layer's slot tensors as numpy views, [num_slots, max_rank, in] / [num_slots, max_rank, out]
+    ranks: [num_slots] int64, each slot's live rank in this layer (rows past it are never read)
+    """
+    _compiled()(y.numpy(), x.numpy(), a, b, ranks, runs.order, runs.starts, runs.slots)
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's on-disk cache) before the first request, not during it."""
+    y, x = torch.zeros(1, 2), torch.ones(1, 2)
+    a, b = np.ones((1, 1, 2), np.float32), np.ones((1, 1, 2), np.float32)
+    one = np.ones(1, np.int64)
+    _compiled()(y.numpy(), x.numpy(), a, b, one, np.zeros(1, np.int64), np.array([0, 1]), np.zeros(1, np.int64))
+    if not torch.equal(y, torch.full((1, 2), 2.0)):
+        raise RuntimeError("the compiled LoRA kernel gave a wrong result; start with --lora-kernel torch")

@@ -1,0 +1,86 @@
+"""The compiled CPU LoRA kernel (server/layers/kernels.py) and the runs it reads (mapping.SlotRuns), against
+the plain-torch reference op and the per-token contract; AdapterLinear and the runner take it end to end
+(test_ops.py's PEFT layer test and test_mixed_batch.py run with it and without it)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from server.layers import kernels
+from server.layers.mapping import NO_SLOT, AdapterMapping, SlotRuns
+from server.layers.ops import lora_segments
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+
+SLOTS, MAX_RANK, IN, OUT = 4, 8, 24, 20
+
+
+def slot_tensors(ranks, gen):
+    """Slot tensors with NaN past each live rank: the kernel must never read those rows."""
+    a = torch.randn(SLOTS, MAX_RANK, IN, generator=gen)
+    b = torch.randn(SLOTS, MAX_RANK, OUT, generator=gen)
+    for s, r in enumerate(ranks):
+        a[s, r:] = float("nan")
+        b[s, r:] = float("nan")
+    return a, b
+
+
+def test_runs_group_tokens_by_slot_in_order():
+    runs = SlotRuns.build([3, NO_SLOT, 1, 3, 1], tokens_per_row=2, max_run=8)
+    assert runs.slots.tolist() == [1, 3]
+    assert runs.starts.tolist() == [0, 4, 8]
+    assert runs.order.tolist() == [4, 5, 8, 9, 0, 1, 6, 7]  # slot 1's tokens, then slot 3's; base tokens absent
+    assert runs.order.dtype == runs.starts.dtype == runs.slots.dtype == np.int64
+
+
+def test_a_run_longer_than_max_run_leaves_the_step_to_torch():
+    assert SlotRuns.build([0, 0, 2], tokens_per_row=4, max_run=7) is None  # slot 0 has 8 tokens
+    m = AdapterMapping.build([0, 0, 2], tokens_per_row=4, num_slots=SLOTS, max_run=7)
+    assert m.runs is None and m.groups is not None  # the bmm path takes it
+    m = AdapterMapping.build([0, 0, 2], tokens_per_row=4, num_slots=SLOTS, max_run=8)
+    assert m.runs is not None and m.groups is None  # no padded groups are built for a kernel step
+
+
+def test_mapping_without_max_run_has_no_runs():
+    assert AdapterMapping.build([0, 1], tokens_per_row=1, num_slots=SLOTS).runs is None
+
+
+@pytest.mark.parametrize("rows, tpr", [
+    ([0, NO_SLOT, 2, 0, 1, NO_SLOT, 3], 1),  # decode: a few tokens per slot, base rows between
+    ([1, 1, 1], 5),  # one slot for the whole step
+    ([3, NO_SLOT, 2, 2], 4),  # prefill-shaped
+    ([1], 1),  # rank 0: the slot's adapter does not touch this layer
+])
+def test_kernel_matches_reference_and_leaves_other_tokens_bit_exact(rows, tpr):
+    gen = torch.Generator().manual_seed(0)
+    ranks = np.array([3, 0, 8, 1], dtype=np.int64)
+    a, b = slot_tensors(ranks, gen)
+    n = len(rows) * tpr
+    x, y = torch.randn(n, IN, generator=gen), torch.randn(n, OUT, generator=gen)
+    m = AdapterMapping.build(rows, tpr, SLOTS, max_run=kernels.MAX_RUN)
+    want = y.clone()
+    lora_segments(want, x, a, b, ranks.tolist(), m.segments)
+    got = y.clone()
+    with torch.inference_mode():  # as the runner calls it
+        kernels.lora_runs(got, x, a.numpy(), b.numpy(), ranks, m.runs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    token_slots = [s for s in rows for _ in range(tpr)]
+    untouched = [t for t, s in enumerate(token_slots) if s == NO_SLOT or ranks[s] == 0]
+    assert torch.equal(got[untouched], y[untouched])
+
+
+def test_kernel_reads_slot_tensors_in_place():
+    """The layer hands the kernel numpy views of its slot tensors once; a later slot fill must be seen."""
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.zeros(SLOTS, MAX_RANK, IN), torch.zeros(SLOTS, MAX_RANK, OUT)
+    a_np, b_np = a.numpy(), b.numpy()
+    ranks = np.array([2, 0, 0, 0], dtype=np.int64)
+    x, y = torch.randn(2, IN, generator=gen), torch.zeros(2, OUT)
+    runs = SlotRuns.build([0, 0], 1, kernels.MAX_RUN)
+    kernels.lora_runs(y, x, a_np, b_np, ranks, runs)
+    assert torch.equal(y, torch.zeros(2, OUT))
+    a[0, :2].copy_(torch.randn(2, IN, generator=gen))  # a slot fill: copy_ into the same storage
+    b[0, :2].copy_(torch.randn(2, OUT, generator=gen))
+    kernels.lora_runs(y, x, a_np, b_np, ranks, runs)
+    torch.testing.assert_close(y, x @ a[0, :2].T @ b[0, :2], rtol=1e-5, atol=1e-5)
