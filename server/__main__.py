@@ -62,8 +62,9 @@ ENGINE_FLAGS = (
     Flag("hub-adapter-org", list, [], "Hub organisation adapters may come from (repeatable)", metavar="ORG"),
     Flag("adapters-cache", str, "adapters_cache", "directory Hub adapters are downloaded into"),
     Flag("seed", int, 0, "engine seed for requests that give none"),
-    Flag("threads", int, 0, "torch CPU threads for the model (0: torch's default, one per core). On a shared CPU "
-         "host fewer threads than cores can be much faster: threads that wait for cores other processes hold "
+    Flag("threads", int, 0, "torch CPU threads for the model (0: on CPU every core but one, which is left to "
+         "the HTTP server, the step loop and the adapter loader; torch's default on GPU). On a shared CPU host "
+         "fewer threads can be much faster: threads that wait for cores other processes hold "
          "stall every matmul"),
     Flag("cache-dir", str, "", "where converted models are cached: a .gguf --model is dequantized to safetensors "
          "once and later start-ups load that copy (default: $XDG_CACHE_HOME/swapserve or ~/.cache/swapserve)",

@@ -54,7 +54,7 @@ class EngineConfig:
     hub_adapter_orgs: list[str] = field(default_factory=list)
     adapters_cache: str = "adapters_cache"
     seed: int = 0
-    threads: int = 0  # torch intra-op threads set at engine start; 0 = torch's default
+    threads: int = 0  # torch intra-op threads set at engine start; 0 = loader.serving_threads() on CPU
     cache_dir: str = ""  # converted models (GGUF -> safetensors) are cached here; "" = default_cache_dir()
     adapter_loader: str = "process"  # process | thread: where adapters are read, validated and packed
     lora_kernel: str = "auto"  # auto | numba | torch: the CPU LoRA kernel (layers/kernels.py) or torch ops
@@ -64,7 +64,7 @@ class EngineConfig:
             self.model = default_model()
         self.cache_dir = str(Path(self.cache_dir).expanduser()) if self.cache_dir else default_cache_dir()
         if self.threads < 0:
-            raise ValueError(f"--threads must be >= 0 (0 = torch's default), got {self.threads}")
+            raise ValueError(f"--threads must be >= 0 (0 = every core but one on CPU), got {self.threads}")
         if not self.served_model_name:
             self.served_model_name = _display_name(self.model)
         _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))

@@ -33,8 +33,8 @@ def check_memory(need: int, device: torch.device) -> None:
 
 
 def lora_kernel_max_run(choice: str, device: torch.device, dtype: torch.dtype) -> int:
-    """The AdapterManager's ``max_run`` for --lora-kernel: kernels.MAX_RUN when the compiled CPU kernel is used
-    (compiled here, before the first request), 0 for torch ops."""
+    """The AdapterManager's ``max_run`` for --lora-kernel: kernels.max_run at this process's torch threads when
+    the compiled CPU kernel is used (compiled here, before the first request), 0 for torch ops."""
     applies = device.type == "cpu" and dtype == torch.float32
     if choice == "numba" and not (applies and kernels.available()):
         raise ValueError("--lora-kernel numba needs float32 on CPU and the numba package "
@@ -43,8 +43,10 @@ def lora_kernel_max_run(choice: str, device: torch.device, dtype: torch.dtype) -
     if choice == "torch" or not (applies and kernels.available()):
         return 0
     kernels.warm_up()
-    log.info("LoRA kernel: numba (compiled CPU loop) for runs of up to %d tokens per adapter", kernels.MAX_RUN)
-    return kernels.MAX_RUN
+    run = kernels.max_run(torch.get_num_threads())
+    log.info("LoRA kernel: numba (compiled CPU loop) for steps with up to %d tokens per adapter (%d torch threads); "
+             "torch ops for longer runs", run, torch.get_num_threads())
+    return run
 
 
 class ModelRunner:

@@ -6,9 +6,10 @@ Why not bmm: a decode step with k adapters has ~N/k tokens per adapter, so the o
 stream every adapter's A and B from memory once (312 MB a step at 16 adapters of r16 on SmolLM2). torch's
 bmm packs each tiny operand first and, with the gather/scatter around it, ran at ~2.3x the bandwidth floor
 here; this loop reads each row of A and B once per run, straight from the slot tensors (no gather, no
-packing, no temporaries past [run, r]), at ~1.3x the floor: 12 ms instead of 21-25 ms a step.
-It is used for float32 on CPU and runs of at most ``MAX_RUN`` tokens (decode, short prefills); long runs
-are matmul-shaped and stay with torch's GEMM. It releases the GIL, so HTTP work overlaps it.
+packing, no temporaries past [run, r]): 12 ms instead of 21-25 ms for one step's 210 layers in isolation,
+18 instead of 29 ms inside a SmolLM2 decode step (bench/profile_step.py).
+It is used for float32 on CPU, for runs up to ``max_run(threads)`` tokens; longer runs are matmul-shaped
+and stay with torch's GEMM. It releases the GIL, so HTTP work overlaps it.
 """
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ import functools
 
 import numpy as np
 import torch
-
-MAX_RUN = 32  # longest run of one slot's tokens handed to the kernel; longer runs are GEMM-shaped
 
 try:  # an optional speed-up: without numba every step takes the torch path, with the same results
     import numba
@@ -27,6 +26,17 @@ except ImportError:  # pragma: no cover - numba ships wheels for every platform 
 
 def available() -> bool:
     return numba is not None
+
+
+def max_run(threads: int) -> int:
+    """The longest run of one slot's tokens worth handing to the kernel at ``threads`` torch threads.
+
+    Measured on 2 EPYC cores (30 layers x 7 SmolLM2 shapes, r16, 16 slots): with one thread the kernel beats
+    the bmm path at every run length up to 64 (176 vs 243 ms for a 16-adapter prefill of 64 tokens each) and
+    the plain per-slot loop up to ~128; the kernel is single-threaded, so with two threads torch's ops, which
+    split across them, overtake it from 4 tokens a run (21 vs 20 ms) and win prefill by ~1.7x, while decode
+    with 2 tokens a run stays the kernel's (15 vs 21 ms)."""
+    return 128 if threads <= 1 else 3
 
 
 SIGNATURE = "void(f4[:, ::1], f4[:, ::1], f4[:, :, ::1], f4[:, :, ::1], i8[::1], i8[::1], i8[::1], i8[::1])"
@@ -58,8 +68,11 @@ def _lora_runs(y, x, a, b, ranks, order, starts, slots):
 @functools.cache
 def _compiled():
     """The loop above compiled once per process (numba's on-disk cache makes later starts ~0.1 s)."""
-    return numba.njit(SIGNATURE, nogil=True, cache=True, fastmath={"reassoc", "contract"},
-                      boundscheck=False)(_lora_runs)
+    options = dict(nogil=True, fastmath={"reassoc", "contract"}, boundscheck=False)
+    try:
+        return numba.njit(SIGNATURE, cache=True, **options)(_lora_runs)
+    except RuntimeError:  # no writable cache location (read-only install, no home): compile for this process
+        return numba.njit(SIGNATURE, cache=False, **options)(_lora_runs)
 
 
 def lora_runs(y: torch.Tensor, x: torch.Tensor, a: np.ndarray, b: np.ndarray, ranks: np.ndarray, runs) -> None:

@@ -113,9 +113,15 @@ def test_cache_dir_defaults_under_xdg_cache_home(monkeypatch, tmp_path):
 def test_threads_are_set_when_the_model_loads(tiny_model_dir):
     loaded = loader.load_model(EngineConfig(model=str(tiny_model_dir), device="cpu", threads=3))
     assert torch.get_num_threads() == 3 and loaded.gguf_cache_hit is None
-    torch.set_num_threads(1)
     loader.load_model(EngineConfig(model=str(tiny_model_dir), device="cpu", threads=0))
-    assert torch.get_num_threads() == 1  # 0 leaves it alone
+    assert torch.get_num_threads() == loader.serving_threads()  # 0: every core but one
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("cores, threads", [({0, 1, 2, 3}, 3), ({0, 1}, 1), ({5}, 1)])
+def test_serving_threads_leave_a_core_for_the_server(monkeypatch, cores, threads):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores)
+    assert loader.serving_threads() == threads
 
 
 @pytest.mark.parametrize("quantization", ["int8", "nf4"])

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from server.layers import kernels
-from server.layers.mapping import NO_SLOT, AdapterMapping, SlotRuns
+from server.layers.mapping import ALONE_MAX_RUN, NO_SLOT, AdapterMapping, SlotRuns
 from server.layers.ops import lora_segments
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
 SLOTS, MAX_RANK, IN, OUT = 4, 8, 24, 20
+RUN = 128  # kernels.max_run(1): the suite runs one torch thread
 
 
 def slot_tensors(ranks, gen):
@@ -42,6 +43,19 @@ def test_a_run_longer_than_max_run_leaves_the_step_to_torch():
     assert m.runs is not None and m.groups is None  # no padded groups are built for a kernel step
 
 
+def test_a_step_on_one_slot_alone_keeps_its_addmm_path_past_a_few_tokens():
+    long_alone = AdapterMapping.build([2, 2], tokens_per_row=ALONE_MAX_RUN, num_slots=SLOTS, max_run=RUN)
+    assert long_alone.runs is None and long_alone.segments[0][1] is None  # one matmul pair, no gather
+    short_alone = AdapterMapping.build([2, 2], tokens_per_row=ALONE_MAX_RUN // 2, num_slots=SLOTS, max_run=RUN)
+    assert short_alone.runs is not None
+    with_base = AdapterMapping.build([2, NO_SLOT], tokens_per_row=ALONE_MAX_RUN, num_slots=SLOTS, max_run=RUN)
+    assert with_base.runs is not None  # base rows mean a gather anyway: the kernel is the cheaper one
+
+
+def test_max_run_is_short_when_torch_has_threads_to_split_over():
+    assert kernels.max_run(1) >= 64 and 2 <= kernels.max_run(2) < 8
+
+
 def test_mapping_without_max_run_has_no_runs():
     assert AdapterMapping.build([0, 1], tokens_per_row=1, num_slots=SLOTS).runs is None
 
@@ -58,7 +72,7 @@ def test_kernel_matches_reference_and_leaves_other_tokens_bit_exact(rows, tpr):
     a, b = slot_tensors(ranks, gen)
     n = len(rows) * tpr
     x, y = torch.randn(n, IN, generator=gen), torch.randn(n, OUT, generator=gen)
-    m = AdapterMapping.build(rows, tpr, SLOTS, max_run=kernels.MAX_RUN)
+    m = AdapterMapping.build(rows, tpr, SLOTS, max_run=RUN)
     want = y.clone()
     lora_segments(want, x, a, b, ranks.tolist(), m.segments)
     got = y.clone()
@@ -77,7 +91,7 @@ def test_kernel_reads_slot_tensors_in_place():
     a_np, b_np = a.numpy(), b.numpy()
     ranks = np.array([2, 0, 0, 0], dtype=np.int64)
     x, y = torch.randn(2, IN, generator=gen), torch.zeros(2, OUT)
-    runs = SlotRuns.build([0, 0], 1, kernels.MAX_RUN)
+    runs = SlotRuns.build([0, 0], 1, RUN)
     kernels.lora_runs(y, x, a_np, b_np, ranks, runs)
     assert torch.equal(y, torch.zeros(2, OUT))
     a[0, :2].copy_(torch.randn(2, IN, generator=gen))  # a slot fill: copy_ into the same storage

@@ -154,7 +154,7 @@ def wrapped(bias: bool, slot_kinds, toy_adapters):
     return layer, holder
 
 
-@pytest.mark.parametrize("max_run", [0, kernels.MAX_RUN] if kernels.available() else [0], ids=["torch", "numba"][
+@pytest.mark.parametrize("max_run", [0, kernels.max_run(1)] if kernels.available() else [0], ids=["torch", "numba"][
     :1 + kernels.available()])
 @pytest.mark.parametrize("slot_kinds", [TOY_KINDS, ("rslora", "ia3_in", "dora", "ia3_out")], ids=["a", "b"])
 @pytest.mark.parametrize("rows", [[0, NO_SLOT, 1, 2, NO_SLOT, 3, 1], [2, 2], [1, 1, 1], [NO_SLOT, 3]])
