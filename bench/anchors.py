@@ -21,12 +21,15 @@ from bench.timing import StepClock, Trace
 class Anchors:
     """The plain base model and a PeftModel holding every cell adapter (loaded once, up front)."""
 
-    def __init__(self, directory: Path, adapters: dict[str, Path]):
+    def __init__(self, directory: Path, adapters: dict[str, Path], device: str = "cpu", dtype: str = "float32",
+                 quantization: str = "none"):
         from peft import PeftModel
 
-        self.base = load_base(directory)
+        self.device = torch.device(device)
+        self.base = load_base(directory, device, dtype, quantization)
         names = list(adapters)
-        self.peft = PeftModel.from_pretrained(load_base(directory), adapters[names[0]], adapter_name=names[0])
+        self.peft = PeftModel.from_pretrained(load_base(directory, device, dtype, quantization), adapters[names[0]],
+                                              adapter_name=names[0])
         for name in names[1:]:
             self.peft.load_adapter(adapters[name], adapter_name=name)
         self.peft.eval()
@@ -36,7 +39,7 @@ class Anchors:
 
     @torch.inference_mode()
     def _generate(self, model, prompts: list[list[int]], max_tokens: int, **kwargs) -> list[Trace]:
-        ids = torch.tensor(prompts, dtype=torch.long)  # [rows, prompt_tokens], equal lengths: no padding
+        ids = torch.tensor(prompts, dtype=torch.long, device=self.device)  # [rows, prompt_tokens], no padding
         clock = StepClock()
         sent = time.perf_counter()
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,

@@ -30,7 +30,7 @@ class BenchConfig:
     swap_samples: int = 5  # adapters per swap-cost measurement
     interference_loads: int = 10  # cold loads started while streams decode
     interference_streams: int = 16
-    threads: int = 0  # torch intra-op threads; 0 = auto (the CPUs not busy with other work, see auto_threads)
+    threads: int = 0  # torch intra-op threads; 0 = auto (the server's own count, less busy CPUs: auto_threads)
     # scale: adapters registered on disk, requested Zipf(s) by many concurrent requests, loaded on demand
     scale_adapters: int = 200
     scale_requests: int = 64
@@ -47,6 +47,9 @@ class BenchConfig:
     skip_types: bool = False
     seed: int = 0
     model: str = ""  # "" = the default model (SmolLM2-135M-Instruct GGUF), dequantized to fp32 and cached
+    device: str = "cpu"  # cpu | cuda: every system runs there
+    dtype: str = "float32"  # the base model's (and adapter slots') dtype, for every system
+    quantization: str = "none"  # none | int8 | nf4: the base model of every system, quantized alike
     cache_dir: str = field(default_factory=lambda: _server_cache_dir())  # the server's own GGUF cache
     out_dir: str = "bench/results"
     markdown: str = "BENCHMARKS.md"
@@ -73,18 +76,21 @@ def _server_cache_dir() -> str:
 
 
 def auto_threads() -> int:
-    """CPUs minus the load already on them (1-minute load average), at least 1.
+    """What the server itself takes (every core but one: loader.serving_threads), less the load already on the
+    CPUs (1-minute load average), at least 1. Every system in a run uses this one count, anchors included.
 
     On a shared machine oversubscribed intra-op threads wait on each other at every op's barrier: measured
     here, a 32-row forward took 1.2-1.4 s with 1 thread and 7-11 s with 2 threads while two other processes
     ran. Leaving the busy CPUs alone keeps the numbers (and the ratios) stable.
     """
+    from server.engine.loader import serving_threads
+
     cpus = os.cpu_count() or 1
     try:
         busy = os.getloadavg()[0]
     except OSError:
         busy = 0.0
-    return max(1, min(cpus, round(cpus - busy)))
+    return max(1, min(serving_threads(), round(cpus - busy)))
 
 
 def _ints(text: str) -> list[int]:
@@ -104,6 +110,10 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--swap-samples", type=int)
     p.add_argument("--threads", type=int, help="torch threads (default: auto, the CPUs not already busy)")
     p.add_argument("--model", help="HF directory or .gguf (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="where every system runs (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model dtype (default float32)")
+    p.add_argument("--quantization", choices=("none", "int8", "nf4"),
+                   help="quantize the base model of every system alike (default none)")
     p.add_argument("--cache-dir")
     p.add_argument("--out-dir")
     p.add_argument("--markdown", help="where to write the table ('' = do not write)")

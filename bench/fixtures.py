@@ -23,10 +23,18 @@ def model_dir(model: str, cache_dir: str) -> Path:
     return cached_gguf_dir(Path(model), Path(cache_dir))[0]
 
 
-def load_base(directory: Path):
+def load_base(directory: Path, device: str = "cpu", dtype: str = "float32", quantization: str = "none"):
+    """The plain HF model, placed and quantized the way swapserve's loader does it (same bitsandbytes config)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
+    from server.engine.loader import _quantization_config
+
+    torch_dtype = getattr(torch, dtype)
+    quant = _quantization_config(quantization, torch_dtype)
+    extra = {"quantization_config": quant, "device_map": {"": device}} if quant else {}
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, attn_implementation="sdpa", **extra)
+    if quant is None:
+        model = model.to(device)
     return model.eval().requires_grad_(False)
 
 

@@ -1,6 +1,7 @@
 """BENCHMARKS.md, rendered from one results JSON (never edited by hand)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -92,14 +93,23 @@ def swap_table(results: dict) -> list[str]:
     ]
 
 
+def _setting(cfg: dict) -> str:
+    """"fp32, CPU" / "bfloat16 + nf4, CUDA": dtype, quantization and device of every system in the run."""
+    dtype = {"float32": "fp32"}.get(cfg.get("dtype", "float32"), cfg.get("dtype"))
+    quant = cfg.get("quantization", "none")
+    return f"{dtype}{'' if quant == 'none' else ' + ' + quant}, {cfg.get('device', 'cpu').upper()}"
+
+
 def machine_lines(results: dict) -> list[str]:
     m = results["machine"]
-    return [f"- **Machine:** {m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB RAM; torch {m['torch']} "
+    gpu = f"{m['gpu']}, " if m.get("gpu") else ""
+    return [f"- **Machine:** {gpu}{m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB RAM; torch {m['torch']} "
             f"({m['torch_threads']} intra-op thread{'s' if m['torch_threads'] != 1 else ''}), Python {m['python']}",
             f"- **Date:** {results['date']} (wall time {results['wall_seconds']:.0f} s); load average at start "
             f"{results['load_start']}, at end {results['load_end']} (the machine is shared)",
             f"- **Command:** `{results['command']}`; commit {m['git'] or '?'}{' (dirty tree)' if m['git_dirty'] else ''}",
-            f"- **Model:** {results['model']}, fp32, CPU; adapters: PEFT LoRA r{results['config']['lora_rank']} "
+            f"- **Model:** {results['model']}, {_setting(results['config'])}; adapters: PEFT LoRA "
+            f"r{results['config']['lora_rank']} "
             f"on all 7 linear modules, random small weights, made at bench time; greedy, "
             f"{results['config']['prompt_tokens']}-token prompts, exactly {results['config']['max_tokens']} "
             "output tokens per request"]
@@ -128,8 +138,27 @@ def render(results: dict, json_path: Path, png_path: Path | None, md_path: Path)
             "measured per-request time).", "", *latency_table(results), "",
             "## Adapter swap cost", "", *swap_table(results), "",
             "\"Disk\" is the OS page cache (the adapters were just written); a cold disk adds its read time.", "",
-            *scale_section(results), *types_section(results), *memory_section(results)]
+            *scale_section(results), *types_section(results), *memory_section(results),
+            *gpu_section(Path(json_path).parent, here)]
     return "\n".join(out)
+
+
+def gpu_section(results_dir: Path, here: Path) -> list[str]:
+    """One throughput table per bench/results/gpu-*.json (written by bench/gpu.sh on a lent GPU machine)."""
+    runs = sorted(Path(results_dir).glob("gpu-*.json"))
+    if not runs:
+        return []
+    lines = ["## GPU", "", "`bench/gpu.sh run` on a GPU machine (random weights built from each model's config; "
+             "same harness and columns as the throughput table above). Each run is its own process, so compare "
+             "ratios within a table.", ""]
+    for path in runs:
+        results = json.loads(path.read_text())
+        m = results["machine"]
+        lines += [f"### {results['model']}, {_setting(results['config'])}", "",
+                  f"{m.get('gpu') or m['cpu']}; torch {m['torch']}; {results['date']}; commit {m['git'] or '?'}; "
+                  f"[`{_rel(path, here)}`]({_rel(path, here)}); {results['config']['max_tokens']} output tokens", "",
+                  *throughput_table(results), ""]
+    return lines
 
 
 def _mb(value) -> str:

@@ -8,6 +8,7 @@ bench/results/profile-step.txt.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import os
@@ -30,7 +31,8 @@ def build_engine(directory: Path, root: Path, rows: int, slots: int, prompt_toke
     from server.config import EngineConfig
     from server.engine.engine import LLMEngine
 
-    cfg = EngineConfig(model=str(directory), dtype="float32", device="cpu", max_loras=slots, max_lora_rank=16,
+    cfg = EngineConfig(model=str(directory), dtype="float32", device="cpu",
+                       threads=torch.get_num_threads(), max_loras=slots, max_lora_rank=16,
                        max_num_seqs=rows, max_model_len=prompt_tokens + 128, adapter_roots=[str(root)])
     engine = LLMEngine(cfg)
     for entry in [engine.store.resolve(p.name) for p in root.iterdir()]:
@@ -78,17 +80,47 @@ def say(out: list[str], text: str) -> None:
     out.append(text)
 
 
-def step_times(engine, batch, names: list[str], steps: int, rounds: int = 2) -> dict[int, list[float]]:
-    """Decode step seconds per distinct-adapter count, the counts interleaved over ``rounds``."""
+def step_times(engine, batch, names: list[str], steps: int, rounds: int = 2) -> dict[tuple[int, str], list[float]]:
+    """Decode step seconds per (distinct-adapter count, LoRA path), interleaved over ``rounds``. The path is
+    switched on the same engine (the manager's ``max_run``: 0 = torch ops), so both see the same weights."""
+    from server.layers import kernels
+
     counts = sorted({0, 1, min(4, len(names)), len(names)})
-    times: dict[int, list[float]] = {c: [] for c in counts}
+    kernel_run = engine.runner.manager.max_run
+    paths = {"torch": 0, **({"numba": kernel_run or kernels.max_run(torch.get_num_threads())} if kernels.available() else {})}
+    times: dict[tuple[int, str], list[float]] = {}
     for _ in range(rounds):
         for c in counts:
-            times[c] += decode_steps(engine, batch, names[:c] or [None], steps)
+            for path, max_run in paths.items():
+                if c == 0 and path != "torch":
+                    continue  # no adapter: both paths are the plain base model
+                engine.runner.manager.max_run = max_run
+                times.setdefault((c, path), []).extend(decode_steps(engine, batch, names[:c] or [None], steps))
+    engine.runner.manager.max_run = kernel_run
     return times
 
 
+@contextlib.contextmanager
+def kernel_visible_to_profiler():
+    """torch.profiler sees aten ops only: give the compiled kernel's calls a named range while profiling
+    (kept off the hot path otherwise)."""
+    from server.layers import kernels
+
+    inner = kernels.lora_runs
+
+    def traced(*args):
+        with torch.profiler.record_function("swapserve::lora_runs"):
+            inner(*args)
+
+    kernels.lora_runs = traced
+    try:
+        yield
+    finally:
+        kernels.lora_runs = inner
+
+
 CATEGORIES = (  # (label, test on (op name, input shapes)); first match wins
+    ("LoRA kernel (numba, shrink + expand)", lambda n, s, r: n == "swapserve::lora_runs"),
     ("LoRA matmuls (shrink x@A.T, expand @B)", lambda n, s, r: n == "aten::mm" and _has_dim(s, r)),
     ("base matmuls (the model's linears, lm_head)", lambda n, s, r: n in ("aten::mm", "aten::addmm")),
     ("LoRA gather/scatter (index_select, index_add_)",
@@ -129,14 +161,17 @@ def run(rows: int, k: int, steps: int, threads: int, with_cprofile: bool) -> str
         out: list[str] = []
         say(out, f"decode step, {rows} rows, {threads} threads, load average {os.getloadavg()[0]:.2f} "
             "(median / min over interleaved rounds):")
-        for count, times in step_times(engine, batch, names, steps).items():
+        for (count, path), times in step_times(engine, batch, names, steps).items():
             med, low = statistics.median(times) * 1e3, min(times) * 1e3
-            say(out, f"  {count:3d} distinct adapters: {med:7.1f} / {low:7.1f} ms/step  ({rows / med * 1e3:.1f} tok/s)")
+            say(out, f"  {count:3d} distinct adapters, {'no adapter' if count == 0 else path + (' ops' if path == 'torch' else ' kernel'):12s}: "
+                f"{med:7.1f} / {low:7.1f} ms/step  ({rows / med * 1e3:.1f} tok/s)")
         from torch.profiler import ProfilerActivity, profile
 
         with_torch = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
-        decode_steps(engine, batch, names, steps, profiler=with_torch)
-        say(out, f"\ntorch.profiler, {steps} decode steps with {k} adapters, self CPU time by purpose:")
+        with kernel_visible_to_profiler():
+            decode_steps(engine, batch, names, steps, profiler=with_torch)
+        path = "numba kernel" if engine.runner.manager.max_run else "torch ops"
+        say(out, f"\ntorch.profiler, {steps} decode steps with {k} adapters ({path}), self CPU time by purpose:")
         say(out, "\n".join(categories(with_torch, defaults.lora_rank, steps)))
         say(out, "\ntop ops by self CPU time:\n"
             + with_torch.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))

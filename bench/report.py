@@ -23,7 +23,8 @@ def machine() -> dict:
                 if line.startswith("model name")), platform.processor())
     return {"cpu": cpu, "cpus": os.cpu_count(), "memory_gb": _mem_gb(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "git": _git("rev-parse", "--short", "HEAD"), "git_dirty": bool(_git("status", "--porcelain"))}
+            "git": _git("rev-parse", "--short", "HEAD"), "git_dirty": bool(_git("status", "--porcelain")),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def _read(path: str) -> str:
@@ -85,8 +86,9 @@ def chart(results: dict, path: Path) -> Path | None:
         ax.set_ylabel("output tok/s")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{results['model']} fp32, LoRA r{results['config']['lora_rank']} all-linear, "
-                 f"{results['config']['max_tokens']} output tokens", fontsize=10)
+    cfg = results["config"]
+    fig.suptitle(f"{results['model']} {cfg.get('dtype', 'float32')}, LoRA r{cfg['lora_rank']} all-linear, "
+                 f"{cfg['max_tokens']} output tokens", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

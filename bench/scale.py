@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bench.drivers import BenchRequest, EngineDriver, cell_requests, run_concurrent
 from bench.timing import summarize
@@ -46,7 +47,8 @@ def zipf_draw(names: list[str], count: int, s: float, seed: int) -> list[str]:
 def scale_engine_config(cfg, model_dir: Path, root: Path):
     from server.config import EngineConfig
 
-    return EngineConfig(model=str(model_dir), dtype="float32", device="cpu", max_loras=cfg.scale_loras,
+    return EngineConfig(model=str(model_dir), dtype=cfg.dtype, device=cfg.device, quantization=cfg.quantization,
+                        threads=torch.get_num_threads(), max_loras=cfg.scale_loras,
                         max_cpu_loras=cfg.scale_cpu_loras, max_lora_rank=cfg.scale_rank,
                         max_num_seqs=cfg.scale_requests, max_model_len=cfg.prompt_tokens + max(cfg.max_tokens, 32) + 8,
                         max_num_batched_tokens=max(2048, cfg.scale_requests * cfg.prompt_tokens),

@@ -82,7 +82,8 @@ def engine_config(cfg: BenchConfig, fx: Fixtures, root: Path):
     from server.config import EngineConfig
 
     n = max(max(cfg.concurrency), cfg.interference_streams)
-    return EngineConfig(model=str(fx.model_dir), dtype="float32", device="cpu", max_loras=cfg.max_adapters,
+    return EngineConfig(model=str(fx.model_dir), dtype=cfg.dtype, device=cfg.device, quantization=cfg.quantization,
+                        threads=torch.get_num_threads(), max_loras=cfg.max_adapters,
                         max_cpu_loras=max(64, len(fx.cell) + len(fx.pool) * 2 + len(fx.on_demand) + len(fx.typed)),
                         max_lora_rank=cfg.lora_rank, max_num_seqs=n,
                         max_model_len=cfg.prompt_tokens + max(cfg.max_tokens, 32) + 8,
@@ -144,7 +145,7 @@ async def run_suite(cfg: BenchConfig) -> dict:
     log.info("torch threads: %d (load average %.2f, %d CPUs)", torch.get_num_threads(), os.getloadavg()[0],
              os.cpu_count())
     memory = []
-    if not cfg.skip_memory:  # first, before anything is timed: three model loads side by side
+    if not cfg.skip_memory and cfg.device == "cpu":  # first, before anything is timed: three loads side by side
         memory = await timed("memory (plain / int8 / nf4 subprocesses)",
                              model_memory(str(model_dir(cfg.model, cfg.cache_dir))))
         log.info("model RSS: %s", {m["quantization"]: round(m.get("model_rss", 0) / 1e6) for m in memory})
@@ -153,7 +154,7 @@ async def run_suite(cfg: BenchConfig) -> dict:
         fx = build_fixtures(cfg, root)
         anchors, peft_load = None, []
         if not cfg.skip_anchors:
-            anchors = Anchors(fx.model_dir, fx.cell)
+            anchors = Anchors(fx.model_dir, fx.cell, cfg.device, cfg.dtype, cfg.quantization)
             peft_load = anchors.load_adapter_seconds(dict(list(fx.pool.items())[:cfg.swap_samples]))
         start = time.perf_counter()
         engine = AsyncEngine(engine_config(cfg, fx, root))

@@ -67,6 +67,10 @@ class StepClock:
         self.times: list[float] = []
 
     def __call__(self, input_ids, scores):
+        if scores.is_cuda:  # kernels run ahead of Python: wait until the logits really exist
+            import torch
+
+            torch.cuda.synchronize(scores.device)
         self.times.append(time.perf_counter())
         return scores
 

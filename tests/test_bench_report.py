@@ -29,3 +29,32 @@ def test_headline_without_anchors():
     cells = [{"concurrency": 32, "adapters": 16, "swapserve": {"tok_s": 90.0}}]
     text = headline({"cells": cells, "config": {}})
     assert "90.0 output tok/s" in text and "pooled" not in text
+
+
+def test_gpu_runs_get_a_section_of_their_own(tmp_path):
+    """bench/gpu.sh leaves gpu-*.json beside default.json; BENCHMARKS.md renders one table per run."""
+    import json
+
+    from bench.markdown import gpu_section
+
+    assert gpu_section(tmp_path, tmp_path) == []
+    run = {"model": "smollm2", "date": "2026-12-01 00:00:00 UTC",
+           "config": {"dtype": "bfloat16", "quantization": "nf4", "device": "cuda", "max_tokens": 64},
+           "machine": {"gpu": "NVIDIA H200", "cpu": "x", "torch": "2.11.0", "git": "abc1234"},
+           "cells": [cell(64, 16, 1000.0, 950.0, 64, 1.0)]}
+    (tmp_path / "gpu-smollm2-nf4.json").write_text(json.dumps(run))
+    text = "\n".join(gpu_section(tmp_path, tmp_path))
+    assert "### smollm2, bfloat16 + nf4, CUDA" in text and "NVIDIA H200" in text
+    assert "| 64 | 16 | 1000.0 | 950.0 |" in text and "**0.95x**" in text
+
+
+def test_random_model_keeps_the_tokenizer_and_takes_the_size_class(tiny_model_dir, tmp_path):
+    """bench/random_model.py: what gpu.sh benchmarks when no checkpoint can travel."""
+    import json
+
+    from bench.random_model import build
+
+    out = build(tiny_model_dir, tmp_path / "m")
+    assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == json.loads(
+        (tiny_model_dir / "config.json").read_text())["hidden_size"]

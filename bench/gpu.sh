@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The GPU benchmark: SmolLM2-135M and a 1B-class model (random weights built from their configs: throughput
+# depends on shapes, not values), bf16 and nf4, 1/16/64 distinct adapters, swapserve beside HF base, PEFT's
+# mixed batch and the naive set_adapter flow, on one GPU in about 8 minutes.
+#
+#   bench/gpu.sh prepare       here, with PyPI reachable: .gpu/ gets the wheels the GPU image lacks
+#                              (bitsandbytes) and SmolLM2's tokenizer + config; .gpu/ is git-ignored locally
+#   bench/gpu.sh run OUT       on the GPU machine (no network; carry .gpu): OUT/gpu-<model>-<quant>.json + log
+#   bench/gpu.sh smoke OUT     the same chain on CPU with a tiny grid, to check the plumbing before a lease
+#
+# Then here: cp OUT/gpu-*.json bench/results/ && python -m bench.report bench/results/default.json
+# (BENCHMARKS.md gets a GPU section from every bench/results/gpu-*.json).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+
+prepare() {
+    mkdir -p .gpu/whl .gpu/smollm2
+    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+    local bnb
+    bnb=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("bitsandbytes"))')
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        -d .gpu/whl "bitsandbytes==$bnb"
+    .venv/bin/python - <<'EOF'
+import shutil
+from pathlib import Path
+from bench.config import BenchConfig
+from bench.fixtures import model_dir
+src = model_dir("", BenchConfig().cache_dir)  # the server's converted copy of the bundled GGUF
+for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+    if (src / name).is_file():
+        shutil.copy(src / name, Path(".gpu/smollm2") / name)
+print("prepared .gpu/:", sorted(p.name for p in Path(".gpu").rglob("*") if p.is_file()))
+EOF
+    du -sh .gpu
+}
+
+# run_grid OUT DEVICE DTYPE QUANTS MAX_TOKENS CONCURRENCY ADAPTERS MODEL...
+run_grid() {
+    local out=$1 device=$2 dtype=$3 quants=$4 tokens=$5 conc=$6 adapters=$7; shift 7
+    local models=/tmp/swapserve-gpu-models
+    mkdir -p "$out" "$models"
+    for spec in "$@"; do  # name:size ("" = the config as is)
+        local name=${spec%%:*} size=${spec#*:}
+        [ -d "$models/$name" ] || $PY -m bench.random_model --tokenizer .gpu/smollm2 --out "$models/$name" \
+            ${size:+--size "$size"}
+        for q in $quants; do
+            echo "=== $name $dtype $q on $device ($(date +%T))"
+            $PY -m bench.run --device "$device" --dtype "$dtype" --quantization "$q" --model "$models/$name" \
+                --concurrency "$conc" --adapters "$adapters" --max-tokens "$tokens" --naive-requests 2 \
+                --swap-samples 3 --skip-scale --skip-memory --skip-types --out-dir "$out/$name-$q" --markdown ''
+            mv "$out/$name-$q"/*.json "$out/gpu-$name-$q.json"
+            rm -rf "${out:?}/$name-$q"
+        done
+    done
+}
+
+case "${1:-}" in
+    prepare) prepare ;;
+    run)
+        out=${2:?usage: bench/gpu.sh run OUT}
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl
+        export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+        run_grid "$out" cuda bfloat16 "none nf4" 64 1,16,64 1,16,64 smollm2: 1b:1b 2>&1 | tee "$out/gpu.log"
+        ;;
+    smoke)
+        out=${2:?usage: bench/gpu.sh smoke OUT}
+        PY=.venv/bin/python
+        export PYTHONPATH=$PWD HF_HUB_OFFLINE=1
+        [ -f .gpu/smollm2/tokenizer.json ] || prepare
+        run_grid "$out" cpu float32 "none nf4" 4 1,4 1,4 smollm2:
+        ;;
+    *) sed -n '2,13p' "$0"; exit 2 ;;
+esac
