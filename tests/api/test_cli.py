@@ -51,9 +51,16 @@ def test_threads_and_cache_dir_from_flags_or_environment(tmp_path, monkeypatch):
     assert "shared CPU" in threads_help
 
 
+def test_lora_kernel_from_flag_or_environment(tmp_path):
+    assert configs(["--model", str(tmp_path)])[0].lora_kernel == "auto"
+    assert configs(["--model", str(tmp_path)], {"SWAPSERVE_LORA_KERNEL": "torch"})[0].lora_kernel == "torch"
+    assert configs(["--model", str(tmp_path), "--lora-kernel", "numba"],
+                   {"SWAPSERVE_LORA_KERNEL": "torch"})[0].lora_kernel == "numba"
+
+
 def test_invalid_values_exit_with_usage_error(capsys):
     for argv in (["serve", "--max-loras", "0"], ["serve", "--lora-modules", "no-equals-sign"],
-                 ["serve", "--dtype", "float8"], ["serve", "--threads", "-1"]):
+                 ["serve", "--dtype", "float8"], ["serve", "--threads", "-1"], ["serve", "--lora-kernel", "cuda"]):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2

@@ -98,3 +98,15 @@ def test_kernel_reads_slot_tensors_in_place():
     b[0, :2].copy_(torch.randn(2, OUT, generator=gen))
     kernels.lora_runs(y, x, a_np, b_np, ranks, runs)
     torch.testing.assert_close(y, x @ a[0, :2].T @ b[0, :2], rtol=1e-5, atol=1e-5)
+
+
+def test_lora_kernel_choice():
+    """--lora-kernel: auto takes the kernel where it applies (float32 on CPU), torch never, numba or a clear error."""
+    from server.engine.runner import lora_kernel_max_run
+
+    cpu = torch.device("cpu")
+    assert lora_kernel_max_run("auto", cpu, torch.float32) == kernels.max_run(torch.get_num_threads())
+    assert lora_kernel_max_run("torch", cpu, torch.float32) == 0
+    assert lora_kernel_max_run("auto", cpu, torch.bfloat16) == 0  # numpy has no bfloat16: torch ops
+    with pytest.raises(ValueError, match="--lora-kernel numba needs float32 on CPU"):
+        lora_kernel_max_run("numba", cpu, torch.bfloat16)
