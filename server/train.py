@@ -206,12 +206,12 @@ def _load_base(args: argparse.Namespace):
     from transformers import set_seed
 
     from server.config import EngineConfig
-    from server.engine.loader import load_model
+    from server.engine.loader import load_model, usable_cores
 
     set_seed(args.seed)
     # every core: training has no server to leave one for (EngineConfig's threads=0 would keep one free)
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
-                          threads=os.cpu_count() or 1)
+                          threads=usable_cores())
     args.model = config.model  # "" -> the default model, recorded as the adapter's base
     _say(f"loading {config.model}" + (" (nf4)" if args.quantization == "nf4" else ""))
     return load_model(config)

@@ -146,6 +146,8 @@ def _peft_dora_reads_packed_4bit() -> None:
             import bitsandbytes as bnb
 
             data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(w.data, copy.copy(state))
+            if not state.nested:  # the inverse leaves plain block scales transposed, [K / blocksize, N]
+                state.absmax = state.absmax.T.reshape(-1).to(state.dtype)
             return bnb.functional.dequantize_4bit(data, state)
         return original(module)
 

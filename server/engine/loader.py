@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -56,13 +57,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def serving_threads() -> int:
-    """--threads 0 on CPU: every core this process may run on but one (at least one). The spare core runs what
+    """--threads 0 on CPU: every usable core (usable_cores) but one, at least one. The spare core runs what
     is not matmuls: the HTTP server and event loop, the step loop's Python, the adapter loader. Measured on 2
     cores, 32 streams over 16 adapters: with 2 intra-op threads the OpenMP team kept losing a core to the event
     loop and inter-token latency rose from 150 to 250-310 ms a step; with 1 it stayed at 150. (vLLM's CPU
     backend reserves a core for its frontend likewise.)"""
+    return max(1, usable_cores() - 1)
+
+
+def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's or a
+    Kubernetes pod's CPU limit, which affinity does not show: a 4-CPU pod on a 64-core node sees 64)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
+    try:
+        quota, period = Path(cpu_max).read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def set_threads(threads: int, device: torch.device) -> None:

@@ -35,13 +35,7 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     kind = type(w).__name__
     if kind == "Params4bit":
         import bitsandbytes as bnb
-        data, state = w.data, w.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            # on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for its fused kernel at the first
-            # forward; plain dequantize_4bit would read that layout as garbage. Undo it on a copy of the state
-            # (the inverse edits the state it is given) and leave the layer packed.
-            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
-        return bnb.functional.dequantize_4bit(data, state).float()
+        return bnb.functional.dequantize_4bit(*_unpacked_4bit(w)).float()
     if kind == "Int8Params":
         import bitsandbytes as bnb
         scb = layer.state.SCB if getattr(layer.state, "SCB", None) is not None else w.SCB
@@ -49,6 +43,24 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     if not hasattr(layer, "in_features"):  # Conv1D (fan_in_fan_out)
         return w.detach().T.float()
     return w.detach().float()
+
+
+def _unpacked_4bit(w) -> tuple[torch.Tensor, object]:
+    """(data, quant_state) of a Params4bit in bitsandbytes' standard layout, the layer left as it is.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for its fused kernel at the first inference
+    forward: another byte order, and the block scales stored transposed, [K / blocksize, N], in bf16. Its
+    inverse works on the state it is given (so it gets a copy) and restores the scales' order only for
+    double-quantized weights; ours are not, so the transpose is undone here."""
+    import bitsandbytes as bnb
+
+    data, state = w.data, w.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return data, state
+    data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+    if not state.nested:
+        state.absmax = state.absmax.T.reshape(-1).to(state.dtype)  # [K / bs, N] -> [N * K / bs]
+    return data, state
 
 
 class AdapterLinear(nn.Module):

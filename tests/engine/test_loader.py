@@ -121,7 +121,17 @@ def test_threads_are_set_when_the_model_loads(tiny_model_dir):
 @pytest.mark.parametrize("cores, threads", [({0, 1, 2, 3}, 3), ({0, 1}, 1), ({5}, 1)])
 def test_serving_threads_leave_a_core_for_the_server(monkeypatch, cores, threads):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores)
+    monkeypatch.setattr(loader, "usable_cores", lambda: len(cores))
     assert loader.serving_threads() == threads
+
+
+@pytest.mark.parametrize("cpu_max, cores", [("max 100000", 8), ("400000 100000", 4), ("150000 100000", 2),
+                                            ("1000 100000", 1), ("garbage", 8)])
+def test_a_cgroup_cpu_limit_caps_the_cores(monkeypatch, tmp_path, cpu_max, cores):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # a pod on an 8-core node
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    assert loader.usable_cores(str(tmp_path / "cpu.max")) == cores
+    assert loader.usable_cores(str(tmp_path / "missing")) == 8
 
 
 @pytest.mark.parametrize("quantization", ["int8", "nf4"])

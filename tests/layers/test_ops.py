@@ -264,27 +264,34 @@ def test_skewed_prefill_falls_back_to_segments():
 
 # ---------------------------------------------------------------- dense base weight (DoRA's norm reads it)
 
-def test_dense_weight_of_a_4bit_layer_repacked_for_the_cpu_kernel():
-    """On CPUs with AVX512-BF16 bitsandbytes repacks a Linear4bit at its first forward (block scales in bf16,
-    another byte layout). dense_weight must see through that, without undoing it in the layer; reading the
-    packed bytes plainly gives a different, wrong matrix (what PEFT 0.21's DoRA does there)."""
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain-scales", "nested-scales"])
+def test_dense_weight_of_a_4bit_layer_repacked_for_the_cpu_kernel(double_quant):
+    """On CPUs with AVX512-BF16 bitsandbytes repacks a Linear4bit at its first forward (another byte order,
+    block scales transposed and in bf16). dense_weight must see through that without undoing it in the layer;
+    reading the packed bytes plainly gives a different, wrong matrix (what PEFT 0.21's DoRA does there).
+    256 inputs = 4 blocks per row, so a transposed scale table cannot pass unnoticed."""
     bnb = pytest.importorskip("bitsandbytes")
     from server.layers.adapter_linear import dense_weight
 
     gen = torch.Generator().manual_seed(4)
-    linear = nn.Linear(64, 32, bias=False)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(32, 64, generator=gen))
-    layer = bnb.nn.Linear4bit(64, 32, bias=False, quant_type="nf4", compute_dtype=torch.float32)
-    layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
-    layer = layer.to("cpu")  # quantizes
+    weight = torch.randn(64, 256, generator=gen) * torch.linspace(0.1, 3, 256)  # scales differ across blocks
+    layer = bnb.nn.Linear4bit(256, 64, bias=False, quant_type="nf4", compute_dtype=torch.float32,
+                              compress_statistics=double_quant)
+    layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=double_quant)
+    layer = layer.to("cpu").eval()  # quantizes
     before = dense_weight(layer)
     w = layer.weight
     w.data, w.quant_state = bnb.functional._convert_weight_packed_for_cpu(w.data, w.quant_state)
-    packed = w.data.clone()
+    packed, scales = w.data.clone(), w.quant_state.absmax.clone()
     after = dense_weight(layer)
-    assert torch.equal(w.data, packed) and w.quant_state.packing_format_for_cpu  # the layer stays packed
+    assert torch.equal(w.data, packed) and torch.equal(w.quant_state.absmax, scales)  # the layer is untouched
+    assert w.quant_state.packing_format_for_cpu
     scale = before.abs().max()
     assert (after - before).abs().max() <= 1e-2 * scale  # only the bf16 rounding of the block scales
     naive = bnb.functional.dequantize_4bit(packed, w.quant_state).float()
     assert naive.shape != before.shape or (naive - before).abs().max() > 0.1 * scale
+    if getattr(layer, "support_avx512bf16_for_cpu", False):  # the packed kernel runs here: it computes `after`
+        x = torch.randn(3, 256, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), x @ after.T, rtol=2e-2, atol=2e-2 * (x @ after.T).abs().max())
