@@ -165,6 +165,11 @@ def run(rows: int, k: int, steps: int, threads: int, with_cprofile: bool) -> str
             med, low = statistics.median(times) * 1e3, min(times) * 1e3
             say(out, f"  {count:3d} distinct adapters, {'no adapter' if count == 0 else path + (' ops' if path == 'torch' else ' kernel'):12s}: "
                 f"{med:7.1f} / {low:7.1f} ms/step  ({rows / med * 1e3:.1f} tok/s)")
+        from server.layers.mapping import ALONE_MAX_RUN
+
+        if rows > ALONE_MAX_RUN:
+            say(out, f"  (1 distinct adapter: a step on one adapter alone with more than {ALONE_MAX_RUN} tokens keeps "
+                "its no-gather addmm under either setting)")
         from torch.profiler import ProfilerActivity, profile
 
         with_torch = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
