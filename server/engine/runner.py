@@ -35,12 +35,12 @@ def check_memory(need: int, device: torch.device) -> None:
 def lora_kernel_max_run(choice: str, device: torch.device, dtype: torch.dtype) -> int:
     """The AdapterManager's ``max_run`` for --lora-kernel: kernels.max_run at this process's torch threads when
     the compiled CPU kernel is used (compiled here, before the first request), 0 for torch ops."""
-    applies = device.type == "cpu" and dtype == torch.float32
-    if choice == "numba" and not (applies and kernels.available()):
+    usable = device.type == "cpu" and dtype == torch.float32 and kernels.available()
+    if choice == "numba" and not usable:
         raise ValueError("--lora-kernel numba needs float32 on CPU and the numba package "
                          f"(here: {dtype} on {device}, numba {'installed' if kernels.available() else 'missing'}); "
                          "use --lora-kernel auto or torch")
-    if choice == "torch" or not (applies and kernels.available()):
+    if choice == "torch" or not usable:
         return 0
     kernels.warm_up()
     run = kernels.max_run(torch.get_num_threads())

@@ -89,7 +89,7 @@ def warm_up() -> None:
     """Compile (or load from numba's on-disk cache) before the first request, not during it."""
     y, x = torch.zeros(1, 2), torch.ones(1, 2)
     a, b = np.ones((1, 1, 2), np.float32), np.ones((1, 1, 2), np.float32)
-    one = np.ones(1, np.int64)
-    _compiled()(y.numpy(), x.numpy(), a, b, one, np.zeros(1, np.int64), np.array([0, 1]), np.zeros(1, np.int64))
+    one, zero = np.ones(1, np.int64), np.zeros(1, np.int64)
+    _compiled()(y.numpy(), x.numpy(), a, b, one, zero, np.array([0, 1], np.int64), zero)
     if not torch.equal(y, torch.full((1, 2), 2.0)):
         raise RuntimeError("the compiled LoRA kernel gave a wrong result; start with --lora-kernel torch")
