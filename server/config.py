@@ -58,6 +58,7 @@ class EngineConfig:
     cache_dir: str = ""  # converted models (GGUF -> safetensors) are cached here; "" = default_cache_dir()
     adapter_loader: str = "process"  # process | thread: where adapters are read, validated and packed
     lora_kernel: str = "auto"  # auto | numba | torch: the CPU LoRA kernel (layers/kernels.py) or torch ops
+    cpu_gemm: str = "auto"  # auto | onednn | torch: the base's float32 CPU linears packed for oneDNN (layers/gemm.py)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -72,6 +73,7 @@ class EngineConfig:
         _choice("quantization", self.quantization, ("none", "int8", "nf4", "fp4"))
         _choice("adapter_loader", self.adapter_loader, ("process", "thread"))
         _choice("lora_kernel", self.lora_kernel, ("auto", "numba", "torch"))
+        _choice("cpu_gemm", self.cpu_gemm, ("auto", "onednn", "torch"))
         for name in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_num_seqs", "max_model_len",
                      "max_num_batched_tokens", "max_waiting", "max_adapter_bytes", "max_cpu_lora_bytes"):
             if getattr(self, name) < 1:
@@ -92,4 +94,4 @@ def _display_name(model: str) -> str:
 
 def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"--{flag} must be one of {', '.join(allowed)}; got {value!r}")
+        raise ValueError(f"--{flag.replace('_', '-')} must be one of {', '.join(allowed)}; got {value!r}")

@@ -219,7 +219,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(where, quantization_config=quant, device_map={"": device},
                                                      **kwargs)
         if device.type == "cpu":
-            _own_unquantized(model)
+            own_file_tensors(model)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
@@ -228,14 +228,17 @@ def load_model(config: EngineConfig) -> LoadedModel:
 
 
 @torch.no_grad()
-def _own_unquantized(model: torch.nn.Module) -> None:
-    """Copy the tensors a quantized CPU load left unquantized (embeddings, norms, a tied head) out of the
-    checkpoint. They are views into the mmapped fp32 file, which keeps the whole file mapped and its pages
-    resident: measured on SmolLM2, int8 and nf4 held ~640 MB of file pages, more than the plain fp32 model."""
+def own_file_tensors(model: torch.nn.Module) -> None:
+    """Copy the model's remaining plain tensors (parameters and persistent buffers, not quantized or
+    oneDNN-packed ones) out of the checkpoint. Loaded on CPU they are views into the mmapped safetensors file,
+    and any one view keeps the whole file mapped and its touched pages resident. Measured on SmolLM2: a
+    quantized load kept ~640 MB of file pages for its embeddings, norms and tied head (more than the plain fp32
+    model), and --cpu-gemm onednn, which packs every linear into new memory, kept ~500 MB for its embedding."""
     seen: set[int] = set()
     for module in model.modules():
-        for name, t in list(module._parameters.items()) + list(module._buffers.items()):
-            if t is None or id(t) in seen or type(t).__name__ in ("Params4bit", "Int8Params"):
+        buffers = [(n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
+        for name, t in list(module._parameters.items()) + buffers:
+            if t is None or id(t) in seen or t.is_mkldnn or type(t).__name__ in ("Params4bit", "Int8Params"):
                 continue
             seen.add(id(t))
             if isinstance(t, torch.nn.Parameter):

@@ -9,8 +9,8 @@ import torch
 from server.adapters.manager import AdapterKey, AdapterManager
 from server.config import EngineConfig
 from server.engine.kv_cache import KVCache
-from server.engine.loader import load_model, settle_layout
-from server.layers import kernels
+from server.engine.loader import load_model, own_file_tensors, settle_layout
+from server.layers import gemm, kernels
 from server.layers.inject import target_shapes, wrap_model
 from server.layers.mapping import MappingHolder
 
@@ -61,14 +61,30 @@ class ModelRunner:
         self.layers = wrap_model(self.model, self.holder, config.max_loras, config.max_lora_rank, self.dtype,
                                  self.device)
         self.targets = target_shapes(self.layers)
+        self.head = self.model.get_output_embeddings()
+        if gemm.choose(config.cpu_gemm, self.device, self.dtype):
+            self._pack_linears()
         self.manager = AdapterManager(self.layers, self.holder, config.max_loras, self.device,
                                       max_run=lora_kernel_max_run(config.lora_kernel, self.device, self.dtype))
         self.max_len = min(config.max_model_len, self._model_max_len())
         self.kv = KVCache.for_model(self.model.config, config.max_num_seqs, self.max_len, self.dtype, self.device)
         check_memory(self.kv.max_nbytes, self.device)
         self.backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
-        self.head = self.model.get_output_embeddings()
         self.vocab_size = self.head.out_features
+
+    def _pack_linears(self) -> None:
+        """--cpu-gemm onednn: every plain float32 linear (the wrapped layers' bases, the head) as a PackedLinear."""
+        shared = gemm.shared_weights(self.model)
+        packed = 0
+        for layer in self.layers.values():
+            layer.base_layer = gemm.pack(layer.base_layer, shared)
+            packed += isinstance(layer.base_layer, gemm.PackedLinear)
+        self.head = gemm.pack(self.head, shared)
+        self.model.set_output_embeddings(self.head)
+        own_file_tensors(self.model)  # else the embedding's view keeps the dropped weights' file pages resident
+        log.info("base linears: oneDNN, %d packed once into its blocked layout (dense copies dropped)%s", packed,
+                 "; the head shares the embedding's weight, so it stays dense" if isinstance(
+                     self.head, gemm.PackedLinear) and not self.head.packed else "")
 
     def _model_max_len(self) -> int:
         cfg = self.model.config.get_text_config()

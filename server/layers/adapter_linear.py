@@ -17,6 +17,7 @@ from torch import nn
 
 from server.adapters.weights import ModuleWeights
 from server.layers import kernels
+from server.layers.gemm import PackedLinear
 from server.layers.mapping import MappingHolder
 from server.layers.slot_bank import SlotBank
 from server.layers.ops import lora_grouped_views, lora_segments, scale_rows, shift_rows
@@ -31,6 +32,8 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
     """The base weight as a float [out, in] matrix, dequantized for bitsandbytes layers."""
+    if isinstance(layer, PackedLinear):
+        return layer.dense().float()
     w = layer.weight
     kind = type(w).__name__
     if kind == "Params4bit":
