@@ -1,4 +1,4 @@
-"""Where a swapserve decode step spends its time: `python -m bench.profile_step [--rows 32] [--adapters 16]`.
+"""Where a swapserve decode step spends its time: `python -m bench.profile_step [--rows 32] [--adapters 16] [--cpu-gemm auto]`.
 
 Drives LLMEngine synchronously (no step thread), so the numbers are the step itself: first the mean decode
 step time with 0, 1, 4 and k distinct adapters over the same rows, then torch.profiler's top ops and
@@ -27,13 +27,14 @@ from bench.config import BenchConfig, auto_threads  # noqa: E402
 from bench.fixtures import make_adapters, model_dir, prompts  # noqa: E402
 
 
-def build_engine(directory: Path, root: Path, rows: int, slots: int, prompt_tokens: int):
+def build_engine(directory: Path, root: Path, rows: int, slots: int, prompt_tokens: int, cpu_gemm: str = "auto"):
     from server.config import EngineConfig
     from server.engine.engine import LLMEngine
 
     cfg = EngineConfig(model=str(directory), dtype="float32", device="cpu",
                        threads=torch.get_num_threads(), max_loras=slots, max_lora_rank=16,
-                       max_num_seqs=rows, max_model_len=prompt_tokens + 128, adapter_roots=[str(root)])
+                       max_num_seqs=rows, max_model_len=prompt_tokens + 128, adapter_roots=[str(root)],
+                       cpu_gemm=cpu_gemm)
     engine = LLMEngine(cfg)
     for entry in [engine.store.resolve(p.name) for p in root.iterdir()]:
         engine.store.ensure_host(entry).result()
@@ -122,7 +123,8 @@ def kernel_visible_to_profiler():
 CATEGORIES = (  # (label, test on (op name, input shapes)); first match wins
     ("LoRA kernel (numba, shrink + expand)", lambda n, s, r: n == "swapserve::lora_runs"),
     ("LoRA matmuls (shrink x@A.T, expand @B)", lambda n, s, r: n == "aten::mm" and _has_dim(s, r)),
-    ("base matmuls (the model's linears, lm_head)", lambda n, s, r: n in ("aten::mm", "aten::addmm")),
+    ("base matmuls (the model's linears, lm_head)",
+     lambda n, s, r: n in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")),
     ("LoRA gather/scatter (index_select, index_add_)",
      lambda n, s, r: n in ("aten::index_select", "aten::index_add_", "aten::scatter_add_")),
     ("views/indexing (select, slice, as_strided, permute, t, view)",
@@ -148,7 +150,7 @@ def categories(prof, rank: int, steps: int) -> list[str]:
             for label, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
 
 
-def run(rows: int, k: int, steps: int, threads: int, with_cprofile: bool) -> str:
+def run(rows: int, k: int, steps: int, threads: int, with_cprofile: bool, cpu_gemm: str = "auto") -> str:
     torch.set_num_threads(threads or auto_threads())
     threads = torch.get_num_threads()
     defaults = BenchConfig()
@@ -156,10 +158,12 @@ def run(rows: int, k: int, steps: int, threads: int, with_cprofile: bool) -> str
     with tempfile.TemporaryDirectory(prefix="swapserve-profile-") as tmp:
         names = [f"a{i:02d}" for i in range(k)]
         make_adapters(directory, names, Path(tmp), defaults.lora_rank, 0)
-        engine = build_engine(directory, Path(tmp), rows, k, defaults.prompt_tokens)
+        engine = build_engine(directory, Path(tmp), rows, k, defaults.prompt_tokens, cpu_gemm)
         batch = prompts(engine.tokenizer, rows, defaults.prompt_tokens)
         out: list[str] = []
-        say(out, f"decode step, {rows} rows, {threads} threads, load average {os.getloadavg()[0]:.2f} "
+        gemm = "oneDNN, packed" if any(type(l.base_layer).__name__ == "PackedLinear"
+                                       for l in engine.runner.layers.values()) else "torch F.linear"
+        say(out, f"decode step, {rows} rows, {threads} threads, base linears on {gemm}, load average {os.getloadavg()[0]:.2f} "
             "(median / min over interleaved rounds):")
         for (count, path), times in step_times(engine, batch, names, steps).items():
             med, low = statistics.median(times) * 1e3, min(times) * 1e3
@@ -198,9 +202,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--cprofile", action="store_true", help="also cProfile (slow: Python-level tracing)")
     p.add_argument("--threads", type=int, default=0, help="0 = auto (the CPUs not already busy)")
+    p.add_argument("--cpu-gemm", default="auto", choices=("auto", "onednn", "torch"),
+                   help="the server's --cpu-gemm: how the base model's linears multiply")
     p.add_argument("--out", default="bench/results/profile-step.txt")
     args = p.parse_args()
-    report = run(args.rows, args.adapters, args.steps, args.threads, args.cprofile)
+    report = run(args.rows, args.adapters, args.steps, args.threads, args.cprofile, args.cpu_gemm)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(report + "\n")
