@@ -1,6 +1,8 @@
 """The anchors swapserve is measured against, in the same process and on the same weights:
 
-    base   HF ``generate`` on the plain base model, batch N (the ceiling: no adapter work at all)
+    base   HF ``generate`` on the plain base model, batch N (no adapter work at all; stock torch linears)
+    base_onednn   the same, its float32 CPU linears packed for oneDNN as swapserve's --cpu-gemm does: the
+           ceiling for adapter serving at swapserve's GEMM (absent where --cpu-gemm auto would not pack)
     peft   PEFT's mixed batch: one ``generate`` over N rows with ``adapter_names=`` (k distinct adapters)
     naive  the seed's flow: requests one at a time, ``set_adapter`` + ``generate`` each (no batching)
 
@@ -15,6 +17,8 @@ from pathlib import Path
 import torch
 
 from bench.fixtures import load_base
+from server.engine.loader import own_file_tensors
+from server.layers import gemm
 from bench.timing import StepClock, Trace
 
 
@@ -27,6 +31,11 @@ class Anchors:
 
         self.device = torch.device(device)
         self.base = load_base(directory, device, dtype, quantization)
+        self.base_onednn = None
+        if gemm.choose("auto", self.device, getattr(torch, dtype)):
+            self.base_onednn = load_base(directory, device, dtype, quantization)
+            gemm.pack_linears(self.base_onednn)
+            own_file_tensors(self.base_onednn)
         names = list(adapters)
         self.peft = PeftModel.from_pretrained(load_base(directory, device, dtype, quantization), adapters[names[0]],
                                               adapter_name=names[0])
@@ -50,10 +59,15 @@ class Anchors:
     def warm_up(self, prompt: list[int]) -> None:
         """One tiny generate on each path, so the first measured cell does not pay first-call costs."""
         self.base_batch([prompt], 2)
+        if self.base_onednn is not None:
+            self.base_onednn_batch([prompt], 2)
         self.peft_mixed([prompt], [self.peft.active_adapter], 2)
 
     def base_batch(self, prompts: list[list[int]], max_tokens: int) -> list[Trace]:
         return self._generate(self.base, prompts, max_tokens)
+
+    def base_onednn_batch(self, prompts: list[list[int]], max_tokens: int) -> list[Trace]:
+        return self._generate(self.base_onednn, prompts, max_tokens)
 
     def peft_mixed(self, prompts: list[list[int]], names: list[str], max_tokens: int) -> list[Trace]:
         """names: the adapter of each row (PEFT groups rows by adapter inside every LoRA layer)."""

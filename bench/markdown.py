@@ -28,6 +28,11 @@ def headline(results: dict) -> str:
             f"{top['swapserve']['tok_s']:.1f} output tok/s = **{_x(base)} the base model's HF batched "
             f"throughput** and **{_x(naive)} the seed's naive serial flow** (PEFT's mixed batch: {_x(peft)} base). "
             "Targets: >= 0.8x base, >= 8x naive.")
+    if top.get("base_onednn"):
+        line += (f" Part of that is swapserve's GEMM, not its batching: HF's own generate on the same packed "
+                 f"oneDNN linears (`--cpu-gemm`) runs at {_x(ratio(top, 'base_onednn', 'base'))} stock HF, and "
+                 f"swapserve serving {top['adapters']} adapters is **{_x(ratio(top, 'swapserve', 'base_onednn'))} that ceiling** "
+                 "(what LoRA costs at equal matmuls).")
     pooled = pooled_naive(cells)
     if pooled and top.get("base"):  # the two targets are linked: naive / base fixes what 8x naive demands
         naive_base = pooled["tok_s"] / top["base"]["tok_s"]
@@ -50,22 +55,27 @@ def pooled_naive(cells: list[dict]) -> dict | None:
 
 
 def throughput_table(results: dict) -> list[str]:
-    lines = ["| N | k | HF base | swapserve | swapserve, no adapter | PEFT mixed | naive serial | "
-             "**swapserve / base** | **swapserve / naive** | swapserve / PEFT |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in results["cells"]:
-        tok = {k: c[k]["tok_s"] if k in c else None for k in ("base", "swapserve", "swapserve_no_adapter",
-                                                               "peft", "naive")}
-        lines.append(f"| {c['concurrency']} | {c['adapters']} | {_f(tok['base'])} | {_f(tok['swapserve'])} | "
-                     f"{_f(tok['swapserve_no_adapter'])} | {_f(tok['peft'])} | {_f(tok['naive'])} | "
-                     f"**{_x(ratio(c, 'swapserve', 'base'))}** | **{_x(ratio(c, 'swapserve', 'naive'))}** | "
-                     f"{_x(ratio(c, 'swapserve', 'peft'))} |")
+    cells = results["cells"]
+    onednn = any("base_onednn" in c for c in cells)  # older runs and GPU runs have no such anchor
+    systems = ["base"] + ["base_onednn"] * onednn + ["swapserve", "swapserve_no_adapter", "peft", "naive"]
+    heads = {"base": "HF base", "base_onednn": "HF base, oneDNN", "swapserve": "swapserve",
+             "swapserve_no_adapter": "swapserve, no adapter", "peft": "PEFT mixed", "naive": "naive serial"}
+    ratios = [("swapserve", "base", True)] + [("swapserve", "base_onednn", True)] * onednn + [
+        ("swapserve", "naive", True), ("swapserve", "peft", False)]
+    lines = ["| N | k | " + " | ".join(heads[s] for s in systems) + " | "
+             + " | ".join(f"**{a} / {heads[b]}**" if bold else f"{a} / {heads[b]}" for a, b, bold in ratios) + " |",
+             "|---:|---:|" + "---:|" * (len(systems) + len(ratios))]
+    for c in cells:
+        tok = [_f(c[k]["tok_s"] if k in c else None) for k in systems]
+        rel = [f"**{_x(ratio(c, a, b))}**" if bold else _x(ratio(c, a, b)) for a, b, bold in ratios]
+        lines.append(f"| {c['concurrency']} | {c['adapters']} | " + " | ".join(tok + rel) + " |")
     return lines
 
 
 def latency_table(results: dict) -> list[str]:
     lines = ["| N | k | system | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |", "|---:|---:|---|---:|---:|---:|---:|"]
-    names = {"swapserve": "swapserve", "base": "HF base", "peft": "PEFT mixed", "naive": "naive serial"}
+    names = {"swapserve": "swapserve", "base": "HF base", "base_onednn": "HF base, oneDNN", "peft": "PEFT mixed",
+             "naive": "naive serial"}
     for c in results["cells"]:
         for key, label in names.items():
             s = c.get(key)
@@ -125,7 +135,9 @@ def render(results: dict, json_path: Path, png_path: Path | None, md_path: Path)
            *machine_lines(results), "", headline(results), "",
            "## Throughput (output tokens/s, all N requests sent at once)", "",
            "N = concurrent requests, k = distinct adapters (request i uses adapter i mod k). *HF base*: "
-           "`generate` on the plain base model, batch N (the ceiling). *PEFT mixed*: one `generate` with "
+           "`generate` on the plain base model, batch N (stock torch: its CPU linears are MKL's sgemm). *HF base, "
+           "oneDNN*: the same `generate` with the linears packed for oneDNN as swapserve's `--cpu-gemm` does "
+           "(the ceiling for adapter serving at swapserve's GEMM). *PEFT mixed*: one `generate` with "
            "`adapter_names=`. *Naive serial*: the seed's flow, `set_adapter` + `generate` one request at a time "
            f"(measured on the first min(N, {cfg['naive_requests']}) requests; it does not batch, so its tok/s "
            "does not grow with N). *swapserve*: the in-process `AsyncEngine`, N concurrent streams.", "",

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-SYSTEMS = (("base", "HF base"), ("swapserve", "swapserve"), ("peft", "PEFT mixed"), ("naive", "naive serial"))
+SYSTEMS = (("base", "HF base"), ("base_onednn", "HF base, oneDNN linears"), ("swapserve", "swapserve"),
+           ("peft", "PEFT mixed"), ("naive", "naive serial"))
 
 
 def machine() -> dict:

@@ -100,6 +100,8 @@ async def measure_cell(cfg: BenchConfig, fx: Fixtures, anchors: Anchors | None, 
     row: dict = {"concurrency": n, "adapters": k}
     if anchors:
         row["base"] = summarize(anchors.base_batch(prompts_n, m))
+        if anchors.base_onednn is not None:
+            row["base_onednn"] = summarize(anchors.base_onednn_batch(prompts_n, m))
     row["swapserve"] = summarize(await run_concurrent(driver, cell_requests(prompts_n, adapters, m)))
     if with_base_engine:
         row["swapserve_no_adapter"] = summarize(await run_concurrent(driver, cell_requests(prompts_n, [None], m)))
@@ -125,8 +127,8 @@ def naive_summary(traces, n: int) -> dict:
 
 
 def _log_cell(row: dict) -> None:
-    parts = [f"{name}={row[name]['tok_s']:.1f}" for name in ("base", "swapserve", "swapserve_no_adapter",
-                                                              "peft", "naive") if name in row]
+    parts = [f"{name}={row[name]['tok_s']:.1f}" for name in ("base", "base_onednn", "swapserve",
+                                                              "swapserve_no_adapter", "peft", "naive") if name in row]
     log.info("cell N=%d k=%d tok/s: %s", row["concurrency"], row["adapters"], " ".join(parts))
 
 

@@ -74,17 +74,12 @@ class ModelRunner:
 
     def _pack_linears(self) -> None:
         """--cpu-gemm onednn: every plain float32 linear (the wrapped layers' bases, the head) as a PackedLinear."""
-        shared = gemm.shared_weights(self.model)
-        packed = 0
-        for layer in self.layers.values():
-            layer.base_layer = gemm.pack(layer.base_layer, shared)
-            packed += isinstance(layer.base_layer, gemm.PackedLinear)
-        self.head = gemm.pack(self.head, shared)
-        self.model.set_output_embeddings(self.head)
+        done = gemm.pack_linears(self.model)
         own_file_tensors(self.model)  # else the embedding's view keeps the dropped weights' file pages resident
-        log.info("base linears: oneDNN, %d packed once into its blocked layout (dense copies dropped)%s", packed,
-                 "; the head shares the embedding's weight, so it stays dense" if isinstance(
-                     self.head, gemm.PackedLinear) and not self.head.packed else "")
+        self.head = self.model.get_output_embeddings()
+        dense = sum(not m.packed for m in done)
+        log.info("base linears: oneDNN, %d packed once into its blocked layout (dense copies dropped)%s",
+                 len(done) - dense, f"; {dense} sharing a weight (a tied head) kept dense" if dense else "")
 
     def _model_max_len(self) -> int:
         cfg = self.model.config.get_text_config()

@@ -101,6 +101,24 @@ def pack(linear: nn.Module, shared: set[int]) -> nn.Module:
     return PackedLinear(linear, keep_dense=id(linear.weight) in shared)
 
 
+def pack_linears(model: nn.Module) -> list[PackedLinear]:
+    """Replace every plain float32 CPU nn.Linear inside ``model`` (wrapped ones included: an AdapterLinear's
+    ``base_layer``) with a PackedLinear, in place; returns the new modules. The caller releases the checkpoint's
+    file mapping afterwards (loader.own_file_tensors), else the tensors still viewing it keep the dropped
+    weights' pages resident."""
+    shared = shared_weights(model)
+    done = []
+    for name, module in list(model.named_modules()):
+        if not name or type(module) is not nn.Linear:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        new = pack(module, shared)
+        if new is not module:
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+            done.append(new)
+    return done
+
+
 def shared_weights(model: nn.Module) -> set[int]:
     """ids of parameters reachable from more than one module of ``model`` (tied weights)."""
     seen: dict[int, int] = {}
