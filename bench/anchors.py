@@ -32,9 +32,10 @@ class Anchors:
         self.device = torch.device(device)
         self.base = load_base(directory, device, dtype, quantization)
         self.base_onednn = None
-        if gemm.choose("auto", self.device, getattr(torch, dtype)):
+        min_pack = gemm.plan("auto", self.device, getattr(torch, dtype))
+        if min_pack is not None:
             self.base_onednn = load_base(directory, device, dtype, quantization)
-            gemm.pack_linears(self.base_onednn)
+            gemm.pack_linears(self.base_onednn, min_pack)
             own_file_tensors(self.base_onednn)
         names = list(adapters)
         self.peft = PeftModel.from_pretrained(load_base(directory, device, dtype, quantization), adapters[names[0]],

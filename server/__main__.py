@@ -79,7 +79,8 @@ ENGINE_FLAGS = (
     Flag("cpu-gemm", str, "auto", "how the base model's float32 linear layers multiply on CPU: onednn (each weight "
          "packed once into oneDNN's blocked layout, replacing the dense copy, so no extra memory; 2-3x torch's "
          "default MKL sgemm on AMD EPYC from 2 rows up), torch (F.linear as loaded), auto (onednn for float32 on "
-         "an x86 CPU, else torch)", ("auto", "onednn", "torch")),
+         "an x86 CPU, for weights of at least 65536 elements, where oneDNN's per-call cost pays; else torch)",
+         ("auto", "onednn", "torch")),
 )
 SERVER_FLAGS = (
     Flag("host", str, "127.0.0.1", "address to listen on (0.0.0.0 exposes the server; set --api-key then)"),

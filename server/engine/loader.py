@@ -258,10 +258,11 @@ def settle_layout(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's weights: parameters and persistent buffers (packed bytes for quantized weights);
-    not non-persistent buffers such as rotary tables or adapter slots."""
+    """Bytes of the model's weights: parameters, persistent buffers (packed bytes for quantized weights) and
+    oneDNN-packed weights (gemm.PackedLinear keeps them as non-persistent buffers: a state_dict cannot hold
+    them); not other non-persistent buffers such as rotary tables or adapter slots."""
     tensors = list(model.parameters())
     for module in model.modules():
         skip = module._non_persistent_buffers_set
-        tensors += [b for name, b in module._buffers.items() if b is not None and name not in skip]
+        tensors += [b for name, b in module._buffers.items() if b is not None and (name not in skip or b.is_mkldnn)]
     return sum(t.numel() * t.element_size() for t in tensors)

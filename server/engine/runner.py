@@ -62,8 +62,9 @@ class ModelRunner:
                                  self.device)
         self.targets = target_shapes(self.layers)
         self.head = self.model.get_output_embeddings()
-        if gemm.choose(config.cpu_gemm, self.device, self.dtype):
-            self._pack_linears()
+        min_pack = gemm.plan(config.cpu_gemm, self.device, self.dtype)
+        if min_pack is not None:
+            self._pack_linears(min_pack)
         self.manager = AdapterManager(self.layers, self.holder, config.max_loras, self.device,
                                       max_run=lora_kernel_max_run(config.lora_kernel, self.device, self.dtype))
         self.max_len = min(config.max_model_len, self._model_max_len())
@@ -72,14 +73,16 @@ class ModelRunner:
         self.backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         self.vocab_size = self.head.out_features
 
-    def _pack_linears(self) -> None:
-        """--cpu-gemm onednn: every plain float32 linear (the wrapped layers' bases, the head) as a PackedLinear."""
-        done = gemm.pack_linears(self.model)
-        own_file_tensors(self.model)  # else the embedding's view keeps the dropped weights' file pages resident
+    def _pack_linears(self, min_elements: int) -> None:
+        """--cpu-gemm: the plain float32 linears (the wrapped layers' bases, the head) as PackedLinears."""
+        done = gemm.pack_linears(self.model, min_elements)
+        if done and self.config.quantization == "none":  # a quantized load released its file mapping already
+            own_file_tensors(self.model)  # else the embedding's view keeps the dropped weights' pages resident
         self.head = self.model.get_output_embeddings()
         dense = sum(not m.packed for m in done)
-        log.info("base linears: oneDNN, %d packed once into its blocked layout (dense copies dropped)%s",
-                 len(done) - dense, f"; {dense} sharing a weight (a tied head) kept dense" if dense else "")
+        log.info("base linears: oneDNN for %d, packed once into its blocked layout (dense copies dropped)%s%s",
+                 len(done) - dense, f"; {dense} sharing a weight (a tied head) kept dense" if dense else "",
+                 f"; smaller than {min_elements} weights stay on F.linear" if min_elements else "")
 
     def _model_max_len(self) -> int:
         cfg = self.model.config.get_text_config()

@@ -36,17 +36,27 @@ def available() -> bool:
         hasattr(mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight"))
 
 
-def choose(choice: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether --cpu-gemm ``choice`` packs this model's linears: onednn demands it, torch refuses, auto takes it
-    for float32 on an x86 CPU (elsewhere torch's own dispatch is the better-tested path)."""
+# A oneDNN call costs ~10 us more than F.linear's (dispatch through torch.ops, primitive lookup), so a weight
+# must be this large (in x out) before packing pays: measured on one core, 256x256 already ran 1.6x faster at
+# 32 rows (and 0.4x at one), 64x128 0.6x even at 32 rows. Real models' smallest linears (SmolLM2's 576x192
+# k/v projections) are above it; test-sized toy models are below and stay on F.linear.
+MIN_PACK_ELEMENTS = 1 << 16
+
+
+def plan(choice: str, device: torch.device, dtype: torch.dtype) -> int | None:
+    """--cpu-gemm ``choice`` for this model: the smallest weight (in x out elements) to pack, or None for no
+    packing. onednn packs every float32 linear (or refuses where it cannot), torch none, auto those of at least
+    MIN_PACK_ELEMENTS for float32 on an x86 CPU (elsewhere torch's own dispatch is the better-tested path)."""
     usable = device.type == "cpu" and dtype == torch.float32 and available()
     if choice == "onednn" and not usable:
         raise ValueError(f"--cpu-gemm onednn needs a float32 model on CPU and torch built with oneDNN (here: "
                          f"{dtype} on {device}, oneDNN {'present' if available() else 'missing'}); "
                          "use --cpu-gemm auto or torch")
-    if choice == "torch":
-        return False
-    return usable and (choice == "onednn" or platform.machine().lower() in ("x86_64", "amd64"))
+    if choice == "onednn":
+        return 0
+    if choice == "torch" or not usable or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    return MIN_PACK_ELEMENTS
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
@@ -93,29 +103,32 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {how}"
 
 
-def pack(linear: nn.Module, shared: set[int]) -> nn.Module:
-    """``linear`` as a PackedLinear when it is a plain float32 CPU nn.Linear, else unchanged. ``shared``: ids of
-    weights other modules also use (kept dense)."""
-    if type(linear) is not nn.Linear or linear.weight.dtype != torch.float32 or linear.weight.device.type != "cpu":
+def pack(linear: nn.Module, shared: set[int], min_elements: int = 0) -> nn.Module:
+    """``linear`` as a PackedLinear when it is a plain float32 CPU nn.Linear of at least ``min_elements``
+    weights, else unchanged. ``shared``: ids of weights other modules also use (kept dense)."""
+    if (type(linear) is not nn.Linear or linear.weight.dtype != torch.float32 or linear.weight.device.type != "cpu"
+            or linear.weight.numel() < min_elements):
         return linear
     return PackedLinear(linear, keep_dense=id(linear.weight) in shared)
 
 
-def pack_linears(model: nn.Module) -> list[PackedLinear]:
-    """Replace every plain float32 CPU nn.Linear inside ``model`` (wrapped ones included: an AdapterLinear's
-    ``base_layer``) with a PackedLinear, in place; returns the new modules. The caller releases the checkpoint's
-    file mapping afterwards (loader.own_file_tensors), else the tensors still viewing it keep the dropped
-    weights' pages resident."""
+def pack_linears(model: nn.Module, min_elements: int = 0) -> list[PackedLinear]:
+    """Replace every plain float32 CPU nn.Linear inside ``model`` of at least ``min_elements`` weights (wrapped
+    ones included: an AdapterLinear's ``base_layer``) with a PackedLinear, in place; returns the new modules.
+    One at a time, so each dense weight can be freed as soon as its packed copy exists (holding them all would
+    need the linears' memory twice at start-up). The caller releases the checkpoint's file mapping afterwards
+    (loader.own_file_tensors), else the tensors still viewing it keep the dropped weights' pages resident."""
     shared = shared_weights(model)
+    names = [name for name, module in model.named_modules() if name and type(module) is nn.Linear]
     done = []
-    for name, module in list(model.named_modules()):
-        if not name or type(module) is not nn.Linear:
-            continue
+    for name in names:
         parent_name, _, child = name.rpartition(".")
-        new = pack(module, shared)
-        if new is not module:
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new = pack(getattr(parent, child), shared, min_elements)
+        if isinstance(new, PackedLinear):
+            setattr(parent, child, new)
             done.append(new)
+        del new
     return done
 
 

@@ -60,15 +60,45 @@ def test_only_plain_float32_cpu_linears_are_packed_and_shared_weights_stay_dense
     torch.testing.assert_close(tied(x), x @ emb.weight.T, rtol=1e-5, atol=1e-5)
     assert gemm.pack(model["bf16"], shared) is model["bf16"]
     assert gemm.pack(emb, shared) is emb
+    assert gemm.pack(model["other"], shared, min_elements=16 * 16 + 1) is model["other"]  # too small to pay
+
+
+def test_pack_linears_frees_each_dense_weight_as_it_goes():
+    """Packing a model never holds all dense and all packed weights at once: when a layer is packed, the
+    dense weights of the layers packed before it are gone (start-up memory stays near one copy)."""
+    import weakref
+
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+    for layer in model:  # as a bf16 checkpoint upcast to float32 is: plain tensors, no file mapping
+        layer.weight = nn.Parameter(layer.weight.detach().clone())
+    refs = [weakref.ref(layer.weight) for layer in model]
+    alive_at_pack = []
+    inner = gemm.PackedLinear.__init__
+
+    def counting(self, linear, keep_dense=False):
+        alive_at_pack.append(sum(r() is not None for r in refs))
+        inner(self, linear, keep_dense)
+    gemm.PackedLinear.__init__ = counting
+    try:
+        done = gemm.pack_linears(model)
+    finally:
+        gemm.PackedLinear.__init__ = inner
+    assert len(done) == 4 and all(isinstance(m, gemm.PackedLinear) for m in model)
+    assert alive_at_pack == [4, 3, 2, 1], alive_at_pack
 
 
 def test_cpu_gemm_choice():
+    """onednn packs every float32 linear, auto those large enough to pay for oneDNN's call (x86 only), torch none."""
+    import platform
+
     cpu = torch.device("cpu")
-    assert gemm.choose("torch", cpu, torch.float32) is False
-    assert gemm.choose("onednn", cpu, torch.float32) is True
-    assert gemm.choose("auto", cpu, torch.bfloat16) is False  # torch already sends bf16 matmuls to oneDNN
+    assert gemm.plan("torch", cpu, torch.float32) is None
+    assert gemm.plan("onednn", cpu, torch.float32) == 0
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert gemm.plan("auto", cpu, torch.float32) == (gemm.MIN_PACK_ELEMENTS if x86 else None)
+    assert gemm.plan("auto", cpu, torch.bfloat16) is None  # torch already sends bf16 matmuls to oneDNN
     with pytest.raises(ValueError, match="--cpu-gemm onednn needs a float32 model on CPU"):
-        gemm.choose("onednn", cpu, torch.bfloat16)
+        gemm.plan("onednn", cpu, torch.bfloat16)
     with pytest.raises(ValueError, match="--cpu-gemm must be one of auto, onednn, torch"):
         EngineConfig(model="x", cpu_gemm="mkl")
 
@@ -81,14 +111,22 @@ def runners(tiny_model_dir):
     return make("onednn"), make("torch")
 
 
-def test_runner_packs_every_base_linear_once(runners):
+def test_runner_packs_every_base_linear_once(runners, tiny_model_dir):
+    """--cpu-gemm onednn packs every base linear, its weight bytes still counted; auto leaves a toy model's
+    (all below MIN_PACK_ELEMENTS) on F.linear."""
+    from server.engine.loader import parameter_bytes
+
     packed, plain = runners
+    assert parameter_bytes(packed.model) == parameter_bytes(plain.model)
     assert all(isinstance(l.base_layer, gemm.PackedLinear) and l.base_layer.packed for l in packed.layers.values())
     assert isinstance(packed.head, gemm.PackedLinear) and packed.model.get_output_embeddings() is packed.head
     # no dense float32 copy is left behind: the only 2-D float parameters are the embedding's
     dense = [n for n, p in packed.model.named_parameters() if p.dim() == 2]
     assert dense == ["model.embed_tokens.weight"], dense
     assert not any(isinstance(l.base_layer, gemm.PackedLinear) for l in plain.layers.values())
+    auto = ModelRunner(EngineConfig(model=str(tiny_model_dir), max_loras=1, max_lora_rank=8, max_num_seqs=1,
+                                    max_model_len=16))
+    assert not any(isinstance(m, gemm.PackedLinear) for m in auto.model.modules())
     for path, layer in packed.layers.items():
         assert torch.equal(dense_weight(layer.base_layer), dense_weight(plain.layers[path].base_layer)), path
 

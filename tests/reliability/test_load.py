@@ -447,7 +447,8 @@ def test_request_joining_a_load_while_the_host_tier_is_full(tiny_model_dir, root
 
             def request_on_late():
                 try:
-                    out["request"] = httpx.post(f"{server.url}/v1/completions", timeout=10, json={
+                    # it waits for the one device slot: the busy stream's 400 slowed steps, ~9.5 s here
+                    out["request"] = httpx.post(f"{server.url}/v1/completions", timeout=30, json={
                         "model": "late", "prompt": "hello world", "max_tokens": 2}).status_code
                 except httpx.ReadTimeout:
                     out["request"] = "timed out"
@@ -460,7 +461,7 @@ def test_request_joining_a_load_while_the_host_tier_is_full(tiny_model_dir, root
             assert wait_for(lambda: store.entries["late"].in_flight == 1)  # it joined the pending load
             hold.release.set()
             loader.join(30)
-            requester.join(30)
+            requester.join(40)
         assert out["load"] == 200
         assert out["request"] == 200, f"the request on the just-loaded adapter: {out['request']}"
 
