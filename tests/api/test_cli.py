@@ -51,16 +51,19 @@ def test_threads_and_cache_dir_from_flags_or_environment(tmp_path, monkeypatch):
     assert "shared CPU" in threads_help
 
 
-def test_lora_kernel_from_flag_or_environment(tmp_path):
-    assert configs(["--model", str(tmp_path)])[0].lora_kernel == "auto"
-    assert configs(["--model", str(tmp_path)], {"SWAPSERVE_LORA_KERNEL": "torch"})[0].lora_kernel == "torch"
-    assert configs(["--model", str(tmp_path), "--lora-kernel", "numba"],
-                   {"SWAPSERVE_LORA_KERNEL": "torch"})[0].lora_kernel == "numba"
+@pytest.mark.parametrize("flag,env,values", [("lora-kernel", "SWAPSERVE_LORA_KERNEL", ("torch", "numba")),
+                                              ("cpu-gemm", "SWAPSERVE_CPU_GEMM", ("torch", "onednn"))])
+def test_kernel_choices_from_flag_or_environment(tmp_path, flag, env, values):
+    field = flag.replace("-", "_")
+    assert getattr(configs(["--model", str(tmp_path)])[0], field) == "auto"
+    assert getattr(configs(["--model", str(tmp_path)], {env: values[0]})[0], field) == values[0]
+    assert getattr(configs(["--model", str(tmp_path), f"--{flag}", values[1]], {env: values[0]})[0], field) == values[1]
 
 
 def test_invalid_values_exit_with_usage_error(capsys):
     for argv in (["serve", "--max-loras", "0"], ["serve", "--lora-modules", "no-equals-sign"],
-                 ["serve", "--dtype", "float8"], ["serve", "--threads", "-1"], ["serve", "--lora-kernel", "cuda"]):
+                 ["serve", "--dtype", "float8"], ["serve", "--threads", "-1"], ["serve", "--lora-kernel", "cuda"],
+                 ["serve", "--cpu-gemm", "mkl"]):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
