@@ -80,9 +80,10 @@ class ModelRunner:
             own_file_tensors(self.model)  # else the embedding's view keeps the dropped weights' pages resident
         self.head = self.model.get_output_embeddings()
         dense = sum(not m.packed for m in done)
+        small = sum(type(m) is torch.nn.Linear for m in self.model.modules())
         log.info("base linears: oneDNN for %d, packed once into its blocked layout (dense copies dropped)%s%s",
                  len(done) - dense, f"; {dense} sharing a weight (a tied head) kept dense" if dense else "",
-                 f"; smaller than {min_elements} weights stay on F.linear" if min_elements else "")
+                 f"; {small} under {min_elements} weights stay on F.linear" if small else "")
 
     def _model_max_len(self) -> int:
         cfg = self.model.config.get_text_config()
