@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from bench.fixtures import load_base
-from server.engine.loader import own_file_tensors
+from server.engine.loader import pack_cpu_linears
 from server.layers import gemm
 from bench.timing import StepClock, Trace
 
@@ -32,11 +32,9 @@ class Anchors:
         self.device = torch.device(device)
         self.base = load_base(directory, device, dtype, quantization)
         self.base_onednn = None
-        min_pack = gemm.plan("auto", self.device, getattr(torch, dtype))
-        if min_pack is not None:
+        if gemm.plan("auto", self.device, getattr(torch, dtype)) is not None:
             self.base_onednn = load_base(directory, device, dtype, quantization)
-            gemm.pack_linears(self.base_onednn, min_pack)
-            own_file_tensors(self.base_onednn)
+            pack_cpu_linears(self.base_onednn, "auto", self.device, getattr(torch, dtype), quantization)
         names = list(adapters)
         self.peft = PeftModel.from_pretrained(load_base(directory, device, dtype, quantization), adapters[names[0]],
                                               adapter_name=names[0])

@@ -238,8 +238,9 @@ def memory_section(results: dict) -> list[str]:
         return []
     lines = ["## Memory", "",
              "Base model resident set, one fresh subprocess per quantization (`python -m bench.memory`): "
-             "`server.engine.loader.load_model`, one 8-token forward (so the mmapped weight pages a server "
-             "touches count), gc + `malloc_trim`. *Model RSS* = RSS after loading minus RSS after importing "
+             "`server.engine.loader.load_model`, then its float32 linears packed for oneDNN as the server does "
+             "(`--cpu-gemm auto`; bitsandbytes layers stay as they are), one 8-token forward "
+             "(so the mmapped weight pages a server touches count), gc + `malloc_trim`. *Model RSS* = RSS after loading minus RSS after importing "
              "torch/transformers/bitsandbytes (that floor is the same in every row). *Weights*: "
              "`loader.parameter_bytes` (packed bytes for int8/nf4). Sizes in MB (10^6 bytes).", "",
              "| base model | weights | model RSS | RSS total | of which anonymous | of which file-backed | peak RSS "

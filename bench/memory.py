@@ -3,8 +3,9 @@
 never leaks into the next; and bytes per adapter in each tier.
 
     rss_after_imports  VmRSS once torch/transformers/bitsandbytes are imported (the floor every row shares)
-    rss_loaded         VmRSS after server.engine.loader.load_model returned, one 8-token forward ran (so the
-                       mmapped safetensors pages a server touches are counted), gc and malloc_trim
+    rss_loaded         VmRSS after server.engine.loader.load_model returned and --cpu-gemm auto packed its
+                       float32 CPU linears as the server does (loader.pack_cpu_linears), one 8-token forward ran
+                       (so the mmapped safetensors pages a server touches are counted), gc and malloc_trim
     model_rss          rss_loaded - rss_after_imports: what the resident model costs the process
     peak_rss           VmHWM: the high-water mark during loading (quantizing reads the fp32 weights first)
     parameter_bytes    loader.parameter_bytes: the weights as stored (packed bytes for int8 / nf4)
@@ -33,12 +34,13 @@ def measure(quantization: str, model: str) -> dict:
     import torch
 
     from server.config import EngineConfig
-    from server.engine.loader import load_model, parameter_bytes
+    from server.engine.loader import load_model, pack_cpu_linears, parameter_bytes
 
     floor = _status("VmRSS")
     start = time.perf_counter()
-    loaded = load_model(EngineConfig(model=model, dtype="float32", device="cpu", quantization=quantization,
-                                     threads=1))
+    config = EngineConfig(model=model, dtype="float32", device="cpu", quantization=quantization, threads=1)
+    loaded = load_model(config)
+    pack_cpu_linears(loaded.model, config.cpu_gemm, loaded.device, loaded.dtype, quantization)
     seconds = time.perf_counter() - start
     with torch.inference_mode():
         loaded.model(input_ids=torch.ones(1, 8, dtype=torch.long))

@@ -247,6 +247,27 @@ def own_file_tensors(model: torch.nn.Module) -> None:
                 module._buffers[name] = t.clone()
 
 
+def pack_cpu_linears(model: torch.nn.Module, choice: str, device: torch.device, dtype: torch.dtype,
+                     quantization: str) -> list:
+    """--cpu-gemm ``choice`` applied to a loaded model, as it is served (the runner; the benchmarks' anchors and
+    memory rows): its plain float32 CPU linears packed for oneDNN (layers/gemm.py), then the checkpoint's file
+    mapping released, else the embedding's view would keep the dropped weights' pages resident (a quantized
+    load released it already). Returns the PackedLinears made (none when the plan is torch's F.linear)."""
+    from server.layers import gemm
+
+    min_elements = gemm.plan(choice, device, dtype)
+    done = [] if min_elements is None else gemm.pack_linears(model, min_elements)
+    if done:
+        if quantization == "none":
+            own_file_tensors(model)
+        dense = sum(not m.packed for m in done)
+        small = sum(type(m) is torch.nn.Linear for m in model.modules())
+        log.info("base linears: oneDNN for %d, packed once into its blocked layout (dense copies dropped)%s%s",
+                 len(done) - dense, f"; {dense} sharing a weight (a tied head) kept dense" if dense else "",
+                 f"; {small} under {min_elements} weights stay on F.linear" if small else "")
+    return done
+
+
 @torch.inference_mode()
 def settle_layout(model: torch.nn.Module, device: torch.device) -> None:
     """One token through the model, so every quantized layer is in the layout it will serve with before

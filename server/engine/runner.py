@@ -9,8 +9,8 @@ import torch
 from server.adapters.manager import AdapterKey, AdapterManager
 from server.config import EngineConfig
 from server.engine.kv_cache import KVCache
-from server.engine.loader import load_model, own_file_tensors, settle_layout
-from server.layers import gemm, kernels
+from server.engine.loader import load_model, pack_cpu_linears, settle_layout
+from server.layers import kernels
 from server.layers.inject import target_shapes, wrap_model
 from server.layers.mapping import MappingHolder
 
@@ -61,10 +61,8 @@ class ModelRunner:
         self.layers = wrap_model(self.model, self.holder, config.max_loras, config.max_lora_rank, self.dtype,
                                  self.device)
         self.targets = target_shapes(self.layers)
+        pack_cpu_linears(self.model, config.cpu_gemm, self.device, self.dtype, config.quantization)
         self.head = self.model.get_output_embeddings()
-        min_pack = gemm.plan(config.cpu_gemm, self.device, self.dtype)
-        if min_pack is not None:
-            self._pack_linears(min_pack)
         self.manager = AdapterManager(self.layers, self.holder, config.max_loras, self.device,
                                       max_run=lora_kernel_max_run(config.lora_kernel, self.device, self.dtype))
         self.max_len = min(config.max_model_len, self._model_max_len())
@@ -72,18 +70,6 @@ class ModelRunner:
         check_memory(self.kv.max_nbytes, self.device)
         self.backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         self.vocab_size = self.head.out_features
-
-    def _pack_linears(self, min_elements: int) -> None:
-        """--cpu-gemm: the plain float32 linears (the wrapped layers' bases, the head) as PackedLinears."""
-        done = gemm.pack_linears(self.model, min_elements)
-        if done and self.config.quantization == "none":  # a quantized load released its file mapping already
-            own_file_tensors(self.model)  # else the embedding's view keeps the dropped weights' pages resident
-        self.head = self.model.get_output_embeddings()
-        dense = sum(not m.packed for m in done)
-        small = sum(type(m) is torch.nn.Linear for m in self.model.modules())
-        log.info("base linears: oneDNN for %d, packed once into its blocked layout (dense copies dropped)%s%s",
-                 len(done) - dense, f"; {dense} sharing a weight (a tied head) kept dense" if dense else "",
-                 f"; {small} under {min_elements} weights stay on F.linear" if small else "")
 
     def _model_max_len(self) -> int:
         cfg = self.model.config.get_text_config()
