@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from bench.fixtures import load_base
+from bench.timing import StepClock, Trace
 from server.engine.loader import pack_cpu_linears
 from server.layers import gemm
-from bench.timing import StepClock, Trace
 
 
 class Anchors:

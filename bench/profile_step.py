@@ -161,7 +161,9 @@ def run(rows: int, k: int, steps: int, threads: int, with_cprofile: bool, cpu_ge
         engine = build_engine(directory, Path(tmp), rows, k, defaults.prompt_tokens, cpu_gemm)
         batch = prompts(engine.tokenizer, rows, defaults.prompt_tokens)
         out: list[str] = []
-        gemm = "oneDNN, packed" if any(type(l.base_layer).__name__ == "PackedLinear"
+        from server.layers.gemm import PackedLinear
+
+        gemm = "oneDNN, packed" if any(isinstance(l.base_layer, PackedLinear)
                                        for l in engine.runner.layers.values()) else "torch F.linear"
         say(out, f"decode step, {rows} rows, {threads} threads, base linears on {gemm}, load average {os.getloadavg()[0]:.2f} "
             "(median / min over interleaved rounds):")

@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from server.config import EngineConfig
+from server.layers import gemm
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -253,8 +254,6 @@ def pack_cpu_linears(model: torch.nn.Module, choice: str, device: torch.device, 
     memory rows): its plain float32 CPU linears packed for oneDNN (layers/gemm.py), then the checkpoint's file
     mapping released, else the embedding's view would keep the dropped weights' pages resident (a quantized
     load released it already). Returns the PackedLinears made (none when the plan is torch's F.linear)."""
-    from server.layers import gemm
-
     min_elements = gemm.plan(choice, device, dtype)
     done = [] if min_elements is None else gemm.pack_linears(model, min_elements)
     if done:

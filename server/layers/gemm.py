@@ -16,13 +16,10 @@ Inference only (the packed op has no backward); ``swapserve train`` never uses i
 """
 from __future__ import annotations
 
-import logging
 import platform
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 # oneDNN picks its blocking for this many rows; 32 (a full decode batch) also served 1..1024 rows within a few
 # percent of the best per-size packing here, except single rows (~25% behind MKL on the small k/v shapes)
@@ -59,14 +56,6 @@ def plan(choice: str, device: torch.device, dtype: torch.dtype) -> int | None:
     return MIN_PACK_ELEMENTS
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
-    return y.view(*x.shape[:-1], out_features)
-
-
 class PackedLinear(nn.Module):
     """A float32 CPU ``nn.Linear`` for inference, its product computed by oneDNN (see the module docstring).
 
@@ -95,8 +84,12 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:
             return x.new_empty(*x.shape[:-1], self.out_features)
-        bias = None if self.bias is None else self.bias.detach()
-        return _linear(x, self.weight, bias, self.out_features)
+        x2 = x.reshape(-1, x.shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        bias = None if self.bias is None else self.bias.detach()  # the op has no backward
+        y = torch.ops.mkldnn._linear_pointwise(x2, self.weight, bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         how = "packed" if self.packed else "dense, shared"
@@ -128,7 +121,6 @@ def pack_linears(model: nn.Module, min_elements: int = 0) -> list[PackedLinear]:
         if isinstance(new, PackedLinear):
             setattr(parent, child, new)
             done.append(new)
-        del new
     return done
 
 
