@@ -30,6 +30,7 @@ class BenchConfig:
     swap_samples: int = 5  # adapters per swap-cost measurement
     interference_loads: int = 10  # cold loads started while streams decode
     interference_streams: int = 16
+    interference_rounds: int = 3  # quiet/loading pairs; the table shows their medians
     threads: int = 0  # torch intra-op threads; 0 = auto (the server's own count, less busy CPUs: auto_threads)
     # scale: adapters registered on disk, requested Zipf(s) by many concurrent requests, loaded on demand
     scale_adapters: int = 200

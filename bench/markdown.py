@@ -98,9 +98,18 @@ def swap_table(results: dict) -> list[str]:
         f"{_f(s['first_ttft_p50_ms'])} ms | – |",
         f"| next request on the same adapter: TTFT p50 | {_f(s['warm_ttft_p50_ms'])} ms | – |",
         f"| ITL p99 of {i['streams']} streams, quiet -> while {i['loads']} adapters cold-load "
-        f"({i['loads_seconds']:.2f} s) | {_f(i['quiet_itl_p99_ms'])} -> {_f(i['loading_itl_p99_ms'])} ms "
+        f"({i['loads_seconds']:.2f} s){_rounds(i)} | {_f(i['quiet_itl_p99_ms'])} -> {_f(i['loading_itl_p99_ms'])} ms "
         f"({i['itl_p99_rise'] * 100:+.0f}%) | <= +20% |",
     ]
+
+
+def _rounds(i: dict) -> str:
+    """", median of 3 rounds (+4%, +19%, +9%)" for runs that repeat the measurement; "" for older ones."""
+    rows = i.get("per_round")
+    if not rows or len(rows) < 2:
+        return ""
+    rises = ", ".join(f"{r['loading_itl_p99_ms'] / r['quiet_itl_p99_ms'] * 100 - 100:+.0f}%" for r in rows)
+    return f"; medians of {len(rows)} rounds ({rises})"
 
 
 def _setting(cfg: dict) -> str:

@@ -84,7 +84,8 @@ def engine_config(cfg: BenchConfig, fx: Fixtures, root: Path):
     n = max(max(cfg.concurrency), cfg.interference_streams)
     return EngineConfig(model=str(fx.model_dir), dtype=cfg.dtype, device=cfg.device, quantization=cfg.quantization,
                         threads=torch.get_num_threads(), max_loras=cfg.max_adapters,
-                        max_cpu_loras=max(64, len(fx.cell) + len(fx.pool) * 2 + len(fx.on_demand) + len(fx.typed)),
+                        max_cpu_loras=max(64, len(fx.cell) + len(fx.pool) * (1 + cfg.interference_rounds)
+                                          + len(fx.on_demand) + len(fx.typed)),
                         max_lora_rank=cfg.lora_rank, max_num_seqs=n,
                         max_model_len=cfg.prompt_tokens + max(cfg.max_tokens, 32) + 8,
                         max_num_batched_tokens=max(2048, n * cfg.prompt_tokens), adapter_roots=[str(root)],
@@ -193,8 +194,8 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -
     log.info("swap costs: %s", {k: round(v, 2) for k, v in swap.items() if v is not None})
     streams = cell_requests(fx.prompts[:cfg.interference_streams], list(fx.cell)[:4], cfg.max_tokens)
     loads = dict(list(fx.pool.items())[:cfg.interference_loads])
-    intf = await interference(driver, streams, loads)
-    log.info("load interference: %s", {k: round(v, 3) for k, v in intf.items()})
+    intf = await interference(driver, streams, loads, cfg.interference_rounds)
+    log.info("load interference: %s", {k: round(v, 3) for k, v in intf.items() if k != "per_round"})
     out = {"cells": cells, "swap": swap, "interference": intf}
     if fx.typed:
         out["types"] = await timed("types", run_types(cfg, engine, fx.typed, fx.kinds, list(fx.cell)[:4],
