@@ -58,3 +58,19 @@ def test_random_model_keeps_the_tokenizer_and_takes_the_size_class(tiny_model_di
     assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
     assert json.loads((out / "config.json").read_text())["hidden_size"] == json.loads(
         (tiny_model_dir / "config.json").read_text())["hidden_size"]
+
+
+def test_interference_row_shows_the_median_and_every_round():
+    """The load-interference row reports the medians over rounds, and each round's own rise beside them; a
+    results file from before rounds existed renders without them."""
+    from bench.markdown import swap_table
+
+    swap = {"samples": 5, "adapter_mb": 19.5, "cold_load_p50_ms": 40.0, "activate_p50_ms": 2.0,
+            "first_ttft_p50_ms": 150.0, "warm_ttft_p50_ms": 110.0}
+    rounds = [{"quiet_itl_p99_ms": q, "loading_itl_p99_ms": l} for q, l in ((60, 63), (546, 70), (62, 80))]
+    intf = {"streams": 16, "loads": 10, "loads_seconds": 0.4, "quiet_itl_p99_ms": 62.0, "loading_itl_p99_ms": 70.0,
+            "itl_p99_rise": 70 / 62 - 1, "per_round": rounds}
+    row = swap_table({"swap": swap, "interference": intf})[-1]
+    assert "medians of 3 rounds (+5%, -87%, +29%)" in row and "62.0 -> 70.0 ms (+13%)" in row
+    del intf["per_round"]
+    assert "rounds" not in swap_table({"swap": swap, "interference": intf})[-1]
