@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import re
 import struct
 from pathlib import Path
@@ -64,18 +65,27 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-def read_safetensors(path: Path, max_bytes: int) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, max_bytes: int, mapped: bool = False) -> dict[str, torch.Tensor]:
     """Validate the header, then read the data in one call; every tensor is a view into that one buffer.
 
     No per-tensor file access and little Python per tensor: a load runs on a thread beside the step loop, and
     every Python bytecode it runs is GIL time the running streams wait for.
+
+    mapped: map the file (private, copy-on-write) instead of reading it, so a file in the page cache is not
+    copied at all: packing reads the cached pages directly. Only the load worker process maps: a file
+    truncated while mapped kills whoever touches the lost pages (SIGBUS), and that must never be the server.
     """
     header, data_start = check_safetensors_header(path, max_bytes)
-    buf = torch.empty(path.stat().st_size - data_start, dtype=torch.uint8)  # not zero-filled: read over
+    size = path.stat().st_size
     with path.open("rb") as f:
-        f.seek(data_start)
-        if f.readinto(memoryview(buf.numpy())) != len(buf):
-            raise AdapterFormatError(f"{path}: file changed while being read")
+        if mapped:
+            buf = torch.frombuffer(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+            buf = buf[data_start:]
+        else:
+            buf = torch.empty(size - data_start, dtype=torch.uint8)  # not zero-filled: read over
+            f.seek(data_start)
+            if f.readinto(memoryview(buf.numpy())) != len(buf):
+                raise AdapterFormatError(f"{path}: file changed while being read")
     tensors = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -83,7 +93,7 @@ def read_safetensors(path: Path, max_bytes: int) -> dict[str, torch.Tensor]:
         start, end = info["data_offsets"]
         dtype = _DTYPES[info["dtype"]]
         raw = buf[start:end]
-        if start % dtype.itemsize:
+        if raw.data_ptr() % dtype.itemsize:
             raw = raw.clone()  # unaligned (old writers did not pad the header): view a copy instead
         tensors[key] = raw.view(dtype).view(info["shape"])
     return tensors
@@ -191,8 +201,10 @@ def _module_weights(module: str, t: dict[str, torch.Tensor], config: dict, peft_
     return ModuleWeights(a=a, b=b, scaling=scaling, magnitude=magnitude if config.get("use_dora") else None)
 
 
-def load_adapter_dir(directory: str | Path, name: str, max_bytes: int = 2 << 30) -> AdapterWeights:
-    """Read a PEFT adapter directory. Raises AdapterFormatError; never unpickles."""
+def load_adapter_dir(directory: str | Path, name: str, max_bytes: int = 2 << 30,
+                     mapped: bool = False) -> AdapterWeights:
+    """Read a PEFT adapter directory (``mapped``: see read_safetensors). Raises AdapterFormatError; never
+    unpickles."""
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterFormatError(f"{directory}: not a directory")
@@ -204,7 +216,7 @@ def load_adapter_dir(directory: str | Path, name: str, max_bytes: int = 2 << 30)
         why = (f"only pickle weights ({', '.join(pickles)}) found; pickles can run code and are never loaded, "
                "re-save the adapter with safe_serialization=True") if pickles else "missing"
         raise AdapterFormatError(f"{weights_path}: {why}")
-    tensors = read_safetensors(weights_path, max_bytes)
+    tensors = read_safetensors(weights_path, max_bytes, mapped)
     embedding = next((k for k in tensors if "lora_embedding_" in k), None)
     if embedding is not None:
         raise AdapterFormatError(f"{weights_path}: {embedding!r} is an embedding LoRA, which is not supported")

@@ -4,9 +4,15 @@ formats.py builds these from PEFT directories; AdapterWeights.prepare_slots make
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+Alloc = Callable[[tuple, torch.dtype], torch.Tensor]  # (shape, dtype) -> a new uninitialised tensor
+
+
+def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
 
 
 @dataclass
@@ -31,10 +37,10 @@ class ModuleWeights:
     def rank(self) -> int:
         return 0 if self.a is None else self.a.shape[0]
 
-    def scaled_bt(self) -> torch.Tensor:
-        """B transposed with the scaling folded in, [r, out] float32: what a slot's lora_b row block holds
-        (times DoRA's d for DoRA)."""
-        return self.b.float().T * self.scaling
+    def scaled_bt(self, alloc: Alloc = _empty) -> torch.Tensor:
+        """B transposed with the scaling folded in, [r, out] float32 in ``alloc``'s memory: what a slot's
+        lora_b row block holds (times DoRA's d for DoRA)."""
+        return alloc((self.rank, self.b.shape[0]), torch.float32).copy_(self.b.T).mul_(self.scaling)
 
 
 @dataclass
@@ -63,6 +69,15 @@ class PackedBank:
     @property
     def rank(self) -> int:
         return 0 if self.a is None else self.a.shape[1]
+
+    def rows(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each member's own A [r_i, in] and B [r_i, out]: views, made by one unbind per tensor (indexing each
+        is ~3x the Python, and the server builds these on the loader thread, beside the step thread's GIL)."""
+        out = []
+        for t in (self.a, self.b):
+            rows = t.unbind(0)
+            out.append([row if r == t.shape[1] else row[:r] for row, r in zip(rows, self.ranks)])
+        return out[0], out[1]
 
 
 @dataclass
@@ -99,54 +114,84 @@ class AdapterWeights:
 
     def _count_bytes(self) -> int:
         packed = [t for p in self.packed.values() for t in _packed_tensors(p)]
-        shared = self._packed_storages()
+        spans = _spans(packed)
         own = [t for m in self.modules.values()
                for t in (m.a, m.b, m.slot_b, m.magnitude, m.ia3, m.dora_scale, m.dora_shift)
-               if t is not None and t.untyped_storage().data_ptr() not in shared]
+               if t is not None and not _inside(t, spans)]
         dora_slot_b = sum(m.b.numel() * 4 for m in self.modules.values() if m.magnitude is not None
                           and m.slot_b is None)  # still to come, at first activation
         return sum(t.numel() * t.element_size() for t in packed + own) + dora_slot_b
 
-    def prepare_slots(self, banks: list[list[str]] | None = None) -> None:
+    def prepare_slots(self, banks: list[list[str]] | None = None, alloc: Alloc | None = None) -> None:
         """Make the adapter slot-ready: B transposed with its scaling folded in, stacked per bank of the
         device layout (``banks``: each bank's member module paths, in bank order) where every targeted member
         of a bank is the same kind (plain LoRA/AdaLoRA, IA3 on the same side, or DoRA). DoRA packs only once
         its factors exist (they need the base weight: ModelRunner.prepare_dora, which calls this again);
         banks already packed are kept. Afterwards no tensor views the file buffer the adapter was read into,
-        so that buffer is freed."""
+        so that buffer is freed. ``alloc(shape, dtype)`` gives the memory every new tensor is written into
+        (default torch.empty; the load worker's shared-memory arena, so nothing is copied again to hand the
+        adapter over)."""
+        made: set[int] = set()
+
+        def new(shape, dtype) -> torch.Tensor:
+            t = (alloc or _empty)(shape, dtype)
+            made.add(t.data_ptr())
+            return t
+
         for number, paths in enumerate(banks or ()):
             if number in self.packed:
                 continue
             present = [(pos, p, self.modules[p]) for pos, p in enumerate(paths) if p in self.modules]
-            packed = _pack(present) if present else None
+            packed = _pack(present, new) if present else None
             if packed is not None:
                 self.packed[number] = packed
-        packed = self._packed_storages()
+        spans = _spans([t for p in self.packed.values() for t in _packed_tensors(p)])
         for m in self.modules.values():
             if m.a is not None and m.magnitude is None and m.slot_b is None:
-                m.slot_b = m.scaled_bt().contiguous()
+                m.slot_b = m.scaled_bt(new)
                 m.b = None
             for part in ("a", "b", "magnitude", "ia3"):
                 t = getattr(m, part)
-                if t is not None and t.untyped_storage().data_ptr() not in packed and \
+                if t is not None and t.data_ptr() not in made and not _inside(t, spans) and \
                         t.untyped_storage().nbytes() != t.numel() * t.element_size():
-                    setattr(m, part, t.clone())  # a view into the file buffer: own it
+                    setattr(m, part, new(t.shape, t.dtype).copy_(t))  # a view into the file buffer: own it
         self._nbytes = self._count_bytes()
 
-    def _packed_storages(self) -> set[int]:
-        return {t.untyped_storage().data_ptr() for p in self.packed.values() for t in _packed_tensors(p)}
+
+def _spans(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    return [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors]
+
+
+def _inside(t: torch.Tensor, spans: list[tuple[int, int]]) -> bool:
+    """Whether ``t``'s memory lies in one of ``spans`` (a view into a packed tensor). By address, not by
+    storage: every tensor of an adapter handed over from the load worker shares the one arena storage."""
+    ptr = t.data_ptr()
+    return any(start <= ptr < end for start, end in spans)
 
 
 def _packed_tensors(p: PackedBank) -> list[torch.Tensor]:
     return [t for t in (p.a, p.b, p.ia3, p.out_scale, p.out_shift) if t is not None]
 
 
-def _stack_rows(ts: list[torch.Tensor], r: int) -> torch.Tensor:
-    """[r_i, d] tensors -> [n, r, d], zero rows past each r_i (lower ranks from rank_pattern)."""
-    return torch.stack([t if t.shape[0] == r else F.pad(t, (0, 0, 0, r - t.shape[0])) for t in ts])
+def _stack(ts: list[torch.Tensor], alloc: Alloc) -> torch.Tensor:
+    """Same-shaped tensors -> a new [n, *shape] in ``alloc``'s memory."""
+    return torch.stack(ts, out=alloc((len(ts), *ts[0].shape), ts[0].dtype))
 
 
-def _pack(present: list[tuple[int, str, ModuleWeights]]) -> PackedBank | None:
+def _stack_rows(ts: list[torch.Tensor], r: int, alloc: Alloc, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[r_i, d] tensors -> a new [n, r, d] (``dtype``, default the first's), zero rows past each r_i (lower
+    ranks from rank_pattern), written straight into ``alloc``'s memory."""
+    dtype = dtype or ts[0].dtype
+    out = alloc((len(ts), r, ts[0].shape[-1]), dtype)
+    if all(t.shape[0] == r and t.dtype == dtype for t in ts):
+        return torch.stack(ts, out=out)
+    for i, t in enumerate(ts):
+        out[i, :t.shape[0]].copy_(t)
+        out[i, t.shape[0]:].zero_()
+    return out
+
+
+def _pack(present: list[tuple[int, str, ModuleWeights]], alloc: Alloc) -> PackedBank | None:
     """Stack one bank's modules (a few ops for the whole bank), or None when they are not all one packable kind
     (then the bank is filled layer by layer)."""
     positions = [pos for pos, _, _ in present]
@@ -156,7 +201,7 @@ def _pack(present: list[tuple[int, str, ModuleWeights]]) -> PackedBank | None:
     if all(m.ia3 is not None for m in mws):
         if len({m.ia3_on_input for m in mws}) != 1 or len({m.ia3.shape for m in mws}) != 1:
             return None
-        ia3 = torch.stack([m.ia3 for m in mws])  # [n, dim]
+        ia3 = _stack([m.ia3 for m in mws], alloc)  # [n, dim]
         for i, m in enumerate(mws):
             m.ia3 = ia3[i]
         return PackedBank(positions, index, [0] * len(mws), ia3=ia3, ia3_on_input=mws[0].ia3_on_input,
@@ -166,19 +211,21 @@ def _pack(present: list[tuple[int, str, ModuleWeights]]) -> PackedBank | None:
     if all(m.a is not None and m.magnitude is None and m.slot_b is None for m in mws):  # LoRA, AdaLoRA
         scalings = {m.scaling for m in mws}
         scale = scalings.pop() if len(scalings) == 1 else torch.tensor([m.scaling for m in mws]).view(-1, 1, 1)
-        a = _stack_rows([m.a for m in mws], r)  # [n, r, in]
-        b = _stack_rows([m.b.T for m in mws], r).float() * scale  # [n, r, out]
-        for i, m in enumerate(mws):
-            m.a, m.slot_b, m.b = a[i, :ranks[i]], b[i, :ranks[i]], None
-        return PackedBank(positions, index, ranks, a=a, b=b, modules=paths)
+        a = _stack_rows([m.a for m in mws], r, alloc)  # [n, r, in]
+        b = _stack_rows([m.b.T for m in mws], r, alloc, torch.float32).mul_(scale)  # [n, r, out]
+        pb = PackedBank(positions, index, ranks, a=a, b=b, modules=paths)
+        for m, a_i, b_i in zip(mws, *pb.rows()):
+            m.a, m.slot_b, m.b = a_i, b_i, None
+        return pb
     if all(m.magnitude is not None and m.dora_scale is not None for m in mws) and \
             len({m.dora_shift is None for m in mws}) == 1:  # DoRA with its factors computed
-        a = _stack_rows([m.a for m in mws], r)
-        b = _stack_rows([m.slot_b for m in mws], r)
-        scale = torch.stack([m.dora_scale for m in mws])  # [n, out]
-        shift = None if mws[0].dora_shift is None else torch.stack([m.dora_shift for m in mws])
-        for i, m in enumerate(mws):
-            m.a, m.slot_b, m.dora_scale = a[i, :ranks[i]], b[i, :ranks[i]], scale[i]
+        a = _stack_rows([m.a for m in mws], r, alloc)
+        b = _stack_rows([m.slot_b for m in mws], r, alloc)
+        scale = _stack([m.dora_scale for m in mws], alloc)  # [n, out]
+        shift = None if mws[0].dora_shift is None else _stack([m.dora_shift for m in mws], alloc)
+        pb = PackedBank(positions, index, ranks, a=a, b=b, modules=paths, out_scale=scale, out_shift=shift)
+        for i, (m, a_i, b_i) in enumerate(zip(mws, *pb.rows())):
+            m.a, m.slot_b, m.dora_scale = a_i, b_i, scale[i]
             m.dora_shift = None if shift is None else shift[i]
-        return PackedBank(positions, index, ranks, a=a, b=b, modules=paths, out_scale=scale, out_shift=shift)
+        return pb
     return None

@@ -90,28 +90,30 @@ def test_good_adapter_matches_peft(case, make_adapter, base_targets):
 
 # --- the reader and host packing --------------------------------------------------------------------------
 
-def test_reader_equals_safetensors(tmp_path):
-    """Every dtype an adapter may be saved in reads back bit-exact."""
+@pytest.mark.parametrize("mapped", [False, True], ids=["read", "mapped"])
+def test_reader_equals_safetensors(tmp_path, mapped):
+    """Every dtype an adapter may be saved in reads back bit-exact, read or mapped (the load worker's way)."""
     gen = torch.Generator().manual_seed(0)
     sd = {f"t.{dt}": torch.randn(3, 5, generator=gen).to(dt)
           for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
     sd["t.scalar"], sd["t.empty"] = torch.tensor(2.5), torch.zeros(0, 4)
     path = tmp_path / "x.safetensors"
     save_file(sd, str(path))
-    got, want = read_safetensors(path, 1 << 20), load_file(str(path))
+    got, want = read_safetensors(path, 1 << 20, mapped), load_file(str(path))
     assert got.keys() == want.keys()
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
 
 
-def test_reader_unaligned_tensor(tmp_path):
+@pytest.mark.parametrize("mapped", [False, True], ids=["read", "mapped"])
+def test_reader_unaligned_tensor(tmp_path, mapped):
     """A hand-written file whose F32 tensor starts at an odd byte offset still reads correctly (a copy)."""
     values = torch.arange(6, dtype=torch.float32)
     data = b"\x07" + values.numpy().tobytes()
     path = tmp_path / "x.safetensors"
     path.write_bytes(header({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
                              "b": {"dtype": "F32", "shape": [2, 3], "data_offsets": [1, 25]}}, data))
-    got = read_safetensors(path, 1 << 20)
+    got = read_safetensors(path, 1 << 20, mapped)
     assert got["a"].tolist() == [7] and torch.equal(got["b"], values.view(2, 3))
 
 

@@ -16,6 +16,7 @@ from support import ADAPTER_KINDS
 
 from server.adapters import load_worker
 from server.adapters.formats import AdapterFormatError
+from server.adapters.weights import AdapterWeights, ModuleWeights
 from server.errors import AdapterError
 
 MAX_RANK = 8
@@ -132,7 +133,7 @@ def test_stuck_worker_is_replaced(adapters, layout):
 
 def test_worker_never_runs_the_embedding_programs_main(adapters, layout, tmp_path):
     """A program that uses swapserve at module level, without a __main__ guard, still gets a loader process:
-    the worker is a fresh `python -m server.adapters.load_worker`, which never re-runs the caller's script
+    the worker is a fresh interpreter (load_worker._BOOT), which never re-runs the caller's script
     (multiprocessing's spawn did, and the script's child then tried to start a worker of its own)."""
     marker = tmp_path / "runs"
     script = tmp_path / "unguarded.py"
@@ -154,3 +155,60 @@ w.close()
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["packed"] and len(marker.read_text().split()) == 1  # the script ran once: in its own process
+
+
+def test_handoff_is_one_shared_mapping_and_leaks_no_descriptor(adapters, layout, worker):
+    """The server gets the worker's packed tensors as views into one shared-memory mapping (no file written,
+    nothing read back), and every descriptor passed over the socket is closed again."""
+    worker.load(**job(adapters["lora"], layout))  # the worker is up
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        w = worker.load(**job(adapters["lora"], layout))
+    assert len(os.listdir("/proc/self/fd")) == fds
+    tensors = [t for pb in w.packed.values() for t in (pb.a, pb.b) if t is not None]
+    tensors += [t for m in w.modules.values() for t in (m.a, m.slot_b) if t is not None]
+    storages = {t.untyped_storage().data_ptr() for t in tensors}
+    assert len(storages) == 1, "every tensor views the one arena mapping"
+
+
+def rss_shmem() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_arena_grows_copies_in_what_lives_elsewhere_and_is_freed_with_its_last_view():
+    """Allocations past the first chunk get a new one; tensors packed elsewhere (or non-contiguous) are copied
+    in; rebuild maps every page in, and the memory goes when the adapter does."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 1 << 19, generator=gen)  # 16 MiB: past the 1 MiB first chunk
+    ia3 = torch.randn(64, 3, generator=gen)[:, 1]  # non-contiguous, from outside the arena
+    weights = AdapterWeights("x", "LORA", False, {"m": ModuleWeights(a=a, slot_b=torch.ones(8, 4)),
+                                                  "n": ModuleWeights(ia3=ia3)}, "/nowhere")
+    arena = load_worker.Arena(1 << 20)
+    inside = arena.alloc((8, 4), torch.float32).copy_(weights.modules["m"].slot_b)
+    weights.modules["m"].slot_b = inside
+    meta = load_worker.describe(weights, arena)
+    assert len(arena.chunks) > 1 and meta["size"] >= a.numel() * 4
+    fd = os.dup(arena.fd)
+    del weights, inside
+    arena.close()  # as the worker does once the descriptor is sent: only the server's mapping is left
+    before = rss_shmem()
+    got = load_worker.rebuild(fd, meta)
+    assert rss_shmem() - before >= a.numel() * 4, "rebuild maps every page in"
+    assert torch.equal(got.modules["m"].a, a) and torch.equal(got.modules["m"].slot_b, torch.ones(8, 4))
+    assert torch.equal(got.modules["n"].ia3, ia3)
+    del got
+    assert rss_shmem() - before < 1 << 20, "the mapping is freed with the adapter"
+
+
+def test_a_server_package_in_the_working_directory_does_not_replace_the_worker(adapters, layout, worker,
+                                                                                tmp_path, monkeypatch):
+    """The worker imports this very package: another `server` package in the working directory (where `-m`
+    would have looked first) is never run in its place."""
+    fake = tmp_path / "server"
+    (fake / "adapters").mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise SystemExit('the wrong server package ran')\n")
+    monkeypatch.chdir(tmp_path)
+    assert worker.load(**job(adapters["lora"], layout)).packed
