@@ -29,6 +29,7 @@ import threading
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -70,7 +71,11 @@ class Arena:
             file.close()
         self.size = 0
         self.chunks: list[tuple[int, int, torch.Tensor]] = []  # (file offset, used bytes, buffer)
-        self._grow(capacity)
+        try:
+            self._grow(capacity)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def _grow(self, need: int) -> None:
         length = -(-max(need, self.size, 1) // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
@@ -99,9 +104,12 @@ class Arena:
 
     def place(self, t: torch.Tensor) -> tuple[int, str, list[int]]:
         """(file offset, dtype, shape) of ``t`` in the arena, copying it in first if it lives elsewhere."""
+        dtype = str(t.dtype).removeprefix("torch.")
+        if t.numel() == 0:  # no bytes, so no address in the arena (a rank-0 AdaLoRA module)
+            return 0, dtype, list(t.shape)
         if not t.is_contiguous() or self.offset(t) is None:
             t = self.alloc(tuple(t.shape), t.dtype).copy_(t)
-        return self.offset(t), str(t.dtype).removeprefix("torch."), list(t.shape)
+        return self.offset(t), dtype, list(t.shape)
 
     def used(self) -> int:
         """Bytes up to the end of the last allocation: what the server maps (the rest was never written, so
@@ -137,7 +145,8 @@ def describe(weights: AdapterWeights, arena: Arena) -> dict:
             "nbytes": weights.nbytes, "banks": banks, "modules": modules, "tensors": tensors, "size": arena.used()}
 
 
-_FD_DIR = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"  # opening FD_DIR/N opens fd N's file
+# where opening "<dir>/N" opens descriptor N's file
+_FD_DIR = next((d for d in ("/proc/self/fd", "/dev/fd") if os.path.isdir(d)), None)
 
 
 def rebuild(fd: int, meta: dict) -> AdapterWeights:
@@ -151,8 +160,12 @@ def rebuild(fd: int, meta: dict) -> AdapterWeights:
         size = meta["size"]
         # torch.from_file, not mmap.mmap: Python's mmap object keeps a descriptor open for as long as it lives,
         # one per adapter in the host tier, and thousands of adapters would run out of descriptors.
-        buf = torch.from_file(f"{_FD_DIR}/{fd}", shared=True, size=size, dtype=torch.uint8) if size else \
-            torch.empty(0, dtype=torch.uint8)
+        if not size:
+            buf = torch.empty(0, dtype=torch.uint8)
+        elif _FD_DIR:
+            buf = torch.from_file(f"{_FD_DIR}/{fd}", shared=True, size=size, dtype=torch.uint8)
+        else:  # no /proc or /dev/fd to open the descriptor by: map it directly (holding a descriptor)
+            buf = torch.frombuffer(mmap.mmap(fd, size), dtype=torch.uint8)
     finally:
         os.close(fd)
     t = {}
@@ -236,12 +249,10 @@ class LoadWorker:
             if not self.disabled and self._start():
                 try:
                     self.conn.send(job)
-                    if not self.conn.poll(self.timeout):
-                        self._stop()
-                        raise AdapterError(f"{job['directory']}: the adapter loader process took over "
-                                           f"{self.timeout:.0f} s; it was stopped and is restarted on the next load")
-                    reply = self.conn.recv()
-                    fd = recv_handle(self.conn) if reply[0] == "ok" else None
+                    reply = self._answer(job, self.conn.recv)
+                    if reply[0] == "ok":
+                        fd = self._answer(job, lambda: recv_handle(self.conn))
+                        os.set_inheritable(fd, False)  # never into a process another thread starts meanwhile
                 except (EOFError, OSError, RuntimeError):  # RuntimeError: no descriptor came with the reply
                     self._stop()
                     raise AdapterError(f"{job['directory']}: the adapter loader process died while reading it "
@@ -254,6 +265,14 @@ class LoadWorker:
         if reply[0] == "error":
             raise AdapterError(f"{job['directory']}: {reply[1]}")
         return rebuild(fd, reply[1])
+
+    def _answer(self, job: dict, read: Callable):
+        """``read()`` once the worker has sent something, or, past the timeout, stop it and fail the load."""
+        if not self.conn.poll(self.timeout):
+            self._stop()
+            raise AdapterError(f"{job['directory']}: the adapter loader process took over {self.timeout:.0f} s; "
+                               "it was stopped and is restarted on the next load")
+        return read()
 
     def _start(self) -> bool:
         if self.proc is not None and self.proc.poll() is None:
@@ -311,7 +330,9 @@ def shared_worker() -> LoadWorker:
         return _shared
 
 
-_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from server.adapters.load_worker import main; main(int(sys.argv[2]))"
+# sys.path[0] is the working directory under -c: replaced by this package's root, so nothing there (a
+# `server` package, a json.py) is imported in the worker instead of the real thing.
+_BOOT = "import sys; sys.path[0] = sys.argv[1]; from server.adapters.load_worker import main; main(int(sys.argv[2]))"
 
 
 def main(fd: int) -> None:

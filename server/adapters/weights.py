@@ -3,6 +3,7 @@ and PackedBank (an adapter's modules stacked per SlotBank of the device layout, 
 formats.py builds these from PEFT directories; AdapterWeights.prepare_slots makes them slot-ready."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -173,15 +174,20 @@ def _packed_tensors(p: PackedBank) -> list[torch.Tensor]:
     return [t for t in (p.a, p.b, p.ia3, p.out_scale, p.out_shift) if t is not None]
 
 
+def _dtype(ts: list[torch.Tensor]) -> torch.dtype:
+    """The dtype all of ``ts`` promote to (as torch.stack's own result would be): never a lossy cast."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in ts))
+
+
 def _stack(ts: list[torch.Tensor], alloc: Alloc) -> torch.Tensor:
     """Same-shaped tensors -> a new [n, *shape] in ``alloc``'s memory."""
-    return torch.stack(ts, out=alloc((len(ts), *ts[0].shape), ts[0].dtype))
+    return torch.stack(ts, out=alloc((len(ts), *ts[0].shape), _dtype(ts)))
 
 
 def _stack_rows(ts: list[torch.Tensor], r: int, alloc: Alloc, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """[r_i, d] tensors -> a new [n, r, d] (``dtype``, default the first's), zero rows past each r_i (lower
-    ranks from rank_pattern), written straight into ``alloc``'s memory."""
-    dtype = dtype or ts[0].dtype
+    """[r_i, d] tensors -> a new [n, r, d] (``dtype``, default the one they all promote to), zero rows past
+    each r_i (lower ranks from rank_pattern), written straight into ``alloc``'s memory."""
+    dtype = dtype or _dtype(ts)
     out = alloc((len(ts), r, ts[0].shape[-1]), dtype)
     if all(t.shape[0] == r and t.dtype == dtype for t in ts):
         return torch.stack(ts, out=out)

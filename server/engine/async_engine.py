@@ -22,6 +22,21 @@ from server.errors import AdapterError, InvalidRequestError, NotReadyError, Queu
 
 log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005
+_frozen = 0  # started engines that want the heap frozen
+_frozen_lock = threading.Lock()
+
+
+def _freeze_heap(on: bool) -> None:
+    """The first engine to start freezes the heap (see AsyncEngine.start); the last to stop thaws it, since
+    what was frozen may be garbage now and the program (an embedding one, a test run) goes on."""
+    global _frozen
+    with _frozen_lock:
+        _frozen += 1 if on else -1
+        if on:
+            gc.collect()  # later engines freeze what the earlier ones did not see
+            gc.freeze()
+        elif _frozen == 0:
+            gc.unfreeze()
 
 
 class RequestStream:
@@ -65,6 +80,7 @@ class AsyncEngine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._heap_frozen = False
         for name, path in config.lora_modules.items():  # operator-given: trusted paths, pinned
             entry = self.engine.store.register(name, str(path), pinned=True)
             self.engine.store.ensure_host(entry).result()
@@ -88,8 +104,9 @@ class AsyncEngine:
         # tier, which sets off gen-2 collections; each walked the whole heap for 30-100 ms holding the GIL
         # on the loader thread, while the step thread waited (measured: 330 ms of gen-2 collections per
         # 12 bursts of 10 loads, step time during loads +18%; frozen: none, +10%).
-        gc.collect()
-        gc.freeze()
+        if not self._heap_frozen:
+            _freeze_heap(True)
+            self._heap_frozen = True
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
         self._thread.start()
@@ -108,8 +125,12 @@ class AsyncEngine:
         self._wake.set()
         if self._thread:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5)
-        self.engine.store.close()
-        gc.unfreeze()  # what start froze may be garbage now (an embedding program, a test, goes on running)
+        try:
+            self.engine.store.close()
+        finally:
+            if self._heap_frozen:
+                _freeze_heap(False)
+                self._heap_frozen = False
 
     def _warmup(self) -> None:
         eng = self.engine

@@ -143,6 +143,18 @@ def test_packing_shares_storage_and_frees_the_file_buffer(make_adapter, base_tar
     assert weights.nbytes == file_bytes + padding
 
 
+def test_packing_mixed_dtypes_promotes_never_truncates():
+    """Modules of one bank saved in different float types stack in the type they all promote to."""
+    from server.adapters.weights import AdapterWeights, ModuleWeights
+
+    half, full = torch.randn(2, 3).half(), torch.randn(2, 3, dtype=torch.float64)
+    w = AdapterWeights("x", "LORA", False, {"p": ModuleWeights(a=half, b=torch.ones(4, 2)),
+                                            "q": ModuleWeights(a=full, b=torch.ones(4, 2))}, "/nowhere")
+    w.prepare_slots([["p", "q"]])
+    assert w.packed[0].a.dtype == torch.float64 and torch.equal(w.modules["q"].a, full)
+    assert torch.equal(w.modules["p"].a, half.double())
+
+
 # --- hostile directories, built by corrupting one thing in a valid LoRA ---------------------------------------
 
 def edit_config(**changes):

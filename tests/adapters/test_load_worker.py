@@ -185,7 +185,9 @@ def test_arena_grows_copies_in_what_lives_elsewhere_and_is_freed_with_its_last_v
     a = torch.randn(8, 1 << 19, generator=gen)  # 16 MiB: past the 1 MiB first chunk
     ia3 = torch.randn(64, 3, generator=gen)[:, 1]  # non-contiguous, from outside the arena
     weights = AdapterWeights("x", "LORA", False, {"m": ModuleWeights(a=a, slot_b=torch.ones(8, 4)),
-                                                  "n": ModuleWeights(ia3=ia3)}, "/nowhere")
+                                                  "n": ModuleWeights(ia3=ia3),  # a rank-0 AdaLoRA module:
+                                                  "z": ModuleWeights(a=torch.zeros(0, 4), slot_b=torch.zeros(0, 3))},
+                             "/nowhere")
     arena = load_worker.Arena(1 << 20)
     inside = arena.alloc((8, 4), torch.float32).copy_(weights.modules["m"].slot_b)
     weights.modules["m"].slot_b = inside
@@ -199,16 +201,18 @@ def test_arena_grows_copies_in_what_lives_elsewhere_and_is_freed_with_its_last_v
     assert rss_shmem() - before >= a.numel() * 4, "rebuild maps every page in"
     assert torch.equal(got.modules["m"].a, a) and torch.equal(got.modules["m"].slot_b, torch.ones(8, 4))
     assert torch.equal(got.modules["n"].ia3, ia3)
+    assert got.modules["z"].a.shape == (0, 4) and got.modules["z"].slot_b.shape == (0, 3)
     del got
     assert rss_shmem() - before < 1 << 20, "the mapping is freed with the adapter"
 
 
 def test_a_server_package_in_the_working_directory_does_not_replace_the_worker(adapters, layout, worker,
                                                                                 tmp_path, monkeypatch):
-    """The worker imports this very package: another `server` package in the working directory (where `-m`
-    would have looked first) is never run in its place."""
+    """The worker imports this very package and the standard library: another `server` package, or a
+    json.py, in the working directory (where `-m` and `-c` look first) is never run in their place."""
     fake = tmp_path / "server"
     (fake / "adapters").mkdir(parents=True)
     (fake / "__init__.py").write_text("raise SystemExit('the wrong server package ran')\n")
+    (tmp_path / "json.py").write_text("raise SystemExit('the wrong json ran')\n")
     monkeypatch.chdir(tmp_path)
     assert worker.load(**job(adapters["lora"], layout)).packed

@@ -256,13 +256,21 @@ def test_queue_bound(loop, tiny_model_dir, root):
         loop.run_until_complete(eng.shutdown(5))
 
 
-def test_start_freezes_the_startup_heap_and_shutdown_thaws_it(loop, tiny_model_dir, root):
+def test_start_freezes_the_startup_heap_and_the_last_shutdown_thaws_it(loop, tiny_model_dir, root):
     """Serving runs with the start-up heap frozen out of the collector's reach (a gen-2 collection on the
-    loader thread walked it all, holding the GIL the step thread needs); shutdown gives it back, so what the
-    engine held can be collected in a program that goes on."""
-    eng = start(loop, config(tiny_model_dir, root, max_loras=1, max_num_seqs=1))
+    loader thread walked it all, holding the GIL the step thread needs). The last engine to shut down gives
+    it back, so what the engines held can be collected in a program that goes on; one of two stopping
+    does not thaw the other's heap."""
+    from server.engine import async_engine
+
+    already = async_engine._frozen  # the module's shared engine, when an earlier test started it
+    first = start(loop, config(tiny_model_dir, root, max_loras=1, max_num_seqs=1))
     try:
         assert gc.get_freeze_count() > 10_000  # torch, transformers, the model's modules
+        second = start(loop, config(tiny_model_dir, root, max_loras=1, max_num_seqs=1))
+        loop.run_until_complete(first.shutdown(5))
+        assert gc.get_freeze_count() > 10_000, "the second engine still serves"
+        loop.run_until_complete(second.shutdown(5))
     finally:
-        loop.run_until_complete(eng.shutdown(5))
-    assert gc.get_freeze_count() == 0
+        loop.run_until_complete(first.shutdown(5))
+    assert async_engine._frozen == already and (gc.get_freeze_count() == 0) == (already == 0)
