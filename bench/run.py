@@ -1,4 +1,4 @@
-"""`python -m bench.run [--quick | --full] [--concurrency 1,8,32] [--adapters 1,4,16] ...`
+"""`python -m bench.run [--quick | --full] [--concurrency 1,8,32] [--adapters 1,4,16,64] ...`
 
 Measures swapserve against its anchors in one process and writes bench/results/<preset>.json, a PNG chart
 and BENCHMARKS.md. See bench/__init__.py for the layout and BENCHMARKS.md for what each number means.

@@ -72,7 +72,7 @@ def build_fixtures(cfg: BenchConfig, root: Path) -> Fixtures:
         log.info("wrote %d scale adapters (%.1f MB each) in %.1fs", len(scale),
                  adapter_bytes(scale_root / scale[0]) / 1e6, time.perf_counter() - start)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    count = max(max(cfg.concurrency), cfg.interference_streams, cfg.scale_requests, cfg.types_concurrency)
+    count = max(cfg.max_concurrency, cfg.interference_streams, cfg.scale_requests, cfg.types_concurrency)
     return Fixtures(directory, {n: p for n, p in made.items() if n[0] == "a"},
                     {n: p for n, p in made.items() if n[0] == "s"}, [n for n in names if n[0] == "o"],
                     prompts(tokenizer, count, cfg.prompt_tokens), typed, kinds, scale, scale_root)
@@ -81,7 +81,7 @@ def build_fixtures(cfg: BenchConfig, root: Path) -> Fixtures:
 def engine_config(cfg: BenchConfig, fx: Fixtures, root: Path):
     from server.config import EngineConfig
 
-    n = max(max(cfg.concurrency), cfg.interference_streams)
+    n = max(cfg.max_concurrency, cfg.interference_streams)
     return EngineConfig(model=str(fx.model_dir), dtype=cfg.dtype, device=cfg.device, quantization=cfg.quantization,
                         threads=torch.get_num_threads(), max_loras=cfg.max_adapters,
                         max_cpu_loras=max(64, len(fx.cell) + len(fx.pool) * (1 + cfg.interference_rounds)

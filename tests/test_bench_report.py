@@ -25,6 +25,19 @@ def test_headline_uses_the_top_cell_and_the_pooled_naive_rate():
     assert "8x naive needs 0.77x base" in text  # 8 * 9.6 / 100
 
 
+def test_headline_stays_on_the_target_cell_and_64_adapters_get_a_cell():
+    """The issue's grid has 64 adapters over concurrency up to 32: that point runs as 64 requests, one adapter
+    each, and the headline stays on the 32 x 16 cell the targets are set on."""
+    from bench.config import parse_args
+
+    assert parse_args([]).cells[-1] == (64, 64) and parse_args([]).max_concurrency == 64
+    assert (64, 64) not in parse_args(["--adapters", "1,16"]).cells
+    cells = [cell(32, 16, 100.0, 90.0, 96, 12.0), cell(64, 64, 120.0, 60.0, 96, 12.0)]
+    assert "32 concurrent requests over 16 distinct adapters" in headline({"cells": cells, "config": {}})
+    gpu = [cell(64, 16, 100.0, 90.0, 96, 12.0), cell(64, 64, 120.0, 60.0, 96, 12.0)]
+    assert "64 concurrent requests over 64 distinct adapters" in headline({"cells": gpu, "config": {}})
+
+
 def test_headline_without_anchors():
     cells = [{"concurrency": 32, "adapters": 16, "swapserve": {"tok_s": 90.0}}]
     text = headline({"cells": cells, "config": {}})
