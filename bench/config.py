@@ -9,7 +9,7 @@ PRESETS = {
     # ~2-3 min on 2 shared CPU cores: the headline cell (32 x 16) and its two edges
     "quick": dict(concurrency=[1, 32], adapters=[1, 16], max_tokens=16, naive_requests=2, swap_samples=3,
                   scale_rounds=1),
-    # ~7 min on 2 shared cores: the grid of the issue (64 adapters as 64 requests, one adapter each), plus the
+    # ~9 min (553 s on 2 shared cores, 2026-12-02): the grid of the issue (64 adapters as 64 requests, one each), the
     # IA3 and mixed cells, the 200-adapter Zipf scale run (2 rounds) and the plain / int8 / nf4 memory subprocesses
     "default": dict(concurrency=[1, 8, 32], adapters=[1, 4, 16, 64], max_tokens=32, naive_requests=3,
                     swap_samples=5),
