@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     size.add_argument("--quick", action="store_const", const="quick", dest="preset")
     size.add_argument("--full", action="store_const", const="full", dest="preset")
     p.add_argument("--concurrency", type=_ints, help="comma-separated, e.g. 1,8,32")
-    p.add_argument("--adapters", type=_ints, help="distinct adapters per cell, e.g. 1,4,16")
+    p.add_argument("--adapters", type=_ints, help="distinct adapters per cell, e.g. 1,4,16,64 (one above every concurrency runs as that many requests, one adapter each)")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--prompt-tokens", type=int)
     p.add_argument("--naive-requests", type=int)
