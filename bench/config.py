@@ -47,6 +47,7 @@ class BenchConfig:
     skip_scale: bool = False
     skip_memory: bool = False
     skip_types: bool = False
+    skip_http: bool = False  # the target cell and load interference through `python -m server serve` (bench/http.py)
     seed: int = 0
     model: str = ""  # "" = the default model (SmolLM2-135M-Instruct GGUF), dequantized to fp32 and cached
     device: str = "cpu"  # cpu | cuda: every system runs there
@@ -134,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--skip-scale", action="store_true", default=None)
     p.add_argument("--skip-memory", action="store_true", default=None)
     p.add_argument("--skip-types", action="store_true", default=None)
+    p.add_argument("--skip-http", action="store_true", default=None,
+                   help="skip the run through the real HTTP server (a `python -m server serve` child)")
     args = vars(p.parse_args(argv))
     preset = args.pop("preset") or "default"
     values = {**PRESETS[preset], **{k: v for k, v in args.items() if v is not None}}

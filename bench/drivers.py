@@ -1,8 +1,8 @@
 """How the harness talks to swapserve. A Driver streams one request and yields the number of new tokens of
 each increment; run_concurrent() sends many at once and records a Trace per request.
 
-EngineDriver drives the in-process AsyncEngine. An HTTP driver (SSE against /v1/completions with
-``ignore_eos``) only has to implement the same ``stream`` and ``load_adapter`` to reuse every measurement.
+EngineDriver drives the in-process AsyncEngine; bench/http.py's HttpDriver drives the real server (SSE from
+/v1/completions with ``ignore_eos``) through the same ``stream`` and ``load_adapter``.
 """
 from __future__ import annotations
 

@@ -154,7 +154,8 @@ def render(results: dict, json_path: Path, png_path: Path | None, md_path: Path)
            "(the ceiling for adapter serving at swapserve's GEMM). *PEFT mixed*: one `generate` with "
            "`adapter_names=`. *Naive serial*: the seed's flow, `set_adapter` + `generate` one request at a time "
            f"(measured on the first min(N, {cfg['naive_requests']}) requests; it does not batch, so its tok/s "
-           "does not grow with N). *swapserve*: the in-process `AsyncEngine`, N concurrent streams.", "",
+           "does not grow with N). *swapserve*: the in-process `AsyncEngine`, N concurrent streams (the same cell "
+           "through the HTTP server: its own section below).", "",
            *throughput_table(results), ""]
     if png_path:
         out += [f"![throughput vs distinct adapters]({_rel(png_path, here)})", ""]
@@ -164,7 +165,7 @@ def render(results: dict, json_path: Path, png_path: Path | None, md_path: Path)
             "measured per-request time).", "", *latency_table(results), "",
             "## Adapter swap cost", "", *swap_table(results), "",
             "\"Disk\" is the OS page cache (the adapters were just written); a cold disk adds its read time.", "",
-            *scale_section(results), *types_section(results), *memory_section(results),
+            *http_section(results), *scale_section(results), *types_section(results), *memory_section(results),
             *gpu_section(Path(json_path).parent, here)]
     return "\n".join(out)
 
@@ -218,6 +219,29 @@ def scale_section(results: dict) -> list[str]:
         f"round {r['round']}: TTFT p50 {_f(r['base']['ttft_p50_ms'])}, ITL p50 {_f(r['base']['itl_p50_ms'])}"
         for r in sc["rounds"] if r.get("base")) + ".", ""]
     return lines
+
+
+def http_section(results: dict) -> list[str]:
+    h = results.get("http")
+    if not h:
+        return []
+    same = next((c for c in results["cells"] if (c["concurrency"], c["adapters"]) == (h["concurrency"], h["adapters"])),
+                {})
+    s, i = h["swapserve"], h["interference"]
+    return ["## Through the HTTP server", "",
+            "The same engine settings served by `python -m server serve`, a child of the benchmark on a loopback "
+            "port, driven as vLLM's benchmark_serving drives a server: SSE from `/v1/completions` with "
+            "`ignore_eos` (each chunk one token for the gaps, the final usage for the count), adapters loaded "
+            "with `/v1/load_lora_adapter`. What a client sees: HTTP, JSON, SSE and the event loop included.", "",
+            "| N | k | swapserve in-process tok/s | **over HTTP tok/s** | HTTP / in-process | **HTTP / HF base** | "
+            "TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {h['concurrency']} | {h['adapters']} | {_f(same.get('swapserve', {}).get('tok_s'))} | "
+            f"**{_f(s['tok_s'])}** | {_x(ratio({**same, 'http': s}, 'http', 'swapserve'))} | "
+            f"**{_x(ratio({**same, 'http': s}, 'http', 'base'))}** | {_f(s['ttft_p50_ms'])} | {_f(s['ttft_p99_ms'])} | "
+            f"{_f(s['itl_p50_ms'])} | {_f(s['itl_p99_ms'])} |", "",
+            f"ITL p99 of {i['streams']} streams over HTTP, quiet -> while {i['loads']} adapters load through "
+            f"`/v1/load_lora_adapter` ({i['loads_seconds']:.2f} s){_rounds(i)}: {_f(i['quiet_itl_p99_ms'])} -> "
+            f"{_f(i['loading_itl_p99_ms'])} ms (**{i['itl_p99_rise'] * 100:+.0f}%**; target <= +20%).", ""]
 
 
 def _stats_vs_base(row: dict) -> str:

@@ -168,12 +168,52 @@ async def run_suite(cfg: BenchConfig) -> dict:
         finally:
             await engine.shutdown(5)
         del engine
+        if not cfg.skip_http:
+            results["http"] = await timed("HTTP server", run_http(cfg, fx, root))
         if fx.scale:
             results["scale"] = await timed("scale", run_scale(cfg, fx.model_dir, fx.scale_root, fx.scale,
                                                               fx.prompts[:cfg.scale_requests], anchors))
         if memory:
             results["memory"] = {"models": memory, "adapter": results.get("scale", {}).get("tiers")}
         return results
+
+
+def server_args(cfg: BenchConfig, fx: Fixtures, root: Path) -> list[str]:
+    """`python -m server serve` flags for the engine the in-process grid runs on."""
+    ec = engine_config(cfg, fx, root)
+    return ["--model", ec.model, "--dtype", ec.dtype, "--device", ec.device, "--quantization", ec.quantization,
+            "--max-loras", str(ec.max_loras), "--max-cpu-loras", str(ec.max_cpu_loras),
+            "--max-lora-rank", str(ec.max_lora_rank), "--max-num-seqs", str(ec.max_num_seqs),
+            "--max-model-len", str(ec.max_model_len), "--max-num-batched-tokens", str(ec.max_num_batched_tokens),
+            "--adapter-root", str(root), "--seed", str(ec.seed)]
+
+
+async def run_http(cfg: BenchConfig, fx: Fixtures, root: Path) -> dict:
+    """The target cell and the load-interference rounds again, through the real server (bench/http.py)."""
+    from bench.http import HttpDriver, ServerProcess
+    from bench.markdown import TARGET_CELL
+
+    n, k = TARGET_CELL if TARGET_CELL in cfg.cells else max(cfg.cells)
+    log_path = Path(tempfile.mkstemp(prefix="swapserve-bench-server-", suffix=".log")[1])  # kept if it fails
+    server = ServerProcess(server_args(cfg, fx, root), log_path, torch.get_num_threads())
+    start = time.perf_counter()
+    await server.wait_ready()
+    log.info("HTTP server up in %.1fs (port %d)", time.perf_counter() - start, server.port)
+    driver = HttpDriver(server)
+    try:
+        await warm_up(driver, fx, cfg)
+        cell = summarize(await run_concurrent(driver, cell_requests(fx.prompts[:n], list(fx.cell)[:k],
+                                                                    cfg.max_tokens)))
+        log.info("HTTP cell N=%d k=%d: %.1f tok/s", n, k, cell["tok_s"])
+        streams = cell_requests(fx.prompts[:cfg.interference_streams], list(fx.cell)[:4], cfg.max_tokens)
+        intf = await interference(driver, streams, dict(list(fx.pool.items())[:cfg.interference_loads]),
+                                  cfg.interference_rounds)
+        log.info("HTTP load interference: %+.0f%%", intf["itl_p99_rise"] * 100)
+    finally:
+        await driver.close()
+        server.close()
+    log_path.unlink()
+    return {"concurrency": n, "adapters": k, "swapserve": cell, "interference": intf}
 
 
 async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -> dict:

@@ -87,3 +87,45 @@ def test_interference_row_shows_the_median_and_every_round():
     assert "medians of 3 rounds (+5%, -87%, +29%)" in row and "62.0 -> 70.0 ms (+13%)" in row
     del intf["per_round"]
     assert "rounds" not in swap_table({"swap": swap, "interference": intf})[-1]
+
+
+def test_http_driver_streams_and_loads_through_the_real_server(tiny_model_dir, adapters):
+    """bench/http.py: the real `python -m server serve` child, an adapter loaded over /v1/load_lora_adapter
+    with the admin key, and a stream whose increments add up to exactly max_tokens."""
+    import asyncio
+
+    from bench.drivers import BenchRequest, run_concurrent
+    from bench.http import HttpDriver, ServerProcess
+
+    root = adapters["lora"].parent
+    server = ServerProcess(["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32",
+                            "--adapter-root", str(root), "--max-model-len", "256"], root / "bench-server.log", 1)
+
+    async def go():
+        await server.wait_ready(120)
+        driver = HttpDriver(server)
+        try:
+            await driver.load_adapter("x", str(adapters["lora"]))
+            return await run_concurrent(driver, [BenchRequest([5, 6, 7], "x", 9), BenchRequest([5, 6], None, 4)])
+        finally:
+            await driver.close()
+
+    try:
+        traces = asyncio.run(go())
+    finally:
+        server.close()
+    assert [t.tokens for t in traces] == [9, 4] and all(t.ttft > 0 for t in traces)
+
+
+def test_http_section_sets_the_http_cell_beside_the_in_process_one():
+    from bench.markdown import http_section
+
+    intf = {"streams": 16, "loads": 10, "loads_seconds": 0.5, "quiet_itl_p99_ms": 100.0,
+            "loading_itl_p99_ms": 110.0, "itl_p99_rise": 0.1}
+    results = {"cells": [cell(32, 16, 100.0, 90.0, 96, 12.0)],
+               "http": {"concurrency": 32, "adapters": 16, "interference": intf,
+                        "swapserve": {"tok_s": 81.0, "ttft_p50_ms": 1, "ttft_p99_ms": 2, "itl_p50_ms": 3,
+                                      "itl_p99_ms": 4}}}
+    text = "\n".join(http_section(results))
+    assert "| 32 | 16 | 90.0 | **81.0** | 0.90x | **0.81x** |" in text and "**+10%**" in text
+    assert http_section({"cells": []}) == []

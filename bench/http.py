@@ -1,0 +1,112 @@
+"""The real server, over HTTP: `python -m server serve` started as a child of the benchmark, driven the way
+vLLM's benchmark_serving drives a server (SSE from /v1/completions, `ignore_eos`; each chunk one token for
+the inter-token gaps, the final usage for the count) and loaded with vLLM's /v1/load_lora_adapter.
+
+It measures what a client of the server sees, HTTP, JSON, SSE and the event loop included, for the target
+cell and for the load-interference row; the grid runs in-process (bench.drivers.EngineDriver), where every
+anchor runs too.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+import httpx
+
+from bench.drivers import BenchRequest
+
+log = logging.getLogger("bench")
+BASE = "base"  # the served name of the base model
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m server serve` on a free loopback port, with an admin key, until close()."""
+
+    def __init__(self, args: list[str], log_path: Path, threads: int) -> None:
+        self.port, self.admin_key = _free_port(), secrets.token_hex(16)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve", *args, "--served-model-name", BASE, "--host", "127.0.0.1",
+             "--port", str(self.port), "--admin-key", self.admin_key, "--threads", str(threads),
+             "--log-level", "warning"],
+            cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=self.log, stderr=subprocess.STDOUT)
+
+    async def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                try:
+                    if (await client.get("/ready")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.25)
+        self.close()
+        raise RuntimeError(f"the server did not become ready (exit status {self.proc.returncode}); "
+                           f"its log: {self.log.name}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+class HttpDriver:
+    """A bench Driver (see bench.drivers) over the server's OpenAI routes."""
+
+    name = "swapserve over HTTP"
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.admin = {"Authorization": f"Bearer {server.admin_key}"}
+        self.client = httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(600.0),
+                                        limits=httpx.Limits(max_connections=512, max_keepalive_connections=512))
+
+    async def stream(self, req: BenchRequest) -> AsyncIterator[int]:
+        body = {"model": req.adapter or BASE, "prompt": req.prompt, "max_tokens": req.max_tokens,
+                "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        seen = 0
+        async with self.client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"request on {req.adapter!r}: {response.status_code} {await response.aread()}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if chunk.get("choices"):
+                    seen += 1
+                    yield 1
+                elif chunk.get("usage") and chunk["usage"]["completion_tokens"] > seen:
+                    yield chunk["usage"]["completion_tokens"] - seen  # tokens that shared a chunk
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        r = await self.client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
+                                   headers=self.admin)
+        if r.status_code != 200:
+            raise RuntimeError(f"loading {name}: {r.status_code} {r.text}")
+
+    async def close(self) -> None:
+        await self.client.aclose()
