@@ -169,10 +169,11 @@ def rebuild(fd: int, meta: dict) -> AdapterWeights:
     finally:
         os.close(fd)
     t = {}
-    for key, (off, dtype, shape) in meta["tensors"].items():
-        raw = buf[off:off + math.prod(shape) * getattr(torch, dtype).itemsize]
+    for key, (off, name, shape) in meta["tensors"].items():
+        dtype = getattr(torch, name)
+        raw = buf[off:off + math.prod(shape) * dtype.itemsize]
         raw[::mmap.PAGESIZE].sum()  # fault the pages in (only the tensors': a gap read would allocate a page)
-        t[key] = raw.view(getattr(torch, dtype)).view(shape)
+        t[key] = raw.view(dtype).view(shape)
     modules = {m: ModuleWeights(scaling=v["scaling"], ia3_on_input=v["ia3_on_input"])
                for m, v in meta["modules"].items()}
     packed = {}

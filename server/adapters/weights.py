@@ -114,7 +114,7 @@ class AdapterWeights:
         return self._nbytes
 
     def _count_bytes(self) -> int:
-        packed = [t for p in self.packed.values() for t in _packed_tensors(p)]
+        packed = self._packed_tensors()
         spans = _spans(packed)
         own = [t for m in self.modules.values()
                for t in (m.a, m.b, m.slot_b, m.magnitude, m.ia3, m.dora_scale, m.dora_shift)
@@ -132,13 +132,7 @@ class AdapterWeights:
         so that buffer is freed. ``alloc(shape, dtype)`` gives the memory every new tensor is written into
         (default torch.empty; the load worker's shared-memory arena, so nothing is copied again to hand the
         adapter over)."""
-        made: set[int] = set()
-
-        def new(shape, dtype) -> torch.Tensor:
-            t = (alloc or _empty)(shape, dtype)
-            made.add(t.data_ptr())
-            return t
-
+        new = alloc or _empty
         for number, paths in enumerate(banks or ()):
             if number in self.packed:
                 continue
@@ -146,17 +140,21 @@ class AdapterWeights:
             packed = _pack(present, new) if present else None
             if packed is not None:
                 self.packed[number] = packed
-        spans = _spans([t for p in self.packed.values() for t in _packed_tensors(p)])
+        spans = _spans(self._packed_tensors())
         for m in self.modules.values():
             if m.a is not None and m.magnitude is None and m.slot_b is None:
                 m.slot_b = m.scaled_bt(new)
                 m.b = None
             for part in ("a", "b", "magnitude", "ia3"):
                 t = getattr(m, part)
-                if t is not None and t.data_ptr() not in made and not _inside(t, spans) and \
+                if t is not None and not _inside(t, spans) and \
                         t.untyped_storage().nbytes() != t.numel() * t.element_size():
                     setattr(m, part, new(t.shape, t.dtype).copy_(t))  # a view into the file buffer: own it
         self._nbytes = self._count_bytes()
+
+    def _packed_tensors(self) -> list[torch.Tensor]:
+        return [t for p in self.packed.values() for t in (p.a, p.b, p.ia3, p.out_scale, p.out_shift)
+                if t is not None]
 
 
 def _spans(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
@@ -168,10 +166,6 @@ def _inside(t: torch.Tensor, spans: list[tuple[int, int]]) -> bool:
     storage: every tensor of an adapter handed over from the load worker shares the one arena storage."""
     ptr = t.data_ptr()
     return any(start <= ptr < end for start, end in spans)
-
-
-def _packed_tensors(p: PackedBank) -> list[torch.Tensor]:
-    return [t for t in (p.a, p.b, p.ia3, p.out_scale, p.out_shift) if t is not None]
 
 
 def _dtype(ts: list[torch.Tensor]) -> torch.dtype:
