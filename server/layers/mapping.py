@@ -102,14 +102,15 @@ class SlotGroups:
 
     lo, hi:  the slot range [lo, hi) covered (slots in it that the step does not use get empty groups).
     index:   [hi - lo, width] token indices, group g holding slot lo + g's tokens; padding points at token 0.
-    mask:    [hi - lo, width, 1] 1 for real entries, 0 for padding (padding then adds exactly 0 to token 0).
+    keep:    [(hi - lo) * width, 1] bool, True for real entries; the op selects on it, so padding adds exactly 0
+             to token 0 even when a padded slot holds NaN or Inf.
     flat:    index as [(hi - lo) * width]; padded: whether any entry is padding.
     """
 
     lo: int
     hi: int
     index: torch.Tensor
-    mask: torch.Tensor
+    keep: torch.Tensor
     flat: torch.Tensor  # index.view(-1)
     padded: bool  # any padding entry at all (else the mask is all ones and is skipped)
 
@@ -123,13 +124,14 @@ class SlotGroups:
         if (hi - lo) * width > cls.MAX_PADDING * len(tokens) + 64:
             return None
         index = torch.zeros(hi - lo, width, dtype=torch.long)
-        mask = torch.zeros(hi - lo, width, 1, dtype=dtype)
+        keep = torch.zeros(hi - lo, width, dtype=torch.bool)
         for g in range(hi - lo):
             members = torch.nonzero(tokens == lo + g).flatten()
             index[g, :len(members)] = members
-            mask[g, :len(members)] = 1
+            keep[g, :len(members)] = True
         index = index.to(device)
-        return cls(lo, hi, index, mask.to(device), index.view(-1), int(counts.sum()) != (hi - lo) * width)
+        return cls(lo, hi, index, keep.view(-1, 1).to(device), index.view(-1),
+                   int(counts.sum()) != (hi - lo) * width)
 
 
 class MappingHolder:

@@ -50,9 +50,11 @@ def lora_grouped_views(y: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, b: t
     if xg.dtype != a_t.dtype:
         xg = xg.to(a_t.dtype)
     h = torch.bmm(xg, a_t)  # [g, width, r]
-    if groups.padded:
-        h.mul_(groups.mask)  # padding entries contribute exactly 0
     delta = torch.bmm(h, b).view(g * width, -1)  # [g * width, out]
+    if groups.padded:
+        # padding entries add exactly 0 to the token they point at, whatever the padded slot holds: select, never
+        # multiply (NaN * 0 is NaN, so a non-finite value in one slot would reach another request's row)
+        delta = torch.where(groups.keep, delta, 0.0)
     y.index_add_(0, groups.flat, delta if delta.dtype == y.dtype else delta.to(y.dtype))
 
 

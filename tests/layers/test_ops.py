@@ -6,6 +6,8 @@ at once and must match PEFT row by row, while base rows stay bit-exact with the 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -227,6 +229,48 @@ def test_set_slot_none_means_layer_untouched(toy):
     holder.mapping = AdapterMapping.build([1, 1], 4, SLOTS)
     with torch.no_grad():
         assert torch.equal(layer(x), layer.base_layer(x.reshape(-1, IN)).view(2, 4, OUT))
+
+
+LORA_PATHS = ("segments", "grouped") + (("numba",) if kernels.available() else ())
+
+
+def mapping_for_path(rows, tpr, path: str) -> AdapterMapping:
+    """The step's mapping, forced onto one LoRA path (layers take runs, then groups, then segments)."""
+    m = AdapterMapping.build(rows, tpr, SLOTS, max_run=kernels.max_run(1) if path == "numba" else 0)
+    if path == "segments":
+        m = dataclasses.replace(m, groups=None)
+    assert {"numba": m.runs, "grouped": m.groups, "segments": m.segments}[path], path
+    return m
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+@pytest.mark.parametrize("path", LORA_PATHS)
+def test_non_finite_slot_never_reaches_other_rows(toy, path, poison):
+    """Tenant isolation: a slot holding NaN / Inf (in A, B and the scale rows: whatever got in) changes only the
+    tokens routed to it. Every other row still equals PEFT, whether the poisoned slot is in the step (slot 1) or
+    only inside the slot range the grouped op covers (slot 2 of 0..3)."""
+    bias, adapters = toy
+    layer, holder = wrapped(bias, ("lora", "lora", "lora", "lora"), adapters)
+    bad = float(poison)
+    with torch.no_grad():
+        for slot in (1, 2):
+            layer.lora_a[slot, 0, 0] = bad
+            layer.lora_b[slot, 1, 2] = -bad
+            layer.out_scale[slot, 3] = bad
+            layer.out_scaled.add(slot)
+    rows = [0, 1, NO_SLOT, 3, 0, 3, 0]  # 0 and 3 are healthy; padding in the grouped op points at token 0
+    x = torch.randn(len(rows), 3, IN, generator=torch.Generator().manual_seed(4))
+    holder.mapping = mapping_for_path(rows, 3, path)
+    with torch.no_grad():
+        y = layer(x)
+        ref = adapters["lora"][0](x)
+        base = layer.base_layer(x.reshape(-1, IN)).view(len(rows), 3, OUT)
+    for i, slot in enumerate(rows):
+        if slot == NO_SLOT:
+            assert torch.equal(y[i], base[i])
+        elif slot != 1:
+            torch.testing.assert_close(y[i], ref[i], rtol=0, atol=1e-5)
+    assert not torch.isfinite(y[1]).all()  # the poisoned tenant's own row does see its values
 
 
 # ---------------------------------------------------------------- grouped (bmm) op
