@@ -56,7 +56,7 @@ def scale_engine_config(cfg, model_dir: Path, root: Path):
 
 
 async def run_scale(cfg, model_dir: Path, root: Path, names: list[str], prompts: list[list[int]], anchors) -> dict:
-    from server.engine.engine import AsyncEngine
+    from server.engine.async_engine import AsyncEngine
 
     engine = AsyncEngine(scale_engine_config(cfg, model_dir, root))
     events = AdapterEvents()

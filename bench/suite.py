@@ -142,7 +142,7 @@ async def warm_up(driver: Driver, fx: Fixtures, cfg: BenchConfig) -> None:
 
 
 async def run_suite(cfg: BenchConfig) -> dict:
-    from server.engine.engine import AsyncEngine
+    from server.engine.async_engine import AsyncEngine
 
     torch.set_num_threads(cfg.threads or auto_threads())
     log.info("torch threads: %d (load average %.2f, %d CPUs)", torch.get_num_threads(), os.getloadavg()[0],

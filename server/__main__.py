@@ -56,7 +56,18 @@ ENGINE_FLAGS = (
     Flag("max-adapter-bytes", int, 1 << 30, "largest adapter file accepted, in bytes"),
     Flag("max-num-seqs", int, 32, "most sequences in the running batch"),
     Flag("max-model-len", int, 2048, "prompt + generated tokens per sequence; longer requests get 400"),
-    Flag("max-num-batched-tokens", int, 2048, "prefill token budget per step"),
+    Flag("max-num-batched-tokens", int, 0, "tokens computed per step: one per running sequence plus prefill chunks; "
+         "a longer prompt is split across steps (chunked prefill), so this bounds how long one step can stall "
+         "the running streams. 0: 512 on CPU, 2048 on GPU (at least --max-num-seqs)"),
+    Flag("kv-cache-memory", str, "auto", "memory for the paged KV cache, taken once at start: a size (4GiB, 512MiB, "
+         "2e9) or a fraction 0 < f <= 1 of the memory free then. auto: on CPU min(4 GiB, half the free RAM), on "
+         "GPU 90%% of the free device memory, each capped at what --max-num-seqs sequences of --max-model-len "
+         "tokens could hold twice over. On CPU pages become resident only as tokens are written",
+         metavar="SIZE"),
+    Flag("block-size", int, 16, "tokens per KV-cache block (the unit of allocation and of prefix reuse)"),
+    Flag("enable-prefix-caching", bool, True, "reuse the KV of earlier requests' full blocks with the same tokens "
+         "and the same adapter content (a hash of its weights and config, never its name); freed blocks stay "
+         "cached until their memory is needed (LRU). --no-enable-prefix-caching turns it off"),
     Flag("max-waiting", int, 256, "waiting-queue bound; beyond it requests get 429 with Retry-After"),
     Flag("allow-hub-adapters", bool, False, "allow adapters from the Hugging Face Hub (orgs in --hub-adapter-org)"),
     Flag("hub-adapter-org", list, [], "Hub organisation adapters may come from (repeatable)", metavar="ORG"),
@@ -107,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_flag(parser: argparse.ArgumentParser, flag: Flag) -> None:
     shown = "" if flag.default in (None, "", []) else f"; default {flag.default}"
     help_text = f"{flag.help} (env {flag.env}{shown})"
-    if flag.type is bool:
+    if flag.type is bool and flag.default:  # on by default: --name / --no-name, like vLLM's switches
+        parser.add_argument(f"--{flag.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    elif flag.type is bool:
         parser.add_argument(f"--{flag.name}", action="store_const", const=True, default=None, help=help_text)
     elif flag.type is list:
         parser.add_argument(f"--{flag.name}", action="extend", nargs="+", default=None, help=help_text,

@@ -45,7 +45,10 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_num_seqs: int = 32
     max_model_len: int = 2048
-    max_num_batched_tokens: int = 2048  # prefill token budget per step
+    max_num_batched_tokens: int = 0  # tokens computed per step (decodes + prefill chunks); 0 = auto by device
+    kv_cache_memory: str = "auto"  # KV pool size: bytes ("4GiB"), a fraction of free memory ("0.3"), or auto
+    block_size: int = 16  # tokens per KV block
+    enable_prefix_caching: bool = True  # reuse full KV blocks by (tokens, adapter content); vLLM's flag
     max_waiting: int = 256  # bounded waiting queue; beyond it requests are refused (429)
     max_adapter_bytes: int = 1 << 30
     adapter_roots: list[str] = field(default_factory=list)
@@ -75,14 +78,53 @@ class EngineConfig:
         _choice("lora_kernel", self.lora_kernel, ("auto", "numba", "torch"))
         _choice("cpu_gemm", self.cpu_gemm, ("auto", "onednn", "torch"))
         for name in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_num_seqs", "max_model_len",
-                     "max_num_batched_tokens", "max_waiting", "max_adapter_bytes", "max_cpu_lora_bytes"):
+                     "max_waiting", "max_adapter_bytes", "max_cpu_lora_bytes", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < 0:
+            raise ValueError(f"--max-num-batched-tokens must be >= 1 (or 0 for auto), got {self.max_num_batched_tokens}")
+        if 0 < self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be >= --max-num-seqs "
+                             f"({self.max_num_seqs}): every running sequence computes at least one token a step")
+        parse_memory(self.kv_cache_memory)  # the form now; the size is resolved against free memory at start
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")
         for name in self.lora_modules:
             if not valid_adapter_name(name):
                 raise ValueError(f"--lora-modules: invalid adapter name {name!r} (letters, digits, '.', '_', '-')")
+
+
+def token_budget(config: EngineConfig, device_type: str) -> int:
+    """--max-num-batched-tokens, with 0 resolved by device: a step's cost is about its token count, and on a
+    CPU a 2048-token step stalls every running stream for seconds, so chunks stay small there."""
+    if config.max_num_batched_tokens:
+        return config.max_num_batched_tokens
+    return max(config.max_num_seqs, CPU_TOKEN_BUDGET if device_type == "cpu" else GPU_TOKEN_BUDGET)
+
+
+CPU_TOKEN_BUDGET = 512
+GPU_TOKEN_BUDGET = 2048
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9,
+          "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_memory(spec: str) -> tuple[str, float]:
+    """``--kv-cache-memory``: ("auto", 0), ("bytes", n) for "4GiB" / "512MiB" / "2e9", or ("share", f) for a
+    fraction 0 < f <= 1 of the memory free at start. Raises ValueError with the accepted forms."""
+    text = str(spec).strip().lower().replace(" ", "")
+    if text == "auto":
+        return "auto", 0.0
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([a-z]*)", text)
+    if match and match.group(2) in _UNITS:
+        value = float(match.group(1)) * _UNITS[match.group(2)]
+        if 0 < value <= 1 and not match.group(2):
+            return "share", value
+        if value >= 1:
+            return "bytes", value
+    raise ValueError(f"--kv-cache-memory must be 'auto', a size such as 4GiB, 512MiB or 2e9 bytes, or a fraction "
+                     f"0 < f <= 1 of the free memory; got {spec!r}")
 
 
 def _display_name(model: str) -> str:

@@ -63,6 +63,13 @@ def build_tiny_llama(out: Path, vocab_size: int, seed: int = 0):
     return model
 
 
+def per_token(rows, tokens_per_row):
+    """The slot of each token of a flat batch of ``rows`` (one slot each), ``tokens_per_row`` tokens each."""
+    import numpy as np
+
+    return np.repeat(np.asarray(rows, dtype=np.int64), tokens_per_row)
+
+
 ADAPTER_KINDS = ("lora", "rslora", "lora_pattern", "dora", "ia3", "adalora")
 
 
@@ -153,3 +160,43 @@ def _peft_dora_reads_packed_4bit() -> None:
 
     dequantize.__wrapped__ = original
     dora.dequantize_module_weight = dequantize
+
+
+class Rows:
+    """A ModelRunner driven by rows, the way the engine drives it: ``prefill`` starts sequences at row ``start``
+    (their whole prompts in one step; rows from ``start`` on are replaced), ``decode`` feeds rows 0.. one token
+    each. Every sequence holds its own KV blocks. Logits come back in the rows' order (the runner's flat batch
+    puts decodes first, longest first)."""
+
+    def __init__(self, runner, caching: bool = False):
+        from server.engine.block_manager import BlockManager
+        from server.engine.block_pool import BlockPool
+
+        self.runner = runner
+        self.blocks = BlockManager(BlockPool(runner.kv.num_blocks, caching), runner.kv.block_size)
+        self.rows: list = []
+
+    def prefill(self, start: int, prompts, keys, weights) -> torch.Tensor:
+        from server.engine.request import Request, SamplingParams
+
+        for req in self.rows[start:]:
+            self.blocks.free(req)
+        fresh = [Request(f"row{start + i}", list(p), SamplingParams(), None if k is None else k[0],
+                         0 if k is None else k[1]) for i, (p, k) in enumerate(zip(prompts, keys))]
+        self.rows = self.rows[:start] + fresh
+        return self.step([(r, len(r.prompt_token_ids)) for r in fresh], weights)
+
+    def decode(self, tokens, weights) -> torch.Tensor:
+        for req, token in zip(self.rows, tokens):
+            req.output_token_ids.append(token)
+        return self.step([(r, 1) for r in self.rows[:len(tokens)]], weights)
+
+    def step(self, seqs, weights) -> torch.Tensor:
+        """One forward over (request, new tokens) pairs; logits [len(seqs), vocab] in ``seqs`` order."""
+        for req, n in seqs:
+            assert self.blocks.allocate(req, n), "the test's KV cache is too small"
+        logits, sampled = self.runner.execute(seqs, weights)
+        for req, n in seqs:
+            req.num_computed_tokens += n
+        row = {id(r): i for i, r in enumerate(sampled)}
+        return logits[[row[id(r)] for r, _ in seqs]]

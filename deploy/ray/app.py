@@ -121,7 +121,7 @@ class EngineReplica:
     """One AsyncEngine and swapserve's FastAPI app over it; `relay` runs an HTTP request through that app."""
 
     async def __init__(self, argv: list[str]):
-        from server.engine.engine import AsyncEngine  # torch: only in engine replicas, not the ingress
+        from server.engine.async_engine import AsyncEngine  # torch: only in engine replicas, not the ingress
 
         engine_config, server_config = configs(argv)
         self.engine = await asyncio.to_thread(AsyncEngine, engine_config)  # loads the model

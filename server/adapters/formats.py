@@ -8,6 +8,7 @@ result is only built after every check passed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -65,7 +66,7 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-def read_safetensors(path: Path, max_bytes: int, mapped: bool = False) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, max_bytes: int, mapped: bool = False, digest=None) -> dict[str, torch.Tensor]:
     """Validate the header, then read the data in one call; every tensor is a view into that one buffer.
 
     No per-tensor file access and little Python per tensor: a load runs on a thread beside the step loop, and
@@ -74,6 +75,7 @@ def read_safetensors(path: Path, max_bytes: int, mapped: bool = False) -> dict[s
     mapped: map the file (private, copy-on-write) instead of reading it, so a file in the page cache is not
     copied at all: packing reads the cached pages directly. Only the load worker process maps: a file
     truncated while mapped kills whoever touches the lost pages (SIGBUS), and that must never be the server.
+    digest: a hashlib object fed the tensors' header and bytes (the adapter's content hash).
     """
     header, data_start = check_safetensors_header(path, max_bytes)
     size = path.stat().st_size
@@ -86,6 +88,9 @@ def read_safetensors(path: Path, max_bytes: int, mapped: bool = False) -> dict[s
             f.seek(data_start)
             if f.readinto(memoryview(buf.numpy())) != len(buf):
                 raise AdapterFormatError(f"{path}: file changed while being read")
+    if digest is not None:
+        digest.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+        digest.update(memoryview(buf.numpy()))
     tensors = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -216,7 +221,8 @@ def load_adapter_dir(directory: str | Path, name: str, max_bytes: int = 2 << 30,
         why = (f"only pickle weights ({', '.join(pickles)}) found; pickles can run code and are never loaded, "
                "re-save the adapter with safe_serialization=True") if pickles else "missing"
         raise AdapterFormatError(f"{weights_path}: {why}")
-    tensors = read_safetensors(weights_path, max_bytes, mapped)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    tensors = read_safetensors(weights_path, max_bytes, mapped, digest)
     embedding = next((k for k in tensors if "lora_embedding_" in k), None)
     if embedding is not None:
         raise AdapterFormatError(f"{weights_path}: {embedding!r} is an embedding LoRA, which is not supported")
@@ -237,7 +243,8 @@ def load_adapter_dir(directory: str | Path, name: str, max_bytes: int = 2 << 30,
                                  f"alpha_pattern ({type(e).__name__}: {e})") from None
     return AdapterWeights(name=name, peft_type=peft_type, use_dora=bool(config.get("use_dora")),
                           modules=modules, path=str(directory),
-                          base_model_name_or_path=config.get("base_model_name_or_path"), config=config)
+                          base_model_name_or_path=config.get("base_model_name_or_path"), config=config,
+                          content_hash=digest.hexdigest())
 
 
 def check_against_base(weights: AdapterWeights, targets: dict[str, tuple[int, int]], max_rank: int,

@@ -142,7 +142,8 @@ def describe(weights: AdapterWeights, arena: Arena) -> dict:
                     tensors[f"module.{module}.{part}"] = arena.place(getattr(m, part))
     return {"name": weights.name, "peft_type": weights.peft_type, "use_dora": weights.use_dora, "path": weights.path,
             "base_model_name_or_path": weights.base_model_name_or_path, "config": weights.config,
-            "nbytes": weights.nbytes, "banks": banks, "modules": modules, "tensors": tensors, "size": arena.used()}
+            "nbytes": weights.nbytes, "content_hash": weights.content_hash, "banks": banks, "modules": modules,
+            "tensors": tensors, "size": arena.used()}
 
 
 # where opening "<dir>/N" opens descriptor N's file
@@ -194,7 +195,8 @@ def rebuild(fd: int, meta: dict) -> AdapterWeights:
             module, _, part = key[len("module."):].rpartition(".")
             setattr(modules[module], part, tensor)
     return AdapterWeights(meta["name"], meta["peft_type"], meta["use_dora"], modules, meta["path"],
-                          meta["base_model_name_or_path"], meta["config"], packed, _nbytes=meta["nbytes"])
+                          meta["base_model_name_or_path"], meta["config"], packed, meta["content_hash"],
+                          _nbytes=meta["nbytes"])
 
 
 def _child(conn) -> None:

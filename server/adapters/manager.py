@@ -10,6 +10,7 @@ import logging
 from collections import OrderedDict
 from typing import Callable
 
+import numpy as np
 import torch
 
 from server.adapters.weights import AdapterWeights
@@ -33,7 +34,6 @@ class AdapterManager:
         self.num_slots = num_slots
         self.device = device
         self.on_evict = on_evict
-        self.dtype = next(iter(layers.values())).lora_a.dtype if layers else torch.float32
         self.slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order: oldest first
         self.pinned: set[AdapterKey] = set()
         self.loads = 0
@@ -48,17 +48,17 @@ class AdapterManager:
         used = set(self.slot_of.values())
         return [s for s in range(self.num_slots) if s not in used]
 
-    def activate(self, row_keys: list[AdapterKey | None], weights: Callable[[AdapterKey], AdapterWeights],
-                 tokens_per_row: int) -> AdapterMapping:
+    def activate(self, seq_keys: list[AdapterKey | None], seq_tokens: list[int],
+                 weights: Callable[[AdapterKey], AdapterWeights]) -> AdapterMapping:
         """Make every adapter of this step resident, then publish the step's mapping to the layers.
 
-        row_keys: the adapter of each batch row (None = base). The scheduler guarantees at most
-        ``num_slots`` distinct adapters per step, so a slot can always be found.
+        seq_keys: the adapter of each sequence of the flat batch (None = base), in batch order; seq_tokens: how
+        many consecutive tokens each has. The scheduler guarantees at most ``num_slots`` distinct adapters per
+        step, so a slot can always be found.
         """
-        self.reserve(row_keys, weights)
-        row_slots = [NO_SLOT if k is None else self.slot_of[k] for k in row_keys]
-        mapping = AdapterMapping.build(row_slots, tokens_per_row, self.num_slots, self.device, self.dtype,
-                                       self.max_run)
+        self.reserve(seq_keys, weights)
+        slots = np.array([NO_SLOT if k is None else self.slot_of[k] for k in seq_keys], dtype=np.int64)
+        mapping = AdapterMapping.build(np.repeat(slots, seq_tokens), self.num_slots, self.device, self.max_run)
         self.holder.mapping = mapping
         return mapping
 
@@ -113,6 +113,10 @@ class AdapterManager:
         for key in [k for k in self.slot_of if k[0] == name]:
             self.evict(key)
         self.pinned = {k for k in self.pinned if k[0] != name}
+
+    def pin(self, key: AdapterKey) -> None:
+        """Keep ``key``'s slot unless nothing else can be evicted (an operator-pinned adapter)."""
+        self.pinned.add(key)
 
     def resident(self, key: AdapterKey) -> bool:
         return key in self.slot_of

@@ -51,6 +51,7 @@ class AdapterEntry:
     last_used: float | None = None
     load_seconds: float | None = None
     info: dict = field(default_factory=dict)  # kind, rank, size_bytes: known after the first load
+    content_hash: bytes = b""  # of the weights last loaded (AdapterWeights.content_hash): keys its KV blocks
 
     @property
     def key(self) -> tuple[str, int]:
@@ -200,6 +201,7 @@ class AdapterStore:
             entry.error = None
             entry.load_seconds = time.perf_counter() - start
             entry.info = {"type": weights.kind, "rank": weights.rank, "size_bytes": weights.nbytes}
+            entry.content_hash = bytes.fromhex(weights.content_hash)
             if self.entries.get(entry.name) is entry:
                 entry.weights = weights
                 self.host[entry.key] = entry

@@ -94,6 +94,9 @@ class AdapterWeights:
     base_model_name_or_path: str | None = None
     config: dict = field(default_factory=dict)
     packed: dict[int, PackedBank] = field(default_factory=dict)  # bank number -> stacked tensors
+    # SHA-256 (hex) of the canonical config JSON and the weights (header and bytes): what the adapter computes,
+    # whatever it is called; prefix-cache blocks are keyed by it
+    content_hash: str = ""
     _nbytes: int | None = field(default=None, repr=False)
 
     @property

@@ -5,7 +5,9 @@ vLLM's names (dashboards, GuideLLM and the Gateway API Inference Extension read 
   vllm:inter_token_latency_seconds   between consecutive tokens      (histogram)
   vllm:e2e_request_latency_seconds   arrival -> last token           (histogram)
   vllm:request_queue_time_seconds    arrival -> first scheduled      (histogram)
-  vllm:num_requests_running / vllm:num_requests_waiting               (gauges, read from engine.stats())
+  vllm:num_requests_running / vllm:num_requests_waiting / vllm:kv_cache_usage_perc   (gauges, engine.stats())
+  vllm:prefix_cache_queries / vllm:prefix_cache_hits   prompt tokens looked up / found (counters)
+  vllm:num_preemptions                                 requests preempted for KV blocks (counter)
   vllm:lora_requests_info{max_lora,running_lora_adapters,waiting_lora_adapters} = unix time of the update;
       as in vLLM the labels carry the state, but only the latest label set is kept (bounded cardinality).
   vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:request_success_total{finished_reason}
@@ -59,8 +61,14 @@ class Metrics:
                              registry=reg).labels(self.model_name)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", lbl,
                              registry=reg).labels(self.model_name)
-        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage: 1 = every row holds max_model_len tokens.",
-                              lbl, registry=reg).labels(self.model_name)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage: share of the paged cache's blocks held "
+                              "by sequences (1 = full).", lbl, registry=reg).labels(self.model_name)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      lbl, registry=reg).labels(self.model_name)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", lbl,
+                                   registry=reg).labels(self.model_name)
+        self.preemptions = Counter("vllm:num_preemptions", "Requests preempted (KV blocks ran out; recomputed "
+                                   "later).", lbl, registry=reg).labels(self.model_name)
         self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting adapters; value = update time.",
                                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=reg)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", lbl,
@@ -90,6 +98,13 @@ class Metrics:
                                       buckets=LOAD_BUCKETS, registry=reg)
 
     # --- engine observer -------------------------------------------------------------------------
+    def on_prefix_cache(self, queries: int, hits: int) -> None:
+        self.prefix_queries.inc(queries)
+        self.prefix_hits.inc(hits)
+
+    def on_preempt(self, count: int) -> None:
+        self.preemptions.inc(count)
+
     def on_token(self, req, now: float) -> None:
         last = self._last_token.get(req.request_id)
         if last is not None:

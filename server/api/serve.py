@@ -172,7 +172,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def _build_engine(config):
-    from server.engine.engine import AsyncEngine
+    from server.engine.async_engine import AsyncEngine
 
     return AsyncEngine(config)
 
@@ -211,8 +211,9 @@ def log_startup(engine, server_config: ServerConfig, seconds: float | None = Non
     log.info("model %s loaded%s, served as %r", info["model"], took, engine.model_name)
     log.info("device=%s dtype=%s quantization=%s threads=%s max_model_len=%d max_num_seqs=%d", info["device"],
              info["dtype"], info["quantization"], info["threads"], info["max_model_len"], cfg.max_num_seqs)
-    log.info("memory: parameters %s, KV cache up to %s, adapter slots %s; %s", _mib(info["parameter_bytes"]),
-             _mib(info["kv_cache_bytes"]), _mib(info["slot_bytes"]), info["memory"])
+    log.info("memory: parameters %s, KV cache %s (%s), adapter slots %s; %s", _mib(info["parameter_bytes"]),
+             _mib(info["kv_cache_bytes"]), info.get("kv_cache", "layout unknown"), _mib(info["slot_bytes"]),
+             info["memory"])
     names = [a.get("name") for a in engine.list_adapters()]
     log.info("adapters: %d loaded %s; max_loras=%d max_lora_rank=%d max_cpu_loras=%d roots=%s", len(names),
              names, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras, cfg.adapter_roots or "none")
@@ -232,26 +233,20 @@ def _mib(nbytes: int | None) -> str:
 
 
 def describe(engine) -> dict:
-    """What the engine reports about itself (engine.describe() when it has one), with fallbacks read off the
-    runner (engine.engine.runner) and the config."""
+    """What the engine reports about itself (engine.describe(): a test double may have none), completed from
+    the config."""
     import torch
-
-    from server.engine.loader import parameter_bytes
 
     cfg = engine.config
     info = dict(engine.describe()) if callable(getattr(engine, "describe", None)) else {}
-    runner = getattr(getattr(engine, "engine", None), "runner", None)  # until the engine has describe()
-    model = getattr(runner, "model", None)
-    kv = getattr(runner, "kv", None)
     info.setdefault("model", cfg.model)
-    info.setdefault("device", str(getattr(runner, "device", cfg.device)))
-    info.setdefault("dtype", str(getattr(runner, "dtype", cfg.dtype)).removeprefix("torch."))
+    info.setdefault("device", cfg.device)
+    info.setdefault("dtype", cfg.dtype)
     info.setdefault("quantization", cfg.quantization)
     info.setdefault("threads", torch.get_num_threads())
-    info.setdefault("max_model_len", getattr(runner, "max_len", cfg.max_model_len))
-    info.setdefault("parameter_bytes", parameter_bytes(model) if model is not None else None)
-    info.setdefault("kv_cache_bytes", getattr(kv, "max_nbytes", None))  # the ceiling it may grow to
-    info.setdefault("slot_bytes", getattr(runner, "slot_bytes", None))
+    info.setdefault("max_model_len", cfg.max_model_len)
+    for key in ("parameter_bytes", "kv_cache_bytes", "slot_bytes"):
+        info.setdefault(key, None)
     info.setdefault("memory", memory_summary(info["device"]))
     return info
 

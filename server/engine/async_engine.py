@@ -133,8 +133,13 @@ class AsyncEngine:
                 self._heap_frozen = False
 
     def _warmup(self) -> None:
+        """One short request through the whole step (scheduler, blocks, forward, sampler) before the port says
+        ready; it leaves nothing behind (its 4 tokens fill no block, so the prefix cache stays empty)."""
         eng = self.engine
-        eng.runner.prefill(0, [[eng.tokenizer.eos_token_id or 0] * 4], [None], eng.store.weights)
+        req = Request("warmup", [eng.tokenizer.eos_token_id or 0] * 4, SamplingParams(max_tokens=1, temperature=0))
+        eng.scheduler.add(req)
+        while eng.scheduler.has_work:
+            eng.step()
 
     # ---- the step thread --------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -151,19 +156,11 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception:  # a failed step must not kill the server: fail its requests, keep going
                 log.exception("engine step failed")
-                outputs = self._fail_all()
+                outputs = self.engine.fail_all(None)
             for req, out in outputs:
                 self._loop.call_soon_threadsafe(self._deliver, req.request_id, out)
             if not outputs and self.engine.scheduler.has_work:
                 time.sleep(0.002)  # only waiting requests whose adapters are loading: do not spin
-
-    def _fail_all(self):
-        eng = self.engine
-        outs = []
-        for req in list(eng.scheduler.running) + list(eng.scheduler.waiting):
-            req.aborted = True
-        outs += eng._reap()
-        return outs
 
     def _submit(self, fn: Callable[[], None]) -> None:
         with self._lock:
@@ -282,12 +279,24 @@ class AsyncEngine:
                 "pinned": e.pinned, "in_flight": e.in_flight, "hits": e.hits, "last_used": e.last_used,
                 "source": e.source, "version": e.version}
 
+    def describe(self) -> dict:
+        """What was loaded, where, and what it takes (the start-up log reads it)."""
+        from server.engine.loader import parameter_bytes
+
+        runner, blocks = self.engine.runner, self.engine.blocks
+        return {"model": self.config.model, "device": str(runner.device),
+                "dtype": str(runner.dtype).removeprefix("torch."), "quantization": self.config.quantization,
+                "max_model_len": self.engine.max_len, "parameter_bytes": parameter_bytes(runner.model),
+                "kv_cache_bytes": runner.kv.nbytes, "slot_bytes": runner.slot_bytes,
+                "kv_cache": f"{blocks.pool.num_blocks - 1} blocks of {blocks.block_size} tokens = "
+                            f"{blocks.capacity_tokens} tokens, prefix caching "
+                            f"{'on' if self.config.enable_prefix_caching else 'off'}"}
+
     def stats(self) -> dict:
         sched = self.engine.scheduler
         running = list(sched.running)
         waiting = list(sched.waiting)
-        return {"num_running": len(running), "num_waiting": len(waiting) + len(self._inbox),
+        return {**self.engine.stats(), "num_waiting": len(waiting) + len(self._inbox),
                 "running_adapters": sorted({r.adapter for r in running if r.adapter}),
                 "waiting_adapters": sorted({r.adapter for r in waiting if r.adapter}),
-                "max_loras": self.config.max_loras,
-                "kv_cache_usage": sum(r.num_tokens for r in running) / (self.config.max_num_seqs * self.engine.max_len)}
+                "max_loras": self.config.max_loras}

@@ -1,7 +1,19 @@
-"""Detokenizer: a request's new text each step, never splitting a multi-byte character, with stop checks."""
+"""Detokenizer: a request's new text each step, never splitting a multi-byte character, with stop checks.
+
+Incremental: each step decodes only a short window of the newest tokens, O(1) per token however long the
+output grows (vLLM's scheme). ``req.text`` holds the text of output tokens [0, read_offset); the window starts
+at ``prefix_offset``, a few tokens back, so a tokenizer that merges across token boundaries (byte-level BPE
+pieces of one character, SentencePiece's leading spaces) decodes the new token in context:
+
+    new text = decode(ids[prefix_offset:]) minus decode(ids[prefix_offset:read_offset])
+
+While the window ends inside a UTF-8 character (decodes to U+FFFD) nothing is taken and the window grows.
+"""
 from __future__ import annotations
 
 from server.engine.request import Request
+
+REPLACEMENT = "\ufffd"
 
 
 class Detokenizer:
@@ -21,27 +33,40 @@ class Detokenizer:
     def delta(self, req: Request) -> str:
         """Update ``req.text`` and return the characters that are now safe to emit.
 
-        Holds back an incomplete UTF-8 sequence (decoded as U+FFFD) and, while running, any tail that could
-        still become a stop string. A stop string ends the request (finish_reason "stop") and is not emitted.
+        Holds back an incomplete UTF-8 sequence and, while running, any tail that could still become a stop
+        string. A stop string ends the request (finish_reason "stop") and is not emitted; neither is the EOS or
+        stop token that ended it.
         """
         ids = req.output_token_ids
-        if req.finish_reason == "stop" and ids and ids[-1] in (set(req.params.stop_token_ids) | self.eos_token_ids):
-            ids = ids[:-1]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        req.text = text
+        end = len(ids)
+        if req.finish_reason == "stop" and ids and (ids[-1] in req.params.stop_token_ids
+                                                    or ids[-1] in self.eos_token_ids):
+            end -= 1
+        self._advance(req, end, flush=req.finish_reason is not None)
+        text = req.text
         stops = req.params.stop
-        if stops and len(req.output_token_ids) > req.params.min_tokens:  # vLLM: min_tokens defers stop strings
+        if stops and len(ids) > req.params.min_tokens:  # vLLM: min_tokens defers stop strings
             start = max(0, req.sent_text_len - max(len(s) for s in stops))
-            hits = [(text.find(s, start), s) for s in stops if text.find(s, start) != -1]
+            hits = [i for i in (text.find(s, start) for s in stops) if i != -1]
             if hits:
-                req.text = text = text[:min(i for i, _ in hits)]
+                req.text = text = text[:min(hits)]
                 req.finish_reason = "stop"
-        end = len(text)
-        if req.finish_reason is None:
-            while end > req.sent_text_len and text[end - 1] == "\ufffd":
-                end -= 1
-            if stops:
-                end = min(end, max(req.sent_text_len, end - max(len(s) for s in stops) + 1))
-        new = text[req.sent_text_len:end]
-        req.sent_text_len = max(req.sent_text_len, end)
+        safe = len(text)
+        if req.finish_reason is None and stops:
+            safe = min(safe, max(req.sent_text_len, safe - max(len(s) for s in stops) + 1))
+        new = text[req.sent_text_len:safe]
+        req.sent_text_len = max(req.sent_text_len, safe)
         return new
+
+    def _advance(self, req: Request, end: int, flush: bool) -> None:
+        """Take the text of output tokens [read_offset, end) into ``req.text`` (see the module docstring);
+        ``flush`` takes it even when it ends inside a character (the request is over)."""
+        if end <= req.read_offset:
+            return
+        ids = req.output_token_ids
+        decode = self.tokenizer.decode
+        before = decode(ids[req.prefix_offset:req.read_offset], skip_special_tokens=True)
+        after = decode(ids[req.prefix_offset:end], skip_special_tokens=True)
+        if len(after) > len(before) and (flush or not after.endswith(REPLACEMENT)):
+            req.text += after[len(before):]
+            req.prefix_offset, req.read_offset = req.read_offset, end

@@ -1,5 +1,4 @@
-"""LLMEngine.step() (schedule -> activate adapters -> execute -> update) and AsyncEngine, which runs it on a
-background thread and feeds per-request asyncio queues."""
+"""LLMEngine.step(): schedule -> run -> update, on one flat token batch over the paged KV cache."""
 from __future__ import annotations
 
 import logging
@@ -8,12 +7,14 @@ import time
 import torch
 
 from server.adapters.store import AdapterStore
-from server.config import EngineConfig
+from server.config import EngineConfig, token_budget
+from server.engine.block_manager import BlockManager
+from server.engine.block_pool import BlockPool
 from server.engine.detokenizer import Detokenizer
 from server.engine.request import Request, RequestOutput
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import ScheduledBatch, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,13 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(self.runner.model, self.tokenizer)
         self.store = AdapterStore(config, self.runner.targets, config.model, self.observers,
                                   banks=self.runner.manager.layout, finish=self.runner.prepare_dora)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_loras, config.max_num_batched_tokens,
-                                   config.max_waiting)
+        self.blocks = BlockManager(BlockPool(self.runner.kv.num_blocks, config.enable_prefix_caching),
+                                   config.block_size)
+        if self.max_len > self.blocks.capacity_tokens:
+            raise ValueError(f"--max-model-len {self.max_len} does not fit the KV cache ({self.blocks.capacity_tokens} "
+                             "tokens); raise --kv-cache-memory or lower --max-model-len")
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_loras,
+                                   token_budget(config, self.runner.device.type), config.max_waiting)
         self.sampler = Sampler(self.eos_token_ids, config.seed)
         self.detokenizer = Detokenizer(self.tokenizer, self.eos_token_ids)
 
@@ -40,29 +46,32 @@ class LLMEngine:
     def step(self) -> list[tuple[Request, RequestOutput]]:
         outputs = self._reap()
         batch = self.scheduler.schedule(self._adapter_ready)
-        self._pin(batch.decode + batch.prefill)
-        self.runner.manager.reserve([r.adapter_key for r in batch.decode + batch.prefill], self.store.weights)
-        if batch.decode:
-            logits = self.runner.decode([r.output_token_ids[-1] for r in batch.decode],
-                                        [r.num_tokens - 1 for r in batch.decode],
-                                        [r.adapter_key for r in batch.decode], self.store.weights)
-            outputs += self._update(batch.decode, logits)
-        if batch.prefill:
-            now = time.monotonic()
-            for r in batch.prefill:
-                r.first_scheduled_time = now
-            logits = self.runner.prefill(len(batch.decode), [r.prompt_token_ids for r in batch.prefill],
-                                         [r.adapter_key for r in batch.prefill], self.store.weights)
-            outputs += self._update(batch.prefill, logits)
-        done = [i for i, r in enumerate(self.scheduler.running) if r.finish_reason is not None]
-        self.scheduler.finish_rows(done, self.runner.kv.move_row)
+        if batch.prefix_queries:
+            self._emit("on_prefix_cache", batch.prefix_queries, batch.prefix_hits)
+        if batch.preempted:
+            log.info("KV cache full: preempted %d request(s); they will be recomputed", len(batch.preempted))
+            self._emit("on_preempt", len(batch.preempted))
+        if batch.seqs:
+            logits, sampled = self.runner.execute(batch.seqs, self.store.weights)
+            outputs += self._update(batch, logits, sampled)
         return outputs
 
-    def _update(self, reqs: list[Request], logits: torch.Tensor) -> list[tuple[Request, RequestOutput]]:
-        tokens, logprobs, tops = self.sampler(logits, reqs)
+    def _update(self, batch: ScheduledBatch, logits: torch.Tensor,
+                sampled: list[Request]) -> list[tuple[Request, RequestOutput]]:
+        now = time.monotonic()
+        for req, n in batch.seqs:
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+            req.num_computed_tokens += n
+            self.blocks.commit(req)
+        tokens, logprobs, tops = self.sampler(logits, sampled)
         now = time.monotonic()
         outs = []
-        for req, token, lp, top in zip(reqs, tokens, logprobs, tops):
+        for req, token, lp, top in zip(sampled, tokens, logprobs, tops):
+            if token is None:  # its logits were not finite: its own adapter's doing; no other row is touched
+                outs.append(self._fail(req, "the model produced non-finite logits for this request (its adapter's "
+                                            "weights overflow in this dtype?)"))
+                continue
             req.output_token_ids.append(token)
             if lp is not None:
                 req.output_logprobs.append(lp)
@@ -80,43 +89,43 @@ class LLMEngine:
     def _output(self, req: Request, tokens: list[int], text: str, logprobs, error: str | None = None,
                 top: list | None = None):
         return RequestOutput(req.request_id, tokens, text, logprobs, req.finish_reason,
-                             len(req.prompt_token_ids), len(req.output_token_ids), error, top)
+                             len(req.prompt_token_ids), len(req.output_token_ids), error, top,
+                             req.num_cached_tokens)
+
+    def _fail(self, req: Request, error: str | None) -> tuple[Request, RequestOutput]:
+        req.finish_reason = "abort"
+        self._finished(req)
+        return req, self._output(req, [], "", None, error)
 
     # ---- adapters ---------------------------------------------------------------------------------------
     def _adapter_ready(self, req: Request) -> bool:
         entry = req.adapter_entry
-        if entry is None or entry.weights is not None:
+        if entry is None:
+            return True
+        if entry.weights is not None:
+            if entry.pinned:
+                self.runner.manager.pin(req.adapter_key)
+            req.prefix_identity = entry.content_hash
             return True
         fut = entry.future
         if fut is None or (fut.done() and not _load_failed(fut)):  # evicted from host meanwhile: load again
             self.store.ensure_host(entry)
         return False
 
-    def _pin(self, reqs: list[Request]) -> None:
-        for r in reqs:
-            if r.adapter_entry is not None and r.adapter_entry.pinned:
-                self.runner.manager.pinned.add(r.adapter_key)
-
     def _reap(self) -> list[tuple[Request, RequestOutput]]:
-        """Aborted requests leave (their rows are freed now); waiting requests whose adapter load failed
+        """Aborted requests leave (their blocks are freed now); waiting requests whose adapter load failed
         finish with the load error."""
-        outs = []
-        aborted = [i for i, r in enumerate(self.scheduler.running) if r.aborted]
-        for i in aborted:
-            req = self.scheduler.running[i]
-            req.finish_reason = "abort"
-            self._finished(req)
-            outs.append((req, self._output(req, [], "", None)))
-        self.scheduler.finish_rows(aborted, self.runner.kv.move_row)
+        outs = [self._fail(r, None) for r in list(self.scheduler.running) if r.aborted]
         for req in list(self.scheduler.waiting):
             fut = getattr(req.adapter_entry, "future", None)
             if req.aborted or (fut is not None and fut.done() and _load_failed(fut)):
-                self.scheduler.remove_waiting(req)
-                req.finish_reason = "abort"
                 error = None if req.aborted else f"adapter {req.adapter!r} failed to load: {req.adapter_entry.error}"
-                self._finished(req)
-                outs.append((req, self._output(req, [], "", None, error)))
+                outs.append(self._fail(req, error))
         return outs
+
+    def fail_all(self, error: str) -> list[tuple[Request, RequestOutput]]:
+        """End every request (after a failed step): nothing is left half-run."""
+        return [self._fail(r, error) for r in list(self.scheduler.running) + list(self.scheduler.waiting)]
 
     def drop_device(self, key) -> None:
         if self.runner.manager.resident(key):
@@ -124,10 +133,19 @@ class LLMEngine:
         self.runner.manager.pinned.discard(key)
 
     def _finished(self, req: Request) -> None:
+        self.scheduler.finish(req)
         self.sampler.forget(req.request_id)
         if req.adapter_key is not None and self.store.release(req.adapter_key):
             self.drop_device(req.adapter_key)
         self._emit("on_request_finished", req)
+
+    def stats(self) -> dict:
+        """The step thread's state, read racily by other threads (counts only)."""
+        sched, pool = self.scheduler, self.blocks.pool
+        return {"num_running": len(sched.running), "num_waiting": len(sched.waiting),
+                "kv_cache_usage": pool.usage, "kv_blocks_total": pool.num_blocks - 1,
+                "kv_blocks_free": pool.num_free, "kv_cache_bytes": self.runner.kv.nbytes,
+                "block_size": self.blocks.block_size}
 
     def _emit(self, method: str, *args) -> None:
         for obs in self.observers:
@@ -148,6 +166,3 @@ def _eos_ids(model, tokenizer) -> set[int]:
 def _load_failed(fut) -> bool:
     """A finished host load that produced no weights: it raised, or was cancelled (the store shut down)."""
     return fut.cancelled() or fut.exception() is not None
-
-
-from server.engine.async_engine import AsyncEngine, RequestStream  # noqa: E402  (the public entry point)

@@ -31,8 +31,8 @@ class SamplingParams:
 
 
 class RequestStatus(enum.Enum):
-    WAITING = "waiting"  # queued; its adapter may still be loading
-    RUNNING = "running"  # holds a KV row
+    WAITING = "waiting"  # queued (new, or preempted and to be recomputed); its adapter may still be loading
+    RUNNING = "running"  # holds KV blocks; prefilling (possibly in chunks) or decoding
     FINISHED = "finished"
 
 
@@ -44,6 +44,7 @@ class RequestOutput:
     top_logprobs: per new token, the [(token_id, logprob)] of the ``top_logprobs`` most likely tokens.
     finish_reason: None while running; "stop" (EOS, stop string or stop token), "length" or "abort".
     error: set when the request failed (e.g. its adapter could not be loaded); then finish_reason is "abort".
+    num_cached_tokens: prompt tokens served from cached prefix blocks (OpenAI's usage.prompt_tokens_details).
     """
 
     request_id: str
@@ -55,6 +56,7 @@ class RequestOutput:
     num_output_tokens: int
     error: str | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -78,9 +80,18 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     aborted: bool = False
-    # detokenization state
+    # KV state (BlockManager): tokens [0, num_computed_tokens) have their KV in ``block_ids``
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # of the prompt, served from cached prefix blocks at (re)admission
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # memo of full blocks' content hashes
+    num_registered_blocks: int = 0  # leading blocks already entered in the prefix cache
+    prefix_identity: bytes = b""  # the adapter's content hash (b"" = base model): part of every block hash
+    num_preemptions: int = 0
+    # detokenization state (Detokenizer): text of output tokens [0, read_offset), decoded incrementally
     text: str = ""
-    read_offset: int = 0  # output tokens already turned into text
+    prefix_offset: int = 0
+    read_offset: int = 0
 
     skipped: int = 0  # steps it was passed over because its adapter had no slot (starvation guard)
     sent_text_len: int = 0  # characters of ``text`` already emitted
@@ -96,3 +107,17 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """all_token_ids[start:stop] without building the whole list."""
+        p = len(self.prompt_token_ids)
+        if stop <= p:
+            return self.prompt_token_ids[start:stop]
+        if start >= p:
+            return self.output_token_ids[start - p:stop - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:stop - p]
+
+    @property
+    def prefilling(self) -> bool:
+        """Some of its tokens other than the newest still lack KV (a prompt in chunks, or a recompute)."""
+        return self.num_computed_tokens < self.num_tokens - 1

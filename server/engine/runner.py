@@ -1,35 +1,23 @@
-"""ModelRunner: owns the resident model, its wrapped adapter layers, the device slots and the KV cache, and
-runs one forward (prefill or decode) for a set of rows, returning last-token logits."""
+"""ModelRunner: owns the resident model, its wrapped adapter layers, the device slots and the paged KV cache,
+and runs one forward over a step's flat token batch, returning the logits of the rows to sample."""
 from __future__ import annotations
 
 import logging
 
 import torch
 
-from server.adapters.manager import AdapterKey, AdapterManager
+from server.adapters.manager import AdapterManager
 from server.config import EngineConfig
-from server.engine.kv_cache import KVCache
+from server.engine.attention import PagedAttention, install
+from server.engine.kv_cache import PagedKVCache, budget_bytes
 from server.engine.loader import load_model, pack_cpu_linears, settle_layout
+from server.engine.request import Request
+from server.engine.step_input import StepInput
 from server.layers import kernels
 from server.layers.inject import target_shapes, wrap_model
 from server.layers.mapping import MappingHolder
 
 log = logging.getLogger(__name__)
-
-
-def check_memory(need: int, device: torch.device) -> None:
-    """Refuse to start when the KV cache at its ceiling could not fit: better now than mid-burst."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        try:
-            with open("/proc/meminfo") as f:
-                free = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
-        except (OSError, StopIteration):
-            return
-    if need > free:
-        raise MemoryError(f"the KV cache needs up to {need / 2**30:.1f} GiB at --max-num-seqs x --max-model-len "
-                          f"but only {free / 2**30:.1f} GiB is free on {device}; lower --max-num-seqs or --max-model-len")
 
 
 def lora_kernel_max_run(choice: str, device: torch.device, dtype: torch.dtype) -> int:
@@ -66,10 +54,17 @@ class ModelRunner:
         self.manager = AdapterManager(self.layers, self.holder, config.max_loras, self.device,
                                       max_run=lora_kernel_max_run(config.lora_kernel, self.device, self.dtype))
         self.max_len = min(config.max_model_len, self._model_max_len())
-        self.kv = KVCache.for_model(self.model.config, config.max_num_seqs, self.max_len, self.dtype, self.device)
-        check_memory(self.kv.max_nbytes, self.device)
+        useful = 2 * config.max_num_seqs * self.max_len * PagedKVCache.block_bytes(self.model.config, 1, self.dtype)
+        self.kv = PagedKVCache.for_model(self.model.config, budget_bytes(config.kv_cache_memory, self.device, useful),
+                                         config.block_size, self.dtype, self.device)
+        self.attention = PagedAttention(self.kv)
+        install(self.model, self.attention)
         self.backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         self.vocab_size = self.head.out_features
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens; --kv-cache-memory %s), prefix caching %s",
+                 self.kv.num_blocks - 1, config.block_size, self.kv.nbytes / 2**20,
+                 (self.kv.num_blocks - 1) * config.block_size, config.kv_cache_memory,
+                 "on" if config.enable_prefix_caching else "off")
 
     def _model_max_len(self) -> int:
         cfg = self.model.config.get_text_config()
@@ -91,42 +86,17 @@ class ModelRunner:
         return sum(b.numel() * b.element_size() for l in self.layers.values() for b in (l.lora_a, l.lora_b))
 
     @torch.inference_mode()
-    def prefill(self, start: int, prompts: list[list[int]], row_keys: list[AdapterKey | None],
-                weights) -> torch.Tensor:
-        """Fresh rows [start, start+n) with their prompts (right-padded); returns logits [n, vocab] (float32)."""
-        n, q_len = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((n, q_len), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-        pos = torch.arange(q_len, device=self.device)
-        mask = (pos[None, :] <= pos[:, None]).expand(n, 1, q_len, q_len)  # [n, 1, q, k] causal
-        self.kv.reserve(q_len)
-        self.kv.bind_prefill(start, start + n, q_len)
-        self.manager.activate(row_keys, weights, q_len)
-        hidden = self._forward(ids.to(self.device), mask, pos.expand(n, q_len))  # [n, q, hidden]
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self._logits(hidden[torch.arange(n, device=self.device), last])
-
-    @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int], row_keys: list[AdapterKey | None],
-               weights) -> torch.Tensor:
-        """Rows 0..n-1 each feed one token at its own position; returns logits [n, vocab] (float32)."""
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # [n]
-        self.kv.reserve(max(positions) + 1)
-        self.kv.bind_decode(pos)
-        cols = torch.arange(self.kv.binding.kv_len, device=self.device)
-        mask = (cols[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, kv_len]
-        self.manager.activate(row_keys, weights, 1)
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-        hidden = self._forward(ids, mask, pos[:, None])
-        return self._logits(hidden[:, -1])
-
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def execute(self, seqs: list[tuple[Request, int]], weights) -> tuple[torch.Tensor, list[Request]]:
+        """One forward over ``seqs`` (each request and how many tokens it computes from its
+        ``num_computed_tokens``; its blocks already allocated). Returns the logits [S, vocab] (float32) of the
+        requests that reach their last token, and those requests, in the same order."""
+        step = StepInput.build(seqs, self.kv.block_size, self.device)
+        self.manager.activate([r.adapter_key for r, _ in step.seqs], [n for _, n in step.seqs], weights)
+        self.attention.meta = step.attention
         try:
-            out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, cache=self.kv, use_cache=True)
+            out = self.backbone(input_ids=step.input_ids[None], position_ids=step.positions[None], use_cache=False)
         finally:
             self.manager.clear()
-        return out.last_hidden_state
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden).float()
+            self.attention.meta = None
+        hidden = out.last_hidden_state[0]  # [T, hidden]
+        return self.head(hidden.index_select(0, step.sample_rows)).float(), step.sampled

@@ -29,14 +29,21 @@ class Sampler:
         return gen
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list, list]:
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int | None], list, list]:
         """logits: [rows, vocab] float32 (one row per request). Returns per row: the token, its logprob (or
-        None) and the top_logprobs [(token_id, logprob)] (or None) of the raw model distribution."""
+        None) and the top_logprobs [(token_id, logprob)] (or None) of the raw model distribution. A row whose
+        logits are not all finite gets token None (the engine fails that request alone)."""
         plain = [self._plain_greedy(r) for r in requests]
         fast = logits.argmax(-1).tolist() if any(plain) else None  # one batched argmax for the common case
+        finite = torch.isfinite(logits).all(-1).tolist()
         logits = logits.cpu()
         tokens, logprobs, tops = [], [], []
         for i, (row, req) in enumerate(zip(logits, requests)):
+            if not finite[i]:
+                tokens.append(None)
+                logprobs.append(None)
+                tops.append(None)
+                continue
             if plain[i]:
                 token = fast[i]
             elif req.params.greedy:

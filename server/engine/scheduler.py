@@ -1,36 +1,60 @@
-"""Scheduler: who runs this step. Iteration-level: requests join and leave the running batch between steps.
+"""Scheduler: which requests compute how many tokens this step, within a token budget and the KV blocks.
 
-Rules, in order: running requests always decode; waiting requests are admitted FCFS while a KV row is free,
-the prefill token budget allows, and the step would hold at most ``max_loras`` distinct adapters. A request
-whose adapter is still loading, or has no slot, is passed over (others behind it may go); once it has been
-passed over ``starvation_steps`` times, nothing behind it is admitted until it runs.
+Iteration-level and token-level: requests join and leave between steps, and a step computes exactly the
+tokens scheduled (a decode token per running sequence plus prefill chunks), never padding. Rules, in order:
+
+1. Running requests that decode get their one token first (oldest first), so a long prompt arriving never
+   delays the running streams by more than the chunk it shares their step with.
+2. Running requests still prefilling (a prompt in chunks, or a preempted one being recomputed) get chunks
+   from what budget is left: ``min(tokens left, budget)``.
+3. Waiting requests are admitted FCFS while a sequence slot (``max_num_seqs``), budget and KV blocks are free
+   and the step would hold at most ``max_loras`` distinct adapters; their prompt starts after its longest
+   cached prefix. A request whose adapter is still loading, or has no slot, is passed over (others behind it
+   may go); once passed over ``starvation_steps`` times, nothing behind it is admitted until it runs.
+4. When a running request needs a block and none is free, the newest running request is preempted: its blocks
+   are freed and it goes back to the front of the queue, to be recomputed from its tokens later (its output so
+   far is kept, and prefix caching usually gives most of it back). Admission never preempts.
+
+The budget counts the tokens computed, so it bounds a step's cost.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
+from server.engine.block_manager import BlockManager
 from server.engine.request import Request, RequestStatus
 from server.errors import QueueFullError
 
 
 @dataclass
 class ScheduledBatch:
-    decode: list[Request]  # rows 0..len-1, all running before this step
-    prefill: list[Request]  # admitted now; they take rows len(decode).. in this order
+    """seqs: each scheduled request and how many of its tokens this step computes, starting at its
+    ``num_computed_tokens``. preempted: requests that lost their blocks this step (now waiting).
+    prefix_queries / prefix_hits: tokens of the admitted requests looked up in the prefix cache / found."""
+
+    seqs: list[tuple[Request, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.seqs)
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_loras: int, max_num_batched_tokens: int, max_waiting: int,
-                 starvation_steps: int = 32):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_loras: int, max_num_batched_tokens: int,
+                 max_waiting: int, starvation_steps: int = 32):
+        self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_loras = max_loras
         self.token_budget = max_num_batched_tokens
         self.max_waiting = max_waiting
         self.starvation_steps = starvation_steps
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # index == KV row
+        self.running: list[Request] = []  # in admission order: the newest is preempted first
 
     def add(self, req: Request) -> None:
         if len(self.waiting) >= self.max_waiting:
@@ -42,12 +66,39 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self, adapter_ready: Callable[[Request], bool]) -> ScheduledBatch:
-        decode = list(self.running)
-        active = {r.adapter_key for r in decode if r.adapter_key is not None}
-        admitted: list[Request] = []
+        batch = ScheduledBatch()
         budget = self.token_budget
+        decoding = [r for r in self.running if not r.prefilling]
+        prefilling = [r for r in self.running if r.prefilling]
+        for req in decoding + prefilling:
+            if budget <= 0:
+                break
+            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this step
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if self._allocate_or_preempt(req, n, batch):
+                batch.seqs.append((req, n))
+                budget -= n
+        if not batch.preempted:
+            self._admit(batch, budget, adapter_ready)
+        return batch
+
+    def _allocate_or_preempt(self, req: Request, n: int, batch: ScheduledBatch) -> bool:
+        """Blocks for ``n`` more tokens of running ``req``, preempting the newest running requests until they
+        fit; False when ``req`` itself had to go."""
+        while not self.blocks.allocate(req, n):
+            victim = self.running[-1]
+            self.preempt(victim)
+            batch.preempted.append(victim)
+            batch.seqs = [(r, k) for r, k in batch.seqs if r is not victim]  # it may have been scheduled already
+            if victim is req:
+                return False
+        return True
+
+    def _admit(self, batch: ScheduledBatch, budget: int, adapter_ready: Callable[[Request], bool]) -> None:
+        active = {r.adapter_key for r in self.running if r.adapter_key is not None}
         for req in list(self.waiting):
-            if len(decode) + len(admitted) >= self.max_num_seqs:
+            if len(self.running) >= self.max_num_seqs or budget <= 0:
                 break
             if not adapter_ready(req):
                 continue
@@ -57,30 +108,34 @@ class Scheduler:
                 if req.skipped >= self.starvation_steps:
                     break  # let the running adapters drain so this one gets a slot
                 continue
-            cost = len(req.prompt_token_ids)
-            if admitted and cost > budget:
-                break
-            budget -= cost
-            admitted.append(req)
-            if key is not None:
-                active.add(key)
-        for req in admitted:
+            prefix = self.blocks.cached_prefix(req)
+            n = min(req.num_tokens - len(prefix) * self.blocks.block_size, budget)
+            if not self.blocks.allocate(req, n, prefix):
+                break  # FCFS: no KV for the head of the queue now; running requests will free some
             self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-        return ScheduledBatch(decode, admitted)
+            batch.seqs.append((req, n))
+            batch.prefix_queries += req.num_tokens
+            batch.prefix_hits += req.num_computed_tokens
+            budget -= n
+            if key is not None:
+                active.add(key)
 
-    def remove_waiting(self, req: Request) -> None:
-        self.waiting.remove(req)
+    def preempt(self, req: Request) -> None:
+        """Free ``req``'s blocks and queue it first, to be recomputed (prompt and output so far) later."""
+        self.running.remove(req)
+        self.blocks.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request) -> None:
+        """``req`` is done (finished, aborted or failed): free its blocks, wherever it is."""
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.blocks.free(req)
         req.status = RequestStatus.FINISHED
-
-    def finish_rows(self, rows: list[int], move_row: Callable[[int, int, int], None]) -> None:
-        """Free finished rows, keeping running rows dense by moving the last row into each hole."""
-        for i in sorted(rows, reverse=True):
-            last = len(self.running) - 1
-            self.running[i].status = RequestStatus.FINISHED
-            if i != last:
-                moved = self.running[last]
-                move_row(last, i, moved.num_tokens - 1)
-                self.running[i] = moved
-            self.running.pop()

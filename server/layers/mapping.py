@@ -18,9 +18,7 @@ ALONE_MAX_RUN = 16
 
 @dataclass(frozen=True)
 class AdapterMapping:
-    """Per-step routing of tokens to adapter slots.
-
-    For a step whose input is ``[num_rows, tokens_per_row]``, token ``i`` belongs to row ``i // tokens_per_row``.
+    """Per-step routing of the flat batch's tokens to adapter slots.
 
     segments:     ((slot, token_index [n_slot] | None), ...) one entry per distinct slot in the step;
                   token_index None means "every token" (the whole step uses one slot).
@@ -45,27 +43,24 @@ class AdapterMapping:
         return not self.slots
 
     @classmethod
-    def build(cls, row_slots: list[int], tokens_per_row: int, num_slots: int,
-              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    def build(cls, token_slots, num_slots: int, device: torch.device | str = "cpu",
               max_run: int = 0) -> "AdapterMapping":
-        """row_slots: one slot (or NO_SLOT) per batch row. ``max_run`` > 0 asks for ``runs`` (CPU only)."""
-        present = frozenset(s for s in row_slots if s != NO_SLOT)
+        """token_slots: one slot (or NO_SLOT) per token of the step's flat batch ([num_tokens], any int
+        sequence). ``max_run`` > 0 asks for ``runs`` (CPU only)."""
+        tokens = np.asarray(token_slots, dtype=np.int64)  # [num_tokens]
+        present = frozenset(int(s) for s in np.unique(tokens) if s != NO_SLOT)
         if not present:
             return cls()
-        if len(set(row_slots)) == 1:  # whole step on one adapter: no gathers at all
-            slot = row_slots[0]
-            n = len(row_slots) * tokens_per_row
-            index = torch.full((n,), slot, dtype=torch.long, device=device)
-            runs = SlotRuns.build(row_slots, tokens_per_row, min(max_run, ALONE_MAX_RUN)) if max_run else None
+        if len(present) == 1 and tokens[0] != NO_SLOT and (tokens == tokens[0]).all():  # one adapter: no gathers
+            slot = int(tokens[0])
+            index = torch.full((len(tokens),), slot, dtype=torch.long, device=device)
+            runs = SlotRuns.build(tokens, min(max_run, ALONE_MAX_RUN)) if max_run else None
             return cls(((slot, None),), index, present, runs=runs)
-        runs = SlotRuns.build(row_slots, tokens_per_row, max_run) if max_run else None
-        rows = torch.tensor(row_slots, dtype=torch.long)
-        tokens = rows.repeat_interleave(tokens_per_row)  # [num_tokens]
-        segments = tuple(
-            (slot, torch.nonzero(tokens == slot).flatten().to(device)) for slot in sorted(present)
-        )
-        scale_index = torch.where(tokens == NO_SLOT, num_slots, tokens).to(device)
-        groups = None if runs is not None else SlotGroups.build(tokens, present, device, dtype)
+        runs = SlotRuns.build(tokens, max_run) if max_run else None
+        t = torch.from_numpy(tokens)
+        segments = tuple((slot, torch.nonzero(t == slot).flatten().to(device)) for slot in sorted(present))
+        scale_index = torch.where(t == NO_SLOT, num_slots, t).to(device)
+        groups = None if runs is not None else SlotGroups.build(t, present, device)
         return cls(segments, scale_index, present, groups, runs)
 
 
@@ -83,9 +78,9 @@ class SlotRuns:
     slots: np.ndarray
 
     @classmethod
-    def build(cls, row_slots: list[int], tokens_per_row: int, max_run: int) -> "SlotRuns | None":
-        """None when some slot has more than ``max_run`` tokens (GEMM-shaped: torch's path is faster)."""
-        tokens = np.repeat(np.asarray(row_slots, dtype=np.int64), tokens_per_row)  # [num_tokens]
+    def build(cls, tokens: np.ndarray, max_run: int) -> "SlotRuns | None":
+        """tokens: [num_tokens] int64 slot per token. None when some slot has more than ``max_run`` tokens
+        (GEMM-shaped: torch's path is faster)."""
         live = np.flatnonzero(tokens != NO_SLOT)
         order = live[np.argsort(tokens[live], kind="stable")]
         slots, counts = np.unique(tokens[order], return_counts=True)
@@ -117,7 +112,7 @@ class SlotGroups:
     MAX_PADDING = 2.0  # grouped only while padded entries <= this x real tokens (+ a small constant)
 
     @classmethod
-    def build(cls, tokens: torch.Tensor, present: frozenset[int], device, dtype) -> "SlotGroups | None":
+    def build(cls, tokens: torch.Tensor, present: frozenset[int], device) -> "SlotGroups | None":
         lo, hi = min(present), max(present) + 1
         counts = torch.bincount(tokens[tokens != NO_SLOT] - lo, minlength=hi - lo)  # [hi - lo]
         width = int(counts.max())

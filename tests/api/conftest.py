@@ -53,7 +53,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def live_server(engine_config: EngineConfig, server_config: ServerConfig | None = None):
     """Build the engine, serve create_app() with uvicorn on a thread, yield a LiveServer, stop it."""
-    from server.engine.engine import AsyncEngine
+    from server.engine.async_engine import AsyncEngine
 
     port = free_port()
     server_config = server_config or ServerConfig()

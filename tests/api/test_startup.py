@@ -26,7 +26,7 @@ class Gated:
         self.failed: list = []
 
     def __call__(self, config):
-        from server.engine.engine import AsyncEngine
+        from server.engine.async_engine import AsyncEngine
 
         assert self.release.wait(60)
         if self.error is not None:
@@ -94,7 +94,7 @@ def test_failed_load_reports_and_stops(tiny_model_dir):
 
 
 def test_startup_log_names_model_memory_adapters_and_admin_access(tiny_model_dir, caplog):
-    from server.engine.engine import AsyncEngine
+    from server.engine.async_engine import AsyncEngine
 
     engine = AsyncEngine(engine_config(tiny_model_dir, max_loras=3, max_lora_rank=8, adapter_roots=["/srv/ad"]))
     runner = engine.engine.runner
@@ -106,7 +106,7 @@ def test_startup_log_names_model_memory_adapters_and_admin_access(tiny_model_dir
     text = caplog.text
     assert str(tiny_model_dir) in text and "loaded in 1.5s" in text
     assert "device=cpu dtype=float32 quantization=none" in text
-    assert f"KV cache up to {runner.kv.max_nbytes / 2**20:.1f} MiB" in text
+    assert f"KV cache {runner.kv.nbytes / 2**20:.1f} MiB ({runner.kv.num_blocks - 1} blocks of 16 tokens" in text
     assert f"adapter slots {runner.slot_bytes / 2**20:.1f} MiB" in text and "parameters " in text
     assert "max_loras=3 max_lora_rank=8" in text and "/srv/ad" in text
     assert "admin routes: loopback clients only" in text

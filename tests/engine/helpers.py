@@ -11,7 +11,8 @@ import torch
 
 import support
 from server.config import EngineConfig
-from server.engine.engine import AsyncEngine, LLMEngine
+from server.engine.async_engine import AsyncEngine
+from server.engine.engine import LLMEngine
 from server.engine.request import Request, RequestOutput, SamplingParams
 
 

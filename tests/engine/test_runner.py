@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import peft_model_for
+from support import Rows, peft_model_for
 from safetensors.torch import load_file, save_file
 
 from server.adapters.formats import WEIGHTS_FILE, AdapterFormatError, check_against_base, load_adapter_dir
@@ -53,7 +53,7 @@ def test_dora_factors_never_computed_on_the_step_thread(runner, adapters, monkey
     assert w.packed and all(p.out_scale is not None for p in w.packed.values())
     assert all(m.dora_scale is not None and m.b is None for m in w.modules.values())
     monkeypatch.setattr(adapter_linear, "dense_weight", lambda layer: pytest.fail("base weight read at activation"))
-    runner.manager.activate([("dora", 0)], lambda k: w, 1)
+    runner.manager.activate([("dora", 0)], [1], lambda k: w)
     runner.manager.evict(("dora", 0))
 
 
@@ -76,7 +76,7 @@ def test_bank_fill_equals_layer_by_layer_fill(runner, adapters, name):
     states = []
     for w in (per_layer, packed):
         for key, weights in ((("lora2", 0), load_adapter_dir(adapters["lora2"], "lora2")), ((name, 0), w)):
-            runner.manager.activate([key], lambda k, w=weights: w, 1)
+            runner.manager.activate([key], [1], lambda k, w=weights: w)
             states.append(slot_state(runner, runner.manager.slot_of[key]))
             runner.manager.evict(key, clear=key[0] != "lora2")  # the second adapter takes lora2's dirty slot
     for path, (rank, ins, outs, tensors) in states[1].items():
@@ -117,16 +117,17 @@ def evict_all(runner):
 def test_more_adapters_than_slots_evict_and_reload_stay_exact(runner, host, oracle):
     """Rows 0-3 decode greedily; before every other step a new request's prefill (rows 4-7) needs four other
     adapters, evicting all of the running ones, which the next decode must reload into whatever slot is free."""
+    rows = Rows(runner)
     running, others = ["lora", "dora", None, "ia3"], ["rslora", "lora_pattern", "adalora", "lora2"]
     evict_all(runner)  # the runner is shared by every ``host`` mode
     prompts = prompts_of([6, 3, 9, 5])
     loads0 = runner.manager.loads
-    step_logits = [runner.prefill(0, prompts, keys(running), host)]
+    step_logits = [rows.prefill(0, prompts, keys(running), host)]
     fed = [[] for _ in prompts]
     for step in range(6):
         if step % 2 == 0:
             other_prompts = prompts_of([4, 7, 2, 8], seed=step + 1)
-            got = runner.prefill(4, other_prompts, keys(others), host)
+            got = rows.prefill(4, other_prompts, keys(others), host)
             for i, name in enumerate(others):
                 ref = oracle(name, other_prompts[i])[-1]
                 assert (got[i] - ref).abs().max().item() <= 1e-4, f"{name} after taking a used slot"
@@ -134,7 +135,7 @@ def test_more_adapters_than_slots_evict_and_reload_stay_exact(runner, host, orac
         tokens = step_logits[-1].argmax(-1).tolist()
         for row, t in zip(fed, tokens):
             row.append(t)
-        step_logits.append(runner.decode(tokens, [len(p) + step for p in prompts], keys(running), host))
+        step_logits.append(rows.decode(tokens, host))
     # 3 first loads, then per interloper >= 3 of its adapters plus the 3 running ones reloaded
     assert runner.manager.loads - loads0 >= 3 + 3 * (3 + 3)
     ours = torch.stack(step_logits, 1)  # [rows, steps+1, vocab]
@@ -158,9 +159,10 @@ def assert_slot_fresh(runner, slot):
 
 
 def test_slot_reused_after_evict_is_clean(runner, host, oracle):
+    rows = Rows(runner)
     evict_all(runner)
     prompts = prompts_of([5, 8, 3], seed=7)
-    runner.prefill(0, prompts, keys(["ia3", "dora", None]), host)  # IA3 and DoRA write the scale tables
+    rows.prefill(0, prompts, keys(["ia3", "dora", None]), host)  # IA3 and DoRA write the scale tables
     used = {runner.manager.slot_of["ia3", 0], runner.manager.slot_of["dora", 0]}
     runner.manager.evict(("ia3", 0))
     runner.manager.evict(("dora", 0))
@@ -169,11 +171,11 @@ def test_slot_reused_after_evict_is_clean(runner, host, oracle):
     for layer in runner.layers.values():  # the identity row base tokens read is never written
         assert torch.equal(layer.in_scale[SLOTS], torch.ones_like(layer.in_scale[SLOTS]))
         assert torch.equal(layer.out_scale[SLOTS], torch.ones_like(layer.out_scale[SLOTS]))
-    mixed = runner.prefill(0, prompts, keys(["lora", None, "rslora"]), host)
+    mixed = rows.prefill(0, prompts, keys(["lora", None, "rslora"]), host)
     assert {runner.manager.slot_of["lora", 0], runner.manager.slot_of["rslora", 0]} == used
     for i, name in ((0, "lora"), (2, "rslora")):
         assert (mixed[i] - oracle(name, prompts[i])[-1]).abs().max().item() <= 1e-4
-    unwrapped = runner.prefill(0, prompts, [None] * 3, host)  # no slot in the step: every layer is the bare base
+    unwrapped = rows.prefill(0, prompts, [None] * 3, host)  # no slot in the step: every layer is the bare base
     assert torch.equal(mixed[1], unwrapped[1]), "a base row must not see anything of a reused slot"
     assert (unwrapped[1] - oracle(None, prompts[1])[-1]).abs().max().item() <= 1e-5
 
@@ -254,8 +256,9 @@ def loading(bad_dir, runner, host):
 
 
 def refuse(runner, weights, directory, words, prompts):
+    rows = Rows(runner)
     with pytest.raises(AdapterFormatError) as err:
-        runner.prefill(0, prompts, keys(["lora", "bad", None]), weights)
+        rows.prefill(0, prompts, keys(["lora", "bad", None]), weights)
     msg = str(err.value)
     assert str(directory) in msg, f"error must name the file: {msg}"
     for w in words:
@@ -265,30 +268,33 @@ def refuse(runner, weights, directory, words, prompts):
 
 @pytest.mark.parametrize("case", ["head", "rank", "embedding", "missing-module", "shape"])
 def test_refused_adapter_names_file_and_reason_and_changes_nothing(runner, host, bad, case):
+    rows = Rows(runner)
     directory, words = bad[case]
     evict_all(runner)
     prompts = prompts_of([4, 6, 3], seed=11)
-    runner.prefill(0, prompts, keys(["lora", "dora", None]), host)  # two resident, two free slots
-    before_logits = runner.prefill(0, prompts, keys(["lora", None, None]), host)
+    rows.prefill(0, prompts, keys(["lora", "dora", None]), host)  # two resident, two free slots
+    before_logits = rows.prefill(0, prompts, keys(["lora", None, None]), host)
     before = snapshot(runner)
     refuse(runner, loading(directory, runner, host), directory, words, prompts)
     assert_unchanged(before, snapshot(runner))
-    assert torch.equal(runner.prefill(0, prompts, keys(["lora", None, None]), host), before_logits)
+    assert torch.equal(rows.prefill(0, prompts, keys(["lora", None, None]), host), before_logits)
 
 
 def test_refused_adapter_with_full_slots_evicts_nothing(runner, host, bad):
+    rows = Rows(runner)
     directory, words = bad["rank"]
     evict_all(runner)
     prompts = prompts_of([4, 6, 3], seed=12)
-    runner.prefill(0, prompts + [[7, 8]], keys(["lora", "dora", "ia3", "adalora"]), host)  # all slots full
+    rows.prefill(0, prompts + [[7, 8]], keys(["lora", "dora", "ia3", "adalora"]), host)  # all slots full
     before = snapshot(runner)
     refuse(runner, loading(directory, runner, host), directory, words, prompts)
     assert_unchanged(before, snapshot(runner))
 
 
 def test_too_many_adapters_in_one_step_is_refused_before_touching_slots(runner, host):
+    rows = Rows(runner)
     before = snapshot(runner)
     names = ["lora", "dora", "ia3", "adalora", "rslora"]
     with pytest.raises(RuntimeError, match="5 adapters in one step but only 4 slots"):
-        runner.prefill(0, prompts_of([3] * 5), keys(names), host)
+        rows.prefill(0, prompts_of([3] * 5), keys(names), host)
     assert_unchanged(before, snapshot(runner))

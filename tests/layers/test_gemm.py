@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import peft_model_for
+from support import Rows, peft_model_for
 from torch import nn
 
 from server.adapters.formats import check_against_base, load_adapter_dir
@@ -148,13 +148,14 @@ def test_mixed_batch_on_packed_linears_matches_peft(runners, tiny_model_dir, ada
     keys = [None if n is None else (n, 0) for n in names]
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(6, 300, (n,), generator=gen).tolist() for n in (5, 9, 3, 7)]
-    steps = [runner.prefill(0, prompts, keys, host)]
+    rows = Rows(runner)
+    steps = [rows.prefill(0, prompts, keys, host)]
     fed = [[] for _ in prompts]
     for step in range(4):
         tokens = steps[-1].argmax(-1).tolist()
         for row, t in zip(fed, tokens):
             row.append(t)
-        steps.append(runner.decode(tokens, [len(p) + step for p in prompts], keys, host))
+        steps.append(rows.decode(tokens, host))
     ours = torch.stack(steps, 1)
     for i, name in enumerate(names):
         model = peft_model_for(tiny_model_dir, None if name is None else adapters[name])

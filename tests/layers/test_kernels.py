@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from support import per_token
+
 from server.layers import kernels
 from server.layers.mapping import ALONE_MAX_RUN, NO_SLOT, AdapterMapping, SlotRuns
 from server.layers.ops import lora_segments
@@ -28,7 +30,7 @@ def slot_tensors(ranks, gen):
 
 
 def test_runs_group_tokens_by_slot_in_order():
-    runs = SlotRuns.build([3, NO_SLOT, 1, 3, 1], tokens_per_row=2, max_run=8)
+    runs = SlotRuns.build(per_token([3, NO_SLOT, 1, 3, 1], 2), max_run=8)
     assert runs.slots.tolist() == [1, 3]
     assert runs.starts.tolist() == [0, 4, 8]
     assert runs.order.tolist() == [4, 5, 8, 9, 0, 1, 6, 7]  # slot 1's tokens, then slot 3's; base tokens absent
@@ -36,19 +38,19 @@ def test_runs_group_tokens_by_slot_in_order():
 
 
 def test_a_run_longer_than_max_run_leaves_the_step_to_torch():
-    assert SlotRuns.build([0, 0, 2], tokens_per_row=4, max_run=7) is None  # slot 0 has 8 tokens
-    m = AdapterMapping.build([0, 0, 2], tokens_per_row=4, num_slots=SLOTS, max_run=7)
+    assert SlotRuns.build(per_token([0, 0, 2], 4), max_run=7) is None  # slot 0 has 8 tokens
+    m = AdapterMapping.build(per_token([0, 0, 2], 4), num_slots=SLOTS, max_run=7)
     assert m.runs is None and m.groups is not None  # the bmm path takes it
-    m = AdapterMapping.build([0, 0, 2], tokens_per_row=4, num_slots=SLOTS, max_run=8)
+    m = AdapterMapping.build(per_token([0, 0, 2], 4), num_slots=SLOTS, max_run=8)
     assert m.runs is not None and m.groups is None  # no padded groups are built for a kernel step
 
 
 def test_a_step_on_one_slot_alone_keeps_its_addmm_path_past_a_few_tokens():
-    long_alone = AdapterMapping.build([2, 2], tokens_per_row=ALONE_MAX_RUN, num_slots=SLOTS, max_run=RUN)
+    long_alone = AdapterMapping.build(per_token([2, 2], ALONE_MAX_RUN), num_slots=SLOTS, max_run=RUN)
     assert long_alone.runs is None and long_alone.segments[0][1] is None  # one matmul pair, no gather
-    short_alone = AdapterMapping.build([2, 2], tokens_per_row=ALONE_MAX_RUN // 2, num_slots=SLOTS, max_run=RUN)
+    short_alone = AdapterMapping.build(per_token([2, 2], ALONE_MAX_RUN // 2), num_slots=SLOTS, max_run=RUN)
     assert short_alone.runs is not None
-    with_base = AdapterMapping.build([2, NO_SLOT], tokens_per_row=ALONE_MAX_RUN, num_slots=SLOTS, max_run=RUN)
+    with_base = AdapterMapping.build(per_token([2, NO_SLOT], ALONE_MAX_RUN), num_slots=SLOTS, max_run=RUN)
     assert with_base.runs is not None  # base rows mean a gather anyway: the kernel is the cheaper one
 
 
@@ -57,7 +59,7 @@ def test_max_run_is_short_when_torch_has_threads_to_split_over():
 
 
 def test_mapping_without_max_run_has_no_runs():
-    assert AdapterMapping.build([0, 1], tokens_per_row=1, num_slots=SLOTS).runs is None
+    assert AdapterMapping.build(per_token([0, 1], 1), num_slots=SLOTS).runs is None
 
 
 @pytest.mark.parametrize("rows, tpr", [
@@ -72,7 +74,7 @@ def test_kernel_matches_reference_and_leaves_other_tokens_bit_exact(rows, tpr):
     a, b = slot_tensors(ranks, gen)
     n = len(rows) * tpr
     x, y = torch.randn(n, IN, generator=gen), torch.randn(n, OUT, generator=gen)
-    m = AdapterMapping.build(rows, tpr, SLOTS, max_run=RUN)
+    m = AdapterMapping.build(per_token(rows, tpr), SLOTS, max_run=RUN)
     want = y.clone()
     lora_segments(want, x, a, b, ranks.tolist(), m.segments)
     got = y.clone()
@@ -91,7 +93,7 @@ def test_kernel_reads_slot_tensors_in_place():
     a_np, b_np = a.numpy(), b.numpy()
     ranks = np.array([2, 0, 0, 0], dtype=np.int64)
     x, y = torch.randn(2, IN, generator=gen), torch.zeros(2, OUT)
-    runs = SlotRuns.build([0, 0], 1, RUN)
+    runs = SlotRuns.build(per_token([0, 0], 1), RUN)
     kernels.lora_runs(y, x, a_np, b_np, ranks, runs)
     assert torch.equal(y, torch.zeros(2, OUT))
     a[0, :2].copy_(torch.randn(2, IN, generator=gen))  # a slot fill: copy_ into the same storage

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import ADAPTER_KINDS, peft_model_for
+from support import ADAPTER_KINDS, Rows, peft_model_for
 
 from server.adapters.formats import check_against_base, load_adapter_dir
 from server.config import EngineConfig
@@ -29,10 +29,11 @@ def make_prompts(lengths, vocab: int, seed: int = 0) -> list[list[int]]:
 def run_greedy(runner: ModelRunner, prompts, names, weights, steps: int = STEPS):
     """Prefill then ``steps`` greedy decode steps. Returns logits [rows, steps+1, vocab] and tokens [rows][steps+1]."""
     keys = [None if n is None else (n, 0) for n in names]
-    logits = [runner.prefill(0, prompts, keys, weights)]
+    rows = Rows(runner)
+    logits = [rows.prefill(0, prompts, keys, weights)]
     for step in range(steps):
         fed = logits[-1].argmax(-1).tolist()
-        logits.append(runner.decode(fed, [len(p) + step for p in prompts], keys, weights))
+        logits.append(rows.decode(fed, weights))
     out = torch.stack(logits, 1)
     return out, out.argmax(-1).tolist()
 
@@ -172,8 +173,11 @@ QUANT_STEPS = 5  # bitsandbytes on CPU is slow; prefill + 5 greedy steps still c
 
 # bitsandbytes rounds an int8 layer's input to fp16 before quantizing it, so the ~1e-6 by which a cached decode
 # step and PEFT's full forward differ in fp32 can flip one fp16 rounding: measured 1.3e-3 at one step of five
-# (logits ~2.2, so ~1 fp16 ulp relative), everything else agreeing to 1e-5. Greedy tokens must still be equal.
-QUANT_ATOL = {"nf4": 1e-3, "int8": 2e-3}
+# (logits ~2.2, so ~1 fp16 ulp relative), everything else agreeing to 1e-5. Likewise nf4 on CPUs with
+# AVX512-BF16, where bitsandbytes repacks 4-bit weights and its kernel rounds each input to bf16 (measured on
+# one layer: 1e-6 of input noise changes nothing, a 1.2e-5 difference flips a rounding and moves that layer's
+# output 3.9e-3): 1.1e-3 in the logits at one step of five, base rows exact. Greedy tokens must still be equal.
+QUANT_ATOL = {"nf4": 2e-3, "int8": 2e-3}
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])

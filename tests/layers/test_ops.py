@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from support import randomize_adapter
+from support import per_token, randomize_adapter
 from server.adapters.formats import load_adapter_dir
 from server.layers import kernels
 from server.layers.adapter_linear import AdapterLinear
@@ -43,13 +43,13 @@ def random_slots(ranks, gen):
 # ---------------------------------------------------------------- AdapterMapping.build
 
 def test_mapping_all_base_is_empty():
-    m = AdapterMapping.build([NO_SLOT, NO_SLOT], tokens_per_row=3, num_slots=SLOTS)
+    m = AdapterMapping.build(per_token([NO_SLOT, NO_SLOT], 3), num_slots=SLOTS)
     assert m.empty and m.segments == () and m.scale_index is None and m.slots == frozenset()
 
 
 @pytest.mark.parametrize("rows", [[2], [2, 2, 2]])
 def test_mapping_single_slot_fast_path(rows):
-    m = AdapterMapping.build(rows, tokens_per_row=5, num_slots=SLOTS)
+    m = AdapterMapping.build(per_token(rows, 5), num_slots=SLOTS)
     assert m.segments == ((2, None),)  # no gather: the op applies the slot to every token
     assert torch.equal(m.scale_index, torch.full((5 * len(rows),), 2, dtype=torch.long))
     assert m.slots == frozenset({2})
@@ -57,7 +57,7 @@ def test_mapping_single_slot_fast_path(rows):
 
 def test_mapping_mixed_segments_and_identity_row():
     rows, tpr = [1, NO_SLOT, 3, 1, NO_SLOT], 2
-    m = AdapterMapping.build(rows, tokens_per_row=tpr, num_slots=SLOTS)
+    m = AdapterMapping.build(per_token(rows, tpr), num_slots=SLOTS)
     token_slots = [s for s in rows for _ in range(tpr)]
     assert [s for s, _ in m.segments] == [1, 3]  # one segment per distinct slot, sorted
     for slot, index in m.segments:
@@ -68,7 +68,7 @@ def test_mapping_mixed_segments_and_identity_row():
 
 
 def test_mapping_one_slot_plus_base_rows_is_not_fast_path():
-    m = AdapterMapping.build([0, NO_SLOT], tokens_per_row=3, num_slots=SLOTS)
+    m = AdapterMapping.build(per_token([0, NO_SLOT], 3), num_slots=SLOTS)
     assert len(m.segments) == 1 and m.segments[0][0] == 0 and m.segments[0][1].tolist() == [0, 1, 2]
     assert m.scale_index.tolist() == [0, 0, 0, SLOTS, SLOTS, SLOTS]
 
@@ -81,7 +81,7 @@ def test_lora_segments_matches_per_token_loop(rows):
     ranks, tpr = [3, 0, 8, 1], 3  # slot 1 has rank 0: its adapter does not touch this layer
     a, b = random_slots(ranks, gen)
     x, y = torch.randn(len(rows) * tpr, IN, generator=gen), torch.randn(len(rows) * tpr, OUT, generator=gen)
-    m = AdapterMapping.build(rows, tpr, SLOTS)
+    m = AdapterMapping.build(per_token(rows, tpr), SLOTS)
     token_slots = [s for s in rows for _ in range(tpr)]
     expect = per_token_reference(y, x, a, b, ranks, token_slots)
     got = y.clone()
@@ -165,7 +165,7 @@ def test_adapter_linear_mixed_rows_match_peft(toy, slot_kinds, rows, max_run):
     layer, holder = wrapped(bias, slot_kinds, adapters)
     tpr = 3
     x = torch.randn(len(rows), tpr, IN, generator=torch.Generator().manual_seed(2))
-    holder.mapping = AdapterMapping.build(rows, tpr, SLOTS, max_run=max_run)
+    holder.mapping = AdapterMapping.build(per_token(rows, tpr), SLOTS, max_run=max_run)
     assert (holder.mapping.runs is not None) == bool(max_run)
     with torch.no_grad():
         y = layer(x)  # [rows, tpr, out]
@@ -214,7 +214,7 @@ def test_identity_row_survives_full_slots_and_reset_leaves_no_residue(toy):
     layer.set_slot(1, adapters["lora"][1])  # slot 1 held DoRA
     layer.set_slot(3, adapters["lora"][1])  # slot 3 held input IA3
     x = torch.randn(3, 2, IN)
-    holder.mapping = AdapterMapping.build([1, 3, NO_SLOT], 2, SLOTS)
+    holder.mapping = AdapterMapping.build(per_token([1, 3, NO_SLOT], 2), SLOTS)
     with torch.no_grad():
         y, ref = layer(x), adapters["lora"][0](x)
     torch.testing.assert_close(y[:2], ref[:2], rtol=0, atol=1e-5)
@@ -226,7 +226,7 @@ def test_set_slot_none_means_layer_untouched(toy):
     layer, holder = wrapped(bias, TOY_KINDS, adapters)
     layer.set_slot(1, None)  # e.g. an adapter that does not target this module
     x = torch.randn(2, 4, IN)
-    holder.mapping = AdapterMapping.build([1, 1], 4, SLOTS)
+    holder.mapping = AdapterMapping.build(per_token([1, 1], 4), SLOTS)
     with torch.no_grad():
         assert torch.equal(layer(x), layer.base_layer(x.reshape(-1, IN)).view(2, 4, OUT))
 
@@ -236,7 +236,7 @@ LORA_PATHS = ("segments", "grouped") + (("numba",) if kernels.available() else (
 
 def mapping_for_path(rows, tpr, path: str) -> AdapterMapping:
     """The step's mapping, forced onto one LoRA path (layers take runs, then groups, then segments)."""
-    m = AdapterMapping.build(rows, tpr, SLOTS, max_run=kernels.max_run(1) if path == "numba" else 0)
+    m = AdapterMapping.build(per_token(rows, tpr), SLOTS, max_run=kernels.max_run(1) if path == "numba" else 0)
     if path == "segments":
         m = dataclasses.replace(m, groups=None)
     assert {"numba": m.runs, "grouped": m.groups, "segments": m.segments}[path], path
@@ -285,7 +285,7 @@ def test_lora_grouped_matches_reference(rows, tpr):
     for s, r in enumerate(ranks):  # the layer's invariant: rows past the live rank are zero
         a[s, r:] = 0
         b[s, r:] = 0
-    m = AdapterMapping.build(rows, tokens_per_row=tpr, num_slots=SLOTS)
+    m = AdapterMapping.build(per_token(rows, tpr), num_slots=SLOTS)
     assert m.groups is not None
     n = len(rows) * tpr
     x, y = torch.randn(n, IN, generator=gen), torch.randn(n, OUT, generator=gen)
@@ -302,7 +302,7 @@ def test_lora_grouped_matches_reference(rows, tpr):
 def test_skewed_prefill_falls_back_to_segments():
     """One long prompt on slot 0 and a short one on slot 3: padding every group to the long one would cost
     far more than the loop, so the mapping carries no groups."""
-    m = AdapterMapping.build([0] * 50 + [3], tokens_per_row=8, num_slots=SLOTS)
+    m = AdapterMapping.build(per_token([0] * 50 + [3], 8), num_slots=SLOTS)
     assert m.groups is None and [s for s, _ in m.segments] == [0, 3]
 
 
