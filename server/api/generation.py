@@ -62,6 +62,7 @@ class Choice:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
     error: str | None = None
 
     def add(self, out: RequestOutput) -> None:
@@ -71,6 +72,7 @@ class Choice:
         self.top_logprobs += out.top_logprobs or []
         self.finish_reason = out.finish_reason or self.finish_reason
         self.num_prompt_tokens = out.num_prompt_tokens
+        self.num_cached_tokens = out.num_cached_tokens
         self.error = out.error or self.error
 
 

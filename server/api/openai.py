@@ -180,9 +180,11 @@ class _Call:
             raise
 
     def usage(self, choices: list[Choice]) -> dict:
-        prompt = sum(c.num_prompt_tokens for c in choices if c.index % self.body.n == 0)
+        first = [c for c in choices if c.index % self.body.n == 0]  # the n choices of a prompt share it
+        prompt = sum(c.num_prompt_tokens for c in first)
         completion = sum(len(c.token_ids) for c in choices)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion).model_dump()
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details={"cached_tokens": sum(c.num_cached_tokens for c in first)}).model_dump()
 
     def envelope(self, choices: list[dict], object_suffix: str = "") -> dict:
         return {"id": self.id, "object": self.kind + object_suffix, "created": self.created, "model": self.model,

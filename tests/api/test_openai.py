@@ -206,3 +206,15 @@ def test_top_logprobs_without_logprobs_is_400(server):
         server.openai().chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}],
                                                 max_tokens=2, top_logprobs=2)
     assert "top_logprobs" in str(info.value)
+
+
+def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(server):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: a repeated 40-token prompt finds its first two
+    16-token blocks cached (the last block is always recomputed for its logits)."""
+    client = server.openai()
+    prompt = list(range(40, 80))
+    cold = complete(client, prompt=prompt, max_tokens=2)
+    warm = complete(client, prompt=prompt, max_tokens=2)
+    assert cold.usage.prompt_tokens_details.cached_tokens in (0, 32)  # 32 if an earlier test sent it already
+    assert warm.usage.prompt_tokens_details.cached_tokens == 32
+    assert warm.choices[0].text == cold.choices[0].text
