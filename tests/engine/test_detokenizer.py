@@ -71,3 +71,20 @@ def test_min_tokens_also_defers_stop_strings(llm):
     tok = llm.tokenizer
     req, _ = _feed(Detokenizer(tok, {2}), _byte_tokens(tok, "abcdefgh"), stop=["b"], min_tokens=5)
     assert len(req.output_token_ids) >= 5
+
+
+def test_detokenizer_work_per_token_does_not_grow_with_the_output(llm):
+    """Incremental: each step decodes a window of a few tokens, not the whole output (O(1) per token), and
+    the streamed text is still exactly the whole output decoded at once."""
+    tok = llm.tokenizer
+    decoded_lengths = []
+
+    class Counting:
+        def decode(self, ids, **kw):
+            decoded_lengths.append(len(ids))
+            return tok.decode(ids, **kw)
+
+    tokens = tok.encode("The quick brown fox jumps over the lazy dog. héllo 你好 🙂 " * 20, add_special_tokens=False)
+    req, deltas = _feed(Detokenizer(Counting(), {2}), tokens)
+    assert "".join(deltas) == tok.decode(tokens, skip_special_tokens=True)
+    assert len(tokens) > 300 and max(decoded_lengths) <= 8

