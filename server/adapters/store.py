@@ -1,9 +1,11 @@
 """AdapterStore: adapter names -> sources (adapter roots, explicit paths, allowed Hub ids), the host tier
-(LRU with a count and a byte budget), single-flight loading off the step loop, unload with in-flight safety.
+(LRU with a count and a hard byte budget), single-flight loading off the step loop, unload with in-flight safety.
 
 Tiers: disk (adapter roots, ``adapters_cache/`` for Hub downloads) -> host (AdapterWeights here) -> device
 (AdapterManager slots). ``in_flight`` counts requests admitted against an adapter; while > 0 it is pinned in
 host memory, and an unloaded adapter keeps its weights (as "retired") until the last such request finishes.
+Every read from disk, the first or one after an eviction, re-checks that what it opens lies under the roots
+(AdapterDir); every load reserves its bytes under --max-cpu-lora-bytes before reading (HostBudget).
 """
 from __future__ import annotations
 
@@ -18,7 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from server.adapters.formats import CONFIG_FILE, WEIGHTS_FILE
+import torch
+
+from server.adapters.adapter_dir import AdapterDir, root_of
+from server.adapters.finite import check_finite
+from server.adapters.formats import CONFIG_FILE, WEIGHTS_FILE, check_safetensors_header
+from server.adapters.host_budget import HostBudget, estimate
+from server.adapters.hub_cache import HubCache
+from server.adapters.load_failures import LoadFailure, LoadFailures
 from server.adapters.weights import AdapterWeights
 from server.adapters.load_worker import prepare, shared_worker
 from server.config import EngineConfig, valid_adapter_name
@@ -26,6 +35,14 @@ from server.errors import AdapterError, AdapterNotAllowedError, UnknownAdapterEr
 
 log = logging.getLogger(__name__)
 HUB_ID_RE = re.compile(r"^(?:hub:)?([A-Za-z0-9][A-Za-z0-9_.-]{0,95})/([A-Za-z0-9][A-Za-z0-9_.-]{0,95})(?:@([A-Za-z0-9_.-]{1,64}))?$")
+
+
+def _serving_dtype(config: EngineConfig) -> torch.dtype:
+    """The dtype the device slots hold, resolved from --dtype/--device exactly as the model loader does (for a
+    caller that does not pass its runner's dtype)."""
+    from server.engine.loader import resolve_device, resolve_dtype
+
+    return resolve_dtype(config.dtype, resolve_device(config.device))
 
 
 def _lower_thread_priority() -> None:
@@ -47,6 +64,7 @@ class AdapterEntry:
     error: str | None = None
     in_flight: int = 0
     on_demand: bool = False  # resolved from an adapter root / the Hub by a request, not loaded by an admin
+    trusted: bool = False  # an operator-given path (--lora-modules): read as configured, not held to the roots
     hits: int = 0
     last_used: float | None = None
     load_seconds: float | None = None
@@ -60,20 +78,27 @@ class AdapterEntry:
 class AdapterStore:
     def __init__(self, config: EngineConfig, targets: dict[str, tuple[int, int]], base_model_name: str,
                  observers=(), banks: list[list[str]] | None = None,
-                 finish: Callable[[AdapterWeights], None] | None = None):
+                 finish: Callable[[AdapterWeights], None] | None = None, dtype: torch.dtype | None = None):
         """banks: the device tier's SlotBank layout (AdapterManager.layout); loads pack adapters for it.
-        finish: run on each loaded adapter, still on the loader thread (ModelRunner.prepare_dora)."""
+        finish: run on each loaded adapter, still on the loader thread (ModelRunner.prepare_dora).
+        dtype: what the device slots hold (ModelRunner.dtype); loads refuse adapters whose values would not stay
+        finite in it. Default: resolved from config.dtype and config.device."""
         self.config = config
+        self.dtype = dtype or _serving_dtype(config)
         self.targets = targets
         self.banks = banks
         self.finish = finish
         self.base_model_name = base_model_name
         self.observers = observers
         self.roots = [Path(r).resolve() for r in config.adapter_roots]
+        self.hub = HubCache(str(Path(config.adapters_cache).resolve()), config.adapters_cache_bytes,
+                            config.max_adapter_bytes)
         self.entries: dict[str, AdapterEntry] = {}
         self.retired: dict[tuple[str, int], AdapterEntry] = {}
         self.host: OrderedDict[tuple[str, int], AdapterEntry] = OrderedDict()  # LRU, oldest first
         self.lock = threading.RLock()
+        self.budget = HostBudget(config.max_cpu_lora_bytes, config.cpu_lora_wait, self.lock)
+        self.failures = LoadFailures()
         # one low-priority thread drives the loads (the work itself runs in the loader process, load_worker.py)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load",
                                            initializer=_lower_thread_priority)
@@ -127,17 +152,17 @@ class AdapterStore:
         candidates = [raw] if raw.is_absolute() else [root / raw for root in self.roots]
         for cand in candidates:
             real = Path(os.path.realpath(cand))
-            root = next((r for r in self.roots if real == r or r in real.parents), None)
-            if root is not None and real.is_dir():
-                for f in (CONFIG_FILE, WEIGHTS_FILE):  # a symlinked file must not point outside the root either
-                    target = Path(os.path.realpath(real / f))
-                    if (real / f).exists() and root not in target.parents:
-                        raise AdapterNotAllowedError(f"{real / f}: resolves outside the adapter root {root}")
+            if root_of(real, self.roots) is not None and real.is_dir():
+                with AdapterDir(real, self.roots) as opened:  # symlinked files must not lead out either
+                    opened.check(CONFIG_FILE, WEIGHTS_FILE)
                 return real
         raise AdapterNotAllowedError(f"{source}: not a directory under an --adapter-root "
                                      f"({', '.join(map(str, self.roots))})")
 
-    def register(self, name: str, source: str, pinned: bool = False, replace: bool = False) -> AdapterEntry:
+    def register(self, name: str, source: str, pinned: bool = False, replace: bool = False,
+                 trusted: bool = False) -> AdapterEntry:
+        """``source``: checked by check_source, or ``trusted`` (an operator's --lora-modules path): only then
+        are its reads not held to the adapter roots."""
         if not valid_adapter_name(name):
             raise AdapterError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' (max 128)",
                                param="lora_name")
@@ -146,11 +171,11 @@ class AdapterStore:
                 raise AdapterError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
             if name in self.entries:
                 self._retire(self.entries.pop(name))
-            return self._add(name, source, pinned)
+            return self._add(name, source, pinned, trusted)
 
-    def _add(self, name: str, source: str, pinned: bool) -> AdapterEntry:
+    def _add(self, name: str, source: str, pinned: bool, trusted: bool = False) -> AdapterEntry:
         self._versions += 1
-        entry = self.entries[name] = AdapterEntry(name, source, self._versions, pinned)
+        entry = self.entries[name] = AdapterEntry(name, source, self._versions, pinned, trusted=trusted)
         return entry
 
     def unregister(self, name: str) -> AdapterEntry:
@@ -166,6 +191,7 @@ class AdapterStore:
         if entry.in_flight > 0:
             self.retired[entry.key] = entry
         self.host.pop(entry.key, None)
+        self.budget.freed()
 
     # ---- loading (off the step loop) --------------------------------------------------------------------
     def ensure_host(self, entry: AdapterEntry) -> Future:
@@ -185,18 +211,12 @@ class AdapterStore:
     def _load(self, entry: AdapterEntry) -> AdapterEntry:
         start = time.perf_counter()
         try:
-            directory = self._materialize(entry.source)
-            weights = self._read(directory, entry.name)
-            if self.finish is not None:
-                self.finish(weights)
+            weights, reserved = self._fetch(entry)
         except Exception as e:
-            entry.error = getattr(e, "message", None) or str(e)
-            log.warning("adapter %s failed to load: %s", entry.name, entry.error)
-            with self.lock:  # an on-demand name that cannot load is not listed; the next request retries it
-                if entry.on_demand and self.entries.get(entry.name) is entry:
-                    del self.entries[entry.name]
+            self._failed(entry, e)
             raise
         with self.lock:
+            self.budget.release(reserved)  # the bytes move from the reservation into the tier (or are dropped)
             entry.error = None
             entry.load_seconds = time.perf_counter() - start
             entry.info = {"type": weights.kind, "rank": weights.rank, "size_bytes": weights.nbytes}
@@ -205,6 +225,7 @@ class AdapterStore:
                 self.host[entry.key] = entry
                 self._touch(entry)
                 self._evict_host(keep=entry)  # never the adapter just loaded: someone is about to use it
+                self.failures.forget(entry.name)
             elif entry.key in self.retired:  # unloaded mid-load: serve the in-flight requests, outside the tier
                 entry.weights = weights
         self._emit("on_adapter_event", "load", entry.name, entry.load_seconds)
@@ -212,42 +233,117 @@ class AdapterStore:
                  weights.nbytes / 1e6, entry.load_seconds)
         return entry
 
-    def _read(self, directory: Path, name: str) -> AdapterWeights:
+    def _fetch(self, entry: AdapterEntry) -> tuple[AdapterWeights, int]:
+        """Read ``entry`` within the host budget: reserve its estimated bytes (waiting for room), read, then
+        settle the reservation on its true size. Returns the weights and the bytes reserved for them."""
+        directory = self._materialize(entry.source)
+        roots = self._roots_for(entry)
+        where = str(directory / WEIGHTS_FILE)
+        deadline = self.budget.deadline()
+        reserved = self._estimate(directory, roots)
+        self.budget.reserve(reserved, deadline, self._evict_host, where)
+        try:
+            weights = self._read(directory, entry.name, roots)
+            if self.finish is not None:
+                self.finish(weights)
+                if weights.use_dora:  # its factors (d, the slot's B) were computed just now: check them too
+                    check_finite(weights, self.dtype)
+            actual = weights.nbytes
+            self.budget.check_fits(actual, where)
+            if actual > reserved:
+                self.budget.reserve(actual - reserved, deadline, self._evict_host, where)
+            else:
+                self.budget.release(reserved - actual)
+            reserved = actual
+        except BaseException:
+            self.budget.release(reserved)
+            raise
+        return weights, reserved
+
+    def _estimate(self, directory: Path, roots: list[Path] | None) -> int:
+        """The bytes to reserve before reading (host_budget.estimate of its header), at most the whole budget;
+        _fetch settles on the true size. AdapterError (400) at once for tensor data larger than the budget."""
+        try:
+            opened = AdapterDir(directory, roots)
+        except OSError:
+            return 0  # the read says what is wrong with the directory
+        with opened:
+            f = opened.open(WEIGHTS_FILE)
+            if f is None:
+                return 0  # the read says what is missing
+            with f:
+                header, start = check_safetensors_header(f, directory / WEIGHTS_FILE, self.config.max_adapter_bytes)
+                data = os.fstat(f.fileno()).st_size - start
+        self.budget.check_fits(data, str(directory / WEIGHTS_FILE))
+        return min(estimate(header), self.budget.max_bytes)
+
+    def _failed(self, entry: AdapterEntry, e: Exception) -> None:
+        entry.error = getattr(e, "message", None) or str(e)
+        log.warning("adapter %s failed to load: %s", entry.name, entry.error)
+        with self.lock:  # an on-demand name that cannot load is not listed; the next request retries it
+            if entry.on_demand and self.entries.get(entry.name) is entry:
+                del self.entries[entry.name]
+                self.failures.record(LoadFailure(entry.name, entry.source, entry.error, time.time(),
+                                                 getattr(e, "status_code", 400)))
+
+    def failure(self, name: str) -> LoadFailure | None:
+        """Why the last on-demand load of ``name`` failed, if it did within the last LoadFailures.ttl_s."""
+        with self.lock:
+            return self.failures.get(name)
+
+    def _read(self, directory: Path, name: str, roots: list[Path] | None) -> AdapterWeights:
         """Read, validate against the base and pack one adapter: in the loader process (load_worker.py), or
-        on this thread with --adapter-loader thread."""
+        on this thread with --adapter-loader thread. Both re-check the roots on what they open."""
         load = shared_worker().load if self.config.adapter_loader == "process" else prepare
         return load(directory=str(directory), name=name, max_bytes=self.config.max_adapter_bytes,
                     targets=self.targets, max_rank=self.config.max_lora_rank,
-                    base_model_name=self.base_model_name, banks=self.banks)
+                    base_model_name=self.base_model_name, banks=self.banks,
+                    roots=None if roots is None else [str(r) for r in roots], dtype=self.dtype)
+
+    def _roots_for(self, entry: AdapterEntry) -> list[Path] | None:
+        """What every file read for ``entry`` must resolve under: the Hub cache for Hub adapters, nothing for
+        a trusted operator path, else the adapter roots."""
+        if entry.source.startswith("hub:"):
+            return [self.hub.directory]
+        return None if entry.trusted else self.roots
 
     def _materialize(self, source: str) -> Path:
         if not source.startswith("hub:"):
             return Path(source)
-        from huggingface_hub import snapshot_download
-
         org, repo, revision = HUB_ID_RE.match(source).groups()
-        return Path(snapshot_download(f"{org}/{repo}", revision=revision, cache_dir=self.config.adapters_cache,
-                                      allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]))
+        return self.hub.fetch(f"{org}/{repo}", revision)
 
     def _touch(self, entry: AdapterEntry) -> None:
         entry.last_used = time.time()
         if entry.key in self.host:
             self.host.move_to_end(entry.key)
 
-    def _evict_host(self, keep: AdapterEntry | None = None) -> None:
-        def over() -> bool:
-            total = sum(e.weights.nbytes for e in self.host.values())
-            return len(self.host) > self.config.max_cpu_loras or total > self.config.max_cpu_lora_bytes
-
-        for key in list(self.host):
-            if not over():
+    def _evict_host(self, need: int = 0, keep: AdapterEntry | None = None) -> int:
+        """Evict idle adapters, least recently used first, while the tier is over --max-cpu-loras or, when
+        evicting every idle one would make room, while ``need`` more bytes do not fit --max-cpu-lora-bytes.
+        Pinned and in-flight ones (and ``keep``) stay. Returns the bytes held afterwards (held_bytes)."""
+        held, budget = self.held_bytes(), self.config.max_cpu_lora_bytes
+        idle = [e for e in self.host.values() if not (e.pinned or e.in_flight > 0 or e is keep)]
+        can_fit = held - sum(e.weights.nbytes for e in idle) + need <= budget  # else evicting frees nothing useful
+        for entry in idle:
+            if len(self.host) <= self.config.max_cpu_loras and not (can_fit and held + need > budget):
                 break
-            entry = self.host[key]
-            if entry.pinned or entry.in_flight > 0 or entry is keep:
-                continue
-            del self.host[key]
+            del self.host[entry.key]
+            held -= entry.weights.nbytes
             entry.weights = None
             self._emit("on_adapter_event", "evict_host", entry.name, None)
+        return held
+
+    def held_bytes(self) -> int:
+        """Host bytes of the adapters in the tier and of unloaded ones still serving in-flight requests."""
+        with self.lock:
+            retired = sum(e.weights.nbytes for e in self.retired.values() if e.weights is not None)
+            return sum(e.weights.nbytes for e in self.host.values()) + retired
+
+    def host_bytes(self) -> int:
+        """held_bytes plus the reservation of the load in progress: never above --max-cpu-lora-bytes."""
+        with self.lock:
+            return self.held_bytes() + self.budget.reserved
 
     # ---- used by the engine -----------------------------------------------------------------------------
     def acquire(self, entry: AdapterEntry) -> None:
@@ -266,6 +362,7 @@ class AdapterStore:
                 return False
             entry.in_flight -= 1
             self._evict_host()
+            self.budget.freed()
             if key in self.retired and entry.in_flight == 0:
                 del self.retired[key]
                 entry.weights = None
@@ -290,4 +387,5 @@ class AdapterStore:
                 fn(*args)
 
     def close(self) -> None:
+        self.budget.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
