@@ -18,7 +18,8 @@ from typing import AsyncIterator, Callable
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
 from server.engine.request import Request, RequestOutput, SamplingParams
-from server.errors import AdapterError, InvalidRequestError, NotReadyError, QueueFullError, SwapserveError
+from server.errors import (AdapterError, InvalidRequestError, NotReadyError, QueueFullError, SwapserveError,
+                           UnknownAdapterError)
 
 log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005
@@ -277,6 +278,18 @@ class AsyncEngine:
         store = self.engine.store
         with store.lock:
             return [self._info(e) for e in store.entries.values()]
+
+    def adapter_info(self, name: str) -> dict:
+        """list_adapters' entry for ``name``; UnknownAdapterError (404) otherwise, saying why when its on-demand
+        load failed recently (AdapterStore.failure)."""
+        store = self.engine.store
+        with store.lock:
+            entry = store.entries.get(name)
+            if entry is not None:
+                return self._info(entry)
+        failed = store.failure(name)
+        why = f"is not loaded: {failed.describe()}" if failed else "cannot be found."
+        raise UnknownAdapterError(f"The lora adapter '{name}' {why}", param="name")
 
     def _info(self, e) -> dict:
         tier = ("device" if self.engine.runner.manager.resident(e.key) else
