@@ -1,4 +1,4 @@
-"""AdapterStore: adapter names -> sources (adapter roots, explicit paths, allowed Hub ids), the host tier
+"""AdapterStore: adapter names -> sources (AdapterSources: adapter roots, explicit paths, allowed Hub ids), the host tier
 (LRU with a count and a hard byte budget), single-flight loading off the step loop, unload with in-flight safety.
 
 Tiers: disk (adapter roots, ``adapters_cache/`` for Hub downloads) -> host (AdapterWeights here) -> device
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -22,19 +21,16 @@ from typing import Callable
 
 import torch
 
-from server.adapters.adapter_dir import AdapterDir, root_of
 from server.adapters.finite import check_finite
-from server.adapters.formats import CONFIG_FILE, WEIGHTS_FILE, check_safetensors_header
-from server.adapters.host_budget import HostBudget, estimate
-from server.adapters.hub_cache import HubCache
+from server.adapters.host_budget import HostBudget
 from server.adapters.load_failures import LoadFailure, LoadFailures
+from server.adapters.sources import AdapterSources
 from server.adapters.weights import AdapterWeights
 from server.adapters.load_worker import prepare, shared_worker
 from server.config import EngineConfig, valid_adapter_name
-from server.errors import AdapterError, AdapterNotAllowedError, UnknownAdapterError
+from server.errors import AdapterError, UnknownAdapterError
 
 log = logging.getLogger(__name__)
-HUB_ID_RE = re.compile(r"^(?:hub:)?([A-Za-z0-9][A-Za-z0-9_.-]{0,95})/([A-Za-z0-9][A-Za-z0-9_.-]{0,95})(?:@([A-Za-z0-9_.-]{1,64}))?$")
 
 
 def _serving_dtype(config: EngineConfig) -> torch.dtype:
@@ -90,9 +86,8 @@ class AdapterStore:
         self.finish = finish
         self.base_model_name = base_model_name
         self.observers = observers
-        self.roots = [Path(r).resolve() for r in config.adapter_roots]
-        self.hub = HubCache(str(Path(config.adapters_cache).resolve()), config.adapters_cache_bytes,
-                            config.max_adapter_bytes)
+        self.sources = AdapterSources(config)
+        self.roots = self.sources.roots
         self.entries: dict[str, AdapterEntry] = {}
         self.retired: dict[tuple[str, int], AdapterEntry] = {}
         self.host: OrderedDict[tuple[str, int], AdapterEntry] = OrderedDict()  # LRU, oldest first
@@ -113,51 +108,16 @@ class AdapterStore:
             entry = self.entries.get(name)
             if entry is not None:
                 return entry
-            source = self._on_demand_source(name)
+            source = self.sources.on_demand(name)
             if source is None:
                 raise UnknownAdapterError(f"The model `{name}` does not exist.", param="model")
             entry = self._add(name, source, pinned=False)
             entry.on_demand = True
             return entry
 
-    def _on_demand_source(self, name: str) -> str | None:
-        if valid_adapter_name(name):
-            for root in self.roots:
-                candidate = root / name
-                if (candidate / CONFIG_FILE).is_file():
-                    return str(self.under_roots(str(candidate)))  # refuses symlinks leading outside the root
-            return None
-        if self.config.allow_hub_adapters and HUB_ID_RE.match(name) and self._hub_allowed(name):
-            return "hub:" + name.removeprefix("hub:")
-        return None
-
-    def _hub_allowed(self, source: str) -> bool:
-        org = HUB_ID_RE.match(source).group(1)
-        return org in self.config.hub_adapter_orgs
-
     def check_source(self, source: str) -> str:
-        """Validate an admin-supplied source: a path under an adapter root, or an allowed Hub id."""
-        if HUB_ID_RE.match(source) and not Path(source).exists():
-            if not self.config.allow_hub_adapters:
-                raise AdapterNotAllowedError(f"{source}: Hub adapters are disabled (start with --allow-hub-adapters)")
-            if not self._hub_allowed(source):
-                raise AdapterNotAllowedError(f"{source}: organization not in --hub-adapter-org allowlist")
-            return "hub:" + source.removeprefix("hub:")
-        return str(self.under_roots(source))
-
-    def under_roots(self, source: str) -> Path:
-        if not self.roots:
-            raise AdapterNotAllowedError("loading adapters by path needs an --adapter-root; none is configured")
-        raw = Path(source)
-        candidates = [raw] if raw.is_absolute() else [root / raw for root in self.roots]
-        for cand in candidates:
-            real = Path(os.path.realpath(cand))
-            if root_of(real, self.roots) is not None and real.is_dir():
-                with AdapterDir(real, self.roots) as opened:  # symlinked files must not lead out either
-                    opened.check(CONFIG_FILE, WEIGHTS_FILE)
-                return real
-        raise AdapterNotAllowedError(f"{source}: not a directory under an --adapter-root "
-                                     f"({', '.join(map(str, self.roots))})")
+        """Validate an admin-supplied source (AdapterSources.check)."""
+        return self.sources.check(source)
 
     def register(self, name: str, source: str, pinned: bool = False, replace: bool = False,
                  trusted: bool = False) -> AdapterEntry:
@@ -236,46 +196,22 @@ class AdapterStore:
     def _fetch(self, entry: AdapterEntry) -> tuple[AdapterWeights, int]:
         """Read ``entry`` within the host budget: reserve its estimated bytes (waiting for room), read, then
         settle the reservation on its true size. Returns the weights and the bytes reserved for them."""
-        directory = self._materialize(entry.source)
-        roots = self._roots_for(entry)
-        where = str(directory / WEIGHTS_FILE)
+        directory = self.sources.materialize(entry.source)
+        roots = self.sources.roots_for(entry.source, entry.trusted)
         deadline = self.budget.deadline()
-        reserved = self._estimate(directory, roots)
-        self.budget.reserve(reserved, deadline, self._evict_host, where)
+        reserved = self.budget.estimate(directory, roots, self.config.max_adapter_bytes)
+        self.budget.reserve(reserved, deadline, self._evict_host, str(directory))
         try:
             weights = self._read(directory, entry.name, roots)
             if self.finish is not None:
                 self.finish(weights)
                 if weights.use_dora:  # its factors (d, the slot's B) were computed just now: check them too
                     check_finite(weights, self.dtype)
-            actual = weights.nbytes
-            self.budget.check_fits(actual, where)
-            if actual > reserved:
-                self.budget.reserve(actual - reserved, deadline, self._evict_host, where)
-            else:
-                self.budget.release(reserved - actual)
-            reserved = actual
+            reserved = self.budget.settle(reserved, weights.nbytes, deadline, self._evict_host, str(directory))
         except BaseException:
             self.budget.release(reserved)
             raise
         return weights, reserved
-
-    def _estimate(self, directory: Path, roots: list[Path] | None) -> int:
-        """The bytes to reserve before reading (host_budget.estimate of its header), at most the whole budget;
-        _fetch settles on the true size. AdapterError (400) at once for tensor data larger than the budget."""
-        try:
-            opened = AdapterDir(directory, roots)
-        except OSError:
-            return 0  # the read says what is wrong with the directory
-        with opened:
-            f = opened.open(WEIGHTS_FILE)
-            if f is None:
-                return 0  # the read says what is missing
-            with f:
-                header, start = check_safetensors_header(f, directory / WEIGHTS_FILE, self.config.max_adapter_bytes)
-                data = os.fstat(f.fileno()).st_size - start
-        self.budget.check_fits(data, str(directory / WEIGHTS_FILE))
-        return min(estimate(header), self.budget.max_bytes)
 
     def _failed(self, entry: AdapterEntry, e: Exception) -> None:
         entry.error = getattr(e, "message", None) or str(e)
@@ -299,19 +235,6 @@ class AdapterStore:
                     targets=self.targets, max_rank=self.config.max_lora_rank,
                     base_model_name=self.base_model_name, banks=self.banks,
                     roots=None if roots is None else [str(r) for r in roots], dtype=self.dtype)
-
-    def _roots_for(self, entry: AdapterEntry) -> list[Path] | None:
-        """What every file read for ``entry`` must resolve under: the Hub cache for Hub adapters, nothing for
-        a trusted operator path, else the adapter roots."""
-        if entry.source.startswith("hub:"):
-            return [self.hub.directory]
-        return None if entry.trusted else self.roots
-
-    def _materialize(self, source: str) -> Path:
-        if not source.startswith("hub:"):
-            return Path(source)
-        org, repo, revision = HUB_ID_RE.match(source).groups()
-        return self.hub.fetch(f"{org}/{repo}", revision)
 
     def _touch(self, entry: AdapterEntry) -> None:
         entry.last_used = time.time()
