@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.api.auth import require_admin
@@ -22,6 +22,7 @@ from server.config import valid_adapter_name
 from server.errors import AdapterError, InvalidRequestError, SwapserveError, UnknownAdapterError
 
 router = APIRouter(dependencies=[Depends(require_admin)])
+MAX_NAME_CHARS = len("hub:") + 96 + len("/") + 96 + len("@") + 64  # the longest Hub id (sources.HUB_ID_RE)
 
 
 @router.post("/v1/load_lora_adapter")
@@ -61,7 +62,7 @@ async def create_adapter(body: AdapterCreate, request: Request) -> JSONResponse:
 
 
 @router.get("/v1/adapters/{name:path}")
-async def get_adapter(name: str, request: Request) -> dict:
+async def get_adapter(request: Request, name: str = Path(max_length=MAX_NAME_CHARS)) -> dict:
     """One adapter (a Hub id, with its '/', included): a lookup by name only, nothing is resolved or loaded."""
     return request.app.state.engine.adapter_info(name)
 

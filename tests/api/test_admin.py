@@ -116,3 +116,9 @@ def test_get_one_adapter_and_why_an_on_demand_load_failed(server):
         assert "is not loaded: its on-demand load from" in message and "broken" in message
         assert "(answered 400)" in message and "adapter_config.json: not valid JSON" in message
         assert http.get("/v1/adapters/org/repo@main").status_code == 404  # a Hub id's '/' reaches the route
+
+
+def test_get_one_adapter_refuses_names_longer_than_any_adapter(server):
+    with server.client() as http:
+        r = http.get("/v1/adapters/" + "a" * 263)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "name"
