@@ -27,7 +27,7 @@ def check_finite(weights: AdapterWeights, dtype: torch.dtype = torch.float32) ->
     limit = torch.finfo(dtype).max
     where = Path(weights.path) / WEIGHTS_FILE
     for module, mw in weights.modules.items():
-        for name, tensor, factor in _served(module, mw):
+        for name, tensor, factor in _served(module, mw, weights.peft_type == "ADALORA"):
             problem = _problem(_peak(tensor), factor, limit, dtype)
             if problem:
                 raise AdapterFormatError(f"{where}: tensor {name!r} {problem}")
@@ -50,11 +50,11 @@ def _problem(peak: float, factor: float, limit: float, dtype: torch.dtype) -> st
             "(or bfloat16), or rescale the adapter")
 
 
-def _served(module: str, mw: ModuleWeights) -> Iterator[tuple[str, torch.Tensor, float]]:
+def _served(module: str, mw: ModuleWeights, adalora: bool) -> Iterator[tuple[str, torch.Tensor, float]]:
     """(tensor name, tensor, factor the slot applies to it) of each slot-bound tensor of one module."""
     key = KEY_PREFIX + module
     if mw.a is not None:
-        yield f"{key}.lora_A.weight", mw.a, 1.0
+        yield f"{key}.lora_A.weight" + (f" x {key}.lora_E" if adalora else ""), mw.a, 1.0
     if mw.slot_b is not None:
         yield f"{key}.lora_B.weight (scaled, as in the slot)", mw.slot_b, 1.0
     elif mw.b is not None:

@@ -230,8 +230,10 @@ def load_adapter_dir(directory: str | Path, name: str, max_bytes: int = 2 << 30,
     directory = Path(directory)
     try:
         opened = AdapterDir(directory, roots)
-    except OSError as e:
+    except (FileNotFoundError, NotADirectoryError) as e:
         raise AdapterFormatError(f"{directory}: not a directory ({e.strerror})") from None
+    except OSError as e:  # permissions, a symlink loop: still the caller's path to fix, not a server fault
+        raise AdapterFormatError(f"{directory}: cannot be opened as an adapter directory ({e.strerror})") from None
     with opened:
         config = read_config(opened)
         peft_type = _check_config(config, directory / CONFIG_FILE)

@@ -111,3 +111,13 @@ def test_non_finite_scaling_is_refused():
                                                                      scaling=float("nan"))}, "/adapters/x")
     with pytest.raises(AdapterFormatError, match=r"non-finite scaling \(nan\): check lora_alpha and r"):
         check_finite(weights)
+
+
+def test_adalora_names_both_factors_of_its_a(make_adapter, base_targets):
+    from peft import AdaLoraConfig
+
+    directory, _ = make_adapter(AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=8,
+                                              target_modules=["q_proj"]))
+    set_value(directory, Q0 + "lora_E", float("nan"))
+    with pytest.raises(AdapterFormatError, match=r"lora_A\.weight x [\w.]+q_proj\.lora_E' holds NaN or Inf"):
+        prepare(directory, base_targets)
