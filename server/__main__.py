@@ -51,7 +51,12 @@ ENGINE_FLAGS = (
          "name (repeatable)", metavar="DIR"),
     Flag("max-loras", int, 16, "adapter slots on the device; also the most distinct adapters in one step"),
     Flag("max-cpu-loras", int, 64, "adapters kept in host memory (LRU), >= --max-loras"),
-    Flag("max-cpu-lora-bytes", int, 4 << 30, "byte budget of the host adapter tier"),
+    Flag("max-cpu-lora-bytes", int, 4 << 30, "byte budget of the host adapter tier, held hard: adapters with "
+         "requests in flight and the load in progress count against it; an adapter larger than it is refused "
+         "with 400"),
+    Flag("cpu-lora-wait", float, 10.0, "seconds an adapter load waits for room under --max-cpu-lora-bytes "
+         "(adapters with requests in flight cannot be evicted) before its requests get 503 with Retry-After",
+         metavar="SECONDS"),
     Flag("max-lora-rank", int, 16, "largest adapter rank accepted"),
     Flag("max-adapter-bytes", int, 1 << 30, "largest adapter file accepted, in bytes"),
     Flag("max-num-seqs", int, 32, "most sequences in the running batch"),
@@ -72,6 +77,9 @@ ENGINE_FLAGS = (
     Flag("allow-hub-adapters", bool, False, "allow adapters from the Hugging Face Hub (orgs in --hub-adapter-org)"),
     Flag("hub-adapter-org", list, [], "Hub organisation adapters may come from (repeatable)", metavar="ORG"),
     Flag("adapters-cache", str, "adapters_cache", "directory Hub adapters are downloaded into"),
+    Flag("adapters-cache-bytes", int, 10 << 30, "cap on the Hub adapters cache: the least recently used "
+         "repositories are deleted to make room; a Hub adapter's size is checked from the Hub's file metadata "
+         "before it is downloaded (over --max-adapter-bytes: 400, nothing downloaded)"),
     Flag("seed", int, 0, "engine seed for requests that give none"),
     Flag("threads", int, 0, "torch CPU threads for the model (0: on CPU every core but one, which is left to "
          "the HTTP server, the step loop and the adapter loader; torch's default on GPU). On a shared CPU host "

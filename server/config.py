@@ -41,7 +41,8 @@ class EngineConfig:
     quantization: str = "none"  # none | int8 | nf4 | fp4
     max_loras: int = 16  # device slots
     max_cpu_loras: int = 64  # host tier entries
-    max_cpu_lora_bytes: int = 4 << 30  # host tier byte budget
+    max_cpu_lora_bytes: int = 4 << 30  # host tier byte budget, hard: in-flight adapters and the load in progress count
+    cpu_lora_wait: float = 10.0  # seconds a load waits for room under max_cpu_lora_bytes before 503
     max_lora_rank: int = 16
     max_num_seqs: int = 32
     max_model_len: int = 2048
@@ -56,6 +57,7 @@ class EngineConfig:
     allow_hub_adapters: bool = False
     hub_adapter_orgs: list[str] = field(default_factory=list)
     adapters_cache: str = "adapters_cache"
+    adapters_cache_bytes: int = 10 << 30  # cap on adapters_cache; least recently used repositories go first
     seed: int = 0
     threads: int = 0  # torch intra-op threads set at engine start; 0 = loader.serving_threads() on CPU
     cache_dir: str = ""  # converted models (GGUF -> safetensors) are cached here; "" = default_cache_dir()
@@ -78,9 +80,12 @@ class EngineConfig:
         _choice("lora_kernel", self.lora_kernel, ("auto", "numba", "torch"))
         _choice("cpu_gemm", self.cpu_gemm, ("auto", "onednn", "torch"))
         for name in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_num_seqs", "max_model_len",
-                     "max_waiting", "max_adapter_bytes", "max_cpu_lora_bytes", "block_size"):
+                     "max_waiting", "max_adapter_bytes", "max_cpu_lora_bytes", "block_size",
+                     "adapters_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.cpu_lora_wait < 0:
+            raise ValueError(f"--cpu-lora-wait must be >= 0 seconds, got {self.cpu_lora_wait}")
         if self.max_num_batched_tokens < 0:
             raise ValueError(f"--max-num-batched-tokens must be >= 1 (or 0 for auto), got {self.max_num_batched_tokens}")
         if 0 < self.max_num_batched_tokens < self.max_num_seqs:

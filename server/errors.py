@@ -43,3 +43,12 @@ class QueueFullError(SwapserveError):
 class NotReadyError(SwapserveError):
     status_code = 503
     error_type = "service_unavailable"
+
+
+class HostMemoryFullError(SwapserveError):
+    """An adapter load found no room under --max-cpu-lora-bytes within --cpu-lora-wait: the host tier is held
+    by adapters with requests in flight. Nothing is wrong with the request; retry after ``retry_after`` s."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    retry_after = 2

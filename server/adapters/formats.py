@@ -13,12 +13,15 @@ import json
 import logging
 import math
 import mmap
+import os
 import re
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
+from server.adapters.adapter_dir import AdapterDir
 from server.adapters.weights import AdapterWeights, ModuleWeights
 from server.errors import AdapterError
 
@@ -30,7 +33,7 @@ PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 KEY_PREFIX = "base_model.model."
 MAX_CONFIG_BYTES = 1 << 20
 MAX_HEADER_BYTES = 16 << 20
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 # PEFT config switches whose semantics we do not implement; an adapter that turns one on is refused, not
@@ -51,14 +54,17 @@ def _pattern_value(patterns: dict | None, module: str, default):
     return default
 
 
-def read_config(directory: Path) -> dict:
-    path = directory / CONFIG_FILE
-    if not path.is_file():
+def read_config(directory: AdapterDir) -> dict:
+    path = directory.path / CONFIG_FILE
+    f = directory.open(CONFIG_FILE)
+    if f is None:
         raise AdapterFormatError(f"{path}: missing; a PEFT adapter directory needs {CONFIG_FILE}")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
+    with f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
         raise AdapterFormatError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise AdapterFormatError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
@@ -66,7 +72,8 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-def read_safetensors(path: Path, max_bytes: int, mapped: bool = False, digest=None) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, max_bytes: int, mapped: bool = False, file: BinaryIO | None = None,
+                     digest=None) -> dict[str, torch.Tensor]:
     """Validate the header, then read the data in one call; every tensor is a view into that one buffer.
 
     No per-tensor file access and little Python per tensor: a load runs on a thread beside the step loop, and
@@ -75,11 +82,13 @@ def read_safetensors(path: Path, max_bytes: int, mapped: bool = False, digest=No
     mapped: map the file (private, copy-on-write) instead of reading it, so a file in the page cache is not
     copied at all: packing reads the cached pages directly. Only the load worker process maps: a file
     truncated while mapped kills whoever touches the lost pages (SIGBUS), and that must never be the server.
+    file: ``path`` already open (AdapterDir.open, which checked where it resolves); it is closed here. Header
+    and data come from this one open file, so they cannot come from two different files.
     digest: a hashlib object fed the tensors' header and bytes (the adapter's content hash).
     """
-    header, data_start = check_safetensors_header(path, max_bytes)
-    size = path.stat().st_size
-    with path.open("rb") as f:
+    with file or path.open("rb") as f:
+        header, data_start = check_safetensors_header(f, path, max_bytes)
+        size = os.fstat(f.fileno()).st_size
         if mapped:
             buf = torch.frombuffer(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY), dtype=torch.uint8)
             buf = buf[data_start:]
@@ -96,7 +105,7 @@ def read_safetensors(path: Path, max_bytes: int, mapped: bool = False, digest=No
         if key == "__metadata__":
             continue
         start, end = info["data_offsets"]
-        dtype = _DTYPES[info["dtype"]]
+        dtype = DTYPES[info["dtype"]]
         raw = buf[start:end]
         if raw.data_ptr() % dtype.itemsize:
             raw = raw.clone()  # unaligned (old writers did not pad the header): view a copy instead
@@ -104,23 +113,24 @@ def read_safetensors(path: Path, max_bytes: int, mapped: bool = False, digest=No
     return tensors
 
 
-def check_safetensors_header(path: Path, max_bytes: int) -> tuple[dict, int]:
-    """Validate the header before any tensor is read: sizes, offsets and dtypes must be consistent.
-    Returns the header and the file offset where tensor data starts."""
-    size = path.stat().st_size
+def check_safetensors_header(f: BinaryIO, path: Path, max_bytes: int) -> tuple[dict, int]:
+    """Validate the header of the open file ``f`` (``path``: its name in messages) before any tensor is read:
+    sizes, offsets and dtypes must be consistent. Returns the header and the file offset where tensor data
+    starts."""
+    size = os.fstat(f.fileno()).st_size
     if size > max_bytes:
         raise AdapterFormatError(f"{path}: {size} bytes exceeds the {max_bytes}-byte adapter limit")
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise AdapterFormatError(f"{path}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(MAX_HEADER_BYTES, size - 8):
-            raise AdapterFormatError(f"{path}: safetensors header claims {n} bytes; file is corrupt or truncated")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise AdapterFormatError(f"{path}: safetensors header is not valid JSON") from None
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        raise AdapterFormatError(f"{path}: truncated safetensors file (no header)")
+    (n,) = struct.unpack("<Q", head)
+    if n > min(MAX_HEADER_BYTES, size - 8):
+        raise AdapterFormatError(f"{path}: safetensors header claims {n} bytes; file is corrupt or truncated")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise AdapterFormatError(f"{path}: safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{path}: safetensors header must be a JSON object")
     data_len = size - 8 - n
@@ -132,7 +142,7 @@ def check_safetensors_header(path: Path, max_bytes: int) -> tuple[dict, int]:
         try:
             start, end = info["data_offsets"]
             numel = math.prod(info["shape"])
-            itemsize = _DTYPES[info["dtype"]].itemsize
+            itemsize = DTYPES[info["dtype"]].itemsize
             if not all(isinstance(v, int) and v >= 0 for v in (start, end, *info["shape"])):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
@@ -159,6 +169,17 @@ def _check_config(config: dict, path: Path) -> str:
         if config.get(flag):
             raise AdapterFormatError(f"{path}: {flag}={config[flag]!r} is not supported")
     return peft_type
+
+
+def _read_weights(directory: AdapterDir, max_bytes: int, mapped: bool, digest) -> dict[str, torch.Tensor]:
+    path = directory.path / WEIGHTS_FILE
+    f = directory.open(WEIGHTS_FILE)
+    if f is None:
+        pickles = [p for p in PICKLE_FILES if directory.exists(p)]
+        why = (f"only pickle weights ({', '.join(pickles)}) found; pickles can run code and are never loaded, "
+               "re-save the adapter with safe_serialization=True") if pickles else "missing"
+        raise AdapterFormatError(f"{path}: {why}")
+    return read_safetensors(path, max_bytes, mapped, file=f, digest=digest)
 
 
 def _split_key(key: str, path: Path) -> tuple[str, str]:
@@ -206,23 +227,24 @@ def _module_weights(module: str, t: dict[str, torch.Tensor], config: dict, peft_
     return ModuleWeights(a=a, b=b, scaling=scaling, magnitude=magnitude if config.get("use_dora") else None)
 
 
-def load_adapter_dir(directory: str | Path, name: str, max_bytes: int = 2 << 30,
-                     mapped: bool = False) -> AdapterWeights:
+def load_adapter_dir(directory: str | Path, name: str, max_bytes: int = 2 << 30, mapped: bool = False,
+                     roots: list[str] | None = None) -> AdapterWeights:
     """Read a PEFT adapter directory (``mapped``: see read_safetensors). Raises AdapterFormatError; never
-    unpickles."""
+    unpickles. ``roots``: what the directory and its files must resolve under, checked on the open files
+    (AdapterDir); None for an operator-given path."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise AdapterFormatError(f"{directory}: not a directory")
-    config = read_config(directory)
-    peft_type = _check_config(config, directory / CONFIG_FILE)
+    try:
+        opened = AdapterDir(directory, roots)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise AdapterFormatError(f"{directory}: not a directory ({e.strerror})") from None
+    except OSError as e:  # permissions, a symlink loop: still the caller's path to fix, not a server fault
+        raise AdapterFormatError(f"{directory}: cannot be opened as an adapter directory ({e.strerror})") from None
+    with opened:
+        config = read_config(opened)
+        peft_type = _check_config(config, directory / CONFIG_FILE)
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+        tensors = _read_weights(opened, max_bytes, mapped, digest)
     weights_path = directory / WEIGHTS_FILE
-    if not weights_path.is_file():
-        pickles = [p for p in PICKLE_FILES if (directory / p).exists()]
-        why = (f"only pickle weights ({', '.join(pickles)}) found; pickles can run code and are never loaded, "
-               "re-save the adapter with safe_serialization=True") if pickles else "missing"
-        raise AdapterFormatError(f"{weights_path}: {why}")
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
-    tensors = read_safetensors(weights_path, max_bytes, mapped, digest)
     embedding = next((k for k in tensors if "lora_embedding_" in k), None)
     if embedding is not None:
         raise AdapterFormatError(f"{weights_path}: {embedding!r} is an embedding LoRA, which is not supported")

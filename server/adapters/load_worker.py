@@ -33,19 +33,24 @@ from typing import Callable
 
 import torch
 
+from server.adapters.finite import check_finite
 from server.adapters.formats import WEIGHTS_FILE, AdapterFormatError, check_against_base, load_adapter_dir
 from server.adapters.weights import Alloc, AdapterWeights, ModuleWeights, PackedBank
-from server.errors import AdapterError
+from server.errors import AdapterError, AdapterNotAllowedError
 
 log = logging.getLogger(__name__)
 
 
 def prepare(directory: str, name: str, max_bytes: int, targets: dict, max_rank: int, base_model_name: str | None,
-            banks: list[list[str]] | None, mapped: bool = False, alloc: Alloc | None = None) -> AdapterWeights:
-    """The whole load: read + validate against the base + pack for the device banks (``mapped``, ``alloc``:
-    how the worker process reads the file and where it packs to; see read_safetensors, Arena)."""
-    weights = load_adapter_dir(directory, name, max_bytes, mapped)
+            banks: list[list[str]] | None, roots: list[str] | None = None, dtype: torch.dtype = torch.float32,
+            mapped: bool = False, alloc: Alloc | None = None) -> AdapterWeights:
+    """The whole load: read (every file checked to resolve under ``roots`` once open: AdapterDir) + validate
+    against the base + check every value stays finite in the serving ``dtype`` + pack for the device banks
+    (``mapped``, ``alloc``: how the worker process reads the file and where it packs to; see read_safetensors,
+    Arena)."""
+    weights = load_adapter_dir(directory, name, max_bytes, mapped, roots)
     check_against_base(weights, targets, max_rank, base_model_name)
+    check_finite(weights, dtype)
     weights.prepare_slots(banks, alloc)
     return weights
 
@@ -199,8 +204,12 @@ def rebuild(fd: int, meta: dict) -> AdapterWeights:
                           _nbytes=meta["nbytes"])
 
 
+# refusals the worker reports by class name, so the server raises the same class (400, or 403 out of the roots)
+_REFUSALS = {cls.__name__: cls for cls in (AdapterFormatError, AdapterNotAllowedError, AdapterError)}
+
+
 def _child(conn) -> None:
-    """The worker loop: job in, ("ok", meta) and the arena's descriptor | ("refused", message) |
+    """The worker loop: job in, ("ok", meta) and the arena's descriptor | ("refused", message, class name) |
     ("error", message) out."""
     try:
         os.nice(10)
@@ -221,8 +230,8 @@ def _child(conn) -> None:
             meta = describe(prepare(**job, mapped=True, alloc=arena.alloc), arena)
             conn.send(("ok", meta))
             send_handle(conn, arena.fd, os.getppid())
-        except AdapterFormatError as e:
-            conn.send(("refused", e.message if hasattr(e, "message") else str(e)))
+        except AdapterError as e:
+            conn.send(("refused", e.message, type(e).__name__ if type(e).__name__ in _REFUSALS else "AdapterError"))
         except Exception as e:  # noqa: BLE001 - reported to the caller as a load failure
             conn.send(("error", f"{type(e).__name__}: {e}"))
         finally:
@@ -264,7 +273,7 @@ class LoadWorker:
             else:
                 return prepare(**job)
         if reply[0] == "refused":
-            raise AdapterFormatError(reply[1])
+            raise _REFUSALS[reply[2]](reply[1])
         if reply[0] == "error":
             raise AdapterError(f"{job['directory']}: {reply[1]}")
         return rebuild(fd, reply[1])

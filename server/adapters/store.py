@@ -1,15 +1,16 @@
-"""AdapterStore: adapter names -> sources (adapter roots, explicit paths, allowed Hub ids), the host tier
-(LRU with a count and a byte budget), single-flight loading off the step loop, unload with in-flight safety.
+"""AdapterStore: adapter names -> sources (AdapterSources: adapter roots, explicit paths, allowed Hub ids), the host tier
+(LRU with a count and a hard byte budget), single-flight loading off the step loop, unload with in-flight safety.
 
 Tiers: disk (adapter roots, ``adapters_cache/`` for Hub downloads) -> host (AdapterWeights here) -> device
 (AdapterManager slots). ``in_flight`` counts requests admitted against an adapter; while > 0 it is pinned in
 host memory, and an unloaded adapter keeps its weights (as "retired") until the last such request finishes.
+Every read from disk, the first or one after an eviction, re-checks that what it opens lies under the roots
+(AdapterDir); every load reserves its bytes under --max-cpu-lora-bytes before reading (HostBudget).
 """
 from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -18,14 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from server.adapters.formats import CONFIG_FILE, WEIGHTS_FILE
+import torch
+
+from server.adapters.finite import check_finite
+from server.adapters.host_budget import HostBudget
+from server.adapters.load_failures import LoadFailure, LoadFailures
+from server.adapters.sources import AdapterSources
 from server.adapters.weights import AdapterWeights
 from server.adapters.load_worker import prepare, shared_worker
 from server.config import EngineConfig, valid_adapter_name
-from server.errors import AdapterError, AdapterNotAllowedError, UnknownAdapterError
+from server.errors import AdapterError, UnknownAdapterError
 
 log = logging.getLogger(__name__)
-HUB_ID_RE = re.compile(r"^(?:hub:)?([A-Za-z0-9][A-Za-z0-9_.-]{0,95})/([A-Za-z0-9][A-Za-z0-9_.-]{0,95})(?:@([A-Za-z0-9_.-]{1,64}))?$")
 
 
 def _lower_thread_priority() -> None:
@@ -47,6 +52,7 @@ class AdapterEntry:
     error: str | None = None
     in_flight: int = 0
     on_demand: bool = False  # resolved from an adapter root / the Hub by a request, not loaded by an admin
+    trusted: bool = False  # an operator-given path (--lora-modules): read as configured, not held to the roots
     hits: int = 0
     last_used: float | None = None
     load_seconds: float | None = None
@@ -61,20 +67,26 @@ class AdapterEntry:
 class AdapterStore:
     def __init__(self, config: EngineConfig, targets: dict[str, tuple[int, int]], base_model_name: str,
                  observers=(), banks: list[list[str]] | None = None,
-                 finish: Callable[[AdapterWeights], None] | None = None):
+                 finish: Callable[[AdapterWeights], None] | None = None, dtype: torch.dtype = torch.float32):
         """banks: the device tier's SlotBank layout (AdapterManager.layout); loads pack adapters for it.
-        finish: run on each loaded adapter, still on the loader thread (ModelRunner.prepare_dora)."""
+        finish: run on each loaded adapter, still on the loader thread (ModelRunner.prepare_dora).
+        dtype: what the device slots hold (ModelRunner.dtype); loads refuse adapters whose values would not stay
+        finite in it."""
         self.config = config
+        self.dtype = dtype
         self.targets = targets
         self.banks = banks
         self.finish = finish
         self.base_model_name = base_model_name
         self.observers = observers
-        self.roots = [Path(r).resolve() for r in config.adapter_roots]
+        self.sources = AdapterSources(config)
+        self.roots = self.sources.roots
         self.entries: dict[str, AdapterEntry] = {}
         self.retired: dict[tuple[str, int], AdapterEntry] = {}
         self.host: OrderedDict[tuple[str, int], AdapterEntry] = OrderedDict()  # LRU, oldest first
         self.lock = threading.RLock()
+        self.budget = HostBudget(config.max_cpu_lora_bytes, config.cpu_lora_wait, self.lock)
+        self.failures = LoadFailures()
         # one low-priority thread drives the loads (the work itself runs in the loader process, load_worker.py)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load",
                                            initializer=_lower_thread_priority)
@@ -89,56 +101,21 @@ class AdapterStore:
             entry = self.entries.get(name)
             if entry is not None:
                 return entry
-            source = self._on_demand_source(name)
+            source = self.sources.on_demand(name)
             if source is None:
                 raise UnknownAdapterError(f"The model `{name}` does not exist.", param="model")
             entry = self._add(name, source, pinned=False)
             entry.on_demand = True
             return entry
 
-    def _on_demand_source(self, name: str) -> str | None:
-        if valid_adapter_name(name):
-            for root in self.roots:
-                candidate = root / name
-                if (candidate / CONFIG_FILE).is_file():
-                    return str(self.under_roots(str(candidate)))  # refuses symlinks leading outside the root
-            return None
-        if self.config.allow_hub_adapters and HUB_ID_RE.match(name) and self._hub_allowed(name):
-            return "hub:" + name.removeprefix("hub:")
-        return None
-
-    def _hub_allowed(self, source: str) -> bool:
-        org = HUB_ID_RE.match(source).group(1)
-        return org in self.config.hub_adapter_orgs
-
     def check_source(self, source: str) -> str:
-        """Validate an admin-supplied source: a path under an adapter root, or an allowed Hub id."""
-        if HUB_ID_RE.match(source) and not Path(source).exists():
-            if not self.config.allow_hub_adapters:
-                raise AdapterNotAllowedError(f"{source}: Hub adapters are disabled (start with --allow-hub-adapters)")
-            if not self._hub_allowed(source):
-                raise AdapterNotAllowedError(f"{source}: organization not in --hub-adapter-org allowlist")
-            return "hub:" + source.removeprefix("hub:")
-        return str(self.under_roots(source))
+        """Validate an admin-supplied source (AdapterSources.check)."""
+        return self.sources.check(source)
 
-    def under_roots(self, source: str) -> Path:
-        if not self.roots:
-            raise AdapterNotAllowedError("loading adapters by path needs an --adapter-root; none is configured")
-        raw = Path(source)
-        candidates = [raw] if raw.is_absolute() else [root / raw for root in self.roots]
-        for cand in candidates:
-            real = Path(os.path.realpath(cand))
-            root = next((r for r in self.roots if real == r or r in real.parents), None)
-            if root is not None and real.is_dir():
-                for f in (CONFIG_FILE, WEIGHTS_FILE):  # a symlinked file must not point outside the root either
-                    target = Path(os.path.realpath(real / f))
-                    if (real / f).exists() and root not in target.parents:
-                        raise AdapterNotAllowedError(f"{real / f}: resolves outside the adapter root {root}")
-                return real
-        raise AdapterNotAllowedError(f"{source}: not a directory under an --adapter-root "
-                                     f"({', '.join(map(str, self.roots))})")
-
-    def register(self, name: str, source: str, pinned: bool = False, replace: bool = False) -> AdapterEntry:
+    def register(self, name: str, source: str, pinned: bool = False, replace: bool = False,
+                 trusted: bool = False) -> AdapterEntry:
+        """``source``: checked by check_source, or ``trusted`` (an operator's --lora-modules path): only then
+        are its reads not held to the adapter roots."""
         if not valid_adapter_name(name):
             raise AdapterError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' (max 128)",
                                param="lora_name")
@@ -147,11 +124,11 @@ class AdapterStore:
                 raise AdapterError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
             if name in self.entries:
                 self._retire(self.entries.pop(name))
-            return self._add(name, source, pinned)
+            return self._add(name, source, pinned, trusted)
 
-    def _add(self, name: str, source: str, pinned: bool) -> AdapterEntry:
+    def _add(self, name: str, source: str, pinned: bool, trusted: bool = False) -> AdapterEntry:
         self._versions += 1
-        entry = self.entries[name] = AdapterEntry(name, source, self._versions, pinned)
+        entry = self.entries[name] = AdapterEntry(name, source, self._versions, pinned, trusted=trusted)
         return entry
 
     def unregister(self, name: str) -> AdapterEntry:
@@ -167,6 +144,7 @@ class AdapterStore:
         if entry.in_flight > 0:
             self.retired[entry.key] = entry
         self.host.pop(entry.key, None)
+        self.budget.freed()
 
     # ---- loading (off the step loop) --------------------------------------------------------------------
     def ensure_host(self, entry: AdapterEntry) -> Future:
@@ -186,18 +164,12 @@ class AdapterStore:
     def _load(self, entry: AdapterEntry) -> AdapterEntry:
         start = time.perf_counter()
         try:
-            directory = self._materialize(entry.source)
-            weights = self._read(directory, entry.name)
-            if self.finish is not None:
-                self.finish(weights)
+            weights, reserved = self._fetch(entry)
         except Exception as e:
-            entry.error = getattr(e, "message", None) or str(e)
-            log.warning("adapter %s failed to load: %s", entry.name, entry.error)
-            with self.lock:  # an on-demand name that cannot load is not listed; the next request retries it
-                if entry.on_demand and self.entries.get(entry.name) is entry:
-                    del self.entries[entry.name]
+            self._failed(entry, e)
             raise
         with self.lock:
+            self.budget.release(reserved)  # the bytes move from the reservation into the tier (or are dropped)
             entry.error = None
             entry.load_seconds = time.perf_counter() - start
             entry.info = {"type": weights.kind, "rank": weights.rank, "size_bytes": weights.nbytes}
@@ -207,6 +179,7 @@ class AdapterStore:
                 self.host[entry.key] = entry
                 self._touch(entry)
                 self._evict_host(keep=entry)  # never the adapter just loaded: someone is about to use it
+                self.failures.forget(entry.name)
             elif entry.key in self.retired:  # unloaded mid-load: serve the in-flight requests, outside the tier
                 entry.weights = weights
         self._emit("on_adapter_event", "load", entry.name, entry.load_seconds)
@@ -214,42 +187,80 @@ class AdapterStore:
                  weights.nbytes / 1e6, entry.load_seconds)
         return entry
 
-    def _read(self, directory: Path, name: str) -> AdapterWeights:
+    def _fetch(self, entry: AdapterEntry) -> tuple[AdapterWeights, int]:
+        """Read ``entry`` within the host budget: reserve its estimated bytes (waiting for room), read, then
+        settle the reservation on its true size. Returns the weights and the bytes reserved for them."""
+        directory = self.sources.materialize(entry.source)
+        roots = self.sources.roots_for(entry.source, entry.trusted)
+        deadline = self.budget.deadline()
+        reserved = self.budget.estimate(directory, roots, self.config.max_adapter_bytes)
+        self.budget.reserve(reserved, deadline, self._evict_host, str(directory))
+        try:
+            weights = self._read(directory, entry.name, roots)
+            if self.finish is not None:
+                self.finish(weights)
+                if weights.use_dora:  # its factors (d, the slot's B) were computed just now: check them too
+                    check_finite(weights, self.dtype)
+            reserved = self.budget.settle(reserved, weights.nbytes, deadline, self._evict_host, str(directory))
+        except BaseException:
+            self.budget.release(reserved)
+            raise
+        return weights, reserved
+
+    def _failed(self, entry: AdapterEntry, e: Exception) -> None:
+        entry.error = getattr(e, "message", None) or str(e)
+        log.warning("adapter %s failed to load: %s", entry.name, entry.error)
+        with self.lock:  # an on-demand name that cannot load is not listed; the next request retries it
+            if entry.on_demand and self.entries.get(entry.name) is entry:
+                del self.entries[entry.name]
+                self.failures.record(LoadFailure(entry.name, entry.source, entry.error, time.time(),
+                                                 getattr(e, "status_code", 400)))
+
+    def failure(self, name: str) -> LoadFailure | None:
+        """Why the last on-demand load of ``name`` failed, if it did within the last LoadFailures.ttl_s."""
+        with self.lock:
+            return self.failures.get(name)
+
+    def _read(self, directory: Path, name: str, roots: list[Path] | None) -> AdapterWeights:
         """Read, validate against the base and pack one adapter: in the loader process (load_worker.py), or
-        on this thread with --adapter-loader thread."""
+        on this thread with --adapter-loader thread. Both re-check the roots on what they open."""
         load = shared_worker().load if self.config.adapter_loader == "process" else prepare
         return load(directory=str(directory), name=name, max_bytes=self.config.max_adapter_bytes,
                     targets=self.targets, max_rank=self.config.max_lora_rank,
-                    base_model_name=self.base_model_name, banks=self.banks)
-
-    def _materialize(self, source: str) -> Path:
-        if not source.startswith("hub:"):
-            return Path(source)
-        from huggingface_hub import snapshot_download
-
-        org, repo, revision = HUB_ID_RE.match(source).groups()
-        return Path(snapshot_download(f"{org}/{repo}", revision=revision, cache_dir=self.config.adapters_cache,
-                                      allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]))
+                    base_model_name=self.base_model_name, banks=self.banks,
+                    roots=None if roots is None else [str(r) for r in roots], dtype=self.dtype)
 
     def _touch(self, entry: AdapterEntry) -> None:
         entry.last_used = time.time()
         if entry.key in self.host:
             self.host.move_to_end(entry.key)
 
-    def _evict_host(self, keep: AdapterEntry | None = None) -> None:
-        def over() -> bool:
-            total = sum(e.weights.nbytes for e in self.host.values())
-            return len(self.host) > self.config.max_cpu_loras or total > self.config.max_cpu_lora_bytes
-
-        for key in list(self.host):
-            if not over():
+    def _evict_host(self, need: int = 0, keep: AdapterEntry | None = None) -> int:
+        """Evict idle adapters, least recently used first, while the tier is over --max-cpu-loras or, when
+        evicting every idle one would make room, while ``need`` more bytes do not fit --max-cpu-lora-bytes.
+        Pinned and in-flight ones (and ``keep``) stay. Returns the bytes held afterwards (held_bytes)."""
+        held, budget = self.held_bytes(), self.config.max_cpu_lora_bytes
+        idle = [e for e in self.host.values() if not (e.pinned or e.in_flight > 0 or e is keep)]
+        can_fit = held - sum(e.weights.nbytes for e in idle) + need <= budget  # else evicting frees nothing useful
+        for entry in idle:
+            if len(self.host) <= self.config.max_cpu_loras and not (can_fit and held + need > budget):
                 break
-            entry = self.host[key]
-            if entry.pinned or entry.in_flight > 0 or entry is keep:
-                continue
-            del self.host[key]
+            del self.host[entry.key]
+            held -= entry.weights.nbytes
             entry.weights = None
             self._emit("on_adapter_event", "evict_host", entry.name, None)
+        return held
+
+    def held_bytes(self) -> int:
+        """Host bytes of the adapters in the tier and of unloaded ones still serving in-flight requests."""
+        with self.lock:
+            retired = sum(e.weights.nbytes for e in self.retired.values() if e.weights is not None)
+            return sum(e.weights.nbytes for e in self.host.values()) + retired
+
+    def host_bytes(self) -> int:
+        """held_bytes plus the reservation of the load in progress: never above --max-cpu-lora-bytes."""
+        with self.lock:
+            return self.held_bytes() + self.budget.reserved
 
     # ---- used by the engine -----------------------------------------------------------------------------
     def acquire(self, entry: AdapterEntry) -> None:
@@ -268,6 +279,7 @@ class AdapterStore:
                 return False
             entry.in_flight -= 1
             self._evict_host()
+            self.budget.freed()
             if key in self.retired and entry.in_flight == 0:
                 del self.retired[key]
                 entry.weights = None
@@ -292,4 +304,5 @@ class AdapterStore:
                 fn(*args)
 
     def close(self) -> None:
+        self.budget.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -4,6 +4,7 @@ POST /v1/load_lora_adapter   {"lora_name", "lora_path", "load_inplace"} -> 200 t
 POST /v1/unload_lora_adapter {"lora_name"}                              -> 200 text "Success: ..." | 404 JSON
 GET  /v1/adapters            -> {"object": "list", "data": [engine.list_adapters() entries]}
 POST /v1/adapters            {"name", "source", "pinned", "replace"} -> 201 adapter info | 409 if it exists
+GET  /v1/adapters/{name}     -> one adapter's info | 404 (saying why, when its on-demand load failed in the last 10 min)
 DELETE /v1/adapters/{name}   -> {"id", "object": "adapter", "deleted": true} | 404
 Every route depends on require_admin (admin key, or loopback-only without one).
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.api.auth import require_admin
@@ -21,6 +22,7 @@ from server.config import valid_adapter_name
 from server.errors import AdapterError, InvalidRequestError, SwapserveError, UnknownAdapterError
 
 router = APIRouter(dependencies=[Depends(require_admin)])
+MAX_NAME_CHARS = len("hub:") + 96 + len("/") + 96 + len("@") + 64  # the longest Hub id (sources.HUB_ID_RE)
 
 
 @router.post("/v1/load_lora_adapter")
@@ -57,6 +59,12 @@ async def create_adapter(body: AdapterCreate, request: Request) -> JSONResponse:
         raise ConflictError(f"adapter '{body.name}' already exists; DELETE it first or set 'replace': true", "name")
     info = await _load(engine, body.name, body.source, pinned=body.pinned, replace=body.replace)
     return JSONResponse(_jsonable(info, body.name), status_code=201)
+
+
+@router.get("/v1/adapters/{name:path}")
+async def get_adapter(request: Request, name: str = Path(max_length=MAX_NAME_CHARS)) -> dict:
+    """One adapter (a Hub id, with its '/', included): a lookup by name only, nothing is resolved or loaded."""
+    return request.app.state.engine.adapter_info(name)
 
 
 @router.delete("/v1/adapters/{name}")

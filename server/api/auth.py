@@ -2,7 +2,8 @@
 
 require_api_key:   inference routes; passes when no --api-key is set, else needs `Authorization: Bearer <api_key>`.
 require_admin:     admin routes; with --admin-key needs `Authorization: Bearer <admin_key>`; without one, only
-                   loopback clients pass (and they still need the api key when one is set).
+                   loopback clients pass (and they still need the api key when one is set), and never a request
+                   that carries proxy headers: behind a reverse proxy on the same host every client is loopback.
 Keys are compared in constant time (hmac.compare_digest on bytes).
 """
 from __future__ import annotations
@@ -13,6 +14,9 @@ import ipaddress
 from fastapi import Request
 
 from server.api.errors import AuthError, ForbiddenError
+
+# headers a reverse proxy adds: a request carrying one came through a proxy, whatever address it comes from
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip")
 
 
 def bearer_token(request: Request) -> str | None:
@@ -61,5 +65,10 @@ async def require_admin(request: Request) -> None:
     client = request.client.host if request.client else None
     if not is_loopback(client):
         raise ForbiddenError("admin routes answer loopback clients only when no --admin-key is set")
+    proxied = next((h for h in PROXY_HEADERS if h in request.headers), None)
+    if proxied is not None:
+        raise ForbiddenError(f"admin routes without --admin-key answer direct loopback clients only, and this "
+                             f"request came through a proxy ({proxied} header); start the server with "
+                             "--admin-key (or SWAPSERVE_ADMIN_KEY) and send 'Authorization: Bearer <key>'")
     if config.api_key is not None:
         _check_key(request, config.api_key, "API key")

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from server.errors import InvalidRequestError, QueueFullError, SwapserveError
+from server.errors import InvalidRequestError, SwapserveError
 
 log = logging.getLogger("swapserve.api")
 
@@ -69,7 +69,8 @@ def status_for(exc: SwapserveError, path: str) -> int:
 
 
 def swapserve_error_response(path: str, exc: SwapserveError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
+    retry_after = getattr(exc, "retry_after", None)  # QueueFullError (429), HostMemoryFullError (503)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     if isinstance(exc, AuthError):
         headers = {"WWW-Authenticate": "Bearer"}
     return error_response(path, status_for(exc, path), exc.message, exc.error_type, exc.param, headers)

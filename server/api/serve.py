@@ -219,7 +219,9 @@ def log_startup(engine, server_config: ServerConfig, seconds: float | None = Non
              names, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras, cfg.adapter_roots or "none")
     log.info("inference routes: %s", "API key required" if server_config.api_key else "open (no --api-key)")
     if server_config.admin_loopback_only:
-        log.info("admin routes: loopback clients only (no --admin-key)")
+        log.warning("admin routes: loopback clients only (no --admin-key), and requests through a proxy (with "
+                    "Forwarded/X-Forwarded-*/X-Real-IP headers) are refused; set --admin-key or "
+                    "SWAPSERVE_ADMIN_KEY to use them through a proxy or from another host")
     else:
         log.info("admin routes: admin key required")
     if not is_loopback(server_config.host) and not server_config.api_key:

@@ -18,7 +18,8 @@ from typing import AsyncIterator, Callable
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
 from server.engine.request import Request, RequestOutput, SamplingParams
-from server.errors import AdapterError, InvalidRequestError, NotReadyError, QueueFullError
+from server.errors import (AdapterError, InvalidRequestError, NotReadyError, QueueFullError, SwapserveError,
+                           UnknownAdapterError)
 
 log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005
@@ -82,7 +83,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heap_frozen = False
         for name, path in config.lora_modules.items():  # operator-given: trusted paths, pinned
-            entry = self.engine.store.register(name, str(path), pinned=True)
+            entry = self.engine.store.register(name, str(path), pinned=True, trusted=True)
             self.engine.store.ensure_host(entry).result()
         self._warmup()
 
@@ -197,7 +198,8 @@ class AsyncEngine:
         return stream
 
     async def adapter_loaded(self, request_id: str) -> None:
-        """Wait until an added request's adapter is in host memory; AdapterError (400) when it cannot load.
+        """Wait until an added request's adapter is in host memory; when it cannot load, the load's own error
+        class (400 bad adapter, 403 out of the roots, 503 no room under --max-cpu-lora-bytes), else AdapterError.
         The routes await this before their status line, so a stream never answers 200 and then fails."""
         item = self._requests.get(request_id)
         entry = item[0].adapter_entry if item else None
@@ -210,8 +212,9 @@ class AsyncEngine:
             if not fut.cancelled():
                 raise  # this request was cancelled (client gone)
             # the load itself was cancelled (shutdown): the request stays with the engine, which ends it
-        except Exception:
-            raise AdapterError(f"adapter {entry.name!r} failed to load: {entry.error}", param="model") from None
+        except Exception as exc:
+            error = type(exc) if isinstance(exc, SwapserveError) else AdapterError
+            raise error(f"adapter {entry.name!r} failed to load: {entry.error}", param="model") from None
 
     def _validate(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
@@ -257,7 +260,8 @@ class AsyncEngine:
             with store.lock:
                 if store.entries.get(name) is entry:
                     store.entries.pop(name)
-            raise AdapterError(f"failed to load adapter {name!r}: {entry.error or e}", param="lora_path") from None
+            error = type(e) if isinstance(e, SwapserveError) else AdapterError  # 503 no room, 403 out of the roots
+            raise error(f"failed to load adapter {name!r}: {entry.error or e}", param="lora_path") from None
         if old is not None and old.in_flight == 0:
             self._submit(lambda: self.engine.drop_device(old.key))
         return self._info(entry)
@@ -271,6 +275,18 @@ class AsyncEngine:
         store = self.engine.store
         with store.lock:
             return [self._info(e) for e in store.entries.values()]
+
+    def adapter_info(self, name: str) -> dict:
+        """list_adapters' entry for ``name``; UnknownAdapterError (404) otherwise, saying why when its on-demand
+        load failed recently (AdapterStore.failure)."""
+        store = self.engine.store
+        with store.lock:
+            entry = store.entries.get(name)
+            if entry is not None:
+                return self._info(entry)
+        failed = store.failure(name)
+        why = f"is not loaded: {failed.describe()}" if failed else "cannot be found."
+        raise UnknownAdapterError(f"The lora adapter '{name}' {why}", param="name")
 
     def _info(self, e) -> dict:
         tier = ("device" if self.engine.runner.manager.resident(e.key) else

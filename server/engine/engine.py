@@ -31,7 +31,8 @@ class LLMEngine:
         self.max_len = self.runner.max_len
         self.eos_token_ids = _eos_ids(self.runner.model, self.tokenizer)
         self.store = AdapterStore(config, self.runner.targets, config.model, self.observers,
-                                  banks=self.runner.manager.layout, finish=self.runner.prepare_dora)
+                                  banks=self.runner.manager.layout, finish=self.runner.prepare_dora,
+                                  dtype=self.runner.dtype)
         self.blocks = BlockManager(BlockPool(self.runner.kv.num_blocks, config.enable_prefix_caching),
                                    config.block_size)
         if self.max_len > self.blocks.capacity_tokens:

@@ -80,3 +80,45 @@ def test_admin_refuses_non_loopback_clients_without_admin_key(server):
         r = http.post("/v1/load_lora_adapter", json={"lora_name": "remote", "lora_path": "/tmp"})
         assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
         assert http.get("/v1/models").status_code == 200  # inference routes are not admin routes
+
+
+@pytest.mark.parametrize("headers", [{"X-Real-IP": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9;proto=https"},
+                                     {"X-Forwarded-For": "127.0.0.1"}, {"X-Forwarded-Proto": "https"}],
+                         ids=["x-real-ip", "forwarded", "x-forwarded-for-loopback", "x-forwarded-proto"])
+def test_admin_without_key_refuses_requests_through_a_proxy(server, headers):
+    """Behind a reverse proxy on the same host every client connects from loopback; a request that carries a
+    proxy header is refused, saying how to set --admin-key, even when the address it claims is loopback."""
+    with server.client(headers=headers) as http:
+        r = http.get("/v1/adapters")
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        message = r.json()["error"]["message"]
+        assert "came through a proxy" in message and "--admin-key (or SWAPSERVE_ADMIN_KEY)" in message
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "preloaded"}).status_code == 403
+        assert http.get("/v1/models").status_code == 200  # inference routes do not care
+    with server.client() as http:
+        assert http.get("/v1/adapters").status_code == 200  # a direct loopback client still passes
+
+
+def test_get_one_adapter_and_why_an_on_demand_load_failed(server):
+    """A name whose on-demand load failed is listed nowhere, but GET /v1/adapters/{name} says why (404)."""
+    with server.client() as http:
+        one = http.get("/v1/adapters/preloaded")
+        assert one.status_code == 200 and one.json()["name"] == "preloaded" and one.json()["pinned"] is True
+        missing = http.get("/v1/adapters/never-heard-of")
+        assert missing.status_code == 404 and "cannot be found" in missing.json()["error"]["message"]
+        failed = http.post("/v1/completions", json={"model": "broken", "prompt": "x", "max_tokens": 2})
+        assert failed.status_code == 400 and "not valid JSON" in failed.json()["error"]["message"]
+        assert "broken" not in model_ids(http)
+        assert "broken" not in {a["name"] for a in http.get("/v1/adapters").json()["data"]}
+        why = http.get("/v1/adapters/broken")
+        assert why.status_code == 404
+        message = why.json()["error"]["message"]
+        assert "is not loaded: its on-demand load from" in message and "broken" in message
+        assert "(answered 400)" in message and "adapter_config.json: not valid JSON" in message
+        assert http.get("/v1/adapters/org/repo@main").status_code == 404  # a Hub id's '/' reaches the route
+
+
+def test_get_one_adapter_refuses_names_longer_than_any_adapter(server):
+    with server.client() as http:
+        r = http.get("/v1/adapters/" + "a" * 263)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "name"

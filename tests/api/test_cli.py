@@ -60,10 +60,21 @@ def test_kernel_choices_from_flag_or_environment(tmp_path, flag, env, values):
     assert getattr(configs(["--model", str(tmp_path), f"--{flag}", values[1]], {env: values[0]})[0], field) == values[1]
 
 
+def test_host_budget_and_hub_cache_flags_from_flag_or_environment(tmp_path):
+    engine, _ = configs(["--model", str(tmp_path)])
+    assert (engine.cpu_lora_wait, engine.adapters_cache_bytes) == (10.0, 10 << 30)
+    env = {"SWAPSERVE_CPU_LORA_WAIT": "2.5", "SWAPSERVE_ADAPTERS_CACHE_BYTES": "1000"}
+    engine, _ = configs(["--model", str(tmp_path)], env)
+    assert (engine.cpu_lora_wait, engine.adapters_cache_bytes) == (2.5, 1000)
+    engine, _ = configs(["--model", str(tmp_path), "--cpu-lora-wait", "0", "--adapters-cache-bytes", "7"], env)
+    assert (engine.cpu_lora_wait, engine.adapters_cache_bytes) == (0.0, 7)
+
+
 def test_invalid_values_exit_with_usage_error(capsys):
     for argv in (["serve", "--max-loras", "0"], ["serve", "--lora-modules", "no-equals-sign"],
                  ["serve", "--dtype", "float8"], ["serve", "--threads", "-1"], ["serve", "--lora-kernel", "cuda"],
-                 ["serve", "--cpu-gemm", "mkl"]):
+                 ["serve", "--cpu-gemm", "mkl"], ["serve", "--cpu-lora-wait", "-1"],
+                 ["serve", "--adapters-cache-bytes", "0"]):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2

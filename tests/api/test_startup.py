@@ -110,3 +110,6 @@ def test_startup_log_names_model_memory_adapters_and_admin_access(tiny_model_dir
     assert f"adapter slots {runner.slot_bytes / 2**20:.1f} MiB" in text and "parameters " in text
     assert "max_loras=3 max_lora_rank=8" in text and "/srv/ad" in text
     assert "admin routes: loopback clients only" in text
+    warning = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("admin routes"))
+    assert "requests through a proxy" in warning and "set --admin-key or SWAPSERVE_ADMIN_KEY" in warning
+    assert next(r for r in caplog.records if r.getMessage().startswith("admin routes")).levelname == "WARNING"

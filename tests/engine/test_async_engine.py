@@ -44,10 +44,10 @@ def test_single_flight_cold_load_and_it_does_not_stall_others(loop, aengine, obs
     release, calls = threading.Event(), []
     original = store_module.AdapterStore._read
 
-    def held(self, directory, name):
+    def held(self, directory, name, *rest):
         calls.append(name)
         assert release.wait(30)
-        return original(self, directory, name)
+        return original(self, directory, name, *rest)
 
     monkeypatch.setattr(store_module.AdapterStore, "_read", held)
     p1, p2 = encode(aengine, "The quick"), encode(aengine, "Adapters")

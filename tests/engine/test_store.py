@@ -2,6 +2,7 @@
 single-flight loads off the caller's thread, unload that keeps in-flight weights until the last release."""
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 import server.adapters.store as store_module
 from server.adapters.store import AdapterStore
 from server.config import EngineConfig
-from server.errors import AdapterError, AdapterNotAllowedError, UnknownAdapterError
+from server.errors import AdapterError, AdapterNotAllowedError, HostMemoryFullError, UnknownAdapterError
 
 NAMES = ("lora", "rslora", "dora", "ia3", "lora2")
 
@@ -55,7 +56,8 @@ def make_store(root, targets, tiny_model_dir):
         cfg = EngineConfig(**{"model": str(tiny_model_dir), "max_loras": 1, "max_lora_rank": 8,
                               "adapter_roots": [str(root)], **overrides})
         events = Events()
-        s = AdapterStore(cfg, targets, cfg.model, [events])
+        serving = torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)  # what the runner would hold
+        s = AdapterStore(cfg, targets, cfg.model, [events], dtype=serving)
         made.append(s)
         return s, events
 
@@ -80,11 +82,11 @@ def gate(monkeypatch):
     g = Gate()
     original = store_module.AdapterStore._read
 
-    def held(self, directory, name):
+    def held(self, directory, name, *rest):
         with g.lock:
             g.calls.append(name)
         assert g.release.wait(20), "test gate never opened"
-        return original(self, directory, name)
+        return original(self, directory, name, *rest)
 
     monkeypatch.setattr(store_module.AdapterStore, "_read", held)
     yield g
@@ -198,14 +200,18 @@ def test_host_tier_is_lru_bounded_by_count(make_store):
 
 def test_host_tier_byte_budget(make_store):
     s, _ = make_store(max_cpu_loras=10)
-    sizes = {}
-    for name in ("lora", "dora", "ia3"):
-        sizes[name] = load(s, name).weights.nbytes
-    s2, _ = make_store(max_cpu_loras=10, max_cpu_lora_bytes=sizes["dora"] + sizes["ia3"])
-    for name in ("lora", "dora", "ia3"):
+    sizes = {name: load(s, name).weights.nbytes for name in ("lora", "dora", "ia3")}
+    budget = sizes["dora"] + sizes["ia3"]
+    s2, _ = make_store(max_cpu_loras=10, max_cpu_lora_bytes=budget)
+    assert sizes["lora"] > budget
+    with pytest.raises(AdapterError, match=r"more than the whole host adapter budget \(--max-cpu-lora-bytes"):
+        load(s2, "lora")  # could never fit: refused at once, nothing evicted for it
+    for name in ("dora", "ia3"):
         load(s2, name)
-    assert host_names(s2) == ["dora", "ia3"]
-    assert sum(e.weights.nbytes for e in s2.host.values()) <= s2.config.max_cpu_lora_bytes
+    assert host_names(s2) == ["dora", "ia3"] and s2.host_bytes() == budget
+    load(s2, "rslora")
+    assert host_names(s2) == ["ia3", "rslora"]  # the least recently used went to make room
+    assert s2.host_bytes() <= budget and s2.budget.reserved == 0
 
 
 def test_in_flight_and_pinned_adapters_are_never_evicted(make_store, root):
@@ -294,3 +300,123 @@ def test_unload_during_load_leaves_host_tier_usable(make_store, gate):
     assert s.release(e.key) is True  # the request finished
     assert e.key not in s.host, "retired entry still in the host tier"
     load(s, "dora")  # raises AttributeError: 'NoneType' object has no attribute 'nbytes'
+
+
+# ---- every read re-checks the roots ------------------------------------------------------------------------
+@pytest.fixture
+def own_root(adapters, tmp_path) -> dict[str, Path]:
+    """A root this test may change: swap, intact, third (LoRAs); outside/evil: a valid adapter out of it."""
+    root, outside = (tmp_path / "root").resolve(), (tmp_path / "outside").resolve()
+    for name, kind in (("swap", "lora"), ("intact", "lora2"), ("third", "rslora")):
+        shutil.copytree(adapters[kind], root / name)
+    shutil.copytree(adapters["dora"], outside / "evil")
+    return {"root": root, "outside": outside}
+
+
+def test_reread_after_eviction_rechecks_the_roots(make_store, own_root):
+    """An adapter evicted from host memory is read again from its path: a directory swapped for a symlink out
+    of the root meanwhile is refused (403), while an adapter whose directory is intact reads again fine."""
+    root = own_root["root"]
+    s, events = make_store(adapter_roots=[str(root)], max_cpu_loras=1)
+    swap = load(s, "swap")
+    intact = load(s, "intact")  # one host entry: this evicts 'swap'
+    assert swap.weights is None and events.count("evict_host", "swap") == 1
+    shutil.rmtree(root / "swap")
+    os.symlink(own_root["outside"] / "evil", root / "swap")
+    with pytest.raises(AdapterNotAllowedError, match=r"swap: resolves outside the adapter roots"):
+        s.ensure_host(swap).result(timeout=20)
+    assert swap.weights is None and "swap" not in s.entries  # an on-demand name that failed is not listed
+    load(s, "third")  # evicts 'intact'
+    assert intact.weights is None
+    assert s.ensure_host(intact).result(timeout=20).weights.kind == "lora"  # re-read from its intact directory
+    with pytest.raises(AdapterNotAllowedError, match="not a directory under an --adapter-root"):
+        s.resolve("swap")  # a new request for the name: refused at resolution
+
+
+@pytest.mark.parametrize("loader", ["process", "thread"])
+def test_reads_are_held_to_the_roots_unless_the_path_is_an_operators(loader, make_store, own_root):
+    """A source registered without check_source is still refused at read time; an operator's --lora-modules
+    path (trusted) is read where it is, as before."""
+    s, _ = make_store(adapter_roots=[str(own_root["root"])], adapter_loader=loader)
+    evil = str(own_root["outside"] / "evil")
+    sneaky = s.register("sneaky", evil)
+    with pytest.raises(AdapterNotAllowedError, match="evil: resolves outside the adapter roots"):
+        s.ensure_host(sneaky).result(timeout=20)
+    operator = s.register("operator", evil, pinned=True, trusted=True)
+    assert s.ensure_host(operator).result(timeout=20).weights.kind == "dora"
+
+
+def test_serving_dtype_refuses_what_would_overflow(make_store, own_root):
+    """Serving in float16: an adapter whose B x scaling exceeds 65504 is refused at load; float32 serves it."""
+    from safetensors.torch import load_file, save_file
+
+    path = own_root["root"] / "third" / "adapter_model.safetensors"
+    sd = load_file(str(path))
+    key = next(k for k in sd if "lora_B" in k)
+    sd[key][0, 0] = 1e5
+    save_file(sd, str(path))
+    s16, _ = make_store(adapter_roots=[str(own_root["root"])], dtype="float16", device="cpu")
+    assert s16.dtype == torch.float16
+    with pytest.raises(AdapterError, match=rf"{key}' times its scaling .* beyond float16's largest finite value"):
+        load(s16, "third")
+    s32, _ = make_store(adapter_roots=[str(own_root["root"])], dtype="float32", device="cpu")
+    assert load(s32, "third").weights is not None
+
+
+# ---- the host byte budget is hard --------------------------------------------------------------------------
+def test_in_flight_adapters_hold_the_budget_then_a_load_gets_503(make_store):
+    sizes = {"lora": 65536, "rslora": 13312}  # packed bytes of the session adapters (asserted below)
+    s, _ = make_store(max_cpu_loras=10, max_cpu_lora_bytes=sizes["lora"] + sizes["rslora"], cpu_lora_wait=0.2)
+    busy = load(s, "lora", hold=True)  # a request holds it: it cannot be evicted
+    idle = load(s, "rslora")
+    assert (busy.weights.nbytes, idle.weights.nbytes) == (sizes["lora"], sizes["rslora"])
+    with pytest.raises(HostMemoryFullError, match=r"no room .* --max-cpu-lora-bytes .* held by adapters with "
+                                                   r"requests in flight; retry shortly") as info:
+        load(s, "lora2")
+    assert info.value.status_code == 503 and info.value.retry_after > 0
+    assert idle.weights is not None, "evicted although that could not make room"
+    assert s.host_bytes() <= s.config.max_cpu_lora_bytes and s.budget.reserved == 0
+
+
+def test_a_waiting_load_proceeds_once_bytes_are_freed(make_store):
+    s, events = make_store(max_cpu_loras=10, max_cpu_lora_bytes=65536 + 13312, cpu_lora_wait=60)
+    busy = load(s, "lora", hold=True)
+    waiting = threading.Event()
+    wait = s.budget.changed.wait
+
+    def spy(timeout=None):
+        waiting.set()
+        return wait(timeout)
+
+    s.budget.changed.wait = spy
+    other = s.resolve("lora2")
+    fut = s.ensure_host(other)
+    assert waiting.wait(20), "the load never waited for room"
+    assert not fut.done() and s.host_bytes() <= s.config.max_cpu_lora_bytes
+    s.release(busy.key)  # the request finished: 'lora' becomes evictable, the load goes on
+    assert fut.result(timeout=20) is other and other.weights is not None
+    assert busy.weights is None and events.count("evict_host", "lora") == 1
+    assert s.host_bytes() <= s.config.max_cpu_lora_bytes
+
+
+def test_adapter_larger_than_the_whole_budget_is_400_at_once(make_store):
+    s, _ = make_store(max_cpu_lora_bytes=20000, cpu_lora_wait=3600)  # a wait would hang the test
+    with pytest.raises(AdapterError, match=r"lora/adapter_model.safetensors: needs \d+ bytes of host memory, "
+                                           r"more than the whole host adapter budget \(--max-cpu-lora-bytes 20000\)"):
+        load(s, "lora")
+
+
+# ---- failed on-demand loads -------------------------------------------------------------------------------
+def test_failed_on_demand_load_is_unlisted_but_remembered(make_store, root, tmp_path):
+    s, _ = make_store(adapter_roots=[str(tmp_path)])
+    shutil.copytree(root / "lora", tmp_path / "broken")
+    (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError):
+        load(s, "broken")
+    failure = s.failure("broken")
+    assert "broken" not in s.entries and failure is not None and failure.status_code == 400
+    assert "adapter_config.json: not valid JSON" in failure.error and failure.source.endswith("broken")
+    assert "failed at" in failure.describe() and s.failure("lora") is None
+    shutil.copy(root / "lora" / "adapter_config.json", tmp_path / "broken" / "adapter_config.json")
+    load(s, "broken")
+    assert s.failure("broken") is None  # loaded now: nothing to explain any more

@@ -1,6 +1,8 @@
 """Hostile adapters over HTTP: every one is refused with a 4xx and a message naming the reason, through the
 admin routes (/v1/load_lora_adapter, /v1/adapters) and on demand (`model=<name>`, TGI `adapter_id`); no pickle
-is ever unpickled, nothing outside the adapter roots is loaded, and a normal request still gets the same answer.
+is ever unpickled, nothing outside the adapter roots is loaded (also when a directory turns into a symlink after it
+was loaded), no NaN/Inf or half-precision overflow reaches a slot, nothing oversize is fetched from the Hub, admin
+routes refuse proxied requests without an admin key, and a normal request still gets the same answer.
 
 The format-level corpus (every corruption of a PEFT directory) lives in tests/adapters/test_formats.py; this
 file checks that the refusals reach the client intact, with the right status, whatever route asked.
@@ -24,6 +26,7 @@ from .conftest import (BASE, NORMAL, copy_adapter, edit_config, error_message, l
                        random_bytes, rewrite_tensors, safetensors_header, still_serves)
 
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj."
+FILLERS = [f"fill-{i}" for i in range(4)]  # as many as the host tier holds (engine_config: max_cpu_loras=4)
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
@@ -72,6 +75,12 @@ def corpus(tiny_model_dir, adapters, tmp_path_factory) -> dict[str, Path]:
     d = copy_adapter(lora, root / "symlinked-config")
     (d / CONFIG).unlink()
     os.symlink(outside / "good" / CONFIG, d / CONFIG)
+    rewrite_tensors(copy_adapter(lora, root / "nan-weights"), set_first(Q0 + "lora_B.weight", float("nan")))
+    rewrite_tensors(copy_adapter(lora, root / "inf-weights"), set_first(Q0 + "lora_A.weight", float("-inf")))
+    # lora: r=8, alpha=16, so the slot holds B x 2: 40000 fits float16 (max 65504), 80000 does not
+    rewrite_tensors(copy_adapter(lora, root / "fp16-overflow"), set_first(Q0 + "lora_B.weight", 40000.0))
+    for name in ("swap-me", *FILLERS):
+        copy_adapter(lora, root / name)
     return {"root": root, "outside": outside, "marker": marker, "base": base}
 
 
@@ -95,6 +104,14 @@ def baseline(hostile_server) -> dict[str, str]:
             out[model] = r.json()["choices"][0]["text"]
     assert out[BASE] != out["good"]  # the adapter visibly changes the output, so "same answer" means something
     return out
+
+
+def set_first(key: str, value: float):
+    """A rewrite_tensors edit: element [0, 0] of ``key`` becomes ``value``."""
+    def edit(sd):
+        sd[key][0, 0] = value
+        return sd
+    return edit
 
 
 def unharmed(http, corpus, baseline) -> None:
@@ -130,6 +147,10 @@ DIRS = {  # directory: (status, reason) when loaded by path; on demand the same 
     "symlinked-dir": (403, r"symlinked-dir: not a directory under an --adapter-root"),
     "symlinked-weights": (403, r"adapter_model\.safetensors: resolves outside the adapter root"),
     "symlinked-config": (403, r"adapter_config\.json: resolves outside the adapter root"),
+    "nan-weights": (400, r"adapter_model\.safetensors: tensor '[\w.]+layers\.0\.self_attn\.q_proj\.lora_B\.weight' "
+                         r"holds NaN or Inf"),
+    "inf-weights": (400, r"adapter_model\.safetensors: tensor '[\w.]+layers\.0\.self_attn\.q_proj\.lora_A\.weight' "
+                         r"holds NaN or Inf"),
 }
 ON_DEMAND = {"no-config": (404, r"The model `no-config` does not exist")}  # without a config it is no adapter
 
@@ -322,5 +343,92 @@ def test_server_survives_the_whole_corpus_at_once(hostile_server, corpus, baseli
     hostile, normal = responses[:2 * len(DIRS)], responses[2 * len(DIRS):]
     assert all(400 <= r.status_code < 500 for r in hostile), [(r.status_code, r.text) for r in hostile]
     assert all(r.status_code == 200 and r.json()["choices"][0]["text"] == baseline[BASE] for r in normal)
+    with hostile_server.client() as http:
+        unharmed(http, corpus, baseline)
+
+
+# --- a directory swapped for a symlink after a load, read again after an eviction ---------------------------
+
+def test_symlink_swapped_in_before_a_reread_is_refused(hostile_server, corpus, baseline):
+    """'swap-me' loads, is evicted from host memory by as many other adapters as the tier holds, and is then
+    replaced by a symlink to a valid adapter outside the root: its re-read is refused (403), and every adapter
+    whose directory is intact, evicted or not, still answers as before."""
+    root, store = corpus["root"], hostile_server.engine.engine.store
+    with hostile_server.client() as http:
+        assert http.post("/v1/completions", json={**NORMAL, "model": "swap-me"}).status_code == 200
+        for name in FILLERS:
+            assert http.post("/v1/completions", json={**NORMAL, "model": name}).status_code == 200
+        assert store.entries["swap-me"].weights is None, "not evicted: the test proves nothing"
+        (root / "swap-me").rename(corpus["base"] / "swapped-away")
+        os.symlink(corpus["outside"] / "good", root / "swap-me")
+        try:
+            reread = http.post("/v1/completions", json={**NORMAL, "model": "swap-me"})
+            assert_refused(reread, 403, r"swap-me: resolves outside the adapter roots")
+            again = http.post("/v1/completions", json={**NORMAL, "model": "swap-me"})
+            assert_refused(again, 403, r"swap-me: not a directory under an --adapter-root")
+            why = http.get("/v1/adapters/swap-me")
+            assert_refused(why, 404, r"on-demand load from .*swap-me failed .*\(answered 403\)")
+            for name in (*FILLERS, "good"):
+                r = http.post("/v1/completions", json={**NORMAL, "model": name})
+                assert r.status_code == 200 and r.json()["choices"][0]["text"] == baseline["good"], name
+            unharmed(http, corpus, baseline)
+        finally:
+            (root / "swap-me").unlink()
+            (corpus["base"] / "swapped-away").rename(root / "swap-me")
+
+
+# --- half precision: values that overflow the serving dtype -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fp16_server(tiny_model_dir, corpus):
+    config = engine_config(tiny_model_dir, corpus["root"], dtype="float16", max_lora_rank=8)
+    with live_server(config, ServerConfig(shutdown_timeout=2)) as live:
+        yield live
+
+
+def test_fp16_overflow_refused_only_where_the_slots_are_fp16(fp16_server, hostile_server, corpus):
+    reason = (r"q_proj\.lora_B\.weight' times its scaling 2 reaches 80000, beyond float16's largest finite value "
+              r"65504.*--dtype float32")
+    with fp16_server.client() as http:
+        assert_refused(http.post("/v1/completions", json={**NORMAL, "model": "fp16-overflow"}), 400, reason)
+        load = {"lora_name": "h-fp16", "lora_path": str(corpus["root"] / "fp16-overflow")}
+        assert_refused(http.post("/v1/load_lora_adapter", json=load), 400, reason)
+        assert http.post("/v1/completions", json={**NORMAL, "model": "good"}).status_code == 200
+        still_serves(http)
+    with hostile_server.client() as http:  # float32 slots hold 80000 fine
+        assert http.post("/v1/completions", json={**NORMAL, "model": "fp16-overflow"}).status_code == 200
+
+
+# --- the Hub: sizes from the Hub's metadata, before anything is downloaded --------------------------------
+
+def test_oversize_hub_adapter_is_refused_before_download(hostile_server, corpus, baseline, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.hf_api import RepoSibling
+    from types import SimpleNamespace
+
+    listed = [RepoSibling(rfilename=CONFIG, size=400), RepoSibling(rfilename=WEIGHTS, size=4 << 30)]
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info",
+                        lambda self, repo_id, **kw: SimpleNamespace(sha="0" * 40, siblings=listed))
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: downloads.append(a) or "/nowhere")
+    reason = (r"hub:trusted-org/huge: adapter_model\.safetensors is 4294967296 bytes on the Hub, over "
+              r"--max-adapter-bytes \(1073741824 bytes\); nothing was downloaded")
+    with hostile_server.client() as http:
+        assert_refused(http.post("/v1/completions", json={**NORMAL, "model": "trusted-org/huge"}), 400, reason)
+        load = {"lora_name": "h-huge", "lora_path": "trusted-org/huge"}
+        assert_refused(http.post("/v1/load_lora_adapter", json=load), 400, reason)
+        unharmed(http, corpus, baseline)
+    assert downloads == []
+
+
+# --- admin routes without a key, through a proxy ---------------------------------------------------------
+
+@pytest.mark.parametrize("header", ["X-Forwarded-For", "Forwarded", "X-Real-IP"])
+def test_proxied_admin_requests_are_refused_without_an_admin_key(header, hostile_server, corpus, baseline):
+    value = "for=127.0.0.1" if header == "Forwarded" else "127.0.0.1"  # even claiming to be loopback
+    with hostile_server.client(headers={header: value}) as http:
+        load = {"lora_name": "h-proxied", "lora_path": str(corpus["root"] / "good")}
+        assert_refused(http.post("/v1/load_lora_adapter", json=load), 403, r"came through a proxy.*--admin-key")
+        assert_refused(http.delete("/v1/adapters/good"), 403, "--admin-key")
     with hostile_server.client() as http:
         unharmed(http, corpus, baseline)
