@@ -43,7 +43,7 @@ class BlockManager:
     def cached_prefix(self, req: Request) -> list[int]:
         """Cached blocks holding the start of ``req``'s tokens. At least its last token is left to compute
         (the step needs its logits), so a fully cached sequence recomputes its last block."""
-        if not self.pool.enable_caching:
+        if not self.pool.enable_caching or req.params.prompt_logprobs is not None:  # cached blocks hold no logits
             return []
         usable = (req.num_tokens - 1) // self.block_size
         return self.pool.lookup(self._hashes(req, usable))[:usable]

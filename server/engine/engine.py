@@ -12,7 +12,7 @@ from server.engine.block_manager import BlockManager
 from server.engine.block_pool import BlockPool
 from server.engine.detokenizer import Detokenizer
 from server.engine.request import Request, RequestOutput
-from server.engine.runner import ModelRunner
+from server.engine.runner import ModelRunner, StepOutput
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledBatch, Scheduler
 
@@ -53,21 +53,24 @@ class LLMEngine:
             log.info("KV cache full: preempted %d request(s); they will be recomputed", len(batch.preempted))
             self._emit("on_preempt", len(batch.preempted))
         if batch.seqs:
-            logits, sampled = self.runner.execute(batch.seqs, self.store.weights)
-            outputs += self._update(batch, logits, sampled)
+            outputs += self._update(batch, self.runner.execute(batch.seqs, self.store.weights))
         return outputs
 
-    def _update(self, batch: ScheduledBatch, logits: torch.Tensor,
-                sampled: list[Request]) -> list[tuple[Request, RequestOutput]]:
+    def _update(self, batch: ScheduledBatch, result: StepOutput) -> list[tuple[Request, RequestOutput]]:
         now = time.monotonic()
         for req, n in batch.seqs:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
             req.num_computed_tokens += n
             self.blocks.commit(req)
-        tokens, logprobs, tops = self.sampler(logits, sampled)
+        for req, logits in result.prompt:
+            req.prompt_logprobs += prompt_logprobs(logits, req.prompt_token_ids[len(req.prompt_logprobs):],
+                                                   req.params.prompt_logprobs)
+        keep = [i for i, r in enumerate(result.sampled) if r.params.max_tokens > 0]
+        outs = [self._prompt_only(r) for r in result.sampled if r.params.max_tokens == 0]
+        sampled = [result.sampled[i] for i in keep]
+        tokens, logprobs, tops = self.sampler(result.logits[keep], sampled)
         now = time.monotonic()
-        outs = []
         for req, token, lp, top in zip(sampled, tokens, logprobs, tops):
             if token is None:  # its logits were not finite: its own adapter's doing; no other row is touched
                 outs.append(self._fail(req, "the model produced non-finite logits for this request (its adapter's "
@@ -89,9 +92,17 @@ class LLMEngine:
 
     def _output(self, req: Request, tokens: list[int], text: str, logprobs, error: str | None = None,
                 top: list | None = None):
+        prompt, req.prompt_logprobs_sent = (None if req.prompt_logprobs_sent else req.prompt_logprobs), True
         return RequestOutput(req.request_id, tokens, text, logprobs, req.finish_reason,
                              len(req.prompt_token_ids), len(req.output_token_ids), error, top,
-                             req.num_cached_tokens)
+                             req.num_cached_tokens, prompt)
+
+    def _prompt_only(self, req: Request) -> tuple[Request, RequestOutput]:
+        """max_tokens 0 (echo the prompt, with its logprobs): done once the prompt is computed."""
+        req.finish_reason = "length"
+        req.first_token_time = req.last_token_time = time.monotonic()
+        self._finished(req)
+        return req, self._output(req, [], "", None)
 
     def _fail(self, req: Request, error: str | None) -> tuple[Request, RequestOutput]:
         req.finish_reason = "abort"
@@ -153,6 +164,17 @@ class LLMEngine:
             fn = getattr(obs, method, None)
             if fn:
                 fn(*args)
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[tuple[float, list]]:
+    """logits: [m, vocab], row i predicting ``targets[i]``. Per row: the target's logprob and the k most likely
+    tokens as [(token_id, logprob)] (raw model distribution, as the sampled tokens' logprobs)."""
+    logp = torch.log_softmax(logits, -1)  # [m, vocab]
+    chosen = logp.gather(1, torch.tensor(targets[:len(logp)], device=logp.device)[:, None])[:, 0].tolist()
+    if not k:
+        return [(lp, []) for lp in chosen]
+    values, ids = torch.topk(logp, k)
+    return [(lp, list(zip(i, v))) for lp, i, v in zip(chosen, ids.tolist(), values.tolist())]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -24,6 +24,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False  # the chosen token's logprob (raw model distribution, before penalties/temperature)
     top_logprobs: int = 0  # also the n most likely tokens' (with ``logprobs``)
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob given its prefix, and the k most
+    # likely tokens' (k = 0: the token's own only); None = off. Such a prompt is always computed, never read
+    # from the prefix cache (cached blocks carry no logits)
 
     @property
     def greedy(self) -> bool:
@@ -45,6 +48,8 @@ class RequestOutput:
     finish_reason: None while running; "stop" (EOS, stop string or stop token), "length" or "abort".
     error: set when the request failed (e.g. its adapter could not be loaded); then finish_reason is "abort".
     num_cached_tokens: prompt tokens served from cached prefix blocks (OpenAI's usage.prompt_tokens_details).
+    prompt_logprobs: with params.prompt_logprobs, on the first increment only: per prompt token, None for the
+                     first, else (its logprob, [(token_id, logprob)] of the k most likely) given its prefix.
     """
 
     request_id: str
@@ -57,6 +62,7 @@ class RequestOutput:
     error: str | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -88,6 +94,8 @@ class Request:
     num_registered_blocks: int = 0  # leading blocks already entered in the prefix cache
     prefix_identity: bytes = b""  # the adapter's content hash (b"" = base model): part of every block hash
     num_preemptions: int = 0
+    prompt_logprobs: list | None = None  # built chunk by chunk when params.prompt_logprobs is set (see RequestOutput)
+    prompt_logprobs_sent: bool = False  # they go out once, with the first increment
     # detokenization state (Detokenizer): text of output tokens [0, read_offset), decoded incrementally
     text: str = ""
     prefix_offset: int = 0
@@ -95,6 +103,10 @@ class Request:
 
     skipped: int = 0  # steps it was passed over because its adapter had no slot (starvation guard)
     sent_text_len: int = 0  # characters of ``text`` already emitted
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]  # the first prompt token has no prefix to be predicted from
 
     @property
     def adapter_key(self) -> tuple[str, int] | None:

@@ -3,6 +3,7 @@ and runs one forward over a step's flat token batch, returning the logits of the
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -86,10 +87,10 @@ class ModelRunner:
         return sum(b.numel() * b.element_size() for l in self.layers.values() for b in (l.lora_a, l.lora_b))
 
     @torch.inference_mode()
-    def execute(self, seqs: list[tuple[Request, int]], weights) -> tuple[torch.Tensor, list[Request]]:
+    def execute(self, seqs: list[tuple[Request, int]], weights) -> "StepOutput":
         """One forward over ``seqs`` (each request and how many tokens it computes from its
-        ``num_computed_tokens``; its blocks already allocated). Returns the logits [S, vocab] (float32) of the
-        requests that reach their last token, and those requests, in the same order."""
+        ``num_computed_tokens``; its blocks already allocated). Returns the logits of the requests that reach
+        their last token, and of the prompt rows whose logprobs were asked for."""
         step = StepInput.build(seqs, self.kv.block_size, self.device)
         self.manager.activate([r.adapter_key for r, _ in step.seqs], [n for _, n in step.seqs], weights)
         self.attention.meta = step.attention
@@ -99,4 +100,17 @@ class ModelRunner:
             self.manager.clear()
             self.attention.meta = None
         hidden = out.last_hidden_state[0]  # [T, hidden]
-        return self.head(hidden.index_select(0, step.sample_rows)).float(), step.sampled
+        logits = self.head(hidden.index_select(0, step.logit_rows)).float()  # [S + P, vocab]
+        sampled = len(step.sampled)
+        prompt, at = [], sampled
+        for req, _, rows in step.prompt_rows:
+            prompt.append((req, logits[at:at + rows]))
+            at += rows
+        return StepOutput(logits[:sampled], step.sampled, prompt)
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # [S, vocab] float32, one row per sampled request
+    sampled: list[Request]
+    prompt: list[tuple[Request, torch.Tensor]]  # (request, [rows, vocab]) for its next prompt logprobs

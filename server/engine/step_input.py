@@ -3,7 +3,8 @@
 Order of the flat batch: sequences computing one token (decodes), longest first in groups of similar length,
 then the prefill chunks. Each sequence ``(req, n)`` contributes its tokens ``[c, c + n)``, c =
 ``req.num_computed_tokens``. Rows to sample are the last token of each sequence that reaches its end this
-step (a decode, or the last chunk of a prompt).
+step (a decode, or the last chunk of a prompt). A request asking for prompt logprobs also needs the logits of
+every chunk row whose next token is a prompt token it has no logprob for yet (``prompt_rows``).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class StepInput:
     seqs: list[tuple[Request, int]]  # in flat-batch order
     sample_rows: torch.Tensor  # [S] long: rows of the flat batch whose logits are sampled
     sampled: list[Request]  # the request of each sampled row
+    prompt_rows: list[tuple[Request, int, int]]  # (request, first row, rows): logits for its prompt logprobs
 
     @property
     def num_tokens(self) -> int:
@@ -40,7 +42,7 @@ class StepInput:
         decodes = sorted((s for s in seqs if s[1] == 1), key=lambda s: -s[0].num_computed_tokens)
         prefills = [s for s in seqs if s[1] > 1]
         ordered = decodes + prefills
-        ids, positions, slots, sample_rows, sampled = [], [], [], [], []
+        ids, positions, slots, sample_rows, sampled, prompt_rows = [], [], [], [], [], []
         row = 0
         for req, n in ordered:
             start = req.num_computed_tokens
@@ -48,6 +50,11 @@ class StepInput:
             ids.extend(req.token_slice(start, start + n))
             positions.append(pos)
             slots.append(_slots(req.block_ids, pos, block_size))
+            if req.prompt_logprobs is not None:
+                first = max(start, len(req.prompt_logprobs) - 1)  # position whose logits predict the next one
+                last = min(start + n, len(req.prompt_token_ids) - 1)
+                if first < last:
+                    prompt_rows.append((req, row + first - start, last - first))
             row += n
             if start + n == req.num_tokens:
                 sample_rows.append(row - 1)
@@ -56,7 +63,15 @@ class StepInput:
                                  _decode_groups(decodes, block_size, device),
                                  _prefill_spans(prefills, len(decodes), block_size, device))
         return cls(torch.tensor(ids, dtype=torch.long, device=device), _tensor(np.concatenate(positions), device),
-                   meta, ordered, torch.tensor(sample_rows, dtype=torch.long, device=device), sampled)
+                   meta, ordered, torch.tensor(sample_rows, dtype=torch.long, device=device), sampled, prompt_rows)
+
+    @property
+    def logit_rows(self) -> torch.Tensor:
+        """[S + P] rows to run the head on: the sampled rows, then every prompt-logprob row in order."""
+        if not self.prompt_rows:
+            return self.sample_rows
+        extra = [torch.arange(lo, lo + m) for _, lo, m in self.prompt_rows]
+        return torch.cat([self.sample_rows, *(e.to(self.sample_rows.device) for e in extra)])
 
 
 def _slots(block_ids: list[int], positions: np.ndarray, block_size: int) -> np.ndarray:

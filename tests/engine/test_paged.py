@@ -184,3 +184,37 @@ def test_a_non_finite_slot_never_reaches_another_row(fresh_llm, oracle, root, tm
             assert req.finish_reason == "abort" and "non-finite" in outputs[req.request_id][-1].error
         else:
             check(req, oracle, 8)
+
+
+# ---------------------------------------------------------------- prompt logprobs
+
+@pytest.mark.parametrize("budget", [256, 8], ids=["one-chunk", "chunked"])
+def test_prompt_logprobs_equal_peft_in_a_mixed_batch(fresh_llm, oracle, budget):
+    """vLLM's prompt_logprobs: each prompt token's logprob given its prefix and the k most likely tokens, from
+    the same batched forward as the prefill (across chunks when the prompt is longer than the budget), exact
+    against PEFT's logits for that prompt; never read from the prefix cache, which holds no logits."""
+    eng = fresh_llm(max_num_batched_tokens=budget, max_num_seqs=4)
+    prompt = tokens(37, seed=50)
+    warm = submit(eng, prompt, "dora", max_tokens=1)
+    run(eng, [warm])
+    reqs = [submit(eng, prompt, name, max_tokens=m, prompt_logprobs=2, logprobs=True)
+            for name, m in (("dora", 3), (None, 0), ("ia3", 1))]
+    others = [submit(eng, tokens(5, 51), "lora", max_tokens=4, logprobs=True)]
+    outputs: dict = {}
+    drain(eng, outputs)
+    for req in reqs:
+        assert req.num_cached_tokens == 0
+        first = outputs[req.request_id][0].prompt_logprobs
+        assert all(o.prompt_logprobs is None for o in outputs[req.request_id][1:])
+        assert len(first) == len(prompt) and first[0] is None
+        with torch.no_grad():
+            logp = torch.log_softmax(oracle.model(req.adapter)(torch.tensor([prompt])).logits[0, :-1].float(), -1)
+        want = logp.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+        got = torch.tensor([lp for lp, _ in first[1:]])
+        assert (got - want).abs().max().item() <= LP
+        top_ids = [[i for i, _ in top] for _, top in first[1:]]
+        assert top_ids == logp.topk(2).indices.tolist()
+    assert reqs[1].output_token_ids == [] and reqs[1].finish_reason == "length"
+    assert outputs[reqs[1].request_id][-1].finished
+    check(reqs[0], oracle, 3)
+    check(others[0], oracle, 4)
