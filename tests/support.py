@@ -195,8 +195,8 @@ class Rows:
         """One forward over (request, new tokens) pairs; logits [len(seqs), vocab] in ``seqs`` order."""
         for req, n in seqs:
             assert self.blocks.allocate(req, n), "the test's KV cache is too small"
-        logits, sampled = self.runner.execute(seqs, weights)
+        out = self.runner.execute(seqs, weights)
         for req, n in seqs:
             req.num_computed_tokens += n
-        row = {id(r): i for i, r in enumerate(sampled)}
-        return logits[[row[id(r)] for r, _ in seqs]]
+        row = {id(r): i for i, r in enumerate(out.sampled)}
+        return out.logits[[row[id(r)] for r, _ in seqs]]
