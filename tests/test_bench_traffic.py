@@ -1,0 +1,92 @@
+"""The real-traffic section of the benchmark (bench/traffic.py and what it stands on): deterministic request
+sets, Poisson arrival times, goodput and round medians, the --traffic flags, the workloads end to end on the
+tiny model (this tree's engine in-process, engine v1 in a subprocess on its own checkout), HF's static
+batches and the "Real traffic" markdown. Sizes are tiny and nothing asserts on a measured time."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.config import TrafficConfig, parse_args, traffic_fields
+from bench.request_set import RequestSet, lognormal_lengths, poisson_offsets, random_prompt, rng_for, round_robin
+from bench.timing import Trace, goodput, median_range
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(rounds=2, requests=5, short_prompt=8, long_prompt=80, max_tokens=4, adapters=2, prefix_tokens=64,
+            prefix_tail=4, prefix_max_tokens=3, poisson_requests=6, prompt_median=16, prompt_sigma=1.0, prompt_min=4,
+            prompt_max=96, output_median=6, output_sigma=0.5, output_min=2, output_max=12, wide_requests=4,
+            max_num_seqs=4)
+
+
+def test_request_set_is_the_same_for_a_seed_and_long_tailed_within_its_clip():
+    cfg = TrafficConfig(poisson_requests=400, prompt_median=96, prompt_sigma=1.0, prompt_min=16, prompt_max=2048)
+    a, b = RequestSet.long_tailed(cfg, 0), RequestSet.long_tailed(cfg, 0)
+    assert a == b and RequestSet.long_tailed(cfg, 1) != a
+    assert len(a) == 400 and a.gaps[0] == 0.0
+    assert min(a.prompt_lens) >= 16 and max(a.prompt_lens) <= 2048
+    assert min(a.output_lens) >= cfg.output_min and max(a.output_lens) <= cfg.output_max
+    p = a.describe()["prompt"]
+    assert 70 < p["p50"] < 130 and p["p90"] > 2.5 * p["p50"]  # sigma 1: p90 / p50 = e^1.28 = 3.6 before clipping
+    assert lognormal_lengths(rng_for(0), 50, 1000.0, 2.0, 5, 9) and set(
+        lognormal_lengths(rng_for(0), 50, 1000.0, 2.0, 5, 9)) <= {5, 6, 7, 8, 9}
+
+
+def test_each_run_draws_fresh_prompts_of_the_set_lengths():
+    rs = RequestSet([3, 7], [4, 4], [0.0, 1.0])
+    one, two = rs.prompts(400, 0, "rate-0"), rs.prompts(400, 0, "rate-1")
+    assert [len(p) for p in one] == [3, 7] == [len(p) for p in two] and one != two
+    assert one == rs.prompts(400, 0, "rate-0")
+    ids = random_prompt(rng_for(0, "x"), 1000, 400)
+    assert min(ids) >= 100 and max(ids) < 400  # clear of the bottom of a small vocabulary, inside it
+    assert min(random_prompt(rng_for(0), 1000, 49152)) >= 1000
+
+
+def test_poisson_offsets_scale_one_draw_by_the_rate():
+    rs = RequestSet.long_tailed(TrafficConfig(poisson_requests=2000), 3)
+    slow, fast = poisson_offsets(rs.gaps, 0.5), poisson_offsets(rs.gaps, 2.0)
+    assert slow[0] == fast[0] == 0.0 and np.allclose(np.array(slow) / 4, fast)
+    assert all(x <= y for x, y in zip(fast, fast[1:]))
+    assert 1.9 < (len(fast) - 1) / fast[-1] < 2.1  # the mean rate of 2000 seeded unit-rate gaps, scaled
+    assert round_robin(["a", "b", None], 5) == ["a", "b", None, "a", "b"]
+
+
+def trace(sent: float, *arrivals: float) -> Trace:
+    return Trace(sent, list(arrivals), [1] * len(arrivals))
+
+
+def test_goodput_needs_both_the_ttft_and_the_mean_itl():
+    traces = [trace(0.0, 1.0, 1.1, 1.2),  # TTFT 1 s, mean ITL 100 ms: good
+              trace(0.0, 2.5, 2.6),  # TTFT 2.5 s: late
+              trace(1.0, 1.5, 2.0, 2.5),  # mean ITL 500 ms: slow
+              trace(2.0, 3.0),  # one token: no ITL to miss
+              Trace(3.0)]  # never answered: counted, never good
+    assert traces[2].mean_itl == pytest.approx(0.5) and traces[3].mean_itl is None
+    out = goodput(traces, ttft_s=2.0, itl_s=0.2)
+    assert (out["good"], out["of"], out["share"]) == (2, 5, 0.4)
+    assert out["good_req_s"] == pytest.approx(2 / 3.0)  # first send 0.0 -> last token 3.0
+
+
+def test_median_range_leaves_missing_rounds_out():
+    assert median_range([3.0, None, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert median_range([None])["median"] is None
+
+
+def test_traffic_flags_are_typed_like_the_fields():
+    assert traffic_fields(["poisson_requests=64", "loads=0.5,1", "slo_itl_s=0.1"]) == {
+        "poisson_requests": 64, "loads": [0.5, 1.0], "slo_itl_s": 0.1}
+    with pytest.raises(ValueError, match="no such field"):
+        traffic_fields(["poisson=3"])
+    with pytest.raises(ValueError, match="poisson_requests takes a int"):
+        traffic_fields(["poisson_requests=1.5"])
+    quick = parse_args(["--quick", "--traffic", "rounds=2"])
+    assert quick.traffic.rounds == 2 and quick.traffic.poisson_requests == 12  # the flag over the preset
+    assert parse_args([]).traffic.max_model_len == 2048 + 512 + 8
+    with pytest.raises(SystemExit):
+        parse_args(["--skip-traffic", "--traffic-baseline", "HEAD"])
