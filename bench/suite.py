@@ -13,7 +13,7 @@ import torch
 
 from bench.anchors import Anchors
 from bench.config import BenchConfig, auto_threads
-from bench.drivers import Driver, EngineDriver, cell_requests, run_concurrent
+from bench.drivers import Driver, EngineDriver, cell_requests, load_and_warm, run_concurrent
 from bench.fixtures import adapter_bytes, copy_adapters, make_adapters, make_typed_adapters, model_dir, prompts
 from bench.memory import model_memory
 from bench.scale import run_scale, run_types, timed
@@ -135,10 +135,7 @@ def _log_cell(row: dict) -> None:
 
 async def warm_up(driver: Driver, fx: Fixtures, cfg: BenchConfig) -> None:
     """Host-load the cell adapters, then one short request per adapter (fills the device slots)."""
-    for name, path in fx.cell.items():
-        await driver.load_adapter(name, str(path))
-    reqs = cell_requests(fx.prompts[:len(fx.cell)], list(fx.cell), 4)
-    await run_concurrent(driver, reqs)
+    await load_and_warm(driver, fx.cell, fx.prompts)
 
 
 async def run_suite(cfg: BenchConfig) -> dict:

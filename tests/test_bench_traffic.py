@@ -90,3 +90,64 @@ def test_traffic_flags_are_typed_like_the_fields():
     assert parse_args([]).traffic.max_model_len == 2048 + 512 + 8
     with pytest.raises(SystemExit):
         parse_args(["--skip-traffic", "--traffic-baseline", "HEAD"])
+
+
+def test_traffic_module_leaves_server_to_whoever_comes_first_on_the_path():
+    """bench/baseline.py's subprocess puts another checkout first on sys.path in main(): nothing bench.traffic
+    imports at module level may have imported `server` by then."""
+    code = "import sys, bench.traffic; assert 'server' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def tiny_spec(model_dir: Path, adapter: Path, root: Path):
+    from bench.fixtures import copy_adapters
+    from bench.traffic import TrafficSpec
+
+    made = copy_adapters(adapter, ["t00", "t01", "t02", "t03"], root, 0)
+    return TrafficSpec(str(model_dir), {n: str(p) for n, p in made.items()}, str(root), TINY, lora_rank=8)
+
+
+def check_run(run: dict, cfg: TrafficConfig) -> None:
+    """What every engine's traffic run must hold, whatever its speed."""
+    a = run["long_one"]
+    assert len(a["rounds"]) == cfg.rounds and a["ratio"]["n"] == cfg.rounds
+    assert all(r[c]["tokens"] == cfg.requests * cfg.max_tokens for r in a["rounds"] for c in "AB")
+    rs = RequestSet.long_tailed(cfg, 0)
+    c = run["poisson"]
+    assert len(c["rates"]) == 3 and c["base_all_at_once"]["tokens"] == sum(rs.output_lens)
+    assert all(r["tokens"] == sum(rs.output_lens) and r["goodput"]["of"] == len(rs) for r in c["rates"])
+    assert c["rates"][0]["adapters"] == cfg.adapters and c["base_all_at_once"]["adapters"] == 0
+    d = run["wide"]
+    assert d["adapters"] == cfg.wide_requests and d["rounds"][0]["base"]["tokens"] == cfg.wide_requests * cfg.max_tokens
+
+
+def test_traffic_workloads_run_on_this_engine(tiny_model_dir, adapters, tmp_path):
+    from bench.traffic import run_traffic
+
+    spec = tiny_spec(tiny_model_dir, adapters["lora"], tmp_path)
+    run = asyncio.run(run_traffic(spec))
+    check_run(run, spec.config)
+    assert run["engine"]["paged"] and run["engine"]["max_num_seqs"] == 4 and run["wide_engine"]["max_loras"] == 4
+    b = run["prefix"]["rounds"]
+    assert [(r["cached_first"], r["cached_second"]) for r in b] == [(0, 64), (0, 64)]  # fresh prefix each round
+    c = run["poisson"]["rates"]
+    assert [r["rate"] for r in c] == pytest.approx([x * run["poisson"]["capacity_req_s"] for x in (0.3, 0.6, 0.9)])
+    assert all(r["preemptions"] == 0 and r["prefix_hits"] == 0 and r["prefix_queries"] > 0 for r in c)
+
+
+def test_traffic_baseline_runs_engine_v1_from_its_own_checkout(tiny_model_dir, adapters, tmp_path):
+    """bench/baseline.py on b715e68 (the last commit before engine v2): its server/ comes from `git archive`,
+    bench/ from this tree, and (c) runs at the rates it is given."""
+    from bench.baseline import run_baseline, short_commit
+
+    try:
+        short_commit("b715e68")
+    except ValueError:
+        pytest.skip("b715e68 is not in this clone's history")
+    spec = tiny_spec(tiny_model_dir, adapters["lora"], tmp_path)
+    run = asyncio.run(run_baseline("b715e68", spec, [50.0, 100.0, 200.0]))
+    check_run(run, spec.config)
+    assert run["commit"] == "b715e68" and "swapserve-b715e68-" in run["server"]
+    assert not run["engine"]["paged"] and run["engine"]["token_budget"] == 2048  # v1's default prompt budget
+    assert [r["rate"] for r in run["poisson"]["rates"]] == [50.0, 100.0, 200.0]
+    assert run["prefix"]["rounds"][0]["cached_second"] is None and run["poisson"]["rates"][0]["preemptions"] is None
