@@ -6,19 +6,23 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from bench.anchors import Anchors
+from bench.baseline import run_baseline
 from bench.config import BenchConfig, auto_threads
 from bench.drivers import Driver, EngineDriver, cell_requests, load_and_warm, run_concurrent
 from bench.fixtures import adapter_bytes, copy_adapters, make_adapters, make_typed_adapters, model_dir, prompts
 from bench.memory import model_memory
+from bench.report import machine_git
+from bench.request_set import RequestSet
 from bench.scale import run_scale, run_types, timed
 from bench.swap import interference, swap_costs
 from bench.timing import summarize
+from bench.traffic import TrafficSpec, run_traffic
 
 log = logging.getLogger("bench")
 
@@ -172,6 +176,8 @@ async def run_suite(cfg: BenchConfig) -> dict:
                                                               fx.prompts[:cfg.scale_requests], anchors))
         if memory:
             results["memory"] = {"models": memory, "adapter": results.get("scale", {}).get("tiers")}
+        if not cfg.skip_traffic:
+            results["traffic"] = await timed("traffic", run_traffic_section(cfg, fx, root, anchors))
         return results
 
 
@@ -211,6 +217,47 @@ async def run_http(cfg: BenchConfig, fx: Fixtures, root: Path) -> dict:
         server.close()
     log_path.unlink()
     return {"concurrency": n, "adapters": k, "swapserve": cell, "interference": intf}
+
+
+def traffic_spec(cfg: BenchConfig, fx: Fixtures, root: Path) -> TrafficSpec:
+    """The traffic run's inputs: this run's model and cheap copies of a cell adapter (t00, t01, ...)."""
+    t = cfg.traffic
+    names = [f"t{i:02d}" for i in range(max(t.adapters, t.wide_requests))]
+    made = copy_adapters(next(iter(fx.cell.values())), names, root / "traffic", cfg.seed)
+    return TrafficSpec(str(fx.model_dir), {n: str(p) for n, p in made.items()}, str(root), asdict(t),
+                       cfg.lora_rank, torch.get_num_threads(), cfg.dtype, cfg.device, cfg.quantization, cfg.seed,
+                       commit=machine_git())
+
+
+async def run_traffic_section(cfg: BenchConfig, fx: Fixtures, root: Path, anchors: Anchors | None) -> dict:
+    """bench/traffic.py's workloads on this tree's engine, HF's static batches on (c)'s request set, and, with
+    --traffic-baseline, the workloads again on that commit's engine (bench/baseline.py)."""
+    spec = traffic_spec(cfg, fx, root)
+    runs = [await run_traffic(spec)]
+    out: dict = {"config": asdict(cfg.traffic), "runs": runs}
+    if anchors:
+        out["hf"] = hf_static(cfg, anchors)
+    if cfg.traffic_baseline:
+        rates = [r["rate"] for r in runs[0]["poisson"]["rates"]]
+        runs.append(await run_baseline(cfg.traffic_baseline, spec, rates))
+    return out
+
+
+def hf_static(cfg: BenchConfig, anchors: Anchors) -> dict:
+    """(c'): (c)'s request set through HF ``generate`` on the base model (oneDNN-packed linears where the server
+    packs them), all there at time 0, static batches of max_num_seqs in arrival order."""
+    t = cfg.traffic
+    rs = RequestSet.long_tailed(t, cfg.seed)
+    model, system = ((anchors.base_onednn, "base_onednn") if anchors.base_onednn is not None
+                     else (anchors.base, "base"))
+    prompts = rs.prompts(anchors.base.config.vocab_size, cfg.seed, "hf")
+    out = summarize(anchors.static_batches(model, prompts, rs.output_lens, t.max_num_seqs))
+    batches = [slice(i, i + t.max_num_seqs) for i in range(0, len(rs), t.max_num_seqs)]
+    out.update(system=system, batch=t.max_num_seqs, req_s=len(rs) / out["seconds"],
+               computed_tokens=sum(len(rs.prompt_lens[b]) * (max(rs.prompt_lens[b]) + max(rs.output_lens[b]))
+                                   for b in batches))
+    log.info("traffic (c') HF %s static batches: %.1f tok/s", system, out["tok_s"])
+    return out
 
 
 async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -> dict:

@@ -151,3 +151,16 @@ def test_traffic_baseline_runs_engine_v1_from_its_own_checkout(tiny_model_dir, a
     assert not run["engine"]["paged"] and run["engine"]["token_budget"] == 2048  # v1's default prompt budget
     assert [r["rate"] for r in run["poisson"]["rates"]] == [50.0, 100.0, 200.0]
     assert run["prefix"]["rounds"][0]["cached_second"] is None and run["poisson"]["rates"][0]["preemptions"] is None
+
+
+def test_hf_static_batches_count_each_request_its_own_tokens(tiny_model_dir, adapters):
+    from bench.anchors import Anchors
+    from bench.timing import summarize
+
+    anchors = Anchors(tiny_model_dir, {"lora": adapters["lora"]})
+    prompts = [[5, 6, 7], [8] * 9, [9, 10], [11] * 5, [12]]
+    traces = anchors.static_batches(anchors.base, prompts, [3, 5, 2, 4, 1], batch=2)
+    assert [t.tokens for t in traces] == [3, 5, 2, 4, 1]
+    assert len({t.sent for t in traces}) == 1  # all there at time 0
+    assert traces[2].arrivals[0] >= traces[1].arrivals[-1]  # the second batch starts after the first ends
+    assert summarize(traces)["tokens"] == 15
