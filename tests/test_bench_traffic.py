@@ -164,3 +164,57 @@ def test_hf_static_batches_count_each_request_its_own_tokens(tiny_model_dir, ada
     assert len({t.sent for t in traces}) == 1  # all there at time 0
     assert traces[2].arrivals[0] >= traces[1].arrivals[-1]  # the second batch starts after the first ends
     assert summarize(traces)["tokens"] == 15
+
+
+def run_dict(label_commit: str, paged: bool, ratio_a: float, ratio_b: float, ratio_d: float, base_tok_s: float) -> dict:
+    """A results["traffic"]["runs"] entry with round medians of one value each."""
+    def mr(x):
+        return median_range([x, x * 0.9, x * 1.1])
+
+    stats = {"ttft_p50_ms": 10.0, "ttft_p99_ms": 20.0, "itl_p50_ms": 30.0, "itl_p99_ms": 40.0}
+    engine = {"paged": paged, "max_num_seqs": 32, "max_loras": 16, "max_model_len": 2568, "token_budget": 512 if paged
+              else 2048, "kv_bytes": 4e9, "block_size": 16, "enable_prefix_caching": True, "max_lora_rank": 16}
+    rate = {"rate": 0.5, "load": 0.9, "tok_s": 100.0, "req_s": 0.45, **stats, "peak_kv_used_bytes": 2e8,
+            "peak_kv_held_bytes": 4e9, "peak_running": 12, "peak_waiting": 3,
+            "goodput": {"good": 27, "of": 32, "share": 27 / 32}, "preemptions": 0 if paged else None,
+            "prefix_hits": 0 if paged else None, "prefix_queries": 5000 if paged else None}
+    long_one = {"requests": 32, "max_tokens": 32, "short_prompt": 32, "long_prompt": 1500, "adapters": 16,
+                "wall_A_s": mr(10.0), "wall_B_s": mr(10.0 * ratio_a), "ratio": mr(ratio_a), "long_ttft_ms": mr(5000.0),
+                **{f"short_{k}_{c}": mr(v) for k, v in stats.items() for c in "AB"}}
+    cached = mr(1200.0) if paged else median_range([None])
+    return {"label": "x", "commit": label_commit, "threads": 1, "load_start": "1.00", "load_end": "1.50",
+            "engine": engine, "wide_engine": {**engine, "max_num_seqs": 64, "max_loras": 64},
+            "long_one": long_one,
+            "prefix": {"prefix_tokens": 1200, "tail_tokens": 16, "max_tokens": 16, "ttft_first_ms": mr(4000.0),
+                       "ttft_second_ms": mr(4000.0 * ratio_b), "ratio": mr(ratio_b),
+                       "cached_first": mr(0.0) if paged else cached, "cached_second": cached},
+            "poisson": {"set": {"requests": 32, "prompt": {"mean": 150.0, "p50": 96.0, "p90": 350.0, "max": 900,
+                                                           "total": 4800},
+                                "output": {"mean": 40.0, "p50": 32.0, "p90": 80.0, "max": 200, "total": 1280}},
+                        "capacity_req_s": 0.55, "base_all_at_once": {"tok_s": base_tok_s, "req_s": 0.6, **stats},
+                        "rates": [rate]},
+            "wide": {"requests": 64, "adapters": 64, "prompt": 32, "max_tokens": 32, "adapters_tok_s": mr(90.0),
+                     "base_tok_s": mr(90.0 / ratio_d), "ratio": mr(ratio_d)}}
+
+
+def test_real_traffic_section_sets_the_engines_side_by_side():
+    from bench.traffic_markdown import traffic_section
+
+    hf = {"system": "base_onednn", "batch": 32, "tok_s": 80.0, "req_s": 0.5, "ttft_p50_ms": 1.0,
+          "ttft_p99_ms": 2.0, "itl_p50_ms": 3.0, "itl_p99_ms": 4.0}
+    results = {"traffic": {"config": asdict(TrafficConfig()), "hf": hf,
+                           "runs": [run_dict("6bc0125", True, 1.1, 0.05, 0.9, 100.0),
+                                    run_dict("b715e68", False, 3.5, 1.0, 0.67, 72.0)]}}
+    text = "\n".join(traffic_section(results))
+    assert "## Real traffic" in text and "engine v1 (b715e68) in a subprocess" in text
+    assert ("| (a) wall time, one long prompt among short ones / all short | ≤ 1.3x | **1.10x** | **3.50x** |"
+            in text)
+    assert "| (c') base model, continuous batching / HF static batches at equal GEMM | > 1.0x | **1.25x** | **0.90x** |" in text
+    assert "| engine v2 (6bc0125) | 10.0 (9.0–11.0) | 11.0 (9.9–12.1) | **1.10x (0.99–1.21)** |" in text
+    assert "| 1200 (1080–1320) / 1200 (1080–1320) |" not in text and "0 / 1200 (1080–1320) |" in text
+    assert "– (no prefix cache)" in text
+    assert "lognormal(median 96, σ 1) clipped to [16, 2048] (drawn: mean 150, p50 96, p90 350, max 900" in text
+    assert "| engine v1 (b715e68) | 0.500 (0.90x) | 100.0 | 0.450 | 10 | 20 | 30 | 40 | **84%** (27/32) | 200.0 |" in text
+    assert "| – | – |" in text  # v1 has no preemption or prefix-hit counters
+    assert "**0.67x (0.60–0.74)**" in text  # (d) v1
+    assert traffic_section({}) == []
