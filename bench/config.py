@@ -98,7 +98,7 @@ class BenchConfig:
     skip_types: bool = False
     skip_http: bool = False  # the target cell and load interference through `python -m server serve` (bench/http.py)
     skip_traffic: bool = False  # the real-traffic section (bench/traffic.py)
-    traffic_baseline: str = ""  # a commit whose server/ runs the traffic section too, in a subprocess (bench/baseline.py)
+    traffic_baseline: str = ""  # a commit whose server/ runs the traffic section too (bench/baseline.py)
     traffic: TrafficConfig = field(default_factory=TrafficConfig)
     seed: int = 0
     model: str = ""  # "" = the default model (SmolLM2-135M-Instruct GGUF), dequantized to fp32 and cached

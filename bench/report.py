@@ -40,6 +40,14 @@ def _mem_gb() -> float | None:
     return round(int(line.split()[1]) / 2**20, 1) if line else None
 
 
+def loadavg() -> str:
+    """The 1/5/15-minute load averages, "1.51 1.22 0.95" ("?" where the OS has none)."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
 def machine_git() -> str:
     """This tree's short commit ("" outside git)."""
     return _git("rev-parse", "--short", "HEAD")

@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def main(argv: list[str] | None = None) -> dict:
     from bench.config import parse_args
-    from bench.report import stamp, write_outputs
+    from bench.report import loadavg, stamp, write_outputs
     from bench.suite import run_suite
 
     argv = sys.argv[1:] if argv is None else argv
@@ -28,21 +28,14 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     cfg.command = " ".join(["python -m bench.run", *argv])
     started = time.time()
-    load_start = _loadavg()
+    load_start = loadavg()
     results = asyncio.run(run_suite(cfg))
     results = stamp({"model": _model_name(cfg), "config": cfg.to_dict(), "load_start": load_start,
-                     "load_end": _loadavg(), **results}, cfg.command, started)
+                     "load_end": loadavg(), **results}, cfg.command, started)
     written = write_outputs(results, cfg)
     logging.getLogger("bench").info("done in %.0fs; wrote %s", time.time() - started, ", ".join(
         v for v in written.values() if v))
     return results
-
-
-def _loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def _model_name(cfg) -> str:

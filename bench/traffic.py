@@ -38,6 +38,7 @@ from bench import server_api
 from bench.config import TrafficConfig
 from bench.drivers import BenchRequest, EngineDriver, cell_requests, load_and_warm, run_arrivals, run_concurrent
 from bench.probe import EngineProbe
+from bench.report import loadavg
 from bench.request_set import RequestSet, poisson_offsets, random_prompt, rng_for, round_robin
 from bench.timing import goodput, median_range, summarize
 
@@ -115,7 +116,7 @@ async def long_one(driver, cfg: TrafficConfig, adapters: list[str], vocab: int, 
     names = round_robin(adapters or [None], cfg.requests)
     rows = []
     for r in range(cfg.rounds):
-        row: dict = {"round": r + 1}
+        row: dict = {"round": r + 1, "load_start": loadavg()}
         for cell in ("A", "B"):
             rng = rng_for(seed, "long-one", r, cell)
             lengths = [cfg.long_prompt if cell == "B" and i == 0 else cfg.short_prompt for i in range(cfg.requests)]
@@ -123,7 +124,7 @@ async def long_one(driver, cfg: TrafficConfig, adapters: list[str], vocab: int, 
             traces = await run_concurrent(driver, reqs)
             row[cell], row[cell + "_short"] = summarize(traces), summarize(traces[1:])
             row[cell + "_first_ttft_ms"] = traces[0].ttft * 1e3
-        row["ratio"] = row["B"]["seconds"] / row["A"]["seconds"]
+        row.update(ratio=row["B"]["seconds"] / row["A"]["seconds"], load_end=loadavg())
         log.info("traffic (a) round %d: A %.1fs, B %.1fs (B/A %.2f)", r + 1, row["A"]["seconds"],
                  row["B"]["seconds"], row["ratio"])
         rows.append(row)
@@ -169,11 +170,13 @@ async def poisson_run(driver, probe: EngineProbe, cfg: TrafficConfig, rs: Reques
     reqs = [BenchRequest(p, a, m) for p, a, m in zip(rs.prompts(vocab, seed, run), round_robin(adapters, len(rs)),
                                                      rs.output_lens)]
     offsets = poisson_offsets(rs.gaps, rate) if rate else [0.0] * len(rs)
+    load_start = loadavg()
     async with probe.watch() as seen:
         traces = await run_arrivals(driver, reqs, offsets)
     out = summarize(traces)
     out.update(rate=rate, req_s=len(traces) / out["seconds"], adapters=len(set(adapters) - {None}),
-               goodput=goodput(traces, cfg.slo_ttft_s, cfg.slo_itl_s), **seen)
+               goodput=goodput(traces, cfg.slo_ttft_s, cfg.slo_itl_s), load_start=load_start, load_end=loadavg(),
+               **seen)
     log.info("traffic (c) %s: %.1f tok/s, %.2f req/s, TTFT p50 %.0f ms, goodput %.0f%%", run, out["tok_s"],
              out["req_s"], out["ttft_p50_ms"], 100 * out["goodput"]["share"])
     return out
@@ -196,25 +199,18 @@ async def wide(driver, cfg: TrafficConfig, adapters: list[str], vocab: int, seed
     """(d): ``wide_requests`` requests on as many adapters, then on the base model, ``rounds`` times."""
     n, rows = cfg.wide_requests, []
     for r in range(cfg.rounds):
-        row: dict = {"round": r + 1}
+        row: dict = {"round": r + 1, "load_start": loadavg()}
         for cell, names in (("adapters", adapters[:n]), ("base", [None])):
             rng = rng_for(seed, "wide", r, cell)
             prompts = [random_prompt(rng, cfg.short_prompt, vocab) for _ in range(n)]
             row[cell] = summarize(await run_concurrent(driver, cell_requests(prompts, names, cfg.max_tokens)))
-        row["ratio"] = row["adapters"]["tok_s"] / row["base"]["tok_s"]
+        row.update(ratio=row["adapters"]["tok_s"] / row["base"]["tok_s"], load_end=loadavg())
         log.info("traffic (d) round %d: %d adapters %.1f tok/s, base %.1f tok/s (%.2f)", r + 1, len(adapters[:n]),
                  row["adapters"]["tok_s"], row["base"]["tok_s"], row["ratio"])
         rows.append(row)
     paths = {"adapters_tok_s": ("adapters", "tok_s"), "base_tok_s": ("base", "tok_s"), "ratio": ("ratio",)}
     return {"requests": n, "adapters": len(adapters[:n]), "prompt": cfg.short_prompt, "max_tokens": cfg.max_tokens,
             "rounds": rows, **_medians(rows, paths)}
-
-
-def _loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 async def run_traffic(spec: TrafficSpec) -> dict:
@@ -226,7 +222,7 @@ async def run_traffic(spec: TrafficSpec) -> dict:
     names = list(spec.adapters)
     mixed = {n: spec.adapters[n] for n in names[:cfg.adapters]}
     out = {"label": spec.label, "commit": spec.commit, "server": server_api.server_dir(), "threads": spec.threads,
-           "load_start": _loadavg()}
+           "load_start": loadavg()}
     async with serving(spec, False, mixed) as (driver, probe, vocab, about):
         out["engine"] = about
         out["long_one"] = await long_one(driver, cfg, list(mixed), vocab, spec.seed)
@@ -236,7 +232,7 @@ async def run_traffic(spec: TrafficSpec) -> dict:
     async with serving(spec, True, {n: spec.adapters[n] for n in wide_names}) as (driver, _, vocab, about):
         out["wide_engine"] = about
         out["wide"] = await wide(driver, cfg, wide_names, vocab, spec.seed)
-    out["load_end"] = _loadavg()
+    out["load_end"] = loadavg()
     return out
 
 

@@ -68,14 +68,15 @@ def _count(value) -> str:
 def poisson_table(runs: list[dict], slo: str) -> list[str]:
     lines = ["| engine | offered req/s (load) | output tok/s | req/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | "
              f"**goodput** ({slo}) | KV in use, peak MB | KV held, MB | peak running / waiting | preemptions | "
-             "prefix hits / lookups (tokens) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "prefix hits / lookups (tokens) |", "|---|" + "---:|" * 13]
     for run in runs:
         for r in run["poisson"]["rates"]:
             g = r["goodput"]
             hits = "–" if r["prefix_hits"] is None else f"{r['prefix_hits']} / {r['prefix_queries']}"
             lines.append(f"| {engine_name(run)} | {r['rate']:.3f} ({r['load']:.2f}x) | {fixed(r['tok_s'])} | "
                          f"{r['req_s']:.3f} | " + " | ".join(fixed(r[k], '{:.0f}') for k in STATS) + " | "
-                         f"**{100 * g['share']:.0f}%** ({g['good']}/{g['of']}) | {megabytes(r['peak_kv_used_bytes'])} | "
+                         f"**{100 * g['share']:.0f}%** ({g['good']}/{g['of']}) | "
+                         f"{megabytes(r['peak_kv_used_bytes'])} | "
                          f"{megabytes(r['peak_kv_held_bytes'])} | {r['peak_running']} / {r['peak_waiting']} | "
                          f"{_count(r['preemptions'])} | {hits} |")
     return lines
