@@ -7,13 +7,16 @@ import os
 from dataclasses import asdict, dataclass, field
 
 PRESETS = {
-    # ~2-3 min on 2 shared CPU cores: the headline cell (32 x 16) and its two edges; a small traffic section
+    # ~2-3 min on 2 shared CPU cores: the headline cell (32 x 16) and its two edges; then a small traffic section
+    # (~2 min more, estimated from smoke runs; one round, 12 Poisson requests)
     "quick": dict(concurrency=[1, 32], adapters=[1, 16], max_tokens=16, naive_requests=2, swap_samples=3,
                   scale_rounds=1,
                   traffic=dict(rounds=1, max_tokens=16, prefix_max_tokens=8, poisson_requests=12, prompt_median=64,
                                output_median=24, output_sigma=0.5)),
     # ~9 min (553 s on 2 shared cores, 2026-12-02): the grid of the issue (64 adapters as 64 requests, one each), the
-    # IA3 and mixed cells, the 200-adapter Zipf scale run (2 rounds) and the plain / int8 / nf4 memory subprocesses
+    # IA3 and mixed cells, the 200-adapter Zipf scale run (2 rounds) and the plain / int8 / nf4 memory subprocesses;
+    # the traffic section adds ~8 min (estimated from smoke runs at 1 thread: (c)'s three Poisson rates ~4 min of
+    # it), and --traffic-baseline b715e68 ~10-15 min more (engine v1 pads the (a) B cell's prefill to 1,500 tokens)
     "default": dict(concurrency=[1, 8, 32], adapters=[1, 4, 16, 64], max_tokens=32, naive_requests=3,
                     swap_samples=5),
     # GPU or a quiet machine: larger grid, longer outputs

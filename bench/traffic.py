@@ -59,7 +59,7 @@ class TrafficSpec:
     device: str = "cpu"
     quantization: str = "none"
     seed: int = 0
-    label: str = "engine v2"
+    label: str = "this tree"  # for the log; the report names an engine by its KV cache (v1 dense, v2 paged)
     commit: str = ""
 
     @property
