@@ -172,7 +172,8 @@ def traffic_section(results: dict) -> list[str]:
             "Issue 15's workloads (`bench/traffic.py`), each through the in-process `AsyncEngine`: greedy, "
             "`ignore_eos`, a fixed output length per request, TTFT and ITL from the stream's timestamps. Prompts are "
             "random token ids, fresh for every cell run, so nothing hits the prefix cache unless the workload "
-            f"means it to. Same machine, model and dtype as above; {order}. Each engine keeps its own defaults for "
+            f"means it to. The machine and model of the header ({results.get('model', '?')}); {order}. Each "
+            "engine keeps its own defaults for "
             "everything not listed.", "", *targets_table(runs, tr.get("hf")), "", *engines_table(runs), "",
             f"### (a) One long prompt among short ones", "",
             f"{a['requests']} requests × {a['max_tokens']} output tokens sent together, request i on adapter "
