@@ -3,6 +3,7 @@ the real-traffic section's workloads (bench/traffic.py), nested in it."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -162,6 +163,20 @@ def auto_threads() -> int:
     return max(1, min(serving_threads(), round(cpus - busy)))
 
 
+def setup_logging() -> None:
+    """A bench process's log: its own INFO lines; the libraries' (and the server's) warnings only; no
+    progress bars."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "transformers", "peft", "server"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def traffic_fields(pairs: list[str]) -> dict:
     """["poisson_requests=64", "loads=0.5,1"] -> {"poisson_requests": 64, "loads": [0.5, 1.0]}, each value
     typed like the field's default; ValueError naming the field or the value."""
@@ -178,6 +193,18 @@ def traffic_fields(pairs: list[str]) -> dict:
         except ValueError:
             raise ValueError(f"--traffic {pair!r}: {name} takes a {type(default).__name__}") from None
     return out
+
+
+def _traffic_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-traffic", action="store_true", default=None,
+                   help="skip the real-traffic section (long prompt among short ones, shared prefix, Poisson "
+                        "arrivals of long-tailed lengths, 64 adapters vs base)")
+    p.add_argument("--traffic-baseline", metavar="COMMIT",
+                   help="also run the traffic section on COMMIT's server/ (git archive, a subprocess), e.g. "
+                        "b715e68 for engine v1; BENCHMARKS.md shows both side by side")
+    p.add_argument("--traffic", action="append", metavar="FIELD=VALUE", default=[],
+                   help="set a TrafficConfig field over the preset's, e.g. --traffic poisson_requests=64 --traffic "
+                        "loads=0.5,1 (repeatable; fields and meanings: bench/config.py)")
 
 
 def _ints(text: str) -> list[int]:
@@ -214,15 +241,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--skip-types", action="store_true", default=None)
     p.add_argument("--skip-http", action="store_true", default=None,
                    help="skip the run through the real HTTP server (a `python -m server serve` child)")
-    p.add_argument("--skip-traffic", action="store_true", default=None,
-                   help="skip the real-traffic section (long prompt among short ones, shared prefix, Poisson "
-                        "arrivals of long-tailed lengths, 64 adapters vs base)")
-    p.add_argument("--traffic-baseline", metavar="COMMIT",
-                   help="also run the traffic section on COMMIT's server/ (git archive, a subprocess), e.g. "
-                        "b715e68 for engine v1; BENCHMARKS.md shows both side by side")
-    p.add_argument("--traffic", action="append", metavar="FIELD=VALUE", default=[],
-                   help="set a TrafficConfig field over the preset's, e.g. --traffic poisson_requests=64 --traffic "
-                        "loads=0.5,1 (repeatable; fields and meanings: bench/config.py)")
+    _traffic_flags(p)
     args = vars(p.parse_args(argv))
     preset = args.pop("preset") or "default"
     overrides = args.pop("traffic")

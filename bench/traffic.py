@@ -17,8 +17,10 @@ Sizes come from TrafficConfig (bench/config.py); prompts are random token ids (b
 (a)-(c) share one engine (``max_num_seqs``; ``max_loras`` = ``adapters``); (d) has its own (max_num_seqs =
 max_loras = ``wide_requests``). Everything else is the engine's default, so each version runs as it ships.
 
-``python -m bench.traffic --out result.json [--server-src DIR] [--spec spec.json | --quick]`` runs them on the
-``server`` package in DIR (another commit's checkout: bench/baseline.py) with ``bench`` from this tree.
+``python -m bench.traffic --out result.json [--server-src DIR] [--spec spec.json | bench.run's flags]`` runs
+them on the ``server`` package in DIR (another commit's checkout: bench/baseline.py) with ``bench`` from this
+tree; without --spec it makes its own fixtures (the model of --model, adapter copies) and sizes (--quick,
+--traffic FIELD=VALUE).
 Nothing here imports ``server`` at module level: main() puts DIR first on sys.path before anything does.
 """
 from __future__ import annotations
@@ -30,12 +32,13 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import server_api
-from bench.config import TrafficConfig
+from bench.config import TrafficConfig, parse_args, setup_logging
 from bench.drivers import BenchRequest, EngineDriver, cell_requests, load_and_warm, run_arrivals, run_concurrent
 from bench.probe import EngineProbe
 from bench.report import loadavg
@@ -236,45 +239,46 @@ async def run_traffic(spec: TrafficSpec) -> dict:
     return out
 
 
-def own_spec(quick: bool, threads: int, root: Path) -> TrafficSpec:
-    """Fixtures for a standalone run: the default model and cheap adapter copies of one PEFT save."""
-    from bench.config import PRESETS, BenchConfig
+def own_spec(bench, root: Path) -> TrafficSpec:
+    """Fixtures for a standalone run (a BenchConfig from bench.run's flags): its model and cheap copies of
+    one PEFT save as adapters."""
+    import torch
+
+    from bench.config import auto_threads
     from bench.fixtures import copy_adapters, make_adapters, model_dir
 
-    bench = BenchConfig(**PRESETS["quick" if quick else "default"])
     cfg = bench.traffic
     directory = model_dir(bench.model, bench.cache_dir)
     template = make_adapters(directory, ["template"], root / "template", bench.lora_rank, bench.seed)["template"]
     names = [f"t{i:02d}" for i in range(max(cfg.adapters, cfg.wide_requests))]
     made = copy_adapters(template, names, root / "adapters", bench.seed)
+    torch.set_num_threads(bench.threads or auto_threads())
     return TrafficSpec(str(directory), {n: str(p) for n, p in made.items()}, str(root / "adapters"), asdict(cfg),
-                       bench.lora_rank, threads)
+                       bench.lora_rank, torch.get_num_threads(), bench.dtype, bench.device, bench.quantization,
+                       bench.seed)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.traffic", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.traffic", description=__doc__, epilog="Without --spec, "
+                                "every other flag is bench.run's (--quick, --model, --threads, --traffic F=V, ...)",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="where to write the run's JSON")
     p.add_argument("--server-src", type=Path, help="a directory holding the server/ package to measure")
     p.add_argument("--spec", type=Path, help="a TrafficSpec JSON (bench/baseline.py writes one)")
-    p.add_argument("--quick", action="store_true", help="without --spec: the quick preset's sizes")
-    p.add_argument("--threads", type=int, default=1, help="without --spec: torch threads (default 1)")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
     if args.server_src:
         sys.path.insert(0, str(args.server_src.resolve()))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "transformers", "peft", "server"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as bench.run: the model and adapters are local
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_logging()
     if args.server_src and not server_api.server_dir().startswith(str(args.server_src.resolve())):
         sys.exit(f"bench.traffic: `import server` found {server_api.server_dir()}, not {args.server_src}")
-    with contextlib.ExitStack() as stack:
+    with tempfile.TemporaryDirectory(prefix="swapserve-traffic-") as tmp:
         if args.spec:
             spec = TrafficSpec(**json.loads(args.spec.read_text()))
         else:
-            import tempfile
-
-            spec = own_spec(args.quick, args.threads, Path(stack.enter_context(tempfile.TemporaryDirectory())))
+            spec = own_spec(parse_args(rest), Path(tmp))
+            spec.label = str(args.server_src or "this tree")
         result = asyncio.run(run_traffic(spec))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
