@@ -12,8 +12,8 @@ PRESETS = {
     # (~2 min more, estimated from smoke runs; one round, 12 Poisson requests)
     "quick": dict(concurrency=[1, 32], adapters=[1, 16], max_tokens=16, naive_requests=2, swap_samples=3,
                   scale_rounds=1,
-                  traffic=dict(rounds=1, max_tokens=16, prefix_max_tokens=8, poisson_requests=12, prompt_median=64,
-                               output_median=24, output_sigma=0.5)),
+                  traffic=dict(rounds=1, max_tokens=16, prefix_max_tokens=8, poisson_requests=12, prompt_median=48,
+                               output_median=16, output_sigma=0.5)),
     # ~9 min (553 s on 2 shared cores, 2026-12-02): the grid of the issue (64 adapters as 64 requests, one each), the
     # IA3 and mixed cells, the 200-adapter Zipf scale run (2 rounds) and the plain / int8 / nf4 memory subprocesses;
     # the traffic section adds ~8 min (estimated from smoke runs at 1 thread: (c)'s three Poisson rates ~4 min of
@@ -44,13 +44,13 @@ class TrafficConfig:
     prefix_tail: int = 16
     prefix_max_tokens: int = 16
     # (c) long-tailed lengths (lognormal: median, sigma of the log; clipped), Poisson arrivals at three rates
-    poisson_requests: int = 32
-    prompt_median: float = 96
-    prompt_sigma: float = 1.0
+    poisson_requests: int = 32  # at the defaults: prompts 16-1056 tokens (mean ~170), outputs 16-222 (mean ~48)
+    prompt_median: float = 80
+    prompt_sigma: float = 1.2
     prompt_min: int = 16
     prompt_max: int = 2048
     output_median: float = 32
-    output_sigma: float = 0.8
+    output_sigma: float = 0.9
     output_min: int = 16
     output_max: int = 512
     loads: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.9])  # x the measured base-model capacity

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -22,9 +23,13 @@ def random_prompt(rng: np.random.Generator, length: int, vocab: int) -> list[int
 
 
 def lognormal_lengths(rng: np.random.Generator, n: int, median: float, sigma: float, lo: int, hi: int) -> list[int]:
-    """``n`` lengths ~ exp(N(log median, sigma)), rounded and clipped to [lo, hi]: a long right tail."""
-    draws = rng.lognormal(np.log(median), sigma, size=n)
-    return np.clip(np.rint(draws), lo, hi).astype(int).tolist()
+    """``n`` lengths from a lognormal (median ``median``, ``sigma`` the log's standard deviation: a long right
+    tail), rounded and clipped to [lo, hi], in a random order. Stratified, not sampled: the lengths are the
+    distribution's quantiles at (i + 1/2) / n, so a small set has the tail it stands for (32 independent
+    draws can miss it: one seed's 32 prompts at median 96, sigma 1 topped out at 314 tokens)."""
+    z = np.array([NormalDist().inv_cdf((i + 0.5) / n) for i in range(n)])
+    lengths = np.clip(np.rint(median * np.exp(sigma * z)), lo, hi).astype(int)
+    return rng.permutation(lengths).tolist()
 
 
 def poisson_offsets(gaps: list[float], rate: float) -> list[float]:

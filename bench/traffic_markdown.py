@@ -133,7 +133,7 @@ def _lora(run: dict) -> str:
 
 
 def _lengths(name: str, cfg: dict, drawn: dict) -> str:
-    return (f"{name} lengths ~ lognormal(median {cfg[name + '_median']:g}, σ {cfg[name + '_sigma']:g}) clipped to "
+    return (f"{name} lengths lognormal(median {cfg[name + '_median']:g}, σ {cfg[name + '_sigma']:g}) clipped to "
             f"[{cfg[name + '_min']}, {cfg[name + '_max']}] (drawn: mean {drawn['mean']:.0f}, p50 {drawn['p50']:.0f}, "
             f"p90 {drawn['p90']:.0f}, max {drawn['max']}; {drawn['total']} in all)")
 
@@ -145,8 +145,10 @@ def poisson_intro(runs: list[dict], cfg: dict) -> str:
     rates = (f"at {', '.join(f'{x:g}' for x in cfg['loads'])} × the capacity {engine_name(runs[0])} measured on "
              f"the base model with every request sent at once ({first['capacity_req_s']:.3f} req/s)"
              if not cfg["rates"] else f"at {', '.join(f'{x:g}' for x in cfg['rates'])} req/s (given)")
-    return (f"One seeded request set of {drawn['requests']} requests: {_lengths('prompt', cfg, drawn['prompt'])}; "
-            f"{_lengths('output', cfg, drawn['output'])}. Request i is on adapter i mod {adapters} "
+    return (f"One fixed request set of {drawn['requests']} requests: {_lengths('prompt', cfg, drawn['prompt'])}; "
+            f"{_lengths('output', cfg, drawn['output'])}. The lengths are each distribution's quantiles at "
+            f"(i + ½) / {drawn['requests']} (a stratified draw, so the tail is there however few the requests), "
+            "prompts and outputs each in a seeded random order. Request i is on adapter i mod {adapters} "
             f"({_lora(runs[0]) if adapters else 'the base model'}), with fresh random prompt tokens in "
             f"every run. Poisson arrivals (one draw of unit-rate gaps, scaled per rate; open loop: TTFT counts from "
             f"the scheduled send) {rates}; every engine runs at the same rates (*load*: the rate over that engine's "

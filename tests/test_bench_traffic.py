@@ -34,8 +34,19 @@ def test_request_set_is_the_same_for_a_seed_and_long_tailed_within_its_clip():
     assert min(a.output_lens) >= cfg.output_min and max(a.output_lens) <= cfg.output_max
     p = a.describe()["prompt"]
     assert 70 < p["p50"] < 130 and p["p90"] > 2.5 * p["p50"]  # sigma 1: p90 / p50 = e^1.28 = 3.6 before clipping
-    assert lognormal_lengths(rng_for(0), 50, 1000.0, 2.0, 5, 9) and set(
-        lognormal_lengths(rng_for(0), 50, 1000.0, 2.0, 5, 9)) <= {5, 6, 7, 8, 9}
+    assert set(lognormal_lengths(rng_for(0), 50, 1000.0, 2.0, 5, 9)) <= {5, 6, 7, 8, 9}
+
+
+def test_lengths_are_the_quantiles_in_a_seeded_order():
+    """A stratified draw: n lengths at the lognormal's (i + 1/2) / n quantiles, so 4 lengths of median 100,
+    sigma 1 are 100 * e^z for z at the 12.5/37.5/62.5/87.5% points of N(0, 1), whatever the seed."""
+    from statistics import NormalDist
+
+    want = [round(100 * np.exp(NormalDist().inv_cdf(q))) for q in (0.125, 0.375, 0.625, 0.875)]
+    one, two = (lognormal_lengths(rng_for(seed), 4, 100, 1.0, 1, 10_000) for seed in (1, 2))
+    assert sorted(one) == sorted(two) == want == [32, 73, 138, 316]
+    cfg = TrafficConfig()  # the default set reaches far into its tail with 32 requests
+    assert max(RequestSet.long_tailed(cfg, 0).prompt_lens) > 1000
 
 
 def test_each_run_draws_fresh_prompts_of_the_set_lengths():
@@ -214,7 +225,7 @@ def test_real_traffic_section_sets_the_engines_side_by_side():
     assert "| engine v2 (6bc0125) | 10.0 (9.0–11.0) | 11.0 (9.9–12.1) | **1.10x (0.99–1.21)** |" in text
     assert "| 1200 (1080–1320) / 1200 (1080–1320) |" not in text and "0 / 1200 (1080–1320) |" in text
     assert "– (no prefix cache)" in text
-    assert "lognormal(median 96, σ 1) clipped to [16, 2048] (drawn: mean 150, p50 96, p90 350, max 900" in text
+    assert "lognormal(median 80, σ 1.2) clipped to [16, 2048] (drawn: mean 150, p50 96, p90 350, max 900" in text
     assert ("| engine v1 (b715e68) | 0.500 (0.90x) | 100.0 | 0.450 | 10 | 20 | 30 | 40 | **84%** (27/32) | "
             "200.0 |") in text
     assert "| – | – |" in text  # v1 has no preemption or prefix-hit counters
