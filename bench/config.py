@@ -16,8 +16,9 @@ PRESETS = {
                                output_median=16, output_sigma=0.5)),
     # ~9 min (553 s on 2 shared cores, 2026-12-02): the grid of the issue (64 adapters as 64 requests, one each), the
     # IA3 and mixed cells, the 200-adapter Zipf scale run (2 rounds) and the plain / int8 / nf4 memory subprocesses;
-    # the traffic section adds ~8 min (estimated from smoke runs at 1 thread: (c)'s three Poisson rates ~4 min of
-    # it), and --traffic-baseline b715e68 ~10-15 min more (engine v1 pads the (a) B cell's prefill to 1,500 tokens)
+    # the traffic section adds ~10 min (estimated from smoke runs at 1 thread on the busy machine: (c)'s three
+    # Poisson rates ~4-5 min, HF's static batches ~2 min, (a) and (d) ~1-1.5 min each), and --traffic-baseline
+    # b715e68 ~15 min more (engine v1 prefills (a)'s B cell as 18 rows padded to 1,500 tokens, 1.5-2 min a round)
     "default": dict(concurrency=[1, 8, 32], adapters=[1, 4, 16, 64], max_tokens=32, naive_requests=3,
                     swap_samples=5),
     # GPU or a quiet machine: larger grid, longer outputs
