@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from bench.anchors import Anchors
-from bench.baseline import run_baseline
+from bench.baseline import run_baseline, short_commit
 from bench.config import BenchConfig, auto_threads
 from bench.drivers import Driver, EngineDriver, cell_requests, load_and_warm, run_concurrent
 from bench.fixtures import adapter_bytes, copy_adapters, make_adapters, make_typed_adapters, model_dir, prompts
@@ -145,6 +145,8 @@ async def warm_up(driver: Driver, fx: Fixtures, cfg: BenchConfig) -> None:
 async def run_suite(cfg: BenchConfig) -> dict:
     from server.engine.async_engine import AsyncEngine
 
+    if cfg.traffic_baseline and not cfg.skip_traffic:
+        cfg.traffic_baseline = short_commit(cfg.traffic_baseline)  # a bad commit fails now, not after the grid
     torch.set_num_threads(cfg.threads or auto_threads())
     log.info("torch threads: %d (load average %.2f, %d CPUs)", torch.get_num_threads(), os.getloadavg()[0],
              os.cpu_count())
@@ -239,7 +241,11 @@ async def run_traffic_section(cfg: BenchConfig, fx: Fixtures, root: Path, anchor
         out["hf"] = hf_static(cfg, anchors)
     if cfg.traffic_baseline:
         rates = [r["rate"] for r in runs[0]["poisson"]["rates"]]
-        runs.append(await run_baseline(cfg.traffic_baseline, spec, rates))
+        try:
+            runs.append(await run_baseline(cfg.traffic_baseline, spec, rates))
+        except (RuntimeError, OSError, ValueError) as e:  # keep the rest of the run's results
+            log.error("traffic baseline on %s failed: %s", cfg.traffic_baseline, e)
+            out["baseline_error"] = f"{cfg.traffic_baseline}: {e}"
     return out
 
 

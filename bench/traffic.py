@@ -141,7 +141,7 @@ async def long_one(driver, cfg: TrafficConfig, adapters: list[str], vocab: int, 
             **_medians(rows, paths)}
 
 
-async def _first_token(driver, req: BenchRequest) -> tuple[float, int | None]:
+async def _first_token(driver: EngineDriver, req: BenchRequest) -> tuple[float, int | None]:
     """(TTFT in s, the prompt tokens the engine served from its prefix cache; None where it does not say)."""
     sent, ttft, cached = time.perf_counter(), None, None
     async for out in driver.outputs(req):

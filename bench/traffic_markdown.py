@@ -166,6 +166,8 @@ def traffic_section(results: dict) -> list[str]:
     runs, cfg = tr["runs"], tr["config"]
     a, b, d = runs[0]["long_one"], runs[0]["prefix"], runs[0]["wide"]
     rounds = f"medians over {cfg['rounds']} rounds, min–max in brackets" if cfg["rounds"] > 1 else "one round"
+    error = tr.get("baseline_error")
+    failed = f" The baseline run failed ({error}); see the run's log." if error else ""
     order = ("runs in this process" if len(runs) == 1 else
              f"{engine_name(runs[0])} runs in this process, then {engine_name(runs[1])} in a subprocess on that "
              "commit's `server/` (`git archive`) with this tree's `bench/`: the same model, adapters, sizes, "
@@ -176,7 +178,7 @@ def traffic_section(results: dict) -> list[str]:
             "random token ids, fresh for every cell run, so nothing hits the prefix cache unless the workload "
             f"means it to. The machine and model of the header ({results.get('model', '?')}); {order}. Each "
             "engine keeps its own defaults for "
-            "everything not listed.", "", *targets_table(runs, tr.get("hf")), "", *engines_table(runs), "",
+            f"everything not listed.{failed}", "", *targets_table(runs, tr.get("hf")), "", *engines_table(runs), "",
             f"### (a) One long prompt among short ones", "",
             f"{a['requests']} requests × {a['max_tokens']} output tokens sent together, request i on adapter "
             f"i mod {a['adapters']}. A: every prompt {a['short_prompt']} tokens. B: the same, but request 0 (sent "

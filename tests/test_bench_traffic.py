@@ -231,3 +231,8 @@ def test_real_traffic_section_sets_the_engines_side_by_side():
     assert "| – | – |" in text  # v1 has no preemption or prefix-hit counters
     assert "**0.67x (0.60–0.74)**" in text  # (d) v1
     assert traffic_section({}) == []
+    alone = {"traffic": {**results["traffic"], "runs": results["traffic"]["runs"][:1],
+                         "baseline_error": "b715e68: the traffic run failed (exit 1)"}}
+    text = "\n".join(traffic_section(alone))
+    assert "The baseline run failed (b715e68: the traffic run failed (exit 1))" in text
+    assert "engine v1" not in text and "runs in this process" in text
