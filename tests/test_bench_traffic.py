@@ -5,7 +5,6 @@ batches and the "Real traffic" markdown. Sizes are tiny and nothing asserts on a
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 from dataclasses import asdict
