@@ -5,6 +5,8 @@
            ceiling for adapter serving at swapserve's GEMM (absent where --cpu-gemm auto would not pack)
     peft   PEFT's mixed batch: one ``generate`` over N rows with ``adapter_names=`` (k distinct adapters)
     naive  the seed's flow: requests one at a time, ``set_adapter`` + ``generate`` each (no batching)
+    static_batches  HF's way with mixed lengths (the traffic section's request set): static batches in arrival
+           order, left-padded, each run to its longest output
 
 All run greedy with a fixed output length (``min_new_tokens == max_new_tokens``), and return Traces whose
 token timestamps come from a StepClock inside ``generate``.
@@ -46,14 +48,36 @@ class Anchors:
             self.pad = self.pad[0]
 
     @torch.inference_mode()
-    def _generate(self, model, prompts: list[list[int]], max_tokens: int, **kwargs) -> list[Trace]:
-        ids = torch.tensor(prompts, dtype=torch.long, device=self.device)  # [rows, prompt_tokens], no padding
+    def _run(self, model, ids: torch.Tensor, mask: torch.Tensor, max_tokens: int, **kwargs) -> StepClock:
+        """One greedy ``generate`` of exactly ``max_tokens`` tokens per row; ids, mask: [rows, width]."""
         clock = StepClock()
+        model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_tokens,
+                       min_new_tokens=max_tokens, do_sample=False, pad_token_id=self.pad, logits_processor=[clock],
+                       **kwargs)
+        return clock
+
+    def _generate(self, model, prompts: list[list[int]], max_tokens: int, **kwargs) -> list[Trace]:
+        ids = torch.tensor(prompts, dtype=torch.long)  # [rows, prompt_tokens], no padding
         sent = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                       min_new_tokens=max_tokens, do_sample=False, pad_token_id=self.pad,
-                       logits_processor=[clock], **kwargs)
-        return clock.traces(sent, len(prompts))
+        return self._run(model, ids, torch.ones_like(ids), max_tokens, **kwargs).traces(sent, len(prompts))
+
+    def static_batches(self, model, prompts: list[list[int]], max_tokens: list[int], batch: int) -> list[Trace]:
+        """Requests all there at time 0, served ``batch`` at a time in their order, as HF serves a static batch:
+        left-padded to the batch's longest prompt, every row generating the batch's longest output. Request i's
+        Trace counts from time 0 and keeps only its own first max_tokens[i] tokens."""
+        sent = time.perf_counter()
+        traces = []
+        for start in range(0, len(prompts), batch):
+            rows, wants = prompts[start:start + batch], max_tokens[start:start + batch]
+            width = max(map(len, rows))
+            ids = torch.full((len(rows), width), self.pad, dtype=torch.long)  # [rows, width], left-padded
+            mask = torch.zeros_like(ids)
+            for r, prompt in enumerate(rows):
+                ids[r, width - len(prompt):] = torch.tensor(prompt)
+                mask[r, width - len(prompt):] = 1
+            times = self._run(model, ids, mask, max(wants)).times
+            traces += [Trace(sent, times[:n], [1] * n) for n in wants]
+        return traces
 
     def warm_up(self, prompt: list[int]) -> None:
         """One tiny generate on each path, so the first measured cell does not pay first-call costs."""

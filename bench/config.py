@@ -1,22 +1,76 @@
-"""BenchConfig: every knob of one benchmark run, and the three presets (quick, default, full)."""
+"""BenchConfig: every knob of one benchmark run, and the three presets (quick, default, full); TrafficConfig:
+the real-traffic section's workloads (bench/traffic.py), nested in it."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 
 PRESETS = {
-    # ~2-3 min on 2 shared CPU cores: the headline cell (32 x 16) and its two edges
+    # ~2-3 min on 2 shared CPU cores: the headline cell (32 x 16) and its two edges; then a small traffic section
+    # (~2 min more, estimated from smoke runs; one round, 12 Poisson requests)
     "quick": dict(concurrency=[1, 32], adapters=[1, 16], max_tokens=16, naive_requests=2, swap_samples=3,
-                  scale_rounds=1),
+                  scale_rounds=1,
+                  traffic=dict(rounds=1, max_tokens=16, prefix_max_tokens=8, poisson_requests=12, prompt_median=48,
+                               output_median=16, output_sigma=0.5)),
     # ~9 min (553 s on 2 shared cores, 2026-12-02): the grid of the issue (64 adapters as 64 requests, one each), the
-    # IA3 and mixed cells, the 200-adapter Zipf scale run (2 rounds) and the plain / int8 / nf4 memory subprocesses
+    # IA3 and mixed cells, the 200-adapter Zipf scale run (2 rounds) and the plain / int8 / nf4 memory subprocesses;
+    # the traffic section adds ~10 min (estimated from smoke runs at 1 thread on the busy machine: (c)'s three
+    # Poisson rates ~4-5 min, HF's static batches ~2 min, (a) and (d) ~1-1.5 min each), and --traffic-baseline
+    # b715e68 ~15 min more (engine v1 prefills (a)'s B cell as 18 rows padded to 1,500 tokens, 1.5-2 min a round)
     "default": dict(concurrency=[1, 8, 32], adapters=[1, 4, 16, 64], max_tokens=32, naive_requests=3,
                     swap_samples=5),
     # GPU or a quiet machine: larger grid, longer outputs
     "full": dict(concurrency=[1, 8, 32, 64], adapters=[1, 4, 16, 64], max_tokens=64, naive_requests=4,
-                 swap_samples=8),
+                 swap_samples=8, traffic=dict(poisson_requests=64)),
 }
+
+
+@dataclass
+class TrafficConfig:
+    """The real-traffic workloads (bench/traffic.py), each through the in-process AsyncEngine, greedy,
+    ``ignore_eos``, a fixed output length per request. Prompts are random token ids, fresh for every cell run
+    (seeded), so no run reuses another's prefix-cached blocks unless the workload means it to."""
+
+    rounds: int = 3  # interleaved rounds of (a) A/B, (b) and (d) base/adapters; medians and ranges over them
+    # (a) one long prompt among short ones: `requests` sent together; cell B replaces request 0's prompt
+    requests: int = 32
+    short_prompt: int = 32
+    long_prompt: int = 1500
+    max_tokens: int = 32  # output tokens of every (a) and (d) request
+    adapters: int = 16  # (a) and (c): distinct LoRA adapters, request i on adapter i mod k (0 = base model)
+    # (b) shared prefix: request 1, then (after it finished) request 2 with the same prefix, another tail
+    prefix_tokens: int = 1200
+    prefix_tail: int = 16
+    prefix_max_tokens: int = 16
+    # (c) long-tailed lengths (lognormal: median, sigma of the log; clipped), Poisson arrivals at three rates
+    poisson_requests: int = 32  # at the defaults: prompts 16-1056 tokens (mean ~170), outputs 16-222 (mean ~48)
+    prompt_median: float = 80
+    prompt_sigma: float = 1.2
+    prompt_min: int = 16
+    prompt_max: int = 2048
+    output_median: float = 32
+    output_sigma: float = 0.9
+    output_min: int = 16
+    output_max: int = 512
+    loads: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.9])  # x the measured base-model capacity
+    rates: list[float] = field(default_factory=list)  # requests/s; given, they replace ``loads`` (the baseline
+    # engine runs at the rates the current one measured, so both see the same offered load)
+    slo_ttft_s: float = 2.0  # goodput: a request meets the SLO with TTFT <= this and mean ITL <= slo_itl_s
+    slo_itl_s: float = 0.2
+    # (d) 64 requests on 64 distinct adapters vs the same requests on the base model, one engine
+    wide_requests: int = 64
+    # engine settings shared by both engine versions (0 = that engine's own default)
+    max_num_seqs: int = 32  # the engine of (a), (b), (c); (d)'s has max_num_seqs = max_loras = wide_requests
+    max_num_batched_tokens: int = 0
+    poll_s: float = 0.05  # engine.stats() polling period for the KV high-water mark
+
+    @property
+    def max_model_len(self) -> int:
+        """Room for the longest request any of (a), (b), (c) sends, plus a little."""
+        return max(self.long_prompt + self.max_tokens, self.prefix_tokens + self.prefix_tail + self.prefix_max_tokens,
+                   self.prompt_max + self.output_max) + 8
 
 
 @dataclass
@@ -48,6 +102,9 @@ class BenchConfig:
     skip_memory: bool = False
     skip_types: bool = False
     skip_http: bool = False  # the target cell and load interference through `python -m server serve` (bench/http.py)
+    skip_traffic: bool = False  # the real-traffic section (bench/traffic.py)
+    traffic_baseline: str = ""  # a commit whose server/ runs the traffic section too (bench/baseline.py)
+    traffic: TrafficConfig = field(default_factory=TrafficConfig)
     seed: int = 0
     model: str = ""  # "" = the default model (SmolLM2-135M-Instruct GGUF), dequantized to fp32 and cached
     device: str = "cpu"  # cpu | cuda: every system runs there
@@ -58,6 +115,10 @@ class BenchConfig:
     markdown: str = "BENCHMARKS.md"
     skip_anchors: bool = False
     command: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.traffic, dict):  # a preset's (or a results file's) nested dict
+            self.traffic = TrafficConfig(**self.traffic)
 
     @property
     def cells(self) -> list[tuple[int, int]]:
@@ -103,6 +164,50 @@ def auto_threads() -> int:
     return max(1, min(serving_threads(), round(cpus - busy)))
 
 
+def setup_logging() -> None:
+    """A bench process's log: its own INFO lines; the libraries' (and the server's) warnings only; no
+    progress bars."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "transformers", "peft", "server"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def traffic_fields(pairs: list[str]) -> dict:
+    """["poisson_requests=64", "loads=0.5,1"] -> {"poisson_requests": 64, "loads": [0.5, 1.0]}, each value
+    typed like the field's default; ValueError naming the field or the value."""
+    defaults = asdict(TrafficConfig())
+    out = {}
+    for pair in pairs:
+        name, _, text = pair.partition("=")
+        if name not in defaults:
+            raise ValueError(f"--traffic {pair!r}: no such field; one of {', '.join(defaults)}")
+        default = defaults[name]
+        try:
+            out[name] = ([float(x) for x in text.split(",") if x] if isinstance(default, list)
+                         else type(default)(text))
+        except ValueError:
+            raise ValueError(f"--traffic {pair!r}: {name} takes a {type(default).__name__}") from None
+    return out
+
+
+def _traffic_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-traffic", action="store_true", default=None,
+                   help="skip the real-traffic section (long prompt among short ones, shared prefix, Poisson "
+                        "arrivals of long-tailed lengths, 64 adapters vs base)")
+    p.add_argument("--traffic-baseline", metavar="COMMIT",
+                   help="also run the traffic section on COMMIT's server/ (git archive, a subprocess), e.g. "
+                        "b715e68 for engine v1; BENCHMARKS.md shows both side by side")
+    p.add_argument("--traffic", action="append", metavar="FIELD=VALUE", default=[],
+                   help="set a TrafficConfig field over the preset's, e.g. --traffic poisson_requests=64 --traffic "
+                        "loads=0.5,1 (repeatable; fields and meanings: bench/config.py)")
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -137,10 +242,18 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--skip-types", action="store_true", default=None)
     p.add_argument("--skip-http", action="store_true", default=None,
                    help="skip the run through the real HTTP server (a `python -m server serve` child)")
+    _traffic_flags(p)
     args = vars(p.parse_args(argv))
     preset = args.pop("preset") or "default"
+    overrides = args.pop("traffic")
     values = {**PRESETS[preset], **{k: v for k, v in args.items() if v is not None}}
+    try:
+        values["traffic"] = {**values.get("traffic", {}), **traffic_fields(overrides)}
+    except ValueError as e:
+        p.error(str(e))
     cfg = BenchConfig(preset=preset, **values)
+    if cfg.traffic_baseline and cfg.skip_traffic:
+        p.error("--traffic-baseline runs the traffic section on another commit: drop --skip-traffic")
     if not cfg.cells:
         p.error(f"no cell has adapters <= concurrency (concurrency {cfg.concurrency}, adapters {cfg.adapters})")
     return cfg

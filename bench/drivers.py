@@ -39,21 +39,30 @@ class EngineDriver:
     def __init__(self, engine):
         self.engine = engine
 
-    async def stream(self, req: BenchRequest) -> AsyncIterator[int]:
+    async def outputs(self, req: BenchRequest) -> AsyncIterator:
+        """The engine's own RequestOutput increments (num_cached_tokens and all)."""
         from server.engine.request import SamplingParams
 
         params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True)
         async for out in self.engine.generate(req.prompt, params, req.adapter):
             if out.error:
                 raise RuntimeError(f"request on {req.adapter!r} failed: {out.error}")
+            yield out
+
+    async def stream(self, req: BenchRequest) -> AsyncIterator[int]:
+        async for out in self.outputs(req):
             yield len(out.token_ids)
 
     async def load_adapter(self, name: str, path: str) -> None:
         await self.engine.load_adapter(name, path)
 
 
-async def _one(driver: Driver, req: BenchRequest) -> Trace:
-    trace = Trace(time.perf_counter())
+async def _one(driver: Driver, req: BenchRequest, at: float | None = None) -> Trace:
+    """``at``: a perf_counter time to send at; the Trace counts from it (open loop: a late send is the
+    server's delay, as it is for a real client), else from now."""
+    if at is not None:
+        await asyncio.sleep(max(0.0, at - time.perf_counter()))
+    trace = Trace(time.perf_counter() if at is None else at)
     async for n in driver.stream(req):
         trace.add(time.perf_counter(), n)
     return trace
@@ -62,6 +71,22 @@ async def _one(driver: Driver, req: BenchRequest) -> Trace:
 async def run_concurrent(driver: Driver, reqs: list[BenchRequest]) -> list[Trace]:
     """All requests are sent at once; returns one Trace per request, in order."""
     return list(await asyncio.gather(*(_one(driver, r) for r in reqs)))
+
+
+async def run_arrivals(driver: Driver, reqs: list[BenchRequest], offsets: list[float]) -> list[Trace]:
+    """Request i is sent ``offsets[i]`` seconds after the call, whatever happened to the others (open loop);
+    one Trace per request, in order, each timed from its scheduled send."""
+    start = time.perf_counter()
+    return list(await asyncio.gather(*(_one(driver, r, start + o) for r, o in zip(reqs, offsets))))
+
+
+async def load_and_warm(driver: Driver, adapters: dict[str, str], prompts: list[list[int]]) -> None:
+    """Host-load every adapter, then one short request per adapter (prompts[i % len(prompts)]), all at once:
+    the device slots are filled and no measured request pays a first load."""
+    for name, path in adapters.items():
+        await driver.load_adapter(name, str(path))
+    names = list(adapters)
+    await run_concurrent(driver, cell_requests([prompts[i % len(prompts)] for i in range(len(names))], names, 4))
 
 
 def cell_requests(prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> list[BenchRequest]:

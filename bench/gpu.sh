@@ -49,7 +49,7 @@ run_grid() {
             echo "=== $name $dtype $q on $device ($(date +%T))"
             $PY -m bench.run --device "$device" --dtype "$dtype" --quantization "$q" --model "$models/$name" \
                 --concurrency "$conc" --adapters "$adapters" --max-tokens "$tokens" --naive-requests 2 \
-                --swap-samples 3 --skip-scale --skip-memory --skip-types --out-dir "$out/$name-$q" --markdown ''
+                --swap-samples 3 --skip-scale --skip-memory --skip-types --skip-traffic --out-dir "$out/$name-$q" --markdown ''
             mv "$out/$name-$q"/*.json "$out/gpu-$name-$q.json"
             rm -rf "${out:?}/$name-$q"
         done

@@ -5,15 +5,9 @@ import json
 import os
 from pathlib import Path
 
+from bench.numbers import fixed as _f, megabytes as _mb, times as _x
 from bench.report import ratio
-
-
-def _f(value, fmt: str = "{:.1f}") -> str:
-    return "–" if value is None else fmt.format(value)
-
-
-def _x(value) -> str:
-    return _f(value, "{:.2f}x")
+from bench.traffic_markdown import traffic_section
 
 
 def _rel(path: Path | None, start: Path) -> str:
@@ -166,7 +160,7 @@ def render(results: dict, json_path: Path, png_path: Path | None, md_path: Path)
             "## Adapter swap cost", "", *swap_table(results), "",
             "\"Disk\" is the OS page cache (the adapters were just written); a cold disk adds its read time.", "",
             *http_section(results), *scale_section(results), *types_section(results), *memory_section(results),
-            *gpu_section(Path(json_path).parent, here)]
+            *traffic_section(results), *gpu_section(Path(json_path).parent, here)]
     return "\n".join(out)
 
 
@@ -186,10 +180,6 @@ def gpu_section(results_dir: Path, here: Path) -> list[str]:
                   f"[`{_rel(path, here)}`]({_rel(path, here)}); {results['config']['max_tokens']} output tokens", "",
                   *throughput_table(results), ""]
     return lines
-
-
-def _mb(value) -> str:
-    return "–" if value is None else f"{value / 1e6:.1f}"
 
 
 def scale_section(results: dict) -> list[str]:

@@ -24,7 +24,7 @@ def machine() -> dict:
                 if line.startswith("model name")), platform.processor())
     return {"cpu": cpu, "cpus": os.cpu_count(), "memory_gb": _mem_gb(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "git": _git("rev-parse", "--short", "HEAD"), "git_dirty": bool(_git("status", "--porcelain")),
+            "git": machine_git(), "git_dirty": bool(_git("status", "--porcelain")),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
@@ -38,6 +38,19 @@ def _read(path: str) -> str:
 def _mem_gb() -> float | None:
     line = next((l for l in _read("/proc/meminfo").splitlines() if l.startswith("MemTotal")), None)
     return round(int(line.split()[1]) / 2**20, 1) if line else None
+
+
+def loadavg() -> str:
+    """The 1/5/15-minute load averages, "1.51 1.22 0.95" ("?" where the OS has none)."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def machine_git() -> str:
+    """This tree's short commit ("" outside git)."""
+    return _git("rev-parse", "--short", "HEAD")
 
 
 def _git(*args: str) -> str:

@@ -16,48 +16,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bench.config import parse_args
-    from bench.report import stamp, write_outputs
+    from bench.config import parse_args, setup_logging
+    from bench.report import loadavg, stamp, write_outputs
     from bench.suite import run_suite
 
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "transformers", "peft", "server"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    _quiet_progress_bars()
+    setup_logging()
     cfg = parse_args(argv)
     cfg.command = " ".join(["python -m bench.run", *argv])
     started = time.time()
-    load_start = _loadavg()
+    load_start = loadavg()
     results = asyncio.run(run_suite(cfg))
     results = stamp({"model": _model_name(cfg), "config": cfg.to_dict(), "load_start": load_start,
-                     "load_end": _loadavg(), **results}, cfg.command, started)
+                     "load_end": loadavg(), **results}, cfg.command, started)
     written = write_outputs(results, cfg)
     logging.getLogger("bench").info("done in %.0fs; wrote %s", time.time() - started, ", ".join(
         v for v in written.values() if v))
     return results
 
 
-def _loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
-
-
 def _model_name(cfg) -> str:
     from server.config import default_model
 
     return os.path.basename(cfg.model or default_model()).removesuffix(".gguf")
-
-
-def _quiet_progress_bars() -> None:
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 if __name__ == "__main__":

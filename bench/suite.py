@@ -6,19 +6,23 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from bench.anchors import Anchors
+from bench.baseline import run_baseline, short_commit
 from bench.config import BenchConfig, auto_threads
-from bench.drivers import Driver, EngineDriver, cell_requests, run_concurrent
+from bench.drivers import Driver, EngineDriver, cell_requests, load_and_warm, run_concurrent
 from bench.fixtures import adapter_bytes, copy_adapters, make_adapters, make_typed_adapters, model_dir, prompts
 from bench.memory import model_memory
+from bench.report import machine_git
+from bench.request_set import RequestSet
 from bench.scale import run_scale, run_types, timed
 from bench.swap import interference, swap_costs
 from bench.timing import summarize
+from bench.traffic import TrafficSpec, run_traffic
 
 log = logging.getLogger("bench")
 
@@ -135,15 +139,14 @@ def _log_cell(row: dict) -> None:
 
 async def warm_up(driver: Driver, fx: Fixtures, cfg: BenchConfig) -> None:
     """Host-load the cell adapters, then one short request per adapter (fills the device slots)."""
-    for name, path in fx.cell.items():
-        await driver.load_adapter(name, str(path))
-    reqs = cell_requests(fx.prompts[:len(fx.cell)], list(fx.cell), 4)
-    await run_concurrent(driver, reqs)
+    await load_and_warm(driver, fx.cell, fx.prompts)
 
 
 async def run_suite(cfg: BenchConfig) -> dict:
     from server.engine.async_engine import AsyncEngine
 
+    if cfg.traffic_baseline and not cfg.skip_traffic:
+        cfg.traffic_baseline = short_commit(cfg.traffic_baseline)  # a bad commit fails now, not after the grid
     torch.set_num_threads(cfg.threads or auto_threads())
     log.info("torch threads: %d (load average %.2f, %d CPUs)", torch.get_num_threads(), os.getloadavg()[0],
              os.cpu_count())
@@ -175,6 +178,8 @@ async def run_suite(cfg: BenchConfig) -> dict:
                                                               fx.prompts[:cfg.scale_requests], anchors))
         if memory:
             results["memory"] = {"models": memory, "adapter": results.get("scale", {}).get("tiers")}
+        if not cfg.skip_traffic:
+            results["traffic"] = await timed("traffic", run_traffic_section(cfg, fx, root, anchors))
         return results
 
 
@@ -214,6 +219,51 @@ async def run_http(cfg: BenchConfig, fx: Fixtures, root: Path) -> dict:
         server.close()
     log_path.unlink()
     return {"concurrency": n, "adapters": k, "swapserve": cell, "interference": intf}
+
+
+def traffic_spec(cfg: BenchConfig, fx: Fixtures, root: Path) -> TrafficSpec:
+    """The traffic run's inputs: this run's model and cheap copies of a cell adapter (t00, t01, ...)."""
+    t = cfg.traffic
+    names = [f"t{i:02d}" for i in range(max(t.adapters, t.wide_requests))]
+    made = copy_adapters(next(iter(fx.cell.values())), names, root / "traffic", cfg.seed)
+    return TrafficSpec(str(fx.model_dir), {n: str(p) for n, p in made.items()}, str(root), asdict(t),
+                       cfg.lora_rank, torch.get_num_threads(), cfg.dtype, cfg.device, cfg.quantization, cfg.seed,
+                       commit=machine_git())
+
+
+async def run_traffic_section(cfg: BenchConfig, fx: Fixtures, root: Path, anchors: Anchors | None) -> dict:
+    """bench/traffic.py's workloads on this tree's engine, HF's static batches on (c)'s request set, and, with
+    --traffic-baseline, the workloads again on that commit's engine (bench/baseline.py)."""
+    spec = traffic_spec(cfg, fx, root)
+    runs = [await run_traffic(spec)]
+    out: dict = {"config": asdict(cfg.traffic), "runs": runs}
+    if anchors:
+        out["hf"] = hf_static(cfg, anchors)
+    if cfg.traffic_baseline:
+        rates = [r["rate"] for r in runs[0]["poisson"]["rates"]]
+        try:
+            runs.append(await run_baseline(cfg.traffic_baseline, spec, rates))
+        except (RuntimeError, OSError, ValueError) as e:  # keep the rest of the run's results
+            log.error("traffic baseline on %s failed: %s", cfg.traffic_baseline, e)
+            out["baseline_error"] = f"{cfg.traffic_baseline}: {e}"
+    return out
+
+
+def hf_static(cfg: BenchConfig, anchors: Anchors) -> dict:
+    """(c'): (c)'s request set through HF ``generate`` on the base model (oneDNN-packed linears where the server
+    packs them), all there at time 0, static batches of max_num_seqs in arrival order."""
+    t = cfg.traffic
+    rs = RequestSet.long_tailed(t, cfg.seed)
+    model, system = ((anchors.base_onednn, "base_onednn") if anchors.base_onednn is not None
+                     else (anchors.base, "base"))
+    prompts = rs.prompts(anchors.base.config.vocab_size, cfg.seed, "hf")
+    out = summarize(anchors.static_batches(model, prompts, rs.output_lens, t.max_num_seqs))
+    batches = [slice(i, i + t.max_num_seqs) for i in range(0, len(rs), t.max_num_seqs)]
+    out.update(system=system, batch=t.max_num_seqs, req_s=len(rs) / out["seconds"],
+               computed_tokens=sum(len(rs.prompt_lens[b]) * (max(rs.prompt_lens[b]) + max(rs.output_lens[b]))
+                                   for b in batches))
+    log.info("traffic (c') HF %s static batches: %.1f tok/s", system, out["tok_s"])
+    return out
 
 
 async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -> dict:

@@ -37,6 +37,12 @@ class Trace:
             out += [(now - prev) / n] * n
         return out
 
+    @property
+    def mean_itl(self) -> float | None:
+        """Seconds per token after the first (None for a single token)."""
+        tokens = self.tokens - self.counts[0]
+        return (self.arrivals[-1] - self.arrivals[0]) / tokens if tokens else None
+
 
 def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) * 1e3 if values else None  # ms
@@ -55,6 +61,24 @@ def summarize(traces: list[Trace]) -> dict:
     return {"requests": len(traces), "tokens": tokens, "seconds": end - start,
             "tok_s": tokens / (end - start), "ttft_p50_ms": _pct(ttfts, 50), "ttft_p99_ms": _pct(ttfts, 99),
             "itl_p50_ms": _pct(itls, 50), "itl_p99_ms": _pct(itls, 99)}
+
+
+def goodput(traces: list[Trace], ttft_s: float, itl_s: float) -> dict:
+    """Requests meeting the SLO (TTFT <= ttft_s and mean ITL <= itl_s; a one-token request has no ITL to
+    miss): their share of all requests, and their rate over the run (first send -> last token)."""
+    done = [t for t in traces if t.arrivals]
+    good = sum(t.ttft <= ttft_s and (t.mean_itl is None or t.mean_itl <= itl_s) for t in done)
+    seconds = max(t.arrivals[-1] for t in done) - min(t.sent for t in done) if done else 0.0
+    return {"good": good, "of": len(traces), "share": good / len(traces) if traces else None,
+            "good_req_s": good / seconds if seconds else None}
+
+
+def median_range(values: list[float | None]) -> dict:
+    """{"median", "min", "max", "n"} of the rounds' values (None values, e.g. a missing ratio, are left out)."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": float(np.median(xs)), "min": float(min(xs)), "max": float(max(xs)), "n": len(xs)}
 
 
 class StepClock:
