@@ -95,6 +95,10 @@ ENGINE_FLAGS = (
          "adapter's tokens; float32 on CPU, 1.6-2x faster than bmm when many adapters share a decode step), torch "
          "(bmm / matmul only; what GPUs use), auto (numba where it applies and is installed, else torch)",
          ("auto", "numba", "torch")),
+    Flag("attention-kernel", str, "auto", "how decode attention reads the paged KV cache: numba (a compiled CPU "
+         "loop reading each cached key and value once where it lies; float32 on CPU, 4-5x the torch path's speed "
+         "per layer), torch (gather the blocks, then SDPA: the reference, and what GPUs use for now), auto (numba "
+         "where it applies and is installed)", ("auto", "numba", "torch")),
     Flag("cpu-gemm", str, "auto", "how the base model's float32 linear layers multiply on CPU: onednn (each weight "
          "packed once into oneDNN's blocked layout, replacing the dense copy, so no extra memory; 2-3x torch's "
          "default MKL sgemm on AMD EPYC from 2 rows up), torch (F.linear as loaded), auto (onednn for float32 on "

@@ -5,8 +5,10 @@ The runner feeds the model one flat batch, ``[1, num_tokens]``, with per-token p
 and no mask: the model computes q, k, v as usual and calls ``paged_attention`` per layer, which writes the step's
 keys and values into their slots, then attends each sequence over its own tokens:
 
-    decode groups: sequences computing one token, batched; the kv-head's G = heads / kv_heads queries are
-                   folded into SDPA's query length, so a grouped-query model reads each key once per kv head
+    decodes:       sequences computing one token, batched: on CPU (float32, numba) one compiled loop reads each
+                   cached key and value once where it lies (attention_kernels.py); elsewhere (the reference)
+                   groups of similar length are gathered and padded, and the kv-head's G = heads / kv_heads
+                   queries are folded into SDPA's query length so each key is read once per kv head
     prefill spans: one sequence's chunk of q tokens after ``ctx`` computed ones, causal (offset ``ctx``);
                    with ctx = 0 it attends to the chunk's own keys, no gather
 
@@ -15,12 +17,18 @@ masked scores weigh exactly 0 and a zero value row keeps that 0 exact, whatever 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from server.engine import attention_kernels
+from server.engine.attention_kernels import paged_decode
 from server.engine.kv_cache import PagedKVCache
+
+log = logging.getLogger(__name__)
 
 IMPLEMENTATION = "swapserve_paged"
 
@@ -43,19 +51,32 @@ class PrefillSpan:
 
 
 @dataclass
+class DecodeBatch:
+    """Every decoding sequence of the step, for the compiled kernel (CPU, numpy)."""
+
+    lo: int  # query tokens [lo, hi) of the flat batch, one per sequence
+    hi: int
+    tables: np.ndarray  # [n, max_blocks] int64 block ids (0, the null block, past a sequence's blocks)
+    lengths: np.ndarray  # [n] int64 tokens each attends to (its computed tokens plus this one)
+
+
+@dataclass
 class AttentionMetadata:
-    """One step's attention plan, built once per step (batch.StepInput) and read by every layer."""
+    """One step's attention plan, built once per step (step_input.StepInput) and read by every layer."""
 
     slot_mapping: torch.Tensor  # [num_tokens] long: the cache slot each new token's key and value go to
-    decode: list[DecodeGroup] = field(default_factory=list)
+    decode: DecodeBatch | None = None
+    decode_groups: list[DecodeGroup] = field(default_factory=list)  # the same decodes for the torch path
     prefill: list[PrefillSpan] = field(default_factory=list)
 
 
 class PagedAttention:
-    """The step's metadata and the cache, shared by every attention module of one model (set by ``install``)."""
+    """The step's metadata and the cache, shared by every attention module of one model (set by ``install``).
+    ``decode_kernel``: decodes run the compiled CPU kernel (chosen at start, see attention_kernel_choice)."""
 
-    def __init__(self, kv: PagedKVCache):
+    def __init__(self, kv: PagedKVCache, decode_kernel: bool = False):
         self.kv = kv
+        self.decode_kernel = decode_kernel
         self.meta: AttentionMetadata | None = None
 
     def forward(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -66,15 +87,21 @@ class PagedAttention:
         heads, num_tokens, dim = q.shape
         self.kv.write(layer, meta.slot_mapping, key[0].transpose(0, 1), value[0].transpose(0, 1))
         out = q.new_empty(num_tokens, heads, dim)
-        for g in meta.decode:
-            out[g.lo:g.hi] = self._decode(layer, q[:, g.lo:g.hi], g, scale)
+        if self.decode_kernel and meta.decode is not None:
+            d = meta.decode
+            paged_decode(q[:, d.lo:d.hi].transpose(0, 1).contiguous(), self.kv.keys[layer], self.kv.values[layer],
+                         d.tables, d.lengths, self.kv.block_size, scale, out[d.lo:d.hi])
+        else:
+            for g in meta.decode_groups:
+                out[g.lo:g.hi] = self._decode(layer, q[:, g.lo:g.hi], g, scale)
         for p in meta.prefill:
             out[p.lo:p.hi] = self._prefill(layer, q[:, p.lo:p.hi], key[:, :, p.lo:p.hi], value[:, :, p.lo:p.hi],
                                            p, scale)
         return out[None]
 
     def _decode(self, layer: int, q: torch.Tensor, g: DecodeGroup, scale) -> torch.Tensor:
-        """q: [H, n, d] -> [n, H, d]; head h reads kv head h // G (Hugging Face's repeat_kv order)."""
+        """The reference decode (and the GPU's until a paged kernel lands): q: [H, n, d] -> [n, H, d]; head h
+        reads kv head h // G (Hugging Face's repeat_kv order)."""
         heads, n, dim = q.shape
         kv_heads = self.kv.kv_heads
         keys, values = self.kv.gather(layer, g.kv_index)  # [n, L, kvh, d]
@@ -93,6 +120,19 @@ class PagedAttention:
             o = F.scaled_dot_product_attention(q[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
                                                attn_mask=p.mask, scale=scale, enable_gqa=True)
         return o[0].transpose(0, 1)
+
+
+def attention_kernel_choice(choice: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """--attention-kernel: True for the compiled CPU decode kernel (compiled here, before the first request)."""
+    usable = device.type == "cpu" and dtype == torch.float32 and attention_kernels.available()
+    if choice == "numba" and not usable:
+        raise ValueError("--attention-kernel numba needs float32 on CPU and the numba package (here: "
+                         f"{dtype} on {device}); use --attention-kernel auto or torch")
+    if choice == "torch" or not usable:
+        return False
+    attention_kernels.warm_up()
+    log.info("decode attention: numba (a compiled loop over the paged cache); prefill chunks: SDPA")
+    return True
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -9,7 +9,7 @@ import torch
 
 from server.adapters.manager import AdapterManager
 from server.config import EngineConfig
-from server.engine.attention import PagedAttention, install
+from server.engine.attention import PagedAttention, attention_kernel_choice, install
 from server.engine.kv_cache import PagedKVCache, budget_bytes
 from server.engine.loader import load_model, pack_cpu_linears, settle_layout
 from server.engine.request import Request
@@ -58,7 +58,8 @@ class ModelRunner:
         useful = 2 * config.max_num_seqs * self.max_len * PagedKVCache.block_bytes(self.model.config, 1, self.dtype)
         self.kv = PagedKVCache.for_model(self.model.config, budget_bytes(config.kv_cache_memory, self.device, useful),
                                          config.block_size, self.dtype, self.device)
-        self.attention = PagedAttention(self.kv)
+        self.attention = PagedAttention(self.kv, attention_kernel_choice(config.attention_kernel, self.device,
+                                                                         self.dtype))
         install(self.model, self.attention)
         self.backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         self.vocab_size = self.head.out_features
@@ -91,7 +92,7 @@ class ModelRunner:
         """One forward over ``seqs`` (each request and how many tokens it computes from its
         ``num_computed_tokens``; its blocks already allocated). Returns the logits of the requests that reach
         their last token, and of the prompt rows whose logprobs were asked for."""
-        step = StepInput.build(seqs, self.kv.block_size, self.device)
+        step = StepInput.build(seqs, self.kv.block_size, self.device, not self.attention.decode_kernel)
         self.manager.activate([r.adapter_key for r, _ in step.seqs], [n for _, n in step.seqs], weights)
         self.attention.meta = step.attention
         try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from server.engine.attention import AttentionMetadata, DecodeGroup, PrefillSpan
+from server.engine.attention import AttentionMetadata, DecodeBatch, DecodeGroup, PrefillSpan
 from server.engine.block_pool import NULL_BLOCK
 from server.engine.request import Request
 
@@ -38,7 +38,9 @@ class StepInput:
         return self.input_ids.shape[0]
 
     @classmethod
-    def build(cls, seqs: list[tuple[Request, int]], block_size: int, device: torch.device) -> "StepInput":
+    def build(cls, seqs: list[tuple[Request, int]], block_size: int, device: torch.device,
+              decode_groups: bool = True) -> "StepInput":
+        """``decode_groups``: also plan the decodes as padded groups, for the torch attention path."""
         decodes = sorted((s for s in seqs if s[1] == 1), key=lambda s: -s[0].num_computed_tokens)
         prefills = [s for s in seqs if s[1] > 1]
         ordered = decodes + prefills
@@ -59,8 +61,8 @@ class StepInput:
             if start + n == req.num_tokens:
                 sample_rows.append(row - 1)
                 sampled.append(req)
-        meta = AttentionMetadata(_tensor(np.concatenate(slots), device),
-                                 _decode_groups(decodes, block_size, device),
+        meta = AttentionMetadata(_tensor(np.concatenate(slots), device), _decode_batch(decodes),
+                                 _decode_groups(decodes, block_size, device) if decode_groups else [],
                                  _prefill_spans(prefills, len(decodes), block_size, device))
         return cls(torch.tensor(ids, dtype=torch.long, device=device), _tensor(np.concatenate(positions), device),
                    meta, ordered, torch.tensor(sample_rows, dtype=torch.long, device=device), sampled, prompt_rows)
@@ -81,6 +83,17 @@ def _slots(block_ids: list[int], positions: np.ndarray, block_size: int) -> np.n
 
 def _tensor(a: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
+
+
+def _decode_batch(decodes) -> DecodeBatch | None:
+    if not decodes:
+        return None
+    widest = max(len(req.block_ids) for req, _ in decodes)
+    tables = np.zeros((len(decodes), widest), dtype=np.int64)
+    for i, (req, _) in enumerate(decodes):
+        tables[i, :len(req.block_ids)] = req.block_ids
+    lengths = np.array([req.num_computed_tokens + 1 for req, _ in decodes], dtype=np.int64)
+    return DecodeBatch(0, len(decodes), tables, lengths)
 
 
 def _decode_groups(decodes, block_size: int, device) -> list[DecodeGroup]:

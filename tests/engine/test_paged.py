@@ -106,10 +106,11 @@ def test_a_name_reloaded_with_other_weights_never_reuses_the_old_kv(fresh_llm, o
 
 # ---------------------------------------------------------------- chunked prefill and preemption
 
-def test_prompt_longer_than_the_token_budget_is_prefilled_in_chunks(fresh_llm, oracle):
+@pytest.mark.parametrize("attention", ["numba", "torch"])
+def test_prompt_longer_than_the_token_budget_is_prefilled_in_chunks(fresh_llm, oracle, attention):
     """Budget 8 tokens a step: a 45-token prompt takes several steps beside two running streams, which get
-    their token every step, and every request still equals PEFT."""
-    eng = fresh_llm(max_num_batched_tokens=8, max_num_seqs=4)
+    their token every step, and every request still equals PEFT (on both decode attention paths)."""
+    eng = fresh_llm(max_num_batched_tokens=8, max_num_seqs=4, attention_kernel=attention)
     streams = [submit(eng, tokens(3, 7 + i), adapter, max_tokens=20, logprobs=True)
                for i, adapter in enumerate(("dora", None))]
     step(eng)
@@ -126,10 +127,11 @@ def test_prompt_longer_than_the_token_budget_is_prefilled_in_chunks(fresh_llm, o
         check(req, oracle, req.params.max_tokens)
 
 
-def test_preempted_requests_are_recomputed_with_unchanged_output(fresh_llm, oracle):
+@pytest.mark.parametrize("attention", ["numba", "torch"])
+def test_preempted_requests_are_recomputed_with_unchanged_output(fresh_llm, oracle, attention):
     """A KV cache of 11 usable blocks for four requests that need 4 each: the newest are preempted, recomputed
     from their tokens (prompt and output so far) and finish with exactly PEFT's output."""
-    eng = fresh_llm(kv_cache_memory="96KiB", max_num_seqs=4, max_model_len=128)
+    eng = fresh_llm(kv_cache_memory="96KiB", max_num_seqs=4, max_model_len=128, attention_kernel=attention)
     assert eng.blocks.pool.num_blocks == 12
     names = ["lora", None, "dora", "ia3"]
     reqs = [submit(eng, tokens(20, 20 + i), name, max_tokens=40, logprobs=True) for i, name in enumerate(names)]

@@ -99,11 +99,13 @@ def check_batch(oracles: Oracles, names, lengths, atol, seed=0, steps=STEPS):
 
 @pytest.fixture(scope="module", params=["numba", "torch"])
 def runner(request, tiny_model_dir):
-    """Both LoRA paths: the compiled CPU kernel (every step here has short runs) and torch's bmm/matmul."""
+    """Both LoRA paths: the compiled CPU kernel (every step here has short runs) and torch's bmm/matmul; the
+    decode attention follows (the compiled paged kernel, or the gather + SDPA reference)."""
     if request.param == "numba" and not kernels.available():
         pytest.skip("numba is not installed")
     runner = ModelRunner(EngineConfig(model=str(tiny_model_dir), max_loras=4, max_lora_rank=8, max_num_seqs=8,
-                                      max_model_len=128, lora_kernel=request.param))
+                                      max_model_len=128, lora_kernel=request.param,
+                                      attention_kernel=request.param))
     assert runner.manager.max_run == (kernels.max_run(torch.get_num_threads()) if request.param == "numba" else 0)
     return runner
 
