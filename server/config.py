@@ -63,6 +63,7 @@ class EngineConfig:
     cache_dir: str = ""  # converted models (GGUF -> safetensors) are cached here; "" = default_cache_dir()
     adapter_loader: str = "process"  # process | thread: where adapters are read, validated and packed
     lora_kernel: str = "auto"  # auto | numba | torch: the CPU LoRA kernel (layers/kernels.py) or torch ops
+    lora_overlap: str = "auto"  # auto | on | off: the CPU LoRA kernel on a spare core beside the base GEMM
     attention_kernel: str = "auto"  # auto | numba | torch: decode attention by a compiled CPU loop or gather + SDPA
     cpu_gemm: str = "auto"  # auto | onednn | torch: the base's float32 CPU linears packed for oneDNN (layers/gemm.py)
 
@@ -81,6 +82,7 @@ class EngineConfig:
         _choice("lora_kernel", self.lora_kernel, ("auto", "numba", "torch"))
         _choice("cpu_gemm", self.cpu_gemm, ("auto", "onednn", "torch"))
         _choice("attention_kernel", self.attention_kernel, ("auto", "numba", "torch"))
+        _choice("lora_overlap", self.lora_overlap, ("auto", "on", "off"))
         for name in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_num_seqs", "max_model_len",
                      "max_waiting", "max_adapter_bytes", "max_cpu_lora_bytes", "block_size",
                      "adapters_cache_bytes"):

@@ -109,6 +109,8 @@ class AdapterLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [num_tokens, in]
         if not self.in_scaled.isdisjoint(mapping.slots):
             x2 = scale_rows(x2, self.in_scale, mapping.scale_index)
+        if mapping.overlap is not None and self._np is not None and x2.dtype == torch.float32:
+            return self._overlapped(x2, mapping).view(*lead, self.out_features)
         y = self.base_layer(x2)  # [num_tokens, out]
         if not self.out_scaled.isdisjoint(mapping.slots):
             y = scale_rows(y, self.out_scale, mapping.scale_index)
@@ -125,6 +127,21 @@ class AdapterLinear(nn.Module):
             if rank:
                 lora_grouped_views(y, x2, *self._range_views(groups.lo, groups.hi, rank), groups)
         return y.view(*lead, self.out_features)
+
+    def _overlapped(self, x2: torch.Tensor, mapping) -> torch.Tensor:
+        """The kernel path with the LoRA delta computed on the worker thread while this one runs the base GEMM."""
+        x2 = x2.contiguous()
+        delta = torch.zeros(x2.shape[0], self.out_features)  # [num_tokens, out]; base tokens stay 0
+        mapping.overlap.submit(kernels.lora_runs, delta, x2, *self._np, self.ranks, mapping.runs)
+        try:
+            y = self.base_layer(x2)
+            if not self.out_scaled.isdisjoint(mapping.slots):
+                y = scale_rows(y, self.out_scale, mapping.scale_index)
+                if self.out_shift is not None:
+                    y = shift_rows(y, self.out_shift, mapping.scale_index)
+        finally:
+            mapping.overlap.wait()
+        return y.add_(delta)
 
     def _range_views(self, lo: int, hi: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A^T [g, in, r], B [g, r, out]) over slots [lo, hi) at ``rank``. Views into the slot tensors, which

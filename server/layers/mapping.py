@@ -37,6 +37,7 @@ class AdapterMapping:
     slots: frozenset[int] = field(default_factory=frozenset)
     groups: "SlotGroups | None" = None
     runs: "SlotRuns | None" = None
+    overlap: "object | None" = None  # a LoraWorker that computes ``runs`` beside the base GEMM (large steps only)
 
     @property
     def empty(self) -> bool:

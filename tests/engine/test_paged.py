@@ -220,3 +220,16 @@ def test_prompt_logprobs_equal_peft_in_a_mixed_batch(fresh_llm, oracle, budget):
     assert outputs[reqs[1].request_id][-1].finished
     check(reqs[0], oracle, 3)
     check(others[0], oracle, 4)
+
+
+def test_lora_overlap_on_a_spare_core_matches_peft(fresh_llm, oracle, monkeypatch):
+    """--lora-overlap on, every step overlapped (threshold 1): a mixed continuous batch equals PEFT."""
+    from server.adapters import manager
+
+    monkeypatch.setattr(manager, "OVERLAP_MIN_RUNS", 1)
+    eng = fresh_llm(lora_overlap="on", max_loras=4, max_num_seqs=6)
+    names = ["lora", None, "dora", "ia3", "adalora", "lora"]
+    reqs = [submit(eng, tokens(3 + 4 * i, 60 + i), name, max_tokens=6, logprobs=True) for i, name in enumerate(names)]
+    run(eng, reqs)
+    for req in reqs:
+        check(req, oracle, 6)

@@ -178,6 +178,33 @@ def test_adapter_linear_mixed_rows_match_peft(toy, slot_kinds, rows, max_run):
                 torch.testing.assert_close(y[i], ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+@pytest.mark.parametrize("slot_kinds", [TOY_KINDS, ("rslora", "ia3_in", "dora", "ia3_out")], ids=["a", "b"])
+def test_overlapped_lora_kernel_matches_peft(toy, slot_kinds):
+    """The kernel on the LoRA worker thread beside the base GEMM: every row still equals PEFT (IA3 and DoRA's
+    scale rows included), base rows bit-exact."""
+    from server.layers.lora_worker import LoraWorker
+
+    bias, adapters = toy
+    layer, holder = wrapped(bias, slot_kinds, adapters)
+    rows = [0, NO_SLOT, 1, 2, NO_SLOT, 3, 1]
+    x = torch.randn(len(rows), 3, IN, generator=torch.Generator().manual_seed(5))
+    worker = LoraWorker()
+    holder.mapping = dataclasses.replace(AdapterMapping.build(per_token(rows, 3), SLOTS, max_run=kernels.max_run(1)),
+                                         overlap=worker)
+    try:
+        with torch.no_grad():
+            y = layer(x)
+            unwrapped = layer.base_layer(x.reshape(-1, IN)).view(len(rows), 3, OUT)
+    finally:
+        worker.close()
+    for i, slot in enumerate(rows):
+        if slot == NO_SLOT:
+            assert torch.equal(y[i], unwrapped[i])
+        else:
+            torch.testing.assert_close(y[i], adapters[slot_kinds[slot]][0](x[i]), rtol=0, atol=1e-5)
+
+
 def test_adapter_linear_empty_mapping_is_the_base_layer(toy):
     bias, adapters = toy
     layer, _ = wrapped(bias, TOY_KINDS, adapters)
