@@ -63,7 +63,7 @@ ENGINE_FLAGS = (
     Flag("max-model-len", int, 2048, "prompt + generated tokens per sequence; longer requests get 400"),
     Flag("max-num-batched-tokens", int, 0, "tokens computed per step: one per running sequence plus prefill chunks; "
          "a longer prompt is split across steps (chunked prefill), so this bounds how long one step can stall "
-         "the running streams. 0: 512 on CPU, 2048 on GPU (at least --max-num-seqs)"),
+         "the running streams. 0: 256 on CPU, 2048 on GPU (at least --max-num-seqs)"),
     Flag("kv-cache-memory", str, "auto", "memory for the paged KV cache, taken once at start: a size (4GiB, 512MiB, "
          "2e9) or a fraction 0 < f <= 1 of the memory free then. auto: on CPU min(4 GiB, half the free RAM), on "
          "GPU 90%% of the free device memory, each capped at what --max-num-seqs sequences of --max-model-len "

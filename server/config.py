@@ -111,7 +111,10 @@ def token_budget(config: EngineConfig, device_type: str) -> int:
     return max(config.max_num_seqs, CPU_TOKEN_BUDGET if device_type == "cpu" else GPU_TOKEN_BUDGET)
 
 
-CPU_TOKEN_BUDGET = 512
+# A CPU prefills at the same rate whatever the chunk (measured, SmolLM2 on one core, a 2048-token prompt in chunks
+# of 128 / 256 / 512 / 1024 tokens: 433 / 463 / 447 / 423 tok/s), while every running stream waits for the
+# whole step (~2.2 ms a token): small chunks cost nothing and keep inter-token latency down.
+CPU_TOKEN_BUDGET = 256
 GPU_TOKEN_BUDGET = 2048
 
 
