@@ -244,26 +244,22 @@ def test_prefix_blocks_are_keyed_by_adapter_content(other):
     assert same.num_cached_tokens == 16
 
 
+def served(s: Scheduler, kv: FakeKV, prompt: list[int]) -> Request:
+    """A request on ``prompt`` admitted alone, prefilled in one step, then finished (its blocks freed)."""
+    r = req(prompt=prompt)
+    s.waiting.append(r)
+    run_step(s, kv)
+    s.finish(r)
+    return r
+
+
 def test_freed_blocks_stay_cached_until_evicted_lru():
     s = sched(blocks=7)  # 6 usable blocks of 4
     kv = FakeKV(s)
-    a = req(prompt=list(range(1, 10)), name="a")  # 3 blocks
-    s.waiting.append(a)
-    run_step(s, kv)
-    s.finish(a)
-    again = req(prompt=list(range(1, 10)))
-    s.waiting.append(again)
-    run_step(s, kv)
-    assert again.num_cached_tokens == 8
-    s.finish(again)
-    big = req(prompt=list(range(200, 223)))  # 6 blocks: takes every block, evicting a's
-    s.waiting.append(big)
-    run_step(s, kv)
-    s.finish(big)
-    late = req(prompt=list(range(1, 10)))
-    s.waiting.append(late)
-    run_step(s, kv)
-    assert late.num_cached_tokens == 0
+    served(s, kv, list(range(1, 10)))  # 3 blocks
+    assert served(s, kv, list(range(1, 10))).num_cached_tokens == 8
+    served(s, kv, list(range(200, 223)))  # 6 blocks: takes every block, evicting the first prompt's
+    assert served(s, kv, list(range(1, 10))).num_cached_tokens == 0
 
 
 def test_no_caching_shares_nothing():
