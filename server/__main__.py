@@ -100,6 +100,9 @@ ENGINE_FLAGS = (
          "default MKL sgemm on AMD EPYC from 2 rows up), torch (F.linear as loaded), auto (onednn for float32 on "
          "an x86 CPU, for weights of at least 65536 elements, where oneDNN's per-call cost pays; else torch)",
          ("auto", "onednn", "torch")),
+    Flag("overlap-token-masks", bool, True, "build structured-output requests' token masks on a worker thread "
+         "while the step's forward runs (vLLM's overlap) instead of after it; --no-overlap-token-masks turns it "
+         "off"),
 )
 SERVER_FLAGS = (
     Flag("host", str, "127.0.0.1", "address to listen on (0.0.0.0 exposes the server; set --api-key then)"),

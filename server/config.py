@@ -63,6 +63,7 @@ class EngineConfig:
     cache_dir: str = ""  # converted models (GGUF -> safetensors) are cached here; "" = default_cache_dir()
     adapter_loader: str = "process"  # process | thread: where adapters are read, validated and packed
     lora_kernel: str = "auto"  # auto | numba | torch: the CPU LoRA kernel (layers/kernels.py) or torch ops
+    overlap_token_masks: bool = True  # grammar masks are built on a worker thread while the forward runs
     cpu_gemm: str = "auto"  # auto | onednn | torch: the base's float32 CPU linears packed for oneDNN (layers/gemm.py)
 
     def __post_init__(self) -> None:
