@@ -63,6 +63,7 @@ class EngineConfig:
     cache_dir: str = ""  # converted models (GGUF -> safetensors) are cached here; "" = default_cache_dir()
     adapter_loader: str = "process"  # process | thread: where adapters are read, validated and packed
     lora_kernel: str = "auto"  # auto | numba | torch: the CPU LoRA kernel (layers/kernels.py) or torch ops
+    generation_config: str = "auto"  # auto: sampling defaults from the model's generation_config.json | vllm
     overlap_token_masks: bool = True  # grammar masks are built on a worker thread while the forward runs
     cpu_gemm: str = "auto"  # auto | onednn | torch: the base's float32 CPU linears packed for oneDNN (layers/gemm.py)
 
@@ -80,6 +81,7 @@ class EngineConfig:
         _choice("adapter_loader", self.adapter_loader, ("process", "thread"))
         _choice("lora_kernel", self.lora_kernel, ("auto", "numba", "torch"))
         _choice("cpu_gemm", self.cpu_gemm, ("auto", "onednn", "torch"))
+        _choice("generation_config", self.generation_config, ("auto", "vllm"))
         for name in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_num_seqs", "max_model_len",
                      "max_waiting", "max_adapter_bytes", "max_cpu_lora_bytes", "block_size",
                      "adapters_cache_bytes"):

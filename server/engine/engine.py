@@ -13,7 +13,7 @@ from server.engine.block_pool import BlockPool
 from server.engine.constraint import TokenMask
 from server.engine.detokenizer import Detokenizer
 from server.engine.grammar import GrammarCompiler
-from server.engine.request import Request, RequestOutput
+from server.engine.request import Request, RequestOutput, sampling_defaults
 from server.engine.runner import ModelRunner, StepOutput
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledBatch, Scheduler
@@ -32,6 +32,8 @@ class LLMEngine:
         self.tokenizer = self.runner.tokenizer
         self.max_len = self.runner.max_len
         self.eos_token_ids = _eos_ids(self.runner.model, self.tokenizer)
+        self.sampling_defaults = (sampling_defaults(getattr(self.runner.model, "generation_config", None))
+                                  if config.generation_config == "auto" else {})
         self.store = AdapterStore(config, self.runner.targets, config.model, self.observers,
                                   banks=self.runner.manager.layout, finish=self.runner.prepare_dora,
                                   dtype=self.runner.dtype)

@@ -35,6 +35,18 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def sampling_defaults(generation_config) -> dict:
+    """vLLM's --generation-config auto: the sampling values a model's generation_config.json sets (those that
+    differ from transformers' defaults), used for the fields a request leaves out."""
+    if generation_config is None:
+        return {}
+    given = generation_config.to_diff_dict()
+    return {k: given[k] for k in SAMPLING_DEFAULT_FIELDS if given.get(k) is not None}
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued (new, or preempted and to be recomputed); its adapter may still be loading
     RUNNING = "running"  # holds KV blocks; prefilling (possibly in chunks) or decoding
