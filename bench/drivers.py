@@ -19,6 +19,7 @@ class BenchRequest:
     prompt: list[int]
     adapter: str | None  # None = the base model
     max_tokens: int
+    grammar: object = None  # a compiled grammar (engine.grammar.compile): a structured-output request
 
 
 class Driver(Protocol):
@@ -42,7 +43,7 @@ class EngineDriver:
     async def stream(self, req: BenchRequest) -> AsyncIterator[int]:
         from server.engine.request import SamplingParams
 
-        params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True, grammar=req.grammar)
         async for out in self.engine.generate(req.prompt, params, req.adapter):
             if out.error:
                 raise RuntimeError(f"request on {req.adapter!r} failed: {out.error}")

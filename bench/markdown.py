@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from bench.report import ratio
+from bench.structured import structured_section
 
 
 def _f(value, fmt: str = "{:.1f}") -> str:
@@ -165,7 +166,8 @@ def render(results: dict, json_path: Path, png_path: Path | None, md_path: Path)
             "measured per-request time).", "", *latency_table(results), "",
             "## Adapter swap cost", "", *swap_table(results), "",
             "\"Disk\" is the OS page cache (the adapters were just written); a cold disk adds its read time.", "",
-            *http_section(results), *scale_section(results), *types_section(results), *memory_section(results),
+            *http_section(results), *scale_section(results), *types_section(results), *structured_section(results),
+            *memory_section(results),
             *gpu_section(Path(json_path).parent, here)]
     return "\n".join(out)
 

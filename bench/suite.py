@@ -17,6 +17,7 @@ from bench.drivers import Driver, EngineDriver, cell_requests, run_concurrent
 from bench.fixtures import adapter_bytes, copy_adapters, make_adapters, make_typed_adapters, model_dir, prompts
 from bench.memory import model_memory
 from bench.scale import run_scale, run_types, timed
+from bench.structured import run_structured
 from bench.swap import interference, swap_costs
 from bench.timing import summarize
 
@@ -237,6 +238,8 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -
     intf = await interference(driver, streams, loads, cfg.interference_rounds)
     log.info("load interference: %s", {k: round(v, 3) for k, v in intf.items() if k != "per_round"})
     out = {"cells": cells, "swap": swap, "interference": intf}
+    if cfg.structured_share:
+        out["structured"] = await timed("structured outputs", run_structured(cfg, engine, fx.cell, fx.prompts))
     if fx.typed:
         out["types"] = await timed("types", run_types(cfg, engine, fx.typed, fx.kinds, list(fx.cell)[:4],
                                                       fx.prompts, anchors))

@@ -14,12 +14,16 @@ from starlette.concurrency import run_in_threadpool
 from server.api.errors import error_payload
 from server.api.generation import (
     Choice,
+    EventStream,
     Generation,
     adapter_for,
+    client_gone,
+    collect_unless_disconnected,
     error_label,
     max_model_len,
     new_id,
     output_error,
+    raise_choice_error,
     sse,
 )
 from server.api.logprobs import LogprobShapes
@@ -99,6 +103,18 @@ class Call:
         if not self.body.return_token_ids:
             return {}
         return {"token_ids": token_ids, **({"prompt_token_ids": self.prompt_of(choice)} if first else {})}
+
+    async def respond(self, request: Request, generation: Generation, delta: Delta,
+                      build: Callable[[list[Choice]], dict]):
+        """SSE chunks from ``delta`` when the body asks for a stream; else every choice, collected, through
+        ``build``; 499 when the client left first (everything aborted)."""
+        if self.body.stream:
+            return EventStream(self.stream(generation, delta), generation.abort)
+        choices = await collect_unless_disconnected(request, generation)
+        if choices is None:
+            return client_gone()
+        raise_choice_error(choices)
+        return build(choices)
 
     async def stream(self, generation: Generation, delta: Delta) -> AsyncIterator[str]:
         """SSE chunks: one per output increment, then the usage chunk if asked for, then [DONE]."""

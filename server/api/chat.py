@@ -14,15 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import require_api_key
 from server.api.call import Call
-from server.api.generation import (
-    Choice,
-    EventStream,
-    client_gone,
-    collect_unless_disconnected,
-    max_model_len,
-    raise_choice_error,
-    require_ready,
-)
+from server.api.generation import Choice, max_model_len, require_ready
 from server.api.protocol import ChatCompletionRequest, ChatMessage
 from server.api.tool_stream import ToolOutput, ToolStream
 from server.api.tools import choice_mode, template_tool_calls, tool_grammar
@@ -45,19 +37,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     grammar = await call.grammar(spec or body.output_spec())
     generation = await call.start([prompt], [max_tokens], body.prompt_logprobs, grammar)
     tools = ToolOutput(mode, body.tool_choice)
-    if body.stream:
-        return EventStream(call.stream(generation, _chat_delta(call, tools)), generation.abort)
-    choices = await collect_unless_disconnected(request, generation)
-    if choices is None:
-        return client_gone()
-    raise_choice_error(choices)
-    items = [_chat_item(call, tools, c) for c in choices]
-    extra = {}
+    return await call.respond(request, generation, _chat_delta(call, tools),
+                              lambda choices: _chat_response(call, tools, prompt, choices))
+
+
+def _chat_response(call: Call, tools: ToolOutput, prompt: list[int], choices: list[Choice]) -> dict:
+    body, extra = call.body, {}
     if body.prompt_logprobs is not None:
         extra["prompt_logprobs"] = call.shapes.vllm_prompt(prompt, choices[0].prompt_logprobs)
     if body.return_token_ids:
         extra["prompt_token_ids"] = prompt
-    return call.response(items, choices, **extra)
+    return call.response([_chat_item(call, tools, c) for c in choices], choices, **extra)
 
 
 def _chat_item(call: Call, tools: ToolOutput, c: Choice) -> dict:

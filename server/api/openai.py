@@ -11,16 +11,7 @@ from fastapi import APIRouter, Depends, Request
 
 from server.api.auth import require_api_key
 from server.api.call import Call
-from server.api.generation import (
-    Choice,
-    EventStream,
-    client_gone,
-    collect_unless_disconnected,
-    encode_text,
-    max_model_len,
-    raise_choice_error,
-    require_ready,
-)
+from server.api.generation import Choice, encode_text, max_model_len, require_ready
 from server.api.protocol import CompletionRequest, ModelCard, ModelList
 from server.errors import UnknownAdapterError
 
@@ -67,13 +58,8 @@ async def completions(body: CompletionRequest, request: Request):
     if body.echo:
         keep = isinstance(body.prompt, str) and body.truncate_prompt_tokens is None
         echo = [body.prompt if keep else engine.tokenizer.decode(p) for p in prompts]
-    if body.stream:
-        return EventStream(call.stream(generation, _completion_delta(call, echo)), generation.abort)
-    choices = await collect_unless_disconnected(request, generation)
-    if choices is None:
-        return client_gone()
-    raise_choice_error(choices)
-    return call.response([_completion_item(call, c, echo) for c in choices], choices)
+    return await call.respond(request, generation, _completion_delta(call, echo),
+                              lambda choices: call.response([_completion_item(call, c, echo) for c in choices], choices))
 
 
 def _completion_item(call: Call, c: Choice, echo: list[str] | None) -> dict:
