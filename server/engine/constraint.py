@@ -5,6 +5,11 @@ engine asks TokenMask to build the bitmask rows of the constrained requests that
 thread while the forward runs, when ``overlap``), the sampler applies them to the logits in one op before
 anything else looks at the logits, and the engine advances each Constraint with the token it accepted.
 
+Overlap, measured on this project's 2-core CPU with SmolLM2 (bench/structured.py): building and applying the
+masks of 32 constrained rows takes 0.54 ms a step, against a ~210 ms step for 32 x 16 adapters, so the worker
+thread hides nothing measurable here (all 32 rows constrained: cost -0.5% / +0.1% with it, -1.0% / -0.1%
+without, run-to-run noise); it stays on by default for GPUs, where a step is ~100x shorter and the masks are not.
+
 Preemption: a preempted request is recomputed from its tokens, and its output so far is kept; the tokens it
 already accepted are never sampled again, so its Constraint is neither reset nor replayed.
 """
