@@ -98,6 +98,7 @@ class BenchConfig:
     # adapter types: an IA3 cell and a mixed LoRA/DoRA/IA3/AdaLoRA cell
     types_concurrency: int = 32
     types_adapters: int = 16
+    structured_share: float = 0.0  # share of the 32 x 16 cell's requests given a JSON grammar (bench/structured.py); 0 = skip
     skip_scale: bool = False
     skip_memory: bool = False
     skip_types: bool = False
@@ -237,6 +238,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--scale-requests", type=int, help="concurrent requests of the scale run (default 64)")
     p.add_argument("--scale-rank", type=int, help="LoRA rank of the scale adapters (default 16)")
     p.add_argument("--scale-rounds", type=int)
+    p.add_argument("--structured-share", type=float, help="also run the 32 x 16 cell with this share of its requests "
+                   "under a JSON-schema grammar, against the same cell all free (e.g. 0.25; default: skip)")
     p.add_argument("--skip-scale", action="store_true", default=None)
     p.add_argument("--skip-memory", action="store_true", default=None)
     p.add_argument("--skip-types", action="store_true", default=None)

@@ -19,6 +19,7 @@ class BenchRequest:
     prompt: list[int]
     adapter: str | None  # None = the base model
     max_tokens: int
+    grammar: object = None  # a compiled grammar (engine.grammar.compile): a structured-output request
 
 
 class Driver(Protocol):
@@ -43,7 +44,8 @@ class EngineDriver:
         """The engine's own RequestOutput increments (num_cached_tokens and all)."""
         from server.engine.request import SamplingParams
 
-        params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True)
+        extra = {"grammar": req.grammar} if req.grammar is not None else {}  # engine v1 (a baseline) has no grammars
+        params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True, **extra)
         async for out in self.engine.generate(req.prompt, params, req.adapter):
             if out.error:
                 raise RuntimeError(f"request on {req.adapter!r} failed: {out.error}")

@@ -107,6 +107,12 @@ ENGINE_FLAGS = (
          "default MKL sgemm on AMD EPYC from 2 rows up), torch (F.linear as loaded), auto (onednn for float32 on "
          "an x86 CPU, for weights of at least 65536 elements, where oneDNN's per-call cost pays; else torch)",
          ("auto", "onednn", "torch")),
+    Flag("generation-config", str, "auto", "auto: a request that omits temperature, top_p, top_k or "
+         "repetition_penalty gets the model's generation_config.json value where it sets one (vLLM's default); "
+         "vllm: the neutral defaults (temperature 1, top_p 1, no top_k, no penalty)", ("auto", "vllm")),
+    Flag("overlap-token-masks", bool, True, "build structured-output requests' token masks on a worker thread "
+         "while the step's forward runs (vLLM's overlap) instead of after it; --no-overlap-token-masks turns it "
+         "off"),
 )
 SERVER_FLAGS = (
     Flag("host", str, "127.0.0.1", "address to listen on (0.0.0.0 exposes the server; set --api-key then)"),
@@ -115,6 +121,8 @@ SERVER_FLAGS = (
     Flag("admin-key", str, None, "require `Authorization: Bearer KEY` on admin routes (without it: loopback only)"),
     Flag("shutdown-timeout", float, 30.0, "seconds SIGTERM waits for in-flight requests before aborting them"),
     Flag("max-body-bytes", int, 4 << 20, "largest request body accepted; larger ones get 413"),
+    Flag("max-prompts", int, 256, "most generations one request may start (prompts x n in /v1/completions; "
+         "lm-eval sends its whole batch as one request); each also counts against --max-waiting"),
     Flag("log-level", str, "info", "logging level", ("critical", "error", "warning", "info", "debug", "trace")),
 )
 

@@ -65,6 +65,8 @@ class EngineConfig:
     lora_kernel: str = "auto"  # auto | numba | torch: the CPU LoRA kernel (layers/kernels.py) or torch ops
     lora_overlap: str = "auto"  # auto | on | off: the CPU LoRA kernel on a spare core beside the base GEMM
     attention_kernel: str = "auto"  # auto | numba | torch: decode attention by a compiled CPU loop or gather + SDPA
+    generation_config: str = "auto"  # auto: sampling defaults from the model's generation_config.json | vllm
+    overlap_token_masks: bool = True  # grammar masks are built on a worker thread while the forward runs
     cpu_gemm: str = "auto"  # auto | onednn | torch: the base's float32 CPU linears packed for oneDNN (layers/gemm.py)
 
     def __post_init__(self) -> None:
@@ -83,6 +85,7 @@ class EngineConfig:
         _choice("cpu_gemm", self.cpu_gemm, ("auto", "onednn", "torch"))
         _choice("attention_kernel", self.attention_kernel, ("auto", "numba", "torch"))
         _choice("lora_overlap", self.lora_overlap, ("auto", "on", "off"))
+        _choice("generation_config", self.generation_config, ("auto", "vllm"))
         for name in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_num_seqs", "max_model_len",
                      "max_waiting", "max_adapter_bytes", "max_cpu_lora_bytes", "block_size",
                      "adapters_cache_bytes"):

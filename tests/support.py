@@ -200,3 +200,57 @@ class Rows:
             req.num_computed_tokens += n
         row = {id(r): i for i, r in enumerate(out.sampled)}
         return out.logits[[row[id(r)] for r, _ in seqs]]
+
+
+# ---- a scripted model: greedy output fixed by the last prompt token (tool-calling round trips) ----------------
+
+TOOL_CALL_TEXT = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+TOOL_ANSWER = "It is sunny in Paris."
+TOOL_TEMPLATE = (
+    "{% if tools %}<|system|>{{ tools | tojson }}</s>{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'tool' %}<|tool|>{{ m['content'] }}</s>"
+    "{% elif m.get('tool_calls') %}<|assistant|>{% for c in m['tool_calls'] %}<tool_call>{{ c['function'] | tojson }}"
+    "</tool_call>{% endfor %}</s>"
+    "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{% if messages[-1]['role'] == 'tool' %}<|answer|>{% else %}<|assistant|>"
+    "{% endif %}{% endif %}"
+)
+
+
+def build_scripted_llama(out: Path):
+    """A Llama whose next token depends only on the current one (a bigram table in lm_head, every layer's output
+    projection zero, embeddings one-hot), with a tokenizer whose added tokens spell a Hermes tool call: after
+    <|assistant|> it writes <tool_call>{...get_weather...}</tool_call></s>; after <|answer|> (the template's
+    turn after a tool result) it writes the answer and </s>. Everything else leads to </s>."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer(out)
+    tok.add_tokens(["<tool_call>", "</tool_call>", TOOL_CALL_TEXT, TOOL_ANSWER])
+    tok.add_special_tokens({"additional_special_tokens": ["<|answer|>", "<|tool|>"]})
+    tok.chat_template = TOOL_TEMPLATE
+    tok.save_pretrained(out)
+    vocab = len(tok)
+    hidden = (vocab + 7) // 8 * 8
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    ids = tok.convert_tokens_to_ids
+    script = {"<|assistant|>": "<tool_call>", "<tool_call>": TOOL_CALL_TEXT, TOOL_CALL_TEXT: "</tool_call>",
+              "<|answer|>": TOOL_ANSWER}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab, hidden))
+        model.model.norm.weight.fill_(1.0)
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+        head = model.lm_head.weight  # [vocab, hidden]: logits = head @ one-hot(current) * sqrt(hidden)
+        head[2, :vocab] = 1.0  # default: </s>
+        for cur, nxt in script.items():
+            head[:, ids(cur)] = 0.0
+            head[ids(nxt), ids(cur)] = 1.0
+    model.save_pretrained(out)
+    return tok

@@ -161,7 +161,7 @@ def test_bad_flags_exit_2_before_training(tmp_path, capsys, argv, message):
 
 
 def test_losses_fall_only_on_completion_and_assistant_tokens(tokenizer):
-    from server.api.openai import chat_prompt_ids
+    from server.api.chat import chat_prompt_ids
     from server.api.protocol import ChatMessage
 
     eos = tokenizer.eos_token_id

@@ -15,7 +15,7 @@ from server.adapters.adapter_dir import AdapterDir, root_of
 from server.adapters.formats import CONFIG_FILE, WEIGHTS_FILE
 from server.adapters.hub_cache import HubCache
 from server.config import EngineConfig, valid_adapter_name
-from server.errors import AdapterNotAllowedError
+from server.errors import AdapterNotAllowedError, UnknownAdapterError
 
 HUB_ID_RE = re.compile(r"^(?:hub:)?([A-Za-z0-9][A-Za-z0-9_.-]{0,95})/([A-Za-z0-9][A-Za-z0-9_.-]{0,95})(?:@([A-Za-z0-9_.-]{1,64}))?$")
 
@@ -59,12 +59,17 @@ class AdapterSources:
             raise AdapterNotAllowedError("loading adapters by path needs an --adapter-root; none is configured")
         raw = Path(source)
         candidates = [raw] if raw.is_absolute() else [root / raw for root in self.roots]
+        inside = False
         for cand in candidates:
             real = Path(os.path.realpath(cand))
+            inside = inside or root_of(real, self.roots) is not None
             if root_of(real, self.roots) is not None and real.is_dir():
                 with AdapterDir(real, self.roots) as opened:  # symlinked files must not lead out either
                     opened.check(CONFIG_FILE, WEIGHTS_FILE)
                 return real
+        if inside:  # under a root but absent: 404, as vLLM (only paths inside the roots are told apart)
+            raise UnknownAdapterError(f"{source}: no adapter directory there (under --adapter-root "
+                                      f"{', '.join(map(str, self.roots))})", param="lora_path")
         raise AdapterNotAllowedError(f"{source}: not a directory under an --adapter-root "
                                      f"({', '.join(map(str, self.roots))})")
 

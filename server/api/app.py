@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -20,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api import admin, openai, tgi
+from server.api import admin, chat, openai, tgi, tokenize
 from server.api.errors import error_payload, install_error_handlers
 from server.api.metrics import Metrics
 from server.api.settings import ServerConfig
@@ -61,11 +62,12 @@ def create_app(engine, server_config: ServerConfig | None = None) -> FastAPI:
     app.state.metrics = Metrics(engine.model_name, engine.config.max_loras)
     engine.add_observer(app.state.metrics)
     install_error_handlers(app)
-    for router in (openai.router, tgi.router, admin.router):
+    for router in (openai.router, chat.router, tokenize.router, tgi.router, admin.router):
         app.include_router(router)
     _add_probes(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(LoadingGate, engine=engine)
+    app.add_middleware(RequestId)
     return app
 
 
@@ -109,7 +111,32 @@ class LoadingGate:
 
 
 def _is_api_path(path: str) -> bool:
-    return path.startswith("/v1/") or path.startswith("/generate")
+    return path.startswith(("/v1/", "/generate")) or path in TOKENIZER_PATHS
+
+
+TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
+
+
+class RequestId:
+    """Every HTTP response carries an x-request-id: the client's own (at most 256 printable characters), else a
+    new one, so a client can quote it in a report."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers", [])).get(b"x-request-id", b"")
+        rid = given if 0 < len(given) <= 256 and given.isascii() and given.decode().isprintable() \
+            else uuid.uuid4().hex.encode()
+
+        async def with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
+            await send(message)
+
+        await self.app(scope, receive, with_id)
 
 
 class BodyLimit:

@@ -64,8 +64,11 @@ class Choice:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list | None = None  # the engine's, with SamplingParams.prompt_logprobs (first output)
 
     def add(self, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.token_ids += out.token_ids
         self.text += out.text
         self.logprobs += out.logprobs or []
@@ -79,9 +82,10 @@ class Choice:
 class Generation:
     """The engine requests of one HTTP request; `abort()` is idempotent and only touches unfinished ones."""
 
-    def __init__(self, engine, streams: list) -> None:
+    def __init__(self, engine, streams: list, prompts: list[list[int]] | None = None) -> None:
         self.engine = engine
         self.streams = streams
+        self.prompts = prompts or []  # the prompt token ids of each engine request
         self.finished: set[int] = set()
 
     @classmethod
@@ -100,7 +104,7 @@ class Generation:
             for stream in streams:
                 engine.abort(stream.request_id)
             raise
-        return cls(engine, streams)
+        return cls(engine, streams, [p for p, _ in jobs])
 
     def abort(self) -> None:
         for i, stream in enumerate(self.streams):

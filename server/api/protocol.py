@@ -1,19 +1,27 @@
 """Pydantic request and response models of the OpenAI and TGI APIs.
 
-Every numeric field is bounded and every list is capped, so no request can ask for unbounded work; unknown
-fields are accepted and ignored (clients send vendor extensions). Sampling fields keep vLLM's names.
+Every numeric field is bounded and every list is capped, so no request can ask for unbounded work. No field is
+silently ignored (server.api.strict.Strict): unknown ones are refused with 400 naming them, and known ones the
+server does not implement (best_of > n, use_beam_search, suffix, logit_bias) are refused the same way. Sampling
+fields keep vLLM's names; vLLM's extensions prompt_logprobs, structured_outputs, truncate_prompt_tokens and
+return_token_ids are implemented.
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from server.api.settings import MAX_N, MAX_PROMPTS
+from server.api.settings import MAX_N, MAX_PROMPTS_HARD
+from server.api.strict import Strict, refuse
+from server.api.structured import ResponseFormat, StructuredOutputs, output_spec
+from server.api.tools import ToolCall, ToolChoice, Tools
+from server.engine.grammar import GrammarSpec
 from server.engine.request import SamplingParams
 
 I64 = 2**63 - 1
 BIG = 1 << 20  # bound on token counts; the engine enforces --max-model-len on top
+MAX_LOGPROBS = 20
 Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 StopStr = Annotated[str, StringConstraints(max_length=512)]  # "" is accepted and ignored
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -25,16 +33,16 @@ class Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
 
-class StreamOptions(Lenient):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+class StreamOptions(Strict):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # every chunk carries the usage so far
 
 
-class SamplingFields(Lenient):
-    """Fields shared by /v1/completions and /v1/chat/completions; penalties other than repetition are ignored."""
+class SamplingFields(Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: Name | None = None
-    max_tokens: int | None = Field(None, ge=1, le=BIG)
+    max_tokens: int | None = Field(None, ge=0, le=BIG)  # 0: the prompt alone (with echo / prompt_logprobs)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=BIG)
@@ -51,53 +59,125 @@ class SamplingFields(Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Annotated[str, StringConstraints(max_length=256)] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's; -1 (whole vocabulary) is refused
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=BIG)  # keep the last k (-1: --max-model-len)
+    return_token_ids: bool = False
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    use_beam_search: bool = False
+    logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="after")
+    def _refuse_unimplemented(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise refuse(self, "best_of", "best_of other than n is not supported (no best-of search); omit it")
+        if self.use_beam_search:
+            raise refuse(self, "use_beam_search", "beam search is not supported; omit use_beam_search")
+        if self.logit_bias:
+            raise refuse(self, "logit_bias", "logit_bias is not supported; omit it")
+        if self.stream_options is not None and not self.stream:
+            raise refuse(self, "stream_options", "stream_options can only be given when stream is true")
+        if self.stream and self.prompt_logprobs is not None:
+            raise refuse(self, "prompt_logprobs", "prompt_logprobs are not available when stream is true")
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise refuse(self, "structured_outputs", "give response_format or structured_outputs, not both")
+        return self
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int, logprobs: bool, index: int, top_logprobs: int = 0) -> SamplingParams:
-        """Engine parameters for choice `index`: choices of one seeded request get seeds seed, seed+1, ..."""
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def output_spec(self) -> GrammarSpec | None:
+        return output_spec(self.response_format, self.structured_outputs)
+
+    def sampling_params(self, max_tokens: int, logprobs: bool, index: int, top_logprobs: int = 0,
+                        prompt_logprobs: int | None = None, grammar=None,
+                        defaults: dict | None = None) -> SamplingParams:
+        """Engine parameters for choice `index`: choices of one seeded request get seeds seed, seed+1, ...
+        ``defaults``: the model's sampling defaults (generation_config.json) for fields the request omits."""
         stop = [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop or []) if s]
+        given = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")
+                 if getattr(self, k) is not None}
+        sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0,
+                    **(defaults or {}), **given}
         return SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, top_k=-1 if self.top_k is None else self.top_k,
-            repetition_penalty=self.repetition_penalty or 1.0,
+            max_tokens=max_tokens, **sampling,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             seed=None if self.seed is None else self.seed + index, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), min_tokens=self.min_tokens,
-            ignore_eos=self.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs if logprobs else 0)
+            ignore_eos=self.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs if logprobs else 0,
+            prompt_logprobs=prompt_logprobs, grammar=grammar)
 
 
 class CompletionRequest(SamplingFields):
-    """POST /v1/completions. prompt: text, texts, token ids, or lists of token ids (each prompt gets n choices)."""
+    """POST /v1/completions. prompt: text, texts, token ids, or lists of token ids (each prompt gets n choices;
+    at most --max-prompts prompts)."""
 
     prompt: (Annotated[str, StringConstraints(min_length=1)]
-             | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
-             | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
-    logprobs: int | None = Field(None, ge=0, le=20)
+             | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS_HARD)]
+             | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS_HARD)])
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
 
+    @model_validator(mode="after")
+    def _no_suffix(self):
+        if self.suffix:
+            raise refuse(self, "suffix", "suffix (insertion) is not supported; omit it")
+        return self
 
-class ContentPart(Lenient):
+    @property
+    def prompt_logprobs_k(self) -> int | None:
+        """Prompt logprobs to compute: vLLM's prompt_logprobs, or the echoed prompt's with echo + logprobs."""
+        ks = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(ks) if ks else None
+
+
+class ContentPart(Strict):
     type: Annotated[str, StringConstraints(max_length=64)]
     text: str | None = None
+    image_url: Any = None  # refused by the route with a clear message (text only)
 
 
-class ChatMessage(Lenient):
+class ChatMessage(Strict):
     role: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     content: str | Annotated[list[ContentPart], Field(max_length=256)] | None = None
     name: Annotated[str, StringConstraints(max_length=256)] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=128)] | None = None
+    tool_call_id: Annotated[str, StringConstraints(max_length=256)] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
-    """POST /v1/chat/completions; the prompt is the tokenizer's chat template applied to `messages`."""
+    """POST /v1/chat/completions; the prompt is the tokenizer's chat template applied to `messages` (and
+    `tools`, for templates that take them)."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
-    max_completion_tokens: int | None = Field(None, ge=1, le=BIG)
+    max_completion_tokens: int | None = Field(None, ge=0, le=BIG)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: Tools | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = True
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.top_logprobs and not self.logprobs:
+            raise refuse(self, "top_logprobs", "top_logprobs needs logprobs: true")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise refuse(self, "continue_final_message", "continue_final_message and add_generation_prompt "
+                         "cannot both be true")
+        forced = self.tool_choice not in (None, "none", "auto")
+        if forced and self.tools and (self.response_format or self.structured_outputs):
+            raise refuse(self, "tool_choice", "a required or named tool_choice already constrains the output; "
+                         "drop response_format / structured_outputs")
+        return self
 
 
 class PromptTokensDetails(BaseModel):
@@ -129,8 +209,21 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TGIParameters(Lenient):
-    """TGI's `parameters`; sampling is on when do_sample is true or any of temperature/top_k/top_p is set."""
+class TGIGrammar(Strict):
+    """TGI's `parameters.grammar`: {"type": "json", "value": schema} or {"type": "regex", "value": str}."""
+
+    type: Literal["json", "regex"]
+    value: dict[str, Any] | Annotated[str, StringConstraints(min_length=1, max_length=64 * 1024)]
+
+    def spec(self) -> GrammarSpec:
+        if self.type == "json":
+            return GrammarSpec.json_schema(self.value, "parameters.grammar")
+        return GrammarSpec("regex", str(self.value), "parameters.grammar")
+
+
+class TGIParameters(Strict):
+    """TGI's `parameters`; sampling is on when do_sample is true or any of temperature/top_k/top_p is set.
+    decoder_input_details (with details, not streamed) fills details.prefill from the prompt's logprobs."""
 
     adapter_id: Name | None = None
     best_of: int | None = Field(None, ge=1, le=1)
@@ -149,8 +242,18 @@ class TGIParameters(Lenient):
     truncate: int | None = Field(None, ge=1, le=BIG)
     typical_p: float | None = Field(None, gt=0.0, lt=1.0)
     top_n_tokens: int | None = Field(None, ge=0, le=5)
+    grammar: TGIGrammar | None = None
+    watermark: bool = False
 
-    def sampling_params(self, logprobs: bool) -> SamplingParams:
+    @model_validator(mode="after")
+    def _refuse_unimplemented(self):
+        if self.typical_p is not None:
+            raise refuse(self, "typical_p", "typical_p sampling is not supported; omit it")
+        if self.watermark:
+            raise refuse(self, "watermark", "watermarking is not supported; omit it")
+        return self
+
+    def sampling_params(self, logprobs: bool, grammar=None) -> SamplingParams:
         sample = self.do_sample or any(v is not None for v in (self.temperature, self.top_k, self.top_p))
         return SamplingParams(
             max_tokens=self.max_new_tokens or 100,
@@ -158,15 +261,22 @@ class TGIParameters(Lenient):
             top_p=self.top_p or 1.0, top_k=self.top_k or -1,
             repetition_penalty=self.repetition_penalty or 1.0, frequency_penalty=self.frequency_penalty or 0.0,
             seed=self.seed, stop=[s for s in self.stop if s],
-            logprobs=logprobs, top_logprobs=(self.top_n_tokens or 0) if logprobs else 0)
+            logprobs=logprobs, top_logprobs=(self.top_n_tokens or 0) if logprobs else 0,
+            prompt_logprobs=0 if self.details and self.decoder_input_details else None, grammar=grammar)
 
 
-class TGIRequest(Lenient):
+class TGIRequest(Strict):
     """POST /generate and /generate_stream."""
 
     inputs: Annotated[str, StringConstraints(min_length=1)]
     parameters: TGIParameters = Field(default_factory=TGIParameters)
     stream: bool = False
+
+    @model_validator(mode="after")
+    def _no_streamed_prefill(self):
+        if self.stream and self.parameters.decoder_input_details:
+            raise refuse(self, "decoder_input_details", "decoder_input_details is not supported when streaming")
+        return self
 
 
 class LoadLoRARequest(Lenient):

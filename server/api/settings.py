@@ -4,8 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_N = 8  # choices per prompt (vLLM's uncapped `n` was a DoS vector)
-MAX_CHOICES = 16  # n * number of prompts per request
-MAX_PROMPTS = 8  # prompts in one /v1/completions batch
+MAX_PROMPTS_HARD = 4096  # prompts in one /v1/completions request, whatever --max-prompts says
 
 
 @dataclass
@@ -18,6 +17,8 @@ class ServerConfig:
                loopback clients only (and still require api_key when that is set).
     shutdown_timeout: seconds SIGTERM waits for in-flight requests before aborting them.
     max_body_bytes: larger request bodies are refused with 413.
+    max_prompts: most generations one request may start (prompts x n of /v1/completions; lm-eval sends its
+               batch as one request). vLLM has no cap; each still counts against --max-waiting.
     """
 
     host: str = "127.0.0.1"
@@ -26,6 +27,7 @@ class ServerConfig:
     admin_key: str | None = None
     shutdown_timeout: float = 30.0
     max_body_bytes: int = 4 << 20
+    max_prompts: int = 256
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -37,6 +39,8 @@ class ServerConfig:
             raise ValueError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
+        if not 1 <= self.max_prompts <= MAX_PROMPTS_HARD:
+            raise ValueError(f"--max-prompts must be in 1..{MAX_PROMPTS_HARD}, got {self.max_prompts}")
         levels = ("critical", "error", "warning", "info", "debug", "trace")
         if self.log_level.lower() not in levels:
             raise ValueError(f"--log-level must be one of {', '.join(levels)}; got {self.log_level!r}")

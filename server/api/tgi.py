@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import require_api_key
 from server.api.errors import error_payload
@@ -51,7 +52,8 @@ async def generate(body: TGIRequest, request: Request):
         tokenizer = request.app.state.engine.tokenizer
         tokens = [_token(tokenizer, t, lp, token_text(tokenizer, t)) for t, lp in _with_logprobs(choice)]
         out["details"] = {"finish_reason": finish_reason(tokenizer, choice), "generated_tokens": len(tokens),
-                          "seed": params.seed, "prefill": [], "tokens": tokens}
+                          "seed": params.seed, "prefill": _prefill(tokenizer, generation.prompts[0], choice),
+                          "tokens": tokens}
         if params.top_n_tokens:
             out["details"]["top_tokens"] = [_top_tokens(tokenizer, top) for top in choice.top_logprobs]
     return out
@@ -72,8 +74,12 @@ async def _start(request: Request, body: TGIRequest, logprobs: bool) -> Generati
     if params.truncate:
         prompt = prompt[-params.truncate:]
     adapter = adapter_for(engine, params.adapter_id)
+    grammar = None
+    if params.grammar is not None:
+        grammar = await run_in_threadpool(engine.grammar.compile, params.grammar.spec())
     try:
-        return await Generation.start(engine, [(prompt, params.sampling_params(logprobs))], adapter, new_id("tgi"))
+        return await Generation.start(engine, [(prompt, params.sampling_params(logprobs, grammar))], adapter,
+                                      new_id("tgi"))
     except SwapserveError as exc:
         request.app.state.metrics.record_error(error_label(engine, adapter, exc), exc.error_type)
         raise
@@ -126,6 +132,14 @@ def _stream_event(tokenizer, body: TGIRequest, choice: Choice, index: int, token
                                 "generated_tokens": len(choice.token_ids), "seed": body.parameters.seed,
                                 "input_length": choice.num_prompt_tokens}
     return event
+
+
+def _prefill(tokenizer, prompt: list[int], choice: Choice) -> list[dict]:
+    """TGI's details.prefill (with decoder_input_details): each prompt token, the first without a logprob."""
+    if choice.prompt_logprobs is None:
+        return []
+    return [_token(tokenizer, t, None if e is None else e[0], token_text(tokenizer, t))
+            for t, e in zip(prompt, choice.prompt_logprobs)]
 
 
 def _top_tokens(tokenizer, top: list[tuple[int, float]]) -> list[dict]:

@@ -71,6 +71,8 @@ class AsyncEngine:
         t0 = time.perf_counter()
         self.engine = LLMEngine(config, self.observers)
         self.tokenizer = self.engine.tokenizer
+        self.sampling_defaults = self.engine.sampling_defaults  # generation_config.json's, for omitted fields
+        self.grammar = self.engine.grammar  # GrammarCompiler: compile(GrammarSpec) -> SamplingParams.grammar
         self.model_name = config.served_model_name
         self.load_seconds = time.perf_counter() - t0
         self.draining = False

@@ -10,8 +10,10 @@ from server.adapters.store import AdapterStore
 from server.config import EngineConfig, token_budget
 from server.engine.block_manager import BlockManager
 from server.engine.block_pool import BlockPool
+from server.engine.constraint import TokenMask
 from server.engine.detokenizer import Detokenizer
-from server.engine.request import Request, RequestOutput
+from server.engine.grammar import GrammarCompiler
+from server.engine.request import Request, RequestOutput, sampling_defaults
 from server.engine.runner import ModelRunner, StepOutput
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledBatch, Scheduler
@@ -30,6 +32,8 @@ class LLMEngine:
         self.tokenizer = self.runner.tokenizer
         self.max_len = self.runner.max_len
         self.eos_token_ids = _eos_ids(self.runner.model, self.tokenizer)
+        self.sampling_defaults = (sampling_defaults(getattr(self.runner.model, "generation_config", None))
+                                  if config.generation_config == "auto" else {})
         self.store = AdapterStore(config, self.runner.targets, config.model, self.observers,
                                   banks=self.runner.manager.layout, finish=self.runner.prepare_dora,
                                   dtype=self.runner.dtype)
@@ -40,7 +44,9 @@ class LLMEngine:
                              "tokens); raise --kv-cache-memory or lower --max-model-len")
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_loras,
                                    token_budget(config, self.runner.device.type), config.max_waiting)
-        self.sampler = Sampler(self.eos_token_ids, config.seed)
+        mask = TokenMask(config.max_num_seqs, self.runner.vocab_size, config.overlap_token_masks)
+        self.sampler = Sampler(self.eos_token_ids, config.seed, mask)
+        self.grammar = GrammarCompiler(self.tokenizer, self.runner.vocab_size, self.eos_token_ids)
         self.detokenizer = Detokenizer(self.tokenizer, self.eos_token_ids)
 
     # ---- the step ---------------------------------------------------------------------------------------
@@ -53,6 +59,7 @@ class LLMEngine:
             log.info("KV cache full: preempted %d request(s); they will be recomputed", len(batch.preempted))
             self._emit("on_preempt", len(batch.preempted))
         if batch.seqs:
+            self.sampler.prepare([r for r, n in batch.seqs if r.num_computed_tokens + n == r.num_tokens])
             outputs += self._update(batch, self.runner.execute(batch.seqs, self.store.weights))
         return outputs
 
@@ -72,23 +79,31 @@ class LLMEngine:
         tokens, logprobs, tops = self.sampler(result.logits[keep], sampled)
         now = time.monotonic()
         for req, token, lp, top in zip(sampled, tokens, logprobs, tops):
-            if token is None:  # its logits were not finite: its own adapter's doing; no other row is touched
-                outs.append(self._fail(req, "the model produced non-finite logits for this request (its adapter's "
-                                            "weights overflow in this dtype?)"))
-                continue
-            req.output_token_ids.append(token)
-            if lp is not None:
-                req.output_logprobs.append(lp)
-            req.first_token_time = req.first_token_time or now
-            req.last_token_time = now
-            req.finish_reason = req.finish_reason or self.detokenizer.finish_reason(req, token, self.max_len)
-            text = self.detokenizer.delta(req)
-            self._emit("on_token", req, now)
-            outs.append((req, self._output(req, [token], text, None if lp is None else [lp],
-                                           top=None if top is None else [top])))
-            if req.finish_reason is not None:
-                self._finished(req)
+            outs.append(self._accept(req, token, lp, top, now))
         return outs
+
+    def _accept(self, req: Request, token: int | None, lp: float | None, top: list | None,
+                now: float) -> tuple[Request, RequestOutput]:
+        """Append the sampled ``token`` to ``req`` (advancing its grammar), and its output increment."""
+        if token is None:  # its logits were not finite: its own adapter's doing; no other row is touched
+            return self._fail(req, "the model produced non-finite logits for this request (its adapter's weights "
+                                   "overflow in this dtype?)")
+        if req.constraint is not None and not req.constraint.accept(token):
+            return self._fail(req, f"token {token} is outside the request's grammar (please report this)")
+        req.output_token_ids.append(token)
+        if lp is not None:
+            req.output_logprobs.append(lp)
+        req.first_token_time = req.first_token_time or now
+        req.last_token_time = now
+        req.finish_reason = req.finish_reason or self.detokenizer.finish_reason(req, token, self.max_len)
+        if req.finish_reason is None and req.constraint is not None and req.constraint.done:
+            req.finish_reason = "stop"  # its grammar is complete (ignore_eos kept going past the stop token)
+        text = self.detokenizer.delta(req)
+        self._emit("on_token", req, now)
+        out = self._output(req, [token], text, None if lp is None else [lp], top=None if top is None else [top])
+        if req.finish_reason is not None:
+            self._finished(req)
+        return req, out
 
     def _output(self, req: Request, tokens: list[int], text: str, logprobs, error: str | None = None,
                 top: list | None = None):

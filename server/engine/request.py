@@ -27,10 +27,24 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob given its prefix, and the k most
     # likely tokens' (k = 0: the token's own only); None = off. Such a prompt is always computed, never read
     # from the prefix cache (cached blocks carry no logits)
+    grammar: object = None  # a compiled grammar (engine.grammar.GrammarCompiler.compile): the output must match
+    # it; each request built from these params gets its own matcher (Request.constraint)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def sampling_defaults(generation_config) -> dict:
+    """vLLM's --generation-config auto: the sampling values a model's generation_config.json sets (those that
+    differ from transformers' defaults), used for the fields a request leaves out."""
+    if generation_config is None:
+        return {}
+    given = generation_config.to_diff_dict()
+    return {k: given[k] for k in SAMPLING_DEFAULT_FIELDS if given.get(k) is not None}
 
 
 class RequestStatus(enum.Enum):
@@ -96,6 +110,7 @@ class Request:
     num_preemptions: int = 0
     prompt_logprobs: list | None = None  # built chunk by chunk when params.prompt_logprobs is set (see RequestOutput)
     prompt_logprobs_sent: bool = False  # they go out once, with the first increment
+    constraint: object = None  # its Constraint when params.grammar is set: advanced by each accepted token only
     # detokenization state (Detokenizer): text of output tokens [0, read_offset), decoded incrementally
     text: str = ""
     prefix_offset: int = 0
@@ -107,6 +122,10 @@ class Request:
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
             self.prompt_logprobs = [None]  # the first prompt token has no prefix to be predicted from
+        if self.params.grammar is not None and self.constraint is None:
+            from server.engine.constraint import Constraint
+
+            self.constraint = Constraint(self.params.grammar)
 
     @property
     def adapter_key(self) -> tuple[str, int] | None:

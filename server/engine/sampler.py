@@ -1,18 +1,22 @@
 """Sampler: next token per row from last-token logits, each row with its own parameters and generator.
 
 A row's result depends only on its own logits, parameters and generator, never on what else is in the
-batch: seeded requests are reproducible whatever they are batched with.
+batch: seeded requests are reproducible whatever they are batched with. A request with a grammar has its
+row masked first (TokenMask, one op for the batch), so everything after it (argmax, logprobs, penalties,
+sampling) sees only the tokens its grammar allows, as in vLLM.
 """
 from __future__ import annotations
 
 import torch
 
+from server.engine.constraint import TokenMask
 from server.engine.request import Request
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: set[int], seed: int = 0):
+    def __init__(self, eos_token_ids: set[int], seed: int = 0, mask: TokenMask | None = None):
         self.eos_token_ids = eos_token_ids
+        self.mask = mask
         self._seeder = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
 
@@ -28,11 +32,19 @@ class Sampler:
             gen = self._generators[req.request_id] = torch.Generator().manual_seed(seed)
         return gen
 
+    def prepare(self, requests: list[Request]) -> None:
+        """The requests that may sample this step, before its forward: their grammars' masks start building."""
+        if self.mask is not None:
+            self.mask.prepare(requests)
+
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int | None], list, list]:
         """logits: [rows, vocab] float32 (one row per request). Returns per row: the token, its logprob (or
-        None) and the top_logprobs [(token_id, logprob)] (or None) of the raw model distribution. A row whose
-        logits are not all finite gets token None (the engine fails that request alone)."""
+        None) and the top_logprobs [(token_id, logprob)] (or None) of the raw model distribution (after its
+        grammar's mask, if any). A row whose logits are not all finite gets token None (the engine fails that
+        request alone)."""
+        if self.mask is not None:
+            self.mask.apply(logits, requests)
         plain = [self._plain_greedy(r) for r in requests]
         # one pass gives the common case's answer (greedy: the argmax) and the health check: max propagates NaN
         # and is inf when any logit is (3x faster than argmax alone, 10x faster than isfinite(logits).all())

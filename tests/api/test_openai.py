@@ -128,9 +128,14 @@ def test_invalid_completion_requests_are_400(server, kwargs):
     assert err.value.response.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_unknown_fields_are_ignored(server):
-    out = complete(server.openai(), prompt="hello", max_tokens=2,
-                   extra_body={"guided_json": {"type": "object"}, "some_vendor_field": [1, 2]})
+def test_unknown_fields_are_refused_naming_them_and_routine_ones_accepted(server):
+    """No silent ignoring: a field the server does not implement is 400 naming it; null asks for nothing, and
+    OpenAI's bookkeeping fields (user, metadata, store, ...) change no output."""
+    with pytest.raises(openai.BadRequestError) as err:
+        complete(server.openai(), prompt="hello", max_tokens=2, extra_body={"guided_json": {"type": "object"}})
+    assert err.value.response.json()["error"]["param"] == "guided_json"
+    out = complete(server.openai(), prompt="hello", max_tokens=2, user="u1",
+                   extra_body={"metadata": {"k": "v"}, "store": False, "min_p": None})
     assert out.usage.completion_tokens == 2
 
 

@@ -77,3 +77,19 @@ def test_top_n_tokens_in_details_and_stream(server):
         assert top[0]["id"] == token["id"] and top[0]["logprob"] == pytest.approx(token["logprob"], abs=1e-6)
         assert top[0]["logprob"] >= top[1]["logprob"] and set(top[0]) == {"id", "text", "logprob", "special"}
     assert [e["top_tokens"] for e in events] == details["top_tokens"]
+
+
+def test_decoder_input_details_fill_prefill_and_refused_params_name_themselves(server):
+    """details.prefill (TGI's decoder_input_details): every prompt token, the first without a logprob; typical_p
+    and watermark are not implemented, so they are refused (422) rather than ignored."""
+    tok = server.engine.tokenizer
+    with server.client() as http:
+        r = http.post("/generate", json={"inputs": "hello world", "parameters": {
+            "max_new_tokens": 2, "details": True, "decoder_input_details": True}})
+        refused = [http.post("/generate", json={"inputs": "hi", "parameters": p})
+                   for p in ({"typical_p": 0.5}, {"watermark": True})]
+    prefill = r.json()["details"]["prefill"]
+    assert [t["id"] for t in prefill] == tok.encode("hello world")
+    assert prefill[0]["logprob"] is None and all(t["logprob"] <= 0 for t in prefill[1:])
+    assert [x.status_code for x in refused] == [422, 422]
+    assert "typical_p" in refused[0].json()["error"] and "watermark" in refused[1].json()["error"]

@@ -15,7 +15,7 @@ import pytest
 
 from api.conftest import MAX_MODEL_LEN, engine_config, live_server
 from api.helpers import samples
-from server.api.settings import MAX_CHOICES, MAX_N, MAX_PROMPTS, ServerConfig
+from server.api.settings import MAX_N, MAX_PROMPTS_HARD, ServerConfig
 
 from .conftest import BASE, NORMAL, error_message, still_serves
 
@@ -66,7 +66,7 @@ def refused(r, status: int, *needles: str) -> None:
 # --- every numeric field out of range ----------------------------------------------------------------------
 
 SAMPLING_OUT_OF_RANGE = {  # fields shared by /v1/completions and /v1/chat/completions
-    "max_tokens": [0, -1, BIG + 1, I64 + 1],
+    "max_tokens": [-1, BIG + 1, I64 + 1],  # 0 is valid: the prompt alone (echo, prompt_logprobs)
     "temperature": [-0.01, 2.01],
     "top_p": [0.0, -0.5, 1.01],
     "top_k": [-2, BIG + 1],
@@ -80,7 +80,7 @@ SAMPLING_OUT_OF_RANGE = {  # fields shared by /v1/completions and /v1/chat/compl
     "stop_token_ids": [[-1], [2**31]],
 }
 COMPLETION_ONLY = {"logprobs": [-1, 21]}
-CHAT_ONLY = {"max_completion_tokens": [0, BIG + 1], "top_logprobs": [-1, 21]}
+CHAT_ONLY = {"max_completion_tokens": [-1, BIG + 1], "top_logprobs": [-1, 21]}
 TGI_OUT_OF_RANGE = {
     "max_new_tokens": [0, BIG + 1], "temperature": [0.0, -1.0, 100.01], "top_p": [0.0, 1.0], "top_k": [0, -5],
     "repetition_penalty": [0.0, 10.01], "frequency_penalty": [-2.01, 2.01], "seed": [-1, I64 + 1],
@@ -138,9 +138,9 @@ HUGE = [
     ("/v1/chat/completions", {**CHAT, "max_tokens": None, "max_completion_tokens": BIG}, 400,
      "maximum context length"),
     ("/generate", {**TGI, "parameters": {"max_new_tokens": BIG}}, 422, "maximum context length"),
-    ("/v1/completions", {**NORMAL, "n": MAX_N, "prompt": ["a"] * MAX_PROMPTS}, 400, f"<= {MAX_CHOICES}"),
-    ("/v1/completions", {**NORMAL, "prompt": ["a"] * (MAX_PROMPTS + 1)}, 400, "prompt"),
-    ("/v1/completions", {**NORMAL, "prompt": [[5]] * (MAX_PROMPTS + 1)}, 400, "prompt"),
+    ("/v1/completions", {**NORMAL, "n": MAX_N, "prompt": ["a"] * 33}, 400, "<= 256 (--max-prompts)"),
+    ("/v1/completions", {**NORMAL, "prompt": ["a"] * (MAX_PROMPTS_HARD + 1)}, 400, "prompt"),
+    ("/v1/completions", {**NORMAL, "prompt": [[5]] * (MAX_PROMPTS_HARD + 1)}, 400, "prompt"),
     ("/v1/completions", {**NORMAL, "stop": ["x"] * 17}, 400, "stop"),
     ("/v1/completions", {**NORMAL, "stop": ["x"] * 100_000}, 400, "stop"),
     ("/v1/completions", {**NORMAL, "stop": "x" * 513}, 400, "stop"),
