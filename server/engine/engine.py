@@ -60,10 +60,14 @@ class LLMEngine:
             self._emit("on_preempt", len(batch.preempted))
         if batch.seqs:
             self.sampler.prepare([r for r, n in batch.seqs if r.num_computed_tokens + n == r.num_tokens])
-            outputs += self._update(batch, self.runner.execute(batch.seqs, self.store.weights))
+            result = self.runner.execute(batch.seqs, self.store.weights)
+            self._advance(batch, result)
+            outputs += self._sample(result)
         return outputs
 
-    def _update(self, batch: ScheduledBatch, result: StepOutput) -> list[tuple[Request, RequestOutput]]:
+    def _advance(self, batch: ScheduledBatch, result: StepOutput) -> None:
+        """The step's tokens are computed: count them, offer their full blocks to the prefix cache, take the
+        prompt logprobs asked for."""
         now = time.monotonic()
         for req, n in batch.seqs:
             if req.first_scheduled_time is None:
@@ -73,6 +77,9 @@ class LLMEngine:
         for req, logits in result.prompt:
             req.prompt_logprobs += prompt_logprobs(logits, req.prompt_token_ids[len(req.prompt_logprobs):],
                                                    req.params.prompt_logprobs)
+
+    def _sample(self, result: StepOutput) -> list[tuple[Request, RequestOutput]]:
+        """A token for every request that reached its end (none for max_tokens 0, done with its prompt)."""
         keep = [i for i, r in enumerate(result.sampled) if r.params.max_tokens > 0]
         outs = [self._prompt_only(r) for r in result.sampled if r.params.max_tokens == 0]
         sampled = [result.sampled[i] for i in keep]
