@@ -66,6 +66,9 @@ def _unpacked_4bit(w) -> tuple[torch.Tensor, object]:
     return data, state
 
 
+SHARE_STEP = 1 / 32  # how fast an overlapped layer's split of LoRA runs between the two threads adapts
+
+
 class AdapterLinear(nn.Module):
     """The wrapper; ``holder.mapping`` says which slot each token of the current step uses."""
 
@@ -92,6 +95,7 @@ class AdapterLinear(nn.Module):
         self.in_scaled: set[int] = set()
         self.out_scaled: set[int] = set()
         self._views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._share = 1.0  # of an overlapped step's runs given to the LoRA worker (adapted in _overlapped)
 
     @property
     def weight(self) -> torch.Tensor:  # HF code sometimes reads .weight (dtype/device checks)
@@ -129,18 +133,28 @@ class AdapterLinear(nn.Module):
         return y.view(*lead, self.out_features)
 
     def _overlapped(self, x2: torch.Tensor, mapping) -> torch.Tensor:
-        """The kernel path with the LoRA delta computed on the worker thread while this one runs the base GEMM."""
+        """The kernel path on two cores: the worker thread computes the first ``_share`` of the runs into
+        ``delta`` while this one runs the base GEMM and then the remaining runs into ``y``. The share adapts per
+        layer (one step of SHARE_STEP a call) so that both tend to finish together: up when the worker was done
+        first, down when this thread had to wait for it."""
+        worker, runs = mapping.overlap, mapping.runs
+        ahead, here = runs.split(max(1, round(self._share * len(runs.slots))))
         x2 = x2.contiguous()
-        delta = torch.zeros(x2.shape[0], self.out_features)  # [num_tokens, out]; base tokens stay 0
-        mapping.overlap.submit(kernels.lora_runs, delta, x2, *self._np, self.ranks, mapping.runs)
+        delta = torch.zeros(x2.shape[0], self.out_features)  # [num_tokens, out]; only the worker's runs' rows change
+        worker.submit(kernels.lora_runs, delta, x2, *self._np, self.ranks, ahead)
         try:
             y = self.base_layer(x2)
             if not self.out_scaled.isdisjoint(mapping.slots):
                 y = scale_rows(y, self.out_scale, mapping.scale_index)
                 if self.out_shift is not None:
                     y = shift_rows(y, self.out_shift, mapping.scale_index)
+            y = y.contiguous()
+            if here is not None:
+                kernels.lora_runs(y, x2, *self._np, self.ranks, here)
         finally:
-            mapping.overlap.wait()
+            first = worker.finished()
+            worker.wait()
+        self._share = min(1.0, self._share + SHARE_STEP) if first else max(0.0, self._share - SHARE_STEP)
         return y.add_(delta)
 
     def _range_views(self, lo: int, hi: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -91,6 +91,13 @@ class SlotRuns:
         np.cumsum(counts, out=starts[1:])
         return cls(order.astype(np.int64), starts, slots.astype(np.int64))
 
+    def split(self, k: int) -> tuple["SlotRuns", "SlotRuns | None"]:
+        """Runs [0, k) and [k, n) as two SlotRuns over the same ``order`` (views, no copy); None for an empty
+        second part."""
+        n = len(self.slots)
+        second = None if k >= n else SlotRuns(self.order, self.starts[k:], self.slots[k:])
+        return SlotRuns(self.order, self.starts[:k + 1], self.slots[:k]), second
+
 
 @dataclass(frozen=True)
 class SlotGroups:
