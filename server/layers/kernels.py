@@ -1,7 +1,8 @@
 """The CPU fast path of the LoRA op: one compiled loop over the step's adapter tokens, run by run (numba).
 
-Semantics are ``ops.lora_segments``' (the plain-torch reference): for every run of tokens on one slot s,
-    y[t] += (x[t] @ A[s, :r].T) @ B[s, :r]          r = ranks[s]; r == 0 leaves the tokens untouched.
+Semantics are ``ops.lora_segments``' (the plain-torch reference): for every run of tokens on one slot s at scale c,
+    y[t] += c * (x[t] @ A[s, :r].T) @ B[s, :r]      r = ranks[s]; r == 0 leaves the tokens untouched.
+A token of a mixture appears in one run per component.
 Why not bmm: a decode step with k adapters has ~N/k tokens per adapter, so the op is k small matmuls that
 stream every adapter's A and B from memory once (312 MB a step at 16 adapters of r16 on SmolLM2). torch's
 bmm packs each tiny operand first and, with the gather/scatter around it, ran at ~2.3x the bandwidth floor
@@ -39,16 +40,18 @@ def max_run(threads: int) -> int:
     return 128 if threads <= 1 else 3
 
 
-SIGNATURE = "void(f4[:, ::1], f4[:, ::1], f4[:, :, ::1], f4[:, :, ::1], i8[::1], i8[::1], i8[::1], i8[::1])"
+SIGNATURE = ("void(f4[:, ::1], f4[:, ::1], f4[:, :, ::1], f4[:, :, ::1], i8[::1], i8[::1], i8[::1], i8[::1], "
+             "f4[::1])")
 
 
-def _lora_runs(y, x, a, b, ranks, order, starts, slots):
+def _lora_runs(y, x, a, b, ranks, order, starts, slots, scales):
     """y: [T, out]  x: [T, in]  a: [S, R, in]  b: [S, R, out]  ranks: [S]
-    order: [n] token indices, run by run; run j = order[starts[j]:starts[j + 1]], all on slot slots[j]."""
+    order: [n] token indices, run by run; run j = order[starts[j]:starts[j + 1]], all on slot slots[j] at
+    scale scales[j]."""
     n_in, n_out = x.shape[1], y.shape[1]
     h = np.empty((order.shape[0], a.shape[1]), dtype=np.float32)  # [n, R] shrunk activations
     for j in range(slots.shape[0]):
-        s, lo, hi = slots[j], starts[j], starts[j + 1]
+        s, lo, hi, c = slots[j], starts[j], starts[j + 1], scales[j]
         rank = ranks[s]
         for r in range(rank):  # shrink: each row of A is read once for the whole run
             for k in range(lo, hi):
@@ -56,7 +59,7 @@ def _lora_runs(y, x, a, b, ranks, order, starts, slots):
                 acc = np.float32(0.0)
                 for i in range(n_in):
                     acc += a[s, r, i] * x[t, i]
-                h[k, r] = acc
+                h[k, r] = acc * c
         for k in range(lo, hi):  # expand: y[t] += sum_r h[r] * B[s, r]
             t = order[k]
             for r in range(rank):
@@ -82,7 +85,7 @@ def lora_runs(y: torch.Tensor, x: torch.Tensor, a: np.ndarray, b: np.ndarray, ra
     a, b: the layer's slot tensors as numpy views, [num_slots, max_rank, in] / [num_slots, max_rank, out]
     ranks: [num_slots] int64, each slot's live rank in this layer (rows past it are never read)
     """
-    _compiled()(y.numpy(), x.numpy(), a, b, ranks, runs.order, runs.starts, runs.slots)
+    _compiled()(y.numpy(), x.numpy(), a, b, ranks, runs.order, runs.starts, runs.slots, runs.scales)
 
 
 def warm_up() -> None:
@@ -90,6 +93,6 @@ def warm_up() -> None:
     y, x = torch.zeros(1, 2), torch.ones(1, 2)
     a, b = np.ones((1, 1, 2), np.float32), np.ones((1, 1, 2), np.float32)
     one, zero = np.ones(1, np.int64), np.zeros(1, np.int64)
-    _compiled()(y.numpy(), x.numpy(), a, b, one, zero, np.array([0, 1], np.int64), zero)
+    _compiled()(y.numpy(), x.numpy(), a, b, one, zero, np.array([0, 1], np.int64), zero, np.ones(1, np.float32))
     if not torch.equal(y, torch.full((1, 2), 2.0)):
         raise RuntimeError("the compiled LoRA kernel gave a wrong result; start with --lora-kernel torch")

@@ -17,22 +17,49 @@ ALONE_MAX_RUN = 16
 
 
 @dataclass(frozen=True)
-class AdapterMapping:
-    """Per-step routing of the flat batch's tokens to adapter slots.
+class Routes:
+    """What a step asks of the adapter layers, one entry per (token, adapter it reads): token ``tok[e]`` adds
+    ``scale[e]`` times slot ``slot[e]``'s delta. A plain adapter request gives its tokens one entry each at scale
+    1; a mixture gives its tokens one entry per component; base tokens have none.
 
-    segments:     ((slot, token_index [n_slot] | None), ...) one entry per distinct slot in the step;
-                  token_index None means "every token" (the whole step uses one slot).
-    scale_index:  [num_tokens] long, the row of each token into a layer's scale tables (``slot``, or the
-                  identity row ``num_slots`` for base rows); None when no token uses a slot.
+    tok: [E] int64   slot: [E] int64   scale: [E] float64   num_tokens: tokens in the flat batch
+    """
+
+    tok: np.ndarray
+    slot: np.ndarray
+    scale: np.ndarray
+    num_tokens: int
+
+    @classmethod
+    def per_token(cls, token_slots) -> "Routes":
+        """One slot (or NO_SLOT) per token, scale 1: the plain single-adapter routing."""
+        slots = np.asarray(token_slots, dtype=np.int64)
+        tok = np.flatnonzero(slots != NO_SLOT)
+        return cls(tok, slots[tok], np.ones(len(tok)), len(slots))
+
+    def keys(self) -> list[tuple[int, float]]:
+        """The distinct (slot, scale) pairs, ascending."""
+        return sorted(set(zip(self.slot.tolist(), self.scale.tolist())))
+
+
+@dataclass(frozen=True)
+class AdapterMapping:
+    """Per-step routing of the flat batch's tokens to adapter slots, each at a scale (see Routes).
+
+    segments:     ((slot, token_index [n] | None, scale), ...) one entry per distinct (slot, scale) in the step;
+                  token_index None means "every token" (the whole step reads one slot at one scale).
+    scale_index:  [num_tokens] long, the row of each token into a layer's scale tables (its slot, or the
+                  identity row ``num_slots`` for base rows; a mixture's tokens point at any of its LoRA slots,
+                  whose rows are the identity); None when no token uses a slot.
     slots:        the distinct slots present, for layers to decide cheaply what applies.
     groups:       the same routing as one padded batch, for the grouped (bmm) op, or None when padding
                   would waste too much (skewed prefill) and the per-segment loop is cheaper.
-    runs:         the same routing as runs of tokens per slot, for the compiled CPU kernel
+    runs:         the same routing as runs of tokens per (slot, scale), for the compiled CPU kernel
                   (kernels.lora_runs); set only when the caller asked for it and no run is longer than
                   ``max_run``. Layers take runs first, then groups, then segments.
     """
 
-    segments: tuple[tuple[int, torch.Tensor | None], ...] = ()
+    segments: tuple[tuple[int, torch.Tensor | None, float], ...] = ()
     scale_index: torch.Tensor | None = None
     slots: frozenset[int] = field(default_factory=frozenset)
     groups: "SlotGroups | None" = None
@@ -46,67 +73,79 @@ class AdapterMapping:
     @classmethod
     def build(cls, token_slots, num_slots: int, device: torch.device | str = "cpu",
               max_run: int = 0) -> "AdapterMapping":
-        """token_slots: one slot (or NO_SLOT) per token of the step's flat batch ([num_tokens], any int
-        sequence). ``max_run`` > 0 asks for ``runs`` (CPU only)."""
-        tokens = np.asarray(token_slots, dtype=np.int64)  # [num_tokens]
-        present = frozenset(int(s) for s in np.unique(tokens) if s != NO_SLOT)
+        """token_slots: one slot (or NO_SLOT) per token of the step's flat batch, scale 1 (Routes.per_token)."""
+        return cls.route(Routes.per_token(token_slots), num_slots, device, max_run)
+
+    @classmethod
+    def route(cls, routes: Routes, num_slots: int, device: torch.device | str = "cpu",
+              max_run: int = 0) -> "AdapterMapping":
+        """The mapping of ``routes``. ``max_run`` > 0 asks for ``runs`` (CPU only)."""
+        present = frozenset(routes.slot.tolist())
         if not present:
             return cls()
-        if len(present) == 1 and tokens[0] != NO_SLOT and (tokens == tokens[0]).all():  # one adapter: no gathers
-            slot = int(tokens[0])
-            index = torch.full((len(tokens),), slot, dtype=torch.long, device=device)
-            runs = SlotRuns.build(tokens, min(max_run, ALONE_MAX_RUN)) if max_run else None
-            return cls(((slot, None),), index, present, runs=runs)
-        runs = SlotRuns.build(tokens, max_run) if max_run else None
-        t = torch.from_numpy(tokens)
-        segments = tuple((slot, torch.nonzero(t == slot).flatten().to(device)) for slot in sorted(present))
-        scale_index = torch.where(t == NO_SLOT, num_slots, t).to(device)
-        groups = None if runs is not None else SlotGroups.build(t, present, device)
+        keys = routes.keys()
+        if len(keys) == 1 and len(routes.tok) == routes.num_tokens:  # every token on one adapter: no gathers
+            slot, scale = keys[0]
+            index = torch.full((routes.num_tokens,), slot, dtype=torch.long, device=device)
+            runs = SlotRuns.build(routes, min(max_run, ALONE_MAX_RUN)) if max_run else None
+            return cls(((slot, None, scale),), index, present, runs=runs)
+        runs = SlotRuns.build(routes, max_run) if max_run else None
+        segments = tuple((slot, torch.from_numpy(routes.tok[(routes.slot == slot) & (routes.scale == scale)]).to(device),
+                          scale) for slot, scale in keys)
+        first = np.full(routes.num_tokens, num_slots, dtype=np.int64)
+        first[routes.tok[::-1]] = routes.slot[::-1]  # each token's first entry wins
+        scale_index = torch.from_numpy(first).to(device)
+        groups = None if runs is not None else SlotGroups.build(routes, present, device)
         return cls(segments, scale_index, present, groups, runs)
 
 
 @dataclass(frozen=True)
 class SlotRuns:
-    """The step's adapter tokens as runs, one per slot present, for kernels.lora_runs (numpy, CPU).
+    """The step's routes as runs, one per distinct (slot, scale), for kernels.lora_runs (numpy, CPU).
 
-    order:   [num_adapter_tokens] int64 token indices, slot by slot (ascending slot, then token)
+    order:   [num_entries] int64 token indices, run by run (ascending slot, then scale, then token); a mixture's
+             token appears once per component
     starts:  [num_runs + 1] int64; run j is order[starts[j]:starts[j + 1]]
     slots:   [num_runs] int64, the slot of run j
+    scales:  [num_runs] float32, the scale of run j
     """
 
     order: np.ndarray
     starts: np.ndarray
     slots: np.ndarray
+    scales: np.ndarray
 
     @classmethod
-    def build(cls, tokens: np.ndarray, max_run: int) -> "SlotRuns | None":
-        """tokens: [num_tokens] int64 slot per token. None when some slot has more than ``max_run`` tokens
-        (GEMM-shaped: torch's path is faster)."""
-        live = np.flatnonzero(tokens != NO_SLOT)
-        order = live[np.argsort(tokens[live], kind="stable")]
-        slots, counts = np.unique(tokens[order], return_counts=True)
-        if counts.max() > max_run:
+    def build(cls, routes: Routes, max_run: int) -> "SlotRuns | None":
+        """None when some run has more than ``max_run`` tokens (GEMM-shaped: torch's path is faster)."""
+        by = np.lexsort((routes.tok, routes.scale, routes.slot))  # slot, then scale, then token
+        slot, scale = routes.slot[by], routes.scale[by]
+        new = np.ones(len(by), dtype=bool)
+        new[1:] = (slot[1:] != slot[:-1]) | (scale[1:] != scale[:-1])
+        heads = np.flatnonzero(new)
+        starts = np.append(heads, len(by)).astype(np.int64)
+        if np.diff(starts).max() > max_run:
             return None
-        starts = np.zeros(len(slots) + 1, dtype=np.int64)
-        np.cumsum(counts, out=starts[1:])
-        return cls(order.astype(np.int64), starts, slots.astype(np.int64))
+        return cls(routes.tok[by].astype(np.int64), starts, slot[heads].astype(np.int64),
+                   scale[heads].astype(np.float32))
 
     def split(self, k: int) -> tuple["SlotRuns", "SlotRuns | None"]:
         """Runs [0, k) and [k, n) as two SlotRuns over the same ``order`` (views, no copy); None for an empty
         second part."""
         n = len(self.slots)
-        second = None if k >= n else SlotRuns(self.order, self.starts[k:], self.slots[k:])
-        return SlotRuns(self.order, self.starts[:k + 1], self.slots[:k]), second
+        second = None if k >= n else SlotRuns(self.order, self.starts[k:], self.slots[k:], self.scales[k:])
+        return SlotRuns(self.order, self.starts[:k + 1], self.slots[:k], self.scales[:k]), second
 
 
 @dataclass(frozen=True)
 class SlotGroups:
-    """Tokens grouped by slot and padded, so a layer applies k adapters with two bmm calls, not k loops.
+    """Routes grouped by slot and padded, so a layer applies k adapters with two bmm calls, not k loops.
 
     lo, hi:  the slot range [lo, hi) covered (slots in it that the step does not use get empty groups).
-    index:   [hi - lo, width] token indices, group g holding slot lo + g's tokens; padding points at token 0.
+    index:   [hi - lo, width] token indices, group g holding slot lo + g's entries; padding points at token 0.
     keep:    [(hi - lo) * width, 1] bool, True for real entries; the op selects on it, so padding adds exactly 0
              to token 0 even when a padded slot holds NaN or Inf.
+    weight:  [(hi - lo) * width, 1] float32 scale of each entry, or None when every entry's is 1.
     flat:    index as [(hi - lo) * width]; padded: whether any entry is padding.
     """
 
@@ -114,26 +153,30 @@ class SlotGroups:
     hi: int
     index: torch.Tensor
     keep: torch.Tensor
+    weight: torch.Tensor | None
     flat: torch.Tensor  # index.view(-1)
     padded: bool  # any padding entry at all (else the mask is all ones and is skipped)
 
     MAX_PADDING = 2.0  # grouped only while padded entries <= this x real tokens (+ a small constant)
 
     @classmethod
-    def build(cls, tokens: torch.Tensor, present: frozenset[int], device) -> "SlotGroups | None":
+    def build(cls, routes: Routes, present: frozenset[int], device) -> "SlotGroups | None":
         lo, hi = min(present), max(present) + 1
-        counts = torch.bincount(tokens[tokens != NO_SLOT] - lo, minlength=hi - lo)  # [hi - lo]
+        counts = np.bincount(routes.slot - lo, minlength=hi - lo)  # [hi - lo]
         width = int(counts.max())
-        if (hi - lo) * width > cls.MAX_PADDING * len(tokens) + 64:
+        if (hi - lo) * width > cls.MAX_PADDING * routes.num_tokens + 64:
             return None
-        index = torch.zeros(hi - lo, width, dtype=torch.long)
-        keep = torch.zeros(hi - lo, width, dtype=torch.bool)
+        index = np.zeros((hi - lo, width), dtype=np.int64)
+        keep = np.zeros((hi - lo, width), dtype=bool)
+        weight = np.zeros((hi - lo, width), dtype=np.float32)
         for g in range(hi - lo):
-            members = torch.nonzero(tokens == lo + g).flatten()
-            index[g, :len(members)] = members
+            members = np.flatnonzero(routes.slot == lo + g)
+            index[g, :len(members)] = routes.tok[members]
             keep[g, :len(members)] = True
-        index = index.to(device)
-        return cls(lo, hi, index, keep.view(-1, 1).to(device), index.view(-1),
+            weight[g, :len(members)] = routes.scale[members]
+        flat = torch.from_numpy(index).to(device).view(-1)
+        scaled = None if (routes.scale == 1).all() else torch.from_numpy(weight).to(device).view(-1, 1)
+        return cls(lo, hi, flat.view(hi - lo, width), torch.from_numpy(keep).to(device).view(-1, 1), scaled, flat,
                    int(counts.sum()) != (hi - lo) * width)
 
 

@@ -6,14 +6,14 @@ import torch
 
 def lora_segments(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                   ranks: list[int], segments, views=None) -> None:
-    """For each (slot, token_index): y[idx] += (x[idx] @ A[slot, :r].T) @ B[slot, :r]   (in place).
+    """For each (slot, token_index, scale): y[idx] += scale * (x[idx] @ A[slot, :r].T) @ B[slot, :r]   (in place).
 
     y: [num_tokens, out]   x: [num_tokens, in]
     lora_a: [num_slots, max_rank, in]   lora_b: [num_slots, max_rank, out] (B transposed, scaling folded in)
     ranks: the live rank of each slot in this layer; 0 = the slot's adapter does not touch this layer.
     views: optional (slot, r) -> (A[slot, :r].T, B[slot, :r]), for callers that cache those views.
     """
-    for slot, index in segments:
+    for slot, index, scale in segments:
         r = ranks[slot]
         if r == 0:
             continue
@@ -22,11 +22,11 @@ def lora_segments(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
         if xs.dtype != a_t.dtype:
             xs = xs.to(a_t.dtype)
         if index is None and y.dtype == b.dtype:
-            y.addmm_(xs @ a_t, b)
+            y.addmm_(xs @ a_t, b, alpha=scale)
         elif index is None:
-            y += (xs @ a_t @ b).to(y.dtype)
+            y += (scale * (xs @ a_t @ b)).to(y.dtype)
         else:
-            y.index_add_(0, index, (xs @ a_t @ b).to(y.dtype))
+            y.index_add_(0, index, (xs @ a_t @ b).to(y.dtype), alpha=scale)
 
 
 def lora_grouped(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int,
@@ -55,6 +55,8 @@ def lora_grouped_views(y: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, b: t
         # padding entries add exactly 0 to the token they point at, whatever the padded slot holds: select, never
         # multiply (NaN * 0 is NaN, so a non-finite value in one slot would reach another request's row)
         delta = torch.where(groups.keep, delta, 0.0)
+    if groups.weight is not None:  # per-entry scales (a mixture, a scaled adapter); padding's is 0 after the select
+        delta = delta * groups.weight.to(delta.dtype)
     y.index_add_(0, groups.flat, delta if delta.dtype == y.dtype else delta.to(y.dtype))
 
 

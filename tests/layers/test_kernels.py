@@ -10,7 +10,7 @@ import torch
 from support import per_token
 
 from server.layers import kernels
-from server.layers.mapping import ALONE_MAX_RUN, NO_SLOT, AdapterMapping, SlotRuns
+from server.layers.mapping import ALONE_MAX_RUN, NO_SLOT, AdapterMapping, Routes, SlotRuns
 from server.layers.ops import lora_segments
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
@@ -30,7 +30,7 @@ def slot_tensors(ranks, gen):
 
 
 def test_runs_group_tokens_by_slot_in_order():
-    runs = SlotRuns.build(per_token([3, NO_SLOT, 1, 3, 1], 2), max_run=8)
+    runs = SlotRuns.build(Routes.per_token(per_token([3, NO_SLOT, 1, 3, 1], 2)), max_run=8)
     assert runs.slots.tolist() == [1, 3]
     assert runs.starts.tolist() == [0, 4, 8]
     assert runs.order.tolist() == [4, 5, 8, 9, 0, 1, 6, 7]  # slot 1's tokens, then slot 3's; base tokens absent
@@ -38,7 +38,7 @@ def test_runs_group_tokens_by_slot_in_order():
 
 
 def test_a_run_longer_than_max_run_leaves_the_step_to_torch():
-    assert SlotRuns.build(per_token([0, 0, 2], 4), max_run=7) is None  # slot 0 has 8 tokens
+    assert SlotRuns.build(Routes.per_token(per_token([0, 0, 2], 4)), max_run=7) is None  # slot 0 has 8 tokens
     m = AdapterMapping.build(per_token([0, 0, 2], 4), num_slots=SLOTS, max_run=7)
     assert m.runs is None and m.groups is not None  # the bmm path takes it
     m = AdapterMapping.build(per_token([0, 0, 2], 4), num_slots=SLOTS, max_run=8)
@@ -93,7 +93,7 @@ def test_kernel_reads_slot_tensors_in_place():
     a_np, b_np = a.numpy(), b.numpy()
     ranks = np.array([2, 0, 0, 0], dtype=np.int64)
     x, y = torch.randn(2, IN, generator=gen), torch.zeros(2, OUT)
-    runs = SlotRuns.build(per_token([0, 0], 1), RUN)
+    runs = SlotRuns.build(Routes.per_token(per_token([0, 0], 1)), RUN)
     kernels.lora_runs(y, x, a_np, b_np, ranks, runs)
     assert torch.equal(y, torch.zeros(2, OUT))
     a[0, :2].copy_(torch.randn(2, IN, generator=gen))  # a slot fill: copy_ into the same storage

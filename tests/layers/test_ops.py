@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from support import per_token, randomize_adapter
 from server.adapters.formats import load_adapter_dir
 from server.layers import kernels
 from server.layers.adapter_linear import AdapterLinear
-from server.layers.mapping import NO_SLOT, AdapterMapping, MappingHolder
+from server.layers.mapping import NO_SLOT, AdapterMapping, MappingHolder, Routes
 from server.layers.ops import lora_grouped, lora_segments, scale_rows, shift_rows
 
 IN, OUT, SLOTS, MAX_RANK = 16, 12, 4, 8
@@ -50,7 +51,7 @@ def test_mapping_all_base_is_empty():
 @pytest.mark.parametrize("rows", [[2], [2, 2, 2]])
 def test_mapping_single_slot_fast_path(rows):
     m = AdapterMapping.build(per_token(rows, 5), num_slots=SLOTS)
-    assert m.segments == ((2, None),)  # no gather: the op applies the slot to every token
+    assert m.segments == ((2, None, 1.0),)  # no gather: the op applies the slot to every token
     assert torch.equal(m.scale_index, torch.full((5 * len(rows),), 2, dtype=torch.long))
     assert m.slots == frozenset({2})
 
@@ -59,8 +60,8 @@ def test_mapping_mixed_segments_and_identity_row():
     rows, tpr = [1, NO_SLOT, 3, 1, NO_SLOT], 2
     m = AdapterMapping.build(per_token(rows, tpr), num_slots=SLOTS)
     token_slots = [s for s in rows for _ in range(tpr)]
-    assert [s for s, _ in m.segments] == [1, 3]  # one segment per distinct slot, sorted
-    for slot, index in m.segments:
+    assert [s for s, *_ in m.segments] == [1, 3]  # one segment per distinct slot, sorted
+    for slot, index, _ in m.segments:
         assert index.tolist() == [t for t, s in enumerate(token_slots) if s == slot]
     # base tokens read the identity row (index num_slots) of every scale table
     assert m.scale_index.tolist() == [SLOTS if s == NO_SLOT else s for s in token_slots]
@@ -330,7 +331,7 @@ def test_skewed_prefill_falls_back_to_segments():
     """One long prompt on slot 0 and a short one on slot 3: padding every group to the long one would cost
     far more than the loop, so the mapping carries no groups."""
     m = AdapterMapping.build(per_token([0] * 50 + [3], 8), num_slots=SLOTS)
-    assert m.groups is None and [s for s, _ in m.segments] == [0, 3]
+    assert m.groups is None and [s for s, *_ in m.segments] == [0, 3]
 
 
 # ---------------------------------------------------------------- dense base weight (DoRA's norm reads it)
@@ -366,3 +367,48 @@ def test_dense_weight_of_a_4bit_layer_repacked_for_the_cpu_kernel(double_quant):
         x = torch.randn(3, 256, generator=gen)
         with torch.no_grad():
             torch.testing.assert_close(layer(x), x @ after.T, rtol=2e-2, atol=2e-2 * (x @ after.T).abs().max())
+
+
+# ---------------------------------------------------------------- scales and mixtures
+
+def mixture_routes():
+    """Tokens 0-1 on slot 0 at 0.5; 2-3 a 2-way mixture (slot 0 at 0.7, slot 3 at -0.3); 4 base; 5-6 a 3-way
+    mixture with a component at 0 (slots 2, 3, 0 at 1.0, 0.0, -1.25); 7 on slot 3 at 1."""
+    entries = [(0, 0, 0.5), (1, 0, 0.5), (2, 0, 0.7), (2, 3, -0.3), (3, 0, 0.7), (3, 3, -0.3),
+               (5, 2, 1.0), (5, 3, 0.0), (5, 0, -1.25), (6, 2, 1.0), (6, 3, 0.0), (6, 0, -1.25), (7, 3, 1.0)]
+    tok, slot, scale = (np.array(col) for col in zip(*entries))
+    return Routes(tok.astype(np.int64), slot.astype(np.int64), scale.astype(np.float64), 8), entries
+
+
+@pytest.mark.parametrize("path", LORA_PATHS)
+def test_scaled_and_mixed_routes_match_the_per_entry_sum(path):
+    """Each token gets the sum over its entries of scale x that slot's delta, on every LoRA path; base tokens
+    are untouched bit for bit."""
+    gen = torch.Generator().manual_seed(7)
+    ranks = [3, 5, 8, 2]
+    a, b = random_slots(ranks, gen)
+    for s, r in enumerate(ranks):  # the layer's invariant the grouped op relies on
+        a[s, r:] = 0
+        b[s, r:] = 0
+    routes, entries = mixture_routes()
+    x, y = torch.randn(8, IN, generator=gen), torch.randn(8, OUT, generator=gen)
+    want = y.clone()
+    for t, s, c in entries:
+        want[t] += c * ((x[t] @ a[s, :ranks[s]].T) @ b[s, :ranks[s]])
+    m = AdapterMapping.route(routes, SLOTS, max_run=kernels.max_run(1) if path == "numba" else 0)
+    if path == "segments":
+        m = dataclasses.replace(m, groups=None)
+    got = y.clone()
+    if path == "numba":
+        kernels.lora_runs(got, x, a.numpy(), b.numpy(), np.array(ranks, dtype=np.int64), m.runs)
+    elif path == "grouped":
+        lora_grouped(got, x, a, b, max(ranks[m.groups.lo:m.groups.hi]), m.groups)
+    else:
+        lora_segments(got, x, a, b, ranks, m.segments)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[4], y[4])
+
+
+def test_a_whole_step_on_one_scaled_adapter_keeps_the_no_gather_path():
+    m = AdapterMapping.route(Routes(np.arange(4), np.full(4, 2), np.full(4, 0.5), 4), SLOTS)
+    assert m.segments == ((2, None, 0.5),)
