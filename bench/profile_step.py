@@ -43,17 +43,15 @@ def build_engine(directory: Path, root: Path, rows: int, slots: int, prompt_toke
 
 def admit(engine, batch: list[list[int]], adapters: list[str | None], max_tokens: int) -> None:
     """What AsyncEngine.add_request does, minus validation and queues."""
-    from server.engine.request import Request, SamplingParams
+    from server.engine.request import AdapterUse, Request, SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(batch):
         name = adapters[i % len(adapters)]
-        req = Request(f"p{i}", prompt, params, name)
-        if name is not None:
-            entry = engine.store.resolve(name)
-            engine.store.acquire(entry)
-            req.adapter_version, req.adapter_entry = entry.version, entry
-        engine.scheduler.waiting.append(req)
+        uses = () if name is None else (AdapterUse(name, engine.store.resolve(name)),)
+        for use in uses:
+            engine.store.acquire(use.entry)
+        engine.scheduler.waiting.append(Request(f"p{i}", prompt, params, uses))
 
 
 def decode_steps(engine, batch, adapters, steps: int, warm: int = 1, profiler=None) -> list[float]:

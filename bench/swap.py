@@ -52,7 +52,7 @@ async def activate_seconds(engine, entries) -> list[float]:
 
     def activate(key):
         start = time.perf_counter()
-        manager.activate([key], [1], store.weights)
+        manager.activate([[(key, 1.0)]], [1], store.weights)
         seconds = time.perf_counter() - start
         manager.clear()
         return seconds

@@ -58,6 +58,8 @@ ENGINE_FLAGS = (
          "(adapters with requests in flight cannot be evicted) before its requests get 503 with Retry-After",
          metavar="SECONDS"),
     Flag("max-lora-rank", int, 16, "largest adapter rank accepted"),
+    Flag("max-adapters-per-request", int, 4, "most adapters one request may mix (the `adapters` field: "
+         "[{name, scale}, ...]); each counts against --max-loras in the step"),
     Flag("max-adapter-bytes", int, 1 << 30, "largest adapter file accepted, in bytes"),
     Flag("max-num-seqs", int, 32, "most sequences in the running batch"),
     Flag("max-model-len", int, 2048, "prompt + generated tokens per sequence; longer requests get 400"),

@@ -44,6 +44,7 @@ class EngineConfig:
     max_cpu_lora_bytes: int = 4 << 30  # host tier byte budget, hard: in-flight adapters and the load in progress count
     cpu_lora_wait: float = 10.0  # seconds a load waits for room under max_cpu_lora_bytes before 503
     max_lora_rank: int = 16
+    max_adapters_per_request: int = 4  # components of one request's mixture
     max_num_seqs: int = 32
     max_model_len: int = 2048
     max_num_batched_tokens: int = 0  # tokens computed per step (decodes + prefill chunks); 0 = auto by device
@@ -86,8 +87,8 @@ class EngineConfig:
         _choice("attention_kernel", self.attention_kernel, ("auto", "numba", "torch"))
         _choice("lora_overlap", self.lora_overlap, ("auto", "on", "off"))
         _choice("generation_config", self.generation_config, ("auto", "vllm"))
-        for name in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_num_seqs", "max_model_len",
-                     "max_waiting", "max_adapter_bytes", "max_cpu_lora_bytes", "block_size",
+        for name in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_adapters_per_request", "max_num_seqs",
+                     "max_model_len", "max_waiting", "max_adapter_bytes", "max_cpu_lora_bytes", "block_size",
                      "adapters_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

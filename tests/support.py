@@ -162,6 +162,17 @@ def _peft_dora_reads_packed_4bit() -> None:
     dora.dequantize_module_weight = dequantize
 
 
+def held(key) -> tuple:
+    """AdapterUses for a key, a [(key, scale), ...] mixture or None, over stand-in entries (what the runner
+    reads of a store entry: its key)."""
+    from types import SimpleNamespace
+
+    from server.engine.request import AdapterUse
+
+    mix = [] if key is None else [(key, 1.0)] if isinstance(key, tuple) else key
+    return tuple(AdapterUse(k[0], SimpleNamespace(key=k, info={}, content_hash=b""), c) for k, c in mix)
+
+
 class Rows:
     """A ModelRunner driven by rows, the way the engine drives it: ``prefill`` starts sequences at row ``start``
     (their whole prompts in one step; rows from ``start`` on are replaced), ``decode`` feeds rows 0.. one token
@@ -177,12 +188,13 @@ class Rows:
         self.rows: list = []
 
     def prefill(self, start: int, prompts, keys, weights) -> torch.Tensor:
+        """keys: per row, a device-slot key (adapter name, version), a mixture [(key, scale), ...], or None."""
         from server.engine.request import Request, SamplingParams
 
         for req in self.rows[start:]:
             self.blocks.free(req)
-        fresh = [Request(f"row{start + i}", list(p), SamplingParams(), None if k is None else k[0],
-                         0 if k is None else k[1]) for i, (p, k) in enumerate(zip(prompts, keys))]
+        fresh = [Request(f"row{start + i}", list(p), SamplingParams(), held(k))
+                 for i, (p, k) in enumerate(zip(prompts, keys))]
         self.rows = self.rows[:start] + fresh
         return self.step([(r, len(r.prompt_token_ids)) for r in fresh], weights)
 

@@ -17,7 +17,7 @@ import torch
 from server.adapters.weights import AdapterWeights
 from server.layers.adapter_linear import AdapterLinear
 from server.layers.lora_worker import LoraWorker
-from server.layers.mapping import NO_SLOT, AdapterMapping, MappingHolder
+from server.layers.mapping import AdapterMapping, MappingHolder, Routes
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +56,33 @@ class AdapterManager:
         used = set(self.slot_of.values())
         return [s for s in range(self.num_slots) if s not in used]
 
-    def activate(self, seq_keys: list[AdapterKey | None], seq_tokens: list[int],
+    def activate(self, seq_uses: list[list[tuple[AdapterKey, float]]], seq_tokens: list[int],
                  weights: Callable[[AdapterKey], AdapterWeights]) -> AdapterMapping:
         """Make every adapter of this step resident, then publish the step's mapping to the layers.
 
-        seq_keys: the adapter of each sequence of the flat batch (None = base), in batch order; seq_tokens: how
-        many consecutive tokens each has. The scheduler guarantees at most ``num_slots`` distinct adapters per
-        step, so a slot can always be found.
+        seq_uses: for each sequence of the flat batch, in batch order, the (adapter, scale) pairs it reads (none
+        for the base model; several for a mixture); seq_tokens: how many consecutive tokens each has. The
+        scheduler guarantees at most ``num_slots`` distinct adapters per step, so a slot can always be found.
         """
-        self.reserve(seq_keys, weights)
-        slots = np.array([NO_SLOT if k is None else self.slot_of[k] for k in seq_keys], dtype=np.int64)
-        mapping = AdapterMapping.build(np.repeat(slots, seq_tokens), self.num_slots, self.device, self.max_run)
+        self.reserve([key for uses in seq_uses for key, _ in uses], weights)
+        mapping = AdapterMapping.route(self._routes(seq_uses, seq_tokens), self.num_slots, self.device,
+                                       self.max_run)
         if self.worker is not None and mapping.runs is not None and len(mapping.runs.slots) >= OVERLAP_MIN_RUNS:
             mapping = dataclasses.replace(mapping, overlap=self.worker)
         self.holder.mapping = mapping
         return mapping
+
+    def _routes(self, seq_uses, seq_tokens) -> Routes:
+        tok, slot, scale, start = [], [], [], 0
+        for uses, n in zip(seq_uses, seq_tokens):
+            for key, c in uses:
+                tok.append(np.arange(start, start + n))
+                slot.append(np.full(n, self.slot_of[key]))
+                scale.append(np.full(n, c, dtype=np.float64))
+            start += n
+        if not tok:
+            return Routes(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), start)
+        return Routes(np.concatenate(tok), np.concatenate(slot), np.concatenate(scale), start)
 
     def reserve(self, keys, weights: Callable[[AdapterKey], AdapterWeights]) -> None:
         """Make every adapter in ``keys`` resident without evicting any of them. The engine calls this once

@@ -119,15 +119,16 @@ class Metrics:
             self.queue_time.observe(max(0.0, req.first_scheduled_time - req.arrival_time))
         if req.first_token_time is not None:
             self.ttft.observe(max(0.0, req.first_token_time - req.arrival_time))
-        adapter = req.adapter or self.model_name
         generated = len(req.output_token_ids)
         self.prompt_tokens.inc(len(req.prompt_token_ids))
         self.generation_tokens.inc(generated)
         self.request_success.labels(self.model_name, req.finish_reason or "abort").inc()
-        self.adapter_requests.labels(adapter).inc()
-        self.adapter_tokens.labels(adapter).inc(generated)
-        if getattr(req, "error", None):
-            self.adapter_errors.labels(adapter, "generation").inc()
+        # a mixture counts once for each of its adapters (labels stay adapter names: bounded cardinality)
+        for adapter in [u.name for u in getattr(req, "uses", ())] or [self.model_name]:
+            self.adapter_requests.labels(adapter).inc()
+            self.adapter_tokens.labels(adapter).inc(generated)
+            if getattr(req, "error", None):
+                self.adapter_errors.labels(adapter, "generation").inc()
 
     def on_adapter_event(self, event: str, name: str, seconds: float | None) -> None:
         if event == "hit":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import sys
 import threading
 import time
@@ -17,12 +18,13 @@ from typing import AsyncIterator, Callable
 
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
-from server.engine.request import Request, RequestOutput, SamplingParams
+from server.engine.request import AdapterUse, Request, RequestOutput, SamplingParams, mixture_error
 from server.errors import (AdapterError, InvalidRequestError, NotReadyError, QueueFullError, SwapserveError,
                            UnknownAdapterError)
 
 log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005
+MAX_SCALE = 100.0  # |scale| of one adapter in a request; beyond it a delta swamps the base model
 _frozen = 0  # started engines that want the heap frozen
 _frozen_lock = threading.Lock()
 
@@ -180,33 +182,71 @@ class AsyncEngine:
 
     # ---- requests ---------------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
-                    request_id: str | None = None) -> RequestStream:
+                    request_id: str | None = None,
+                    adapters: list[tuple[str, float]] | None = None) -> RequestStream:
+        """``adapter``: one adapter by name (None or the served model name: the base model). ``adapters``: instead,
+        a mixture [(name, scale), ...], or one adapter at a strength (see mixture rules in _mixture)."""
         if not self.ready:
             raise NotReadyError("the server is not ready or is shutting down")
         self._validate(prompt_token_ids, params)
         if len(self.engine.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
             raise QueueFullError(f"too many waiting requests (limit {self.config.max_waiting}); retry shortly")
-        if adapter == self.model_name:
-            adapter = None
-        req = Request(request_id or f"req-{uuid.uuid4().hex}", list(prompt_token_ids), params, adapter)
-        if adapter is not None:
-            entry = self.engine.store.resolve(adapter)  # UnknownAdapterError -> 404
-            self.engine.store.acquire(entry)
-            req.adapter_version, req.adapter_entry = entry.version, entry
-            self.engine.store.ensure_host(entry)
+        if adapters is None:
+            adapters = [] if adapter in (None, self.model_name) else [(adapter, 1.0)]
+        uses = self._hold(self._mixture(adapters))
+        req = Request(request_id or f"req-{uuid.uuid4().hex}", list(prompt_token_ids), params, uses)
         stream = RequestStream(req.request_id, self)
         self._requests[req.request_id] = (req, stream)
         self._submit(lambda: self.engine.scheduler.waiting.append(req))
         return stream
 
+    def _mixture(self, adapters: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        """The (name, scale) pairs of a request, checked before anything is resolved or loaded: at most
+        --max-adapters-per-request (and --max-loras) distinct names, finite scales within +-MAX_SCALE."""
+        limit = min(self.config.max_adapters_per_request, self.config.max_loras)
+        if len(adapters) > limit:
+            raise InvalidRequestError(f"{len(adapters)} adapters in one request; at most {limit} (--max-adapters-"
+                                      "per-request, and no more than --max-loras)", param="adapters")
+        names = [name for name, _ in adapters]
+        if len(set(names)) != len(names):
+            raise InvalidRequestError("an adapter is named twice in one request; give each once, with its total "
+                                      "scale", param="adapters")
+        for name, scale in adapters:
+            if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+                raise InvalidRequestError(f"adapter {name!r}: scale {scale} must be finite and within "
+                                          f"+-{MAX_SCALE:g}", param="adapters")
+        return adapters
+
+    def _hold(self, adapters: list[tuple[str, float]]) -> tuple[AdapterUse, ...]:
+        """Resolve every named adapter first (404 naming the first unknown one; a known kind that may not be
+        mixed is 400), then hold each (in flight) and start its load: a refused request holds nothing."""
+        store = self.engine.store
+        uses = tuple(AdapterUse(name, store.resolve(name), scale) for name, scale in adapters)
+        error = mixture_error(uses)
+        if error:
+            raise AdapterError(error, param="adapters")
+        for use in uses:
+            store.acquire(use.entry)
+            store.ensure_host(use.entry)
+        return uses
+
     async def adapter_loaded(self, request_id: str) -> None:
-        """Wait until an added request's adapter is in host memory; when it cannot load, the load's own error
-        class (400 bad adapter, 403 out of the roots, 503 no room under --max-cpu-lora-bytes), else AdapterError.
+        """Wait until every adapter of an added request is in host memory; when one cannot load, the load's own
+        error class (400 bad adapter, 403 out of the roots, 503 no room under --max-cpu-lora-bytes), else
+        AdapterError; AdapterError too when a mixture holds an adapter that may not be mixed (known once loaded).
         The routes await this before their status line, so a stream never answers 200 and then fails."""
         item = self._requests.get(request_id)
-        entry = item[0].adapter_entry if item else None
-        fut = entry.future if entry is not None and entry.weights is None else None
-        if fut is None:  # base model, resident, or no load started: nothing to wait for here
+        uses = item[0].uses if item else ()
+        for use in uses:
+            await self._loaded(use.entry)
+        error = mixture_error(uses)
+        if error:
+            raise AdapterError(error, param="adapters")
+
+    @staticmethod
+    async def _loaded(entry) -> None:
+        fut = entry.future if entry.weights is None else None
+        if fut is None:  # resident, or no load started: nothing to wait for here
             return
         try:
             await asyncio.wrap_future(fut)
@@ -233,8 +273,9 @@ class AsyncEngine:
                 "in the completion). Please reduce the length of the messages or completion.", param="max_tokens")
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        stream = self.add_request(prompt_token_ids, params, adapter, request_id)
+                       request_id: str | None = None,
+                       adapters: list[tuple[str, float]] | None = None) -> AsyncIterator[RequestOutput]:
+        stream = self.add_request(prompt_token_ids, params, adapter, request_id, adapters)
         finished = False
         try:
             async for out in stream:
@@ -315,6 +356,6 @@ class AsyncEngine:
         running = list(sched.running)
         waiting = list(sched.waiting)
         return {**self.engine.stats(), "num_waiting": len(waiting) + len(self._inbox),
-                "running_adapters": sorted({r.adapter for r in running if r.adapter}),
-                "waiting_adapters": sorted({r.adapter for r in waiting if r.adapter}),
+                "running_adapters": sorted({u.name for r in running for u in r.uses}),
+                "waiting_adapters": sorted({u.name for r in waiting for u in r.uses}),
                 "max_loras": self.config.max_loras}

@@ -16,10 +16,23 @@ findable before its KV exists: a request preempted, aborted or failed mid-step l
 from __future__ import annotations
 
 import hashlib
+import struct
 from array import array
 
 from server.engine.block_pool import BlockPool
 from server.engine.request import Request
+
+
+def adapter_identity(uses) -> bytes:
+    """What a request's KV depends on besides its tokens: nothing for the base model, an adapter's content hash
+    for one adapter at scale 1 (so plain requests on one adapter share blocks whatever its name), and a hash of
+    the components' content hashes and scales for a mixture or a scaled adapter."""
+    if not uses:
+        return b""
+    if len(uses) == 1 and uses[0].scale == 1.0:
+        return uses[0].entry.content_hash
+    parts = sorted((u.entry.content_hash, u.scale) for u in uses)
+    return hashlib.sha256(b"mix" + b"".join(h + struct.pack("<d", s) for h, s in parts)).digest()
 
 
 def block_hash(parent: bytes, identity: bytes, tokens) -> bytes:

@@ -8,12 +8,12 @@ import torch
 
 from server.adapters.store import AdapterStore
 from server.config import EngineConfig, token_budget
-from server.engine.block_manager import BlockManager
+from server.engine.block_manager import BlockManager, adapter_identity
 from server.engine.block_pool import BlockPool
 from server.engine.constraint import TokenMask
 from server.engine.detokenizer import Detokenizer
 from server.engine.grammar import GrammarCompiler
-from server.engine.request import Request, RequestOutput, sampling_defaults
+from server.engine.request import Request, RequestOutput, mixture_error, sampling_defaults
 from server.engine.runner import ModelRunner, StepOutput
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledBatch, Scheduler
@@ -133,27 +133,27 @@ class LLMEngine:
 
     # ---- adapters ---------------------------------------------------------------------------------------
     def _adapter_ready(self, req: Request) -> bool:
-        entry = req.adapter_entry
-        if entry is None:
-            return True
-        if entry.weights is not None:
-            if entry.pinned:
-                self.runner.manager.pin(req.adapter_key)
-            req.prefix_identity = entry.content_hash
-            return True
-        fut = entry.future
-        if fut is None or (fut.done() and not _load_failed(fut)):  # evicted from host meanwhile: load again
-            self.store.ensure_host(entry)
-        return False
+        """Every adapter ``req`` reads is in host memory (loads started for those that are not)."""
+        waiting = [u.entry for u in req.uses if u.entry.weights is None]
+        for entry in waiting:
+            fut = entry.future
+            if fut is None or (fut.done() and not _load_failed(fut)):  # evicted from host meanwhile: load again
+                self.store.ensure_host(entry)
+        if waiting:
+            return False
+        for use in req.active_uses:
+            if use.entry.pinned:
+                self.runner.manager.pin(use.key)
+        req.prefix_identity = adapter_identity(req.active_uses)
+        return True
 
     def _reap(self) -> list[tuple[Request, RequestOutput]]:
-        """Aborted requests leave (their blocks are freed now); waiting requests whose adapter load failed
-        finish with the load error."""
+        """Aborted requests leave (their blocks are freed now); waiting requests with an adapter whose load
+        failed, or that a mixture may not hold, finish with the reason."""
         outs = [self._fail(r, None) for r in list(self.scheduler.running) if r.aborted]
         for req in list(self.scheduler.waiting):
-            fut = getattr(req.adapter_entry, "future", None)
-            if req.aborted or (fut is not None and fut.done() and _load_failed(fut)):
-                error = None if req.aborted else f"adapter {req.adapter!r} failed to load: {req.adapter_entry.error}"
+            error = None if req.aborted else _refusal(req)
+            if req.aborted or error:
                 outs.append(self._fail(req, error))
         return outs
 
@@ -169,8 +169,9 @@ class LLMEngine:
     def _finished(self, req: Request) -> None:
         self.scheduler.finish(req)
         self.sampler.forget(req.request_id)
-        if req.adapter_key is not None and self.store.release(req.adapter_key):
-            self.drop_device(req.adapter_key)
+        for use in req.uses:
+            if self.store.release(use.key):
+                self.drop_device(use.key)
         self._emit("on_request_finished", req)
 
     def stats(self) -> dict:
@@ -206,6 +207,15 @@ def _eos_ids(model, tokenizer) -> set[int]:
         if value is not None:
             ids.update(value if isinstance(value, (list, tuple)) else [value])
     return ids
+
+
+def _refusal(req: Request) -> str | None:
+    """Why a waiting request cannot run: an adapter that failed to load, or one a mixture may not hold."""
+    for use in req.uses:
+        fut = use.entry.future
+        if fut is not None and fut.done() and _load_failed(fut):
+            return f"adapter {use.name!r} failed to load: {use.entry.error}"
+    return mixture_error(req.uses)
 
 
 def _load_failed(fut) -> bool:

@@ -83,14 +83,51 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True)
+class AdapterUse:
+    """One adapter a request reads, at a strength: its delta is added ``scale`` times (a mixture has several).
+
+    entry: the store's AdapterEntry, held (in_flight) from admission until the request finishes; its ``key``
+    names the device slot.
+    """
+
+    name: str
+    entry: object
+    scale: float = 1.0
+
+    @property
+    def key(self):
+        return self.entry.key
+
+
+LINEAR_KINDS = ("lora", "adalora")  # adapters whose deltas add: y = W x + sum_i scale_i * dW_i x
+
+
+def mixture_error(uses) -> str | None:
+    """Why ``uses`` cannot be served (None if they can): DoRA and IA3 are not linear in their weights, so they
+    are served alone at scale 1 only. Known once every adapter's kind is (after its first load)."""
+    for use in uses:
+        kind = use.entry.info.get("type")
+        if kind is not None and kind not in LINEAR_KINDS and (len(uses) > 1 or use.scale != 1.0):
+            return (f"adapter {use.name!r} is {kind.upper() if kind == 'ia3' else 'DoRA'}, which is not linear in its "
+                    "weights: it can only be used alone at scale 1.0 (mixtures and scales apply to LoRA, rsLoRA "
+                    "and AdaLoRA adapters)")
+    return None
+
+
+def mixture_label(uses) -> str | None:
+    """How a request's adapters read in logs and stats: the name, or ``a*0.7+b*0.3``; None for the base."""
+    if len(uses) == 1 and uses[0].scale == 1.0:
+        return uses[0].name
+    return "+".join(f"{u.name}*{u.scale:g}" for u in uses) or None
+
+
 @dataclass(eq=False)
 class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    adapter: str | None = None  # the user's adapter name; None = base model
-    adapter_version: int = 0  # which load of ``adapter`` this request was admitted against
-    adapter_entry: object = None  # the store's AdapterEntry it holds (in_flight) until it finishes
+    uses: tuple[AdapterUse, ...] = ()  # the adapters it reads (none: the base model)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
@@ -128,8 +165,19 @@ class Request:
             self.constraint = Constraint(self.params.grammar)
 
     @property
-    def adapter_key(self) -> tuple[str, int] | None:
-        return None if self.adapter is None else (self.adapter, self.adapter_version)
+    def adapter(self) -> str | None:
+        """The adapter's name (a mixture's label, see mixture_label); None = the base model."""
+        return mixture_label(self.uses)
+
+    @property
+    def active_uses(self) -> tuple[AdapterUse, ...]:
+        """The uses that change its output: a component at scale 0 is loaded and held, but takes no slot."""
+        return tuple(u for u in self.uses if u.scale != 0)
+
+    @property
+    def adapter_keys(self) -> list:
+        """The device-slot keys of the adapters it reads this step (one per active use)."""
+        return [u.key for u in self.active_uses]
 
     @property
     def num_tokens(self) -> int:

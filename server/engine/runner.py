@@ -110,7 +110,8 @@ class ModelRunner:
         ``num_computed_tokens``; its blocks already allocated). Returns the logits of the requests that reach
         their last token, and of the prompt rows whose logprobs were asked for."""
         step = StepInput.build(seqs, self.kv.block_size, self.device, not self.attention.decode_kernel)
-        self.manager.activate([r.adapter_key for r, _ in step.seqs], [n for _, n in step.seqs], weights)
+        self.manager.activate([[(u.key, u.scale) for u in r.active_uses] for r, _ in step.seqs],
+                              [n for _, n in step.seqs], weights)
         self.attention.meta = step.attention
         try:
             out = self.backbone(input_ids=step.input_ids[None], position_ids=step.positions[None], use_cache=False)

@@ -8,9 +8,10 @@ tokens scheduled (a decode token per running sequence plus prefill chunks), neve
 2. Running requests still prefilling (a prompt in chunks, or a preempted one being recomputed) get chunks
    from what budget is left: ``min(tokens left, budget)``.
 3. Waiting requests are admitted FCFS while a sequence slot (``max_num_seqs``), budget and KV blocks are free
-   and the step would hold at most ``max_loras`` distinct adapters; their prompt starts after its longest
-   cached prefix. A request whose adapter is still loading, or has no slot, is passed over (others behind it
-   may go); once passed over ``starvation_steps`` times, nothing behind it is admitted until it runs.
+   and the step would hold at most ``max_loras`` distinct adapters (every component of a mixture counts);
+   their prompt starts after its longest cached prefix. A request whose adapter is still loading, or has no
+   slot, is passed over (others behind it may go); once passed over ``starvation_steps`` times, nothing
+   behind it is admitted until it runs.
 4. When a running request needs a block and none is free, the newest running request is preempted: its blocks
    are freed and it goes back to the front of the queue, to be recomputed from its tokens later (its output so
    far is kept, and prefix caching usually gives most of it back). Admission never preempts.
@@ -96,17 +97,17 @@ class Scheduler:
         return True
 
     def _admit(self, batch: ScheduledBatch, budget: int, adapter_ready: Callable[[Request], bool]) -> None:
-        active = {r.adapter_key for r in self.running if r.adapter_key is not None}
+        active = {k for r in self.running for k in r.adapter_keys}
         for req in list(self.waiting):
             if len(self.running) >= self.max_num_seqs or budget <= 0:
                 break
             if not adapter_ready(req):
                 continue
-            key = req.adapter_key
-            if key is not None and key not in active and len(active) >= self.max_loras:
+            new = set(req.adapter_keys) - active
+            if new and len(active) + len(new) > self.max_loras:
                 req.skipped += 1
                 if req.skipped >= self.starvation_steps:
-                    break  # let the running adapters drain so this one gets a slot
+                    break  # let the running adapters drain so this one gets its slots
                 continue
             prefix = self.blocks.cached_prefix(req)
             n = min(req.num_tokens - len(prefix) * self.blocks.block_size, budget)
@@ -119,8 +120,7 @@ class Scheduler:
             batch.prefix_queries += req.num_tokens
             batch.prefix_hits += req.num_computed_tokens
             budget -= n
-            if key is not None:
-                active.add(key)
+            active |= new
 
     def preempt(self, req: Request) -> None:
         """Free ``req``'s blocks and queue it first, to be recomputed (prompt and output so far) later."""

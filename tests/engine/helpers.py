@@ -13,7 +13,7 @@ import support
 from server.config import EngineConfig
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
-from server.engine.request import Request, RequestOutput, SamplingParams
+from server.engine.request import AdapterUse, Request, RequestOutput, SamplingParams
 
 
 KINDS = ("lora", "rslora", "lora_pattern", "dora", "ia3", "adalora", "lora2")
@@ -62,19 +62,20 @@ def encode(eng, text: str) -> list[int]:
     return eng.tokenizer.encode(text, add_special_tokens=False)
 
 
-def submit(eng: LLMEngine, prompt: list[int], adapter: str | None = None, wait: bool = True,
+def submit(eng: LLMEngine, prompt: list[int], adapter: str | list | None = None, wait: bool = True,
            request_id: str | None = None, **params) -> Request:
-    """Queue a request on an LLMEngine the way AsyncEngine.add_request does: resolve the adapter, hold it
-    (in_flight), start its host load. Greedy and ignore_eos unless told otherwise."""
+    """Queue a request on an LLMEngine the way AsyncEngine.add_request does: resolve its adapters, hold them
+    (in_flight), start their host loads. ``adapter``: a name, or a mixture [(name, scale), ...]. Greedy and
+    ignore_eos unless told otherwise."""
     params = {"temperature": 0.0, "ignore_eos": True, **params}
-    req = Request(request_id or f"e{next(_rid)}", list(prompt), SamplingParams(**params), adapter)
-    if adapter is not None:
-        entry = eng.store.resolve(adapter)
-        eng.store.acquire(entry)
-        req.adapter_version, req.adapter_entry = entry.version, entry
-        future = eng.store.ensure_host(entry)
+    mix = [] if adapter is None else [(adapter, 1.0)] if isinstance(adapter, str) else list(adapter)
+    uses = tuple(AdapterUse(name, eng.store.resolve(name), scale) for name, scale in mix)
+    for use in uses:
+        eng.store.acquire(use.entry)
+        future = eng.store.ensure_host(use.entry)
         if wait:
             future.result(timeout=30)
+    req = Request(request_id or f"e{next(_rid)}", list(prompt), SamplingParams(**params), uses)
     eng.scheduler.waiting.append(req)
     return req
 
@@ -83,7 +84,7 @@ def step(eng: LLMEngine, outputs: dict | None = None, strict_slots: bool = True)
     """One engine step, then the per-step invariants: at most max_loras adapters among running requests and on
     device, and (without pinned adapters in play) every running request's adapter is resident."""
     outs = eng.step()
-    keys = {r.adapter_key for r in eng.scheduler.running if r.adapter_key is not None}
+    keys = {k for r in eng.scheduler.running for k in r.adapter_keys}
     slots = eng.runner.manager.slot_of
     assert len(keys) <= eng.config.max_loras and len(slots) <= eng.config.max_loras
     assert len(eng.scheduler.running) <= eng.config.max_num_seqs

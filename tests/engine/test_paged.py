@@ -174,7 +174,7 @@ def test_a_non_finite_slot_never_reaches_another_row(fresh_llm, oracle, root, tm
     reqs = [submit(eng, tokens(4 + 2 * i, 40 + i), name, max_tokens=8, logprobs=True)
             for i, name in enumerate(names)]
     step(eng)
-    slot = eng.runner.manager.slot_of[reqs[2].adapter_key]
+    slot = eng.runner.manager.slot_of[reqs[2].adapter_keys[0]]
     with torch.no_grad():
         for layer in eng.runner.layers.values():
             layer.lora_a[slot, 0, 0] = float("nan")

@@ -53,7 +53,7 @@ def test_dora_factors_never_computed_on_the_step_thread(runner, adapters, monkey
     assert w.packed and all(p.out_scale is not None for p in w.packed.values())
     assert all(m.dora_scale is not None and m.b is None for m in w.modules.values())
     monkeypatch.setattr(adapter_linear, "dense_weight", lambda layer: pytest.fail("base weight read at activation"))
-    runner.manager.activate([("dora", 0)], [1], lambda k: w)
+    runner.manager.activate([[(("dora", 0), 1.0)]], [1], lambda k: w)
     runner.manager.evict(("dora", 0))
 
 
@@ -76,7 +76,7 @@ def test_bank_fill_equals_layer_by_layer_fill(runner, adapters, name):
     states = []
     for w in (per_layer, packed):
         for key, weights in ((("lora2", 0), load_adapter_dir(adapters["lora2"], "lora2")), ((name, 0), w)):
-            runner.manager.activate([key], [1], lambda k, w=weights: w)
+            runner.manager.activate([[(key, 1.0)]], [1], lambda k, w=weights: w)
             states.append(slot_state(runner, runner.manager.slot_of[key]))
             runner.manager.evict(key, clear=key[0] != "lora2")  # the second adapter takes lora2's dirty slot
     for path, (rank, ins, outs, tensors) in states[1].items():

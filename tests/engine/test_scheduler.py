@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import itertools
 import random
+from types import SimpleNamespace
 
 import pytest
 
 from server.engine.block_manager import BlockManager
 from server.engine.block_pool import NULL_BLOCK, BlockPool
-from server.engine.request import Request, RequestStatus, SamplingParams
+from server.engine.request import AdapterUse, Request, RequestStatus, SamplingParams
 from server.engine.scheduler import Scheduler
 from server.errors import QueueFullError
 
@@ -20,7 +21,8 @@ BS = 4  # block size
 
 def req(adapter: str | None = None, prompt_len: int = 4, name: str | None = None, prompt=None,
         identity: bytes | None = None) -> Request:
-    r = Request(name or f"q{next(_ids)}", list(prompt or range(1, prompt_len + 1)), SamplingParams(), adapter)
+    uses = () if adapter is None else (AdapterUse(adapter, SimpleNamespace(key=(adapter, 0))),)
+    r = Request(name or f"q{next(_ids)}", list(prompt or range(1, prompt_len + 1)), SamplingParams(), uses)
     r.prefix_identity = identity if identity is not None else (adapter or "").encode()
     return r
 

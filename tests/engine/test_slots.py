@@ -106,7 +106,7 @@ def test_abort_frees_row_and_adapter_at_next_step(fresh_llm, oracle):
     outputs: dict = {}
     for _ in range(3):
         step(eng, outputs)
-    entries = {r.request_id: r.adapter_entry for r in (a, c, waiting)}
+    entries = {r.request_id: r.uses[0].entry for r in (a, c, waiting)}
     assert entries[a.request_id].in_flight == 1 and entries[waiting.request_id].in_flight == 1
     a.aborted = waiting.aborted = True  # what AsyncEngine.abort() sets
     step(eng, outputs)
