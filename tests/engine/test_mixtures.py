@@ -1,0 +1,116 @@
+"""Adapter mixtures and scales in the batched step, against PEFT's add_weighted_adapter(..., "cat"): one batch
+holds base rows, a plain adapter, an adapter at 0.5, a 2-way and a 3-way mixture with negative scales and an
+adapter at scale 0 (which must equal the base model), over adapters of different ranks and target modules.
+
+PEFT's quirk: add_weighted_adapter copies ``use_rslora`` from the first adapter it is given into the mixture's
+config, so when that one is rsLoRA the mixture is scaled by sqrt(total rank) instead of 1. The sum is the same
+in any order, so the oracle lists a plain LoRA first; our semantics is the stated one, y = W x + sum s_i dW_i x.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from support import peft_model_for, randomize_adapter
+from .helpers import config, drain, submit
+
+MIX = {  # name -> PEFT config arguments: different ranks, target modules, rsLoRA and a rank pattern
+    "m1": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"]),
+    "m2": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "m3": dict(r=4, lora_alpha=4, target_modules=["k_proj", "up_proj", "o_proj"], rank_pattern={"up_proj": 2}),
+}
+ROWS = [  # (mixture, prompt length): [] = the base model
+    ([], 5),
+    ([("m1", 1.0)], 7),
+    ([("m1", 0.5)], 4),
+    ([("m1", 0.7), ("m2", -0.4)], 9),
+    ([("m3", 1.2), ("m1", 0.3), ("m2", -0.8)], 6),
+    ([("m2", 0.0)], 8),
+]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def mix_root(tiny_model_dir, tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("mix")
+    for i, (name, kwargs) in enumerate(MIX.items()):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(**kwargs))
+        randomize_adapter(model, seed=300 + i, scale=0.3)
+        model.save_pretrained(root / name)
+    return root
+
+
+def prompt_of(n: int, seed: int) -> list[int]:
+    return torch.randint(6, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def oracle_model(model_dir, root, mix, quantization="none"):
+    """PEFT's own mixture: every component loaded, add_weighted_adapter(cat), that adapter set (a plain LoRA
+    first: see the module docstring). None for the base model; a scale-0 adapter alone is the base model too."""
+    from peft import PeftModel
+
+    mix = sorted([(n, s) for n, s in mix if s != 0], key=lambda c: MIX[c[0]].get("use_rslora", False))
+    base = peft_model_for(model_dir, None, quantization)
+    if not mix:
+        return base
+    model = PeftModel.from_pretrained(base, root / mix[0][0], adapter_name=mix[0][0])
+    for name, _ in mix[1:]:
+        model.load_adapter(root / name, adapter_name=name)
+    model.add_weighted_adapter([n for n, _ in mix], [s for _, s in mix], "mix", combination_type="cat")
+    model.set_adapter("mix")
+    return model.eval()
+
+
+@torch.inference_mode()
+def greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    ids, tokens, logprobs = list(prompt), [], []
+    for _ in range(n):
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+        tokens.append(int(logits.argmax()))
+        logprobs.append(float(torch.log_softmax(logits, -1)[tokens[-1]]))
+        ids.append(tokens[-1])
+    return tokens, logprobs
+
+
+@pytest.mark.parametrize("quantization, tol, kernel", [("none", 1e-4, "auto"), ("none", 1e-4, "torch"),
+                                                       ("nf4", 2e-3, "auto")])
+def test_mixtures_scales_and_plain_rows_share_a_batch_and_equal_peft(tiny_model_dir, mix_root, quantization,
+                                                                       tol, kernel):
+    from server.engine.engine import LLMEngine
+
+    eng = LLMEngine(config(tiny_model_dir, mix_root, max_loras=4, max_num_seqs=6, quantization=quantization,
+                           lora_kernel=kernel))
+    try:
+        reqs = [submit(eng, prompt_of(n, 70 + i), mix, max_tokens=STEPS, logprobs=True)
+                for i, (mix, n) in enumerate(ROWS)]
+        drain(eng)
+    finally:
+        eng.store.close()
+    for req, (mix, _) in zip(reqs, ROWS):
+        want, want_lp = greedy(oracle_model(tiny_model_dir, mix_root, mix, quantization), req.prompt_token_ids,
+                               STEPS)
+        assert req.output_token_ids == want, f"{mix}: greedy tokens differ from PEFT's add_weighted_adapter"
+        assert req.output_logprobs == pytest.approx(want_lp, abs=tol), mix
+        if any(s for _, s in mix):  # the check proves something only if the mixture changes the output
+            plain = greedy(peft_model_for(tiny_model_dir, None, quantization), req.prompt_token_ids, STEPS)[1]
+            assert max(abs(a - b) for a, b in zip(plain, want_lp)) > 10 * tol, f"{mix} does not change the output"
+
+
+def test_a_scale_zero_adapter_is_the_base_model_bit_for_bit(tiny_model_dir, mix_root):
+    """An adapter at scale 0 contributes nothing: its request's logits are the base model's exactly (the
+    component is held and loaded, but takes no slot and no route)."""
+    from server.engine.engine import LLMEngine
+
+    eng = LLMEngine(config(tiny_model_dir, mix_root, max_loras=4, max_num_seqs=4))
+    try:
+        prompt = prompt_of(9, 90)
+        zero, base = (submit(eng, prompt, mix, max_tokens=5, logprobs=True) for mix in ([("m1", 0.0)], None))
+        drain(eng)
+        assert zero.output_token_ids == base.output_token_ids and zero.output_logprobs == base.output_logprobs
+        assert zero.prefix_identity == b"" and not eng.runner.manager.resident(zero.uses[0].key)
+    finally:
+        eng.store.close()
