@@ -82,8 +82,9 @@ class SlotBank:
 
 
 def _put(dst: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor) -> None:
-    """dst[:n] = src, or dst[index] = src for an adapter that targets only some members."""
+    """dst[:n] = src, or dst[index] = src for an adapter that targets only some members. ``src`` (and ``index``)
+    live on the host, ``dst`` on the model's device: index_copy_ needs all three on one device."""
     if index is None:
         dst[:len(src)].copy_(src)
     else:
-        dst.index_copy_(0, index.to(dst.device), src.to(dst.dtype))
+        dst.index_copy_(0, index.to(dst.device), src.to(device=dst.device, dtype=dst.dtype))
