@@ -81,21 +81,26 @@ def say(out: list[str], text: str) -> None:
 
 def step_times(engine, batch, names: list[str], steps: int, rounds: int = 2) -> dict[tuple[int, str], list[float]]:
     """Decode step seconds per (distinct-adapter count, LoRA path), interleaved over ``rounds``. The path is
-    switched on the same engine (the manager's ``max_run``: 0 = torch ops), so both see the same weights."""
+    switched on the same engine (its LoRA backend: torch ops, or the numba kernel as the server chose it), so both
+    see the same weights."""
     from server.layers import kernels
+    from server.layers.lora_backend import NumbaLora, TorchLora
 
     counts = sorted({0, 1, min(4, len(names)), len(names)})
-    kernel_run = engine.runner.manager.max_run
-    paths = {"torch": 0, **({"numba": kernel_run or kernels.max_run(torch.get_num_threads())} if kernels.available() else {})}
+    holder = engine.runner.holder
+    chosen = holder.backend
+    paths = {"torch": TorchLora()}
+    if kernels.available():
+        paths["numba"] = chosen if isinstance(chosen, NumbaLora) else NumbaLora(kernels.max_run(torch.get_num_threads()))
     times: dict[tuple[int, str], list[float]] = {}
     for _ in range(rounds):
         for c in counts:
-            for path, max_run in paths.items():
+            for path, backend in paths.items():
                 if c == 0 and path != "torch":
                     continue  # no adapter: both paths are the plain base model
-                engine.runner.manager.max_run = max_run
+                holder.backend = backend
                 times.setdefault((c, path), []).extend(decode_steps(engine, batch, names[:c] or [None], steps))
-    engine.runner.manager.max_run = kernel_run
+    holder.backend = chosen
     return times
 
 
@@ -179,7 +184,7 @@ def run(rows: int, k: int, steps: int, threads: int, with_cprofile: bool, cpu_ge
         with_torch = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
         with kernel_visible_to_profiler():
             decode_steps(engine, batch, names, steps, profiler=with_torch)
-        path = "numba kernel" if engine.runner.manager.max_run else "torch ops"
+        path = "numba kernel" if engine.runner.holder.backend.name == "numba" else "torch ops"
         say(out, f"\ntorch.profiler, {steps} decode steps with {k} adapters ({path}), self CPU time by purpose:")
         say(out, "\n".join(categories(with_torch, defaults.lora_rank, steps)))
         say(out, "\ntop ops by self CPU time:\n"

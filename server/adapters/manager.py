@@ -6,7 +6,6 @@ so a slot filled from an older load is never reused for a newer one.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import OrderedDict
 from typing import Callable
@@ -16,26 +15,18 @@ import torch
 
 from server.adapters.weights import AdapterWeights
 from server.layers.adapter_linear import AdapterLinear
-from server.layers.lora_worker import LoraWorker
 from server.layers.mapping import AdapterMapping, MappingHolder, Routes
 
 log = logging.getLogger(__name__)
 
 AdapterKey = tuple[str, int]  # (adapter name, version)
-# a handoff to the LoRA worker costs ~30-50 us a layer: worth it once a step's LoRA work is a sizeable share of the
-# layer (measured on SmolLM2, one core each: 64 adapters x 1 token -21% a step; 16 x 2 tokens no gain)
-OVERLAP_MIN_RUNS = 24
 
 
 class AdapterManager:
     def __init__(self, layers: dict[str, AdapterLinear], holder: MappingHolder, num_slots: int,
-                 device: torch.device, on_evict: Callable[[AdapterKey], None] | None = None, max_run: int = 0,
-                 worker: LoraWorker | None = None):
-        """``max_run`` > 0: steps whose runs of one slot's tokens are at most that long use the compiled CPU
-        kernel (layers/kernels.py); 0 keeps every step on the torch ops. ``worker``: runs that kernel beside the
-        base GEMM on steps with at least OVERLAP_MIN_RUNS adapters (layers/lora_worker.py)."""
+                 device: torch.device, on_evict: Callable[[AdapterKey], None] | None = None):
+        """Each step's mapping is planned by ``holder.backend`` (layers/lora_backend.py)."""
         self.layers = layers
-        self.max_run = max_run
         self.banks = list(dict.fromkeys(layer.bank for layer in layers.values()))
         self.holder = holder
         self.num_slots = num_slots
@@ -44,7 +35,6 @@ class AdapterManager:
         self.slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order: oldest first
         self.pinned: set[AdapterKey] = set()
         self.loads = 0
-        self.worker = worker
 
     @property
     def layout(self) -> list[list[str]]:
@@ -65,10 +55,7 @@ class AdapterManager:
         scheduler guarantees at most ``num_slots`` distinct adapters per step, so a slot can always be found.
         """
         self.reserve([key for uses in seq_uses for key, _ in uses], weights)
-        mapping = AdapterMapping.route(self._routes(seq_uses, seq_tokens), self.num_slots, self.device,
-                                       self.max_run)
-        if self.worker is not None and mapping.runs is not None and len(mapping.runs.slots) >= OVERLAP_MIN_RUNS:
-            mapping = dataclasses.replace(mapping, overlap=self.worker)
+        mapping = self.holder.backend.plan(self._routes(seq_uses, seq_tokens), self.num_slots, self.device)
         self.holder.mapping = mapping
         return mapping
 

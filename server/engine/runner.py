@@ -7,51 +7,18 @@ from dataclasses import dataclass
 
 import torch
 
-from server.adapters.manager import OVERLAP_MIN_RUNS, AdapterManager
+from server.adapters.manager import AdapterManager
 from server.config import EngineConfig
 from server.engine.attention import PagedAttention, attention_kernel_choice, install
 from server.engine.kv_cache import PagedKVCache, budget_bytes
 from server.engine.loader import load_model, pack_cpu_linears, settle_layout, usable_cores
 from server.engine.request import Request
 from server.engine.step_input import StepInput
-from server.layers import kernels
+from server.layers import lora_backend
 from server.layers.inject import target_shapes, wrap_model
-from server.layers.lora_worker import LoraWorker
 from server.layers.mapping import MappingHolder
 
 log = logging.getLogger(__name__)
-
-
-def lora_kernel_max_run(choice: str, device: torch.device, dtype: torch.dtype) -> int:
-    """The AdapterManager's ``max_run`` for --lora-kernel: kernels.max_run at this process's torch threads when
-    the compiled CPU kernel is used (compiled here, before the first request), 0 for torch ops."""
-    usable = device.type == "cpu" and dtype == torch.float32 and kernels.available()
-    if choice == "numba" and not usable:
-        raise ValueError("--lora-kernel numba needs float32 on CPU and the numba package "
-                         f"(here: {dtype} on {device}, numba {'installed' if kernels.available() else 'missing'}); "
-                         "use --lora-kernel auto or torch")
-    if choice == "torch" or not usable:
-        return 0
-    kernels.warm_up()
-    run = kernels.max_run(torch.get_num_threads())
-    log.info("LoRA kernel: numba (compiled CPU loop) for steps with up to %d tokens per adapter (%d torch threads); "
-             "torch ops for longer runs", run, torch.get_num_threads())
-    return run
-
-
-def lora_worker(choice: str, max_run: int) -> LoraWorker | None:
-    """--lora-overlap: a LoraWorker when the compiled CPU kernel is in use (max_run > 0) and, for auto, a core is
-    left beside torch's threads to run it on."""
-    if choice == "off" or not max_run:
-        if choice == "on":
-            raise ValueError("--lora-overlap on needs the compiled CPU LoRA kernel (--lora-kernel numba or auto on "
-                             "a float32 CPU model)")
-        return None
-    if choice == "auto" and usable_cores() <= torch.get_num_threads():
-        return None
-    log.info("LoRA overlap: the LoRA kernel of steps with >= %d adapters runs on a spare core beside the base GEMM",
-             OVERLAP_MIN_RUNS)
-    return LoraWorker()
 
 
 class ModelRunner:
@@ -68,9 +35,9 @@ class ModelRunner:
         self.targets = target_shapes(self.layers)
         pack_cpu_linears(self.model, config.cpu_gemm, self.device, self.dtype, config.quantization)
         self.head = self.model.get_output_embeddings()
-        max_run = lora_kernel_max_run(config.lora_kernel, self.device, self.dtype)
-        self.manager = AdapterManager(self.layers, self.holder, config.max_loras, self.device, max_run=max_run,
-                                      worker=lora_worker(config.lora_overlap, max_run))
+        self.holder.backend = lora_backend.choose(config.lora_kernel, config.lora_overlap, self.device, self.dtype,
+                                                  torch.get_num_threads(), usable_cores())
+        self.manager = AdapterManager(self.layers, self.holder, config.max_loras, self.device)
         self.max_len = min(config.max_model_len, self._model_max_len())
         useful = 2 * config.max_num_seqs * self.max_len * PagedKVCache.block_bytes(self.model.config, 1, self.dtype)
         self.kv = PagedKVCache.for_model(self.model.config, budget_bytes(config.kv_cache_memory, self.device, useful),

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import copy
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
 
-from server.adapters.weights import ModuleWeights
-from server.layers import kernels
 from server.layers.gemm import PackedLinear
 from server.layers.mapping import MappingHolder
+from server.layers.ops import scale_rows, shift_rows
 from server.layers.slot_bank import SlotBank
-from server.layers.ops import lora_grouped_views, lora_segments, scale_rows, shift_rows
+
+if TYPE_CHECKING:  # the layers take host weights (adapters/) but never import that package: the arrow points down
+    from server.adapters.weights import ModuleWeights
 
 
 def layer_features(layer: nn.Module) -> tuple[int, int]:
@@ -66,11 +69,9 @@ def _unpacked_4bit(w) -> tuple[torch.Tensor, object]:
     return data, state
 
 
-SHARE_STEP = 1 / 32  # how fast an overlapped layer's split of LoRA runs between the two threads adapts
-
-
 class AdapterLinear(nn.Module):
-    """The wrapper; ``holder.mapping`` says which slot each token of the current step uses."""
+    """The wrapper; ``holder.mapping`` says which slot each token of the current step uses, ``holder.backend``
+    how the deltas are computed (lora_backend.py)."""
 
     def __init__(self, base_layer: nn.Module, holder: MappingHolder, num_slots: int, max_rank: int,
                  dtype: torch.dtype, device: torch.device, bank: SlotBank | None = None):
@@ -91,11 +92,10 @@ class AdapterLinear(nn.Module):
         self.ranks = np.zeros(num_slots, dtype=np.int64)  # live rank per slot (the CPU kernel reads it as is)
         # numpy views of the slot tensors for the CPU kernel (same memory; the tensors are never reallocated)
         cpu32 = self.lora_a.device.type == "cpu" and self.lora_a.dtype == torch.float32
-        self._np = (self.lora_a.numpy(), self.lora_b.numpy()) if cpu32 else None
+        self.numpy_slots = (self.lora_a.numpy(), self.lora_b.numpy()) if cpu32 else None
         self.in_scaled: set[int] = set()
         self.out_scaled: set[int] = set()
         self._views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._share = 1.0  # of an overlapped step's runs given to the LoRA worker (adapted in _overlapped)
 
     @property
     def weight(self) -> torch.Tensor:  # HF code sometimes reads .weight (dtype/device checks)
@@ -113,57 +113,24 @@ class AdapterLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [num_tokens, in]
         if not self.in_scaled.isdisjoint(mapping.slots):
             x2 = scale_rows(x2, self.in_scale, mapping.scale_index)
-        if mapping.overlap is not None and self._np is not None and x2.dtype == torch.float32:
-            return self._overlapped(x2, mapping).view(*lead, self.out_features)
-        y = self.base_layer(x2)  # [num_tokens, out]
+        return self.holder.backend.forward(self, x2, mapping).view(*lead, self.out_features)
+
+    def base_out(self, x2: torch.Tensor, mapping) -> torch.Tensor:
+        """The base layer's output for the step's tokens, with IA3 output and DoRA scaling: [num_tokens, out]."""
+        y = self.base_layer(x2)
         if not self.out_scaled.isdisjoint(mapping.slots):
             y = scale_rows(y, self.out_scale, mapping.scale_index)
             if self.out_shift is not None:
                 y = shift_rows(y, self.out_shift, mapping.scale_index)
-        groups = mapping.groups
-        if mapping.runs is not None and self._np is not None and y.dtype == x2.dtype == torch.float32:
-            y = y.contiguous()
-            kernels.lora_runs(y, x2.contiguous(), *self._np, self.ranks, mapping.runs)
-        elif groups is None:
-            lora_segments(y, x2, self.lora_a, self.lora_b, self.ranks, mapping.segments, self._slot_views)
-        else:
-            rank = max(self.ranks[groups.lo:groups.hi])
-            if rank:
-                lora_grouped_views(y, x2, *self._range_views(groups.lo, groups.hi, rank), groups)
-        return y.view(*lead, self.out_features)
+        return y
 
-    def _overlapped(self, x2: torch.Tensor, mapping) -> torch.Tensor:
-        """The kernel path on two cores: the worker thread computes the first ``_share`` of the runs into
-        ``delta`` while this one runs the base GEMM and then the remaining runs into ``y``. The share adapts per
-        layer (one step of SHARE_STEP a call) so that both tend to finish together: up when the worker was done
-        first, down when this thread had to wait for it."""
-        worker, runs = mapping.overlap, mapping.runs
-        ahead, here = runs.split(max(1, round(self._share * len(runs.slots))))
-        x2 = x2.contiguous()
-        delta = torch.zeros(x2.shape[0], self.out_features)  # [num_tokens, out]; only the worker's runs' rows change
-        worker.submit(kernels.lora_runs, delta, x2, *self._np, self.ranks, ahead)
-        try:
-            y = self.base_layer(x2)
-            if not self.out_scaled.isdisjoint(mapping.slots):
-                y = scale_rows(y, self.out_scale, mapping.scale_index)
-                if self.out_shift is not None:
-                    y = shift_rows(y, self.out_shift, mapping.scale_index)
-            y = y.contiguous()
-            if here is not None:
-                kernels.lora_runs(y, x2, *self._np, self.ranks, here)
-        finally:
-            first = worker.finished()
-            worker.wait()
-        self._share = min(1.0, self._share + SHARE_STEP) if first else max(0.0, self._share - SHARE_STEP)
-        return y.add_(delta)
-
-    def _range_views(self, lo: int, hi: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def range_views(self, lo: int, hi: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A^T [g, in, r], B [g, r, out]) over slots [lo, hi) at ``rank``. Views into the slot tensors, which
         are never reallocated, so they are cached: consecutive steps ask for the same ones."""
         return self._cached((lo, hi, rank), lambda: (self.lora_a[lo:hi, :rank].transpose(1, 2),
                                                      self.lora_b[lo:hi, :rank]))
 
-    def _slot_views(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def slot_views(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A^T [in, r], B [r, out]) of one slot, cached likewise."""
         return self._cached((slot, rank), lambda: (self.lora_a[slot, :rank].T, self.lora_b[slot, :rank]))
 

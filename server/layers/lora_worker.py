@@ -5,8 +5,8 @@ r16 on SmolLM2: 1.25 GB a step, ~40% of the step), while the base GEMM of the sa
 are independent (y = W x + delta), so on two cores they overlap. The server leaves one core to the HTTP side
 (--threads 0); during a step that core is mostly idle, and the kernel releases the GIL. A handoff costs tens of
 microseconds, so the mapping asks for it only when a layer's LoRA work is large (mapping.AdapterMapping.overlap).
-The step thread, once its GEMM is done, takes the rest of the layer's runs itself (AdapterLinear._overlapped): for
-the narrow k/v projections the LoRA work outweighs the GEMM, and waiting would leave its core idle.
+The step thread, once its GEMM is done, takes the rest of the layer's runs itself (NumbaLora._overlapped in
+lora_backend.py): for the narrow k/v projections the LoRA work outweighs the GEMM, and waiting would idle its core.
 """
 from __future__ import annotations
 

@@ -90,8 +90,8 @@ class AdapterMapping:
             runs = SlotRuns.build(routes, min(max_run, ALONE_MAX_RUN)) if max_run else None
             return cls(((slot, None, scale),), index, present, runs=runs)
         runs = SlotRuns.build(routes, max_run) if max_run else None
-        segments = tuple((slot, torch.from_numpy(routes.tok[(routes.slot == slot) & (routes.scale == scale)]).to(device),
-                          scale) for slot, scale in keys)
+        segments = tuple((slot, torch.from_numpy(routes.tok[(routes.slot == slot) & (routes.scale == c)]).to(device), c)
+                         for slot, c in keys)
         first = np.full(routes.num_tokens, num_slots, dtype=np.int64)
         first[routes.tok[::-1]] = routes.slot[::-1]  # each token's first entry wins
         scale_index = torch.from_numpy(first).to(device)
@@ -181,10 +181,16 @@ class SlotGroups:
 
 
 class MappingHolder:
-    """The one object every wrapped layer shares; the runner sets ``mapping`` before each forward.
+    """The one object every wrapped layer shares: the runner sets ``mapping`` before each forward; ``backend``
+    (lora_backend.py, chosen at start) computes the deltas. Default: the torch ops.
 
     Passed explicitly at wrap time (no module-level global), so two engines in one process never collide.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, backend=None) -> None:
+        if backend is None:
+            from server.layers.lora_backend import TorchLora  # lora_backend imports this module
+
+            backend = TorchLora()
+        self.backend = backend
         self.mapping: AdapterMapping = AdapterMapping()

@@ -10,9 +10,12 @@ it exact, so layer-by-layer fills (DoRA, mixed-kind banks) and bank fills can fo
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from server.adapters.weights import PackedBank
+if TYPE_CHECKING:  # host weights come from adapters/, which imports this package, not the other way round
+    from server.adapters.weights import PackedBank
 
 
 class SlotBank:

@@ -224,9 +224,9 @@ def test_prompt_logprobs_equal_peft_in_a_mixed_batch(fresh_llm, oracle, budget):
 
 def test_lora_overlap_on_a_spare_core_matches_peft(fresh_llm, oracle, monkeypatch):
     """--lora-overlap on, every step overlapped (threshold 1): a mixed continuous batch equals PEFT."""
-    from server.adapters import manager
+    from server.layers import lora_backend
 
-    monkeypatch.setattr(manager, "OVERLAP_MIN_RUNS", 1)
+    monkeypatch.setattr(lora_backend, "OVERLAP_MIN_RUNS", 1)
     eng = fresh_llm(lora_overlap="on", max_loras=4, max_num_seqs=6)
     names = ["lora", None, "dora", "ia3", "adalora", "lora"]
     reqs = [submit(eng, tokens(3 + 4 * i, 60 + i), name, max_tokens=6, logprobs=True) for i, name in enumerate(names)]

@@ -102,13 +102,19 @@ def test_kernel_reads_slot_tensors_in_place():
     torch.testing.assert_close(y, x @ a[0, :2].T @ b[0, :2], rtol=1e-5, atol=1e-5)
 
 
-def test_lora_kernel_choice():
-    """--lora-kernel: auto takes the kernel where it applies (float32 on CPU), torch never, numba or a clear error."""
-    from server.engine.runner import lora_kernel_max_run
+def test_lora_backend_choice():
+    """--lora-kernel: auto takes the kernel where it applies (float32 on CPU), torch never, numba or a clear error;
+    --lora-overlap: auto adds the worker when a core is left beside torch's threads."""
+    from server.layers import lora_backend
 
     cpu = torch.device("cpu")
-    assert lora_kernel_max_run("auto", cpu, torch.float32) == kernels.max_run(torch.get_num_threads())
-    assert lora_kernel_max_run("torch", cpu, torch.float32) == 0
-    assert lora_kernel_max_run("auto", cpu, torch.bfloat16) == 0  # numpy has no bfloat16: torch ops
+    auto = lora_backend.choose("auto", "off", cpu, torch.float32, threads=1, cores=2)
+    assert auto.name == "numba" and auto.max_run == kernels.max_run(1) and auto.worker is None
+    assert lora_backend.choose("auto", "auto", cpu, torch.float32, threads=1, cores=2).worker is not None
+    assert lora_backend.choose("auto", "auto", cpu, torch.float32, threads=2, cores=2).worker is None
+    assert lora_backend.choose("torch", "auto", cpu, torch.float32, threads=1, cores=2).name == "torch"
+    assert lora_backend.choose("auto", "auto", cpu, torch.bfloat16, 1, 2).name == "torch"  # numpy has no bfloat16
     with pytest.raises(ValueError, match="--lora-kernel numba needs float32 on CPU"):
-        lora_kernel_max_run("numba", cpu, torch.bfloat16)
+        lora_backend.choose("numba", "auto", cpu, torch.bfloat16, 1, 2)
+    with pytest.raises(ValueError, match="--lora-overlap on needs the compiled CPU LoRA kernel"):
+        lora_backend.choose("torch", "on", cpu, torch.float32, 1, 2)

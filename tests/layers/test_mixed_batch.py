@@ -106,7 +106,8 @@ def runner(request, tiny_model_dir):
     runner = ModelRunner(EngineConfig(model=str(tiny_model_dir), max_loras=4, max_lora_rank=8, max_num_seqs=8,
                                       max_model_len=128, lora_kernel=request.param,
                                       attention_kernel=request.param))
-    assert runner.manager.max_run == (kernels.max_run(torch.get_num_threads()) if request.param == "numba" else 0)
+    assert runner.holder.backend.name == request.param and getattr(runner.holder.backend, "max_run", 0) == (
+        kernels.max_run(torch.get_num_threads()) if request.param == "numba" else 0)
     return runner
 
 

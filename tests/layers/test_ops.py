@@ -17,6 +17,7 @@ from support import per_token, randomize_adapter
 from server.adapters.formats import load_adapter_dir
 from server.layers import kernels
 from server.layers.adapter_linear import AdapterLinear
+from server.layers.lora_backend import NumbaLora
 from server.layers.mapping import NO_SLOT, AdapterMapping, MappingHolder, Routes
 from server.layers.ops import lora_grouped, lora_segments, scale_rows, shift_rows
 
@@ -149,8 +150,9 @@ def toy(request, tmp_path_factory):
     return request.param, out
 
 
-def wrapped(bias: bool, slot_kinds, toy_adapters):
-    holder = MappingHolder()
+def wrapped(bias: bool, slot_kinds, toy_adapters, max_run: int = 0, worker=None):
+    """The toy layer wrapped, a kind per slot; ``max_run`` > 0: on the numba backend (with ``worker``)."""
+    holder = MappingHolder(NumbaLora(max_run, worker) if max_run else None)
     layer = AdapterLinear(Toy(bias).proj, holder, SLOTS, MAX_RANK, torch.float32, torch.device("cpu"))
     for slot, kind in enumerate(slot_kinds):
         layer.set_slot(slot, toy_adapters[kind][1])
@@ -163,10 +165,10 @@ def wrapped(bias: bool, slot_kinds, toy_adapters):
 @pytest.mark.parametrize("rows", [[0, NO_SLOT, 1, 2, NO_SLOT, 3, 1], [2, 2], [1, 1, 1], [NO_SLOT, 3]])
 def test_adapter_linear_mixed_rows_match_peft(toy, slot_kinds, rows, max_run):
     bias, adapters = toy
-    layer, holder = wrapped(bias, slot_kinds, adapters)
+    layer, holder = wrapped(bias, slot_kinds, adapters, max_run)
     tpr = 3
     x = torch.randn(len(rows), tpr, IN, generator=torch.Generator().manual_seed(2))
-    holder.mapping = AdapterMapping.build(per_token(rows, tpr), SLOTS, max_run=max_run)
+    holder.mapping = holder.backend.plan(Routes.per_token(per_token(rows, tpr)), SLOTS, "cpu")
     assert (holder.mapping.runs is not None) == bool(max_run)
     with torch.no_grad():
         y = layer(x)  # [rows, tpr, out]
@@ -187,10 +189,10 @@ def test_overlapped_lora_kernel_matches_peft(toy, slot_kinds):
     from server.layers.lora_worker import LoraWorker
 
     bias, adapters = toy
-    layer, holder = wrapped(bias, slot_kinds, adapters)
+    worker = LoraWorker()
+    layer, holder = wrapped(bias, slot_kinds, adapters, kernels.max_run(1), worker)
     rows = [0, NO_SLOT, 1, 2, NO_SLOT, 3, 1]
     x = torch.randn(len(rows), 3, IN, generator=torch.Generator().manual_seed(5))
-    worker = LoraWorker()
     holder.mapping = dataclasses.replace(AdapterMapping.build(per_token(rows, 3), SLOTS, max_run=kernels.max_run(1)),
                                          overlap=worker)
     try:
@@ -278,7 +280,8 @@ def test_non_finite_slot_never_reaches_other_rows(toy, path, poison):
     tokens routed to it. Every other row still equals PEFT, whether the poisoned slot is in the step (slot 1) or
     only inside the slot range the grouped op covers (slot 2 of 0..3)."""
     bias, adapters = toy
-    layer, holder = wrapped(bias, ("lora", "lora", "lora", "lora"), adapters)
+    layer, holder = wrapped(bias, ("lora", "lora", "lora", "lora"), adapters, kernels.max_run(1) if path == "numba"
+                            else 0)
     bad = float(poison)
     with torch.no_grad():
         for slot in (1, 2):
