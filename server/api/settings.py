@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 MAX_N = 8  # choices per prompt (vLLM's uncapped `n` was a DoS vector)
 MAX_PROMPTS_HARD = 4096  # prompts in one /v1/completions request, whatever --max-prompts says
+MAX_ADAPTERS_HARD = 256  # entries of `adapters` a body may hold; --max-adapters-per-request is the real limit
 
 
 @dataclass

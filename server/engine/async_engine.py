@@ -218,13 +218,21 @@ class AsyncEngine:
         return adapters
 
     def _hold(self, adapters: list[tuple[str, float]]) -> tuple[AdapterUse, ...]:
-        """Resolve every named adapter first (404 naming the first unknown one; a known kind that may not be
-        mixed is 400), then hold each (in flight) and start its load: a refused request holds nothing."""
+        """Resolve every named adapter first (404 naming the first unknown one; a kind that may not be mixed is
+        400, read from its config before any load where the source is local), then hold each (in flight) and
+        start its load. A refused request holds nothing, and names it registered on demand are forgotten again."""
         store = self.engine.store
-        uses = tuple(AdapterUse(name, store.resolve(name), scale) for name, scale in adapters)
-        error = mixture_error(uses)
-        if error:
-            raise AdapterError(error, param="adapters")
+        fresh = [name for name, _ in adapters if name not in store.entries]
+        try:
+            uses = tuple(AdapterUse(name, store.resolve(name), scale) for name, scale in adapters)
+            error = mixture_error(uses, store.declared_kind)
+            if error:
+                raise AdapterError(error, param="adapters")
+        except SwapserveError:
+            for name in fresh:
+                if name in store.entries:
+                    store.unregister(name)
+            raise
         for use in uses:
             store.acquire(use.entry)
             store.ensure_host(use.entry)
