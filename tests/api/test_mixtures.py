@@ -4,12 +4,15 @@ adapter store as it was (nothing registered, loaded or held by a refused request
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
 
+from server.api.settings import ServerConfig
 from support import greedy_tokens, peft_mixture_for, peft_model_for
 from .conftest import engine_config, live_server
+from .helpers import metric_value, wait_for
 
 ROOT_KINDS = {"alpha": "lora", "beta": "lora2", "rs": "rslora", "pat": "lora_pattern", "dora": "dora", "ia3": "ia3",
               "fresh": "lora", "fresh2": "lora2", "freshdora": "dora"}
@@ -28,7 +31,7 @@ def mix_root(adapters, tmp_path_factory):
 @pytest.fixture(scope="module")
 def mix_server(tiny_model_dir, mix_root):
     config = engine_config(tiny_model_dir, mix_root, max_loras=4, max_cpu_loras=16, max_adapters_per_request=3)
-    with live_server(config) as live:
+    with live_server(config, ServerConfig(enable_log_requests=True, shutdown_timeout=2)) as live:
         yield live
 
 
@@ -150,10 +153,21 @@ def test_an_adapter_in_model_and_adapters_together_is_refused_naming_both(mix_se
 
 
 def test_a_mixture_counts_each_adapter_in_the_metrics(mix_server):
-    from .helpers import metric_value
-
     with mix_server.client() as http:
         before = {n: metric_value(http, "swapserve:adapter_requests_total", adapter=n) for n in ("alpha", "beta")}
         tokens(complete(http, adapters=[{"name": "alpha", "scale": 0.3}, {"name": "beta", "scale": 0.2}]))
         for name in ("alpha", "beta"):
             assert metric_value(http, "swapserve:adapter_requests_total", adapter=name) == before[name] + 1
+
+
+def test_the_request_log_shows_the_mixture(mix_server, caplog):
+    with caplog.at_level(logging.INFO, logger="swapserve.requests"), mix_server.client() as http:
+        r = http.post("/v1/completions", headers={"x-request-id": "ignored"}, json={
+            "prompt": PROMPT, "max_tokens": 3, "adapters": [{"name": "alpha", "scale": 0.7},
+                                                            {"name": "beta", "scale": -0.25}]})
+        request_id = r.json()["id"]
+        assert wait_for(lambda: any(request_id in m for m in caplog.messages))
+        tokens(complete(http))
+        assert wait_for(lambda: any("adapters=tiny-llama " in m for m in caplog.messages))
+    line = next(m for m in caplog.messages if request_id in m)
+    assert "adapters=alpha*0.7+beta*-0.25 " in line and "prompt_tokens=7 " in line and "generated_tokens=3 " in line
