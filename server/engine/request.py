@@ -100,6 +100,8 @@ class AdapterUse:
         return self.entry.key
 
 
+MAX_SCALE = 100.0  # |scale| of one adapter in a request (and |weight| of a merge source): beyond it a delta
+# swamps the base model
 LINEAR_KINDS = ("lora", "adalora")  # adapters whose deltas add: y = W x + sum_i scale_i * dW_i x
 
 
