@@ -20,6 +20,7 @@ class BenchRequest:
     adapter: str | None  # None = the base model
     max_tokens: int
     grammar: object = None  # a compiled grammar (engine.grammar.compile): a structured-output request
+    adapters: list[tuple[str, float]] | None = None  # instead of ``adapter``: a mixture [(adapter, scale), ...]
 
 
 class Driver(Protocol):
@@ -46,7 +47,8 @@ class EngineDriver:
 
         extra = {"grammar": req.grammar} if req.grammar is not None else {}  # engine v1 (a baseline) has no grammars
         params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True, **extra)
-        async for out in self.engine.generate(req.prompt, params, req.adapter):
+        mixture = {"adapters": req.adapters} if req.adapters is not None else {}  # engine v1 has no mixtures
+        async for out in self.engine.generate(req.prompt, params, req.adapter, **mixture):
             if out.error:
                 raise RuntimeError(f"request on {req.adapter!r} failed: {out.error}")
             yield out
