@@ -8,8 +8,7 @@ from __future__ import annotations
 import logging
 import statistics
 
-from bench.drivers import EngineDriver, cell_requests, run_concurrent
-from bench.timing import summarize
+from bench.drivers import EngineDriver, alternating_rounds, cell_requests, run_concurrent
 
 log = logging.getLogger("bench")
 CELL = (32, 16)
@@ -23,11 +22,9 @@ async def run_mixtures(cfg, engine, adapters: dict, prompts: list[list[int]], ro
     mixed = cell_requests(prompts[:n], names, cfg.max_tokens)
     for i, req in enumerate(mixed):
         req.adapter, req.adapters = None, [(names[i % k], SCALES[0]), (names[(i + 1) % k], SCALES[1])]
-    driver, single_tok, mixed_tok = EngineDriver(engine), [], []
+    driver = EngineDriver(engine)
     await run_concurrent(driver, mixed)  # untimed: every pair's first step
-    for _ in range(rounds):
-        single_tok.append(summarize(await run_concurrent(driver, single))["tok_s"])
-        mixed_tok.append(summarize(await run_concurrent(driver, mixed))["tok_s"])
+    single_tok, mixed_tok = await alternating_rounds(driver, single, mixed, rounds)
     out = {"concurrency": n, "adapters": k, "single_tok_s": single_tok, "mixed_tok_s": mixed_tok,
            "ratio": statistics.median(mixed_tok) / statistics.median(single_tok)}
     log.info("mixtures: N=%d over k=%d, 2 each: single %s, mixed %s tok/s (%.2fx)", n, k,

@@ -94,6 +94,15 @@ def peft_config(kind: str):
     raise ValueError(kind)
 
 
+def adapter_root(adapters: dict[str, Path], root: Path, kinds: dict[str, str]) -> Path:
+    """An adapter root at ``root`` holding, for each name -> kind of ``kinds``, a copy of ``adapters[kind]``."""
+    import shutil
+
+    for name, kind in kinds.items():
+        shutil.copytree(adapters[kind], root / name)
+    return root
+
+
 def make_adapter(model_dir: Path, kind: str, out: Path, seed: int) -> Path:
     """Create a PEFT adapter of ``kind`` with random non-trivial weights and save it to ``out``."""
     from peft import get_peft_model

@@ -4,12 +4,12 @@ is refused with PEFT's reason, and what PEFT would merge wrongly (DoRA, IA3, Ada
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from support import adapter_root
 from server.adapters.merge import AdapterMerger, skeleton
 from server.adapters.merge_spec import METHODS, MergeSpec
 from server.adapters.store import AdapterStore
@@ -21,11 +21,8 @@ DENSITY = {m: 0.6 for m in METHODS if m not in ("linear", "cat", "svd")}
 
 @pytest.fixture(scope="module")
 def root(adapters, tmp_path_factory):
-    out = tmp_path_factory.mktemp("merge-root")
-    for name, kind in {"a": "lora", "b": "lora2", "rs": "rslora", "dora": "dora", "ada": "adalora",
-                       "ia3": "ia3"}.items():
-        shutil.copytree(adapters[kind], out / name)
-    return out
+    return adapter_root(adapters, tmp_path_factory.mktemp("merge-root"), {
+        "a": "lora", "b": "lora2", "rs": "rslora", "dora": "dora", "ada": "adalora", "ia3": "ia3"})
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,10 @@
 adapter (same add_weighted_adapter, same seed, on the real base model); refusals say why and leave nothing."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
-from support import greedy_tokens, peft_model_for
+from support import adapter_root, greedy_tokens, peft_model_for
 from .conftest import engine_config, live_server
 
 PROMPT = [1, 40, 41, 42, 43, 44, 45]
@@ -17,10 +15,7 @@ ROOT = {"alpha": "lora", "beta": "lora2", "rs": "rslora", "dora": "dora"}
 
 @pytest.fixture(scope="module")
 def merge_root(adapters, tmp_path_factory):
-    root = tmp_path_factory.mktemp("merge-root")
-    for name, kind in ROOT.items():
-        shutil.copytree(adapters[kind], root / name)
-    return root
+    return adapter_root(adapters, tmp_path_factory.mktemp("merge-root"), ROOT)
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 
 import pytest
 
 from server.api.settings import ServerConfig
-from support import greedy_tokens, peft_mixture_for, peft_model_for
+from support import adapter_root, greedy_tokens, peft_mixture_for, peft_model_for
 from .conftest import engine_config, live_server
 from .helpers import metric_value, wait_for
 
@@ -22,10 +21,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def mix_root(adapters, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mix-root")
-    for name, kind in ROOT_KINDS.items():
-        shutil.copytree(adapters[kind], root / name)
-    return root
+    return adapter_root(adapters, tmp_path_factory.mktemp("mix-root"), ROOT_KINDS)
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +167,15 @@ def test_the_request_log_shows_the_mixture(mix_server, caplog):
         assert wait_for(lambda: any("adapters=tiny-llama " in m for m in caplog.messages))
     line = next(m for m in caplog.messages if request_id in m)
     assert "adapters=alpha*0.7+beta*-0.25 " in line and "prompt_tokens=7 " in line and "generated_tokens=3 " in line
+
+
+def test_a_refused_mixture_counts_its_known_adapters_and_no_client_names(mix_server):
+    """Error labels: a known component by its name, an unknown one as <unknown> (client names mint no labels)."""
+    name = "swapserve:adapter_errors_total"
+    with mix_server.client() as http:
+        tokens(complete(http, model="alpha"))  # alpha is known from here on
+        before = [metric_value(http, name, adapter=a) for a in ("alpha", "<unknown>")]
+        r = complete(http, adapters=[{"name": "alpha"}, {"name": "nope-label"}])
+        assert r.status_code == 404
+        assert [metric_value(http, name, adapter=a) for a in ("alpha", "<unknown>")] == [b + 1 for b in before]
+        assert "nope-label" not in http.get("/metrics").text
