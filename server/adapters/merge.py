@@ -6,7 +6,9 @@ their scalings, and for the *svd methods their deltas B @ A; never a base weight
 skeleton of the base: its modules built on the meta device from the served model's config, then every parameter
 and buffer made a zero-filled stride-0 view of one scalar (shape, dtype and device are real; no memory). The
 adapters attached to it are real tensors, read and checked like any load (formats.load_adapter_dir, the reads
-held to the adapter roots). Peak memory is the sources' and the result's adapter tensors, not a second base.
+held to the adapter roots). Peak memory is the sources' and the result's adapter tensors, not a second base (the
+*svd methods also form each layer's full delta and its SVD, one layer at a time); this working memory is not
+counted against --max-cpu-lora-bytes, the result is once the store loads it.
 tests/adapters/test_merge.py checks, for every method, that the result equals PEFT's on the real model.
 
 DARE draws random masks from torch's default CPU generator (``torch.bernoulli`` with no generator), so the

@@ -49,7 +49,7 @@ def adapters_for(engine, model: str | None, adapters, fields: tuple[str, str] = 
             f"`{model_field}` names the adapter {model!r} and `{adapters_field}` is given too; with "
             f"`{adapters_field}`, set `{model_field}` to the base model ({engine.model_name!r}) or omit it, and list "
             f"every adapter (with its scale) in `{adapters_field}`", param=model_field)
-    return [(a.name, a.scale) for a in adapters]
+    return [(a.name, 1.0 if a.scale is None else a.scale) for a in adapters]
 
 
 def error_labels(engine, adapters: Mixture, exc: SwapserveError) -> list[str | None]:

@@ -39,7 +39,7 @@ class AdapterChoice(Strict):
     (0: loaded and held, contributes nothing). The engine checks finiteness and |scale| <= 100."""
 
     name: Name
-    scale: float = 1.0
+    scale: float | None = 1.0  # null: 1.0
 
 
 # A request's mixture (`adapters`): y = W x + sum_i scale_i * dW_i x. The engine caps it at

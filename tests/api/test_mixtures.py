@@ -55,6 +55,7 @@ def test_one_entry_at_scale_one_is_the_plain_adapter_and_scale_zero_the_base(mix
     with mix_server.client() as http:
         plain = tokens(complete(http, model="alpha"))
         assert tokens(complete(http, adapters=[{"name": "alpha"}])) == plain
+        assert tokens(complete(http, adapters=[{"name": "alpha", "scale": None}])) == plain
         assert tokens(complete(http, model="tiny-llama", adapters=[{"name": "alpha", "scale": 1.0}])) == plain
         assert tokens(complete(http, adapters=[{"name": "alpha", "scale": 0}])) == tokens(complete(http))
 
