@@ -99,6 +99,7 @@ class BenchConfig:
     types_concurrency: int = 32
     types_adapters: int = 16
     structured_share: float = 0.0  # share of the 32 x 16 cell's requests given a JSON grammar (bench/structured.py); 0 = skip
+    mixtures: bool = False  # also the 32 x 16 cell with every request mixing 2 adapters (bench/mixtures.py)
     skip_scale: bool = False
     skip_memory: bool = False
     skip_types: bool = False
@@ -240,6 +241,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--scale-rounds", type=int)
     p.add_argument("--structured-share", type=float, help="also run the 32 x 16 cell with this share of its requests "
                    "under a JSON-schema grammar, against the same cell all free (e.g. 0.25; default: skip)")
+    p.add_argument("--mixtures", action="store_true", default=None, help="also run the 32 x 16 cell with every "
+                   "request mixing 2 of the 16 adapters, against the same cell on one adapter each")
     p.add_argument("--skip-scale", action="store_true", default=None)
     p.add_argument("--skip-memory", action="store_true", default=None)
     p.add_argument("--skip-types", action="store_true", default=None)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
-from bench.timing import Trace
+from bench.timing import Trace, summarize
 
 
 @dataclass
@@ -20,6 +20,7 @@ class BenchRequest:
     adapter: str | None  # None = the base model
     max_tokens: int
     grammar: object = None  # a compiled grammar (engine.grammar.compile): a structured-output request
+    adapters: list[tuple[str, float]] | None = None  # instead of ``adapter``: a mixture [(adapter, scale), ...]
 
 
 class Driver(Protocol):
@@ -46,7 +47,8 @@ class EngineDriver:
 
         extra = {"grammar": req.grammar} if req.grammar is not None else {}  # engine v1 (a baseline) has no grammars
         params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True, **extra)
-        async for out in self.engine.generate(req.prompt, params, req.adapter):
+        mixture = {"adapters": req.adapters} if req.adapters is not None else {}  # engine v1 has no mixtures
+        async for out in self.engine.generate(req.prompt, params, req.adapter, **mixture):
             if out.error:
                 raise RuntimeError(f"request on {req.adapter!r} failed: {out.error}")
             yield out
@@ -73,6 +75,17 @@ async def _one(driver: Driver, req: BenchRequest, at: float | None = None) -> Tr
 async def run_concurrent(driver: Driver, reqs: list[BenchRequest]) -> list[Trace]:
     """All requests are sent at once; returns one Trace per request, in order."""
     return list(await asyncio.gather(*(_one(driver, r) for r in reqs)))
+
+
+async def alternating_rounds(driver: Driver, a: list[BenchRequest], b: list[BenchRequest],
+                             rounds: int) -> tuple[list[float], list[float]]:
+    """Tokens/s of cell ``a`` then cell ``b``, ``rounds`` times in turn on one engine (drifting load on a shared
+    machine hits both alike); one list per cell."""
+    a_tok, b_tok = [], []
+    for _ in range(rounds):
+        a_tok.append(summarize(await run_concurrent(driver, a))["tok_s"])
+        b_tok.append(summarize(await run_concurrent(driver, b))["tok_s"])
+    return a_tok, b_tok
 
 
 async def run_arrivals(driver: Driver, reqs: list[BenchRequest], offsets: list[float]) -> list[Trace]:

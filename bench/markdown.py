@@ -8,6 +8,7 @@ from pathlib import Path
 from bench.numbers import fixed as _f, megabytes as _mb, times as _x
 from bench.report import ratio
 from bench.traffic_markdown import traffic_section
+from bench.mixtures import mixtures_section
 from bench.structured import structured_section
 
 
@@ -161,6 +162,7 @@ def render(results: dict, json_path: Path, png_path: Path | None, md_path: Path)
             "## Adapter swap cost", "", *swap_table(results), "",
             "\"Disk\" is the OS page cache (the adapters were just written); a cold disk adds its read time.", "",
             *http_section(results), *scale_section(results), *types_section(results), *structured_section(results),
+            *mixtures_section(results),
             *memory_section(results), *traffic_section(results), *gpu_section(Path(json_path).parent, here)]
     return "\n".join(out)
 

@@ -11,8 +11,7 @@ import asyncio
 import logging
 import statistics
 
-from bench.drivers import EngineDriver, cell_requests, run_concurrent
-from bench.timing import summarize
+from bench.drivers import EngineDriver, alternating_rounds, cell_requests, run_concurrent
 
 log = logging.getLogger("bench")
 CELL = (32, 16)
@@ -31,11 +30,9 @@ async def run_structured(cfg, engine, adapters: dict, prompts: list[list[int]], 
     mixed = cell_requests(prompts[:n], list(adapters)[:k], cfg.max_tokens)
     for req in mixed[::every]:
         req.grammar = grammar
-    driver, free_tok, mixed_tok = EngineDriver(engine), [], []
+    driver = EngineDriver(engine)
     await run_concurrent(driver, mixed)  # untimed: the first constrained steps build xgrammar's state
-    for _ in range(rounds):
-        free_tok.append(summarize(await run_concurrent(driver, free))["tok_s"])
-        mixed_tok.append(summarize(await run_concurrent(driver, mixed))["tok_s"])
+    free_tok, mixed_tok = await alternating_rounds(driver, free, mixed, rounds)
     out = {"concurrency": n, "adapters": k, "constrained": len(mixed[::every]), "free_tok_s": free_tok,
            "mixed_tok_s": mixed_tok, "cost": 1 - statistics.median(mixed_tok) / statistics.median(free_tok),
            "overlap": engine.config.overlap_token_masks}

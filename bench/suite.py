@@ -20,6 +20,7 @@ from bench.memory import model_memory
 from bench.report import machine_git
 from bench.request_set import RequestSet
 from bench.scale import run_scale, run_types, timed
+from bench.mixtures import run_mixtures
 from bench.structured import run_structured
 from bench.swap import interference, swap_costs
 from bench.timing import summarize
@@ -290,6 +291,8 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -
     out = {"cells": cells, "swap": swap, "interference": intf}
     if cfg.structured_share:
         out["structured"] = await timed("structured outputs", run_structured(cfg, engine, fx.cell, fx.prompts))
+    if cfg.mixtures:
+        out["mixtures"] = await timed("mixtures", run_mixtures(cfg, engine, fx.cell, fx.prompts))
     if fx.typed:
         out["types"] = await timed("types", run_types(cfg, engine, fx.typed, fx.kinds, list(fx.cell)[:4],
                                                       fx.prompts, anchors))

@@ -126,6 +126,9 @@ SERVER_FLAGS = (
     Flag("max-prompts", int, 256, "most generations one request may start (prompts x n in /v1/completions; "
          "lm-eval sends its whole batch as one request); each also counts against --max-waiting"),
     Flag("log-level", str, "info", "logging level", ("critical", "error", "warning", "info", "debug", "trace")),
+    Flag("enable-log-requests", bool, False, "log one line per finished request (logger swapserve.requests, at "
+         "info): its id, what it read (the base model, an adapter, or a mixture such as a*0.7+b*-0.3), its prompt, "
+         "cached and generated tokens, finish reason, time to first token and end-to-end time"),
 )
 
 

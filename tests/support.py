@@ -94,6 +94,15 @@ def peft_config(kind: str):
     raise ValueError(kind)
 
 
+def adapter_root(adapters: dict[str, Path], root: Path, kinds: dict[str, str]) -> Path:
+    """An adapter root at ``root`` holding, for each name -> kind of ``kinds``, a copy of ``adapters[kind]``."""
+    import shutil
+
+    for name, kind in kinds.items():
+        shutil.copytree(adapters[kind], root / name)
+    return root
+
+
 def make_adapter(model_dir: Path, kind: str, out: Path, seed: int) -> Path:
     """Create a PEFT adapter of ``kind`` with random non-trivial weights and save it to ``out``."""
     from peft import get_peft_model
@@ -134,6 +143,47 @@ def peft_model_for(model_dir: Path, adapter_dir: Path | None, quantization: str 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa", **kwargs)
     model = base if adapter_dir is None else PeftModel.from_pretrained(base, adapter_dir)
     return model.eval()
+
+
+def peft_mixture_for(model_dir: Path, mix: list[tuple[Path, float]], quantization: str = "none"):
+    """The mixture oracle: PEFT's add_weighted_adapter(adapter dirs, scales, "cat") on the base model, that
+    adapter set. Components at scale 0 are left out (PEFT's cat would still add their zero rows); none left: the
+    base model.
+
+    PEFT's quirk: add_weighted_adapter copies ``use_rslora`` from the first adapter it is given into the mixture's
+    config, so when that one is rsLoRA the mixture is scaled by sqrt(total rank) instead of 1. The sum is the
+    same in any order, so the plain LoRAs go first; the stated semantics is y = W x + sum_i s_i dW_i x."""
+    from peft import PeftModel
+
+    mix = sorted([(Path(d), s) for d, s in mix if s != 0], key=lambda c: _uses_rslora(c[0]))
+    base = peft_model_for(model_dir, None, quantization)
+    if not mix:
+        return base
+    names = [f"c{i}" for i in range(len(mix))]
+    model = PeftModel.from_pretrained(base, mix[0][0], adapter_name=names[0])
+    for name, (directory, _) in zip(names[1:], mix[1:]):
+        model.load_adapter(directory, adapter_name=name)
+    model.add_weighted_adapter(names, [s for _, s in mix], "mix", combination_type="cat")
+    model.set_adapter("mix")
+    return model.eval()
+
+
+def _uses_rslora(adapter_dir: Path) -> bool:
+    import json
+
+    return bool(json.loads((adapter_dir / "adapter_config.json").read_text()).get("use_rslora"))
+
+
+@torch.inference_mode()
+def greedy_tokens(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """``n`` greedy tokens of ``model`` after ``prompt`` (full recompute each token), and their logprobs."""
+    ids, tokens, logprobs = list(prompt), [], []
+    for _ in range(n):
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+        tokens.append(int(logits.argmax()))
+        logprobs.append(float(torch.log_softmax(logits, -1)[tokens[-1]]))
+        ids.append(tokens[-1])
+    return tokens, logprobs
 
 
 def _peft_dora_reads_packed_4bit() -> None:

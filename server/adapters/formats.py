@@ -227,6 +227,17 @@ def _module_weights(module: str, t: dict[str, torch.Tensor], config: dict, peft_
     return ModuleWeights(a=a, b=b, scaling=scaling, magnitude=magnitude if config.get("use_dora") else None)
 
 
+def config_kind(directory: str | Path, roots: list[str] | None = None) -> str:
+    """The kind (AdapterWeights.kind: lora, adalora, dora, ia3) the adapter directory's config declares, read
+    without its weights; AdapterFormatError for a config that would not load, OSError when the directory cannot be
+    opened. ``roots``: as for load_adapter_dir."""
+    directory = Path(directory)
+    with AdapterDir(directory, roots) as opened:
+        config = read_config(opened)
+    peft_type = _check_config(config, directory / CONFIG_FILE)
+    return "dora" if config.get("use_dora") else peft_type.lower()
+
+
 def load_adapter_dir(directory: str | Path, name: str, max_bytes: int = 2 << 30, mapped: bool = False,
                      roots: list[str] | None = None) -> AdapterWeights:
     """Read a PEFT adapter directory (``mapped``: see read_safetensors). Raises AdapterFormatError; never

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from server.adapters.finite import check_finite
+from server.adapters.formats import config_kind
 from server.adapters.host_budget import HostBudget
 from server.adapters.load_failures import LoadFailure, LoadFailures
 from server.adapters.sources import AdapterSources
@@ -220,6 +221,18 @@ class AdapterStore:
         """Why the last on-demand load of ``name`` failed, if it did within the last LoadFailures.ttl_s."""
         with self.lock:
             return self.failures.get(name)
+
+    def declared_kind(self, entry: AdapterEntry) -> str | None:
+        """``entry``'s kind (lora, adalora, dora, ia3) without loading it: recorded by its first load, else what
+        the config of its local directory declares; None for a Hub adapter not loaded yet, or a directory that
+        cannot be opened (its load will say why)."""
+        kind = entry.info.get("type")
+        if kind is not None or entry.source.startswith("hub:"):
+            return kind
+        try:
+            return config_kind(entry.source, self.sources.roots_for(entry.source, entry.trusted))
+        except OSError:
+            return None
 
     def _read(self, directory: Path, name: str, roots: list[Path] | None) -> AdapterWeights:
         """Read, validate against the base and pack one adapter: in the loader process (load_worker.py), or

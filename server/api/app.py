@@ -21,9 +21,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api import admin, chat, openai, tgi, tokenize
+from server.api import admin, chat, merge, openai, tgi, tokenize
 from server.api.errors import error_payload, install_error_handlers
 from server.api.metrics import Metrics
+from server.api.request_log import RequestLog
 from server.api.settings import ServerConfig
 
 
@@ -61,8 +62,10 @@ def create_app(engine, server_config: ServerConfig | None = None) -> FastAPI:
     app.state.created = int(time.time())
     app.state.metrics = Metrics(engine.model_name, engine.config.max_loras)
     engine.add_observer(app.state.metrics)
+    if config.enable_log_requests:
+        engine.add_observer(RequestLog(engine.model_name))
     install_error_handlers(app)
-    for router in (openai.router, chat.router, tokenize.router, tgi.router, admin.router):
+    for router in (openai.router, chat.router, tokenize.router, tgi.router, admin.router, merge.router):
         app.include_router(router)
     _add_probes(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)

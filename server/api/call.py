@@ -16,15 +16,15 @@ from server.api.generation import (
     Choice,
     EventStream,
     Generation,
-    adapter_for,
+    adapters_for,
     client_gone,
     collect_unless_disconnected,
-    error_label,
     max_model_len,
     new_id,
     output_error,
     raise_choice_error,
     sse,
+    start_generation,
 )
 from server.api.logprobs import LogprobShapes
 from server.api.protocol import SamplingFields, Usage
@@ -41,7 +41,8 @@ class Call:
         self.engine = request.app.state.engine
         self.id, self.created = new_id(prefix), int(time.time())
         self.model = body.model or self.engine.model_name
-        self.adapter = adapter_for(self.engine, body.model)
+        self.request = request
+        self.adapters = adapters_for(self.engine, body.model, body.adapters)
         self.chunk_suffix = ".chunk" if kind == "chat.completion" else ""
         self.shapes = LogprobShapes(self.engine.tokenizer)
         self.prompts: list[list[int]] = []
@@ -75,11 +76,8 @@ class Call:
         jobs = [(p, self.body.sampling_params(m, self.logprobs, j, self.top, prompt_logprobs, grammar,
                                               defaults))
                 for p, m in zip(prompts, max_tokens) for j in range(n)]
-        try:
-            return await Generation.start(self.engine, jobs, self.adapter, self.id)
-        except SwapserveError as exc:
-            self.app.state.metrics.record_error(error_label(self.engine, self.adapter, exc), exc.error_type)
-            raise
+        field = "adapters" if self.body.adapters is not None else None
+        return await start_generation(self.request, jobs, self.adapters, self.id, field)
 
     def prompt_of(self, choice: Choice) -> list[int]:
         return self.prompts[choice.index // self.body.n]

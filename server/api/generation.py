@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from server.api.metrics import UNKNOWN_ADAPTER
 from server.engine.request import RequestOutput, SamplingParams
-from server.errors import AdapterError, NotReadyError, SwapserveError, UnknownAdapterError
+from server.errors import AdapterError, InvalidRequestError, NotReadyError, SwapserveError, UnknownAdapterError
 
 
 def new_id(prefix: str) -> str:
@@ -32,13 +32,35 @@ def adapter_for(engine, model: str | None) -> str | None:
     return None if not model or model == engine.model_name else model
 
 
-def error_label(engine, adapter: str | None, exc: SwapserveError) -> str | None:
-    """The metrics label of a refused request: its adapter only when the engine knows that name. A refusal can
-    come before the name is resolved (bad prompt, full queue), and client-chosen names must not mint labels."""
-    if adapter is None:
-        return None
-    known = not isinstance(exc, UnknownAdapterError) and any(a.get("name") == adapter for a in engine.list_adapters())
-    return adapter if known else UNKNOWN_ADAPTER
+Mixture = list[tuple[str, float]]  # (adapter, scale) pairs: what AsyncEngine.add_request(adapters=...) reads
+
+
+def adapters_for(engine, model: str | None, adapters, fields: tuple[str, str] = ("model", "adapters")) -> Mixture:
+    """The (adapter, scale) pairs a request asks for: from ``adapters`` (AdapterChoice entries) when given, else
+    the adapter ``model`` names at 1.0, else none (the base model). ``model`` naming an adapter while ``adapters``
+    is given too is refused (400 naming both ``fields``) rather than guessed at: would it be one more component,
+    at what scale, or replace the list?"""
+    adapter = adapter_for(engine, model)
+    if adapters is None:
+        return [] if adapter is None else [(adapter, 1.0)]
+    if adapter is not None:
+        model_field, adapters_field = fields
+        raise InvalidRequestError(
+            f"`{model_field}` names the adapter {model!r} and `{adapters_field}` is given too; with "
+            f"`{adapters_field}`, set `{model_field}` to the base model ({engine.model_name!r}) or omit it, and list "
+            f"every adapter (with its scale) in `{adapters_field}`", param=model_field)
+    return [(a.name, 1.0 if a.scale is None else a.scale) for a in adapters]
+
+
+def error_labels(engine, adapters: Mixture, exc: SwapserveError) -> list[str | None]:
+    """The metrics labels of a refused request: the base model (None) without adapters, else each adapter's name
+    when the engine knows it. A refusal can come before names are resolved (bad prompt, full queue), and
+    client-chosen names must not mint labels."""
+    if not adapters:
+        return [None]
+    known = {a.get("name") for a in engine.list_adapters()}
+    single_unknown = len(adapters) == 1 and isinstance(exc, UnknownAdapterError)
+    return [name if name in known and not single_unknown else UNKNOWN_ADAPTER for name, _ in adapters]
 
 
 def require_ready(engine) -> None:
@@ -89,16 +111,17 @@ class Generation:
         self.finished: set[int] = set()
 
     @classmethod
-    async def start(cls, engine, jobs: list[tuple[list[int], SamplingParams]], adapter: str | None,
+    async def start(cls, engine, jobs: list[tuple[list[int], SamplingParams]], adapters: Mixture,
                     request_id: str) -> Generation:
-        """Add every job to the engine; if one is refused, abort those already added and re-raise."""
+        """Add every job to the engine, each reading ``adapters`` (adapters_for); if one is refused, abort those
+        already added and re-raise."""
         streams = []
         try:
             for i, (prompt_ids, params) in enumerate(jobs):
-                stream = engine.add_request(prompt_ids, params, adapter=adapter, request_id=f"{request_id}-{i}")
+                stream = engine.add_request(prompt_ids, params, request_id=f"{request_id}-{i}", adapters=adapters)
                 streams.append(await stream if inspect.isawaitable(stream) else stream)
             loaded = getattr(engine, "adapter_loaded", None)
-            if loaded is not None and adapter is not None and streams:
+            if loaded is not None and adapters and streams:
                 await loaded(streams[0].request_id)  # a cold adapter that cannot load: 4xx, not 200 + error
         except BaseException:
             for stream in streams:
@@ -135,6 +158,21 @@ class Generation:
             async for i, out in events:
                 choices[i].add(out)
         return choices
+
+
+async def start_generation(request: Request, jobs: list[tuple[list[int], SamplingParams]], adapters: Mixture,
+                           request_id: str, adapters_field: str | None = None) -> Generation:
+    """Generation.start, with a refusal counted in the metrics (per adapter) and, for a request that gave
+    ``adapters_field``, an error about an adapter attributed to that field."""
+    engine = request.app.state.engine
+    try:
+        return await Generation.start(engine, jobs, adapters, request_id)
+    except SwapserveError as exc:
+        for label in error_labels(engine, adapters, exc):
+            request.app.state.metrics.record_error(label, exc.error_type)
+        if adapters_field and exc.param in ("model", "adapters"):
+            exc.param = adapters_field
+        raise
 
 
 async def _pump(index: int, stream, queue: asyncio.Queue) -> None:

@@ -1,6 +1,8 @@
 """OpenAI-compatible routes: /v1/completions (JSON or SSE), /v1/models and /v1/models/{id}; chat is in chat.py.
 
-`model` names the base model (its served name, or omitted) or an adapter. Streams end with `data: [DONE]`;
+`model` names the base model (its served name, or omitted) or an adapter. `adapters` ([{"name", "scale"}, ...])
+instead asks for a weighted mixture of adapters or one adapter at a strength; `model` is then the base model or
+omitted (naming an adapter there as well is refused: server.api.generation.adapters_for). Streams end with `data: [DONE]`;
 with stream_options.include_usage the last chunk before it has `choices: []` and the usage.
 echo + logprobs and prompt_logprobs come from the engine's prompt logprobs, computed in the same batched
 forward as the prompt (SamplingParams.prompt_logprobs); max_tokens 0 with echo returns the prompt alone.

@@ -4,7 +4,8 @@ Every numeric field is bounded and every list is capped, so no request can ask f
 silently ignored (server.api.strict.Strict): unknown ones are refused with 400 naming them, and known ones the
 server does not implement (best_of > n, use_beam_search, suffix, logit_bias) are refused the same way. Sampling
 fields keep vLLM's names; vLLM's extensions prompt_logprobs, structured_outputs, truncate_prompt_tokens and
-return_token_ids are implemented.
+return_token_ids are implemented. swapserve's own `adapters` (also TGI's `parameters.adapters`) asks for a weighted
+mixture of adapters, or one adapter at a strength (server.api.generation.adapters_for).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from server.api.settings import MAX_N, MAX_PROMPTS_HARD
+from server.api.settings import MAX_ADAPTERS_HARD, MAX_N, MAX_PROMPTS_HARD
 from server.api.strict import Strict, refuse
 from server.api.structured import ResponseFormat, StructuredOutputs, output_spec
 from server.api.tools import ToolCall, ToolChoice, Tools
@@ -33,6 +34,19 @@ class Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
 
+class AdapterChoice(Strict):
+    """One entry of ``adapters``: an adapter by name, at a strength. scale 1.0 by default; negative or 0 is allowed
+    (0: loaded and held, contributes nothing). The engine checks finiteness and |scale| <= 100."""
+
+    name: Name
+    scale: float | None = 1.0  # null: 1.0
+
+
+# A request's mixture (`adapters`): y = W x + sum_i scale_i * dW_i x. The engine caps it at
+# --max-adapters-per-request; this cap only bounds the body.
+Adapters = Annotated[list[AdapterChoice], Field(min_length=1, max_length=MAX_ADAPTERS_HARD)]
+
+
 class StreamOptions(Strict):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False  # every chunk carries the usage so far
@@ -42,6 +56,7 @@ class SamplingFields(Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: Name | None = None
+    adapters: Adapters | None = None  # a mixture or a scaled adapter; then `model` is the base model or omitted
     max_tokens: int | None = Field(None, ge=0, le=BIG)  # 0: the prompt alone (with echo / prompt_logprobs)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -226,6 +241,7 @@ class TGIParameters(Strict):
     decoder_input_details (with details, not streamed) fills details.prefill from the prompt's logprobs."""
 
     adapter_id: Name | None = None
+    adapters: Adapters | None = None  # as on /v1/completions; then adapter_id is the base model or omitted
     best_of: int | None = Field(None, ge=1, le=1)
     details: bool = False
     decoder_input_details: bool = False

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 MAX_N = 8  # choices per prompt (vLLM's uncapped `n` was a DoS vector)
 MAX_PROMPTS_HARD = 4096  # prompts in one /v1/completions request, whatever --max-prompts says
+MAX_ADAPTERS_HARD = 256  # entries of `adapters` a body may hold; --max-adapters-per-request is the real limit
 
 
 @dataclass
@@ -19,6 +20,7 @@ class ServerConfig:
     max_body_bytes: larger request bodies are refused with 413.
     max_prompts: most generations one request may start (prompts x n of /v1/completions; lm-eval sends its
                batch as one request). vLLM has no cap; each still counts against --max-waiting.
+    enable_log_requests: log one line per finished request (its adapter or mixture, tokens, latency).
     """
 
     host: str = "127.0.0.1"
@@ -29,6 +31,7 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     max_prompts: int = 256
     log_level: str = "info"
+    enable_log_requests: bool = False
 
     def __post_init__(self) -> None:
         self.api_key = self.api_key or None

@@ -1,6 +1,7 @@
 """Text Generation Inference routes: POST /generate (JSON) and POST /generate_stream (SSE).
 
-`parameters.adapter_id` names the adapter (absent or the served model name = base model). Token events carry
+`parameters.adapter_id` names the adapter (absent or the served model name = base model); `parameters.adapters`
+instead asks for a mixture [{"name", "scale"}, ...] (server.api.generation.adapters_for). Token events carry
 {"id", "text", "logprob", "special"}; concatenating the events' token texts gives generated_text.
 """
 from __future__ import annotations
@@ -19,16 +20,16 @@ from server.api.generation import (
     Choice,
     EventStream,
     Generation,
-    adapter_for,
+    adapters_for,
     client_gone,
     collect_unless_disconnected,
     encode_text,
-    error_label,
     new_id,
     output_error,
     raise_choice_error,
     require_ready,
     sse,
+    start_generation,
     token_text,
 )
 from server.api.protocol import TGIRequest
@@ -73,16 +74,13 @@ async def _start(request: Request, body: TGIRequest, logprobs: bool) -> Generati
     prompt = await encode_text(engine, body.inputs)
     if params.truncate:
         prompt = prompt[-params.truncate:]
-    adapter = adapter_for(engine, params.adapter_id)
+    adapters = adapters_for(engine, params.adapter_id, params.adapters, ("parameters.adapter_id", "parameters.adapters"))
     grammar = None
     if params.grammar is not None:
         grammar = await run_in_threadpool(engine.grammar.compile, params.grammar.spec())
-    try:
-        return await Generation.start(engine, [(prompt, params.sampling_params(logprobs, grammar))], adapter,
-                                      new_id("tgi"))
-    except SwapserveError as exc:
-        request.app.state.metrics.record_error(error_label(engine, adapter, exc), exc.error_type)
-        raise
+    field = "parameters.adapters" if params.adapters is not None else None
+    return await start_generation(request, [(prompt, params.sampling_params(logprobs, grammar))], adapters,
+                                  new_id("tgi"), field)
 
 
 async def _events(tokenizer, body: TGIRequest, generation: Generation) -> AsyncIterator[str]:

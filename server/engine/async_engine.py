@@ -14,17 +14,19 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
+from server.adapters.merge import AdapterMerger
+from server.adapters.merge_spec import MergeSpec
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
-from server.engine.request import AdapterUse, Request, RequestOutput, SamplingParams, mixture_error
+from server.engine.request import MAX_SCALE, AdapterUse, Request, RequestOutput, SamplingParams, mixture_error
 from server.errors import (AdapterError, InvalidRequestError, NotReadyError, QueueFullError, SwapserveError,
                            UnknownAdapterError)
 
 log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005
-MAX_SCALE = 100.0  # |scale| of one adapter in a request; beyond it a delta swamps the base model
 _frozen = 0  # started engines that want the heap frozen
 _frozen_lock = threading.Lock()
 
@@ -86,6 +88,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heap_frozen = False
+        self.merger = AdapterMerger(self.engine.store, self.engine.runner.model.config,
+                                    Path(config.adapters_cache) / "merged", config.max_adapter_bytes)
         for name, path in config.lora_modules.items():  # operator-given: trusted paths, pinned
             entry = self.engine.store.register(name, str(path), pinned=True, trusted=True)
             self.engine.store.ensure_host(entry).result()
@@ -131,6 +135,7 @@ class AsyncEngine:
         if self._thread:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5)
         try:
+            self.merger.close()
             self.engine.store.close()
         finally:
             if self._heap_frozen:
@@ -218,13 +223,21 @@ class AsyncEngine:
         return adapters
 
     def _hold(self, adapters: list[tuple[str, float]]) -> tuple[AdapterUse, ...]:
-        """Resolve every named adapter first (404 naming the first unknown one; a known kind that may not be
-        mixed is 400), then hold each (in flight) and start its load: a refused request holds nothing."""
+        """Resolve every named adapter first (404 naming the first unknown one; a kind that may not be mixed is
+        400, read from its config before any load where the source is local), then hold each (in flight) and
+        start its load. A refused request holds nothing, and names it registered on demand are forgotten again."""
         store = self.engine.store
-        uses = tuple(AdapterUse(name, store.resolve(name), scale) for name, scale in adapters)
-        error = mixture_error(uses)
-        if error:
-            raise AdapterError(error, param="adapters")
+        fresh = [name for name, _ in adapters if name not in store.entries]
+        try:
+            uses = tuple(AdapterUse(name, store.resolve(name), scale) for name, scale in adapters)
+            error = mixture_error(uses, store.declared_kind)
+            if error:
+                raise AdapterError(error, param="adapters")
+        except SwapserveError:
+            for name in fresh:
+                if name in store.entries:
+                    store.unregister(name)
+            raise
         for use in uses:
             store.acquire(use.entry)
             store.ensure_host(use.entry)
@@ -292,11 +305,13 @@ class AsyncEngine:
             self._wake.set()
 
     # ---- adapters (admin) -------------------------------------------------------------------------------
-    async def load_adapter(self, name: str, source: str, pinned: bool = False, replace: bool = False) -> dict:
+    async def load_adapter(self, name: str, source: str, pinned: bool = False, replace: bool = False,
+                           trusted: bool = False) -> dict:
+        """``trusted``: a directory the server wrote itself (a merge), read as is, not held to the adapter roots."""
         store = self.engine.store
-        checked = store.check_source(source)
+        checked = source if trusted else store.check_source(source)
         old = store.entries.get(name)
-        entry = store.register(name, checked, pinned, replace)
+        entry = store.register(name, checked, pinned, replace, trusted)
         try:
             await asyncio.wrap_future(store.ensure_host(entry))
         except Exception as e:
@@ -308,6 +323,18 @@ class AsyncEngine:
         if old is not None and old.in_flight == 0:
             self._submit(lambda: self.engine.drop_device(old.key))
         return self._info(entry)
+
+    async def merge_adapter(self, spec: MergeSpec, pinned: bool = False, replace: bool = False) -> dict:
+        """A new adapter ``spec.name`` made by PEFT's add_weighted_adapter on the merge thread (AdapterMerger: over
+        a weightless skeleton of the base), written under --adapters-cache, then loaded like any adapter (content
+        hash, host budget). 404 for an unknown source, 400 with PEFT's reason when PEFT refuses the merge."""
+        sources = self.merger.sources(spec)
+        path = await asyncio.wrap_future(self.merger.submit(spec, sources))
+        try:
+            return await self.load_adapter(spec.name, str(path), pinned, replace, trusted=True)
+        finally:
+            entry = self.engine.store.entries.get(spec.name)
+            self.merger.prune(spec.name, entry.source if entry is not None else None)
 
     async def unload_adapter(self, name: str) -> None:
         entry = self.engine.store.unregister(name)

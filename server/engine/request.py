@@ -100,15 +100,20 @@ class AdapterUse:
         return self.entry.key
 
 
+MAX_SCALE = 100.0  # |scale| of one adapter in a request (and |weight| of a merge source): beyond it a delta
+# swamps the base model
 LINEAR_KINDS = ("lora", "adalora")  # adapters whose deltas add: y = W x + sum_i scale_i * dW_i x
 
 
-def mixture_error(uses) -> str | None:
+def mixture_error(uses, kind_of=None) -> str | None:
     """Why ``uses`` cannot be served (None if they can): DoRA and IA3 are not linear in their weights, so they
-    are served alone at scale 1 only. Known once every adapter's kind is (after its first load)."""
+    are served alone at scale 1 only. ``kind_of(use)``: the adapter's kind (lora, adalora, dora, ia3) or None
+    when not known yet; by default the kind its first load recorded."""
+    if len(uses) == 1 and uses[0].scale == 1.0:
+        return None  # alone at full strength: any kind
     for use in uses:
-        kind = use.entry.info.get("type")
-        if kind is not None and kind not in LINEAR_KINDS and (len(uses) > 1 or use.scale != 1.0):
+        kind = kind_of(use.entry) if kind_of is not None else use.entry.info.get("type")
+        if kind is not None and kind not in LINEAR_KINDS:
             return (f"adapter {use.name!r} is {kind.upper() if kind == 'ia3' else 'DoRA'}, which is not linear in its "
                     "weights: it can only be used alone at scale 1.0 (mixtures and scales apply to LoRA, rsLoRA "
                     "and AdaLoRA adapters)")

@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 from server.adapters.formats import (CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE, AdapterFormatError,
-                                     check_against_base, load_adapter_dir, read_safetensors)
+                                     check_against_base, config_kind, load_adapter_dir, read_safetensors)
 from server.errors import AdapterError
 
 PREFIX = "base_model.model."
@@ -57,6 +57,7 @@ def test_good_adapter_matches_peft(case, make_adapter, base_targets):
     make_config, kind, rank, scalings = GOOD[case]
     directory, peft_model = make_adapter(make_config())
     weights = load_adapter_dir(directory, case)
+    assert config_kind(directory) == weights.kind  # what a mixture is checked against before any load
     layers = {n[len(PREFIX):]: m for n, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer)}
     assert (weights.name, weights.kind, weights.rank, weights.path) == (case, kind, rank, str(directory))
     assert set(weights.modules) == set(layers) and len(layers) == 4

@@ -4,14 +4,15 @@ adapter at scale 0 (which must equal the base model), over adapters of different
 
 PEFT's quirk: add_weighted_adapter copies ``use_rslora`` from the first adapter it is given into the mixture's
 config, so when that one is rsLoRA the mixture is scaled by sqrt(total rank) instead of 1. The sum is the same
-in any order, so the oracle lists a plain LoRA first; our semantics is the stated one, y = W x + sum s_i dW_i x.
+in any order, so the oracle (support.peft_mixture_for) lists a plain LoRA first; our semantics is the stated
+one, y = W x + sum s_i dW_i x.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from support import peft_model_for, randomize_adapter
+from support import greedy_tokens as greedy, peft_mixture_for, peft_model_for, randomize_adapter
 from .helpers import config, drain, submit
 
 MIX = {  # name -> PEFT config arguments: different ranks, target modules, rsLoRA and a rank pattern
@@ -49,31 +50,8 @@ def prompt_of(n: int, seed: int) -> list[int]:
 
 
 def oracle_model(model_dir, root, mix, quantization="none"):
-    """PEFT's own mixture: every component loaded, add_weighted_adapter(cat), that adapter set (a plain LoRA
-    first: see the module docstring). None for the base model; a scale-0 adapter alone is the base model too."""
-    from peft import PeftModel
-
-    mix = sorted([(n, s) for n, s in mix if s != 0], key=lambda c: MIX[c[0]].get("use_rslora", False))
-    base = peft_model_for(model_dir, None, quantization)
-    if not mix:
-        return base
-    model = PeftModel.from_pretrained(base, root / mix[0][0], adapter_name=mix[0][0])
-    for name, _ in mix[1:]:
-        model.load_adapter(root / name, adapter_name=name)
-    model.add_weighted_adapter([n for n, _ in mix], [s for _, s in mix], "mix", combination_type="cat")
-    model.set_adapter("mix")
-    return model.eval()
-
-
-@torch.inference_mode()
-def greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
-    ids, tokens, logprobs = list(prompt), [], []
-    for _ in range(n):
-        logits = model(torch.tensor([ids])).logits[0, -1].float()
-        tokens.append(int(logits.argmax()))
-        logprobs.append(float(torch.log_softmax(logits, -1)[tokens[-1]]))
-        ids.append(tokens[-1])
-    return tokens, logprobs
+    """PEFT's own mixture (support.peft_mixture_for: add_weighted_adapter(cat), plain LoRAs first)."""
+    return peft_mixture_for(model_dir, [(root / n, s) for n, s in mix], quantization)
 
 
 @pytest.mark.parametrize("quantization, tol, kernel", [("none", 1e-4, "auto"), ("none", 1e-4, "torch"),
