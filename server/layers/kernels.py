@@ -1,6 +1,7 @@
 """The CPU fast path of the LoRA op: one compiled loop over the step's adapter tokens, run by run (numba).
 
-Semantics are ``ops.lora_segments``' (the plain-torch reference): for every run of tokens on one slot s at scale c,
+Semantics are ``ops.lora_segments``' (the plain-torch reference): for every entry (token t, scale c) of the run on
+slot s,
     y[t] += c * (x[t] @ A[s, :r].T) @ B[s, :r]      r = ranks[s]; r == 0 leaves the tokens untouched.
 A token of a mixture appears in one run per component.
 Why not bmm: a decode step with k adapters has ~N/k tokens per adapter, so the op is k small matmuls that
@@ -44,14 +45,14 @@ SIGNATURE = ("void(f4[:, ::1], f4[:, ::1], f4[:, :, ::1], f4[:, :, ::1], i8[::1]
              "f4[::1])")
 
 
-def _lora_runs(y, x, a, b, ranks, order, starts, slots, scales):
+def _lora_runs(y, x, a, b, ranks, order, starts, slots, weights):
     """y: [T, out]  x: [T, in]  a: [S, R, in]  b: [S, R, out]  ranks: [S]
-    order: [n] token indices, run by run; run j = order[starts[j]:starts[j + 1]], all on slot slots[j] at
-    scale scales[j]."""
+    order: [n] token indices, run by run; run j = order[starts[j]:starts[j + 1]], all on slot slots[j];
+    weights: [n] the scale of each entry of order."""
     n_in, n_out = x.shape[1], y.shape[1]
     h = np.empty((order.shape[0], a.shape[1]), dtype=np.float32)  # [n, R] shrunk activations
     for j in range(slots.shape[0]):
-        s, lo, hi, c = slots[j], starts[j], starts[j + 1], scales[j]
+        s, lo, hi = slots[j], starts[j], starts[j + 1]
         rank = ranks[s]
         for r in range(rank):  # shrink: each row of A is read once for the whole run
             for k in range(lo, hi):
@@ -59,7 +60,7 @@ def _lora_runs(y, x, a, b, ranks, order, starts, slots, scales):
                 acc = np.float32(0.0)
                 for i in range(n_in):
                     acc += a[s, r, i] * x[t, i]
-                h[k, r] = acc * c
+                h[k, r] = acc * weights[k]
         for k in range(lo, hi):  # expand: y[t] += sum_r h[r] * B[s, r]
             t = order[k]
             for r in range(rank):
@@ -85,7 +86,7 @@ def lora_runs(y: torch.Tensor, x: torch.Tensor, a: np.ndarray, b: np.ndarray, ra
     a, b: the layer's slot tensors as numpy views, [num_slots, max_rank, in] / [num_slots, max_rank, out]
     ranks: [num_slots] int64, each slot's live rank in this layer (rows past it are never read)
     """
-    _compiled()(y.numpy(), x.numpy(), a, b, ranks, runs.order, runs.starts, runs.slots, runs.scales)
+    _compiled()(y.numpy(), x.numpy(), a, b, ranks, runs.order, runs.starts, runs.slots, runs.weights)
 
 
 def warm_up() -> None:

@@ -54,7 +54,7 @@ class AdapterMapping:
     slots:        the distinct slots present, for layers to decide cheaply what applies.
     groups:       the same routing as one padded batch, for the grouped (bmm) op, or None when padding
                   would waste too much (skewed prefill) and the per-segment loop is cheaper.
-    runs:         the same routing as runs of tokens per (slot, scale), for the compiled CPU kernel
+    runs:         the same routing as runs of tokens per slot, each with its scale, for the compiled CPU kernel
                   (kernels.lora_runs); set only when the caller asked for it and no run is longer than
                   ``max_run``. Layers take runs first, then groups, then segments.
     """
@@ -101,40 +101,41 @@ class AdapterMapping:
 
 @dataclass(frozen=True)
 class SlotRuns:
-    """The step's routes as runs, one per distinct (slot, scale), for kernels.lora_runs (numpy, CPU).
+    """The step's routes as runs, one per slot present, for kernels.lora_runs (numpy, CPU): each slot's A and B
+    are read once a step however many requests, scales and mixtures use it.
 
-    order:   [num_entries] int64 token indices, run by run (ascending slot, then scale, then token); a mixture's
-             token appears once per component
+    order:   [num_entries] int64 token indices, run by run (ascending slot, then token); a mixture's token
+             appears once per component
+    weights: [num_entries] float32, the scale of each entry
     starts:  [num_runs + 1] int64; run j is order[starts[j]:starts[j + 1]]
     slots:   [num_runs] int64, the slot of run j
-    scales:  [num_runs] float32, the scale of run j
     """
 
     order: np.ndarray
+    weights: np.ndarray
     starts: np.ndarray
     slots: np.ndarray
-    scales: np.ndarray
 
     @classmethod
     def build(cls, routes: Routes, max_run: int) -> "SlotRuns | None":
-        """None when some run has more than ``max_run`` tokens (GEMM-shaped: torch's path is faster)."""
-        by = np.lexsort((routes.tok, routes.scale, routes.slot))  # slot, then scale, then token
-        slot, scale = routes.slot[by], routes.scale[by]
+        """None when some slot has more than ``max_run`` entries (GEMM-shaped: torch's path is faster)."""
+        by = np.lexsort((routes.tok, routes.slot))  # slot, then token
+        slot = routes.slot[by]
         new = np.ones(len(by), dtype=bool)
-        new[1:] = (slot[1:] != slot[:-1]) | (scale[1:] != scale[:-1])
+        new[1:] = slot[1:] != slot[:-1]
         heads = np.flatnonzero(new)
         starts = np.append(heads, len(by)).astype(np.int64)
         if np.diff(starts).max() > max_run:
             return None
-        return cls(routes.tok[by].astype(np.int64), starts, slot[heads].astype(np.int64),
-                   scale[heads].astype(np.float32))
+        return cls(routes.tok[by].astype(np.int64), routes.scale[by].astype(np.float32), starts,
+                   slot[heads].astype(np.int64))
 
     def split(self, k: int) -> tuple["SlotRuns", "SlotRuns | None"]:
         """Runs [0, k) and [k, n) as two SlotRuns over the same ``order`` (views, no copy); None for an empty
         second part."""
         n = len(self.slots)
-        second = None if k >= n else SlotRuns(self.order, self.starts[k:], self.slots[k:], self.scales[k:])
-        return SlotRuns(self.order, self.starts[:k + 1], self.slots[:k], self.scales[:k]), second
+        second = None if k >= n else SlotRuns(self.order, self.weights, self.starts[k:], self.slots[k:])
+        return SlotRuns(self.order, self.weights, self.starts[:k + 1], self.slots[:k]), second
 
 
 @dataclass(frozen=True)
