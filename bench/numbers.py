@@ -23,3 +23,18 @@ def spread(mr: dict | None, fmt: str = "{:.1f}", suffix: str = "") -> str:
     if mr.get("n", 1) > 1 and fmt.format(mr["min"]) != fmt.format(mr["max"]):
         text += f" ({fmt.format(mr['min'])}–{fmt.format(mr['max'])})"
     return text
+
+
+def rounds_cells(runs: list[dict]) -> str:
+    """Table cells for one system's rounds (bench.timing.summarize dicts): tok/s as median (min–max), then the
+    medians of TTFT p50, TTFT p99, ITL p50 and ITL p99 in ms."""
+    from statistics import median
+
+    from bench.timing import median_range
+
+    def med(key: str):
+        xs = [r[key] for r in runs if r.get(key) is not None]
+        return median(xs) if xs else None
+
+    return " | ".join([spread(median_range([r.get("tok_s") for r in runs]))]
+                      + [fixed(med(k)) for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")])

