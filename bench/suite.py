@@ -17,7 +17,7 @@ from bench.config import BenchConfig, auto_threads
 from bench.drivers import Driver, EngineDriver, cell_requests, load_and_warm, run_concurrent
 from bench.fixtures import adapter_bytes, copy_adapters, make_adapters, make_typed_adapters, model_dir, prompts
 from bench.memory import model_memory
-from bench.report import machine_git
+from bench.report import loadavg, machine_git
 from bench.request_set import RequestSet
 from bench.scale import run_scale, run_types, timed
 from bench.mixtures import run_mixtures
@@ -119,6 +119,33 @@ async def measure_cell(cfg: BenchConfig, fx: Fixtures, anchors: Anchors | None, 
         row["naive"] = naive_summary(anchors.naive(prompts_n[:c], rows[:c], m), n)
     _log_cell(row)
     return row
+
+
+GRID_SYSTEMS = ("base", "base_onednn", "swapserve", "swapserve_no_adapter", "peft", "naive")
+
+
+def combine_rounds(rows: list[dict]) -> dict:
+    """One cell's rounds as one row: every system's numbers are the medians over the rounds, with each round's
+    tok/s kept (``round_tok_s``), and ``round_ratios``: swapserve over each anchor, round by round (a ratio's
+    median is taken over rounds, not between two medians)."""
+    from statistics import median
+
+    out = {"concurrency": rows[0]["concurrency"], "adapters": rows[0]["adapters"], "rounds": len(rows)}
+    for key in GRID_SYSTEMS:
+        runs = [r[key] for r in rows if key in r]
+        if not runs:
+            continue
+        merged = dict(runs[0])
+        for field, value in runs[0].items():
+            values = [run.get(field) for run in runs]
+            if isinstance(value, float) and all(isinstance(v, (int, float)) for v in values):
+                merged[field] = median(values)
+        merged["round_tok_s"] = [run.get("tok_s") for run in runs]
+        out[key] = merged
+    out["round_ratios"] = {den: [r["swapserve"]["tok_s"] / r[den]["tok_s"] for r in rows
+                                 if den in r and r[den].get("tok_s")]
+                           for den in GRID_SYSTEMS if den != "swapserve" and den in out}
+    return out
 
 
 def naive_summary(traces, n: int) -> dict:
@@ -286,11 +313,19 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -
     await warm_up(driver, fx, cfg)
     if anchors:
         anchors.warm_up(fx.prompts[0])
-    seen: set[int] = set()
-    cells = []
-    for n, k in cfg.cells:
-        cells.append(await measure_cell(cfg, fx, anchors, driver, n, k, n not in seen))
-        seen.add(n)
+    per_round: list[list[dict]] = []
+    loads = []
+    for r in range(cfg.grid_rounds):  # every cell once per round, in turn: drifting load hits all cells alike
+        load = {"start": loadavg()}
+        seen: set[int] = set()
+        per_round.append([])
+        for n, k in cfg.cells:
+            per_round[-1].append(await measure_cell(cfg, fx, anchors, driver, n, k, n not in seen))
+            seen.add(n)
+        loads.append(load | {"end": loadavg()})
+        log.info("grid round %d/%d done (load average %s -> %s)", r + 1, cfg.grid_rounds, load["start"],
+                 loads[-1]["end"])
+    cells = [combine_rounds(list(rows)) for rows in zip(*per_round)]
     pool = dict(list(fx.pool.items())[:cfg.swap_samples])
     swap = await swap_costs(engine, driver, pool, fx.on_demand, fx.prompts[0])
     swap["peft_load_adapter_p50_ms"] = percentile_ms(peft_load)
@@ -299,7 +334,7 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -
     loads = dict(list(fx.pool.items())[:cfg.interference_loads])
     intf = await interference(driver, streams, loads, cfg.interference_rounds)
     log.info("load interference: %s", {k: round(v, 3) for k, v in intf.items() if k != "per_round"})
-    out = {"cells": cells, "swap": swap, "interference": intf}
+    out = {"cells": cells, "grid_loads": loads, "swap": swap, "interference": intf}
     if cfg.structured_share:
         out["structured"] = await timed("structured outputs", run_structured(cfg, engine, fx.cell, fx.prompts))
     if cfg.mixtures:

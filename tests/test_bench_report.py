@@ -258,3 +258,22 @@ def test_llama_driver_names_the_adapter_by_its_lora_id():
     body = driver.body(BenchRequest([1, 2], "b", 5))
     assert body["lora"] == [{"id": 1, "scale": 1.0}] and "model" not in body and body["ignore_eos"]
     assert "lora" not in driver.body(BenchRequest([1, 2], None, 5))
+
+
+def test_grid_rounds_combine_into_medians_and_per_round_ratios():
+    """bench.suite.combine_rounds: a cell's rounds become medians per system, and swapserve's ratio to each
+    anchor is taken round by round; the table and the headline show its median (min–max)."""
+    from bench.markdown import throughput_table
+    from bench.suite import combine_rounds
+
+    rounds = []
+    for ours, onednn in ((90.0, 100.0), (80.0, 100.0), (99.0, 110.0)):
+        row = cell(32, 16, 100.0, ours, 96, 12.0)
+        row["base_onednn"] = {"tok_s": onednn, "ttft_p50_ms": onednn}
+        rounds.append(row)
+    c = combine_rounds(rounds)
+    assert c["rounds"] == 3 and c["swapserve"]["tok_s"] == 90.0 and c["swapserve"]["round_tok_s"] == [90, 80, 99]
+    assert c["base_onednn"]["ttft_p50_ms"] == 100.0 and c["naive"]["tokens"] == 96
+    assert c["round_ratios"]["base_onednn"] == [0.9, 0.8, 0.9]
+    assert "**0.90x (0.80–0.90)**" in "\n".join(throughput_table({"cells": [c]}))
+    assert "**0.90x (0.80–0.90) the base model at equal GEMM**" in headline({"cells": [c], "config": {}})
