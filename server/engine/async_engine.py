@@ -358,6 +358,27 @@ class AsyncEngine:
         why = f"is not loaded: {failed.describe()}" if failed else "cannot be found."
         raise UnknownAdapterError(f"The lora adapter '{name}' {why}", param="name")
 
+    def adapter_catalog(self) -> list[dict]:
+        """Every adapter the server knows: list_adapters()' entries (``registered``: true), then the directories
+        under the adapter roots not registered (tier "disk", server.adapters.catalog), then recent on-demand
+        load failures (tier null, ``error`` saying why). A failed name still on disk is listed once, with both."""
+        from server.adapters.catalog import disk_adapters
+
+        store = self.engine.store
+        registered = [{**a, "registered": True} for a in self.list_adapters()]
+        names = {a["name"] for a in registered}
+        disk = disk_adapters(store.roots, names)
+        by_name = {a["name"]: a for a in disk}
+        failed = []
+        for f in store.recent_failures():
+            if f.name in names:
+                continue
+            if f.name in by_name:
+                by_name[f.name]["error"] = f.describe()
+            else:
+                failed.append({"name": f.name, "tier": None, "registered": False, "error": f.describe()})
+        return registered + disk + failed
+
     def _info(self, e) -> dict:
         tier = ("device" if self.engine.runner.manager.resident(e.key) else
                 "host" if e.weights is not None else "disk")
@@ -385,4 +406,11 @@ class AsyncEngine:
         return {**self.engine.stats(), "num_waiting": len(waiting) + len(self._inbox),
                 "running_adapters": sorted({u.name for r in running for u in r.uses}),
                 "waiting_adapters": sorted({u.name for r in waiting for u in r.uses}),
-                "max_loras": self.config.max_loras}
+                "max_loras": self.config.max_loras, "adapter_tiers": self._tier_counts()}
+
+    def _tier_counts(self) -> dict[str, int]:
+        """Registered adapters per tier (device slot, host memory, disk only)."""
+        counts = {"device": 0, "host": 0, "disk": 0}
+        for adapter in self.list_adapters():
+            counts[adapter["tier"]] = counts.get(adapter["tier"], 0) + 1
+        return counts
