@@ -436,7 +436,8 @@ function renderFacts(s) {
   const facts = [
     ["model", s.model], ["device", `${show(e.device)} ${show(e.dtype)}`],
     ["KV cache", show(e.kv_cache)], ["KV in use", pct(s.kv_cache_usage)],
-    ["adapter slots", `${s.slots_used} of ${show(s.max_loras)}`], ["adapters by tier", show(s.adapter_tiers)],
+    ["adapter slots", `${s.slots_used} of ${show(s.max_loras)}`], ["adapters by tier", Object.entries(s.adapter_tiers || {}).map(([t, n]) => `${t} ${n}`).join(" · ")],
+    ["requests running / waiting", `${s.num_running} / ${s.num_waiting}`],
     ["requests finished", show(s.totals && s.totals.requests)],
     ["tokens generated", show(s.totals && s.totals.generation_tokens)],
   ];

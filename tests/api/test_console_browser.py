@@ -2,7 +2,7 @@
 tiers against the admin API's, admin actions refused without the admin key and done with it, the playground's
 side-by-side streams against the API's greedy outputs, the server page's charts, and no console errors.
 
-Skipped when Playwright or a Chromium binary is missing (`.ci/run` installs both; set SWAPSERVE_CHROMIUM to use
+Skipped when Playwright or a Chromium binary is missing (`make install` installs Playwright, `.ci/run` chromium; set SWAPSERVE_CHROMIUM to use
 another binary)."""
 from __future__ import annotations
 
