@@ -25,6 +25,7 @@ from bench.structured import run_structured
 from bench.swap import interference, swap_costs
 from bench.timing import summarize
 from bench.traffic import TrafficSpec, run_traffic
+from server import progress
 
 log = logging.getLogger("bench")
 
@@ -277,7 +278,7 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -
         anchors.warm_up(fx.prompts[0])
     seen: set[int] = set()
     cells = []
-    for n, k in cfg.cells:
+    for n, k in progress.bar(cfg.cells, desc="bench cells", unit="cell"):
         cells.append(await measure_cell(cfg, fx, anchors, driver, n, k, n not in seen))
         seen.add(n)
     pool = dict(list(fx.pool.items())[:cfg.swap_samples])
