@@ -2,8 +2,8 @@
 tiers against the admin API's, admin actions refused without the admin key and done with it, the playground's
 side-by-side streams against the API's greedy outputs, the server page's charts, and no console errors.
 
-Skipped when Playwright or a Chromium binary is missing (`make install` installs Playwright, `.ci/run` chromium; set SWAPSERVE_CHROMIUM to use
-another binary)."""
+Skipped when Playwright or a Chromium binary is missing (`make install` installs Playwright, `.ci/run`
+chromium; set SWAPSERVE_CHROMIUM to use another binary)."""
 from __future__ import annotations
 
 import os
@@ -69,11 +69,14 @@ def greedy(server, model: str) -> str:
 def test_console_end_to_end(auth_server, browser):
     console = Console(browser.new_page(viewport={"width": 1400, "height": 900}), auth_server.url)
     page = console.page
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url.removeprefix(auth_server.url)))
     page.goto(auth_server.url + "/")
 
-    # signed out: the login form, and nothing else
+    # signed out: the login form, and nothing else: no data route was even asked
     page.wait_for_selector("#login-form", state="visible")
     assert page.locator("#nav").is_hidden() and page.locator("#page-adapters").is_hidden()
+    assert requested and all(path == "/" or path.startswith("/console/") for path in requested), requested
     page.fill("#login-key", API_KEY)
     page.keyboard.press("Enter")
     page.wait_for_selector("#page-adapters", state="visible")
@@ -110,7 +113,9 @@ def test_console_end_to_end(auth_server, browser):
     assert "beta2" not in admin_listing(auth_server)
 
     # the playground: the base model and two adapters in one go, streamed side by side
-    page.click('nav a[data-page="playground"]')
+    page.focus('nav a[data-page="playground"]')  # the keyboard reaches every page
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#page-playground", state="visible")
     page.fill("#prompt", PROMPT)
     page.fill("#max-tokens", str(MAX_TOKENS))
     page.fill("#temperature", "0")
