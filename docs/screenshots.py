@@ -39,13 +39,14 @@ def build_adapters(work: Path, model: str, cache_dir: str) -> Path:
     return root
 
 
-def serve(config: EngineConfig, port: int) -> uvicorn.Server:
-    app = create_app(AsyncEngine(config), ServerConfig(port=port))
+def serve(config: EngineConfig, port: int) -> tuple[uvicorn.Server, threading.Thread]:
+    app = create_app(AsyncEngine(config), ServerConfig(port=port, shutdown_timeout=5))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
     while not server.started:
         time.sleep(0.1)
-    return server
+    return server, thread
 
 
 def traffic(url: str, stop: threading.Event) -> None:
@@ -104,7 +105,7 @@ def main() -> None:
     root = build_adapters(args.work, probe.model, probe.cache_dir)
     config = EngineConfig(**({"model": args.model} if args.model else {}), adapter_roots=[str(root)],
                           max_loras=4, max_cpu_loras=6, lora_modules={"legal-lora": str(root / "legal-lora")})
-    server = serve(config, args.port)
+    server, thread = serve(config, args.port)
     url = f"http://127.0.0.1:{args.port}"
     with httpx.Client(base_url=url, timeout=600) as http:
         while http.get("/ready").status_code != 200:
@@ -118,7 +119,8 @@ def main() -> None:
         shoot(url, args.out, args.chromium)
     finally:
         stop.set()
-        server.should_exit = True
+        server.should_exit = True  # the lifespan stops the engine; exit after it, not with its threads mid-step
+        thread.join(60)
 
 
 if __name__ == "__main__":

@@ -46,9 +46,10 @@ async def stats(request: Request) -> dict:
 
 
 @data.get("/v1/stats/adapters")
-async def adapter_stats(request: Request) -> dict:
+def adapter_stats(request: Request) -> dict:
     """Every adapter the server knows (AsyncEngine.adapter_catalog: registered, on disk under the roots, failed),
-    with requests and generated tokens served since start. Sources (server paths) are for the admin routes."""
+    with requests and generated tokens served since start. Sources (server paths) are for the admin routes.
+    A plain def: FastAPI runs it on its thread pool, since listing the roots reads the disk."""
     state = request.app.state
     served = state.metrics.per_adapter()
     rows = []

@@ -59,6 +59,7 @@ async function boot() {
     if (e.status === 401) { keys.api = ""; return showLogin("That key was refused."); }
     $("boot").hidden = false;
     $("boot").textContent = "The server did not answer: " + e.message;
+    if (e.status === 503) setTimeout(boot, POLL_MS);  // the model is still loading: try again
   }
 }
 

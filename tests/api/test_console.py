@@ -2,8 +2,12 @@
 key and report what the engine and /metrics report; the stats window's percentiles are Prometheus'."""
 from __future__ import annotations
 
+import fnmatch
 import math
+import tomllib
+from pathlib import Path
 
+from server.api.console import STATIC
 from server.api.stats import StatsWindow, histogram_quantile
 
 from .conftest import API_KEY
@@ -69,3 +73,13 @@ def test_the_window_compares_with_its_oldest_snapshot_inside_it():
     assert window.observe(5.0, snap(50))["generation_tokens_per_s"] == 10
     assert window.observe(20.0, snap(250))["generation_tokens_per_s"] == 200 / 15  # from t=5, the last one <= 10
     assert window.observe(31.0, snap(250))["generation_tokens_per_s"] == 0  # from t=20
+
+
+def test_every_console_file_is_package_data():
+    """An installed (not editable) package must carry the shell: each file matches a package-data glob."""
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["server"]
+    files = [p.relative_to(STATIC.parent).as_posix() for p in STATIC.iterdir() if p.is_file()]
+    assert {"console/index.html", "console/app.js", "console/style.css"} <= set(files)
+    for name in files:
+        assert any(fnmatch.fnmatch(name, g) for g in globs), name
