@@ -58,7 +58,10 @@ def traffic(url: str, stop: threading.Event) -> None:
             body = {"prompt": f"Write a haiku about the number {i}.", "max_tokens": 24, "temperature": 0.8}
             if models[i % len(models)]:
                 body["model"] = models[i % len(models)]
-            http.post("/v1/completions", json=body)
+            try:
+                http.post("/v1/completions", json=body)
+            except httpx.HTTPError:  # the server is stopping
+                return
             i += 1
 
 

@@ -58,9 +58,10 @@ def admin_listing(server) -> dict[str, dict]:
         return {a["name"]: a for a in http.get("/v1/adapters").json()["data"]}
 
 
-def greedy(server, model: str) -> str:
+def greedy(server, choice: dict) -> str:
+    """The API's greedy text for a column (``choice``: {"model": ...} or {"adapters": [...]})."""
     with server.client(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
-        r = http.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS,
+        r = http.post("/v1/completions", json={**choice, "prompt": PROMPT, "max_tokens": MAX_TOKENS,
                                                "temperature": 0})
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["text"]
@@ -112,20 +113,24 @@ def test_console_end_to_end(auth_server, browser):
     page.wait_for_selector('tr[data-name="beta2"]', state="detached")
     assert "beta2" not in admin_listing(auth_server)
 
-    # the playground: the base model and two adapters in one go, streamed side by side
+    # the playground: the base model, two adapters and a mixture of them in one go, streamed side by side
     page.focus('nav a[data-page="playground"]')  # the keyboard reaches every page
     page.keyboard.press("Enter")
     page.wait_for_selector("#page-playground", state="visible")
     page.fill("#prompt", PROMPT)
     page.fill("#max-tokens", str(MAX_TOKENS))
     page.fill("#temperature", "0")
-    columns = ["tiny-llama", "alpha", "gamma"]
-    for i, model in enumerate(columns):
-        page.locator("#column-specs input").nth(i).fill(model)
+    columns = {"tiny-llama": {"model": "tiny-llama"}, "alpha": {"model": "alpha"}, "gamma": {"model": "gamma"},
+               "alpha*0.5 + gamma*-0.7": {"adapters": [{"name": "alpha", "scale": 0.5},
+                                                       {"name": "gamma", "scale": -0.7}]}}
+    page.click("#add-column")
+    for i, spec in enumerate(columns):
+        page.locator("#column-specs input").nth(i).fill(spec)
     page.click("#run")
-    sync_api.expect(page.locator("#columns .column[data-state=done]")).to_have_count(3, timeout=TIMEOUT_MS)
+    sync_api.expect(page.locator("#columns .column[data-state=done]")).to_have_count(4, timeout=TIMEOUT_MS)
     shown = page.locator("#columns .column pre").all_text_contents()
-    assert shown == [greedy(auth_server, model) for model in columns]
+    assert shown == [greedy(auth_server, choice) for choice in columns.values()]
+    assert shown[0] != shown[1] == shown[2] != shown[3]  # alpha and gamma are copies of one adapter
     assert all("TTFT" in meta and "tok/s" in meta for meta in page.locator("#columns .meta").all_inner_texts())
 
     # both adapters ran, so both hold a device slot (max_loras 2): the page agrees with the admin API
