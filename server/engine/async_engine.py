@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
+from server.adapters.catalog import disk_adapters
 from server.adapters.merge import AdapterMerger
 from server.adapters.merge_spec import MergeSpec
 from server.config import EngineConfig
@@ -362,8 +363,6 @@ class AsyncEngine:
         """Every adapter the server knows: list_adapters()' entries (``registered``: true), then the directories
         under the adapter roots not registered (tier "disk", server.adapters.catalog), then recent on-demand
         load failures (tier null, ``error`` saying why). A failed name still on disk is listed once, with both."""
-        from server.adapters.catalog import disk_adapters
-
         store = self.engine.store
         registered = [{**a, "registered": True} for a in self.list_adapters()]
         names = {a["name"] for a in registered}
