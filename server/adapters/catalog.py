@@ -51,7 +51,7 @@ def describe_dir(directory: Path, roots: list[Path]) -> dict:
     except (SwapserveError, OSError) as e:
         return out | {"error": str(e)}
     out["type"] = "dora" if config.get("use_dora") else peft_type.lower()
-    rank = config.get("r", config.get("init_r")) if peft_type != "IA3" else None
+    rank = {"LORA": config.get("r"), "ADALORA": config.get("init_r")}.get(peft_type)  # AdaLoRA's r is unused
     out["rank"] = rank if isinstance(rank, int) else None
     targets = config.get("target_modules")
     out["target_modules"] = target_names(targets) if isinstance(targets, list) else targets
