@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
-from server.adapters.catalog import disk_adapters
+from server.adapters.catalog import describe_dir, disk_adapters
 from server.adapters.merge import AdapterMerger
 from server.adapters.merge_spec import MergeSpec
 from server.config import EngineConfig
@@ -365,6 +365,9 @@ class AsyncEngine:
         load failures (tier null, ``error`` saying why). A failed name still on disk is listed once, with both."""
         store = self.engine.store
         registered = [{**a, "registered": True} for a in self.list_adapters()]
+        for adapter in registered:
+            if adapter.get("type") is None:  # not loaded yet: what its config says
+                adapter.update(self._described(adapter["name"]))
         names = {a["name"] for a in registered}
         disk = disk_adapters(store.roots, names)
         by_name = {a["name"]: a for a in disk}
@@ -377,6 +380,18 @@ class AsyncEngine:
             else:
                 failed.append({"name": f.name, "tier": None, "registered": False, "error": f.describe()})
         return registered + disk + failed
+
+    def _described(self, name: str) -> dict:
+        """type, rank, target_modules, size_bytes of a registered adapter never loaded, from its directory's
+        config (server.adapters.catalog.describe_dir, read within the roots its loads are held to); {} for a Hub
+        adapter not downloaded yet, or one unregistered meanwhile."""
+        store = self.engine.store
+        with store.lock:
+            entry = store.entries.get(name)
+        if entry is None or entry.source.startswith("hub:"):
+            return {}
+        described = describe_dir(Path(entry.source), store.sources.roots_for(entry.source, entry.trusted))
+        return {k: v for k, v in described.items() if v is not None}
 
     def _info(self, e) -> dict:
         tier = ("device" if self.engine.runner.manager.resident(e.key) else

@@ -83,3 +83,16 @@ def test_every_console_file_is_package_data():
     assert {"console/index.html", "console/app.js", "console/style.css"} <= set(files)
     for name in files:
         assert any(fnmatch.fnmatch(name, g) for g in globs), name
+
+
+def test_a_registered_adapter_not_loaded_yet_is_described_from_its_config(server, adapter_root):
+    """An on-demand adapter is registered before its load finishes: until then its config says what it is."""
+    store = server.engine.engine.store
+    store.register("pending", str(adapter_root / "beta"))
+    try:
+        with server.client() as http:
+            rows = {a["name"]: a for a in http.get("/v1/stats/adapters").json()["data"]}
+    finally:
+        store.unregister("pending")
+    assert rows["pending"] == rows["pending"] | {"registered": True, "tier": "disk", "type": "lora", "rank": 8}
+    assert "q_proj" in rows["pending"]["target_modules"] and rows["pending"]["size_bytes"] > 0
