@@ -175,16 +175,14 @@ class Metrics:
         return out
 
     def per_adapter(self) -> dict[str, dict[str, float]]:
-        """{adapter: {"requests", "tokens", "errors"}} since start, read from the counters /metrics exports
-        (the console's per-adapter columns)."""
+        """{adapter: {"requests", "tokens"}} since start, read from the counters /metrics exports (the console's
+        per-adapter columns)."""
         out: dict[str, dict[str, float]] = {}
-        for counter, field in ((self.adapter_requests, "requests"), (self.adapter_tokens, "tokens"),
-                               (self.adapter_errors, "errors")):
+        for counter, field in ((self.adapter_requests, "requests"), (self.adapter_tokens, "tokens")):
             for metric in counter.collect():
                 for sample in metric.samples:
                     if sample.name.endswith("_total"):
-                        row = out.setdefault(sample.labels["adapter"], {"requests": 0, "tokens": 0, "errors": 0})
-                        row[field] += sample.value
+                        out.setdefault(sample.labels["adapter"], {"requests": 0, "tokens": 0})[field] += sample.value
         return out
 
     def render(self, stats: dict) -> bytes:

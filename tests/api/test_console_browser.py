@@ -58,13 +58,18 @@ def admin_listing(server) -> dict[str, dict]:
         return {a["name"]: a for a in http.get("/v1/adapters").json()["data"]}
 
 
-def greedy(server, choice: dict) -> str:
+def greedy(server, choice: dict, chat: bool = False) -> str:
     """The API's greedy text for a column (``choice``: {"model": ...} or {"adapters": [...]})."""
+    body = {**choice, "max_tokens": MAX_TOKENS, "temperature": 0}
+    if chat:
+        body["messages"] = [{"role": "user", "content": PROMPT}]
+    else:
+        body["prompt"] = PROMPT
     with server.client(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
-        r = http.post("/v1/completions", json={**choice, "prompt": PROMPT, "max_tokens": MAX_TOKENS,
-                                               "temperature": 0})
+        r = http.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
         assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["text"]
+        choice = r.json()["choices"][0]
+        return choice["message"]["content"] if chat else choice["text"]
 
 
 def test_console_end_to_end(auth_server, browser):
@@ -131,6 +136,13 @@ def test_console_end_to_end(auth_server, browser):
     shown = page.locator("#columns .column pre").all_text_contents()
     assert shown == [greedy(auth_server, choice) for choice in columns.values()]
     assert shown[0] != shown[1] == shown[2] != shown[3]  # alpha and gamma are copies of one adapter
+
+    # chat: the same columns through the chat template
+    page.check('input[name="mode"][value="chat"]')
+    page.click("#run")
+    sync_api.expect(page.locator("#columns .column[data-state=done]")).to_have_count(4, timeout=TIMEOUT_MS)
+    shown = page.locator("#columns .column pre").all_text_contents()
+    assert shown == [greedy(auth_server, choice, chat=True) for choice in columns.values()]
     assert all("TTFT" in meta and "tok/s" in meta for meta in page.locator("#columns .meta").all_inner_texts())
 
     # both adapters ran, so both hold a device slot (max_loras 2): the page agrees with the admin API
