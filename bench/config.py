@@ -176,17 +176,14 @@ def auto_threads() -> int:
 
 
 def setup_logging() -> None:
-    """A bench process's log: its own INFO lines; the libraries' (and the server's) warnings only; no
-    progress bars."""
+    """A bench process's log: its own INFO lines; the libraries' (and the server's) warnings only; progress
+    bars on a terminal only (server.progress)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "transformers", "peft", "server"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        from transformers.utils import logging as hf_logging
+    from server import progress
 
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    progress.configure()
 
 
 def traffic_fields(pairs: list[str]) -> dict:

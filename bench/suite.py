@@ -25,6 +25,7 @@ from bench.structured import run_structured
 from bench.swap import interference, swap_costs
 from bench.timing import summarize
 from bench.traffic import TrafficSpec, run_traffic
+from server import progress
 
 log = logging.getLogger("bench")
 
@@ -319,7 +320,7 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -
         load = {"start": loadavg()}
         seen: set[int] = set()
         per_round.append([])
-        for n, k in cfg.cells:
+        for n, k in progress.bar(cfg.cells, desc=f"bench cells, round {r + 1}/{cfg.grid_rounds}", unit="cell"):
             per_round[-1].append(await measure_cell(cfg, fx, anchors, driver, n, k, n not in seen))
             seen.add(n)
         loads.append(load | {"end": loadavg()})

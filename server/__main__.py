@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from server import progress
 from server.api.settings import ServerConfig
 from server.config import EngineConfig
 from server.train import add_train_arguments, run_train
@@ -201,6 +202,7 @@ def build_configs(args: argparse.Namespace, environ: dict[str, str]) -> tuple[En
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    progress.configure()  # bars for downloads, conversion and training on a terminal; none in logs
     if args.command == "train":
         return run_train(args)
     try:

@@ -20,6 +20,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from server import progress
+
 IGNORE_INDEX = -100  # label of tokens that carry no loss
 DEFAULT_LR = {"lora": 2e-4, "ia3": 3e-3}
 FORMS = '{"prompt", "completion"}, {"text"} or {"messages"}'
@@ -252,7 +254,7 @@ def _linear_names(model) -> list[str]:
 
 
 def fit(model, examples: list[dict], pad_id: int, args: argparse.Namespace, on_cpu: bool) -> list[dict]:
-    """Run Trainer (progress bar, loss every --logging-steps); returns its log history."""
+    """Run Trainer (a progress bar on a terminal, loss every --logging-steps); returns its log history."""
     from transformers import Trainer, TrainingArguments
 
     with tempfile.TemporaryDirectory(prefix="swapserve-train-") as scratch:
@@ -261,7 +263,7 @@ def fit(model, examples: list[dict], pad_id: int, args: argparse.Namespace, on_c
             max_steps=args.max_steps, num_train_epochs=args.epochs, learning_rate=args.lr,
             per_device_train_batch_size=args.batch_size, logging_steps=args.logging_steps, logging_first_step=True,
             remove_unused_columns=False, label_names=["labels"], dataloader_pin_memory=not on_cpu,
-            disable_tqdm=False)
+            disable_tqdm=not progress.bars_enabled())
         trainer = Trainer(model=model, args=settings, train_dataset=examples,
                           data_collator=lambda batch: collate(batch, pad_id))
         trainer.train()

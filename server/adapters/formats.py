@@ -154,7 +154,9 @@ def check_safetensors_header(f: BinaryIO, path: Path, max_bytes: int) -> tuple[d
     return header, 8 + n
 
 
-def _check_config(config: dict, path: Path) -> str:
+def check_config(config: dict, path: Path) -> str:
+    """The config's peft_type (LORA, ADALORA, IA3) if the server can serve it; AdapterFormatError naming the field
+    otherwise."""
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in ("LORA", "ADALORA", "IA3"):
         raise AdapterFormatError(
@@ -234,7 +236,7 @@ def config_kind(directory: str | Path, roots: list[str] | None = None) -> str:
     directory = Path(directory)
     with AdapterDir(directory, roots) as opened:
         config = read_config(opened)
-    peft_type = _check_config(config, directory / CONFIG_FILE)
+    peft_type = check_config(config, directory / CONFIG_FILE)
     return "dora" if config.get("use_dora") else peft_type.lower()
 
 
@@ -252,7 +254,7 @@ def load_adapter_dir(directory: str | Path, name: str, max_bytes: int = 2 << 30,
         raise AdapterFormatError(f"{directory}: cannot be opened as an adapter directory ({e.strerror})") from None
     with opened:
         config = read_config(opened)
-        peft_type = _check_config(config, directory / CONFIG_FILE)
+        peft_type = check_config(config, directory / CONFIG_FILE)
         digest = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
         tensors = _read_weights(opened, max_bytes, mapped, digest)
     weights_path = directory / WEIGHTS_FILE

@@ -42,6 +42,11 @@ class LoadFailures:
         item = self._failures.get(name)
         return None if item is None else item[1]
 
+    def recent(self) -> list[LoadFailure]:
+        """The failures within ttl_s, oldest first."""
+        self._expire()
+        return [failure for _, failure in self._failures.values()]
+
     def forget(self, name: str) -> None:
         self._failures.pop(name, None)
 

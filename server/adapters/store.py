@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from server.adapters.catalog import target_names
 from server.adapters.finite import check_finite
 from server.adapters.formats import config_kind
 from server.adapters.host_budget import HostBudget
@@ -173,7 +174,8 @@ class AdapterStore:
             self.budget.release(reserved)  # the bytes move from the reservation into the tier (or are dropped)
             entry.error = None
             entry.load_seconds = time.perf_counter() - start
-            entry.info = {"type": weights.kind, "rank": weights.rank, "size_bytes": weights.nbytes}
+            entry.info = {"type": weights.kind, "rank": weights.rank, "size_bytes": weights.nbytes,
+                          "target_modules": target_names(weights.modules)}
             entry.content_hash = bytes.fromhex(weights.content_hash)
             if self.entries.get(entry.name) is entry:
                 entry.weights = weights
@@ -221,6 +223,11 @@ class AdapterStore:
         """Why the last on-demand load of ``name`` failed, if it did within the last LoadFailures.ttl_s."""
         with self.lock:
             return self.failures.get(name)
+
+    def recent_failures(self) -> list[LoadFailure]:
+        """The on-demand loads that failed within LoadFailures.ttl_s, oldest first."""
+        with self.lock:
+            return self.failures.recent()
 
     def declared_kind(self, entry: AdapterEntry) -> str | None:
         """``entry``'s kind (lora, adalora, dora, ia3) without loading it: recorded by its first load, else what

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api import admin, chat, merge, openai, tgi, tokenize
+from server.api import admin, chat, console, merge, openai, tgi, tokenize
 from server.api.errors import error_payload, install_error_handlers
 from server.api.metrics import Metrics
 from server.api.request_log import RequestLog
@@ -68,6 +68,7 @@ def create_app(engine, server_config: ServerConfig | None = None) -> FastAPI:
     for router in (openai.router, chat.router, tokenize.router, tgi.router, admin.router, merge.router):
         app.include_router(router)
     _add_probes(app)
+    console.install(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(LoadingGate, engine=engine)
     app.add_middleware(RequestId)

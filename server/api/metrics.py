@@ -154,11 +154,42 @@ class Metrics:
         self.running.set(stats.get("num_running", 0))
         self.waiting.set(stats.get("num_waiting", 0))
         self.kv_usage.set(stats.get("kv_cache_usage", 0.0))
+        self.on_cache_state(stats.get("adapter_tiers", {}))
         self.lora_info.clear()
         self.lora_info.labels(str(stats.get("max_loras", self.max_loras)),
                               ",".join(stats.get("running_adapters", [])),
                               ",".join(stats.get("waiting_adapters", []))).set(time.time())
 
+    def snapshot(self) -> dict:
+        """Totals since start for the console's stats route (server.api.stats): counters by series name
+        (prompt_tokens, generation_tokens, requests) and the latency histograms as cumulative
+        [(upper bound, count), ...] (ttft, itl, e2e, queue), read from the series /metrics exports."""
+        hists = {self.ttft: "ttft", self.itl: "itl", self.e2e: "e2e", self.queue_time: "queue"}
+        out: dict = {"prompt_tokens": _total(self.prompt_tokens), "generation_tokens": _total(self.generation_tokens),
+                     "requests": _total(self.request_success)}
+        for hist, key in hists.items():
+            buckets = []
+            for metric in hist.collect():
+                buckets = [(float(s.labels["le"]), s.value) for s in metric.samples if s.name.endswith("_bucket")]
+            out[key] = buckets
+        return out
+
+    def per_adapter(self) -> dict[str, dict[str, float]]:
+        """{adapter: {"requests", "tokens"}} since start, read from the counters /metrics exports (the console's
+        per-adapter columns)."""
+        out: dict[str, dict[str, float]] = {}
+        for counter, field in ((self.adapter_requests, "requests"), (self.adapter_tokens, "tokens")):
+            for metric in counter.collect():
+                for sample in metric.samples:
+                    if sample.name.endswith("_total"):
+                        out.setdefault(sample.labels["adapter"], {"requests": 0, "tokens": 0})[field] += sample.value
+        return out
+
     def render(self, stats: dict) -> bytes:
         self.refresh(stats)
         return generate_latest(self.registry)
+
+
+def _total(counter) -> float:
+    """The sum of a counter's (or a labelled counter's every child's) ``_total`` samples."""
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))

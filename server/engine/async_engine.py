@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
+from server.adapters.catalog import describe_dir, disk_adapters
 from server.adapters.merge import AdapterMerger
 from server.adapters.merge_spec import MergeSpec
 from server.config import EngineConfig
@@ -358,6 +359,40 @@ class AsyncEngine:
         why = f"is not loaded: {failed.describe()}" if failed else "cannot be found."
         raise UnknownAdapterError(f"The lora adapter '{name}' {why}", param="name")
 
+    def adapter_catalog(self) -> list[dict]:
+        """Every adapter the server knows: list_adapters()' entries (``registered``: true), then the directories
+        under the adapter roots not registered (tier "disk", server.adapters.catalog), then recent on-demand
+        load failures (tier null, ``error`` saying why). A failed name still on disk is listed once, with both."""
+        store = self.engine.store
+        registered = [{**a, "registered": True} for a in self.list_adapters()]
+        for adapter in registered:
+            if adapter.get("type") is None:  # not loaded yet: what its config says
+                adapter.update(self._described(adapter["name"]))
+        names = {a["name"] for a in registered}
+        disk = disk_adapters(store.roots, names)
+        by_name = {a["name"]: a for a in disk}
+        failed = []
+        for f in store.recent_failures():
+            if f.name in names:
+                continue
+            if f.name in by_name:
+                by_name[f.name]["error"] = f.describe()
+            else:
+                failed.append({"name": f.name, "tier": None, "registered": False, "error": f.describe()})
+        return registered + disk + failed
+
+    def _described(self, name: str) -> dict:
+        """type, rank, target_modules, size_bytes of a registered adapter never loaded, from its directory's
+        config (server.adapters.catalog.describe_dir, read within the roots its loads are held to); {} for a Hub
+        adapter not downloaded yet, or one unregistered meanwhile."""
+        store = self.engine.store
+        with store.lock:
+            entry = store.entries.get(name)
+        if entry is None or entry.source.startswith("hub:"):
+            return {}
+        described = describe_dir(Path(entry.source), store.sources.roots_for(entry.source, entry.trusted))
+        return {k: v for k, v in described.items() if v is not None}
+
     def _info(self, e) -> dict:
         tier = ("device" if self.engine.runner.manager.resident(e.key) else
                 "host" if e.weights is not None else "disk")
@@ -385,4 +420,11 @@ class AsyncEngine:
         return {**self.engine.stats(), "num_waiting": len(waiting) + len(self._inbox),
                 "running_adapters": sorted({u.name for r in running for u in r.uses}),
                 "waiting_adapters": sorted({u.name for r in waiting for u in r.uses}),
-                "max_loras": self.config.max_loras}
+                "max_loras": self.config.max_loras, "adapter_tiers": self._tier_counts()}
+
+    def _tier_counts(self) -> dict[str, int]:
+        """Registered adapters per tier (device slot, host memory, disk only)."""
+        counts = {"device": 0, "host": 0, "disk": 0}
+        for adapter in self.list_adapters():
+            counts[adapter["tier"]] = counts.get(adapter["tier"], 0) + 1
+        return counts

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
+from server import progress
 from server.config import EngineConfig
 from server.layers import gemm
 
@@ -160,14 +161,17 @@ def _alive(pid: int) -> bool:
 def convert_gguf(src: Path, out: Path) -> None:
     """Write ``src`` dequantized to fp32 as an HF directory: model.safetensors, config, generation config,
     tokenizer, and SOURCE_FILE (written last: the copy is complete when it exists)."""
+    stages = progress.bar(total=3, desc=f"converting {src.name}", unit="stage")  # tokenizer, weights, write
     t0 = time.perf_counter()
     log.info("GGUF %s: converting the tokenizer ...", src.name)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name, trust_remote_code=False)
     t1 = time.perf_counter()
+    stages.update()
     log.info("GGUF %s: tokenizer converted in %.1fs; dequantizing the weights ...", src.name, t1 - t0)
     gguf = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32,
                                                 trust_remote_code=False)
     t2 = time.perf_counter()
+    stages.update()
     log.info("GGUF %s: weights dequantized in %.1fs; writing safetensors ...", src.name, t2 - t1)
     config = gguf.config
     if hasattr(config, "quantization_config"):
@@ -181,6 +185,8 @@ def convert_gguf(src: Path, out: Path) -> None:
     st = src.stat()
     (out / SOURCE_FILE).write_text(json.dumps({"gguf": str(src.resolve()), "size": st.st_size,
                                                "mtime_ns": st.st_mtime_ns, "version": GGUF_CACHE_VERSION}))
+    stages.update()
+    stages.close()
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     log.info("GGUF %s: wrote %.0f MiB in %.1fs (conversion total %.1fs)", src.name, size / 2**20,
              time.perf_counter() - t2, time.perf_counter() - t0)

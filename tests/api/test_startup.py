@@ -60,6 +60,7 @@ def test_port_opens_while_loading_then_ready(tiny_model_dir):
         assert tgi.status_code == 503 and "model is loading" in tgi.json()["error"]
         assert http.get("/v1/models").status_code == 503
         assert http.get("/v1/adapters").status_code == 503
+        assert http.get("/").status_code == 200 and http.get("/v1/stats").status_code == 503  # the console waits
         assert metric_value(http, "vllm:num_requests_running") == 0  # /metrics answers while loading
 
         gate.release.set()
@@ -69,6 +70,7 @@ def test_port_opens_while_loading_then_ready(tiny_model_dir):
         r = http.post("/v1/completions", json=body)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["tiny-llama"]
+        assert http.get("/v1/stats").json()["totals"]["generation_tokens"] == 3
         assert metric_value(http, "vllm:e2e_request_latency_seconds_count") == 1  # observer handed over
     finally:
         gate.release.set()
