@@ -99,7 +99,8 @@ def outside_section(results: dict) -> list[str]:
 
     o = results.get("outside")
     if not o:
-        return []
+        error = results.get("outside_error")
+        return ["## GuideLLM as an outside client", "", f"Not measured in this run: {error}", ""] if error else []
     lines = ["## GuideLLM as an outside client", "",
              f"The same workload measured by [GuideLLM](https://github.com/vllm-project/guidellm) and by this "
              f"harness's client, against one `python -m server serve`: {o['streams']} concurrent streams (each "

@@ -101,7 +101,8 @@ def peers_section(results: dict) -> list[str]:
 
     p = results.get("peers")
     if not p:
-        return []
+        error = results.get("peers_error")
+        return ["## llama.cpp's server as a peer", "", f"Not measured in this run: {error}", ""] if error else []
     n, k = p["concurrency"], p["adapters"]
     peers = [label for label in p["runs"]["base"] if label != SWAPSERVE]
     lines = ["## llama.cpp's server as a peer", "",

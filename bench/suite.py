@@ -207,13 +207,13 @@ async def run_suite(cfg: BenchConfig) -> dict:
         if cfg.peers:
             from bench.peers import run_peers
 
-            results["peers"] = await timed("peers (llama-server)", run_peers(
+            await _optional(results, "peers", "peers (llama-server)", run_peers(
                 cfg, fx, root, server_args(cfg, fx, root), torch.get_num_threads()))
         if cfg.guidellm:
             from bench.outside import run_outside
 
-            results["outside"] = await timed("GuideLLM", run_outside(cfg, fx, server_args(cfg, fx, root),
-                                                                     torch.get_num_threads()))
+            await _optional(results, "outside", "GuideLLM", run_outside(cfg, fx, server_args(cfg, fx, root),
+                                                                        torch.get_num_threads()))
         if fx.scale:
             results["scale"] = await timed("scale", run_scale(cfg, fx.model_dir, fx.scale_root, fx.scale,
                                                               fx.prompts[:cfg.scale_requests], anchors))
@@ -222,6 +222,16 @@ async def run_suite(cfg: BenchConfig) -> dict:
         if not cfg.skip_traffic:
             results["traffic"] = await timed("traffic", run_traffic_section(cfg, fx, root, anchors))
         return results
+
+
+async def _optional(results: dict, key: str, label: str, coro) -> None:
+    """A section that needs outside tools (a C++ toolchain, another client): its failure is logged and
+    recorded (``<key>_error``, shown in BENCHMARKS.md) and the rest of the run's results are kept."""
+    try:
+        results[key] = await timed(label, coro)
+    except (RuntimeError, OSError, ValueError) as e:
+        log.error("%s failed: %s", label, e)
+        results[f"{key}_error"] = str(e)
 
 
 def server_args(cfg: BenchConfig, fx: Fixtures, root: Path) -> list[str]:
