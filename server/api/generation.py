@@ -171,7 +171,7 @@ async def start_generation(request: Request, jobs: list[tuple[list[int], Samplin
     try:
         tenancy.authorize(tenant, [name for name, _ in adapters], engine.model_name)
         if tenant is not None:
-            ticket = tenancy.admit(tenant, jobs, request_id)
+            ticket = tenancy.admit(tenant, jobs, request_id, getattr(request.state, "usage_meter", None))
         return await Generation.start(engine, jobs, adapters, request_id)
     except BaseException as exc:
         if ticket is not None:

@@ -32,6 +32,7 @@ class _Open:
     prompt_rows: set[str] = field(default_factory=set)  # the rows whose prompt usage counts (one per prompt)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    meter: object = None  # also told the tokens when the request ends (deploy/ray's relay reports them)
 
 
 class Tenancy:
@@ -69,10 +70,12 @@ class Tenancy:
                 self.limits.reject(tenant, "forbidden")
             raise
 
-    def admit(self, tenant: Tenant, jobs: list[tuple[list[int], object]], request_id: str) -> Ticket:
+    def admit(self, tenant: Tenant, jobs: list[tuple[list[int], object]], request_id: str,
+              meter=None) -> Ticket:
         """Admit a request whose engine rows will be ``request_id``-0, -1, ... (Generation.start's ids), one per
         job; its reservation is each distinct prompt once (the n choices of a prompt share its list object, as
-        Call.start builds them) plus every row's max_tokens."""
+        Call.start builds them) plus every row's max_tokens. ``meter``: gets meter.add(prompt, completion) when
+        the request ends."""
         rows = [f"{request_id}-{i}" for i in range(len(jobs))]
         seen, prompt_rows, reserve = set(), set(), 0
         for row, (prompt, params) in zip(rows, jobs):
@@ -83,7 +86,7 @@ class Tenancy:
             reserve += params.max_tokens
         ticket = self.limits.admit(tenant, reserve)
         with self._lock:
-            state = _Open(ticket, len(rows), prompt_rows)
+            state = _Open(ticket, len(rows), prompt_rows, meter=meter)
             self._rows.update({row: state for row in rows})
         return ticket
 
@@ -112,3 +115,5 @@ class Tenancy:
             done = state.remaining == 0
         if done:
             state.ticket.finish(state.prompt_tokens, state.completion_tokens)
+            if state.meter is not None:
+                state.meter.add(state.prompt_tokens, state.completion_tokens)
