@@ -1,8 +1,8 @@
 """AdminLog: hands each admin request to every engine replica and collects their answers (one Ray Serve replica).
 
-Ray Serve routes a handle call to one replica of its choice and has no broadcast, so the replicas pull instead:
-each runs a loop `poll(replica, after)` -> [(seq, op)] -> run op through its own app -> `ack(replica, seq,
-reply)`. The ingress calls `broadcast(op, record)`, which returns {replica: reply} once every live replica has
+A handle call reaches one replica of Ray's choice (DeploymentHandle.broadcast, new in recent Ray, reaches the
+replicas running now but keeps no record for later ones), so the replicas pull instead: each runs a loop `poll(replica, after)` -> [(seq, op)] -> run op through its own app -> `ack(replica, seq,
+reply)`. The ingress calls `publish(op, record)`, which returns {replica: reply} once every live replica has
 answered (or after `timeout`, the missing ones as 504).
 
 Recorded ops (the changes: POST, PUT, PATCH, DELETE) stay in the log and a replica that joins later (scale-up,
@@ -72,7 +72,7 @@ class AdminLog:
         now = self.clock()
         return sorted(r for r, t in self.seen.items() if now - t <= self.live_s)
 
-    async def broadcast(self, op: dict, record: bool, timeout: float = BROADCAST_TIMEOUT_S) -> dict[str, dict]:
+    async def publish(self, op: dict, record: bool, timeout: float = BROADCAST_TIMEOUT_S) -> dict[str, dict]:
         """Hand ``op`` to every live replica; {replica: reply}, a replica that did not answer as a 504 reply."""
         self.seq += 1
         entry = _Op(self.seq, op, record)

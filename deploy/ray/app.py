@@ -307,7 +307,7 @@ class SwapserveIngress:
             await require_admin(_AdminCheck(request, self.server_config))
         except SwapserveError as exc:
             return swapserve_error_response(request.url.path, exc)
-        replies = await self.admin_log.broadcast.remote(pack(request, body), request.method != "GET")
+        replies = await self.admin_log.publish.remote(pack(request, body), request.method != "GET")
         reply = combine(request.method, route, replies)
         response = Response(content=reply["body"], status_code=reply["status"])
         response.raw_headers = [*(h for h in reply["headers"] if h[0].lower() != b"content-length"),

@@ -51,13 +51,13 @@ def test_every_live_replica_runs_a_change_and_a_late_replica_replays_changes_onl
         tasks = [asyncio.create_task(follower(log, r, ok, applied, stop)) for r in ("r1", "r2")]
         await asyncio.sleep(0.01)
         assert log.live() == ["r1", "r2"]
-        changed = await log.broadcast(LOAD, record=True, timeout=5)
-        read = await log.broadcast(READ, record=False, timeout=5)
+        changed = await log.publish(LOAD, record=True, timeout=5)
+        read = await log.publish(READ, record=False, timeout=5)
         assert set(changed) == set(read) == {"r1", "r2"} and changed["r1"]["status"] == 200
         tasks.append(asyncio.create_task(follower(log, "r3", ok, applied, stop)))  # scale-up: replays the load
         await asyncio.sleep(0.2)
         assert [(seq, m) for r, seq, m in applied if r == "r3"] == [(1, "POST")]
-        third = await log.broadcast({**LOAD, "method": "DELETE"}, record=True, timeout=5)
+        third = await log.publish({**LOAD, "method": "DELETE"}, record=True, timeout=5)
         assert set(third) == {"r1", "r2", "r3"}
         stop.set()
         await asyncio.gather(*tasks)
@@ -70,15 +70,15 @@ def test_a_replica_that_stops_polling_is_reported_not_waited_for_forever():
         log, stop = AdminLog(poll_s=0.05, live_s=30, clock=clock), asyncio.Event()
         task = asyncio.create_task(follower(log, "r1", lambda op: reply(200, {}), [], stop))
         await log.poll("gone", 0)  # seen once, then silent
-        replies = await log.broadcast(LOAD, record=True, timeout=0.3)
+        replies = await log.publish(LOAD, record=True, timeout=0.3)
         assert replies["r1"]["status"] == 200 and replies["gone"]["status"] == 504
         clock.now += 31  # now it has been silent for longer than live_s: not waited for at all
         await asyncio.sleep(0.1)  # r1 polls again meanwhile
-        assert set(await log.broadcast(LOAD, record=True, timeout=5)) == {"r1"}
+        assert set(await log.publish(LOAD, record=True, timeout=5)) == {"r1"}
         stop.set()
         await task
         log.leave("r1")
-        assert log.live() == [] and await log.broadcast(READ, record=False, timeout=0.1) == {}
+        assert log.live() == [] and await log.publish(READ, record=False, timeout=0.1) == {}
     asyncio.run(scenario())
 
 
