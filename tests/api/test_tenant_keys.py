@@ -211,3 +211,16 @@ def test_max_concurrent_counts_requests_in_flight_and_frees_on_finish_or_cancel(
     b.cancel()
     c.finish(0, 0)
     assert limits.in_flight("t") == 0
+
+
+@pytest.mark.parametrize("doc, fence, suffix", [("README.md", "```yaml", ".yaml"), ("SECURITY.md", "```json", ".json")])
+def test_the_documented_example_files_load(tmp_path, doc, fence, suffix):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / doc).read_text()
+    section = text[text.index("## Tenant keys"):]
+    example = section[section.index(fence) + len(fence):section.index("```", section.index(fence) + 3)]
+    a, b = load_key_file(write(tmp_path / f"keys{suffix}", example))
+    assert (a.name, a.adapters, a.rpm, a.tpm, a.max_concurrent) == ("tenant-a", ("tenant-a-*", "shared-*"), 600,
+                                                                     200000, 8)
+    assert b.name == "tenant-b" and b.base_model and b.digest == key_digest("sk-tenant-b")
