@@ -119,13 +119,19 @@ async def _chunks(reply, ticket=None):
             reply.cancel()
 
 
-def _as_admin(packed: dict, admin_key: str | None) -> dict:
-    """An admin request from AdminLog, as this replica runs it: the ingress already checked the caller, so it
-    carries this replica's own admin credentials (its --admin-key, or a direct loopback client without one)."""
+def _without_credentials(packed: dict) -> dict:
+    """A packed request without its Authorization and proxy headers (what AdminLog keeps holds no key)."""
     dropped = {b"authorization", *(h.encode() for h in PROXY_HEADERS)}
-    headers = [(k, v) for k, v in packed["headers"] if k.lower() not in dropped]
-    if admin_key is not None:
-        headers.append((b"authorization", f"Bearer {admin_key}".encode()))
+    return {**packed, "headers": [(k, v) for k, v in packed["headers"] if k.lower() not in dropped]}
+
+
+def _as_admin(packed: dict, server_config) -> dict:
+    """An admin request from AdminLog, as this replica runs it: the ingress already checked the caller, so it
+    carries this replica's own admin credentials: its --admin-key, or without one a direct loopback client (with
+    the --api-key when one is set, as require_admin asks of loopback clients)."""
+    packed = _without_credentials(packed)
+    key = server_config.admin_key or server_config.api_key
+    headers = packed["headers"] + ([(b"authorization", f"Bearer {key}".encode())] if key else [])
     return {**packed, "headers": headers, "client": ("127.0.0.1", 0)}
 
 
@@ -196,7 +202,7 @@ class EngineReplica:
         engine_config, server_config = configs(argv)
         self.engine = await asyncio.to_thread(AsyncEngine, engine_config)  # loads the model
         self.app = create_app(self.engine, server_config)
-        self.admin_key = server_config.admin_key
+        self.server_config = server_config
         await self.app.state.lifecycle.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._record = serve.multiplexed(max_num_models_per_replica=engine_config.max_cpu_loras)(_holds)
@@ -210,7 +216,7 @@ class EngineReplica:
             try:
                 ops = await self.admin_log.poll.remote(self.replica, after)
                 for seq, op in ops:
-                    reply = await collect(self.app, _as_admin(op, self.admin_key))
+                    reply = await collect(self.app, _as_admin(op, self.server_config))
                     await self.admin_log.ack.remote(self.replica, seq, reply)
                     after = seq
             except asyncio.CancelledError:
@@ -307,7 +313,8 @@ class SwapserveIngress:
             await require_admin(_AdminCheck(request, self.server_config))
         except SwapserveError as exc:
             return swapserve_error_response(request.url.path, exc)
-        replies = await self.admin_log.publish.remote(pack(request, body), request.method != "GET")
+        op = _without_credentials(pack(request, body))
+        replies = await self.admin_log.publish.remote(op, request.method != "GET")
         reply = combine(request.method, route, replies)
         response = Response(content=reply["body"], status_code=reply["status"])
         response.raw_headers = [*(h for h in reply["headers"] if h[0].lower() != b"content-length"),

@@ -9,6 +9,7 @@ What it checks, from the body it relays (server.api.tenancy does the same inside
                        it ends are charged to the tenant's tpm here, so a tenant over its tpm is refused at the
                        ingress until the minute's tokens fall under it
   tokenize routes      the `model` they name
+  /v1/models           the key only; the replica that answers lists what it holds, filtered for the key
 Each replica also enforces the same file on the requests it serves (a second check of the same rules; its tpm
 reservation, prompt + max_tokens, is per replica since only the replica has tokenized the prompt).
 """
