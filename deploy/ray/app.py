@@ -43,16 +43,16 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
-from starlette.routing import compile_path
 
 from deploy.ray.admin_log import AdminLog
 from deploy.ray.fanout import combine
 from deploy.ray.ingress_gate import IngressGate
 from deploy.ray.relay import UsageMeter, call_asgi, collect, pack
+from deploy.ray.routes import RouteTable
 from server.__main__ import ENGINE_FLAGS, SERVER_FLAGS, build_configs, build_parser
 from server.api import tgi
 from server.api.app import create_app
-from server.api.auth import PROXY_HEADERS, require_admin, require_api_key
+from server.api.auth import PROXY_HEADERS, require_admin
 from server.api.errors import error_response, swapserve_error_response
 from server.api.generation import adapter_for
 from server.config import valid_adapter_name
@@ -141,49 +141,6 @@ class _AdminCheck:
     def __init__(self, request: Request, server_config) -> None:
         self.headers, self.client = request.headers, request.client
         self.app = SimpleNamespace(state=SimpleNamespace(server_config=server_config))
-
-
-class _NoEngine:
-    """Just enough of an engine for create_app() to build its routes; never started."""
-
-    def __init__(self, engine_config):
-        self.config = engine_config
-        self.model_name = engine_config.served_model_name
-
-    def add_observer(self, observer) -> None:
-        pass
-
-
-def _routes_behind(app, dependency) -> set[str]:
-    """Paths of the routes that depend on ``dependency``; a route made by an APIRouter carries the router's
-    dependencies, and included routers are walked (FastAPI >= 0.120 keeps them as routers, not copies)."""
-    found = set()
-
-    def walk(routes) -> None:
-        for route in routes:
-            inner = getattr(route, "original_router", None)
-            if inner is not None:
-                walk(inner.routes)
-            elif any(getattr(d, "dependency", None) is dependency for d in getattr(route, "dependencies", [])):
-                found.add(route.path)
-
-    walk(app.routes)
-    return found
-
-
-class RouteTable:
-    """The paths create_app() serves, read from its OpenAPI schema (stable across FastAPI's router internals),
-    which of them are admin routes (behind require_admin) and which need an API key (behind require_api_key)."""
-
-    def __init__(self, engine_config, server_config):
-        app = create_app(_NoEngine(engine_config), server_config)
-        self.paths = [(compile_path(path)[0], path) for path in app.openapi()["paths"]]
-        self.admin = _routes_behind(app, require_admin)
-        self.api = _routes_behind(app, require_api_key)
-
-    def match(self, path: str) -> str | None:
-        """The route template `path` falls under (e.g. /v1/adapters/{name}), or None."""
-        return next((template for regex, template in self.paths if regex.match(path)), None)
 
 
 # The admin log: one small replica (no CPU reserved) the engine replicas poll for admin requests.

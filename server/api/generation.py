@@ -27,6 +27,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def row_id(request_id: str, index: int) -> str:
+    """The engine request id of job ``index`` of an HTTP request (the tenant bookkeeping follows rows by it)."""
+    return f"{request_id}-{index}"
+
+
 def adapter_for(engine, model: str | None) -> str | None:
     """The adapter a `model` field names: None (base model) for no name or the served model name."""
     return None if not model or model == engine.model_name else model
@@ -118,7 +123,7 @@ class Generation:
         streams = []
         try:
             for i, (prompt_ids, params) in enumerate(jobs):
-                stream = engine.add_request(prompt_ids, params, request_id=f"{request_id}-{i}", adapters=adapters)
+                stream = engine.add_request(prompt_ids, params, request_id=row_id(request_id, i), adapters=adapters)
                 streams.append(await stream if inspect.isawaitable(stream) else stream)
             loaded = getattr(engine, "adapter_loaded", None)
             if loaded is not None and adapters and streams:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from server.api.auth import key_matches
 from server.api.errors import AuthError
+from server.api.generation import row_id
 from server.api.settings import ServerConfig
 from server.api.tenant_keys import Tenant
 from server.api.tenant_limits import TenantLimits, Ticket
@@ -72,11 +73,10 @@ class Tenancy:
 
     def admit(self, tenant: Tenant, jobs: list[tuple[list[int], object]], request_id: str,
               meter=None) -> Ticket:
-        """Admit a request whose engine rows will be ``request_id``-0, -1, ... (Generation.start's ids), one per
-        job; its reservation is each distinct prompt once (the n choices of a prompt share its list object, as
+        """Admit a request whose engine rows will be row_id(request_id, 0), ... (Generation.start's), one per job; its reservation is each distinct prompt once (the n choices of a prompt share its list object, as
         Call.start builds them) plus every row's max_tokens. ``meter``: gets meter.add(prompt, completion) when
         the request ends."""
-        rows = [f"{request_id}-{i}" for i in range(len(jobs))]
+        rows = [row_id(request_id, i) for i in range(len(jobs))]
         seen, prompt_rows, reserve = set(), set(), 0
         for row, (prompt, params) in zip(rows, jobs):
             if id(prompt) not in seen:
