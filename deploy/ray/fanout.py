@@ -1,8 +1,8 @@
 """One answer from every replica's answer to an admin request (deploy/ray/admin_log.py collects them).
 
-GET /v1/adapters          the union by name; each adapter's fields are those of its hottest copy (device, then
-                          host, then disk) and `replicas` lists every replica holding it with its tier, pinned,
-                          in_flight and hits there.
+GET /v1/adapters          the union by (name, version); each adapter's fields are those of its hottest copy
+                          (device, then host, then disk) and `replicas` lists every replica holding it with its
+                          tier, pinned, in_flight and hits there.
 GET /v1/adapters/{name}   the same for one adapter; 404 (the first replica's) when no replica has it.
 anything else             every replica answered the same status: the first replica's answer (a change applied
                           everywhere, or refused everywhere for the same reason); statuses differ: 502 naming
@@ -38,11 +38,12 @@ def combine(method: str, route: str, replies: dict[str, Reply]) -> Reply:
 
 
 def union(entries: dict[str, list[dict]]) -> list[dict]:
-    """{replica: [adapter info]} -> one entry per adapter name, hottest copy first, with `replicas`."""
-    by_name: dict[str, list[tuple[str, dict]]] = {}
+    """{replica: [adapter info]} -> one entry per adapter (name and content version: replicas that loaded one name
+    from different files list it twice), hottest copy first, with `replicas`."""
+    by_name: dict[tuple, list[tuple[str, dict]]] = {}
     for replica, infos in entries.items():
         for info in infos:
-            by_name.setdefault(info.get("name"), []).append((replica, info))
+            by_name.setdefault((info.get("name"), info.get("version")), []).append((replica, info))
     out = []
     for copies in by_name.values():
         copies.sort(key=lambda c: TIERS.index(c[1].get("tier")) if c[1].get("tier") in TIERS else len(TIERS))

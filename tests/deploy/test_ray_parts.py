@@ -175,3 +175,10 @@ def test_a_replica_reports_the_tokens_of_a_tenants_request(tenant_app):
     (status, meter), (refused, unused) = future.result(60)
     assert status == 200 and meter.tokens == (3, 4)
     assert refused == 401 and unused.tokens is None
+
+
+def test_one_name_with_different_content_on_two_replicas_is_listed_twice():
+    a1, a2 = {**info("a", "host"), "version": "111"}, {**info("a", "device"), "version": "222"}
+    merged = union({"r1": [a1], "r2": [a2]})
+    assert sorted((e["version"], [r["replica"] for r in e["replicas"]]) for e in merged) == [("111", ["r1"]),
+                                                                                            ("222", ["r2"])]
