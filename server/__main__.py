@@ -16,6 +16,7 @@ from typing import Any
 
 from server import progress
 from server.api.settings import ServerConfig
+from server.api.tenant_keys import load_key_file
 from server.config import EngineConfig
 from server.train import add_train_arguments, run_train
 
@@ -120,7 +121,13 @@ ENGINE_FLAGS = (
 SERVER_FLAGS = (
     Flag("host", str, "127.0.0.1", "address to listen on (0.0.0.0 exposes the server; set --api-key then)"),
     Flag("port", int, 8000, "port to listen on"),
-    Flag("api-key", str, None, "require `Authorization: Bearer KEY` on inference routes"),
+    Flag("api-key", str, None, "require `Authorization: Bearer KEY` on inference routes; with --api-keys-file "
+         "too, KEY stays one more key that reaches every model without limits"),
+    Flag("api-keys-file", str, None, "tenant keys: a JSON (.json) or YAML (.yaml/.yml) list of {key (plain or "
+         "sha256:<hex>), name, adapters (name globs), base_model, rpm, tpm, max_concurrent}; a key reaches only "
+         "the adapters its globs match (403 otherwise) and gets 429 with Retry-After over its limits. Re-read when "
+         "it changes (no restart); a malformed file refuses start-up, and at a reload keeps the old keys and logs "
+         "the line at fault. Tenant keys never open admin routes. See SECURITY.md", metavar="FILE"),
     Flag("admin-key", str, None, "require `Authorization: Bearer KEY` on admin routes (without it: loopback only)"),
     Flag("shutdown-timeout", float, 30.0, "seconds SIGTERM waits for in-flight requests before aborting them"),
     Flag("max-body-bytes", int, 4 << 20, "largest request body accepted; larger ones get 413"),
@@ -196,6 +203,8 @@ def build_configs(args: argparse.Namespace, environ: dict[str, str]) -> tuple[En
     server_fields = {f.name for f in dataclasses.fields(ServerConfig)}
     engine = EngineConfig(**{k: v for k, v in values.items() if k in engine_fields})
     server = ServerConfig(**{k: v for k, v in values.items() if k in server_fields})
+    if server.api_keys_file:  # a malformed key file refuses start-up with the line at fault (KeyFileError)
+        load_key_file(server.api_keys_file, {"--api-key": server.api_key, "--admin-key": server.admin_key})
     return engine, server
 
 

@@ -25,16 +25,17 @@ def pack(request: Request, body: bytes) -> dict:
             "client": (client.host, client.port) if client else None}
 
 
-def scope_of(packed: dict) -> dict:
+def scope_of(packed: dict, state: dict | None = None) -> dict:
     return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
             "method": packed["method"], "scheme": "http", "path": packed["path"],
             "raw_path": packed["path"].encode(), "root_path": "", "query_string": packed["query_string"],
             "headers": packed["headers"], "client": packed["client"], "server": ("swapserve-replica", 0),
-            "state": {}}
+            "state": dict(state or {})}
 
 
-async def call_asgi(app, packed: dict) -> AsyncIterator[dict | bytes]:
-    """Run `packed` through `app`; yield the response start as a dict, then body chunks (bytes)."""
+async def call_asgi(app, packed: dict, state: dict | None = None) -> AsyncIterator[dict | bytes]:
+    """Run `packed` through `app` (``state``: the request's request.state); yield the response start as a dict,
+    then body chunks (bytes)."""
     messages: asyncio.Queue = asyncio.Queue()
     gone = asyncio.Event()
     body_sent = False
@@ -50,7 +51,7 @@ async def call_asgi(app, packed: dict) -> AsyncIterator[dict | bytes]:
     async def send(message: dict) -> None:
         messages.put_nowait(message)
 
-    task = asyncio.ensure_future(app(scope_of(packed), receive, send))
+    task = asyncio.ensure_future(app(scope_of(packed, state), receive, send))
     task.add_done_callback(lambda _: messages.put_nowait(None))
     finished = False
     try:
@@ -66,6 +67,28 @@ async def call_asgi(app, packed: dict) -> AsyncIterator[dict | bytes]:
                 await task
             except Exception:  # the app already answered 500 (ServerErrorMiddleware) or the client is gone
                 log.exception("request %s %s failed", packed["method"], packed["path"])
+
+
+async def collect(app, packed: dict) -> dict:
+    """The whole reply of `packed`: {"status", "headers", "body"} (admin requests: small bodies)."""
+    reply, body = None, bytearray()
+    async for item in call_asgi(app, packed):
+        if isinstance(item, dict):
+            reply = item
+        else:
+            body += item
+    return {**reply, "body": bytes(body)}
+
+
+class UsageMeter:
+    """request.state.usage_meter of a relayed request: server.api.tenancy adds the tokens of a tenant's request
+    when it ends, and the replica reports them to the ingress after the body."""
+
+    def __init__(self) -> None:
+        self.tokens: tuple[int, int] | None = None
+
+    def add(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.tokens = (prompt_tokens, completion_tokens)
 
 
 async def _replies(messages: asyncio.Queue) -> AsyncIterator[dict | bytes]:

@@ -26,6 +26,7 @@ from server.api.errors import error_payload, install_error_handlers
 from server.api.metrics import Metrics
 from server.api.request_log import RequestLog
 from server.api.settings import ServerConfig
+from server.api.tenancy import Tenancy
 
 
 class Lifecycle:
@@ -61,9 +62,11 @@ def create_app(engine, server_config: ServerConfig | None = None) -> FastAPI:
     app.state.engine, app.state.server_config, app.state.lifecycle = engine, config, lifecycle
     app.state.created = int(time.time())
     app.state.metrics = Metrics(engine.model_name, engine.config.max_loras)
+    app.state.tenancy = Tenancy(config, app.state.metrics.registry)  # loads --api-keys-file (KeyFileError)
     engine.add_observer(app.state.metrics)
     if config.enable_log_requests:
-        engine.add_observer(RequestLog(engine.model_name))
+        engine.add_observer(RequestLog(engine.model_name, app.state.tenancy.tenant_of))
+    engine.add_observer(app.state.tenancy)  # after the request log, which asks it for a finished row's tenant
     install_error_handlers(app)
     for router in (openai.router, chat.router, tokenize.router, tgi.router, admin.router, merge.router):
         app.include_router(router)

@@ -1,6 +1,8 @@
 """Per-route auth dependencies (never a path-prefix middleware, which a path trick can bypass).
 
-require_api_key:   inference routes; passes when no --api-key is set, else needs `Authorization: Bearer <api_key>`.
+require_api_key:   inference routes; passes when neither --api-key nor --api-keys-file is set, else needs
+                   `Authorization: Bearer <key>` with the api key or a tenant's key (server.api.tenancy), and
+                   sets request.state.tenant (None: unrestricted) for the routes to authorize what it names.
 require_admin:     admin routes; with --admin-key needs `Authorization: Bearer <admin_key>`; without one, only
                    loopback clients pass (and they still need the api key when one is set), and never a request
                    that carries proxy headers: behind a reverse proxy on the same host every client is loopback.
@@ -52,9 +54,12 @@ def _check_key(request: Request, expected: str, what: str) -> None:
 
 
 async def require_api_key(request: Request) -> None:
-    config = request.app.state.server_config
-    if config.api_key is not None:
-        _check_key(request, config.api_key, "API key")
+    request.state.tenant = request.app.state.tenancy.authenticate(bearer_token(request))
+
+
+def tenant_of(request: Request):
+    """The tenant require_api_key found (None: unrestricted)."""
+    return getattr(request.state, "tenant", None)
 
 
 async def require_admin(request: Request) -> None:

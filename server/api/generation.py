@@ -27,6 +27,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def row_id(request_id: str, index: int) -> str:
+    """The engine request id of job ``index`` of an HTTP request (the tenant bookkeeping follows rows by it)."""
+    return f"{request_id}-{index}"
+
+
 def adapter_for(engine, model: str | None) -> str | None:
     """The adapter a `model` field names: None (base model) for no name or the served model name."""
     return None if not model or model == engine.model_name else model
@@ -118,7 +123,7 @@ class Generation:
         streams = []
         try:
             for i, (prompt_ids, params) in enumerate(jobs):
-                stream = engine.add_request(prompt_ids, params, request_id=f"{request_id}-{i}", adapters=adapters)
+                stream = engine.add_request(prompt_ids, params, request_id=row_id(request_id, i), adapters=adapters)
                 streams.append(await stream if inspect.isawaitable(stream) else stream)
             loaded = getattr(engine, "adapter_loaded", None)
             if loaded is not None and adapters and streams:
@@ -163,15 +168,24 @@ class Generation:
 async def start_generation(request: Request, jobs: list[tuple[list[int], SamplingParams]], adapters: Mixture,
                            request_id: str, adapters_field: str | None = None) -> Generation:
     """Generation.start, with a refusal counted in the metrics (per adapter) and, for a request that gave
-    ``adapters_field``, an error about an adapter attributed to that field."""
-    engine = request.app.state.engine
+    ``adapters_field``, an error about an adapter attributed to that field. A tenant's request is first
+    authorized (every adapter it names, or the base model: 403 before any name is resolved or loaded) and
+    admitted under its limits (429); server.api.tenancy settles it when its rows finish."""
+    engine, tenancy = request.app.state.engine, request.app.state.tenancy
+    tenant, ticket = getattr(request.state, "tenant", None), None
     try:
+        tenancy.authorize(tenant, [name for name, _ in adapters], engine.model_name)
+        if tenant is not None:
+            ticket = tenancy.admit(tenant, jobs, request_id, getattr(request.state, "usage_meter", None))
         return await Generation.start(engine, jobs, adapters, request_id)
-    except SwapserveError as exc:
-        for label in error_labels(engine, adapters, exc):
-            request.app.state.metrics.record_error(label, exc.error_type)
-        if adapters_field and exc.param in ("model", "adapters"):
-            exc.param = adapters_field
+    except BaseException as exc:
+        if ticket is not None:
+            tenancy.cancel(ticket)
+        if isinstance(exc, SwapserveError):
+            for label in error_labels(engine, adapters, exc):
+                request.app.state.metrics.record_error(label, exc.error_type)
+            if adapters_field and exc.param in ("model", "adapters"):
+                exc.param = adapters_field
         raise
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from server.api.auth import require_api_key
+from server.api.auth import require_api_key, tenant_of
 from server.api.call import Call
 from server.api.generation import Choice, encode_text, max_model_len, require_ready
 from server.api.protocol import CompletionRequest, ModelCard, ModelList
+from server.api.tenants import visible
 from server.errors import UnknownAdapterError
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -22,13 +23,14 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
-    """The base model, then every adapter the engine knows (parent = base), as vLLM lists LoRA modules."""
+    """The base model, then every adapter the engine knows (parent = base), as vLLM lists LoRA modules; for a
+    tenant's key only those it may use."""
     return ModelList(data=_cards(request))
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> ModelCard:
-    """One entry of /v1/models (OpenAI's retrieve); 404 for a name the server does not list."""
+    """One entry of /v1/models (OpenAI's retrieve); 404 for a name the server does not list (to this key)."""
     card = next((c for c in _cards(request) if c.id == model_id), None)
     if card is None:
         raise UnknownAdapterError(f"The model `{model_id}` does not exist.", "model")
@@ -36,11 +38,13 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
 
 
 def _cards(request: Request) -> list[ModelCard]:
-    engine, created = request.app.state.engine, request.app.state.created
+    engine, created, tenant = request.app.state.engine, request.app.state.created, tenant_of(request)
     max_len = max_model_len(engine)
     cards = [ModelCard(id=engine.model_name, created=created, root=engine.config.model, max_model_len=max_len,
-                       permission=[_permission(created)])]
+                       permission=[_permission(created)])] if visible(tenant, None) else []
     for adapter in engine.list_adapters():
+        if not visible(tenant, adapter["name"]):
+            continue
         cards.append(ModelCard(id=adapter["name"], created=created, root=adapter.get("source"),
                                parent=engine.model_name, max_model_len=max_len, permission=[_permission(created)]))
     return cards

@@ -9,13 +9,16 @@ log = logging.getLogger("swapserve.requests")
 
 
 class RequestLog:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, tenant_of=None) -> None:
         self.model_name = model_name
+        self.tenant_of = tenant_of or (lambda request_id: None)  # the tenant's name, never its key
 
     def on_request_finished(self, req) -> None:
         end = req.last_token_time or req.arrival_time
         ttft = "-" if req.first_token_time is None else f"{req.first_token_time - req.arrival_time:.3f}s"
-        log.info("request %s finished: adapters=%s prompt_tokens=%d cached_tokens=%d generated_tokens=%d "
-                 "finish_reason=%s ttft=%s e2e=%.3fs", req.request_id, req.adapter or self.model_name,
+        tenant = self.tenant_of(req.request_id)
+        log.info("request %s finished: %sadapters=%s prompt_tokens=%d cached_tokens=%d generated_tokens=%d "
+                 "finish_reason=%s ttft=%s e2e=%.3fs", req.request_id, f"tenant={tenant} " if tenant else "",
+                 req.adapter or self.model_name,
                  len(req.prompt_token_ids), req.num_cached_tokens, len(req.output_token_ids),
                  req.finish_reason or "abort", ttft, max(0.0, end - req.arrival_time))

@@ -217,14 +217,17 @@ def log_startup(engine, server_config: ServerConfig, seconds: float | None = Non
     names = [a.get("name") for a in engine.list_adapters()]
     log.info("adapters: %d loaded %s; max_loras=%d max_lora_rank=%d max_cpu_loras=%d roots=%s", len(names),
              names, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras, cfg.adapter_roots or "none")
-    log.info("inference routes: %s", "API key required" if server_config.api_key else "open (no --api-key)")
+    keys = (["--api-key (unrestricted)"] if server_config.api_key else []) + \
+        ([f"tenant keys from {server_config.api_keys_file}"] if server_config.api_keys_file else [])
+    log.info("inference routes: %s", f"key required: {' and '.join(keys)}" if keys else
+             "open (no --api-key, no --api-keys-file)")
     if server_config.admin_loopback_only:
         log.warning("admin routes: loopback clients only (no --admin-key), and requests through a proxy (with "
                     "Forwarded/X-Forwarded-*/X-Real-IP headers) are refused; set --admin-key or "
                     "SWAPSERVE_ADMIN_KEY to use them through a proxy or from another host")
     else:
         log.info("admin routes: admin key required")
-    if not is_loopback(server_config.host) and not server_config.api_key:
+    if not is_loopback(server_config.host) and not keys:
         log.warning("listening on %s without --api-key: anyone who can reach it can generate",
                     server_config.host)
     log.info("ready: /ready answers 200")

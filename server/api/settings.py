@@ -14,6 +14,9 @@ class ServerConfig:
 
     api_key:   when set, inference routes (/v1/completions, /v1/chat/completions, /v1/models, /generate*)
                require `Authorization: Bearer <api_key>`.
+    api_keys_file: a JSON or YAML list of tenant keys, each scoped to adapter-name globs with its own limits
+               (server.api.tenant_keys); reloaded when it changes. With api_key as well, api_key stays one
+               unrestricted key.
     admin_key: when set, admin routes require `Authorization: Bearer <admin_key>`; when unset they answer
                loopback clients only (and still require api_key when that is set).
     shutdown_timeout: seconds SIGTERM waits for in-flight requests before aborting them.
@@ -27,6 +30,7 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     admin_key: str | None = None
+    api_keys_file: str | None = None
     shutdown_timeout: float = 30.0
     max_body_bytes: int = 4 << 20
     max_prompts: int = 256
@@ -36,6 +40,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         self.api_key = self.api_key or None
         self.admin_key = self.admin_key or None
+        self.api_keys_file = self.api_keys_file or None
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
         if self.shutdown_timeout < 0:

@@ -14,9 +14,9 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import Field, StringConstraints, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from server.api.auth import require_api_key
+from server.api.auth import require_api_key, tenant_of
 from server.api.chat import chat_prompt_ids
-from server.api.generation import max_model_len, require_ready
+from server.api.generation import adapter_for, max_model_len, require_ready
 from server.api.protocol import ChatMessage, Name, TokenId
 from server.api.strict import Strict, refuse
 from server.api.tools import Tools
@@ -56,6 +56,7 @@ class DetokenizeRequest(Strict):
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     engine = request.app.state.engine
     require_ready(engine)
+    authorize_model(request, body.model)
     tokens = await run_in_threadpool(_tokens, engine.tokenizer, body)
     out = {"count": len(tokens), "max_model_len": max_model_len(engine), "tokens": tokens, "token_strs": None}
     if body.return_token_strs:
@@ -72,10 +73,20 @@ def _tokens(tokenizer, body: TokenizeRequest) -> list[int]:
     return ids
 
 
+def authorize_model(request: Request, model: str | None) -> None:
+    """A tenant's key may name only a model it may use (403 otherwise); without a `model` these routes read
+    the tokenizer every model shares, which any key may."""
+    if model is not None:
+        adapter = adapter_for(request.app.state.engine, model)
+        request.app.state.tenancy.authorize(tenant_of(request), [adapter] if adapter else [],
+                                            request.app.state.engine.model_name)
+
+
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     engine = request.app.state.engine
     require_ready(engine)
+    authorize_model(request, body.model)
     return {"prompt": await run_in_threadpool(engine.tokenizer.decode, body.tokens)}
 
 

@@ -18,6 +18,20 @@ def served_routes() -> dict[str, set[str]]:
     return {path: {method.upper() for method in operations} for path, operations in schema["paths"].items()}
 
 
+def deploy_module(relative: str):
+    """A module of deploy/ by its file (`ray/fanout.py`): tests/deploy is the package `deploy` in a test run, which
+    hides the repository's deploy/ directory from `import deploy.ray...`."""
+    import importlib.util
+    import sys
+
+    name = "swapserve_deploy_" + relative.removesuffix(".py").replace("/", "_")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "deploy" / relative)
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def configs_from(args: list[str], env: dict[str, str]):
     """(EngineConfig, ServerConfig) that `swapserve serve ARGS` builds in environment `env`."""
     return build_configs(build_parser().parse_args(["serve", *args]), env)
