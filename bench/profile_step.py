@@ -89,14 +89,14 @@ def step_times(engine, batch, names: list[str], steps: int, rounds: int = 2) -> 
     counts = sorted({0, 1, min(4, len(names)), len(names)})
     holder = engine.runner.holder
     chosen = holder.backend
-    paths = {"torch": TorchLora()}
+    paths = {"reference": TorchLora()}
     if kernels.available():
         paths["numba"] = chosen if isinstance(chosen, NumbaLora) else NumbaLora(kernels.max_run(torch.get_num_threads()))
     times: dict[tuple[int, str], list[float]] = {}
     for _ in range(rounds):
         for c in counts:
             for path, backend in paths.items():
-                if c == 0 and path != "torch":
+                if c == 0 and path != "reference":
                     continue  # no adapter: both paths are the plain base model
                 holder.backend = backend
                 times.setdefault((c, path), []).extend(decode_steps(engine, batch, names[:c] or [None], steps))

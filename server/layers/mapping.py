@@ -65,6 +65,7 @@ class AdapterMapping:
     groups: "SlotGroups | None" = None
     runs: "SlotRuns | None" = None
     overlap: "object | None" = None  # a LoraWorker that computes ``runs`` beside the base GEMM (large steps only)
+    triton: "object | None" = None  # the routes laid out for the Triton kernels (lora_triton.TritonPlan)
 
     @property
     def empty(self) -> bool:
