@@ -172,7 +172,7 @@ def run(rows: int, k: int, steps: int, threads: int, with_cprofile: bool, cpu_ge
             "(median / min over interleaved rounds):")
         for (count, path), times in step_times(engine, batch, names, steps).items():
             med, low = statistics.median(times) * 1e3, min(times) * 1e3
-            say(out, f"  {count:3d} distinct adapters, {'no adapter' if count == 0 else path + (' ops' if path == 'torch' else ' kernel'):12s}: "
+            say(out, f"  {count:3d} distinct adapters, {'no adapter' if count == 0 else path + (' ops' if path == 'reference' else ' kernel'):12s}: "
                 f"{med:7.1f} / {low:7.1f} ms/step  ({rows / med * 1e3:.1f} tok/s)")
         from server.layers.mapping import ALONE_MAX_RUN
 
