@@ -170,10 +170,12 @@ class TritonLora(TorchLora):
         from server.layers.lora_triton import TritonPlan
 
         self._shrunk = None
-        mapping = AdapterMapping.route(routes, num_slots, device)
-        if mapping.empty:
-            return mapping
-        return dataclasses.replace(mapping, triton=TritonPlan.build(routes, device))
+        present = frozenset(routes.slot.tolist())
+        if not present:
+            return AdapterMapping()
+        # only what the layers read besides the kernels' plan (IA3/DoRA scale rows): no segments or groups
+        return AdapterMapping(scale_index=AdapterMapping.scale_index_of(routes, num_slots, device), slots=present,
+                              triton=TritonPlan.build(routes, device))
 
     def add(self, layer, y: torch.Tensor, x2: torch.Tensor, mapping: AdapterMapping) -> None:
         from server.layers import lora_triton

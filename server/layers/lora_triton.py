@@ -80,9 +80,8 @@ class TritonPlan:
         if counts.max() <= decode_max_run:
             by = np.lexsort((nth, tok))  # token, then route order
             rows, starts = np.unique(tok[by], return_index=True)
-            ptr = np.append(starts, len(by))
-            return cls(*_put(device, tok[by], slot[by], scale[by].astype(np.float32)), np.unique(slot), True,
-                       _tensor(rows, device), _tensor(ptr, device))
+            ints, weight = _to_device(device, [tok[by], slot[by], rows, np.append(starts, len(by))], scale[by])
+            return cls(ints[0], ints[1], weight, np.unique(slot), True, rows=ints[2], ptr=ints[3])
         by = np.lexsort((tok, slot, nth))  # pass, slot, token
         tok, slot, nth = tok[by], slot[by], nth[by]
         head = np.ones(len(by), dtype=bool)
@@ -96,8 +95,10 @@ class TritonPlan:
                     tiles.extend((slot[lo], first, hi) for first in range(lo, hi, BLOCK_M))
             passes.append((done, len(tiles)))
             done = len(tiles)
-        return cls(*_put(device, tok, slot, scale[by].astype(np.float32)), np.unique(slot), False,
-                   tiles=_tensor(np.asarray(tiles, dtype=np.int64).T.copy(), device), passes=tuple(passes))
+        tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 3).T
+        ints, weight = _to_device(device, [tok, slot, tiles.reshape(-1)], scale[by])
+        return cls(ints[0], ints[1], weight, np.unique(slot), False, tiles=ints[2].view(3, -1),
+                   passes=tuple(passes))
 
 
 def _nth_of_token(tok: np.ndarray) -> np.ndarray:
@@ -110,12 +111,11 @@ def _nth_of_token(tok: np.ndarray) -> np.ndarray:
     return nth
 
 
-def _tensor(a: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=a.dtype)).to(device)
-
-
-def _put(device, tok, slot, weight):
-    return _tensor(tok.astype(np.int64), device), _tensor(slot.astype(np.int64), device), _tensor(weight, device)
+def _to_device(device, ints: list[np.ndarray], weight: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The plan's int64 arrays as views of one device tensor, and the float32 weights: two copies a step."""
+    sizes = [len(a) for a in ints]
+    flat = torch.from_numpy(np.concatenate(ints).astype(np.int64)).to(device)
+    return list(flat.split(sizes)), torch.from_numpy(weight.astype(np.float32)).to(device)
 
 
 def _dot32(dtype: torch.dtype) -> bool:

@@ -93,11 +93,17 @@ class AdapterMapping:
         runs = SlotRuns.build(routes, max_run) if max_run else None
         segments = tuple((slot, torch.from_numpy(routes.tok[(routes.slot == slot) & (routes.scale == c)]).to(device), c)
                          for slot, c in keys)
-        first = np.full(routes.num_tokens, num_slots, dtype=np.int64)
-        first[routes.tok[::-1]] = routes.slot[::-1]  # each token's first entry wins
-        scale_index = torch.from_numpy(first).to(device)
+        scale_index = cls.scale_index_of(routes, num_slots, device)
         groups = None if runs is not None else SlotGroups.build(routes, present, device)
         return cls(segments, scale_index, present, groups, runs)
+
+
+    @staticmethod
+    def scale_index_of(routes: Routes, num_slots: int, device) -> torch.Tensor:
+        """[num_tokens] the scale-table row of each token: its first entry's slot, ``num_slots`` for base rows."""
+        first = np.full(routes.num_tokens, num_slots, dtype=np.int64)
+        first[routes.tok[::-1]] = routes.slot[::-1]  # each token's first entry wins
+        return torch.from_numpy(first).to(device)
 
 
 @dataclass(frozen=True)
