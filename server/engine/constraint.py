@@ -19,6 +19,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from server.layers.transfer import to_device
+
 
 class Constraint:
     """The grammar matcher of one request: which tokens may come next, advanced by each accepted token."""
@@ -87,7 +89,7 @@ class TokenMask:
         self.ordered[rows] = self.filled[[i for _, i in targets]]
         bitmask = self.ordered[:len(requests)]  # on the host, where xgrammar's matchers write it
         if bitmask.device != logits.device:  # xgrammar's GPU kernel reads the mask from the logits' device
-            bitmask = bitmask.to(logits.device)
+            bitmask = to_device(bitmask, logits.device)
         self._xgrammar.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
 
     def close(self) -> None:

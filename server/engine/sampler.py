@@ -26,6 +26,7 @@ import torch
 
 from server.engine.constraint import TokenMask
 from server.engine.request import Request
+from server.layers.transfer import to_device
 
 NEG_INF = -float("inf")
 
@@ -72,7 +73,7 @@ class Sampler:
         edited = [i for i, r in enumerate(requests) if not self._plain_greedy(r)]
         if edited:
             tokens = tokens.clone()
-            rows = torch.tensor(edited, device=logits.device)
+            rows = _indices(edited, logits.device)
             # a non-finite row goes through too (its token is dropped): nothing below validates its input, unlike
             # torch.multinomial, which raises (a device assert on a GPU)
             scores = logits.clone() if len(edited) == n else logits.index_select(0, rows)
@@ -82,7 +83,7 @@ class Sampler:
         packed = [tokens.double(), finite.double()]
         k = max((requests[i].params.top_logprobs for i in wanted), default=0)
         if wanted:
-            rows = torch.tensor(wanted, device=logits.device)
+            rows = _indices(wanted, logits.device)
             logp = torch.log_softmax(logits.index_select(0, rows), -1)  # [w, vocab]
             packed.append(logp.gather(1, tokens.index_select(0, rows)[:, None])[:, 0].double())
             if k:
@@ -119,7 +120,7 @@ class Sampler:
         sampled = [j for j, r in enumerate(requests) if not r.params.greedy]
         if not sampled:
             return tokens
-        rows = torch.tensor(sampled, device=scores.device)
+        rows = _indices(sampled, scores.device)
         reqs = [requests[j] for j in sampled]
         probs = self._filter(scores if len(sampled) == len(requests) else scores.index_select(0, rows), reqs)
         # torch.multinomial(probs[j], 1, generator=g_j), row by row, is argmax(probs[j] / q) with q ~ Exp(1) drawn
@@ -174,13 +175,13 @@ class Sampler:
         ks = [r.params.top_k if r.params.top_k and 0 < r.params.top_k < vocab else 0 for r in requests]
         if any(ks):
             values = torch.topk(scores, max(ks)).values  # [m, max k], descending
-            kth = values.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=device)[:, None])
-            kth = torch.where(torch.tensor(ks, device=device)[:, None] > 0, kth, NEG_INF)
+            kth = values.gather(1, _indices([max(k, 1) - 1 for k in ks], device)[:, None])
+            kth = torch.where(_indices(ks, device)[:, None] > 0, kth, NEG_INF)
             scores = scores.masked_fill(scores < kth, NEG_INF)
         probs = torch.softmax(scores, -1)
         nucleus = [j for j, r in enumerate(requests) if r.params.top_p < 1.0]
         if nucleus:
-            rows = torch.tensor(nucleus, device=device)
+            rows = _indices(nucleus, device)
             part = probs.index_select(0, rows)
             sorted_probs, order = torch.sort(part, descending=True)
             top_p = _column([requests[j].params.top_p for j in nucleus], device)
@@ -191,14 +192,18 @@ class Sampler:
         return probs
 
 
+def _indices(values: list[int], device) -> torch.Tensor:
+    return to_device(torch.tensor(values, dtype=torch.long), device)
+
+
 def _column(values: list[float], device) -> torch.Tensor:
     """[m, 1] float32 of one parameter per row."""
-    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+    return to_device(torch.tensor(values, dtype=torch.float32), device)[:, None]
 
 
 def _pairs(rows: list[tuple[int, list[int], list[float]]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row index [P], token index [P], value [P] float32) of every (row j, token t, value v) given as
     (j, tokens, values): one host -> device copy for the indices, one for the values."""
-    index = torch.tensor([(j, t) for j, ids, _ in rows for t in ids], dtype=torch.long).to(device)
-    values = torch.tensor([v for _, _, vs in rows for v in vs], dtype=torch.float32).to(device)
+    index = to_device(torch.tensor([(j, t) for j, ids, _ in rows for t in ids], dtype=torch.long), device)
+    values = to_device(torch.tensor([v for _, _, vs in rows for v in vs], dtype=torch.float32), device)
     return index[:, 0], index[:, 1], values

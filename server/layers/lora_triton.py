@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from server.layers.transfer import to_device
+
 BLOCK_M = 16  # entries per SGMV tile (tl.dot needs >= 16)
 BLOCK_K = 32  # input features per shrink iteration
 BLOCK_N = 64  # output features per expand program
@@ -114,8 +116,8 @@ def _nth_of_token(tok: np.ndarray) -> np.ndarray:
 def _to_device(device, ints: list[np.ndarray], weight: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The plan's int64 arrays as views of one device tensor, and the float32 weights: two copies a step."""
     sizes = [len(a) for a in ints]
-    flat = torch.from_numpy(np.concatenate(ints).astype(np.int64)).to(device)
-    return list(flat.split(sizes)), torch.from_numpy(weight.astype(np.float32)).to(device)
+    flat = to_device(torch.from_numpy(np.concatenate(ints).astype(np.int64)), device)
+    return list(flat.split(sizes)), to_device(torch.from_numpy(weight.astype(np.float32)), device)
 
 
 def _dot32(dtype: torch.dtype) -> bool:

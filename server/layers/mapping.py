@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from server.layers.transfer import to_device
+
 NO_SLOT = -1  # a row that runs the plain base model
 # a step on one slot alone has a no-gather addmm path (segments ((slot, None),)) that the kernel only beats
 # on short runs: 3.4 vs 4.4 ms at 16 tokens, even at 32, behind at 64 (one thread)
@@ -103,7 +105,7 @@ class AdapterMapping:
         """[num_tokens] the scale-table row of each token: its first entry's slot, ``num_slots`` for base rows."""
         first = np.full(routes.num_tokens, num_slots, dtype=np.int64)
         first[routes.tok[::-1]] = routes.slot[::-1]  # each token's first entry wins
-        return torch.from_numpy(first).to(device)
+        return to_device(torch.from_numpy(first), device)
 
 
 @dataclass(frozen=True)
