@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from server.engine.request import Request, SamplingParams
+from server.engine import sampler
 from server.engine.sampler import Sampler
 from .sampler_oracle import RowSampler
 
@@ -43,8 +44,12 @@ def requests(rng: random.Random, n: int) -> list[Request]:
     return out
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_batched_sampler_gives_the_per_row_samplers_tokens(seed):
+@pytest.mark.parametrize("rows_per_chunk", [None, 1, 3])
+@pytest.mark.parametrize("seed", range(20))
+def test_batched_sampler_gives_the_per_row_samplers_tokens(seed, rows_per_chunk, monkeypatch):
+    """rows_per_chunk: how many rows the CPU runs together (None: the default, every row here)."""
+    if rows_per_chunk:
+        monkeypatch.setattr(sampler, "CPU_CHUNK_BYTES", rows_per_chunk * VOCAB * 4)
     rng = random.Random(seed)
     reqs = requests(rng, rng.randrange(1, 24))
     old, new = RowSampler({EOS}, seed=seed), Sampler({EOS}, seed=seed)
