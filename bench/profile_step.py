@@ -89,14 +89,14 @@ def step_times(engine, batch, names: list[str], steps: int, rounds: int = 2) -> 
     counts = sorted({0, 1, min(4, len(names)), len(names)})
     holder = engine.runner.holder
     chosen = holder.backend
-    paths = {"torch": TorchLora()}
+    paths = {"reference": TorchLora()}
     if kernels.available():
         paths["numba"] = chosen if isinstance(chosen, NumbaLora) else NumbaLora(kernels.max_run(torch.get_num_threads()))
     times: dict[tuple[int, str], list[float]] = {}
     for _ in range(rounds):
         for c in counts:
             for path, backend in paths.items():
-                if c == 0 and path != "torch":
+                if c == 0 and path != "reference":
                     continue  # no adapter: both paths are the plain base model
                 holder.backend = backend
                 times.setdefault((c, path), []).extend(decode_steps(engine, batch, names[:c] or [None], steps))
@@ -172,7 +172,7 @@ def run(rows: int, k: int, steps: int, threads: int, with_cprofile: bool, cpu_ge
             "(median / min over interleaved rounds):")
         for (count, path), times in step_times(engine, batch, names, steps).items():
             med, low = statistics.median(times) * 1e3, min(times) * 1e3
-            say(out, f"  {count:3d} distinct adapters, {'no adapter' if count == 0 else path + (' ops' if path == 'torch' else ' kernel'):12s}: "
+            say(out, f"  {count:3d} distinct adapters, {'no adapter' if count == 0 else path + (' ops' if path == 'reference' else ' kernel'):12s}: "
                 f"{med:7.1f} / {low:7.1f} ms/step  ({rows / med * 1e3:.1f} tok/s)")
         from server.layers.mapping import ALONE_MAX_RUN
 

@@ -95,10 +95,12 @@ ENGINE_FLAGS = (
     Flag("adapter-loader", str, "process", "where adapters are read, validated and packed: a helper process "
          "(running streams keep their pace while adapters load) or a thread of the server process (no extra "
          "process, but each load stalls the streams for its Python time)", ("process", "thread")),
-    Flag("lora-kernel", str, "auto", "how batched LoRA is computed: numba (a compiled CPU loop over each "
-         "adapter's tokens; float32 on CPU, 1.6-2x faster than bmm when many adapters share a decode step), torch "
-         "(bmm / matmul only; what GPUs use), auto (numba where it applies and is installed, else torch)",
-         ("auto", "numba", "torch")),
+    Flag("lora-kernel", str, "auto", "how batched LoRA is computed: triton (Punica-style shrink/expand kernels: "
+         "BGMV for decode steps, SGMV for prefill; CUDA, any float dtype), numba (a compiled CPU loop over each "
+         "adapter's tokens; float32 on CPU, 1.6-2x faster than bmm when many adapters share a decode step), "
+         "reference (plain torch bmm / matmul, the oracle the others are tested against), auto (triton on CUDA "
+         "with triton installed, numba on a float32 CPU model with numba installed, else reference)",
+         ("auto", "reference", "numba", "triton")),
     Flag("lora-overlap", str, "auto", "run the compiled CPU LoRA kernel on a spare core while the base model's GEMM "
          "runs (steps with many adapters: 64 adapters x 1 token -21%% a step on 2 cores). auto: when the numba "
          "kernel is in use and a core is left beside --threads", ("auto", "on", "off")),

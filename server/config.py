@@ -63,7 +63,7 @@ class EngineConfig:
     threads: int = 0  # torch intra-op threads set at engine start; 0 = loader.serving_threads() on CPU
     cache_dir: str = ""  # converted models (GGUF -> safetensors) are cached here; "" = default_cache_dir()
     adapter_loader: str = "process"  # process | thread: where adapters are read, validated and packed
-    lora_kernel: str = "auto"  # auto | numba | torch: the CPU LoRA kernel (layers/kernels.py) or torch ops
+    lora_kernel: str = "auto"  # auto | reference | numba | triton: how batched LoRA is computed (layers/lora_backend.py)
     lora_overlap: str = "auto"  # auto | on | off: the CPU LoRA kernel on a spare core beside the base GEMM
     attention_kernel: str = "auto"  # auto | numba | torch: decode attention by a compiled CPU loop or gather + SDPA
     generation_config: str = "auto"  # auto: sampling defaults from the model's generation_config.json | vllm
@@ -82,7 +82,7 @@ class EngineConfig:
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("quantization", self.quantization, ("none", "int8", "nf4", "fp4"))
         _choice("adapter_loader", self.adapter_loader, ("process", "thread"))
-        _choice("lora_kernel", self.lora_kernel, ("auto", "numba", "torch"))
+        _choice("lora_kernel", self.lora_kernel, ("auto", "reference", "numba", "triton"))
         _choice("cpu_gemm", self.cpu_gemm, ("auto", "onednn", "torch"))
         _choice("attention_kernel", self.attention_kernel, ("auto", "numba", "torch"))
         _choice("lora_overlap", self.lora_overlap, ("auto", "on", "off"))

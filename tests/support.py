@@ -14,6 +14,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU the Triton LoRA kernels run under Triton's interpreter (read when triton decorates a kernel, so
+# before server.layers.lora_triton is imported); with one they compile for it as in production.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tiny models on 2 shared cores: one intra-op thread is several times faster than two (no OpenMP
 # contention with other processes) and changes no result.
 torch.set_num_threads(1)

@@ -16,6 +16,7 @@ import torch
 from server.adapters.weights import AdapterWeights
 from server.layers.adapter_linear import AdapterLinear
 from server.layers.mapping import AdapterMapping, MappingHolder, Routes
+from server.layers.slot_bank import FillStream
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class AdapterManager:
         self.slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order: oldest first
         self.pinned: set[AdapterKey] = set()
         self.loads = 0
+        self.fills = FillStream(device)  # a side stream on CUDA (slot_bank.py); nothing elsewhere
 
     @property
     def layout(self) -> list[list[str]]:
@@ -77,8 +79,13 @@ class AdapterManager:
         needed = {k for k in keys if k is not None}
         if len(needed) > self.num_slots:
             raise RuntimeError(f"{len(needed)} adapters in one step but only {self.num_slots} slots")
-        for key in needed:
-            self._ensure(key, needed, weights)
+        if all(k in self.slot_of for k in needed):  # the common step: nothing to fill, no stream to enter
+            for key in needed:
+                self.slot_of.move_to_end(key)
+            return
+        with self.fills():
+            for key in needed:
+                self._ensure(key, needed, weights)
 
     def clear(self) -> None:
         self.holder.mapping = AdapterMapping()

@@ -19,6 +19,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from server.layers.transfer import to_device
+
 
 class Constraint:
     """The grammar matcher of one request: which tokens may come next, advanced by each accepted token."""
@@ -85,7 +87,10 @@ class TokenMask:
             return
         rows = [j for j, _ in targets]
         self.ordered[rows] = self.filled[[i for _, i in targets]]
-        self._xgrammar.apply_token_bitmask_inplace(logits, self.ordered[:len(requests)], indices=rows)
+        bitmask = self.ordered[:len(requests)]  # on the host, where xgrammar's matchers write it
+        if bitmask.device != logits.device:  # xgrammar's GPU kernel reads the mask from the logits' device
+            bitmask = to_device(bitmask, logits.device)
+        self._xgrammar.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
 
     def close(self) -> None:
         if self._worker is not None:

@@ -4,15 +4,19 @@
 A backend plans each step once (``plan``: the step's Routes -> the AdapterMapping every layer reads) and runs each
 layer (``forward``: the base layer with IA3/DoRA scaling, plus the LoRA deltas). Nothing is chosen per call.
 
-    torch   the plain-torch ops of ops.py: two bmm over padded groups when padding is cheap, else a loop over
-            (slot, scale) segments (the reference the others are tested against; GPUs and non-float32 use it)
+    reference  the plain-torch ops of ops.py: two bmm over padded groups when padding is cheap, else a loop over
+               (slot, scale) segments (the oracle the others are tested against; what runs where neither
+               other backend applies)
     numba   CPU float32: the compiled loop of kernels.py for steps whose runs are short (decode), the torch
             ops for GEMM-shaped ones (long prefill runs); with a LoraWorker, steps with many adapters run the
             loop on a spare core beside the base GEMM (lora_worker.py)
+    triton  CUDA, any float dtype: the shrink/expand kernels of lora_triton.py (BGMV for decode, SGMV for
+            prefill); the shrink of layers that share their input and a SlotBank (k/v, gate/up) is one launch
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 
 import torch
@@ -31,7 +35,7 @@ SHARE_STEP = 1 / 32  # how fast an overlapped layer's split of the runs between 
 
 
 class TorchLora:
-    name = "torch"
+    name = "reference"
 
     def plan(self, routes: Routes, num_slots: int, device: torch.device) -> AdapterMapping:
         return AdapterMapping.route(routes, num_slots, device)
@@ -97,19 +101,35 @@ class NumbaLora(TorchLora):
         return y.add_(delta)
 
 
+def triton_usable(device: torch.device) -> bool:
+    """Triton installed and able to run on ``device`` (CUDA; CPU only under its interpreter)."""
+    try:
+        from server.layers import lora_triton
+    except ImportError:
+        return False
+    return lora_triton.usable(device)
+
+
 def choose(kernel: str, overlap: str, device: torch.device, dtype: torch.dtype, threads: int,
            cores: int) -> TorchLora:
-    """The backend for --lora-kernel and --lora-overlap: numba for float32 on CPU with numba installed (compiled
-    here, before the first request), else torch; the worker when a core is left beside ``threads``."""
+    """The backend for --lora-kernel and --lora-overlap. auto: triton on CUDA with triton installed; numba for
+    float32 on CPU with numba installed (compiled here, before the first request); else the reference ops.
+    The worker when a core is left beside ``threads``."""
+    if kernel == "triton" or (kernel == "auto" and device.type == "cuda" and triton_usable(device)):
+        if not triton_usable(device):
+            raise ValueError(f"--lora-kernel triton needs a CUDA device and the triton package (here: {device}, "
+                             "triton " + ("installed" if importlib.util.find_spec("triton") else "missing") +
+                             "); use --lora-kernel auto or reference")
+        _no_overlap(overlap)
+        log.info("LoRA kernel: triton (BGMV for decode steps, SGMV for prefill)")
+        return TritonLora()
     usable = device.type == "cpu" and dtype == torch.float32 and kernels.available()
     if kernel == "numba" and not usable:
         raise ValueError("--lora-kernel numba needs float32 on CPU and the numba package "
                          f"(here: {dtype} on {device}, numba {'installed' if kernels.available() else 'missing'}); "
-                         "use --lora-kernel auto or torch")
-    if kernel == "torch" or not usable:
-        if overlap == "on":
-            raise ValueError("--lora-overlap on needs the compiled CPU LoRA kernel (--lora-kernel numba or auto on "
-                             "a float32 CPU model)")
+                         "use --lora-kernel auto or reference")
+    if kernel == "reference" or not usable:
+        _no_overlap(overlap)
         return TorchLora()
     kernels.warm_up()
     max_run = kernels.max_run(threads)
@@ -121,3 +141,101 @@ def choose(kernel: str, overlap: str, device: torch.device, dtype: torch.dtype, 
                  OVERLAP_MIN_RUNS)
         worker = LoraWorker()
     return NumbaLora(max_run, worker)
+
+
+def _no_overlap(overlap: str) -> None:
+    if overlap == "on":
+        raise ValueError("--lora-overlap on needs the compiled CPU LoRA kernel (--lora-kernel numba or auto on "
+                         "a float32 CPU model)")
+
+
+# layers that read one input (the attention projections, the MLP's gate and up): when they share a SlotBank
+# (k/v under GQA, gate/up always) their shrink is one launch for all of them
+SAME_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"}, {"w1", "w3"})
+
+
+class TritonLora(TorchLora):
+    """The Triton kernels (lora_triton.py) for every step. A layer whose SlotBank neighbours take the same input
+    (``SAME_INPUT``: consecutive bank members under one parent module) runs the shrink for all of them at its
+    call and leaves the others theirs; a neighbour uses it only when it is handed the very same input tensor,
+    unmodified, in the same step, and otherwise computes its own, so the fusion can never change a result."""
+
+    name = "triton"
+
+    def __init__(self):
+        self._groups: dict[int, tuple[int, int, int]] = {}  # id(layer) -> (first bank position, members, own index)
+        self._shrunk: tuple | None = None  # (plan, bank, first, x, version, rank, h) of the last fused shrink
+
+    def plan(self, routes: Routes, num_slots: int, device: torch.device) -> AdapterMapping:
+        from server.layers.lora_triton import TritonPlan
+
+        self._shrunk = None
+        present = frozenset(routes.slot.tolist())
+        if not present:
+            return AdapterMapping()
+        # only what the layers read besides the kernels' plan (IA3/DoRA scale rows): no segments or groups
+        return AdapterMapping(scale_index=AdapterMapping.scale_index_of(routes, num_slots, device), slots=present,
+                              triton=TritonPlan.build(routes, device))
+
+    def add(self, layer, y: torch.Tensor, x2: torch.Tensor, mapping: AdapterMapping) -> None:
+        from server.layers import lora_triton
+
+        plan = mapping.triton
+        first, count, own = self._group(layer)
+        h, rank = self._reuse(plan, layer.bank, first, x2)
+        if h is None:
+            members = layer.bank.layers[first:first + count]
+            rank = max(int(m.ranks[plan.slots].max()) for m in members)
+            if not rank:
+                return
+            h = lora_triton.shrink(x2, layer.bank.lora_a[first:first + count], plan, rank)
+            if count > 1:
+                self._shrunk = (plan, layer.bank, first, x2, _version(x2), rank, h)
+        lora_triton.expand(y, h[own], layer.lora_b, plan, rank)
+
+    def _reuse(self, plan, bank, first: int, x2: torch.Tensor):
+        """(h, rank) of the fused shrink this layer's group already ran on this very input, else (None, 0)."""
+        done = self._shrunk
+        if (done is not None and done[0] is plan and done[1] is bank and done[2] == first
+                and _same_tensor(done[3], x2) and done[4] == _version(x2)):
+            return done[6], done[5]
+        return None, 0
+
+    def _group(self, layer) -> tuple[int, int, int]:
+        """(first bank position, member count, this layer's index) of the layer's same-input neighbours."""
+        group = self._groups.get(id(layer))
+        if group is None:
+            group = self._groups[id(layer)] = _same_input_group(layer)
+        return group
+
+
+def _version(t: torch.Tensor) -> int:
+    """The in-place write counter; inference-mode tensors keep none (-1): for them the held reference (the memory
+    cannot be reused while it lives) and the model's code (no projection writes its input) are the guarantee."""
+    return -1 if t.is_inference() else t._version
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
+
+
+def _same_input_group(layer) -> tuple[int, int, int]:
+    bank = layer.bank
+    pos = bank.layers.index(layer)
+    parent, _, child = bank.paths[pos].rpartition(".") if bank.paths else ("", "", "")
+    family = next((f for f in SAME_INPUT if child in f), None)
+    if family is None:
+        return pos, 1, 0
+
+    def sibling(p: int) -> bool:
+        other_parent, _, other = bank.paths[p].rpartition(".")
+        return other_parent == parent and other in family
+
+    lo = pos
+    while lo > 0 and sibling(lo - 1):
+        lo -= 1
+    hi = pos + 1
+    while hi < len(bank.paths) and sibling(hi):
+        hi += 1
+    return lo, hi - lo, pos - lo

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from server.layers.transfer import to_device
+
 NO_SLOT = -1  # a row that runs the plain base model
 # a step on one slot alone has a no-gather addmm path (segments ((slot, None),)) that the kernel only beats
 # on short runs: 3.4 vs 4.4 ms at 16 tokens, even at 32, behind at 64 (one thread)
@@ -65,6 +67,7 @@ class AdapterMapping:
     groups: "SlotGroups | None" = None
     runs: "SlotRuns | None" = None
     overlap: "object | None" = None  # a LoraWorker that computes ``runs`` beside the base GEMM (large steps only)
+    triton: "object | None" = None  # the routes laid out for the Triton kernels (lora_triton.TritonPlan)
 
     @property
     def empty(self) -> bool:
@@ -92,11 +95,17 @@ class AdapterMapping:
         runs = SlotRuns.build(routes, max_run) if max_run else None
         segments = tuple((slot, torch.from_numpy(routes.tok[(routes.slot == slot) & (routes.scale == c)]).to(device), c)
                          for slot, c in keys)
-        first = np.full(routes.num_tokens, num_slots, dtype=np.int64)
-        first[routes.tok[::-1]] = routes.slot[::-1]  # each token's first entry wins
-        scale_index = torch.from_numpy(first).to(device)
+        scale_index = cls.scale_index_of(routes, num_slots, device)
         groups = None if runs is not None else SlotGroups.build(routes, present, device)
         return cls(segments, scale_index, present, groups, runs)
+
+
+    @staticmethod
+    def scale_index_of(routes: Routes, num_slots: int, device) -> torch.Tensor:
+        """[num_tokens] the scale-table row of each token: its first entry's slot, ``num_slots`` for base rows."""
+        first = np.full(routes.num_tokens, num_slots, dtype=np.int64)
+        first[routes.tok[::-1]] = routes.slot[::-1]  # each token's first entry wins
+        return to_device(torch.from_numpy(first), device)
 
 
 @dataclass(frozen=True)

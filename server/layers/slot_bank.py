@@ -10,6 +10,7 @@ it exact, so layer-by-layer fills (DoRA, mixed-kind banks) and bank fills can fo
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -84,10 +85,40 @@ class SlotBank:
             layer.out_scaled.discard(slot)
 
 
+class FillStream:
+    """Where slot fills run. On CUDA: a side stream, entered with ``with fills():`` around a step's fills; host
+    tensors go through pinned memory with non-blocking copies, so the step thread queues them and goes on
+    (pageable copies block it until each one lands). The side stream first waits for the work already queued on
+    the compute stream (a slot being refilled may still be read by an earlier forward), and the compute stream
+    then waits for the fills (the next forward reads them): fills never race the forwards, and overlap the
+    host's work, not the GPU's. Elsewhere (CPU, meta) the context does nothing."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @contextmanager
+    def __call__(self):
+        if self.stream is None:
+            yield
+            return
+        compute = torch.cuda.current_stream(self.stream.device)
+        self.stream.wait_stream(compute)
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            compute.wait_stream(self.stream)
+
+
 def _put(dst: torch.Tensor, index: torch.Tensor | None, src: torch.Tensor) -> None:
     """dst[:n] = src, or dst[index] = src for an adapter that targets only some members. ``src`` (and ``index``)
-    live on the host, ``dst`` on the model's device: index_copy_ needs all three on one device."""
+    live on the host, ``dst`` on the model's device: index_copy_ needs all three on one device. To a GPU the
+    source goes through pinned memory (torch's caching host allocator keeps the block until the copy is done)."""
+    cuda = dst.device.type == "cuda"
+    if cuda and not src.is_pinned():
+        src = src.pin_memory()
     if index is None:
-        dst[:len(src)].copy_(src)
+        dst[:len(src)].copy_(src, non_blocking=cuda)
     else:
-        dst.index_copy_(0, index.to(dst.device), src.to(device=dst.device, dtype=dst.dtype))
+        dst.index_copy_(0, index.to(dst.device, non_blocking=cuda),
+                        src.to(device=dst.device, dtype=dst.dtype, non_blocking=cuda))

@@ -51,7 +51,7 @@ def test_threads_and_cache_dir_from_flags_or_environment(tmp_path, monkeypatch):
     assert "shared CPU" in threads_help
 
 
-@pytest.mark.parametrize("flag,env,values", [("lora-kernel", "SWAPSERVE_LORA_KERNEL", ("torch", "numba")),
+@pytest.mark.parametrize("flag,env,values", [("lora-kernel", "SWAPSERVE_LORA_KERNEL", ("reference", "numba")),
                                               ("cpu-gemm", "SWAPSERVE_CPU_GEMM", ("torch", "onednn"))])
 def test_kernel_choices_from_flag_or_environment(tmp_path, flag, env, values):
     field = flag.replace("-", "_")

@@ -9,6 +9,8 @@ one, y = W x + sum s_i dW_i x.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -30,6 +32,7 @@ ROWS = [  # (mixture, prompt length): [] = the base model
     ([("m2", 0.0)], 8),
 ]
 STEPS = 6
+NEEDS_TRITON = pytest.mark.skipif(not importlib.util.find_spec("triton"), reason="triton is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,8 @@ def oracle_model(model_dir, root, mix, quantization="none"):
     return peft_mixture_for(model_dir, [(root / n, s) for n, s in mix], quantization)
 
 
-@pytest.mark.parametrize("quantization, tol, kernel", [("none", 1e-4, "auto"), ("none", 1e-4, "torch"),
+@pytest.mark.parametrize("quantization, tol, kernel", [("none", 1e-4, "auto"), ("none", 1e-4, "reference"),
+                                                       pytest.param("none", 1e-4, "triton", marks=NEEDS_TRITON),
                                                        ("nf4", 2e-3, "auto")])
 def test_mixtures_scales_and_plain_rows_share_a_batch_and_equal_peft(tiny_model_dir, mix_root, quantization,
                                                                        tol, kernel):
@@ -62,6 +66,7 @@ def test_mixtures_scales_and_plain_rows_share_a_batch_and_equal_peft(tiny_model_
 
     eng = LLMEngine(config(tiny_model_dir, mix_root, max_loras=4, max_num_seqs=6, quantization=quantization,
                            lora_kernel=kernel))
+    assert kernel == "auto" or eng.runner.holder.backend.name == kernel
     try:
         reqs = [submit(eng, prompt_of(n, 70 + i), mix, max_tokens=STEPS, logprobs=True)
                 for i, (mix, n) in enumerate(ROWS)]

@@ -169,7 +169,7 @@ def test_a_non_finite_slot_never_reaches_another_row(fresh_llm, oracle, root, tm
     for kind in ("lora", "rslora", "ia3", "dora"):
         shutil.copytree(root / kind, tmp_path / kind)
     eng = fresh_llm(adapter_roots=[str(tmp_path)], max_loras=4, max_num_seqs=6,
-                    lora_kernel="numba" if lora_path == "numba" else "torch")
+                    lora_kernel="numba" if lora_path == "numba" else "reference")
     names = ["lora", None, "poisoned", "rslora", "ia3", "poisoned"]
     reqs = [submit(eng, tokens(4 + 2 * i, 40 + i), name, max_tokens=8, logprobs=True)
             for i, name in enumerate(names)]

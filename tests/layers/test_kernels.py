@@ -112,9 +112,9 @@ def test_lora_backend_choice():
     assert auto.name == "numba" and auto.max_run == kernels.max_run(1) and auto.worker is None
     assert lora_backend.choose("auto", "auto", cpu, torch.float32, threads=1, cores=2).worker is not None
     assert lora_backend.choose("auto", "auto", cpu, torch.float32, threads=2, cores=2).worker is None
-    assert lora_backend.choose("torch", "auto", cpu, torch.float32, threads=1, cores=2).name == "torch"
-    assert lora_backend.choose("auto", "auto", cpu, torch.bfloat16, 1, 2).name == "torch"  # numpy has no bfloat16
+    assert lora_backend.choose("reference", "auto", cpu, torch.float32, threads=1, cores=2).name == "reference"
+    assert lora_backend.choose("auto", "auto", cpu, torch.bfloat16, 1, 2).name == "reference"  # numpy: no bfloat16
     with pytest.raises(ValueError, match="--lora-kernel numba needs float32 on CPU"):
         lora_backend.choose("numba", "auto", cpu, torch.bfloat16, 1, 2)
     with pytest.raises(ValueError, match="--lora-overlap on needs the compiled CPU LoRA kernel"):
-        lora_backend.choose("torch", "on", cpu, torch.float32, 1, 2)
+        lora_backend.choose("reference", "on", cpu, torch.float32, 1, 2)

@@ -97,7 +97,7 @@ def check_batch(oracles: Oracles, names, lengths, atol, seed=0, steps=STEPS):
 
 # ---------------------------------------------------------------- fp32
 
-@pytest.fixture(scope="module", params=["numba", "torch"])
+@pytest.fixture(scope="module", params=["numba", "reference"])
 def runner(request, tiny_model_dir):
     """Both LoRA paths: the compiled CPU kernel (every step here has short runs) and torch's bmm/matmul; the
     decode attention follows (the compiled paged kernel, or the gather + SDPA reference)."""
@@ -105,7 +105,7 @@ def runner(request, tiny_model_dir):
         pytest.skip("numba is not installed")
     runner = ModelRunner(EngineConfig(model=str(tiny_model_dir), max_loras=4, max_lora_rank=8, max_num_seqs=8,
                                       max_model_len=128, lora_kernel=request.param,
-                                      attention_kernel=request.param))
+                                      attention_kernel="numba" if request.param == "numba" else "torch"))
     assert runner.holder.backend.name == request.param and getattr(runner.holder.backend, "max_run", 0) == (
         kernels.max_run(torch.get_num_threads()) if request.param == "numba" else 0)
     return runner

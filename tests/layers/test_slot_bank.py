@@ -3,6 +3,7 @@ device. Run here with the slots on the ``meta`` device (shapes and devices only,
 mix-up in the fill or the activation raises, as it would on a GPU, without one."""
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -54,3 +55,39 @@ def test_a_wrapped_layer_runs_on_the_device_with_a_step_mapping(tiny_model_dir, 
     y = layer(torch.empty(1, 5, layer.in_features, device=META))
     assert y.shape == (1, 5, layer.out_features) and y.device == META
     assert AdapterMapping.build(per_token([0, -1], 2), 4, META).scale_index.device == META
+
+
+def test_fill_stream_is_nothing_off_cuda():
+    from server.layers.slot_bank import FillStream
+
+    for device in ("cpu", "meta"):
+        fills = FillStream(torch.device(device))
+        assert fills.stream is None
+        with fills():
+            pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fills_on_the_side_stream_land_before_the_next_forward(tiny_model_dir, adapters):
+    """On CUDA: fills queued on the side stream from pinned memory hold the host tensors' values once the
+    compute stream reaches the next op, whatever the fills had to evict (more adapters than slots)."""
+    cuda = torch.device("cuda")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(cuda)
+    holder = MappingHolder()
+    layers = wrap_model(model, holder, 2, 8, torch.float32, cuda)
+    manager = AdapterManager(layers, holder, 2, cuda)
+    host = {}
+    for name in ("lora", "rslora", "lora2"):
+        w = load_adapter_dir(adapters[name], name)
+        check_against_base(w, target_shapes(layers), 8)
+        w.prepare_slots(manager.layout)
+        host[(name, 0)] = w
+    for batch in ([("lora", 0), ("rslora", 0)], [("lora2", 0)], [("rslora", 0), ("lora", 0)]):
+        manager.activate([[(k, 1.0)] for k in batch], [2] * len(batch), host.__getitem__)
+        for key in batch:
+            slot = manager.slot_of[key]
+            for path, mw in host[key].modules.items():
+                layer = layers[path]
+                r = mw.rank
+                assert torch.equal(layer.lora_a[slot, :r].cpu(), mw.a.to(layer.lora_a.dtype)), (key, path)
+                assert layer.ranks[slot] == r

@@ -1,0 +1,122 @@
+"""The per-row sampler as it was before sampling moved onto the device (server/engine/sampler.py at 21bcb19),
+kept unchanged as the oracle the batched one is compared with (test_sampler_batched.py).
+
+Sampler: next token per row from last-token logits, each row with its own parameters and generator.
+
+A row's result depends only on its own logits, parameters and generator, never on what else is in the
+batch: seeded requests are reproducible whatever they are batched with. A request with a grammar has its
+row masked first (TokenMask, one op for the batch), so everything after it (argmax, logprobs, penalties,
+sampling) sees only the tokens its grammar allows, as in vLLM.
+"""
+from __future__ import annotations
+
+import torch
+
+from server.engine.constraint import TokenMask
+from server.engine.request import Request
+
+
+class RowSampler:
+    def __init__(self, eos_token_ids: set[int], seed: int = 0, mask: TokenMask | None = None):
+        self.eos_token_ids = eos_token_ids
+        self.mask = mask
+        self._seeder = torch.Generator().manual_seed(seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def _generator(self, req: Request) -> torch.Generator:
+        gen = self._generators.get(req.request_id)
+        if gen is None:
+            seed = req.params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seeder))
+            gen = self._generators[req.request_id] = torch.Generator().manual_seed(seed)
+        return gen
+
+    def prepare(self, requests: list[Request]) -> None:
+        """The requests that may sample this step, before its forward: their grammars' masks start building."""
+        if self.mask is not None:
+            self.mask.prepare(requests)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int | None], list, list]:
+        """logits: [rows, vocab] float32 (one row per request). Returns per row: the token, its logprob (or
+        None) and the top_logprobs [(token_id, logprob)] (or None) of the raw model distribution (after its
+        grammar's mask, if any). A row whose logits are not all finite gets token None (the engine fails that
+        request alone)."""
+        if self.mask is not None:
+            self.mask.apply(logits, requests)
+        plain = [self._plain_greedy(r) for r in requests]
+        # one pass gives the common case's answer (greedy: the argmax) and the health check: max propagates NaN
+        # and is inf when any logit is (3x faster than argmax alone, 10x faster than isfinite(logits).all())
+        top, fast = logits.max(-1)
+        finite = torch.isfinite(top).tolist()
+        fast = fast.tolist()
+        logits = logits.cpu()
+        tokens, logprobs, tops = [], [], []
+        for i, (row, req) in enumerate(zip(logits, requests)):
+            if not finite[i]:
+                tokens.append(None)
+                logprobs.append(None)
+                tops.append(None)
+                continue
+            if plain[i]:
+                token = fast[i]
+            elif req.params.greedy:
+                token = int(torch.argmax(self._process(row.clone(), req)))
+            else:
+                probs = self._filter(self._process(row.clone(), req), req)
+                token = int(torch.multinomial(probs, 1, generator=self._generator(req)))
+            tokens.append(token)
+            lp, top = None, None
+            if req.params.logprobs:
+                logp = torch.log_softmax(row, -1)  # [vocab]
+                lp = float(logp[token])
+                if req.params.top_logprobs:
+                    values, ids = torch.topk(logp, req.params.top_logprobs)
+                    top = list(zip(ids.tolist(), values.tolist()))
+            logprobs.append(lp)
+            tops.append(top)
+        return tokens, logprobs, tops
+
+    def _plain_greedy(self, req: Request) -> bool:
+        """Greedy with nothing that edits the logits: the batched argmax is the answer."""
+        p = req.params
+        return (p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+                and len(req.output_token_ids) >= p.min_tokens)
+
+    def _process(self, scores: torch.Tensor, req: Request) -> torch.Tensor:
+        """Repetition penalty (HF semantics), presence/frequency penalties (OpenAI semantics, over generated
+        tokens) and min_tokens (no EOS / stop token before it)."""
+        p = req.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(req.all_token_ids)), dtype=torch.long)
+            picked = scores[seen]
+            scores[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
+            ids, counts = torch.tensor(req.output_token_ids, dtype=torch.long).unique(return_counts=True)
+            scores[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(scores.dtype)
+        if len(req.output_token_ids) < p.min_tokens:
+            banned = (set() if p.ignore_eos else self.eos_token_ids) | set(p.stop_token_ids)
+            if banned:
+                scores[torch.tensor(sorted(banned), dtype=torch.long)] = -float("inf")
+        return scores
+
+    @staticmethod
+    def _filter(scores: torch.Tensor, req: Request) -> torch.Tensor:
+        """Temperature, then top-k, then top-p; returns probabilities."""
+        p = req.params
+        scores = scores / p.temperature
+        if p.top_k and p.top_k > 0 and p.top_k < scores.shape[0]:
+            kth = torch.topk(scores, p.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, -float("inf"))
+        probs = torch.softmax(scores, -1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, -1) - sorted_probs < p.top_p  # always keeps the top token
+            mask = torch.zeros_like(probs, dtype=torch.bool)
+            mask[order[keep]] = True
+            probs = torch.where(mask, probs, torch.zeros_like(probs))
+        return probs
