@@ -59,7 +59,7 @@ def source_dir(cache: Path) -> Path:
 
 
 def build(cache: Path, jobs: int | None = None) -> Path:
-    """The `llama-server` binary (CPU, native ISA, no curl), built once per version."""
+    """The `llama-server` binary (CPU, native ISA, static, no curl), built once per version."""
     src = source_dir(cache)
     binary = src / "build" / "bin" / "llama-server"
     if binary.exists():
@@ -69,7 +69,8 @@ def build(cache: Path, jobs: int | None = None) -> Path:
     logfile = src / "build.log"
     with open(logfile, "w") as out:
         for cmd in (["cmake", "-S", ".", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON"],
+                     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON",
+                     "-DBUILD_SHARED_LIBS=OFF"],
                     ["cmake", "--build", "build", "--target", "llama-server", "-j", str(jobs or os.cpu_count() or 1)]):
             if subprocess.run(cmd, cwd=src, stdout=out, stderr=subprocess.STDOUT).returncode:
                 raise RuntimeError(f"building llama-server failed ({' '.join(cmd[:3])}); its log: {logfile}")
