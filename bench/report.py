@@ -65,18 +65,11 @@ def ratio(row: dict, num: str, den: str) -> float | None:
     return a["tok_s"] / b["tok_s"] if a and b and b.get("tok_s") else None
 
 
-def _jsonable(value):
-    """Paths as strings; anything else unknown is a bug in what a section returned."""
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} in the results: {value!r}")
-
-
 def save(results: dict, out_dir: str, preset: str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{preset}.json"
-    path.write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
+    path.write_text(json.dumps(results, indent=2) + "\n")
     return path
 
 

@@ -325,7 +325,7 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -
     if anchors:
         anchors.warm_up(fx.prompts[0])
     per_round: list[list[dict]] = []
-    loads = []
+    grid_loads = []
     for r in range(cfg.grid_rounds):  # every cell once per round, in turn: drifting load hits all cells alike
         load = {"start": loadavg()}
         seen: set[int] = set()
@@ -333,9 +333,9 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -
         for n, k in progress.bar(cfg.cells, desc=f"bench cells, round {r + 1}/{cfg.grid_rounds}", unit="cell"):
             per_round[-1].append(await measure_cell(cfg, fx, anchors, driver, n, k, n not in seen))
             seen.add(n)
-        loads.append(load | {"end": loadavg()})
+        grid_loads.append(load | {"end": loadavg()})
         log.info("grid round %d/%d done (load average %s -> %s)", r + 1, cfg.grid_rounds, load["start"],
-                 loads[-1]["end"])
+                 grid_loads[-1]["end"])
     cells = [combine_rounds(list(rows)) for rows in zip(*per_round)]
     pool = dict(list(fx.pool.items())[:cfg.swap_samples])
     swap = await swap_costs(engine, driver, pool, fx.on_demand, fx.prompts[0])
@@ -345,7 +345,7 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -
     loads = dict(list(fx.pool.items())[:cfg.interference_loads])
     intf = await interference(driver, streams, loads, cfg.interference_rounds)
     log.info("load interference: %s", {k: round(v, 3) for k, v in intf.items() if k != "per_round"})
-    out = {"cells": cells, "grid_loads": loads, "swap": swap, "interference": intf}
+    out = {"cells": cells, "grid_loads": grid_loads, "swap": swap, "interference": intf}
     if cfg.structured_share:
         out["structured"] = await timed("structured outputs", run_structured(cfg, engine, fx.cell, fx.prompts))
     if cfg.mixtures:
