@@ -187,10 +187,11 @@ class AsyncEngine:
 
     # ---- requests ---------------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
-                    request_id: str | None = None,
-                    adapters: list[tuple[str, float]] | None = None) -> RequestStream:
-        """``adapter``: one adapter by name (None or the served model name: the base model). ``adapters``: instead,
-        a mixture [(name, scale), ...], or one adapter at a strength (see mixture rules in _mixture)."""
+                    request_id: str | None = None, adapters: list[tuple[str, float]] | None = None,
+                    user: str | None = None) -> RequestStream:
+        """``adapter``: one adapter by name (None or the served model name: the base model), ``name@version`` for
+        one of its versions. ``adapters``: instead, a mixture [(name, scale), ...], or one adapter at a strength
+        (see mixture rules in _mixture). ``user``: keeps a user on one version of a name with a traffic split."""
         if not self.ready:
             raise NotReadyError("the server is not ready or is shutting down")
         self._validate(prompt_token_ids, params)
@@ -198,7 +199,7 @@ class AsyncEngine:
             raise QueueFullError(f"too many waiting requests (limit {self.config.max_waiting}); retry shortly")
         if adapters is None:
             adapters = [] if adapter in (None, self.model_name) else [(adapter, 1.0)]
-        uses = self._hold(self._mixture(adapters))
+        uses = self._hold(self._mixture(adapters), user)
         req = Request(request_id or f"req-{uuid.uuid4().hex}", list(prompt_token_ids), params, uses)
         stream = RequestStream(req.request_id, self)
         self._requests[req.request_id] = (req, stream)
@@ -222,14 +223,14 @@ class AsyncEngine:
                                           f"+-{MAX_SCALE:g}", param="adapters")
         return adapters
 
-    def _hold(self, adapters: list[tuple[str, float]]) -> tuple[AdapterUse, ...]:
+    def _hold(self, adapters: list[tuple[str, float]], user: str | None = None) -> tuple[AdapterUse, ...]:
         """Resolve every named adapter first (404 naming the first unknown one; a kind that may not be mixed is
         400, read from its config before any load where the source is local), then hold each (in flight) and
         start its load. A refused request holds nothing, and names it registered on demand are forgotten again."""
         store = self.engine.store
         fresh = [name for name, _ in adapters if name not in store.entries]
         try:
-            uses = tuple(AdapterUse(name, store.resolve(name), scale) for name, scale in adapters)
+            uses = tuple(AdapterUse(name, store.resolve(name, user), scale) for name, scale in adapters)
             error = mixture_error(uses, store.declared_kind)
             if error:
                 raise AdapterError(error, param="adapters")
@@ -315,13 +316,11 @@ class AsyncEngine:
         try:
             await asyncio.wrap_future(store.ensure_host(entry))
         except Exception as e:
-            with store.lock:
-                if store.entries.get(name) is entry:
-                    store.entries.pop(name)
+            store.restore(entry, old)  # a failed reload leaves the name on the version it had
             error = type(e) if isinstance(e, SwapserveError) else AdapterError  # 503 no room, 403 out of the roots
             raise error(f"failed to load adapter {name!r}: {entry.error or e}", param="lora_path") from None
-        if old is not None and old.in_flight == 0:
-            self._submit(lambda: self.engine.drop_device(old.key))
+        if old is not None and old.version not in (None, entry.version) and not store.pinned(old.content):
+            self._submit(lambda: self.engine.unpin_device(old.key))  # the older version stays, as name@version
         return self._info(entry)
 
     async def merge_adapter(self, spec: MergeSpec, pinned: bool = False, replace: bool = False) -> dict:
@@ -336,10 +335,59 @@ class AsyncEngine:
             entry = self.engine.store.entries.get(spec.name)
             self.merger.prune(spec.name, entry.source if entry is not None else None)
 
-    async def unload_adapter(self, name: str) -> None:
-        entry = self.engine.store.unregister(name)
-        if entry.in_flight == 0:
-            self._submit(lambda: self.engine.drop_device(entry.key))
+    async def unload_adapter(self, name: str, version: str | None = None) -> None:
+        """Forget ``name`` (or only its ``version``); the slots of versions nothing holds any more are freed (those
+        still read by requests in flight, once the last finishes)."""
+        store = self.engine.store
+        held = store.version_list(name)
+        store.unregister(name, version)
+        for key in held:
+            if not store.known(key):
+                self._submit(lambda key=key: self.engine.drop_device(key))
+
+    def rollback_adapter(self, name: str, version: str) -> dict:
+        """Point ``name`` back at one of its loaded versions (UnknownAdapterError, 404, for an unknown one)."""
+        store = self.engine.store
+        old = store.entries.get(name)
+        entry = store.rollback(name, version)
+        if old is not None and old.version not in (None, entry.version) and not store.pinned(old.content):
+            self._submit(lambda: self.engine.unpin_device(old.key))
+        return self._info(entry)
+
+    def set_traffic(self, name: str, split: dict | None) -> dict | None:
+        """Route requests for ``name`` to its versions by ``split`` ({version: weight}, summing to 100: else
+        InvalidRequestError, 400); None removes the split. Returns the split now in force (None: none)."""
+        self.engine.store.set_split(name, split)
+        return self.engine.store.splits.get(name)
+
+    def adapter_versions(self, name: str) -> list[dict]:
+        """The loaded versions of ``name``, oldest first: version, current, tier, size_bytes, in_flight, source,
+        weight (its share of the traffic split, None without one)."""
+        store = self.engine.store
+        with store.lock:
+            current = store.entries.get(name)
+            if current is None:
+                raise UnknownAdapterError(f"The lora adapter '{name}' cannot be found.", param="name")
+            split = store.splits.get(name)
+            return [{"version": v, "current": e is current, "tier": self._tier(e), "source": e.source,
+                     "size_bytes": e.info.get("size_bytes"), "in_flight": e.content.in_flight,
+                     "loaded_at": e.created, "weight": None if split is None else split.get(v, 0.0)}
+                    for v, e in store.history.get(name, {}).items()]
+
+    def request_versions(self, request_id: str) -> list[tuple[str, str | None]]:
+        """(adapter name, version) of each adapter an added request reads; a version is None until its adapter has
+        been read (await adapter_loaded first)."""
+        item = self._requests.get(request_id)
+        return [(u.entry.name, u.entry.version) for u in item[0].uses] if item else []
+
+    def residency(self) -> list[dict]:
+        """Where every loaded version is: {adapter (the name; name@version for one that is not current), version,
+        tier, pinned}, for the residency gauges."""
+        store = self.engine.store
+        with store.lock:
+            return [{"adapter": name if store.entries.get(name) is e else f"{name}@{v}", "version": v,
+                     "tier": self._tier(e), "pinned": e.pinned and store.entries.get(name) is e}
+                    for name, versions in store.history.items() for v, e in versions.items()]
 
     def list_adapters(self) -> list[dict]:
         store = self.engine.store
@@ -358,12 +406,19 @@ class AsyncEngine:
         why = f"is not loaded: {failed.describe()}" if failed else "cannot be found."
         raise UnknownAdapterError(f"The lora adapter '{name}' {why}", param="name")
 
-    def _info(self, e) -> dict:
-        tier = ("device" if self.engine.runner.manager.resident(e.key) else
+    def _tier(self, e) -> str:
+        return ("device" if e.key is not None and self.engine.runner.manager.resident(e.key) else
                 "host" if e.weights is not None else "disk")
-        return {"name": e.name, **({"type": None, "rank": None, "size_bytes": None} | e.info), "tier": tier,
-                "pinned": e.pinned, "in_flight": e.in_flight, "hits": e.hits, "last_used": e.last_used,
-                "source": e.source, "version": e.version}
+
+    def _info(self, e) -> dict:
+        """An adapter as GET /v1/adapters shows it: ``version`` is its current one (None before its first load),
+        ``versions`` every loaded one, ``traffic`` its canary split (None without one); in_flight counts the
+        requests on its current version."""
+        store = self.engine.store
+        return {"name": e.name, **({"type": None, "rank": None, "size_bytes": None} | e.info),
+                "tier": self._tier(e), "pinned": e.pinned, "in_flight": e.in_flight, "hits": e.hits,
+                "last_used": e.last_used, "source": e.source, "version": e.version,
+                "versions": store.version_list(e.name), "traffic": store.splits.get(e.name)}
 
     def describe(self) -> dict:
         """What was loaded, where, and what it takes (the start-up log reads it)."""

@@ -102,7 +102,8 @@ def load(s: AdapterStore, name: str, hold: bool = False):
 
 
 def host_names(s: AdapterStore) -> list[str]:
-    return [k[0] for k in s.host]
+    """The names holding each version of the host tier, LRU order (one name per version in these tests)."""
+    return [",".join(sorted(c.names)) for c in s.host.values()]
 
 
 # ---- names -----------------------------------------------------------------------------------------------
@@ -116,13 +117,16 @@ def test_resolve_on_demand_from_root_and_unknown_names(make_store):
             s.resolve(bad)
 
 
-def test_register_replace_bumps_version_and_duplicate_is_refused(make_store, root):
+def test_register_replace_gives_a_new_version_and_duplicate_is_refused(make_store, root):
     s, _ = make_store()
     first = s.register("mine", str(root / "lora"))
+    s.ensure_host(first).result(timeout=20)
     with pytest.raises(AdapterError):
         s.register("mine", str(root / "dora"))
     second = s.register("mine", str(root / "dora"), replace=True)
-    assert second.version > first.version and s.resolve("mine") is second
+    assert s.resolve("mine") is second and second.version is None  # known once read
+    s.ensure_host(second).result(timeout=20)
+    assert second.version != first.version and s.version_list("mine") == [first.version, second.version]
     with pytest.raises(AdapterError):
         s.register("bad name!", str(root / "lora"))
 
@@ -223,7 +227,7 @@ def test_in_flight_and_pinned_adapters_are_never_evicted(make_store, root):
         load(s, name)
         assert busy.weights is not None and pinned.weights is not None
         assert "lora" in host_names(s) and "keep" in host_names(s)
-    s.release(busy.key)  # the request finished: it becomes evictable again
+    s.release(busy)  # the request finished: it becomes evictable again
     load(s, "dora")
     assert busy.weights is None and pinned.weights is not None
     assert host_names(s) == ["keep", "dora"]
@@ -234,7 +238,7 @@ def test_bound_restored_after_in_flight_requests_finish(make_store):
     held = [load(s, name, hold=True) for name in ("lora", "dora", "ia3")]
     assert len(s.host) == 3  # every one is in use: none may go
     for e in held:
-        s.release(e.key)
+        s.release(e)
     load(s, "rslora")
     assert len(s.host) <= 2 and "rslora" in host_names(s)
 
@@ -244,7 +248,7 @@ def test_acquire_refreshes_lru_and_counts_hits(make_store):
     a = load(s, "lora")
     load(s, "dora")
     s.acquire(a)
-    s.release(a.key)
+    s.release(a)
     load(s, "ia3")
     assert host_names(s) == ["lora", "ia3"]
     assert a.hits == 1 and a.last_used is not None and a.in_flight == 0
@@ -259,9 +263,9 @@ def test_unload_keeps_weights_for_in_flight_requests(make_store):
     assert s.unregister("lora") is e
     assert "lora" not in s.entries and e.key not in s.host
     assert s.weights(e.key) is w  # still served to the requests that started on it
-    assert s.release(e.key) is False  # one still in flight
+    assert s.release(e) is None  # one still in flight
     assert s.weights(e.key) is w
-    assert s.release(e.key) is True  # the last one: now the engine may free the device slot
+    assert s.release(e) == e.version  # the last one: now the engine may free the device slot
     assert e.weights is None and e.key not in s.retired
     with pytest.raises(UnknownAdapterError):
         s.unregister("lora")
@@ -284,9 +288,11 @@ def test_reload_serves_new_version_while_old_one_drains(make_store, root):
     s.ensure_host(old).result(timeout=20)
     new = s.register("x", str(root / "dora"), replace=True)
     s.ensure_host(new).result(timeout=20)
-    assert new.version > old.version
+    assert new.version != old.version
     assert s.weights(old.key).kind == "lora" and s.weights(new.key).kind == "dora"
-    assert s.release(old.key) is True and s.weights(new.key).kind == "dora"
+    assert s.release(old) is None  # the old version stays addressable (x@version) until unloaded or evicted
+    assert s.resolve(f"x@{old.version}") is old and s.weights(old.key).kind == "lora"
+    assert s.resolve("x") is new and s.weights(new.key).kind == "dora"
 
 
 def test_unload_during_load_leaves_host_tier_usable(make_store, gate):
@@ -297,7 +303,7 @@ def test_unload_during_load_leaves_host_tier_usable(make_store, gate):
     s.unregister("lora")  # the operator unloads it while it is still loading
     gate.open()
     fut.result(timeout=20)
-    assert s.release(e.key) is True  # the request finished
+    assert s.release(e) == e.version  # the request finished: its version may leave the device
     assert e.key not in s.host, "retired entry still in the host tier"
     load(s, "dora")  # raises AttributeError: 'NoneType' object has no attribute 'nbytes'
 
@@ -393,7 +399,7 @@ def test_a_waiting_load_proceeds_once_bytes_are_freed(make_store):
     fut = s.ensure_host(other)
     assert waiting.wait(20), "the load never waited for room"
     assert not fut.done() and s.host_bytes() <= s.config.max_cpu_lora_bytes
-    s.release(busy.key)  # the request finished: 'lora' becomes evictable, the load goes on
+    s.release(busy)  # the request finished: 'lora' becomes evictable, the load goes on
     assert fut.result(timeout=20) is other and other.weights is not None
     assert busy.weights is None and events.count("evict_host", "lora") == 1
     assert s.host_bytes() <= s.config.max_cpu_lora_bytes
