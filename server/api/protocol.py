@@ -217,6 +217,7 @@ class ModelCard(BaseModel):
     parent: str | None = None
     max_model_len: int | None = None
     permission: list[dict[str, Any]] = Field(default_factory=list)
+    version: str | None = None  # an adapter's current content version (None for the base model, or before its load)
 
 
 class ModelList(BaseModel):

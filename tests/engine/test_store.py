@@ -13,7 +13,8 @@ import torch
 import server.adapters.store as store_module
 from server.adapters.store import AdapterStore
 from server.config import EngineConfig
-from server.errors import AdapterError, AdapterNotAllowedError, HostMemoryFullError, UnknownAdapterError
+from server.errors import (AdapterError, AdapterNotAllowedError, HostMemoryFullError, InvalidRequestError,
+                           UnknownAdapterError)
 
 NAMES = ("lora", "rslora", "dora", "ia3", "lora2")
 
@@ -426,3 +427,113 @@ def test_failed_on_demand_load_is_unlisted_but_remembered(make_store, root, tmp_
     shutil.copy(root / "lora" / "adapter_config.json", tmp_path / "broken" / "adapter_config.json")
     load(s, "broken")
     assert s.failure("broken") is None  # loaded now: nothing to explain any more
+
+
+# ---- versions ------------------------------------------------------------------------------------------------
+def reload(s: AdapterStore, name: str, source) -> object:
+    e = s.register(name, str(source), replace=True)
+    s.ensure_host(e).result(timeout=20)
+    return s.entries[name]
+
+
+def test_same_content_under_two_names_is_one_version_held_once(make_store, root, tmp_path):
+    s, _ = make_store(adapter_roots=[str(root), str(tmp_path)])
+    shutil.copytree(root / "lora", tmp_path / "copy")
+    a = reload(s, "a", root / "lora")
+    one_copy = s.held_bytes()
+    b = reload(s, "b", tmp_path / "copy")  # other name, other directory, same files
+    assert a.version == b.version and a.content is b.content and a.weights is b.weights
+    assert list(s.host) == [a.version] and s.held_bytes() == one_copy  # one copy in host memory
+    assert s.versions[a.version].names == {"a", "b"}
+    s.unregister("a")  # still held by b
+    assert s.weights(b.version) is b.weights and s.known(b.version)
+    s.unregister("b")
+    assert not s.known(b.version) and s.held_bytes() == 0
+
+
+def test_reload_pins_and_rollback(make_store, root):
+    s, _ = make_store()
+    v1 = reload(s, "m", root / "lora")
+    v2 = reload(s, "m", root / "lora2")
+    assert s.version_list("m") == [v1.version, v2.version] and s.resolve("m") is v2
+    assert s.resolve(f"m@{v1.version}") is v1 and s.resolve(f"m@{v2.version}") is v2
+    with pytest.raises(UnknownAdapterError, match="has no version '000000000000'") as caught:
+        s.resolve("m@000000000000")
+    assert caught.value.status_code == 404
+    same = reload(s, "m", root / "lora2")  # the same content again: nothing changes
+    assert same is v2 and s.version_list("m") == [v1.version, v2.version]
+    assert s.rollback("m", v1.version) is v1 and s.resolve("m") is v1
+    with pytest.raises(UnknownAdapterError):
+        s.rollback("m", "000000000000")
+    with pytest.raises(AdapterError, match="is the current version"):
+        s.unregister("m", v1.version)
+    assert s.unregister("m", v2.version) is v2
+    assert s.version_list("m") == [v1.version] and not s.known(v2.version)
+    with pytest.raises(UnknownAdapterError):
+        s.resolve(f"m@{v2.version}")
+
+
+def test_failed_reload_keeps_the_name_on_its_version(make_store, root, tmp_path):
+    s, _ = make_store(adapter_roots=[str(root), str(tmp_path)])
+    v1 = reload(s, "m", root / "lora")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{not json")
+    bad = s.register("m", str(tmp_path / "bad"), replace=True)
+    with pytest.raises(AdapterError):
+        s.ensure_host(bad).result(timeout=20)
+    s.restore(bad, v1)  # what AsyncEngine.load_adapter does
+    assert s.resolve("m") is v1 and s.version_list("m") == [v1.version]
+
+
+def test_an_evicted_older_version_is_forgotten_the_current_one_reread(make_store, root):
+    s, _ = make_store(max_cpu_loras=1)
+    v1 = reload(s, "m", root / "lora")
+    v2 = reload(s, "m", root / "lora2")  # one host entry: v1 (no longer current, idle) goes
+    assert list(s.host) == [v2.version] and s.version_list("m") == [v2.version]
+    with pytest.raises(UnknownAdapterError):
+        s.resolve(f"m@{v1.version}")
+    load(s, "dora")  # evicts v2, which stays the name's current version, read again on demand
+    assert v2.weights is None and s.version_list("m") == [v2.version]
+    assert s.ensure_host(s.resolve("m")).result(timeout=20) is v2 and v2.weights is not None
+
+
+def test_a_reread_that_finds_other_files_is_refused(make_store, root, tmp_path):
+    s, _ = make_store(adapter_roots=[str(tmp_path)], max_cpu_loras=1)
+    shutil.copytree(root / "lora", tmp_path / "swap")
+    shutil.copytree(root / "dora", tmp_path / "other")
+    swap = reload(s, "swap", tmp_path / "swap")
+    reload(s, "other", tmp_path / "other")  # evicts swap
+    shutil.rmtree(tmp_path / "swap")
+    shutil.copytree(root / "lora2", tmp_path / "swap")
+    with pytest.raises(AdapterError, match=f"its files changed since version {swap.version}"):
+        s.ensure_host(swap).result(timeout=20)
+
+
+def test_in_flight_request_keeps_its_version_through_reload_and_unload(make_store, root):
+    s, _ = make_store()
+    v1 = reload(s, "m", root / "lora")
+    s.acquire(v1)  # a request started on v1
+    reload(s, "m", root / "lora2")
+    s.unregister("m")
+    assert v1.version in s.retired and s.weights(v1.version).kind == "lora"
+    assert s.release(v1) == v1.version and v1.weights is None and not s.retired
+
+
+def test_traffic_split_routes_by_user_and_is_checked(make_store, root):
+    s, _ = make_store()
+    v1 = reload(s, "m", root / "lora")
+    v2 = reload(s, "m", root / "lora2")
+    with pytest.raises(InvalidRequestError, match="sum to 100"):
+        s.set_split("m", {v1.version: 50, v2.version: 40})
+    with pytest.raises(InvalidRequestError, match="has no version"):
+        s.set_split("m", {v1.version: 50, "000000000000": 50})
+    with pytest.raises(UnknownAdapterError):
+        s.set_split("nope", {v1.version: 100})
+    s.set_split("m", {v1.version: 80, v2.version: 20})
+    picked = [s.resolve("m", f"user-{i}") for i in range(400)]
+    assert {e for e in picked} == {v1, v2}
+    assert all(s.resolve("m", f"user-{i}") is e for i, e in enumerate(picked))  # sticky
+    with pytest.raises(AdapterError, match="in its traffic split"):
+        s.unregister("m", v1.version)
+    s.set_split("m", None)
+    assert all(s.resolve("m", f"user-{i}") is v2 for i in range(50))  # back to the current version
