@@ -197,8 +197,11 @@ class Metrics:
                               ",".join(stats.get("waiting_adapters", []))).set(time.time())
 
     def refresh_residency(self, stats: dict, residency: list[dict]) -> None:
-        """engine.residency() into vllm:lora_adapter_loaded (gone versions drop out), and the tiers' counts."""
+        """engine.residency() into vllm:lora_adapter_loaded (gone versions drop out) and the versions per tier
+        (swapserve:adapter_cache_entries), and the tiers' load, eviction and hit counts from engine.stats()."""
         self.loaded.clear()
+        for tier in ("device", "host", "disk"):
+            self.cache_entries.labels(tier).set(sum(1 for item in residency if item["tier"] == tier))
         for item in residency:
             level = {"device": "gpu", "host": "cpu"}.get(item["tier"])
             if level is not None:

@@ -126,7 +126,6 @@ def test_unload_during_generation_then_reload(loop, aengine, observe, oracle):
 
 
 def test_replace_during_generation_serves_both_versions(loop, aengine, observe, oracle):
-    manager = aengine.engine.runner.manager
     p = encode(aengine, "héllo wörld")
     hold = observe(Hold("r1", 2))
 
