@@ -329,8 +329,9 @@ class AdapterStore:
         if current is not entry and current.version == version:
             return  # a re-read of a version the name holds under its current entry too
         if self.entries[name] is entry and history.get(version) not in (None, entry):
-            self.entries[name] = history[version]  # reloaded with the same content: nothing changes
-            entry = history[version]
+            same = self.entries[name] = history[version]  # reloaded with the same content: the version stays,
+            same.source, same.pinned, same.trusted = entry.source, entry.pinned, entry.trusted  # as reloaded
+            entry = same
         history[version] = entry
         content.names.add(name)
         self.retired.pop(version, None)

@@ -153,8 +153,9 @@ class Metrics:
         self.prompt_tokens.inc(len(req.prompt_token_ids))
         self.generation_tokens.inc(generated)
         self.request_success.labels(self.model_name, req.finish_reason or "abort").inc()
-        # a mixture counts once for each of its adapters (labels stay adapter names: bounded cardinality)
-        for adapter in [u.name for u in getattr(req, "uses", ())] or [self.model_name]:
+        # a mixture counts once for each of its adapters (labels stay adapter names, name@version pins counted
+        # under the name: bounded cardinality; versions have their own series)
+        for adapter in [getattr(u.entry, "name", u.name) for u in getattr(req, "uses", ())] or [self.model_name]:
             self.adapter_requests.labels(adapter).inc()
             self.adapter_tokens.labels(adapter).inc(generated)
             if getattr(req, "error", None):

@@ -321,7 +321,7 @@ class AsyncEngine:
             raise error(f"failed to load adapter {name!r}: {entry.error or e}", param="lora_path") from None
         if old is not None and old.version not in (None, entry.version) and not store.pinned(old.content):
             self._submit(lambda: self.engine.unpin_device(old.key))  # the older version stays, as name@version
-        return self._info(entry)
+        return self._info(store.entries.get(name, entry))  # the entry it already had, for the same content
 
     async def merge_adapter(self, spec: MergeSpec, pinned: bool = False, replace: bool = False) -> dict:
         """A new adapter ``spec.name`` made by PEFT's add_weighted_adapter on the merge thread (AdapterMerger: over

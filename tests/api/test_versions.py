@@ -60,6 +60,10 @@ def want(tiny_model_dir, adapters):
             for kind in ("lora", "lora2")}
 
 
+def vserver_model(server):
+    return server.engine.config.model
+
+
 def complete(http, model, steps=STEPS, **fields):
     return http.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": steps,
                                               "temperature": 0, "return_token_ids": True, **fields})
@@ -156,6 +160,11 @@ def test_same_content_under_two_names_is_one_version_and_one_copy(vserver, files
             assert sum(1 for c in store.host.values() if c.version == a["version"]) == 1
             assert store.entries["twin-a"].weights is store.entries["twin-b"].weights
             assert store.versions[a["version"]].names >= {"twin-a", "twin-b"}
+        # one slot for both names: a mixture of the two at 0.5 each is the adapter at 1.0 (PEFT agrees)
+        mix = complete(http, None, adapters=[{"name": "twin-a", "scale": 0.5}, {"name": "twin-b", "scale": 0.5}])
+        assert tokens(mix) == tokens(complete(http, "twin-a"))
+        twice = peft_mixture_for(vserver_model(vserver), [(files / "twin-a", 0.5), (files / "twin-b", 0.5)])
+        assert tokens(mix) == greedy_tokens(twice, PROMPT, STEPS)[0]
         listed = {x["name"]: x for x in http.get("/v1/adapters").json()["data"]}
         for name in ("twin-a", "twin-b"):
             item = listed[name]
@@ -190,6 +199,10 @@ def test_canary_split_sticky_per_user_and_refusals(vserver, files, adapters, wan
             by_header = http.post("/v1/completions", headers={"x-user-id": user},
                                   json={"model": "swap", "prompt": PROMPT, "max_tokens": 1, "temperature": 0})
             assert by_header.headers["x-adapter-version"] == version
+        with http.stream("POST", "/v1/completions", json={"model": "swap", "prompt": PROMPT, "max_tokens": 2,
+                                                          "stream": True, "user": user}) as streamed:
+            assert streamed.status_code == 200 and streamed.headers["x-adapter-version"] == users[user]
+            assert "[DONE]" in streamed.read().decode()
         assert http.delete(f"/v1/adapters/swap@{lora2}").status_code == 400  # in the split
 
         text = http.get("/metrics").text
