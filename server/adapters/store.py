@@ -1,30 +1,23 @@
 """AdapterStore: adapter names -> sources (AdapterSources: adapter roots, explicit paths, allowed Hub ids) and
-versions, the host tier (LRU with a count and a hard byte budget), single-flight loading off the step loop,
-unload with in-flight safety.
-
-Identity is content (versions.py): each load of a name gives an AdapterEntry (that name bound to one load); once
-read, the entry points at the AdapterVersion of its content, shared by every name with the same content, so
-the host tier and the device slots hold each content once. ``entries`` maps a name to its current entry;
-``history`` keeps each name's loaded versions, addressable as ``name@version`` until unloaded or, for one that
-is no longer current, evicted from host memory (its source may hold other files by now).
+versions (AdapterCatalog, catalog.py), the host tier (LRU of versions with a count and a hard byte budget),
+single-flight loading off the step loop, unload with in-flight safety.
 
 Tiers: disk (adapter roots, ``adapters_cache/`` for Hub downloads) -> host (AdapterWeights here) -> device
-(AdapterManager slots). ``in_flight`` counts requests admitted against an adapter; while > 0 its version is
-pinned in host memory, and a version no name holds any more keeps its weights (as "retired") until the last
-such request finishes. Every read from disk, the first or one after an eviction, re-checks that what it opens
-lies under the roots (AdapterDir), and a re-read must find the content it had; every load reserves its bytes
-under --max-cpu-lora-bytes before reading (HostBudget).
+(AdapterManager slots). The host tier and the device slots hold each content version once, whatever names
+it has. ``in_flight`` counts requests admitted against an adapter; while > 0 its version is pinned in host
+memory, and a version no name holds any more keeps its weights (as "retired") until the last such request
+finishes. Every read from disk, the first or one after an eviction, re-checks that what it opens lies under the
+roots (AdapterDir), and a re-read must find the content it had; every load reserves its bytes under
+--max-cpu-lora-bytes before reading (HostBudget).
 """
 from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +28,8 @@ from server.adapters.formats import config_kind
 from server.adapters.host_budget import HostBudget
 from server.adapters.load_failures import LoadFailure, LoadFailures
 from server.adapters.sources import AdapterSources
-from server.adapters.versions import AdapterVersion, check_split, pick_version, split_pin, unknown_version, version_of
+from server.adapters.catalog import AdapterEntry, AdapterCatalog
+from server.adapters.versions import AdapterVersion, version_of
 from server.adapters.weights import AdapterWeights
 from server.adapters.load_worker import prepare, shared_worker
 from server.config import EngineConfig, valid_adapter_name
@@ -50,47 +44,6 @@ def _lower_thread_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
     except (AttributeError, OSError):  # not Linux, or not permitted: loads simply run at normal priority
         pass
-
-
-@dataclass(eq=False)
-class AdapterEntry:
-    """One name bound to one load: its source, and (once read) the version of what it read."""
-
-    name: str
-    source: str  # a local directory, or "hub:org/name[@revision]"
-    pinned: bool = False
-    content: AdapterVersion | None = None  # set by the first read; never changes afterwards
-    future: Future | None = None  # the load in progress (single flight)
-    error: str | None = None
-    in_flight: int = 0
-    on_demand: bool = False  # resolved from an adapter root / the Hub by a request, not loaded by an admin
-    trusted: bool = False  # an operator-given path (--lora-modules): read as configured, not held to the roots
-    hits: int = 0
-    last_used: float | None = None
-    load_seconds: float | None = None
-    created: float = field(default_factory=time.time)
-
-    @property
-    def version(self) -> str | None:
-        return None if self.content is None else self.content.version
-
-    @property
-    def key(self) -> str | None:
-        """The device-slot and host-tier key: the version (None until the first read)."""
-        return self.version
-
-    @property
-    def weights(self) -> AdapterWeights | None:
-        return None if self.content is None else self.content.weights
-
-    @property
-    def content_hash(self) -> bytes:
-        """Keys its KV blocks (BlockManager): what it computes, whatever it is called."""
-        return b"" if self.content is None else self.content.content_hash
-
-    @property
-    def info(self) -> dict:
-        return {} if self.content is None else self.content.info
 
 
 class AdapterStore:
@@ -110,16 +63,11 @@ class AdapterStore:
         self.observers = observers
         self.sources = AdapterSources(config)
         self.roots = self.sources.roots
-        self.entries: dict[str, AdapterEntry] = {}  # name -> its current entry
-        self.history: dict[str, dict[str, AdapterEntry]] = {}  # name -> {version: entry}, in load order
-        self.versions: dict[str, AdapterVersion] = {}  # every version some name holds
-        self.retired: dict[str, AdapterVersion] = {}  # versions no name holds, kept for requests in flight
-        self.splits: dict[str, dict[str, float]] = {}  # name -> canary split {version: weight}
+        self.catalog = AdapterCatalog()
         self.host: OrderedDict[str, AdapterVersion] = OrderedDict()  # LRU, oldest first
         self.lock = threading.RLock()
         self.budget = HostBudget(config.max_cpu_lora_bytes, config.cpu_lora_wait, self.lock)
         self.failures = LoadFailures()
-        self.rng = random.Random()
         self.loads = 0  # reads that put a new copy in the host tier
         self.evictions = 0  # versions evicted from the host tier
         # one low-priority thread drives the loads (the work itself runs in the loader process, load_worker.py)
@@ -128,27 +76,26 @@ class AdapterStore:
         if config.adapter_loader == "process":
             self.executor.submit(shared_worker().start)  # ready before the first load needs it
 
-    # ---- names and sources ------------------------------------------------------------------------------
+    # the catalog's state, read under self.lock
+    entries = property(lambda self: self.catalog.entries)
+    history = property(lambda self: self.catalog.history)
+    versions = property(lambda self: self.catalog.versions)
+    retired = property(lambda self: self.catalog.retired)
+    splits = property(lambda self: self.catalog.splits)
+
+    # ---- names, sources and versions ---------------------------------------------------------------------
     def resolve(self, name: str, user: str | None = None) -> AdapterEntry:
         """The entry a request for ``name`` reads: ``name@version`` pins a version (404 when the name has no such
         version); a name with a traffic split goes to one of its versions (pick_version, sticky per ``user``);
         else the name's current entry, registered on demand from an adapter root or the allowed Hub."""
         with self.lock:
-            base, version = split_pin(name)
-            if version is not None and base in self.entries:
-                entry = self.history.get(base, {}).get(version)
-                if entry is None:
-                    raise unknown_version(base, version, self.version_list(base))
-                return entry
-            entry = self.entries.get(name)
+            entry = self.catalog.lookup(name, user)
             if entry is not None:
-                split = self.splits.get(name)
-                return entry if split is None else self.history[name][pick_version(split, name, user, self.rng)]
+                return entry
             source = self.sources.on_demand(name)
             if source is None:
                 raise UnknownAdapterError(f"The model `{name}` does not exist.", param="model")
-            entry = self.entries[name] = AdapterEntry(name, source, on_demand=True)
-            return entry
+            return self.catalog.add(AdapterEntry(name, source, on_demand=True))
 
     def check_source(self, source: str) -> str:
         """Validate an admin-supplied source (AdapterSources.check)."""
@@ -165,97 +112,59 @@ class AdapterStore:
         with self.lock:
             if name in self.entries and not replace:
                 raise AdapterError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
-            entry = self.entries[name] = AdapterEntry(name, source, pinned, trusted=trusted)
-            return entry
+            return self.catalog.add(AdapterEntry(name, source, pinned, trusted=trusted))
 
     def restore(self, entry: AdapterEntry, previous: AdapterEntry | None) -> None:
         """``entry``'s load failed: point its name back at ``previous`` (the entry it replaced) while that one's
         version is still held, else forget the name."""
         with self.lock:
-            if self.entries.get(entry.name) is not entry:
-                return
-            if previous is not None and self.history.get(entry.name, {}).get(previous.version) is previous:
-                self.entries[entry.name] = previous
-            else:
-                self.entries.pop(entry.name)
+            self.catalog.restore(entry, previous)
 
     def unregister(self, name: str, version: str | None = None) -> AdapterEntry:
         """Forget ``name`` (every version), or only its ``version`` (not its current one: roll back first). The
         name or version disappears at once; in-flight requests keep the weights until they finish."""
         with self.lock:
-            entry = self.entries.get(name)
-            if entry is None:
-                raise UnknownAdapterError(f"The lora adapter '{name}' cannot be found.", param="lora_name")
             if version is not None:
-                return self._unregister_version(name, version)
-            self._forget(name)
+                entry, dropped = self.catalog.forget_version(name, version)
+            else:
+                entry = self.entries.get(name)
+                dropped = self.catalog.forget(name)
+            self._dropped(dropped)
             return entry
 
-    def _forget(self, name: str) -> None:
-        del self.entries[name]
-        self.splits.pop(name, None)
-        for held in self.history.pop(name, {}).values():
-            self._unhold(name, held.content)
-
-    def _unregister_version(self, name: str, version: str) -> AdapterEntry:
-        old = self.history.get(name, {}).get(version)
-        if old is None:
-            raise unknown_version(name, version, self.version_list(name))
-        if self.entries[name] is old:
-            raise AdapterError(f"version {version} is the current version of '{name}': roll back to another "
-                               f"version first, or unload the adapter", param="version")
-        if version in self.splits.get(name, {}):
-            raise AdapterError(f"version {version} of '{name}' is in its traffic split: change or delete the "
-                               "split first", param="version")
-        del self.history[name][version]
-        self._unhold(name, old.content)
-        return old
-
-    def _unhold(self, name: str, content: AdapterVersion | None) -> None:
-        """``name`` no longer holds ``content``: with no name left, it leaves the tier (retired while in use)."""
-        if content is None:
-            return
-        content.names.discard(name)
-        if content.names:
-            return
-        self.versions.pop(content.version, None)
-        self.host.pop(content.version, None)
-        if content.in_flight > 0:
-            self.retired[content.version] = content
-        else:
-            content.weights = None
-        self.budget.freed()
+    def _dropped(self, contents: list[AdapterVersion]) -> None:
+        """Versions no name holds any more leave the host tier (retired ones keep their weights meanwhile)."""
+        for content in contents:
+            self.host.pop(content.version, None)
+            if content.version not in self.retired:
+                content.weights = None
+        if contents:
+            self.budget.freed()
 
     def rollback(self, name: str, version: str) -> AdapterEntry:
         """Point ``name`` back at one of its loaded versions."""
         with self.lock:
-            if name not in self.entries:
-                raise UnknownAdapterError(f"The lora adapter '{name}' cannot be found.", param="name")
-            entry = self.history.get(name, {}).get(version)
-            if entry is None:
-                raise unknown_version(name, version, self.version_list(name))
-            self.entries[name] = entry
-            return entry
+            return self.catalog.rollback(name, version)
 
     def set_split(self, name: str, split: dict | None) -> dict[str, float] | None:
         """Route requests for ``name`` by ``split`` ({version: weight}, summing to 100; check_split); None
         removes the split (requests go to the current version again)."""
         with self.lock:
-            if name not in self.entries:
-                raise UnknownAdapterError(f"The lora adapter '{name}' cannot be found.", param="name")
-            if split is None:
-                return self.splits.pop(name, None)
-            checked = self.splits[name] = check_split(split, self.version_list(name), name)
-            return checked
+            return self.catalog.set_split(name, split)
 
     def version_list(self, name: str) -> list[str]:
         with self.lock:
-            return list(self.history.get(name, {}))
+            return self.catalog.version_list(name)
 
     def known(self, version: str) -> bool:
         """Whether some name, or a request in flight, still holds ``version``."""
         with self.lock:
-            return version in self.versions or version in self.retired
+            return self.catalog.known(version)
+
+    def pinned(self, content: AdapterVersion) -> bool:
+        """Whether an operator pinned a name whose current version is ``content``."""
+        with self.lock:
+            return self.catalog.pinned(content)
 
     # ---- loading (off the step loop) --------------------------------------------------------------------
     def ensure_host(self, entry: AdapterEntry) -> Future:
@@ -289,7 +198,7 @@ class AdapterStore:
             self.budget.release(reserved)  # the bytes move from the reservation into the tier (or are dropped)
             entry.error = None
             entry.load_seconds = time.perf_counter() - start
-            content = self._content(entry, weights, version)
+            content = self.catalog.bind(entry, weights, version)
             if content.weights is None:
                 content.weights = weights
                 self.loads += 1
@@ -301,45 +210,15 @@ class AdapterStore:
                  weights.kind, weights.rank, weights.nbytes / 1e6, entry.load_seconds)
         return entry
 
-    def _content(self, entry: AdapterEntry, weights: AdapterWeights, version: str) -> AdapterVersion:
-        """The AdapterVersion ``entry`` read (the existing one when some name already holds that content), now
-        bound to ``entry``: its requests in flight count on it from here on."""
-        content = entry.content or self.versions.get(version) or self.retired.get(version)
-        if content is None:
-            content = AdapterVersion(version, bytes.fromhex(weights.content_hash),
-                                     {"type": weights.kind, "rank": weights.rank, "size_bytes": weights.nbytes})
-        if entry.content is None:
-            entry.content = content
-            content.in_flight += entry.in_flight
-        return content
-
     def _place(self, entry: AdapterEntry, content: AdapterVersion) -> None:
-        """Enter a freshly read ``content`` in the name's history and the host tier, when ``entry`` is still the
-        name's current entry or one of its versions; else (unloaded mid-load) keep it only for requests in flight."""
-        name, version = entry.name, content.version
-        history = self.history.setdefault(name, {}) if name in self.entries else {}
-        live = self.entries.get(name) is entry or history.get(version) is entry
-        if not live:
-            if not content.names and content.in_flight > 0:
-                self.retired[version] = content
-            elif not content.names:
-                content.weights = None
+        """Enter a freshly read ``content`` in the name's history (AdapterCatalog.place) and the host tier."""
+        held = self.catalog.place(entry, content)
+        if held is None:
             return
-        current = self.entries[name]
-        if current is not entry and current.version == version:
-            return  # a re-read of a version the name holds under its current entry too
-        if self.entries[name] is entry and history.get(version) not in (None, entry):
-            same = self.entries[name] = history[version]  # reloaded with the same content: the version stays,
-            same.source, same.pinned, same.trusted = entry.source, entry.pinned, entry.trusted  # as reloaded
-            entry = same
-        history[version] = entry
-        content.names.add(name)
-        self.retired.pop(version, None)
-        self.versions[version] = content
-        self.host.setdefault(version, content)
-        self._touch(entry)
+        self.host.setdefault(content.version, content)
+        self._touch(held)
         self._evict_host(keep=content)  # never the adapter just loaded: someone is about to use it
-        self.failures.forget(name)
+        self.failures.forget(entry.name)
 
     def _fetch(self, entry: AdapterEntry) -> tuple[AdapterWeights, int]:
         """Read ``entry`` within the host budget: reserve its estimated bytes (waiting for room), read, then
@@ -366,7 +245,7 @@ class AdapterStore:
         log.warning("adapter %s failed to load: %s", entry.name, entry.error)
         with self.lock:  # an on-demand name that cannot load is not listed; the next request retries it
             if entry.on_demand and self.entries.get(entry.name) is entry:
-                self._forget(entry.name)
+                self._dropped(self.catalog.forget(entry.name))
                 self.failures.record(LoadFailure(entry.name, entry.source, entry.error, time.time(),
                                                  getattr(e, "status_code", 400)))
 
@@ -403,17 +282,13 @@ class AdapterStore:
             if entry.version in self.host:
                 self.host.move_to_end(entry.version)
 
-    def pinned(self, content: AdapterVersion) -> bool:
-        """Whether an operator pinned a name whose current version is ``content``."""
-        return any(e.pinned and e.content is content for e in map(self.entries.get, content.names) if e)
-
     def _evict_host(self, need: int = 0, keep: AdapterVersion | None = None) -> int:
         """Evict idle versions, least recently used first, while the tier is over --max-cpu-loras or, when
         evicting every idle one would make room, while ``need`` more bytes do not fit --max-cpu-lora-bytes.
         Pinned and in-flight ones (and ``keep``) stay. A version no name has as its current one is forgotten
         when evicted (its source may hold other files by now). Returns the bytes held afterwards (held_bytes)."""
         held, budget = self.held_bytes(), self.config.max_cpu_lora_bytes
-        idle = [c for c in self.host.values() if not (c.in_flight > 0 or c is keep or self.pinned(c))]
+        idle = [c for c in self.host.values() if not (c.in_flight > 0 or c is keep or self.catalog.pinned(c))]
         can_fit = held - sum(c.weights.nbytes for c in idle) + need <= budget  # else evicting frees nothing useful
         for content in idle:
             if len(self.host) <= self.config.max_cpu_loras and not (can_fit and held + need > budget):
@@ -422,11 +297,8 @@ class AdapterStore:
             held -= content.weights.nbytes
             content.weights = None
             self.evictions += 1
-            for name in list(content.names):
-                if self.entries[name].content is not content:
-                    del self.history[name][content.version]
-                    self._unhold(name, content)
             self._emit("on_adapter_event", "evict_host", ",".join(sorted(content.names)) or content.version, None)
+            self._dropped(self.catalog.forget_older(content))
         return held
 
     def held_bytes(self) -> int:
@@ -459,16 +331,11 @@ class AdapterStore:
                 content.in_flight -= 1
             self._evict_host()
             self.budget.freed()
-            if content is not None and content.in_flight == 0 and self.retired.get(content.version) is content:
-                del self.retired[content.version]
-                content.weights = None
-                return content.version
-            return None
+            return content.version if self.catalog.finished(content) else None
 
     def weights(self, version: str) -> AdapterWeights:
         with self.lock:
-            content = self.versions.get(version) or self.retired[version]
-            return content.weights
+            return self.catalog.get(version).weights
 
     def tier_counts(self, device_keys) -> dict[str, int]:
         with self.lock:

@@ -1,0 +1,228 @@
+"""AdapterCatalog: adapter names -> entries -> versions, the bookkeeping half of the AdapterStore (no I/O, no
+lock of its own: the store's lock guards every call).
+
+Identity is content (versions.py): each load of a name gives an AdapterEntry (that name bound to one load); once
+read, the entry points at the AdapterVersion of its content, shared by every name with the same content.
+``entries`` maps a name to its current entry; ``history`` keeps each name's loaded versions, addressable as
+``name@version`` until unloaded or, for one that is no longer current, evicted from host memory (its source may
+hold other files by now). A version no name holds any more is dropped, or kept as "retired" while requests in
+flight still read it.
+"""
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from server.adapters.versions import AdapterVersion, check_split, pick_version, split_pin, unknown_version
+from server.adapters.weights import AdapterWeights
+from server.errors import AdapterError, UnknownAdapterError
+
+
+@dataclass(eq=False)
+class AdapterEntry:
+    """One name bound to one load: its source, and (once read) the version of what it read."""
+
+    name: str
+    source: str  # a local directory, or "hub:org/name[@revision]"
+    pinned: bool = False
+    content: AdapterVersion | None = None  # set by the first read; never changes afterwards
+    future: Future | None = None  # the load in progress (single flight)
+    error: str | None = None
+    in_flight: int = 0
+    on_demand: bool = False  # resolved from an adapter root / the Hub by a request, not loaded by an admin
+    trusted: bool = False  # an operator-given path (--lora-modules): read as configured, not held to the roots
+    hits: int = 0
+    last_used: float | None = None
+    load_seconds: float | None = None
+    created: float = field(default_factory=time.time)
+
+    @property
+    def version(self) -> str | None:
+        return None if self.content is None else self.content.version
+
+    @property
+    def key(self) -> str | None:
+        """The device-slot and host-tier key: the version (None until the first read)."""
+        return self.version
+
+    @property
+    def weights(self) -> AdapterWeights | None:
+        return None if self.content is None else self.content.weights
+
+    @property
+    def content_hash(self) -> bytes:
+        """Keys its KV blocks (BlockManager): what it computes, whatever it is called."""
+        return b"" if self.content is None else self.content.content_hash
+
+    @property
+    def info(self) -> dict:
+        return {} if self.content is None else self.content.info
+
+
+def _unknown(name: str, param: str = "lora_name") -> UnknownAdapterError:
+    return UnknownAdapterError(f"The lora adapter '{name}' cannot be found.", param=param)
+
+
+class AdapterCatalog:
+    def __init__(self, rng: random.Random | None = None):
+        self.entries: dict[str, AdapterEntry] = {}  # name -> its current entry
+        self.history: dict[str, dict[str, AdapterEntry]] = {}  # name -> {version: entry}, in load order
+        self.versions: dict[str, AdapterVersion] = {}  # every version some name holds
+        self.retired: dict[str, AdapterVersion] = {}  # versions no name holds, kept for requests in flight
+        self.splits: dict[str, dict[str, float]] = {}  # name -> canary split {version: weight}
+        self.rng = rng or random.Random()
+
+    # ---- names --------------------------------------------------------------------------------------------
+    def lookup(self, name: str, user: str | None) -> AdapterEntry | None:
+        """The entry a request for ``name`` reads (see AdapterStore.resolve); None for a name not registered."""
+        base, version = split_pin(name)
+        if version is not None and base in self.entries:
+            entry = self.history.get(base, {}).get(version)
+            if entry is None:
+                raise unknown_version(base, version, self.version_list(base))
+            return entry
+        entry = self.entries.get(name)
+        split = self.splits.get(name)
+        if entry is None or split is None:
+            return entry
+        return self.history[name][pick_version(split, name, user, self.rng)]
+
+    def add(self, entry: AdapterEntry) -> AdapterEntry:
+        """``entry`` becomes its name's current entry (the versions it had stay in its history)."""
+        self.entries[entry.name] = entry
+        return entry
+
+    def restore(self, entry: AdapterEntry, previous: AdapterEntry | None) -> None:
+        """``entry``'s load failed: point its name back at ``previous`` (the entry it replaced) while that one's
+        version is still held, else forget the name."""
+        if self.entries.get(entry.name) is not entry:
+            return
+        if previous is not None and self.history.get(entry.name, {}).get(previous.version) is previous:
+            self.entries[entry.name] = previous
+        else:
+            self.entries.pop(entry.name)
+
+    def forget(self, name: str) -> list[AdapterVersion]:
+        """Forget ``name`` and its versions; returns those no name holds any more."""
+        if name not in self.entries:
+            raise _unknown(name)
+        del self.entries[name]
+        self.splits.pop(name, None)
+        return [c for held in self.history.pop(name, {}).values() if (c := self._unhold(name, held.content))]
+
+    def forget_version(self, name: str, version: str) -> tuple[AdapterEntry, list[AdapterVersion]]:
+        """Forget one older version of ``name`` (not its current one, nor one in its split)."""
+        if name not in self.entries:
+            raise _unknown(name)
+        old = self.history.get(name, {}).get(version)
+        if old is None:
+            raise unknown_version(name, version, self.version_list(name))
+        if self.entries[name] is old:
+            raise AdapterError(f"version {version} is the current version of '{name}': roll back to another "
+                               f"version first, or unload the adapter", param="version")
+        if version in self.splits.get(name, {}):
+            raise AdapterError(f"version {version} of '{name}' is in its traffic split: change or delete the "
+                               "split first", param="version")
+        del self.history[name][version]
+        dropped = self._unhold(name, old.content)
+        return old, [dropped] if dropped else []
+
+    def forget_older(self, content: AdapterVersion) -> list[AdapterVersion]:
+        """``content`` left host memory: the names holding it as an older version forget it."""
+        dropped = []
+        for name in list(content.names):
+            if self.entries[name].content is not content:
+                del self.history[name][content.version]
+                dropped += [c for c in [self._unhold(name, content)] if c]
+        return dropped
+
+    def _unhold(self, name: str, content: AdapterVersion | None) -> AdapterVersion | None:
+        """``name`` no longer holds ``content``. Returns it when no name does any more: retired while requests
+        in flight read it (the caller drops it from the host tier either way)."""
+        if content is None:
+            return None
+        content.names.discard(name)
+        if content.names:
+            return None
+        self.versions.pop(content.version, None)
+        if content.in_flight > 0:
+            self.retired[content.version] = content
+        return content
+
+    def rollback(self, name: str, version: str) -> AdapterEntry:
+        if name not in self.entries:
+            raise _unknown(name, "name")
+        entry = self.history.get(name, {}).get(version)
+        if entry is None:
+            raise unknown_version(name, version, self.version_list(name))
+        self.entries[name] = entry
+        return entry
+
+    def set_split(self, name: str, split: dict | None) -> dict[str, float] | None:
+        if name not in self.entries:
+            raise _unknown(name, "name")
+        if split is None:
+            return self.splits.pop(name, None)
+        checked = self.splits[name] = check_split(split, self.version_list(name), name)
+        return checked
+
+    def version_list(self, name: str) -> list[str]:
+        return list(self.history.get(name, {}))
+
+    def known(self, version: str) -> bool:
+        return version in self.versions or version in self.retired
+
+    def pinned(self, content: AdapterVersion) -> bool:
+        """Whether an operator pinned a name whose current version is ``content``."""
+        return any(e.pinned and e.content is content for e in map(self.entries.get, content.names) if e)
+
+    # ---- loads --------------------------------------------------------------------------------------------
+    def bind(self, entry: AdapterEntry, weights: AdapterWeights, version: str) -> AdapterVersion:
+        """The AdapterVersion ``entry`` read (the existing one when some name already holds that content), now
+        bound to ``entry``: its requests in flight count on it from here on."""
+        content = entry.content or self.versions.get(version) or self.retired.get(version)
+        if content is None:
+            content = AdapterVersion(version, bytes.fromhex(weights.content_hash),
+                                     {"type": weights.kind, "rank": weights.rank, "size_bytes": weights.nbytes})
+        if entry.content is None:
+            entry.content = content
+            content.in_flight += entry.in_flight
+        return content
+
+    def place(self, entry: AdapterEntry, content: AdapterVersion) -> AdapterEntry | None:
+        """Enter a freshly read ``content`` in the name's history when ``entry`` is still the name's current
+        entry or one of its versions, and return the entry that holds it there; else (unloaded mid-load) keep it
+        only for requests in flight (retired) and return None."""
+        name, version = entry.name, content.version
+        history = self.history.setdefault(name, {}) if name in self.entries else {}
+        if not (self.entries.get(name) is entry or history.get(version) is entry):
+            if not content.names and content.in_flight > 0:
+                self.retired[version] = content
+            elif not content.names:
+                content.weights = None
+            return None
+        current = self.entries[name]
+        if current is not entry and current.version == version:
+            return current  # a re-read of a version the name holds under its current entry too
+        if current is entry and history.get(version) not in (None, entry):
+            same = self.entries[name] = history[version]  # reloaded with the same content: the version stays,
+            same.source, same.pinned, same.trusted = entry.source, entry.pinned, entry.trusted  # as reloaded
+            entry = same
+        history[version] = entry
+        content.names.add(name)
+        self.retired.pop(version, None)
+        self.versions[version] = content
+        return entry
+
+    def finished(self, content: AdapterVersion | None) -> bool:
+        """The last request on a retired ``content`` finished: it is dropped (True)."""
+        if content is None or content.in_flight > 0 or self.retired.get(content.version) is not content:
+            return False
+        del self.retired[content.version]
+        content.weights = None
+        return True
+
+    def get(self, version: str) -> AdapterVersion:
+        return self.versions.get(version) or self.retired[version]
