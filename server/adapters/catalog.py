@@ -133,7 +133,7 @@ class AdapterCatalog:
         """``content`` left host memory: the names holding it as an older version forget it."""
         dropped = []
         for name in list(content.names):
-            if self.entries[name].content is not content:
+            if self.entries[name].content is not content and content.version not in self.splits.get(name, {}):
                 del self.history[name][content.version]
                 dropped += [c for c in [self._unhold(name, content)] if c]
         return dropped
@@ -175,8 +175,10 @@ class AdapterCatalog:
         return version in self.versions or version in self.retired
 
     def pinned(self, content: AdapterVersion) -> bool:
-        """Whether an operator pinned a name whose current version is ``content``."""
-        return any(e.pinned and e.content is content for e in map(self.entries.get, content.names) if e)
+        """Whether ``content`` must stay in host memory: an operator pinned a name whose current version it is,
+        or it is in a name's traffic split (requests are routed to it by weight)."""
+        return any(e.pinned and e.content is content for e in map(self.entries.get, content.names) if e) or \
+            any(content.version in self.splits.get(name, {}) for name in content.names)
 
     # ---- loads --------------------------------------------------------------------------------------------
     def bind(self, entry: AdapterEntry, weights: AdapterWeights, version: str) -> AdapterVersion:

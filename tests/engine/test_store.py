@@ -537,3 +537,16 @@ def test_traffic_split_routes_by_user_and_is_checked(make_store, root):
         s.unregister("m", v1.version)
     s.set_split("m", None)
     assert all(s.resolve("m", f"user-{i}") is v2 for i in range(50))  # back to the current version
+
+
+def test_versions_in_a_traffic_split_stay_in_host_memory(make_store, root):
+    s, _ = make_store(max_cpu_loras=2)
+    v1 = reload(s, "m", root / "lora")
+    v2 = reload(s, "m", root / "lora2")
+    s.set_split("m", {v1.version: 50, v2.version: 50})
+    for name in ("dora", "ia3", "rslora"):  # more than the tier holds
+        load(s, name)
+    assert {v1.version, v2.version} <= set(s.host) and s.version_list("m") == [v1.version, v2.version]
+    s.set_split("m", None)
+    load(s, "lora2")  # now the older one may go, and is forgotten with it
+    assert v1.version not in s.host and s.version_list("m") == [v2.version]
