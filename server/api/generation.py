@@ -167,11 +167,13 @@ async def start_generation(request: Request, jobs: list[tuple[list[int], Samplin
     """Generation.start, with a refusal counted in the metrics (per adapter) and, for a request that gave
     ``adapters_field``, an error about an adapter attributed to that field. The versions the request reads go
     out in the x-adapter-version header (adapter_version_header). ``user``: the body's ``user``, else the
-    x-user-id header, makes a traffic split's choice sticky per user."""
+    x-user-id header, makes a traffic split's choice sticky per user; without either it is drawn per HTTP request."""
     engine = request.app.state.engine
     user = user if user is not None else request.headers.get("x-user-id")
+    # without a user, the request's own (random) id: every choice and prompt of one HTTP request reads one version
+    sticky = user if user is not None else request_id
     try:
-        generation = await Generation.start(engine, jobs, adapters, request_id, user)
+        generation = await Generation.start(engine, jobs, adapters, request_id, sticky)
     except SwapserveError as exc:
         for label in error_labels(engine, adapters, exc):
             request.app.state.metrics.record_error(label, exc.error_type)

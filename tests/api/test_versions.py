@@ -210,6 +210,14 @@ def test_canary_split_sticky_per_user_and_refusals(vserver, files, adapters, wan
             assert metric_value(http, "swapserve:adapter_version_requests_total", adapter="swap",
                                 version=version) > 0, text
 
+        # without a user the choice is per HTTP request: all n choices of one request read the same version
+        assert http.put("/v1/adapters/swap/traffic", json={"split": {lora: 50, lora2: 50}}).status_code == 200
+        for _ in range(6):
+            r = complete(http, "swap", n=3)
+            assert r.status_code == 200, r.text
+            version = r.headers["x-adapter-version"]
+            assert [c["token_ids"] for c in r.json()["choices"]] == [oracle[version]] * 3
+
         assert http.delete("/v1/adapters/swap/traffic").json()["split"] is None
         assert {complete(http, "swap", user=u).headers["x-adapter-version"] for u in users} == {lora}
 
