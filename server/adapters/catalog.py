@@ -44,8 +44,8 @@ class AdapterEntry:
 
     @property
     def key(self) -> str | None:
-        """The device-slot and host-tier key: the version (None until the first read)."""
-        return self.version
+        """The device-slot and host-tier key: the whole content hash, hex (None until the first read)."""
+        return None if self.content is None else self.content.key
 
     @property
     def weights(self) -> AdapterWeights | None:
@@ -69,8 +69,8 @@ class AdapterCatalog:
     def __init__(self, rng: random.Random | None = None):
         self.entries: dict[str, AdapterEntry] = {}  # name -> its current entry
         self.history: dict[str, dict[str, AdapterEntry]] = {}  # name -> {version: entry}, in load order
-        self.versions: dict[str, AdapterVersion] = {}  # every version some name holds
-        self.retired: dict[str, AdapterVersion] = {}  # versions no name holds, kept for requests in flight
+        self.versions: dict[str, AdapterVersion] = {}  # key -> every version some name holds
+        self.retired: dict[str, AdapterVersion] = {}  # key -> versions no name holds, kept for requests in flight
         self.splits: dict[str, dict[str, float]] = {}  # name -> canary split {version: weight}
         self.rng = rng or random.Random()
 
@@ -146,9 +146,9 @@ class AdapterCatalog:
         content.names.discard(name)
         if content.names:
             return None
-        self.versions.pop(content.version, None)
+        self.versions.pop(content.key, None)
         if content.in_flight > 0:
-            self.retired[content.version] = content
+            self.retired[content.key] = content
         return content
 
     def rollback(self, name: str, version: str) -> AdapterEntry:
@@ -171,8 +171,12 @@ class AdapterCatalog:
     def version_list(self, name: str) -> list[str]:
         return list(self.history.get(name, {}))
 
-    def known(self, version: str) -> bool:
-        return version in self.versions or version in self.retired
+    def keys_of(self, name: str) -> list[str]:
+        """The keys (AdapterVersion.key) of ``name``'s loaded versions."""
+        return [e.key for e in self.history.get(name, {}).values()]
+
+    def known(self, key: str) -> bool:
+        return key in self.versions or key in self.retired
 
     def pinned(self, content: AdapterVersion) -> bool:
         """Whether ``content`` must stay in host memory: an operator pinned a name whose current version it is,
@@ -181,12 +185,13 @@ class AdapterCatalog:
             any(content.version in self.splits.get(name, {}) for name in content.names)
 
     # ---- loads --------------------------------------------------------------------------------------------
-    def bind(self, entry: AdapterEntry, weights: AdapterWeights, version: str) -> AdapterVersion:
+    def bind(self, entry: AdapterEntry, weights: AdapterWeights) -> AdapterVersion:
         """The AdapterVersion ``entry`` read (the existing one when some name already holds that content), now
         bound to ``entry``: its requests in flight count on it from here on."""
-        content = entry.content or self.versions.get(version) or self.retired.get(version)
+        key = weights.content_hash
+        content = entry.content or self.versions.get(key) or self.retired.get(key)
         if content is None:
-            content = AdapterVersion(version, bytes.fromhex(weights.content_hash),
+            content = AdapterVersion(bytes.fromhex(key),
                                      {"type": weights.kind, "rank": weights.rank, "size_bytes": weights.nbytes})
         if entry.content is None:
             entry.content = content
@@ -201,7 +206,7 @@ class AdapterCatalog:
         history = self.history.setdefault(name, {}) if name in self.entries else {}
         if not (self.entries.get(name) is entry or history.get(version) is entry):
             if not content.names and content.in_flight > 0:
-                self.retired[version] = content
+                self.retired[content.key] = content
             elif not content.names:
                 content.weights = None
             return None
@@ -214,17 +219,17 @@ class AdapterCatalog:
             entry = same
         history[version] = entry
         content.names.add(name)
-        self.retired.pop(version, None)
-        self.versions[version] = content
+        self.retired.pop(content.key, None)
+        self.versions[content.key] = content
         return entry
 
     def finished(self, content: AdapterVersion | None) -> bool:
         """The last request on a retired ``content`` finished: it is dropped (True)."""
-        if content is None or content.in_flight > 0 or self.retired.get(content.version) is not content:
+        if content is None or content.in_flight > 0 or self.retired.get(content.key) is not content:
             return False
-        del self.retired[content.version]
+        del self.retired[content.key]
         content.weights = None
         return True
 
-    def get(self, version: str) -> AdapterVersion:
-        return self.versions.get(version) or self.retired[version]
+    def get(self, key: str) -> AdapterVersion:
+        return self.versions.get(key) or self.retired[key]

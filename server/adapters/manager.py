@@ -1,9 +1,9 @@
 """AdapterManager: the device tier. Owns the preallocated slots of every wrapped layer, LRU over them, and
 builds each step's AdapterMapping.
 
-An adapter is identified on device by its ``AdapterKey``, its content version (server/adapters/versions.py): two
-names with the same content share one slot, and a name reloaded with other content has another version, so a
-slot filled from an older load is never reused for a newer one.
+An adapter is identified on device by its ``AdapterKey``, the SHA-256 of its content (AdapterVersion.key in
+server/adapters/versions.py): two names with the same content share one slot, and a name reloaded with other
+content has another key, so a slot filled from an older load is never reused for a newer one.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from server.layers.mapping import AdapterMapping, MappingHolder, Routes
 
 log = logging.getLogger(__name__)
 
-AdapterKey = str  # the adapter's content version
+AdapterKey = str  # the adapter's content hash, hex (AdapterVersion.key)
 
 
 class AdapterManager:

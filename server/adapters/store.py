@@ -135,8 +135,8 @@ class AdapterStore:
     def _dropped(self, contents: list[AdapterVersion]) -> None:
         """Versions no name holds any more leave the host tier (retired ones keep their weights meanwhile)."""
         for content in contents:
-            self.host.pop(content.version, None)
-            if content.version not in self.retired:
+            self.host.pop(content.key, None)
+            if content.key not in self.retired:
                 content.weights = None
         if contents:
             self.budget.freed()
@@ -156,10 +156,15 @@ class AdapterStore:
         with self.lock:
             return self.catalog.version_list(name)
 
-    def known(self, version: str) -> bool:
-        """Whether some name, or a request in flight, still holds ``version``."""
+    def known(self, key: str) -> bool:
+        """Whether some name, or a request in flight, still holds the version keyed ``key`` (AdapterEntry.key)."""
         with self.lock:
-            return self.catalog.known(version)
+            return self.catalog.known(key)
+
+    def keys_of(self, name: str) -> list[str]:
+        """The keys of ``name``'s loaded versions (what its device slots are keyed by)."""
+        with self.lock:
+            return self.catalog.keys_of(name)
 
     def pinned(self, content: AdapterVersion) -> bool:
         """Whether an operator pinned a name whose current version is ``content``."""
@@ -186,7 +191,7 @@ class AdapterStore:
         try:
             weights, reserved = self._fetch(entry)
             version = version_of(weights.content_hash)
-            if entry.content is not None and entry.version != version:
+            if entry.content is not None and entry.key != weights.content_hash:
                 self.budget.release(reserved)
                 raise AdapterError(f"{entry.source}: its files changed since version {entry.version} of "
                                    f"'{entry.name}' was loaded (they are version {version} now); load the "
@@ -198,7 +203,7 @@ class AdapterStore:
             self.budget.release(reserved)  # the bytes move from the reservation into the tier (or are dropped)
             entry.error = None
             entry.load_seconds = time.perf_counter() - start
-            content = self.catalog.bind(entry, weights, version)
+            content = self.catalog.bind(entry, weights)
             if content.weights is None:
                 content.weights = weights
                 self.loads += 1
@@ -215,7 +220,7 @@ class AdapterStore:
         held = self.catalog.place(entry, content)
         if held is None:
             return
-        self.host.setdefault(content.version, content)
+        self.host.setdefault(content.key, content)
         self._touch(held)
         self._evict_host(keep=content)  # never the adapter just loaded: someone is about to use it
         self.failures.forget(entry.name)
@@ -279,8 +284,8 @@ class AdapterStore:
         entry.last_used = time.time()
         if entry.content is not None:
             entry.content.last_used = entry.last_used
-            if entry.version in self.host:
-                self.host.move_to_end(entry.version)
+            if entry.key in self.host:
+                self.host.move_to_end(entry.key)
 
     def _evict_host(self, need: int = 0, keep: AdapterVersion | None = None) -> int:
         """Evict idle versions, least recently used first, while the tier is over --max-cpu-loras or, when
@@ -293,7 +298,7 @@ class AdapterStore:
         for content in idle:
             if len(self.host) <= self.config.max_cpu_loras and not (can_fit and held + need > budget):
                 break
-            del self.host[content.version]
+            del self.host[content.key]
             held -= content.weights.nbytes
             content.weights = None
             self.evictions += 1
@@ -322,8 +327,8 @@ class AdapterStore:
             self._touch(entry)
 
     def release(self, entry: AdapterEntry) -> str | None:
-        """One request on ``entry`` finished. Returns its version when that version was retired (no name holds
-        it) and is now free: the engine then frees its device slot."""
+        """One request on ``entry`` finished. Returns its key when that version was retired (no name holds it)
+        and is now free: the engine then frees its device slot."""
         with self.lock:
             entry.in_flight -= 1
             content = entry.content
@@ -331,11 +336,11 @@ class AdapterStore:
                 content.in_flight -= 1
             self._evict_host()
             self.budget.freed()
-            return content.version if self.catalog.finished(content) else None
+            return content.key if self.catalog.finished(content) else None
 
-    def weights(self, version: str) -> AdapterWeights:
+    def weights(self, key: str) -> AdapterWeights:
         with self.lock:
-            return self.catalog.get(version).weights
+            return self.catalog.get(key).weights
 
     def tier_counts(self, device_keys) -> dict[str, int]:
         with self.lock:

@@ -41,15 +41,14 @@ def split_pin(model: str) -> tuple[str, str | None]:
 
 @dataclass(eq=False)
 class AdapterVersion:
-    """One adapter content: the unit of the host tier and of device slots (keyed by ``version``).
+    """One adapter content: the unit of the host tier and of device slots (keyed by ``key``, the whole hash).
 
     names: the adapter names whose versions include this one; with none left it is forgotten (or, while requests
     still read it, kept as "retired" until the last one finishes).
     in_flight: requests reading it, under any name: while > 0 it is never evicted from host memory.
     """
 
-    version: str
-    content_hash: bytes  # the full SHA-256: prefix-cache blocks are keyed by it
+    content_hash: bytes  # the full SHA-256: the identity (host tier, device slots, prefix-cache blocks)
     info: dict  # type, rank, size_bytes
     weights: AdapterWeights | None = None
     names: set[str] = field(default_factory=set)
@@ -58,7 +57,14 @@ class AdapterVersion:
 
     @property
     def key(self) -> str:
-        return self.version
+        """What the host tier and the device slots are keyed by: the whole hash (hex), never the 12-digit version,
+        so nobody can craft an adapter that shares another's slot by matching 48 bits."""
+        return self.content_hash.hex()
+
+    @property
+    def version(self) -> str:
+        """What users see and pin: unique among a name's versions, not a global key."""
+        return version_of(self.content_hash.hex())
 
 
 def check_split(split: dict, known: list[str], name: str) -> dict[str, float]:

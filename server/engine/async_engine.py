@@ -319,7 +319,7 @@ class AsyncEngine:
             store.restore(entry, old)  # a failed reload leaves the name on the version it had
             error = type(e) if isinstance(e, SwapserveError) else AdapterError  # 503 no room, 403 out of the roots
             raise error(f"failed to load adapter {name!r}: {entry.error or e}", param="lora_path") from None
-        if old is not None and old.version not in (None, entry.version) and not store.pinned(old.content):
+        if old is not None and old.key not in (None, entry.key) and not store.pinned(old.content):
             self._submit(lambda: self.engine.unpin_device(old.key))  # the older version stays, as name@version
         return self._info(store.entries.get(name, entry))  # the entry it already had, for the same content
 
@@ -339,7 +339,7 @@ class AsyncEngine:
         """Forget ``name`` (or only its ``version``); the slots of versions nothing holds any more are freed (those
         still read by requests in flight, once the last finishes)."""
         store = self.engine.store
-        held = store.version_list(name)
+        held = store.keys_of(name)
         store.unregister(name, version)
         for key in held:
             if not store.known(key):
@@ -350,7 +350,7 @@ class AsyncEngine:
         store = self.engine.store
         old = store.entries.get(name)
         entry = store.rollback(name, version)
-        if old is not None and old.version not in (None, entry.version) and not store.pinned(old.content):
+        if old is not None and old.key not in (None, entry.key) and not store.pinned(old.content):
             self._submit(lambda: self.engine.unpin_device(old.key))
         return self._info(entry)
 

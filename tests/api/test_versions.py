@@ -157,9 +157,11 @@ def test_same_content_under_two_names_is_one_version_and_one_copy(vserver, files
         assert a["version"] == b["version"]
         assert tokens(complete(http, "twin-a")) == tokens(complete(http, "twin-b"))
         with store.lock:
+            key = store.entries["twin-a"].key
+            assert store.entries["twin-b"].key == key and len(key) == 64 and key.startswith(a["version"])
             assert sum(1 for c in store.host.values() if c.version == a["version"]) == 1
             assert store.entries["twin-a"].weights is store.entries["twin-b"].weights
-            assert store.versions[a["version"]].names >= {"twin-a", "twin-b"}
+            assert store.versions[key].names >= {"twin-a", "twin-b"}
         # one slot for both names: a mixture of the two at 0.5 each is the adapter at 1.0 (PEFT agrees)
         mix = complete(http, None, adapters=[{"name": "twin-a", "scale": 0.5}, {"name": "twin-b", "scale": 0.5}])
         assert tokens(mix) == tokens(complete(http, "twin-a"))

@@ -97,7 +97,7 @@ def test_unload_during_generation_then_reload(loop, aengine, observe, oracle):
 
     async def main():
         info = await aengine.load_adapter("victim", "lora")
-        old_key = info["version"]
+        old_key = store.entries["victim"].key  # the whole content hash: what slots are keyed by
         task = asyncio.ensure_future(collect(aengine.add_request(p, greedy(8), "victim", request_id="u1")))
         await wait_event(hold.reached)
         assert old_key in manager.slot_of
@@ -114,12 +114,12 @@ def test_unload_during_generation_then_reload(loop, aengine, observe, oracle):
         assert store.known(old_key) or old_key not in manager.slot_of  # name holds the same content)
 
         info2 = await aengine.load_adapter("victim", "lora2")  # reload under the same name, new weights
+        key2 = store.entries["victim"].key
         assert info2["version"] != info["version"] and info2["tier"] == "host"
         outs = await asyncio.wait_for(collect(aengine.add_request(p, greedy(6), "victim")), 30)
         assert streamed(outs)[0] == oracle.greedy("lora2", p, 6)[0]
         await aengine.unload_adapter("victim")
-        key2 = info2["version"]
-        assert not store.known(key2)
+        assert not store.known(key2)  # no other name holds lora2's content in this module
         await until(lambda: key2 not in manager.slot_of, what="idle unload to free the slot")
 
     loop.run_until_complete(main())

@@ -266,7 +266,7 @@ def test_unload_keeps_weights_for_in_flight_requests(make_store):
     assert s.weights(e.key) is w  # still served to the requests that started on it
     assert s.release(e) is None  # one still in flight
     assert s.weights(e.key) is w
-    assert s.release(e) == e.version  # the last one: now the engine may free the device slot
+    assert s.release(e) == e.key  # the last one: now the engine may free the device slot
     assert e.weights is None and e.key not in s.retired
     with pytest.raises(UnknownAdapterError):
         s.unregister("lora")
@@ -304,7 +304,7 @@ def test_unload_during_load_leaves_host_tier_usable(make_store, gate):
     s.unregister("lora")  # the operator unloads it while it is still loading
     gate.open()
     fut.result(timeout=20)
-    assert s.release(e) == e.version  # the request finished: its version may leave the device
+    assert s.release(e) == e.key  # the request finished: its version may leave the device
     assert e.key not in s.host, "retired entry still in the host tier"
     load(s, "dora")  # raises AttributeError: 'NoneType' object has no attribute 'nbytes'
 
@@ -443,12 +443,12 @@ def test_same_content_under_two_names_is_one_version_held_once(make_store, root,
     one_copy = s.held_bytes()
     b = reload(s, "b", tmp_path / "copy")  # other name, other directory, same files
     assert a.version == b.version and a.content is b.content and a.weights is b.weights
-    assert list(s.host) == [a.version] and s.held_bytes() == one_copy  # one copy in host memory
-    assert s.versions[a.version].names == {"a", "b"}
+    assert list(s.host) == [a.key] and s.held_bytes() == one_copy  # one copy in host memory
+    assert s.versions[a.key].names == {"a", "b"}
     s.unregister("a")  # still held by b
-    assert s.weights(b.version) is b.weights and s.known(b.version)
+    assert s.weights(b.key) is b.weights and s.known(b.key)
     s.unregister("b")
-    assert not s.known(b.version) and s.held_bytes() == 0
+    assert not s.known(b.key) and s.held_bytes() == 0
 
 
 def test_reload_pins_and_rollback(make_store, root):
@@ -468,7 +468,7 @@ def test_reload_pins_and_rollback(make_store, root):
     with pytest.raises(AdapterError, match="is the current version"):
         s.unregister("m", v1.version)
     assert s.unregister("m", v2.version) is v2
-    assert s.version_list("m") == [v1.version] and not s.known(v2.version)
+    assert s.version_list("m") == [v1.version] and not s.known(v2.key)
     with pytest.raises(UnknownAdapterError):
         s.resolve(f"m@{v2.version}")
 
@@ -489,7 +489,7 @@ def test_an_evicted_older_version_is_forgotten_the_current_one_reread(make_store
     s, _ = make_store(max_cpu_loras=1)
     v1 = reload(s, "m", root / "lora")
     v2 = reload(s, "m", root / "lora2")  # one host entry: v1 (no longer current, idle) goes
-    assert list(s.host) == [v2.version] and s.version_list("m") == [v2.version]
+    assert list(s.host) == [v2.key] and s.version_list("m") == [v2.version]
     with pytest.raises(UnknownAdapterError):
         s.resolve(f"m@{v1.version}")
     load(s, "dora")  # evicts v2, which stays the name's current version, read again on demand
@@ -515,8 +515,8 @@ def test_in_flight_request_keeps_its_version_through_reload_and_unload(make_stor
     s.acquire(v1)  # a request started on v1
     reload(s, "m", root / "lora2")
     s.unregister("m")
-    assert v1.version in s.retired and s.weights(v1.version).kind == "lora"
-    assert s.release(v1) == v1.version and v1.weights is None and not s.retired
+    assert v1.key in s.retired and s.weights(v1.key).kind == "lora"
+    assert s.release(v1) == v1.key and v1.weights is None and not s.retired
 
 
 def test_traffic_split_routes_by_user_and_is_checked(make_store, root):
@@ -546,7 +546,7 @@ def test_versions_in_a_traffic_split_stay_in_host_memory(make_store, root):
     s.set_split("m", {v1.version: 50, v2.version: 50})
     for name in ("dora", "ia3", "rslora"):  # more than the tier holds
         load(s, name)
-    assert {v1.version, v2.version} <= set(s.host) and s.version_list("m") == [v1.version, v2.version]
+    assert {v1.key, v2.key} <= set(s.host) and s.version_list("m") == [v1.version, v2.version]
     s.set_split("m", None)
     load(s, "lora2")  # now the older one may go, and is forgotten with it
-    assert v1.version not in s.host and s.version_list("m") == [v2.version]
+    assert v1.key not in s.host and s.version_list("m") == [v2.version]
