@@ -161,6 +161,13 @@ class AdapterStore:
         with self.lock:
             return self.catalog.known(key)
 
+    def sources_of(self, name: str) -> list[str]:
+        """Where ``name``'s current entry and its loaded versions were read from."""
+        with self.lock:
+            current = self.entries.get(name)
+            held = [e.source for e in self.history.get(name, {}).values()]
+            return held + ([current.source] if current is not None else [])
+
     def keys_of(self, name: str) -> list[str]:
         """The keys of ``name``'s loaded versions (what its device slots are keyed by)."""
         with self.lock:

@@ -332,8 +332,7 @@ class AsyncEngine:
         try:
             return await self.load_adapter(spec.name, str(path), pinned, replace, trusted=True)
         finally:
-            entry = self.engine.store.entries.get(spec.name)
-            self.merger.prune(spec.name, entry.source if entry is not None else None)
+            self.merger.prune(spec.name, self.engine.store.sources_of(spec.name))
 
     async def unload_adapter(self, name: str, version: str | None = None) -> None:
         """Forget ``name`` (or only its ``version``); the slots of versions nothing holds any more are freed (those
@@ -341,6 +340,7 @@ class AsyncEngine:
         store = self.engine.store
         held = store.keys_of(name)
         store.unregister(name, version)
+        self.merger.prune(name, store.sources_of(name))  # the files of a merged version no name holds any more
         for key in held:
             if not store.known(key):
                 self._submit(lambda key=key: self.engine.drop_device(key))
