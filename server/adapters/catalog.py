@@ -96,11 +96,14 @@ class AdapterCatalog:
 
     def restore(self, entry: AdapterEntry, previous: AdapterEntry | None) -> None:
         """``entry``'s load failed: point its name back at ``previous`` (the entry it replaced) while that one's
-        version is still held, else forget the name."""
+        version is still held, else at its latest loaded version; a name with none is forgotten."""
         if self.entries.get(entry.name) is not entry:
             return
-        if previous is not None and self.history.get(entry.name, {}).get(previous.version) is previous:
+        held = self.history.get(entry.name, {})
+        if previous is not None and held.get(previous.version) is previous:
             self.entries[entry.name] = previous
+        elif held:
+            self.entries[entry.name] = list(held.values())[-1]
         else:
             self.entries.pop(entry.name)
 

@@ -483,6 +483,12 @@ def test_failed_reload_keeps_the_name_on_its_version(make_store, root, tmp_path)
         s.ensure_host(bad).result(timeout=20)
     s.restore(bad, v1)  # what AsyncEngine.load_adapter does
     assert s.resolve("m") is v1 and s.version_list("m") == [v1.version]
+    pending = s.register("m", str(root / "lora2"), replace=True)  # a reload not read yet, replaced meanwhile
+    bad = s.register("m", str(tmp_path / "bad"), replace=True)
+    with pytest.raises(AdapterError):
+        s.ensure_host(bad).result(timeout=20)
+    s.restore(bad, pending)  # what it replaced holds no version: back to the latest one the name has
+    assert s.resolve("m") is v1
 
 
 def test_an_evicted_older_version_is_forgotten_the_current_one_reread(make_store, root):
