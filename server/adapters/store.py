@@ -297,8 +297,9 @@ class AdapterStore:
     def _evict_host(self, need: int = 0, keep: AdapterVersion | None = None) -> int:
         """Evict idle versions, least recently used first, while the tier is over --max-cpu-loras or, when
         evicting every idle one would make room, while ``need`` more bytes do not fit --max-cpu-lora-bytes.
-        Pinned ones (also those in a traffic split), in-flight ones and ``keep`` stay. A version no name has as its current one is forgotten
-        when evicted (its source may hold other files by now). Returns the bytes held afterwards (held_bytes)."""
+        Pinned ones (also those in a traffic split), in-flight ones and ``keep`` stay. A version no name has as
+        its current one is forgotten when evicted (its source may hold other files by now). Returns the bytes
+        held afterwards (held_bytes)."""
         held, budget = self.held_bytes(), self.config.max_cpu_lora_bytes
         idle = [c for c in self.host.values() if not (c.in_flight > 0 or c is keep or self.catalog.pinned(c))]
         can_fit = held - sum(c.weights.nbytes for c in idle) + need <= budget  # else evicting frees nothing useful
