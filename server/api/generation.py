@@ -180,9 +180,9 @@ async def start_generation(request: Request, jobs: list[tuple[list[int], Samplin
         if adapters_field and exc.param in ("model", "adapters"):
             exc.param = adapters_field
         raise
-    versions = getattr(engine, "request_versions", None)
-    if versions is not None and generation.streams:
-        request.state.adapter_version = adapter_version_header(versions(generation.streams[0].request_id))
+    versions = getattr(generation.streams[0], "versions", None) if generation.streams else None
+    if versions is not None:
+        request.state.adapter_version = adapter_version_header(versions)
     return generation
 
 

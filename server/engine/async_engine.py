@@ -47,11 +47,18 @@ def _freeze_heap(on: bool) -> None:
 class RequestStream:
     """Async iterator over one request's RequestOutput increments; closing it early aborts the request."""
 
-    def __init__(self, request_id: str, engine: "AsyncEngine"):
+    def __init__(self, request_id: str, engine: "AsyncEngine", uses: tuple[AdapterUse, ...] = ()):
         self.request_id = request_id
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._engine = engine
+        self._uses = uses
         self._done = False
+
+    @property
+    def versions(self) -> list[tuple[str, str | None]]:
+        """(adapter name, version) of each adapter the request reads; a version is None until its adapter has been
+        read (await engine.adapter_loaded first). Kept here, not looked up: the request may be done already."""
+        return [(u.entry.name, u.entry.version) for u in self._uses]
 
     def __aiter__(self):
         return self
@@ -201,7 +208,7 @@ class AsyncEngine:
             adapters = [] if adapter in (None, self.model_name) else [(adapter, 1.0)]
         uses = self._hold(self._mixture(adapters), user)
         req = Request(request_id or f"req-{uuid.uuid4().hex}", list(prompt_token_ids), params, uses)
-        stream = RequestStream(req.request_id, self)
+        stream = RequestStream(req.request_id, self, uses)
         self._requests[req.request_id] = (req, stream)
         self._submit(lambda: self.engine.scheduler.waiting.append(req))
         return stream
@@ -373,12 +380,6 @@ class AsyncEngine:
                      "size_bytes": e.info.get("size_bytes"), "in_flight": e.content.in_flight,
                      "loaded_at": e.created, "weight": None if split is None else split.get(v, 0.0)}
                     for v, e in store.history.get(name, {}).items()]
-
-    def request_versions(self, request_id: str) -> list[tuple[str, str | None]]:
-        """(adapter name, version) of each adapter an added request reads; a version is None until its adapter has
-        been read (await adapter_loaded first)."""
-        item = self._requests.get(request_id)
-        return [(u.entry.name, u.entry.version) for u in item[0].uses] if item else []
 
     def residency(self) -> list[dict]:
         """Where every loaded version is: {adapter (the name; name@version for one that is not current), version,

@@ -147,6 +147,26 @@ def test_replace_during_generation_serves_both_versions(loop, aengine, observe, 
     loop.run_until_complete(main())
 
 
+def test_a_stream_names_the_versions_it_read_also_once_finished(loop, aengine):
+    """The x-adapter-version header is read from the stream after adapter_loaded: a tiny request may be done by
+    then, and the stream still says which version it read (and keeps saying so after the name is reloaded)."""
+    async def main():
+        await aengine.load_adapter("versioned", "lora")
+        version = aengine.adapter_info("versioned")["version"]
+        stream = aengine.add_request([5, 6, 7], greedy(2), "versioned")
+        await aengine.adapter_loaded(stream.request_id)
+        await asyncio.wait_for(collect(stream), 30)
+        assert stream.request_id not in aengine._requests and stream.versions == [("versioned", version)]
+        await aengine.load_adapter("versioned", "lora2", replace=True)
+        assert stream.versions == [("versioned", version)] != [("versioned", aengine.adapter_info("versioned")["version"])]
+        base = aengine.add_request([5, 6, 7], greedy(1))
+        assert base.versions == []
+        await asyncio.wait_for(collect(base), 30)
+        await aengine.unload_adapter("versioned")
+
+    loop.run_until_complete(main())
+
+
 def test_generate_consumer_breaking_early_aborts(loop, aengine, observe):
     rec = observe(Recorder())
     hold = observe(Hold("g1", 2))
