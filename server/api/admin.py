@@ -6,7 +6,8 @@ GET  /v1/adapters            -> {"object": "list", "data": [engine.list_adapters
 POST /v1/adapters            {"name", "source", "pinned", "replace"} -> 201 adapter info | 409 if it exists
 GET  /v1/adapters/{name}     -> one adapter's info | 404 (saying why, when its on-demand load failed in the last 10 min)
 DELETE /v1/adapters/{name}   -> {"id", "object": "adapter", "deleted": true} | 404
-PUT  /v1/adapters/{name}     {"source", "pinned"} -> 200 adapter info: create, or reload (a new version if the content differs)
+PUT  /v1/adapters/{name}     {"source", "pinned"} -> 200 adapter info: create, or reload (a new version if the content
+                             differs)
 DELETE /v1/adapters/{name}@{version} -> forget one older version (400 for the current one or one in the split) | 404
 GET  /v1/adapters/{name}/versions -> {"object": "list", "data": [engine.adapter_versions() entries]} | 404
 POST /v1/adapters/{name}/rollback {"version"} -> adapter info, the name on that version | 404 unknown version
