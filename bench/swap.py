@@ -51,6 +51,8 @@ async def activate_seconds(engine, entries) -> list[float]:
     store, manager = engine.engine.store, engine.engine.runner.manager
 
     def activate(key):
+        if manager.resident(key):  # the same content served under another name holds a slot: time a fill anyway
+            manager.evict(key)
         start = time.perf_counter()
         manager.activate([[(key, 1.0)]], [1], store.weights)
         seconds = time.perf_counter() - start

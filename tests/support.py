@@ -320,3 +320,17 @@ def build_scripted_llama(out: Path):
             head[ids(nxt), ids(cur)] = 1.0
     model.save_pretrained(out)
     return tok
+
+
+def distinct_copy(src: Path, dst: Path) -> Path:
+    """A copy of the adapter ``src`` that is a version of its own: the same weights, its config's ``revision`` set
+    to ``dst``'s name (PEFT reads it only to fetch base weights; it changes nothing computed). The server holds one
+    copy per content, so tests that need N distinct loads need N distinct contents."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    config["revision"] = dst.name
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    return dst

@@ -1,63 +1,240 @@
-"""Adapters on disk under the adapter roots that the store has not registered: what the console lists beside
-the registered ones, so people see what a request (or a load) could use before anything reads the weights.
+"""AdapterCatalog: adapter names -> entries -> versions, the bookkeeping half of the AdapterStore (no I/O, no
+lock of its own: the store's lock guards every call).
 
-Only each directory's adapter_config.json is read (through AdapterDir, so nothing outside the roots is opened,
-capped at MAX_CONFIG_BYTES), and the weights file is stat'ed for its size; a config that would not load is
-listed with the reason instead of a type. Directories are listed in name order, at most ``limit`` in all.
+Identity is content (versions.py): each load of a name gives an AdapterEntry (that name bound to one load); once
+read, the entry points at the AdapterVersion of its content, shared by every name with the same content.
+``entries`` maps a name to its current entry; ``history`` keeps each name's loaded versions, addressable as
+``name@version`` until unloaded or, for one that is no longer current, evicted from host memory (its source may
+hold other files by now). A version no name holds any more is dropped, or kept as "retired" while requests in
+flight still read it.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import random
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
-from server.adapters.adapter_dir import AdapterDir
-from server.adapters.formats import CONFIG_FILE, WEIGHTS_FILE, check_config, read_config
-from server.config import valid_adapter_name
-from server.errors import SwapserveError
-
-
-def disk_adapters(roots: list[Path], skip: set[str], limit: int = 256) -> list[dict]:
-    """One entry per adapter directory ``<root>/<name>/`` not in ``skip`` (the first root holding a name
-    wins, as AdapterSources.on_demand resolves it): name, type, rank, target_modules, size_bytes, tier "disk"
-    and, for a config that would not load, ``error``."""
-    found: dict[str, dict] = {}
-    for root in roots:
-        try:
-            names = sorted(os.listdir(root))
-        except OSError:
-            continue
-        for name in names:
-            if len(found) >= limit:
-                return list(found.values())
-            if name in skip or name in found or not valid_adapter_name(name):
-                continue
-            if (root / name / CONFIG_FILE).is_file():
-                found[name] = {"name": name, "tier": "disk", "registered": False, **describe_dir(root / name, roots)}
-    return list(found.values())
+from server.adapters.disk_listing import target_names
+from server.adapters.versions import AdapterVersion, check_split, pick_version, split_pin, unknown_version
+from server.adapters.weights import AdapterWeights
+from server.errors import AdapterError, UnknownAdapterError
 
 
-def describe_dir(directory: Path, roots: list[Path]) -> dict:
-    """type, rank, target_modules and size_bytes from an adapter directory's config and weights file; None for
-    what cannot be read, and ``error`` saying why the adapter would not load when its config says so."""
-    out: dict = {"type": None, "rank": None, "target_modules": None, "size_bytes": None}
-    try:
-        with AdapterDir(directory, roots) as opened:
-            config = read_config(opened)
-            weights = opened.open(WEIGHTS_FILE)
-            if weights is not None:
-                with weights:
-                    out["size_bytes"] = os.fstat(weights.fileno()).st_size
-        peft_type = check_config(config, directory / CONFIG_FILE)
-    except (SwapserveError, OSError) as e:
-        return out | {"error": str(e)}
-    out["type"] = "dora" if config.get("use_dora") else peft_type.lower()
-    rank = {"LORA": config.get("r"), "ADALORA": config.get("init_r")}.get(peft_type)  # AdaLoRA's r is unused
-    out["rank"] = rank if isinstance(rank, int) else None
-    targets = config.get("target_modules")
-    out["target_modules"] = target_names(targets) if isinstance(targets, list) else targets
-    return out
+@dataclass(eq=False)
+class AdapterEntry:
+    """One name bound to one load: its source, and (once read) the version of what it read."""
+
+    name: str
+    source: str  # a local directory, or "hub:org/name[@revision]"
+    pinned: bool = False
+    content: AdapterVersion | None = None  # set by the first read; never changes afterwards
+    future: Future | None = None  # the load in progress (single flight)
+    error: str | None = None
+    in_flight: int = 0
+    on_demand: bool = False  # resolved from an adapter root / the Hub by a request, not loaded by an admin
+    trusted: bool = False  # an operator-given path (--lora-modules): read as configured, not held to the roots
+    hits: int = 0
+    last_used: float | None = None
+    load_seconds: float | None = None
+    created: float = field(default_factory=time.time)
+
+    @property
+    def version(self) -> str | None:
+        return None if self.content is None else self.content.version
+
+    @property
+    def key(self) -> str | None:
+        """The device-slot and host-tier key: the whole content hash, hex (None until the first read)."""
+        return None if self.content is None else self.content.key
+
+    @property
+    def weights(self) -> AdapterWeights | None:
+        return None if self.content is None else self.content.weights
+
+    @property
+    def content_hash(self) -> bytes:
+        """Keys its KV blocks (BlockManager): what it computes, whatever it is called."""
+        return b"" if self.content is None else self.content.content_hash
+
+    @property
+    def info(self) -> dict:
+        return {} if self.content is None else self.content.info
 
 
-def target_names(modules) -> list[str]:
-    """Module paths (model.layers.0.self_attn.q_proj) as the names people configure (q_proj), once each."""
-    return sorted({str(m).rsplit(".", 1)[-1] for m in modules})
+def _unknown(name: str, param: str = "lora_name") -> UnknownAdapterError:
+    return UnknownAdapterError(f"The lora adapter '{name}' cannot be found.", param=param)
+
+
+class AdapterCatalog:
+    def __init__(self, rng: random.Random | None = None):
+        self.entries: dict[str, AdapterEntry] = {}  # name -> its current entry
+        self.history: dict[str, dict[str, AdapterEntry]] = {}  # name -> {version: entry}, in load order
+        self.versions: dict[str, AdapterVersion] = {}  # key -> every version some name holds
+        self.retired: dict[str, AdapterVersion] = {}  # key -> versions no name holds, kept for requests in flight
+        self.splits: dict[str, dict[str, float]] = {}  # name -> canary split {version: weight}
+        self.rng = rng or random.Random()
+
+    # ---- names --------------------------------------------------------------------------------------------
+    def lookup(self, name: str, user: str | None) -> AdapterEntry | None:
+        """The entry a request for ``name`` reads (see AdapterStore.resolve); None for a name not registered."""
+        base, version = split_pin(name)
+        if version is not None and base in self.entries:
+            entry = self.history.get(base, {}).get(version)
+            if entry is None:
+                raise unknown_version(base, version, self.version_list(base))
+            return entry
+        entry = self.entries.get(name)
+        split = self.splits.get(name)
+        if entry is None or split is None:
+            return entry
+        return self.history[name][pick_version(split, name, user, self.rng)]
+
+    def add(self, entry: AdapterEntry) -> AdapterEntry:
+        """``entry`` becomes its name's current entry (the versions it had stay in its history)."""
+        self.entries[entry.name] = entry
+        return entry
+
+    def restore(self, entry: AdapterEntry, previous: AdapterEntry | None) -> None:
+        """``entry``'s load failed: point its name back at ``previous`` (the entry it replaced) while that one's
+        version is still held, else at its latest loaded version; a name with none is forgotten."""
+        if self.entries.get(entry.name) is not entry:
+            return
+        held = self.history.get(entry.name, {})
+        if previous is not None and held.get(previous.version) is previous:
+            self.entries[entry.name] = previous
+        elif held:
+            self.entries[entry.name] = list(held.values())[-1]
+        else:
+            self.entries.pop(entry.name)
+
+    def forget(self, name: str) -> list[AdapterVersion]:
+        """Forget ``name`` and its versions; returns those no name holds any more."""
+        if name not in self.entries:
+            raise _unknown(name)
+        del self.entries[name]
+        self.splits.pop(name, None)
+        return [c for held in self.history.pop(name, {}).values() if (c := self._unhold(name, held.content))]
+
+    def forget_version(self, name: str, version: str) -> tuple[AdapterEntry, list[AdapterVersion]]:
+        """Forget one older version of ``name`` (not its current one, nor one in its split)."""
+        if name not in self.entries:
+            raise _unknown(name)
+        old = self.history.get(name, {}).get(version)
+        if old is None:
+            raise unknown_version(name, version, self.version_list(name))
+        if self.entries[name] is old:
+            raise AdapterError(f"version {version} is the current version of '{name}': roll back to another "
+                               f"version first, or unload the adapter", param="version")
+        if version in self.splits.get(name, {}):
+            raise AdapterError(f"version {version} of '{name}' is in its traffic split: change or delete the "
+                               "split first", param="version")
+        del self.history[name][version]
+        dropped = self._unhold(name, old.content)
+        return old, [dropped] if dropped else []
+
+    def forget_older(self, content: AdapterVersion) -> list[AdapterVersion]:
+        """``content`` left host memory: the names holding it as an older version forget it."""
+        dropped = []
+        for name in list(content.names):
+            if self.entries[name].content is not content and content.version not in self.splits.get(name, {}):
+                del self.history[name][content.version]
+                dropped += [c for c in [self._unhold(name, content)] if c]
+        return dropped
+
+    def _unhold(self, name: str, content: AdapterVersion | None) -> AdapterVersion | None:
+        """``name`` no longer holds ``content``. Returns it when no name does any more: retired while requests
+        in flight read it (the caller drops it from the host tier either way)."""
+        if content is None:
+            return None
+        content.names.discard(name)
+        if content.names:
+            return None
+        self.versions.pop(content.key, None)
+        if content.in_flight > 0:
+            self.retired[content.key] = content
+        return content
+
+    def rollback(self, name: str, version: str) -> AdapterEntry:
+        if name not in self.entries:
+            raise _unknown(name, "name")
+        entry = self.history.get(name, {}).get(version)
+        if entry is None:
+            raise unknown_version(name, version, self.version_list(name))
+        self.entries[name] = entry
+        return entry
+
+    def set_split(self, name: str, split: dict | None) -> dict[str, float] | None:
+        if name not in self.entries:
+            raise _unknown(name, "name")
+        if split is None:
+            return self.splits.pop(name, None)
+        checked = self.splits[name] = check_split(split, self.version_list(name), name)
+        return checked
+
+    def version_list(self, name: str) -> list[str]:
+        return list(self.history.get(name, {}))
+
+    def keys_of(self, name: str) -> list[str]:
+        """The keys (AdapterVersion.key) of ``name``'s loaded versions."""
+        return [e.key for e in self.history.get(name, {}).values()]
+
+    def known(self, key: str) -> bool:
+        return key in self.versions or key in self.retired
+
+    def pinned(self, content: AdapterVersion) -> bool:
+        """Whether ``content`` must stay in host memory: an operator pinned a name whose current version it is,
+        or it is in a name's traffic split (requests are routed to it by weight)."""
+        return any(e.pinned and e.content is content for e in map(self.entries.get, content.names) if e) or \
+            any(content.version in self.splits.get(name, {}) for name in content.names)
+
+    # ---- loads --------------------------------------------------------------------------------------------
+    def bind(self, entry: AdapterEntry, weights: AdapterWeights) -> AdapterVersion:
+        """The AdapterVersion ``entry`` read (the existing one when some name already holds that content), now
+        bound to ``entry``: its requests in flight count on it from here on."""
+        key = weights.content_hash
+        content = entry.content or self.versions.get(key) or self.retired.get(key)
+        if content is None:
+            content = AdapterVersion(bytes.fromhex(key),
+                                     {"type": weights.kind, "rank": weights.rank, "size_bytes": weights.nbytes,
+                                      "target_modules": target_names(weights.modules)})
+        if entry.content is None:
+            entry.content = content
+            content.in_flight += entry.in_flight
+        return content
+
+    def place(self, entry: AdapterEntry, content: AdapterVersion) -> AdapterEntry | None:
+        """Enter a freshly read ``content`` in the name's history when ``entry`` is still the name's current
+        entry or one of its versions, and return the entry that holds it there; else (unloaded mid-load) keep it
+        only for requests in flight (retired) and return None."""
+        name, version = entry.name, content.version
+        history = self.history.setdefault(name, {}) if name in self.entries else {}
+        if not (self.entries.get(name) is entry or history.get(version) is entry):
+            if not content.names and content.in_flight > 0:
+                self.retired[content.key] = content
+            elif not content.names:
+                content.weights = None
+            return None
+        current = self.entries[name]
+        if current is not entry and current.version == version:
+            return current  # a re-read of a version the name holds under its current entry too
+        if current is entry and history.get(version) not in (None, entry):
+            same = self.entries[name] = history[version]  # reloaded with the same content: the version stays,
+            same.source, same.pinned, same.trusted = entry.source, entry.pinned, entry.trusted  # as reloaded
+            entry = same
+        history[version] = entry
+        content.names.add(name)
+        self.retired.pop(content.key, None)
+        self.versions[content.key] = content
+        return entry
+
+    def finished(self, content: AdapterVersion | None) -> bool:
+        """The last request on a retired ``content`` finished: it is dropped (True)."""
+        if content is None or content.in_flight > 0 or self.retired.get(content.key) is not content:
+            return False
+        del self.retired[content.key]
+        content.weights = None
+        return True
+
+    def get(self, key: str) -> AdapterVersion:
+        return self.versions.get(key) or self.retired[key]

@@ -1,8 +1,9 @@
 """AdapterManager: the device tier. Owns the preallocated slots of every wrapped layer, LRU over them, and
 builds each step's AdapterMapping.
 
-An adapter is identified on device by its ``AdapterKey`` (name, version): reloading a name bumps the version,
-so a slot filled from an older load is never reused for a newer one.
+An adapter is identified on device by its ``AdapterKey``, the SHA-256 of its content (AdapterVersion.key in
+server/adapters/versions.py): two names with the same content share one slot, and a name reloaded with other
+content has another key, so a slot filled from an older load is never reused for a newer one.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from server.layers.slot_bank import FillStream
 
 log = logging.getLogger(__name__)
 
-AdapterKey = tuple[str, int]  # (adapter name, version)
+AdapterKey = str  # the adapter's content hash, hex (AdapterVersion.key)
 
 
 class AdapterManager:
@@ -35,7 +36,9 @@ class AdapterManager:
         self.on_evict = on_evict
         self.slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order: oldest first
         self.pinned: set[AdapterKey] = set()
-        self.loads = 0
+        self.loads = 0  # slot fills (a lookup that missed)
+        self.hits = 0  # lookups of an adapter already in a slot (one per adapter per step)
+        self.evictions = 0
         self.fills = FillStream(device)  # a side stream on CUDA (slot_bank.py); nothing elsewhere
 
     @property
@@ -82,6 +85,7 @@ class AdapterManager:
         if all(k in self.slot_of for k in needed):  # the common step: nothing to fill, no stream to enter
             for key in needed:
                 self.slot_of.move_to_end(key)
+            self.hits += len(needed)
             return
         with self.fills():
             for key in needed:
@@ -93,6 +97,7 @@ class AdapterManager:
     def _ensure(self, key: AdapterKey, needed: set[AdapterKey], weights) -> None:
         if key in self.slot_of:
             self.slot_of.move_to_end(key)
+            self.hits += 1
             return
         w = weights(key)  # first: a failing lookup must not cost a resident adapter its slot
         free = self.free_slots
@@ -117,18 +122,13 @@ class AdapterManager:
         """Free ``key``'s slot and return it. ``clear=False`` when the caller refills it at once: set_slot
         itself clears whatever the new adapter does not overwrite, so no stale weight can leak either way."""
         slot = self.slot_of.pop(key)
+        self.evictions += 1
         if clear:
             for bank in self.banks:
                 bank.reset(slot)
         if self.on_evict:
             self.on_evict(key)
         return slot
-
-    def drop(self, name: str) -> None:
-        """Evict every version of ``name`` (after an unload, once nothing in flight uses it)."""
-        for key in [k for k in self.slot_of if k[0] == name]:
-            self.evict(key)
-        self.pinned = {k for k in self.pinned if k[0] != name}
 
     def pin(self, key: AdapterKey) -> None:
         """Keep ``key``'s slot unless nothing else can be evicted (an operator-pinned adapter)."""

@@ -35,6 +35,7 @@ from server.adapters.formats import KEY_PREFIX, WEIGHTS_FILE, load_adapter_dir
 from server.adapters.merge_spec import MergeSpec
 from server.adapters.store import AdapterStore, _lower_thread_priority
 from server.adapters.weights import AdapterWeights
+from server.config import valid_adapter_name
 from server.errors import AdapterError, UnknownAdapterError
 
 log = logging.getLogger(__name__)
@@ -136,11 +137,15 @@ class AdapterMerger:
             raise
         return out
 
-    def prune(self, name: str, keep: str | None) -> None:
-        """Remove the merged versions of ``name`` other than the directory ``keep`` (the one registered)."""
+    def prune(self, name: str, keep: str | list[str] | None) -> None:
+        """Remove the merged directories of ``name`` other than ``keep`` (the one registered, or each of the
+        name's loaded versions: an older one is still addressable as name@version and may be rolled back to)."""
+        if not valid_adapter_name(name):  # merged adapters have plain names; a Hub id's '/' must not reach in
+            return
         parent = self.directory / name
+        kept = {Path(k).resolve() for k in ([keep] if isinstance(keep, str) else keep or [])}
         for version in parent.glob("*") if parent.is_dir() else ():
-            if keep is None or version.resolve() != Path(keep).resolve():
+            if version.resolve() not in kept:
                 shutil.rmtree(version, ignore_errors=True)
         if parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()

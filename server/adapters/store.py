@@ -1,11 +1,14 @@
-"""AdapterStore: adapter names -> sources (AdapterSources: adapter roots, explicit paths, allowed Hub ids), the host tier
-(LRU with a count and a hard byte budget), single-flight loading off the step loop, unload with in-flight safety.
+"""AdapterStore: adapter names -> sources (AdapterSources: adapter roots, explicit paths, allowed Hub ids) and
+versions (AdapterCatalog, catalog.py), the host tier (LRU of versions with a count and a hard byte budget),
+single-flight loading off the step loop, unload with in-flight safety.
 
 Tiers: disk (adapter roots, ``adapters_cache/`` for Hub downloads) -> host (AdapterWeights here) -> device
-(AdapterManager slots). ``in_flight`` counts requests admitted against an adapter; while > 0 it is pinned in
-host memory, and an unloaded adapter keeps its weights (as "retired") until the last such request finishes.
-Every read from disk, the first or one after an eviction, re-checks that what it opens lies under the roots
-(AdapterDir); every load reserves its bytes under --max-cpu-lora-bytes before reading (HostBudget).
+(AdapterManager slots). The host tier and the device slots hold each content version once, whatever names
+it has. ``in_flight`` counts requests admitted against an adapter; while > 0 its version is pinned in host
+memory, and a version no name holds any more keeps its weights (as "retired") until the last such request
+finishes. Every read from disk, the first or one after an eviction, re-checks that what it opens lies under the
+roots (AdapterDir), and a re-read must find the content it had; every load reserves its bytes under
+--max-cpu-lora-bytes before reading (HostBudget).
 """
 from __future__ import annotations
 
@@ -15,18 +18,18 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from server.adapters.catalog import target_names
 from server.adapters.finite import check_finite
 from server.adapters.formats import config_kind
 from server.adapters.host_budget import HostBudget
 from server.adapters.load_failures import LoadFailure, LoadFailures
 from server.adapters.sources import AdapterSources
+from server.adapters.catalog import AdapterEntry, AdapterCatalog
+from server.adapters.versions import AdapterVersion, version_of
 from server.adapters.weights import AdapterWeights
 from server.adapters.load_worker import prepare, shared_worker
 from server.config import EngineConfig, valid_adapter_name
@@ -41,29 +44,6 @@ def _lower_thread_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
     except (AttributeError, OSError):  # not Linux, or not permitted: loads simply run at normal priority
         pass
-
-
-@dataclass(eq=False)
-class AdapterEntry:
-    name: str
-    source: str  # a local directory, or "hub:org/name[@revision]"
-    version: int
-    pinned: bool = False
-    weights: AdapterWeights | None = None  # set while in the host tier
-    future: Future | None = None  # the load in progress (single flight)
-    error: str | None = None
-    in_flight: int = 0
-    on_demand: bool = False  # resolved from an adapter root / the Hub by a request, not loaded by an admin
-    trusted: bool = False  # an operator-given path (--lora-modules): read as configured, not held to the roots
-    hits: int = 0
-    last_used: float | None = None
-    load_seconds: float | None = None
-    info: dict = field(default_factory=dict)  # kind, rank, size_bytes: known after the first load
-    content_hash: bytes = b""  # of the weights last loaded (AdapterWeights.content_hash): keys its KV blocks
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.name, self.version)
 
 
 class AdapterStore:
@@ -83,32 +63,39 @@ class AdapterStore:
         self.observers = observers
         self.sources = AdapterSources(config)
         self.roots = self.sources.roots
-        self.entries: dict[str, AdapterEntry] = {}
-        self.retired: dict[tuple[str, int], AdapterEntry] = {}
-        self.host: OrderedDict[tuple[str, int], AdapterEntry] = OrderedDict()  # LRU, oldest first
+        self.catalog = AdapterCatalog()
+        self.host: OrderedDict[str, AdapterVersion] = OrderedDict()  # LRU, oldest first
         self.lock = threading.RLock()
         self.budget = HostBudget(config.max_cpu_lora_bytes, config.cpu_lora_wait, self.lock)
         self.failures = LoadFailures()
+        self.loads = 0  # reads that put a new copy in the host tier
+        self.evictions = 0  # versions evicted from the host tier
         # one low-priority thread drives the loads (the work itself runs in the loader process, load_worker.py)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load",
                                            initializer=_lower_thread_priority)
         if config.adapter_loader == "process":
             self.executor.submit(shared_worker().start)  # ready before the first load needs it
-        self._versions = 0
 
-    # ---- names and sources ------------------------------------------------------------------------------
-    def resolve(self, name: str) -> AdapterEntry:
-        """The entry for ``name``, registering it on demand from an adapter root or the allowed Hub."""
+    # the catalog's state, read under self.lock
+    entries = property(lambda self: self.catalog.entries)
+    history = property(lambda self: self.catalog.history)
+    versions = property(lambda self: self.catalog.versions)
+    retired = property(lambda self: self.catalog.retired)
+    splits = property(lambda self: self.catalog.splits)
+
+    # ---- names, sources and versions ---------------------------------------------------------------------
+    def resolve(self, name: str, user: str | None = None) -> AdapterEntry:
+        """The entry a request for ``name`` reads: ``name@version`` pins a version (404 when the name has no such
+        version); a name with a traffic split goes to one of its versions (pick_version, sticky per ``user``);
+        else the name's current entry, registered on demand from an adapter root or the allowed Hub."""
         with self.lock:
-            entry = self.entries.get(name)
+            entry = self.catalog.lookup(name, user)
             if entry is not None:
                 return entry
             source = self.sources.on_demand(name)
             if source is None:
                 raise UnknownAdapterError(f"The model `{name}` does not exist.", param="model")
-            entry = self._add(name, source, pinned=False)
-            entry.on_demand = True
-            return entry
+            return self.catalog.add(AdapterEntry(name, source, on_demand=True))
 
     def check_source(self, source: str) -> str:
         """Validate an admin-supplied source (AdapterSources.check)."""
@@ -117,36 +104,79 @@ class AdapterStore:
     def register(self, name: str, source: str, pinned: bool = False, replace: bool = False,
                  trusted: bool = False) -> AdapterEntry:
         """``source``: checked by check_source, or ``trusted`` (an operator's --lora-modules path): only then
-        are its reads not held to the adapter roots."""
+        are its reads not held to the adapter roots. With ``replace`` the name points at the new entry at once;
+        its older versions stay in its history (see restore for a reload that fails)."""
         if not valid_adapter_name(name):
             raise AdapterError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' (max 128)",
                                param="lora_name")
         with self.lock:
             if name in self.entries and not replace:
                 raise AdapterError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
-            if name in self.entries:
-                self._retire(self.entries.pop(name))
-            return self._add(name, source, pinned, trusted)
+            return self.catalog.add(AdapterEntry(name, source, pinned, trusted=trusted))
 
-    def _add(self, name: str, source: str, pinned: bool, trusted: bool = False) -> AdapterEntry:
-        self._versions += 1
-        entry = self.entries[name] = AdapterEntry(name, source, self._versions, pinned, trusted=trusted)
-        return entry
-
-    def unregister(self, name: str) -> AdapterEntry:
-        """The name disappears at once; in-flight requests keep the weights until they finish."""
+    def restore(self, entry: AdapterEntry, previous: AdapterEntry | None) -> None:
+        """``entry``'s load failed: point its name back at ``previous`` (the entry it replaced) while that one's
+        version is still held, else forget the name."""
         with self.lock:
-            entry = self.entries.pop(name, None)
-            if entry is None:
-                raise UnknownAdapterError(f"The lora adapter '{name}' cannot be found.", param="lora_name")
-            self._retire(entry)
+            self.catalog.restore(entry, previous)
+
+    def unregister(self, name: str, version: str | None = None) -> AdapterEntry:
+        """Forget ``name`` (every version), or only its ``version`` (not its current one: roll back first). The
+        name or version disappears at once; in-flight requests keep the weights until they finish."""
+        with self.lock:
+            if version is not None:
+                entry, dropped = self.catalog.forget_version(name, version)
+            else:
+                entry = self.entries.get(name)
+                dropped = self.catalog.forget(name)
+            self._dropped(dropped)
             return entry
 
-    def _retire(self, entry: AdapterEntry) -> None:
-        if entry.in_flight > 0:
-            self.retired[entry.key] = entry
-        self.host.pop(entry.key, None)
-        self.budget.freed()
+    def _dropped(self, contents: list[AdapterVersion]) -> None:
+        """Versions no name holds any more leave the host tier (retired ones keep their weights meanwhile)."""
+        for content in contents:
+            self.host.pop(content.key, None)
+            if content.key not in self.retired:
+                content.weights = None
+        if contents:
+            self.budget.freed()
+
+    def rollback(self, name: str, version: str) -> AdapterEntry:
+        """Point ``name`` back at one of its loaded versions."""
+        with self.lock:
+            return self.catalog.rollback(name, version)
+
+    def set_split(self, name: str, split: dict | None) -> dict[str, float] | None:
+        """Route requests for ``name`` by ``split`` ({version: weight}, summing to 100; check_split); None
+        removes the split (requests go to the current version again)."""
+        with self.lock:
+            return self.catalog.set_split(name, split)
+
+    def version_list(self, name: str) -> list[str]:
+        with self.lock:
+            return self.catalog.version_list(name)
+
+    def known(self, key: str) -> bool:
+        """Whether some name, or a request in flight, still holds the version keyed ``key`` (AdapterEntry.key)."""
+        with self.lock:
+            return self.catalog.known(key)
+
+    def sources_of(self, name: str) -> list[str]:
+        """Where ``name``'s current entry and its loaded versions were read from."""
+        with self.lock:
+            current = self.entries.get(name)
+            held = [e.source for e in self.history.get(name, {}).values()]
+            return held + ([current.source] if current is not None else [])
+
+    def keys_of(self, name: str) -> list[str]:
+        """The keys of ``name``'s loaded versions (what its device slots are keyed by)."""
+        with self.lock:
+            return self.catalog.keys_of(name)
+
+    def pinned(self, content: AdapterVersion) -> bool:
+        """Whether ``content`` must stay in host memory (AdapterCatalog.pinned: pinned, or in a traffic split)."""
+        with self.lock:
+            return self.catalog.pinned(content)
 
     # ---- loading (off the step loop) --------------------------------------------------------------------
     def ensure_host(self, entry: AdapterEntry) -> Future:
@@ -167,6 +197,12 @@ class AdapterStore:
         start = time.perf_counter()
         try:
             weights, reserved = self._fetch(entry)
+            version = version_of(weights.content_hash)
+            if entry.content is not None and entry.key != weights.content_hash:
+                self.budget.release(reserved)
+                raise AdapterError(f"{entry.source}: its files changed since version {entry.version} of "
+                                   f"'{entry.name}' was loaded (they are version {version} now); load the "
+                                   "adapter again to serve the new content", param="model")
         except Exception as e:
             self._failed(entry, e)
             raise
@@ -174,21 +210,27 @@ class AdapterStore:
             self.budget.release(reserved)  # the bytes move from the reservation into the tier (or are dropped)
             entry.error = None
             entry.load_seconds = time.perf_counter() - start
-            entry.info = {"type": weights.kind, "rank": weights.rank, "size_bytes": weights.nbytes,
-                          "target_modules": target_names(weights.modules)}
-            entry.content_hash = bytes.fromhex(weights.content_hash)
-            if self.entries.get(entry.name) is entry:
-                entry.weights = weights
-                self.host[entry.key] = entry
-                self._touch(entry)
-                self._evict_host(keep=entry)  # never the adapter just loaded: someone is about to use it
-                self.failures.forget(entry.name)
-            elif entry.key in self.retired:  # unloaded mid-load: serve the in-flight requests, outside the tier
-                entry.weights = weights
+            content = self.catalog.bind(entry, weights)
+            if content.weights is None:
+                content.weights = weights
+                self.loads += 1
+            # else: the same content is already in memory (another name, or a reload of the same files): this
+            # copy is dropped, so each version is held once
+            self._place(entry, content)
         self._emit("on_adapter_event", "load", entry.name, entry.load_seconds)
-        log.info("adapter %s (%s r=%d, %.1f MB) loaded to host in %.3fs", entry.name, weights.kind, weights.rank,
-                 weights.nbytes / 1e6, entry.load_seconds)
+        log.info("adapter %s version %s (%s r=%d, %.1f MB) loaded to host in %.3fs", entry.name, version,
+                 weights.kind, weights.rank, weights.nbytes / 1e6, entry.load_seconds)
         return entry
+
+    def _place(self, entry: AdapterEntry, content: AdapterVersion) -> None:
+        """Enter a freshly read ``content`` in the name's history (AdapterCatalog.place) and the host tier."""
+        held = self.catalog.place(entry, content)
+        if held is None:
+            return
+        self.host.setdefault(content.key, content)
+        self._touch(held)
+        self._evict_host(keep=content)  # never the adapter just loaded: someone is about to use it
+        self.failures.forget(entry.name)
 
     def _fetch(self, entry: AdapterEntry) -> tuple[AdapterWeights, int]:
         """Read ``entry`` within the host budget: reserve its estimated bytes (waiting for room), read, then
@@ -215,7 +257,7 @@ class AdapterStore:
         log.warning("adapter %s failed to load: %s", entry.name, entry.error)
         with self.lock:  # an on-demand name that cannot load is not listed; the next request retries it
             if entry.on_demand and self.entries.get(entry.name) is entry:
-                del self.entries[entry.name]
+                self._dropped(self.catalog.forget(entry.name))
                 self.failures.record(LoadFailure(entry.name, entry.source, entry.error, time.time(),
                                                  getattr(e, "status_code", 400)))
 
@@ -252,30 +294,36 @@ class AdapterStore:
 
     def _touch(self, entry: AdapterEntry) -> None:
         entry.last_used = time.time()
-        if entry.key in self.host:
-            self.host.move_to_end(entry.key)
+        if entry.content is not None:
+            entry.content.last_used = entry.last_used
+            if entry.key in self.host:
+                self.host.move_to_end(entry.key)
 
-    def _evict_host(self, need: int = 0, keep: AdapterEntry | None = None) -> int:
-        """Evict idle adapters, least recently used first, while the tier is over --max-cpu-loras or, when
+    def _evict_host(self, need: int = 0, keep: AdapterVersion | None = None) -> int:
+        """Evict idle versions, least recently used first, while the tier is over --max-cpu-loras or, when
         evicting every idle one would make room, while ``need`` more bytes do not fit --max-cpu-lora-bytes.
-        Pinned and in-flight ones (and ``keep``) stay. Returns the bytes held afterwards (held_bytes)."""
+        Pinned ones (also those in a traffic split), in-flight ones and ``keep`` stay. A version no name has as
+        its current one is forgotten when evicted (its source may hold other files by now). Returns the bytes
+        held afterwards (held_bytes)."""
         held, budget = self.held_bytes(), self.config.max_cpu_lora_bytes
-        idle = [e for e in self.host.values() if not (e.pinned or e.in_flight > 0 or e is keep)]
-        can_fit = held - sum(e.weights.nbytes for e in idle) + need <= budget  # else evicting frees nothing useful
-        for entry in idle:
+        idle = [c for c in self.host.values() if not (c.in_flight > 0 or c is keep or self.catalog.pinned(c))]
+        can_fit = held - sum(c.weights.nbytes for c in idle) + need <= budget  # else evicting frees nothing useful
+        for content in idle:
             if len(self.host) <= self.config.max_cpu_loras and not (can_fit and held + need > budget):
                 break
-            del self.host[entry.key]
-            held -= entry.weights.nbytes
-            entry.weights = None
-            self._emit("on_adapter_event", "evict_host", entry.name, None)
+            del self.host[content.key]
+            held -= content.weights.nbytes
+            content.weights = None
+            self.evictions += 1
+            self._emit("on_adapter_event", "evict_host", ",".join(sorted(content.names)) or content.version, None)
+            self._dropped(self.catalog.forget_older(content))
         return held
 
     def held_bytes(self) -> int:
-        """Host bytes of the adapters in the tier and of unloaded ones still serving in-flight requests."""
+        """Host bytes of the versions in the tier and of retired ones still serving in-flight requests."""
         with self.lock:
-            retired = sum(e.weights.nbytes for e in self.retired.values() if e.weights is not None)
-            return sum(e.weights.nbytes for e in self.host.values()) + retired
+            retired = sum(c.weights.nbytes for c in self.retired.values() if c.weights is not None)
+            return sum(c.weights.nbytes for c in self.host.values()) + retired
 
     def host_bytes(self) -> int:
         """held_bytes plus the reservation of the load in progress: never above --max-cpu-lora-bytes."""
@@ -287,31 +335,25 @@ class AdapterStore:
         with self.lock:
             entry.in_flight += 1
             entry.hits += 1
+            if entry.content is not None:
+                entry.content.in_flight += 1
             self._touch(entry)
 
-    def release(self, key: tuple[str, int]) -> bool:
-        """One request on ``key`` finished. True when a retired (unloaded) adapter is now free to drop."""
+    def release(self, entry: AdapterEntry) -> str | None:
+        """One request on ``entry`` finished. Returns its key when that version was retired (no name holds it)
+        and is now free: the engine then frees its device slot."""
         with self.lock:
-            entry = self.entries.get(key[0])
-            if entry is None or entry.key != key:
-                entry = self.retired.get(key)
-            if entry is None:
-                return False
             entry.in_flight -= 1
+            content = entry.content
+            if content is not None:
+                content.in_flight -= 1
             self._evict_host()
             self.budget.freed()
-            if key in self.retired and entry.in_flight == 0:
-                del self.retired[key]
-                entry.weights = None
-                return True
-            return key not in self.retired and entry.key != key
+            return content.key if self.catalog.finished(content) else None
 
-    def weights(self, key: tuple[str, int]) -> AdapterWeights:
+    def weights(self, key: str) -> AdapterWeights:
         with self.lock:
-            entry = self.entries.get(key[0])
-            if entry is None or entry.key != key:
-                entry = self.retired[key]
-            return entry.weights
+            return self.catalog.get(key).weights
 
     def tier_counts(self, device_keys) -> dict[str, int]:
         with self.lock:

@@ -6,6 +6,13 @@ GET  /v1/adapters            -> {"object": "list", "data": [engine.list_adapters
 POST /v1/adapters            {"name", "source", "pinned", "replace"} -> 201 adapter info | 409 if it exists
 GET  /v1/adapters/{name}     -> one adapter's info | 404 (saying why, when its on-demand load failed in the last 10 min)
 DELETE /v1/adapters/{name}   -> {"id", "object": "adapter", "deleted": true} | 404
+PUT  /v1/adapters/{name}     {"source", "pinned"} -> 200 adapter info: create, or reload (a new version if the content
+                             differs)
+DELETE /v1/adapters/{name}@{version} -> forget one older version (400 for the current one or one in the split) | 404
+GET  /v1/adapters/{name}/versions -> {"object": "list", "data": [engine.adapter_versions() entries]} | 404
+POST /v1/adapters/{name}/rollback {"version"} -> adapter info, the name on that version | 404 unknown version
+PUT  /v1/adapters/{name}/traffic {"split": {version: weight}} -> {"name", "split"} | 400 (sum != 100, unknown version)
+DELETE /v1/adapters/{name}/traffic -> {"name", "split": null}: requests go to the current version again
 Every route depends on require_admin (admin key, or loopback-only without one).
 """
 from __future__ import annotations
@@ -17,7 +24,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.api.auth import require_admin
 from server.api.errors import ConflictError
-from server.api.protocol import AdapterCreate, LoadLoRARequest, UnloadLoRARequest
+from server.adapters.versions import split_pin
+from server.api.protocol import (AdapterCreate, AdapterPut, LoadLoRARequest, RollbackRequest, TrafficRequest,
+                                 UnloadLoRARequest)
 from server.config import valid_adapter_name
 from server.errors import AdapterError, InvalidRequestError, SwapserveError, UnknownAdapterError
 
@@ -61,6 +70,33 @@ async def create_adapter(body: AdapterCreate, request: Request) -> JSONResponse:
     return JSONResponse(_jsonable(info, body.name), status_code=201)
 
 
+@router.put("/v1/adapters/{name}")
+async def put_adapter(name: str, body: AdapterPut, request: Request) -> dict:
+    engine = request.app.state.engine
+    check_name(engine, name)
+    return _jsonable(await _load(engine, name, body.source, pinned=body.pinned, replace=True), name)
+
+
+@router.get("/v1/adapters/{name:path}/versions")
+async def adapter_versions(request: Request, name: str = Path(max_length=MAX_NAME_CHARS)) -> dict:
+    return {"object": "list", "data": request.app.state.engine.adapter_versions(name)}
+
+
+@router.post("/v1/adapters/{name:path}/rollback")
+async def rollback_adapter(body: RollbackRequest, request: Request, name: str = Path(max_length=MAX_NAME_CHARS)):
+    return request.app.state.engine.rollback_adapter(name, body.version)
+
+
+@router.put("/v1/adapters/{name:path}/traffic")
+async def put_traffic(body: TrafficRequest, request: Request, name: str = Path(max_length=MAX_NAME_CHARS)):
+    return {"name": name, "split": request.app.state.engine.set_traffic(name, body.split)}
+
+
+@router.delete("/v1/adapters/{name:path}/traffic")
+async def delete_traffic(request: Request, name: str = Path(max_length=MAX_NAME_CHARS)) -> dict:
+    return {"name": name, "split": request.app.state.engine.set_traffic(name, None)}
+
+
 @router.get("/v1/adapters/{name:path}")
 async def get_adapter(request: Request, name: str = Path(max_length=MAX_NAME_CHARS)) -> dict:
     """One adapter (a Hub id, with its '/', included): a lookup by name only, nothing is resolved or loaded."""
@@ -69,7 +105,12 @@ async def get_adapter(request: Request, name: str = Path(max_length=MAX_NAME_CHA
 
 @router.delete("/v1/adapters/{name}")
 async def delete_adapter(name: str, request: Request) -> dict:
-    await _unload(request.app.state.engine, name)
+    """``name``, or ``name@version``: only that (older) version."""
+    base, version = split_pin(name)
+    if version is None:
+        await _unload(request.app.state.engine, name)
+    else:
+        await request.app.state.engine.unload_adapter(base, version)
     return {"id": name, "object": "adapter", "deleted": True}
 
 

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api import admin, chat, console, merge, openai, tgi, tokenize
 from server.api.errors import error_payload, install_error_handlers
+from server.api.generation import ADAPTER_VERSION_HEADER
 from server.api.metrics import Metrics
 from server.api.request_log import RequestLog
 from server.api.settings import ServerConfig
@@ -75,6 +76,7 @@ def create_app(engine, server_config: ServerConfig | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(LoadingGate, engine=engine)
     app.add_middleware(RequestId)
+    app.add_middleware(AdapterVersionHeader)
     return app
 
 
@@ -97,7 +99,9 @@ def _add_probes(app: FastAPI) -> None:
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         state = request.app.state
-        return Response(state.metrics.render(state.engine.stats()), media_type=CONTENT_TYPE_LATEST)
+        engine = getattr(state.engine, "inner", state.engine)  # a PendingEngine's, once built
+        residency = engine.residency() if engine is not None and hasattr(engine, "residency") else []
+        return Response(state.metrics.render(state.engine.stats(), residency), media_type=CONTENT_TYPE_LATEST)
 
 
 class LoadingGate:
@@ -144,6 +148,27 @@ class RequestId:
             await send(message)
 
         await self.app(scope, receive, with_id)
+
+
+class AdapterVersionHeader:
+    """Adds x-adapter-version to the response of a request that read adapters: the route leaves the value in
+    ``request.state.adapter_version`` (server.api.generation.start_generation) before the status line goes out."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_version(message: Message) -> None:
+            version = scope.get("state", {}).get("adapter_version")
+            if message["type"] == "http.response.start" and version:
+                message["headers"] = [*message.get("headers", []), (ADAPTER_VERSION_HEADER.encode(),
+                                                                    version.encode())]
+            await send(message)
+
+        await self.app(scope, receive, with_version)
 
 
 class BodyLimit:

@@ -77,7 +77,7 @@ class Call:
                                               defaults))
                 for p, m in zip(prompts, max_tokens) for j in range(n)]
         field = "adapters" if self.body.adapters is not None else None
-        return await start_generation(self.request, jobs, self.adapters, self.id, field)
+        return await start_generation(self.request, jobs, self.adapters, self.id, field, user=self.body.user)
 
     def prompt_of(self, choice: Choice) -> list[int]:
         return self.prompts[choice.index // self.body.n]

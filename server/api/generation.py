@@ -117,13 +117,15 @@ class Generation:
 
     @classmethod
     async def start(cls, engine, jobs: list[tuple[list[int], SamplingParams]], adapters: Mixture,
-                    request_id: str) -> Generation:
+                    request_id: str, user: str | None = None) -> Generation:
         """Add every job to the engine, each reading ``adapters`` (adapters_for); if one is refused, abort those
-        already added and re-raise."""
+        already added and re-raise. ``user``: keeps the user on one version of a name with a traffic split."""
         streams = []
+        sticky = {"user": user} if user is not None else {}
         try:
             for i, (prompt_ids, params) in enumerate(jobs):
-                stream = engine.add_request(prompt_ids, params, request_id=row_id(request_id, i), adapters=adapters)
+                stream = engine.add_request(prompt_ids, params, request_id=row_id(request_id, i), adapters=adapters,
+                                            **sticky)
                 streams.append(await stream if inspect.isawaitable(stream) else stream)
             loaded = getattr(engine, "adapter_loaded", None)
             if loaded is not None and adapters and streams:
@@ -166,18 +168,23 @@ class Generation:
 
 
 async def start_generation(request: Request, jobs: list[tuple[list[int], SamplingParams]], adapters: Mixture,
-                           request_id: str, adapters_field: str | None = None) -> Generation:
+                           request_id: str, adapters_field: str | None = None, user: str | None = None) -> Generation:
     """Generation.start, with a refusal counted in the metrics (per adapter) and, for a request that gave
     ``adapters_field``, an error about an adapter attributed to that field. A tenant's request is first
     authorized (every adapter it names, or the base model: 403 before any name is resolved or loaded) and
-    admitted under its limits (429); server.api.tenancy settles it when its rows finish."""
+    admitted under its limits (429); server.api.tenancy settles it when its rows finish. The versions the request
+    reads go out in the x-adapter-version header (adapter_version_header). ``user``: the body's ``user``, else the
+    x-user-id header, makes a traffic split's choice sticky per user; without either it is drawn per HTTP request."""
     engine, tenancy = request.app.state.engine, request.app.state.tenancy
     tenant, ticket = getattr(request.state, "tenant", None), None
+    user = user if user is not None else request.headers.get("x-user-id")
+    # without a user, the request's own (random) id: every choice and prompt of one HTTP request reads one version
+    sticky = user if user is not None else request_id
     try:
         tenancy.authorize(tenant, [name for name, _ in adapters], engine.model_name)
         if tenant is not None:
             ticket = tenancy.admit(tenant, jobs, request_id, getattr(request.state, "usage_meter", None))
-        return await Generation.start(engine, jobs, adapters, request_id)
+        generation = await Generation.start(engine, jobs, adapters, request_id, sticky)
     except BaseException as exc:
         if ticket is not None:
             tenancy.cancel(ticket)
@@ -187,6 +194,23 @@ async def start_generation(request: Request, jobs: list[tuple[list[int], Samplin
             if adapters_field and exc.param in ("model", "adapters"):
                 exc.param = adapters_field
         raise
+    versions = getattr(generation.streams[0], "versions", None) if generation.streams else None
+    if versions is not None:
+        request.state.adapter_version = adapter_version_header(versions)
+    return generation
+
+
+ADAPTER_VERSION_HEADER = "x-adapter-version"
+
+
+def adapter_version_header(versions: list[tuple[str, str | None]]) -> str | None:
+    """The x-adapter-version value: the version for one adapter, ``name@version,...`` for a mixture; None for the
+    base model (no header)."""
+    if not versions:
+        return None
+    if len(versions) == 1:
+        return versions[0][1]
+    return ",".join(f"{name}@{version}" for name, version in versions)
 
 
 async def _pump(index: int, stream, queue: asyncio.Queue) -> None:

@@ -12,7 +12,19 @@ vLLM's names (dashboards, GuideLLM and the Gateway API Inference Extension read 
       as in vLLM the labels carry the state, but only the latest label set is kept (bounded cardinality).
   vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:request_success_total{finished_reason}
 swapserve's own: per-adapter requests / generation tokens / errors, and the adapter cache (entries per tier,
-hits, misses, evictions per tier, load seconds).
+hits, misses, load seconds).
+
+Versions and residency (refreshed on scrape from engine.residency() and engine.stats()):
+  swapserve:adapter_version_requests / swapserve:adapter_version_generation_tokens {adapter, version}
+      finished requests and tokens per adapter name and content version (a canary's arms side by side)
+  vllm:lora_adapter_loaded{adapter_name, level, pinned} = 1 for each loaded version where it is resident, named
+      as in vLLM's proposal: level "gpu" = a device slot (whatever the device), "cpu" = host memory only;
+      an adapter only on disk has no series. adapter_name is the name for a current version, name@version
+      for an older one.
+  swapserve:adapter_loads{tier} / swapserve:adapter_evictions{tier}  copies into / out of device slots and
+      host memory (counters)
+  swapserve:adapter_hit_ratio{tier}  device: lookups (one per adapter per step) that found it in a slot;
+      host: request lookups that found it in host memory
 """
 from __future__ import annotations
 
@@ -92,10 +104,26 @@ class Metrics:
                                   registry=reg)
         self.cache_misses = Counter("swapserve:adapter_cache_misses", "Adapter lookups that had to load.",
                                     registry=reg)
-        self.evictions = Counter("swapserve:adapter_cache_evictions", "Adapters evicted, per tier.", ["tier"],
-                                 registry=reg)
         self.load_seconds = Histogram("swapserve:adapter_load_seconds", "Seconds to load an adapter.",
                                       buckets=LOAD_BUCKETS, registry=reg)
+        self._version_series()
+
+    def _version_series(self) -> None:
+        reg = self.registry
+        self.version_requests = Counter("swapserve:adapter_version_requests", "Finished requests per adapter and "
+                                        "content version.", ["adapter", "version"], registry=reg)
+        self.version_tokens = Counter("swapserve:adapter_version_generation_tokens", "Generated tokens per adapter "
+                                      "and content version.", ["adapter", "version"], registry=reg)
+        self.loaded = Gauge("vllm:lora_adapter_loaded", "1 where an adapter version is resident: level gpu = a "
+                            "device slot, cpu = host memory only.", ["adapter_name", "level", "pinned"], registry=reg)
+        self.tier_loads = Counter("swapserve:adapter_loads", "Adapter copies into each tier (device: slot fills; "
+                                  "host: reads from disk that added a copy).", ["tier"], registry=reg)
+        self.tier_evictions = Counter("swapserve:adapter_evictions", "Adapter versions evicted from each tier.",
+                                      ["tier"], registry=reg)
+        self._counted: dict[str, int] = {}  # the engine's counts already added to the two counters above
+        self.hit_ratio = Gauge("swapserve:adapter_hit_ratio", "Share of adapter lookups that found it in the tier "
+                               "(device: per adapter per step; host: per request).", ["tier"], registry=reg)
+        self._host_lookups = [0, 0]  # hits, misses
 
     # --- engine observer -------------------------------------------------------------------------
     def on_prefix_cache(self, queries: int, hits: int) -> None:
@@ -123,26 +151,29 @@ class Metrics:
         self.prompt_tokens.inc(len(req.prompt_token_ids))
         self.generation_tokens.inc(generated)
         self.request_success.labels(self.model_name, req.finish_reason or "abort").inc()
-        # a mixture counts once for each of its adapters (labels stay adapter names: bounded cardinality)
-        for adapter in [u.name for u in getattr(req, "uses", ())] or [self.model_name]:
+        # a mixture counts once for each of its adapters (labels stay adapter names, name@version pins counted
+        # under the name: bounded cardinality; versions have their own series)
+        for adapter in [getattr(u.entry, "name", u.name) for u in getattr(req, "uses", ())] or [self.model_name]:
             self.adapter_requests.labels(adapter).inc()
             self.adapter_tokens.labels(adapter).inc(generated)
             if getattr(req, "error", None):
                 self.adapter_errors.labels(adapter, "generation").inc()
+        for use in getattr(req, "uses", ()):
+            entry = use.entry
+            version = getattr(entry, "version", None) or "unloaded"
+            self.version_requests.labels(getattr(entry, "name", use.name), version).inc()
+            self.version_tokens.labels(getattr(entry, "name", use.name), version).inc(generated)
 
     def on_adapter_event(self, event: str, name: str, seconds: float | None) -> None:
         if event == "hit":
             self.cache_hits.inc()
+            self._host_lookups[0] += 1
         elif event == "miss":
             self.cache_misses.inc()
+            self._host_lookups[1] += 1
         elif event == "load" and seconds is not None:
             self.load_seconds.observe(seconds)
-        elif event.startswith("evict_"):
-            self.evictions.labels(event.removeprefix("evict_")).inc()
-
-    def on_cache_state(self, state: dict) -> None:
-        for tier, count in state.items():
-            self.cache_entries.labels(tier).set(count)
+        # evictions: swapserve:adapter_evictions{tier}, counted by the tiers themselves (refresh_residency)
 
     # --- API side --------------------------------------------------------------------------------
     def record_error(self, adapter: str | None, error_type: str) -> None:
@@ -154,7 +185,6 @@ class Metrics:
         self.running.set(stats.get("num_running", 0))
         self.waiting.set(stats.get("num_waiting", 0))
         self.kv_usage.set(stats.get("kv_cache_usage", 0.0))
-        self.on_cache_state(stats.get("adapter_tiers", {}))
         self.lora_info.clear()
         self.lora_info.labels(str(stats.get("max_loras", self.max_loras)),
                               ",".join(stats.get("running_adapters", [])),
@@ -185,8 +215,30 @@ class Metrics:
                         out.setdefault(sample.labels["adapter"], {"requests": 0, "tokens": 0})[field] += sample.value
         return out
 
-    def render(self, stats: dict) -> bytes:
+    def refresh_residency(self, stats: dict, residency: list[dict]) -> None:
+        """engine.residency() into vllm:lora_adapter_loaded (gone versions drop out) and the versions per tier
+        (swapserve:adapter_cache_entries), and the tiers' load, eviction and hit counts from engine.stats()."""
+        self.loaded.clear()
+        for tier in ("device", "host", "disk"):
+            self.cache_entries.labels(tier).set(sum(1 for item in residency if item["tier"] == tier))
+        for item in residency:
+            level = {"device": "gpu", "host": "cpu"}.get(item["tier"])
+            if level is not None:
+                self.loaded.labels(item["adapter"], level, str(bool(item["pinned"])).lower()).set(1)
+        for tier in ("device", "host"):
+            for series, what in ((self.tier_loads, "loads"), (self.tier_evictions, "evictions")):
+                key = f"{tier}_{what}"
+                now = stats.get(key, 0)
+                series.labels(tier).inc(max(0, now - self._counted.get(key, 0)))
+                self._counted[key] = now
+        hits, fills = stats.get("device_hits", 0), stats.get("device_loads", 0)
+        self.hit_ratio.labels("device").set(hits / (hits + fills) if hits + fills else 0.0)
+        hits, misses = self._host_lookups
+        self.hit_ratio.labels("host").set(hits / (hits + misses) if hits + misses else 0.0)
+
+    def render(self, stats: dict, residency: list[dict] | None = None) -> bytes:
         self.refresh(stats)
+        self.refresh_residency(stats, residency or [])
         return generate_latest(self.registry)
 
 

@@ -46,7 +46,8 @@ def _cards(request: Request) -> list[ModelCard]:
         if not visible(tenant, adapter["name"]):
             continue
         cards.append(ModelCard(id=adapter["name"], created=created, root=adapter.get("source"),
-                               parent=engine.model_name, max_model_len=max_len, permission=[_permission(created)]))
+                               parent=engine.model_name, max_model_len=max_len, permission=[_permission(created)],
+                               version=adapter.get("version")))
     return cards
 
 

@@ -217,6 +217,7 @@ class ModelCard(BaseModel):
     parent: str | None = None
     max_model_len: int | None = None
     permission: list[dict[str, Any]] = Field(default_factory=list)
+    version: str | None = None  # an adapter's current content version (None for the base model, or before its load)
 
 
 class ModelList(BaseModel):
@@ -317,3 +318,23 @@ class AdapterCreate(Lenient):
     source: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
     pinned: bool = False
     replace: bool = False
+
+
+class AdapterPut(Lenient):
+    """PUT /v1/adapters/{name}: load ``source`` under the name, creating it or, when it exists, reloading it (a new
+    version when the content differs; the older ones stay addressable as name@version)."""
+
+    source: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    pinned: bool = False
+
+
+class RollbackRequest(Strict):
+    """POST /v1/adapters/{name}/rollback: point the name back at one of its loaded versions."""
+
+    version: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class TrafficRequest(Strict):
+    """PUT /v1/adapters/{name}/traffic: {version: weight}, weights summing to 100 (checked by the engine)."""
+
+    split: Annotated[dict[Annotated[str, StringConstraints(max_length=64)], object], Field(max_length=64)]

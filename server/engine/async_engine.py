@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
-from server.adapters.catalog import describe_dir, disk_adapters
+from server.adapters.disk_listing import describe_dir, disk_adapters
 from server.adapters.merge import AdapterMerger
 from server.adapters.merge_spec import MergeSpec
 from server.config import EngineConfig
@@ -48,11 +48,18 @@ def _freeze_heap(on: bool) -> None:
 class RequestStream:
     """Async iterator over one request's RequestOutput increments; closing it early aborts the request."""
 
-    def __init__(self, request_id: str, engine: "AsyncEngine"):
+    def __init__(self, request_id: str, engine: "AsyncEngine", uses: tuple[AdapterUse, ...] = ()):
         self.request_id = request_id
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._engine = engine
+        self._uses = uses
         self._done = False
+
+    @property
+    def versions(self) -> list[tuple[str, str | None]]:
+        """(adapter name, version) of each adapter the request reads; a version is None until its adapter has been
+        read (await engine.adapter_loaded first). Kept here, not looked up: the request may be done already."""
+        return [(u.entry.name, u.entry.version) for u in self._uses]
 
     def __aiter__(self):
         return self
@@ -188,10 +195,11 @@ class AsyncEngine:
 
     # ---- requests ---------------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
-                    request_id: str | None = None,
-                    adapters: list[tuple[str, float]] | None = None) -> RequestStream:
-        """``adapter``: one adapter by name (None or the served model name: the base model). ``adapters``: instead,
-        a mixture [(name, scale), ...], or one adapter at a strength (see mixture rules in _mixture)."""
+                    request_id: str | None = None, adapters: list[tuple[str, float]] | None = None,
+                    user: str | None = None) -> RequestStream:
+        """``adapter``: one adapter by name (None or the served model name: the base model), ``name@version`` for
+        one of its versions. ``adapters``: instead, a mixture [(name, scale), ...], or one adapter at a strength
+        (see mixture rules in _mixture). ``user``: keeps a user on one version of a name with a traffic split."""
         if not self.ready:
             raise NotReadyError("the server is not ready or is shutting down")
         self._validate(prompt_token_ids, params)
@@ -199,9 +207,9 @@ class AsyncEngine:
             raise QueueFullError(f"too many waiting requests (limit {self.config.max_waiting}); retry shortly")
         if adapters is None:
             adapters = [] if adapter in (None, self.model_name) else [(adapter, 1.0)]
-        uses = self._hold(self._mixture(adapters))
+        uses = self._hold(self._mixture(adapters), user)
         req = Request(request_id or f"req-{uuid.uuid4().hex}", list(prompt_token_ids), params, uses)
-        stream = RequestStream(req.request_id, self)
+        stream = RequestStream(req.request_id, self, uses)
         self._requests[req.request_id] = (req, stream)
         self._submit(lambda: self.engine.scheduler.waiting.append(req))
         return stream
@@ -223,14 +231,14 @@ class AsyncEngine:
                                           f"+-{MAX_SCALE:g}", param="adapters")
         return adapters
 
-    def _hold(self, adapters: list[tuple[str, float]]) -> tuple[AdapterUse, ...]:
+    def _hold(self, adapters: list[tuple[str, float]], user: str | None = None) -> tuple[AdapterUse, ...]:
         """Resolve every named adapter first (404 naming the first unknown one; a kind that may not be mixed is
         400, read from its config before any load where the source is local), then hold each (in flight) and
         start its load. A refused request holds nothing, and names it registered on demand are forgotten again."""
         store = self.engine.store
         fresh = [name for name, _ in adapters if name not in store.entries]
         try:
-            uses = tuple(AdapterUse(name, store.resolve(name), scale) for name, scale in adapters)
+            uses = tuple(AdapterUse(name, store.resolve(name, user), scale) for name, scale in adapters)
             error = mixture_error(uses, store.declared_kind)
             if error:
                 raise AdapterError(error, param="adapters")
@@ -316,14 +324,12 @@ class AsyncEngine:
         try:
             await asyncio.wrap_future(store.ensure_host(entry))
         except Exception as e:
-            with store.lock:
-                if store.entries.get(name) is entry:
-                    store.entries.pop(name)
+            store.restore(entry, old)  # a failed reload leaves the name on the version it had
             error = type(e) if isinstance(e, SwapserveError) else AdapterError  # 503 no room, 403 out of the roots
             raise error(f"failed to load adapter {name!r}: {entry.error or e}", param="lora_path") from None
-        if old is not None and old.in_flight == 0:
-            self._submit(lambda: self.engine.drop_device(old.key))
-        return self._info(entry)
+        if old is not None and old.key not in (None, entry.key) and not store.pinned(old.content):
+            self._submit(lambda: self.engine.unpin_device(old.key))  # the older version stays, as name@version
+        return self._info(store.entries.get(name, entry))  # the entry it already had, for the same content
 
     async def merge_adapter(self, spec: MergeSpec, pinned: bool = False, replace: bool = False) -> dict:
         """A new adapter ``spec.name`` made by PEFT's add_weighted_adapter on the merge thread (AdapterMerger: over
@@ -334,13 +340,56 @@ class AsyncEngine:
         try:
             return await self.load_adapter(spec.name, str(path), pinned, replace, trusted=True)
         finally:
-            entry = self.engine.store.entries.get(spec.name)
-            self.merger.prune(spec.name, entry.source if entry is not None else None)
+            self.merger.prune(spec.name, self.engine.store.sources_of(spec.name))
 
-    async def unload_adapter(self, name: str) -> None:
-        entry = self.engine.store.unregister(name)
-        if entry.in_flight == 0:
-            self._submit(lambda: self.engine.drop_device(entry.key))
+    async def unload_adapter(self, name: str, version: str | None = None) -> None:
+        """Forget ``name`` (or only its ``version``); the slots of versions nothing holds any more are freed (those
+        still read by requests in flight, once the last finishes)."""
+        store = self.engine.store
+        held = store.keys_of(name)
+        store.unregister(name, version)
+        self.merger.prune(name, store.sources_of(name))  # the files of a merged version no name holds any more
+        for key in held:
+            if not store.known(key):
+                self._submit(lambda key=key: self.engine.drop_device(key))
+
+    def rollback_adapter(self, name: str, version: str) -> dict:
+        """Point ``name`` back at one of its loaded versions (UnknownAdapterError, 404, for an unknown one)."""
+        store = self.engine.store
+        old = store.entries.get(name)
+        entry = store.rollback(name, version)
+        if old is not None and old.key not in (None, entry.key) and not store.pinned(old.content):
+            self._submit(lambda: self.engine.unpin_device(old.key))
+        return self._info(entry)
+
+    def set_traffic(self, name: str, split: dict | None) -> dict | None:
+        """Route requests for ``name`` to its versions by ``split`` ({version: weight}, summing to 100: else
+        InvalidRequestError, 400); None removes the split. Returns the split now in force (None: none)."""
+        self.engine.store.set_split(name, split)
+        return self.engine.store.splits.get(name)
+
+    def adapter_versions(self, name: str) -> list[dict]:
+        """The loaded versions of ``name``, oldest first: version, current, tier, size_bytes, in_flight, source,
+        weight (its share of the traffic split, None without one)."""
+        store = self.engine.store
+        with store.lock:
+            current = store.entries.get(name)
+            if current is None:
+                raise UnknownAdapterError(f"The lora adapter '{name}' cannot be found.", param="name")
+            split = store.splits.get(name)
+            return [{"version": v, "current": e is current, "tier": self._tier(e), "source": e.source,
+                     "size_bytes": e.info.get("size_bytes"), "in_flight": e.content.in_flight,
+                     "loaded_at": e.created, "weight": None if split is None else split.get(v, 0.0)}
+                    for v, e in store.history.get(name, {}).items()]
+
+    def residency(self) -> list[dict]:
+        """Where every loaded version is: {adapter (the name; name@version for one that is not current), version,
+        tier, pinned}, for the residency gauges."""
+        store = self.engine.store
+        with store.lock:
+            return [{"adapter": name if store.entries.get(name) is e else f"{name}@{v}", "version": v,
+                     "tier": self._tier(e), "pinned": e.pinned and store.entries.get(name) is e}
+                    for name, versions in store.history.items() for v, e in versions.items()]
 
     def list_adapters(self) -> list[dict]:
         store = self.engine.store
@@ -361,7 +410,7 @@ class AsyncEngine:
 
     def adapter_catalog(self) -> list[dict]:
         """Every adapter the server knows: list_adapters()' entries (``registered``: true), then the directories
-        under the adapter roots not registered (tier "disk", server.adapters.catalog), then recent on-demand
+        under the adapter roots not registered (tier "disk", server.adapters.disk_listing), then recent on-demand
         load failures (tier null, ``error`` saying why). A failed name still on disk is listed once, with both."""
         store = self.engine.store
         registered = [{**a, "registered": True} for a in self.list_adapters()]
@@ -383,7 +432,7 @@ class AsyncEngine:
 
     def _described(self, name: str) -> dict:
         """type, rank, target_modules, size_bytes of a registered adapter never loaded, from its directory's
-        config (server.adapters.catalog.describe_dir, read within the roots its loads are held to); {} for a Hub
+        config (server.adapters.disk_listing.describe_dir, read within the roots its loads are held to); {} for a Hub
         adapter not downloaded yet, or one unregistered meanwhile."""
         store = self.engine.store
         with store.lock:
@@ -393,12 +442,19 @@ class AsyncEngine:
         described = describe_dir(Path(entry.source), store.sources.roots_for(entry.source, entry.trusted))
         return {k: v for k, v in described.items() if v is not None}
 
-    def _info(self, e) -> dict:
-        tier = ("device" if self.engine.runner.manager.resident(e.key) else
+    def _tier(self, e) -> str:
+        return ("device" if e.key is not None and self.engine.runner.manager.resident(e.key) else
                 "host" if e.weights is not None else "disk")
-        return {"name": e.name, **({"type": None, "rank": None, "size_bytes": None} | e.info), "tier": tier,
-                "pinned": e.pinned, "in_flight": e.in_flight, "hits": e.hits, "last_used": e.last_used,
-                "source": e.source, "version": e.version}
+
+    def _info(self, e) -> dict:
+        """An adapter as GET /v1/adapters shows it: ``version`` is its current one (None before its first load),
+        ``versions`` every loaded one, ``traffic`` its canary split (None without one); in_flight counts the
+        requests on its current version."""
+        store = self.engine.store
+        return {"name": e.name, **({"type": None, "rank": None, "size_bytes": None} | e.info),
+                "tier": self._tier(e), "pinned": e.pinned, "in_flight": e.in_flight, "hits": e.hits,
+                "last_used": e.last_used, "source": e.source, "version": e.version,
+                "versions": store.version_list(e.name), "traffic": store.splits.get(e.name)}
 
     def describe(self) -> dict:
         """What was loaded, where, and what it takes (the start-up log reads it)."""

@@ -162,16 +162,22 @@ class LLMEngine:
         return [self._fail(r, error) for r in list(self.scheduler.running) + list(self.scheduler.waiting)]
 
     def drop_device(self, key) -> None:
+        """Free the device slot of version ``key`` (no name or request holds it any more)."""
         if self.runner.manager.resident(key):
             self.runner.manager.evict(key)
+        self.unpin_device(key)
+
+    def unpin_device(self, key) -> None:
+        """Version ``key`` is no longer the current version of a pinned name: its slot may be evicted again."""
         self.runner.manager.pinned.discard(key)
 
     def _finished(self, req: Request) -> None:
         self.scheduler.finish(req)
         self.sampler.forget(req.request_id)
         for use in req.uses:
-            if self.store.release(use.key):
-                self.drop_device(use.key)
+            freed = self.store.release(use.entry)
+            if freed is not None:
+                self.drop_device(freed)
         self._emit("on_request_finished", req)
 
     def stats(self) -> dict:
@@ -179,6 +185,9 @@ class LLMEngine:
         sched, pool = self.scheduler, self.blocks.pool
         return {"num_running": len(sched.running), "num_waiting": len(sched.waiting),
                 "kv_cache_usage": pool.usage, "kv_blocks_total": pool.num_blocks - 1,
+                "device_hits": self.runner.manager.hits, "device_loads": self.runner.manager.loads,
+                "device_evictions": self.runner.manager.evictions, "host_loads": self.store.loads,
+                "host_evictions": self.store.evictions,
                 "kv_blocks_free": pool.num_free, "kv_cache_bytes": self.runner.kv.nbytes,
                 "block_size": self.blocks.block_size}
 

@@ -116,3 +116,10 @@ def test_prune_keeps_only_the_registered_version(merger):
     assert not old.exists() and new.exists()
     merger.prune("m-prune", None)
     assert not new.parent.exists()
+
+
+def test_prune_keeps_every_version_still_loaded(merger):
+    spec = MergeSpec("m-keep", "linear", (("a", 0.5), ("b", 0.5)))
+    first, second, third = (merger.merge(spec, merger.sources(spec)) for _ in range(3))
+    merger.prune("m-keep", [str(first), str(third)])  # e.g. an older version still addressable, and the current
+    assert first.exists() and not second.exists() and third.exists()

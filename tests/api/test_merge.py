@@ -116,8 +116,11 @@ def test_merge_names_conflict_unless_replaced_and_old_files_go(merge_server):
                                                                    {"name": "beta", "weight": 0.5}]})
         assert second.status_code == 201, second.text
         assert second.json()["source"] != first.json()["source"]
-    versions = list((merge_server.engine.merger.directory / "m-replace").iterdir())
-    assert [str(v) for v in versions] == [second.json()["source"]]
+        directory = merge_server.engine.merger.directory / "m-replace"
+        # the first stays while its version is addressable (m-replace@version), and goes with it
+        assert sorted(str(v) for v in directory.iterdir()) == sorted([first.json()["source"], second.json()["source"]])
+        assert http.delete(f"/v1/adapters/m-replace@{first.json()['version']}").status_code == 200
+    assert [str(v) for v in directory.iterdir()] == [second.json()["source"]]
 
 
 def test_merge_is_an_admin_route(merge_server):

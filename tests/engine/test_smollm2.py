@@ -92,7 +92,8 @@ def test_smollm2_default_model_mixed_adapters(loop, tmp_path):
             return await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), 120)
 
         results = loop.run_until_complete(main())
-        assert {k[0] for k in eng.engine.runner.manager.slot_of} == {"s_attn", "s_mlp", "s_mix"}
+        store = eng.engine.store
+        assert set(eng.engine.runner.manager.slot_of) == {store.entries[n].key for n in ("s_attn", "s_mlp", "s_mix")}
     finally:
         loop.run_until_complete(eng.shutdown(5))
     assert {f"smol{i}" for i in range(4)} in rows_per_forward.values()  # all four decoded in one forward

@@ -13,7 +13,8 @@ import torch
 import server.adapters.store as store_module
 from server.adapters.store import AdapterStore
 from server.config import EngineConfig
-from server.errors import AdapterError, AdapterNotAllowedError, HostMemoryFullError, UnknownAdapterError
+from server.errors import (AdapterError, AdapterNotAllowedError, HostMemoryFullError, InvalidRequestError,
+                           UnknownAdapterError)
 
 NAMES = ("lora", "rslora", "dora", "ia3", "lora2")
 
@@ -102,7 +103,8 @@ def load(s: AdapterStore, name: str, hold: bool = False):
 
 
 def host_names(s: AdapterStore) -> list[str]:
-    return [k[0] for k in s.host]
+    """The names holding each version of the host tier, LRU order (one name per version in these tests)."""
+    return [",".join(sorted(c.names)) for c in s.host.values()]
 
 
 # ---- names -----------------------------------------------------------------------------------------------
@@ -116,13 +118,16 @@ def test_resolve_on_demand_from_root_and_unknown_names(make_store):
             s.resolve(bad)
 
 
-def test_register_replace_bumps_version_and_duplicate_is_refused(make_store, root):
+def test_register_replace_gives_a_new_version_and_duplicate_is_refused(make_store, root):
     s, _ = make_store()
     first = s.register("mine", str(root / "lora"))
+    s.ensure_host(first).result(timeout=20)
     with pytest.raises(AdapterError):
         s.register("mine", str(root / "dora"))
     second = s.register("mine", str(root / "dora"), replace=True)
-    assert second.version > first.version and s.resolve("mine") is second
+    assert s.resolve("mine") is second and second.version is None  # known once read
+    s.ensure_host(second).result(timeout=20)
+    assert second.version != first.version and s.version_list("mine") == [first.version, second.version]
     with pytest.raises(AdapterError):
         s.register("bad name!", str(root / "lora"))
 
@@ -223,7 +228,7 @@ def test_in_flight_and_pinned_adapters_are_never_evicted(make_store, root):
         load(s, name)
         assert busy.weights is not None and pinned.weights is not None
         assert "lora" in host_names(s) and "keep" in host_names(s)
-    s.release(busy.key)  # the request finished: it becomes evictable again
+    s.release(busy)  # the request finished: it becomes evictable again
     load(s, "dora")
     assert busy.weights is None and pinned.weights is not None
     assert host_names(s) == ["keep", "dora"]
@@ -234,7 +239,7 @@ def test_bound_restored_after_in_flight_requests_finish(make_store):
     held = [load(s, name, hold=True) for name in ("lora", "dora", "ia3")]
     assert len(s.host) == 3  # every one is in use: none may go
     for e in held:
-        s.release(e.key)
+        s.release(e)
     load(s, "rslora")
     assert len(s.host) <= 2 and "rslora" in host_names(s)
 
@@ -244,7 +249,7 @@ def test_acquire_refreshes_lru_and_counts_hits(make_store):
     a = load(s, "lora")
     load(s, "dora")
     s.acquire(a)
-    s.release(a.key)
+    s.release(a)
     load(s, "ia3")
     assert host_names(s) == ["lora", "ia3"]
     assert a.hits == 1 and a.last_used is not None and a.in_flight == 0
@@ -259,9 +264,9 @@ def test_unload_keeps_weights_for_in_flight_requests(make_store):
     assert s.unregister("lora") is e
     assert "lora" not in s.entries and e.key not in s.host
     assert s.weights(e.key) is w  # still served to the requests that started on it
-    assert s.release(e.key) is False  # one still in flight
+    assert s.release(e) is None  # one still in flight
     assert s.weights(e.key) is w
-    assert s.release(e.key) is True  # the last one: now the engine may free the device slot
+    assert s.release(e) == e.key  # the last one: now the engine may free the device slot
     assert e.weights is None and e.key not in s.retired
     with pytest.raises(UnknownAdapterError):
         s.unregister("lora")
@@ -284,9 +289,11 @@ def test_reload_serves_new_version_while_old_one_drains(make_store, root):
     s.ensure_host(old).result(timeout=20)
     new = s.register("x", str(root / "dora"), replace=True)
     s.ensure_host(new).result(timeout=20)
-    assert new.version > old.version
+    assert new.version != old.version
     assert s.weights(old.key).kind == "lora" and s.weights(new.key).kind == "dora"
-    assert s.release(old.key) is True and s.weights(new.key).kind == "dora"
+    assert s.release(old) is None  # the old version stays addressable (x@version) until unloaded or evicted
+    assert s.resolve(f"x@{old.version}") is old and s.weights(old.key).kind == "lora"
+    assert s.resolve("x") is new and s.weights(new.key).kind == "dora"
 
 
 def test_unload_during_load_leaves_host_tier_usable(make_store, gate):
@@ -297,7 +304,7 @@ def test_unload_during_load_leaves_host_tier_usable(make_store, gate):
     s.unregister("lora")  # the operator unloads it while it is still loading
     gate.open()
     fut.result(timeout=20)
-    assert s.release(e.key) is True  # the request finished
+    assert s.release(e) == e.key  # the request finished: its version may leave the device
     assert e.key not in s.host, "retired entry still in the host tier"
     load(s, "dora")  # raises AttributeError: 'NoneType' object has no attribute 'nbytes'
 
@@ -393,7 +400,7 @@ def test_a_waiting_load_proceeds_once_bytes_are_freed(make_store):
     fut = s.ensure_host(other)
     assert waiting.wait(20), "the load never waited for room"
     assert not fut.done() and s.host_bytes() <= s.config.max_cpu_lora_bytes
-    s.release(busy.key)  # the request finished: 'lora' becomes evictable, the load goes on
+    s.release(busy)  # the request finished: 'lora' becomes evictable, the load goes on
     assert fut.result(timeout=20) is other and other.weights is not None
     assert busy.weights is None and events.count("evict_host", "lora") == 1
     assert s.host_bytes() <= s.config.max_cpu_lora_bytes
@@ -420,3 +427,132 @@ def test_failed_on_demand_load_is_unlisted_but_remembered(make_store, root, tmp_
     shutil.copy(root / "lora" / "adapter_config.json", tmp_path / "broken" / "adapter_config.json")
     load(s, "broken")
     assert s.failure("broken") is None  # loaded now: nothing to explain any more
+
+
+# ---- versions ------------------------------------------------------------------------------------------------
+def reload(s: AdapterStore, name: str, source) -> object:
+    e = s.register(name, str(source), replace=True)
+    s.ensure_host(e).result(timeout=20)
+    return s.entries[name]
+
+
+def test_same_content_under_two_names_is_one_version_held_once(make_store, root, tmp_path):
+    s, _ = make_store(adapter_roots=[str(root), str(tmp_path)])
+    shutil.copytree(root / "lora", tmp_path / "copy")
+    a = reload(s, "a", root / "lora")
+    one_copy = s.held_bytes()
+    b = reload(s, "b", tmp_path / "copy")  # other name, other directory, same files
+    assert a.version == b.version and a.content is b.content and a.weights is b.weights
+    assert list(s.host) == [a.key] and s.held_bytes() == one_copy  # one copy in host memory
+    assert s.versions[a.key].names == {"a", "b"}
+    s.unregister("a")  # still held by b
+    assert s.weights(b.key) is b.weights and s.known(b.key)
+    s.unregister("b")
+    assert not s.known(b.key) and s.held_bytes() == 0
+
+
+def test_reload_pins_and_rollback(make_store, root):
+    s, _ = make_store()
+    v1 = reload(s, "m", root / "lora")
+    v2 = reload(s, "m", root / "lora2")
+    assert s.version_list("m") == [v1.version, v2.version] and s.resolve("m") is v2
+    assert s.resolve(f"m@{v1.version}") is v1 and s.resolve(f"m@{v2.version}") is v2
+    with pytest.raises(UnknownAdapterError, match="has no version '000000000000'") as caught:
+        s.resolve("m@000000000000")
+    assert caught.value.status_code == 404
+    same = reload(s, "m", root / "lora2")  # the same content again: nothing changes
+    assert same is v2 and s.version_list("m") == [v1.version, v2.version]
+    assert s.rollback("m", v1.version) is v1 and s.resolve("m") is v1
+    with pytest.raises(UnknownAdapterError):
+        s.rollback("m", "000000000000")
+    with pytest.raises(AdapterError, match="is the current version"):
+        s.unregister("m", v1.version)
+    assert s.unregister("m", v2.version) is v2
+    assert s.version_list("m") == [v1.version] and not s.known(v2.key)
+    with pytest.raises(UnknownAdapterError):
+        s.resolve(f"m@{v2.version}")
+
+
+def test_failed_reload_keeps_the_name_on_its_version(make_store, root, tmp_path):
+    s, _ = make_store(adapter_roots=[str(root), str(tmp_path)])
+    v1 = reload(s, "m", root / "lora")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{not json")
+    bad = s.register("m", str(tmp_path / "bad"), replace=True)
+    with pytest.raises(AdapterError):
+        s.ensure_host(bad).result(timeout=20)
+    s.restore(bad, v1)  # what AsyncEngine.load_adapter does
+    assert s.resolve("m") is v1 and s.version_list("m") == [v1.version]
+    pending = s.register("m", str(root / "lora2"), replace=True)  # a reload not read yet, replaced meanwhile
+    bad = s.register("m", str(tmp_path / "bad"), replace=True)
+    with pytest.raises(AdapterError):
+        s.ensure_host(bad).result(timeout=20)
+    s.restore(bad, pending)  # what it replaced holds no version: back to the latest one the name has
+    assert s.resolve("m") is v1
+
+
+def test_an_evicted_older_version_is_forgotten_the_current_one_reread(make_store, root):
+    s, _ = make_store(max_cpu_loras=1)
+    v1 = reload(s, "m", root / "lora")
+    v2 = reload(s, "m", root / "lora2")  # one host entry: v1 (no longer current, idle) goes
+    assert list(s.host) == [v2.key] and s.version_list("m") == [v2.version]
+    with pytest.raises(UnknownAdapterError):
+        s.resolve(f"m@{v1.version}")
+    load(s, "dora")  # evicts v2, which stays the name's current version, read again on demand
+    assert v2.weights is None and s.version_list("m") == [v2.version]
+    assert s.ensure_host(s.resolve("m")).result(timeout=20) is v2 and v2.weights is not None
+
+
+def test_a_reread_that_finds_other_files_is_refused(make_store, root, tmp_path):
+    s, _ = make_store(adapter_roots=[str(tmp_path)], max_cpu_loras=1)
+    shutil.copytree(root / "lora", tmp_path / "swap")
+    shutil.copytree(root / "dora", tmp_path / "other")
+    swap = reload(s, "swap", tmp_path / "swap")
+    reload(s, "other", tmp_path / "other")  # evicts swap
+    shutil.rmtree(tmp_path / "swap")
+    shutil.copytree(root / "lora2", tmp_path / "swap")
+    with pytest.raises(AdapterError, match=f"its files changed since version {swap.version}"):
+        s.ensure_host(swap).result(timeout=20)
+
+
+def test_in_flight_request_keeps_its_version_through_reload_and_unload(make_store, root):
+    s, _ = make_store()
+    v1 = reload(s, "m", root / "lora")
+    s.acquire(v1)  # a request started on v1
+    reload(s, "m", root / "lora2")
+    s.unregister("m")
+    assert v1.key in s.retired and s.weights(v1.key).kind == "lora"
+    assert s.release(v1) == v1.key and v1.weights is None and not s.retired
+
+
+def test_traffic_split_routes_by_user_and_is_checked(make_store, root):
+    s, _ = make_store()
+    v1 = reload(s, "m", root / "lora")
+    v2 = reload(s, "m", root / "lora2")
+    with pytest.raises(InvalidRequestError, match="sum to 100"):
+        s.set_split("m", {v1.version: 50, v2.version: 40})
+    with pytest.raises(InvalidRequestError, match="has no version"):
+        s.set_split("m", {v1.version: 50, "000000000000": 50})
+    with pytest.raises(UnknownAdapterError):
+        s.set_split("nope", {v1.version: 100})
+    s.set_split("m", {v1.version: 80, v2.version: 20})
+    picked = [s.resolve("m", f"user-{i}") for i in range(400)]
+    assert {e for e in picked} == {v1, v2}
+    assert all(s.resolve("m", f"user-{i}") is e for i, e in enumerate(picked))  # sticky
+    with pytest.raises(AdapterError, match="in its traffic split"):
+        s.unregister("m", v1.version)
+    s.set_split("m", None)
+    assert all(s.resolve("m", f"user-{i}") is v2 for i in range(50))  # back to the current version
+
+
+def test_versions_in_a_traffic_split_stay_in_host_memory(make_store, root):
+    s, _ = make_store(max_cpu_loras=2)
+    v1 = reload(s, "m", root / "lora")
+    v2 = reload(s, "m", root / "lora2")
+    s.set_split("m", {v1.version: 50, v2.version: 50})
+    for name in ("dora", "ia3", "rslora"):  # more than the tier holds
+        load(s, name)
+    assert {v1.key, v2.key} <= set(s.host) and s.version_list("m") == [v1.version, v2.version]
+    s.set_split("m", None)
+    load(s, "lora2")  # now the older one may go, and is forgotten with it
+    assert v1.key not in s.host and s.version_list("m") == [v2.version]

@@ -9,7 +9,6 @@ loads on retry; the server still answers the base model the same. Bounded: 300 r
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import httpx
 import pytest
 
 from api.conftest import engine_config, live_server
+from support import distinct_copy
 from server.api.settings import ServerConfig
 
 from .conftest import NORMAL, rss_bytes, still_serves
@@ -30,10 +30,11 @@ BURST_TIMEOUT = 240  # seconds; a burst that takes longer fails rather than hang
 
 @pytest.fixture(scope="module")
 def root(adapters, tmp_path_factory) -> Path:
-    """300 copies of one small PEFT adapter: the engine knows adapters by name, so each is a distinct load."""
+    """300 copies of one small PEFT adapter, each a version of its own (the server holds one copy per content),
+    so each is a distinct load."""
     out = tmp_path_factory.mktemp("burst-root")
     for name in ADAPTERS:
-        shutil.copytree(adapters["rslora"], out / name)
+        distinct_copy(adapters["rslora"], out / name)
     return out
 
 
@@ -128,6 +129,6 @@ def test_no_room_while_adapters_are_in_flight_is_503_then_the_retry_loads(budget
             assert tgi.status_code == 503 and "retry-after" in tgi.headers
         finally:
             for entry in held:
-                store.release(entry.key)
+                store.release(entry)
         assert store.host_bytes() <= BUDGET
         assert http.post("/v1/completions", json={**NORMAL, "model": ADAPTERS[-1]}).status_code == 200

@@ -22,6 +22,7 @@ from api.conftest import engine_config, live_server
 from api.helpers import samples
 from server.api.settings import ServerConfig
 
+from support import distinct_copy
 from .conftest import (BASE, NORMAL, copy_adapter, edit_config, error_message, live_pickle, make_lora,
                        random_bytes, rewrite_tensors, safetensors_header, still_serves)
 
@@ -80,7 +81,7 @@ def corpus(tiny_model_dir, adapters, tmp_path_factory) -> dict[str, Path]:
     # lora: r=8, alpha=16, so the slot holds B x 2: 40000 fits float16 (max 65504), 80000 does not
     rewrite_tensors(copy_adapter(lora, root / "fp16-overflow"), set_first(Q0 + "lora_B.weight", 40000.0))
     for name in ("swap-me", *FILLERS):
-        copy_adapter(lora, root / name)
+        distinct_copy(lora, root / name)  # each its own version, so the fillers evict swap-me
     return {"root": root, "outside": outside, "marker": marker, "base": base}
 
 

@@ -1,4 +1,4 @@
-"""server.adapters.catalog: adapters on disk under the roots, described from their configs; nothing outside the
+"""server.adapters.disk_listing: adapters on disk under the roots, described from their configs; nothing outside the
 roots is read, registered names and later roots' duplicates are skipped, a bad config is listed with why."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 
-from server.adapters.catalog import disk_adapters, target_names
+from server.adapters.disk_listing import disk_adapters, target_names
 
 
 def test_lists_each_kind_from_its_config(adapters, tmp_path):
