@@ -11,16 +11,16 @@ PRESETS = {
     # ~2-3 min on 2 shared CPU cores: the headline cell (32 x 16) and its two edges; then a small traffic section
     # (~2 min more, estimated from smoke runs; one round, 12 Poisson requests)
     "quick": dict(concurrency=[1, 32], adapters=[1, 16], max_tokens=16, naive_requests=2, swap_samples=3,
-                  scale_rounds=1,
+                  scale_rounds=1, grid_rounds=1,
                   traffic=dict(rounds=1, max_tokens=16, prefix_max_tokens=8, poisson_requests=12, prompt_median=48,
                                output_median=16, output_sigma=0.5)),
-    # ~9 min (553 s on 2 shared cores, 2026-12-02): the grid of the issue (64 adapters as 64 requests, one each), the
-    # IA3 and mixed cells, the 200-adapter Zipf scale run (2 rounds) and the plain / int8 / nf4 memory subprocesses;
-    # the traffic section adds ~10 min (estimated from smoke runs at 1 thread on the busy machine: (c)'s three
-    # Poisson rates ~4-5 min, HF's static batches ~2 min, (a) and (d) ~1-1.5 min each), and --traffic-baseline
-    # b715e68 ~15 min more (engine v1 prefills (a)'s B cell as 18 rows padded to 1,500 tokens, 1.5-2 min a round)
-    "default": dict(concurrency=[1, 8, 32], adapters=[1, 4, 16, 64], max_tokens=32, naive_requests=3,
-                    swap_samples=5),
+    # everything BENCHMARKS.md shows: the grid's target cells (32 x 16, 64 x 64, the base model at 1 and 32) in 3
+    # rounds, the IA3 and mixed-type cells, the 200-adapter Zipf scale run, the plain / int8 / nf4 memory
+    # subprocesses, llama-server beside swapserve (its first build takes minutes, then it is cached) and GuideLLM
+    # beside our client, 3 rounds each, and the traffic section (~10 min on 2 CPUs by itself); --traffic-baseline
+    # b715e68 adds ~15 min more (engine v1 prefills (a)'s B cell as 18 rows padded to 1,500 tokens)
+    "default": dict(concurrency=[1, 32], adapters=[1, 16, 64], max_tokens=32, naive_requests=2, swap_samples=5,
+                    grid_rounds=3, peers=True, guidellm=True),
     # GPU or a quiet machine: larger grid, longer outputs
     "full": dict(concurrency=[1, 8, 32, 64], adapters=[1, 4, 16, 64], max_tokens=64, naive_requests=4,
                  swap_samples=8, traffic=dict(poisson_requests=64)),

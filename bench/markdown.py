@@ -193,7 +193,9 @@ def render(results: dict, json_path: Path, png_path: Path | None, md_path: Path)
            "`adapter_names=`. *Naive serial*: the seed's flow, `set_adapter` + `generate` one request at a time "
            f"(measured on the first min(N, {cfg['naive_requests']}) requests; it does not batch, so its tok/s "
            "does not grow with N). *swapserve*: the in-process `AsyncEngine`, N concurrent streams (the same cell "
-           "through the HTTP server: its own section below).", "",
+           "through the HTTP server: its own section below). With rounds (the machine line says how many), every "
+           "number is the median over the rounds and swapserve's ratios are medians of per-round ratios (min–max); "
+           "PEFT mixed and naive serial run in the first round only.", "",
            *throughput_table(results), ""]
     if png_path:
         out += [f"![throughput vs distinct adapters]({_rel(png_path, here)})", ""]
