@@ -54,21 +54,19 @@ async def wait_http(server, path: str, timeout: float) -> None:
                        f"its log: {server.log.name}")
 
 
-class ServerProcess:
-    """`python -m server serve` on a free loopback port, with an admin key, until close()."""
+class ChildServer:
+    """A server this benchmark started on a loopback port (``proc``), logging to ``log``, ready when
+    ``ready_path`` answers 200; close() stops it."""
 
-    def __init__(self, args: list[str], log_path: Path, threads: int) -> None:
-        self.port, self.admin_key = free_port(), secrets.token_hex(16)
-        self.url = f"http://127.0.0.1:{self.port}"
+    ready_path = "/ready"
+
+    def __init__(self, cmd: list[str], log_path: Path, port: int, **popen) -> None:
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", *args, "--served-model-name", BASE, "--host", "127.0.0.1",
-             "--port", str(self.port), "--admin-key", self.admin_key, "--threads", str(threads),
-             "--log-level", "warning"],
-            cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, **popen)
 
     async def wait_ready(self, timeout: float = 300.0) -> None:
-        await wait_http(self, "/ready", timeout)
+        await wait_http(self, self.ready_path, timeout)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -79,6 +77,18 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+class ServerProcess(ChildServer):
+    """`python -m server serve` on a free loopback port, with an admin key, until close()."""
+
+    def __init__(self, args: list[str], log_path: Path, threads: int) -> None:
+        port, self.admin_key = free_port(), secrets.token_hex(16)
+        super().__init__(
+            [sys.executable, "-m", "server", "serve", *args, "--served-model-name", BASE, "--host", "127.0.0.1",
+             "--port", str(port), "--admin-key", self.admin_key, "--threads", str(threads),
+             "--log-level", "warning"],
+            log_path, port, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 class HttpDriver:

