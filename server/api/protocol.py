@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from server.api.settings import MAX_ADAPTERS_HARD, MAX_N, MAX_PROMPTS_HARD
 from server.api.strict import Strict, refuse
@@ -28,10 +28,6 @@ StopStr = Annotated[str, StringConstraints(max_length=512)]  # "" is accepted an
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=BIG)]
 Stop = StopStr | Annotated[list[StopStr], Field(max_length=16)] | None
-
-
-class Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
 
 class AdapterChoice(Strict):
@@ -296,7 +292,7 @@ class TGIRequest(Strict):
         return self
 
 
-class LoadLoRARequest(Lenient):
+class LoadLoRARequest(Strict):
     """vLLM's POST /v1/load_lora_adapter; both fields are checked by the route to give vLLM's message."""
 
     lora_name: Annotated[str, StringConstraints(max_length=256)] | None = None
@@ -304,14 +300,14 @@ class LoadLoRARequest(Lenient):
     load_inplace: bool = False
 
 
-class UnloadLoRARequest(Lenient):
+class UnloadLoRARequest(Strict):
     """vLLM's POST /v1/unload_lora_adapter."""
 
     lora_name: Annotated[str, StringConstraints(max_length=256)] | None = None
     lora_int_id: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
-class AdapterCreate(Lenient):
+class AdapterCreate(Strict):
     """POST /v1/adapters: `source` is a directory under an --adapter-root or an allowed Hub id[@revision]."""
 
     name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -320,7 +316,7 @@ class AdapterCreate(Lenient):
     replace: bool = False
 
 
-class AdapterPut(Lenient):
+class AdapterPut(Strict):
     """PUT /v1/adapters/{name}: load ``source`` under the name, creating it or, when it exists, reloading it (a new
     version when the content differs; the older ones stay addressable as name@version)."""
 

@@ -122,3 +122,22 @@ def test_get_one_adapter_refuses_names_longer_than_any_adapter(server):
     with server.client() as http:
         r = http.get("/v1/adapters/" + "a" * 263)
         assert r.status_code == 400 and r.json()["error"]["param"] == "name"
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/v1/load_lora_adapter", {"lora_name": "strict-a", "lora_path": "alpha", "lora_int_id": 3}),
+    ("POST", "/v1/unload_lora_adapter", {"lora_name": "alpha", "force": True}),
+    ("POST", "/v1/adapters", {"name": "strict-b", "source": "alpha", "pin": True}),
+    ("PUT", "/v1/adapters/strict-c", {"source": "alpha", "replace": True}),
+])
+def test_admin_bodies_refuse_fields_they_do_not_implement(server, adapter_root, method, path, body):
+    """A field an admin route does not read is a 400 naming it, never a plausible 200 that did something else
+    (`pin` for `pinned`); nothing is loaded or unloaded by the refused request."""
+    body = {k: (str(adapter_root / v) if k in ("lora_path", "source") else v) for k, v in body.items()}
+    with server.client() as http:
+        before = set(model_ids(http))
+        r = http.request(method, path, json=body)
+        assert r.status_code == 400, r.text
+        unknown = next(k for k in body if k in ("lora_int_id", "force", "pin", "replace"))
+        assert r.json()["error"]["param"] == unknown and "not supported" in r.json()["error"]["message"], r.json()
+        assert set(model_ids(http)) == before
