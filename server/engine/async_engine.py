@@ -476,11 +476,4 @@ class AsyncEngine:
         return {**self.engine.stats(), "num_waiting": len(waiting) + len(self._inbox),
                 "running_adapters": sorted({u.name for r in running for u in r.uses}),
                 "waiting_adapters": sorted({u.name for r in waiting for u in r.uses}),
-                "max_loras": self.config.max_loras, "adapter_tiers": self._tier_counts()}
-
-    def _tier_counts(self) -> dict[str, int]:
-        """Registered adapters per tier (device slot, host memory, disk only)."""
-        counts = {"device": 0, "host": 0, "disk": 0}
-        for adapter in self.list_adapters():
-            counts[adapter["tier"]] = counts.get(adapter["tier"], 0) + 1
-        return counts
+                "max_loras": self.config.max_loras}
