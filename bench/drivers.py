@@ -93,13 +93,14 @@ async def run_streams(driver: Driver, reqs: list[BenchRequest], streams: int) ->
 
 
 async def alternating_rounds(driver: Driver, a: list[BenchRequest], b: list[BenchRequest],
-                             rounds: int) -> tuple[list[float], list[float]]:
+                             rounds: int, prompts) -> tuple[list[float], list[float]]:
     """Tokens/s of cell ``a`` then cell ``b``, ``rounds`` times in turn on one engine (drifting load on a shared
-    machine hits both alike); one list per cell."""
+    machine hits both alike); one list per cell. Every run gets fresh prompts (``prompts``: a PromptSource), so
+    no round is served from an earlier one's prefix cache."""
     a_tok, b_tok = [], []
     for _ in range(rounds):
-        a_tok.append(summarize(await run_concurrent(driver, a))["tok_s"])
-        b_tok.append(summarize(await run_concurrent(driver, b))["tok_s"])
+        a_tok.append(summarize(await run_concurrent(driver, prompts.renew(a)))["tok_s"])
+        b_tok.append(summarize(await run_concurrent(driver, prompts.renew(b)))["tok_s"])
     return a_tok, b_tok
 
 
@@ -110,13 +111,13 @@ async def run_arrivals(driver: Driver, reqs: list[BenchRequest], offsets: list[f
     return list(await asyncio.gather(*(_one(driver, r, start + o) for r, o in zip(reqs, offsets))))
 
 
-async def load_and_warm(driver: Driver, adapters: dict[str, str], prompts: list[list[int]]) -> None:
-    """Host-load every adapter, then one short request per adapter (prompts[i % len(prompts)]), all at once:
-    the device slots are filled and no measured request pays a first load."""
+async def load_and_warm(driver: Driver, adapters: dict[str, str], prompts) -> None:
+    """Host-load every adapter, then one short request per adapter (fresh prompts from ``prompts``, a
+    PromptSource), all at once: the device slots are filled and no measured request pays a first load."""
     for name, path in adapters.items():
         await driver.load_adapter(name, str(path))
     names = list(adapters)
-    await run_concurrent(driver, cell_requests([prompts[i % len(prompts)] for i in range(len(names))], names, 4))
+    await run_concurrent(driver, cell_requests(prompts.take(len(names)), names, 4))
 
 
 def cell_requests(prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> list[BenchRequest]:

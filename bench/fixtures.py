@@ -65,14 +65,6 @@ def adapter_bytes(path: Path) -> int:
     return (path / "adapter_model.safetensors").stat().st_size
 
 
-def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
-    """``count`` distinct prompts of exactly ``length`` tokens (rotations of one passage)."""
-    text = ("Write a short story about a lighthouse keeper who finds a message in a bottle, and explain "
-            "what the message says, who wrote it, and why it took forty years to arrive. ") * 8
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    return [ids[i % 17:i % 17 + length] for i in range(count)]
-
-
 def typed_config(kind: str, rank: int):
     """PEFT configs of the other adapter types, on the same 7 linear modules as the LoRA adapters."""
     from peft import AdaLoraConfig, IA3Config, LoraConfig

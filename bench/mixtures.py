@@ -15,16 +15,16 @@ CELL = (32, 16)
 SCALES = (0.7, 0.3)
 
 
-async def run_mixtures(cfg, engine, adapters: dict, prompts: list[list[int]], rounds: int = 3) -> dict:
-    n, k = min(CELL[0], len(prompts)), min(CELL[1], len(adapters))
+async def run_mixtures(cfg, engine, adapters: dict, prompts, rounds: int = 3) -> dict:
+    n, k = CELL[0], min(CELL[1], len(adapters))
     names = list(adapters)[:k]
-    single = cell_requests(prompts[:n], names, cfg.max_tokens)
-    mixed = cell_requests(prompts[:n], names, cfg.max_tokens)
+    single = cell_requests(prompts.take(n), names, cfg.max_tokens)
+    mixed = cell_requests(prompts.take(n), names, cfg.max_tokens)
     for i, req in enumerate(mixed):
         req.adapter, req.adapters = None, [(names[i % k], SCALES[0]), (names[(i + 1) % k], SCALES[1])]
     driver = EngineDriver(engine)
     await run_concurrent(driver, mixed)  # untimed: every pair's first step
-    single_tok, mixed_tok = await alternating_rounds(driver, single, mixed, rounds)
+    single_tok, mixed_tok = await alternating_rounds(driver, single, mixed, rounds, prompts)
     out = {"concurrency": n, "adapters": k, "single_tok_s": single_tok, "mixed_tok_s": mixed_tok,
            "ratio": statistics.median(mixed_tok) / statistics.median(single_tok)}
     log.info("mixtures: N=%d over k=%d, 2 each: single %s, mixed %s tok/s (%.2fx)", n, k,

@@ -78,8 +78,8 @@ async def run_outside(cfg, fx, server_args: list[str], threads: int) -> dict:
         await load_and_warm(driver, {adapter: str(fx.cell[adapter])}, fx.prompts)
         for model, name in ((BASE, None), (adapter, adapter)):
             ours, theirs = [], []
-            reqs = cell_requests([fx.prompts[i % len(fx.prompts)] for i in range(r)], [name], m)
             for _ in range(cfg.rounds):
+                reqs = cell_requests(fx.prompts.take(r), [name], m)  # fresh prompts: no prefix-cache hits
                 ours.append(summarize(await run_streams(driver, reqs, s)))
                 theirs.append(await run_guidellm(server.url, model, fx.model_dir, s, r, p, m))
             rows["base" if name is None else "adapter"] = {

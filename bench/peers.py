@@ -59,11 +59,11 @@ async def run_peers(cfg, fx, root: Path, server_args: list[str], threads: int) -
         drivers = {label: (HttpDriver(s) if label == SWAPSERVE else LlamaDriver(s)) for label, s in servers.items()}
         for driver in drivers.values():  # host-load (swapserve) and one short request per adapter, untimed
             await load_and_warm(driver, {name: str(fx.cell[name]) for name in names}, fx.prompts)
-        rows = {"base": cell_requests(fx.prompts[:n], [None], cfg.max_tokens),
-                "adapters": cell_requests(fx.prompts[:n], names, cfg.max_tokens)}
+        rows = {"base": [None], "adapters": names}
         runs: dict = {row: {label: [] for label in servers} for row in rows}
         for r in range(cfg.rounds):
-            for row, reqs in rows.items():
+            for row, adapters in rows.items():
+                reqs = cell_requests(fx.prompts.take(n), adapters, cfg.max_tokens)  # fresh: no cached prefixes
                 for label, driver in drivers.items():
                     runs[row][label].append(summarize(await run_concurrent(driver, reqs)))
                 log.info("peers round %d %s: %s", r + 1, row,

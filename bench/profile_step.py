@@ -24,7 +24,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from bench.config import BenchConfig, auto_threads  # noqa: E402
-from bench.fixtures import make_adapters, model_dir, prompts  # noqa: E402
+from bench.fixtures import make_adapters, model_dir  # noqa: E402
+from bench.request_set import PromptSource  # noqa: E402
 
 
 def build_engine(directory: Path, root: Path, rows: int, slots: int, prompt_tokens: int, cpu_gemm: str = "auto"):
@@ -162,7 +163,7 @@ def run(rows: int, k: int, steps: int, threads: int, with_cprofile: bool, cpu_ge
         names = [f"a{i:02d}" for i in range(k)]
         make_adapters(directory, names, Path(tmp), defaults.lora_rank, 0)
         engine = build_engine(directory, Path(tmp), rows, k, defaults.prompt_tokens, cpu_gemm)
-        batch = prompts(engine.tokenizer, rows, defaults.prompt_tokens)
+        batch = PromptSource(len(engine.tokenizer), defaults.prompt_tokens, 0).take(rows)
         out: list[str] = []
         from server.layers.gemm import PackedLinear
 

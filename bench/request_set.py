@@ -3,6 +3,7 @@ from a generator seeded by (seed, workload, round, cell), so a workload sends th
 and on every engine version, and no two cell runs share a prompt (no accidental prefix-cache hits)."""
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -20,6 +21,28 @@ def rng_for(seed: int, *keys: int | str) -> np.random.Generator:
 def random_prompt(rng: np.random.Generator, length: int, vocab: int) -> list[int]:
     """``length`` token ids drawn uniformly from [min(FIRST_TOKEN, vocab // 4), vocab)."""
     return rng.integers(min(FIRST_TOKEN, vocab // 4), vocab, size=length).tolist()
+
+
+class PromptSource:
+    """Prompts of ``length`` random token ids, new ones on every ``take``: each call draws from its own generator
+    (seed, call number), so a run is reproducible and no two measured runs share a prompt. A repeated prompt
+    would be served from the prefix cache on its second run, and a cell that happens to repeat more than
+    another (or than an anchor that has no cache) would be measured on less work."""
+
+    def __init__(self, vocab: int, length: int, seed: int):
+        self.vocab, self.length, self.seed = vocab, length, seed
+        self.calls = 0
+
+    def take(self, n: int, length: int | None = None) -> list[list[int]]:
+        rng = rng_for(self.seed, "prompts", self.calls)
+        self.calls += 1
+        return [random_prompt(rng, length or self.length, self.vocab) for _ in range(n)]
+
+    def renew(self, reqs: list) -> list:
+        """Copies of ``reqs`` (BenchRequests) with fresh prompts, each as long as the one it replaces."""
+        rng = rng_for(self.seed, "prompts", self.calls)
+        self.calls += 1
+        return [dataclasses.replace(r, prompt=random_prompt(rng, len(r.prompt), self.vocab)) for r in reqs]
 
 
 def lognormal_lengths(rng: np.random.Generator, n: int, median: float, sigma: float, lo: int, hi: int) -> list[int]:

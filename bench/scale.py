@@ -55,7 +55,8 @@ def scale_engine_config(cfg, model_dir: Path, root: Path):
                         adapter_roots=[str(root)], max_waiting=max(256, 2 * cfg.scale_requests), seed=cfg.seed)
 
 
-async def run_scale(cfg, model_dir: Path, root: Path, names: list[str], prompts: list[list[int]], anchors) -> dict:
+async def run_scale(cfg, model_dir: Path, root: Path, names: list[str], source, anchors) -> dict:
+    """``source``: a PromptSource; every round draws fresh prompts (no prefix hits from an earlier round)."""
     from server.engine.async_engine import AsyncEngine
 
     engine = AsyncEngine(scale_engine_config(cfg, model_dir, root))
@@ -69,6 +70,7 @@ async def run_scale(cfg, model_dir: Path, root: Path, names: list[str], prompts:
         for r in range(cfg.scale_rounds):
             draw = zipf_draw(names, cfg.scale_requests, cfg.zipf_s, cfg.seed + r)
             before, loads = Counter(events.counts), manager.loads
+            prompts = source.take(cfg.scale_requests)
             reqs = [BenchRequest(p, a, cfg.max_tokens) for p, a in zip(prompts, draw)]
             summary = summarize(await run_concurrent(driver, reqs))
             d = events.counts - before
@@ -97,7 +99,7 @@ async def run_scale(cfg, model_dir: Path, root: Path, names: list[str], prompts:
 
 
 async def run_types(cfg, engine, typed: dict[str, Path], kinds: dict[str, str], lora: list[str],
-                    prompts: list[list[int]], anchors) -> dict:
+                    prompts, anchors) -> dict:
     """The IA3 cell and the mixed cell. ``lora``: LoRA cell adapters already loaded in the engine."""
     driver = EngineDriver(engine)
     for name, path in typed.items():
@@ -108,14 +110,15 @@ async def run_types(cfg, engine, typed: dict[str, Path], kinds: dict[str, str], 
     per = max(1, k // 4)
     mixed = [by_kind[kind][i] for i in range(per) for kind in ("lora", "dora", "ia3", "adalora")]
     cells = {"ia3": by_kind["ia3"][:k], "mixed": mixed}
-    await run_concurrent(driver, cell_requests(prompts[:len(typed)], list(typed), 2))  # first activations
+    await run_concurrent(driver, cell_requests(prompts.take(len(typed)), list(typed), 2))  # first activations
     out = []
     for label, adapters in cells.items():
         row: dict = {"cell": label, "concurrency": n, "adapters": len(adapters),
                      "kinds": dict(Counter(kinds.get(a, "lora") for a in adapters))}
+        cell = prompts.take(n)
         if anchors:
-            row["base"] = summarize(anchors.base_batch(prompts[:n], cfg.max_tokens))
-        row["swapserve"] = summarize(await run_concurrent(driver, cell_requests(prompts[:n], adapters, cfg.max_tokens)))
+            row["base"] = summarize(anchors.base_batch(cell, cfg.max_tokens))
+        row["swapserve"] = summarize(await run_concurrent(driver, cell_requests(cell, adapters, cfg.max_tokens)))
         log.info("types cell %s N=%d k=%d: swapserve %.1f tok/s%s", label, n, len(adapters), row["swapserve"]["tok_s"],
                  f" HF base {row['base']['tok_s']:.1f}" if anchors else "")
         out.append(row)

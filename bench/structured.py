@@ -20,19 +20,19 @@ SCHEMA = {"type": "object", "properties": {"answers": {"type": "array", "minItem
           "required": ["answers"]}
 
 
-async def run_structured(cfg, engine, adapters: dict, prompts: list[list[int]], rounds: int = 3) -> dict:
+async def run_structured(cfg, engine, adapters: dict, prompts, rounds: int = 3) -> dict:
     from server.engine.grammar import GrammarSpec
 
-    n, k = min(CELL[0], len(prompts)), min(CELL[1], len(adapters))
+    n, k = CELL[0], min(CELL[1], len(adapters))
     grammar = await asyncio.to_thread(engine.grammar.compile, GrammarSpec.json_schema(SCHEMA, "bench"))
-    free = cell_requests(prompts[:n], list(adapters)[:k], cfg.max_tokens)
+    free = cell_requests(prompts.take(n), list(adapters)[:k], cfg.max_tokens)
     every = max(1, round(1 / cfg.structured_share))
-    mixed = cell_requests(prompts[:n], list(adapters)[:k], cfg.max_tokens)
+    mixed = cell_requests(prompts.take(n), list(adapters)[:k], cfg.max_tokens)
     for req in mixed[::every]:
         req.grammar = grammar
     driver = EngineDriver(engine)
     await run_concurrent(driver, mixed)  # untimed: the first constrained steps build xgrammar's state
-    free_tok, mixed_tok = await alternating_rounds(driver, free, mixed, rounds)
+    free_tok, mixed_tok = await alternating_rounds(driver, free, mixed, rounds, prompts)
     out = {"concurrency": n, "adapters": k, "constrained": len(mixed[::every]), "free_tok_s": free_tok,
            "mixed_tok_s": mixed_tok, "cost": 1 - statistics.median(mixed_tok) / statistics.median(free_tok),
            "overlap": engine.config.overlap_token_masks}

@@ -15,10 +15,10 @@ from bench.anchors import Anchors
 from bench.baseline import run_baseline, short_commit
 from bench.config import BenchConfig, auto_threads
 from bench.drivers import Driver, EngineDriver, cell_requests, load_and_warm, run_concurrent
-from bench.fixtures import adapter_bytes, copy_adapters, make_adapters, make_typed_adapters, model_dir, prompts
+from bench.fixtures import adapter_bytes, copy_adapters, make_adapters, make_typed_adapters, model_dir
 from bench.memory import model_memory
 from bench.report import loadavg, machine_git
-from bench.request_set import RequestSet
+from bench.request_set import PromptSource, RequestSet
 from bench.scale import run_scale, run_types, timed
 from bench.mixtures import run_mixtures
 from bench.structured import run_structured
@@ -36,7 +36,7 @@ class Fixtures:
     cell: dict[str, Path]  # the adapters the cells use: a00, a01, ...
     pool: dict[str, Path]  # fresh adapters for swap costs and load interference: s00, ...
     on_demand: list[str]  # adapters left on disk, first requested by name: o00, ...
-    prompts: list[list[int]]
+    prompts: PromptSource  # fresh prompts for every measured run (no prefix-cache hits between runs)
     typed: dict[str, Path]  # IA3 / DoRA / AdaLoRA adapters for the types cells: i00.., d00.., ad00..
     kinds: dict[str, str]  # typed adapter -> its kind
     scale: list[str]  # the scale run's adapters, on disk under scale_root, in Zipf rank order
@@ -78,12 +78,10 @@ def build_fixtures(cfg: BenchConfig, root: Path) -> Fixtures:
         copy_adapters(template, scale, scale_root, cfg.seed)
         log.info("wrote %d scale adapters (%.1f MB each) in %.1fs", len(scale),
                  adapter_bytes(scale_root / scale[0]) / 1e6, time.perf_counter() - start)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    count = max(cfg.max_concurrency, cfg.interference_streams, cfg.scale_requests, cfg.types_concurrency,
-                cfg.peer_concurrency * cfg.peers)
+    vocab = len(AutoTokenizer.from_pretrained(directory))
     return Fixtures(directory, {n: p for n, p in made.items() if n[0] == "a"},
                     {n: p for n, p in made.items() if n[0] == "s"}, [n for n in names if n[0] == "o"],
-                    prompts(tokenizer, count, cfg.prompt_tokens), typed, kinds, scale, scale_root)
+                    PromptSource(vocab, cfg.prompt_tokens, cfg.seed), typed, kinds, scale, scale_root)
 
 
 def engine_config(cfg: BenchConfig, fx: Fixtures, root: Path):
@@ -105,7 +103,7 @@ async def measure_cell(cfg: BenchConfig, fx: Fixtures, anchors: Anchors | None, 
     """One (concurrency, adapters) cell, systems back to back. Request i uses adapter i % k. ``slow_anchors``:
     also PEFT's mixed batch and the naive serial flow (the grid runs them in its first round only: no target is
     set on them, and at 64 adapters PEFT alone takes longer than every other system of the cell together)."""
-    prompts_n, m = fx.prompts[:n], cfg.max_tokens
+    prompts_n, m = fx.prompts.take(n), cfg.max_tokens  # every system of the cell: the same (fresh) prompts
     adapters = list(fx.cell)[:k]
     rows = [adapters[i % k] for i in range(n)]
     row: dict = {"concurrency": n, "adapters": k}
@@ -218,7 +216,7 @@ async def run_suite(cfg: BenchConfig) -> dict:
                                                                         torch.get_num_threads()))
         if fx.scale:
             results["scale"] = await timed("scale", run_scale(cfg, fx.model_dir, fx.scale_root, fx.scale,
-                                                              fx.prompts[:cfg.scale_requests], anchors))
+                                                              fx.prompts, anchors))
         if memory:
             results["memory"] = {"models": memory, "adapter": results.get("scale", {}).get("tiers")}
         if not cfg.skip_traffic:
@@ -260,12 +258,12 @@ async def run_http(cfg: BenchConfig, fx: Fixtures, root: Path) -> dict:
     driver = HttpDriver(server)
     try:
         await warm_up(driver, fx, cfg)
-        cell = summarize(await run_concurrent(driver, cell_requests(fx.prompts[:n], list(fx.cell)[:k],
+        cell = summarize(await run_concurrent(driver, cell_requests(fx.prompts.take(n), list(fx.cell)[:k],
                                                                     cfg.max_tokens)))
         log.info("HTTP cell N=%d k=%d: %.1f tok/s", n, k, cell["tok_s"])
-        streams = cell_requests(fx.prompts[:cfg.interference_streams], list(fx.cell)[:4], cfg.max_tokens)
+        streams = cell_requests(fx.prompts.take(cfg.interference_streams), list(fx.cell)[:4], cfg.max_tokens)
         intf = await interference(driver, streams, dict(list(fx.pool.items())[:cfg.interference_loads]),
-                                  cfg.interference_rounds)
+                                  fx.prompts, cfg.interference_rounds)
         log.info("HTTP load interference: %+.0f%%", intf["itl_p99_rise"] * 100)
     finally:
         await driver.close()
@@ -325,7 +323,7 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -
     driver = EngineDriver(engine)
     await warm_up(driver, fx, cfg)
     if anchors:
-        anchors.warm_up(fx.prompts[0])
+        anchors.warm_up(fx.prompts.take(1)[0])
     per_round: list[list[dict]] = []
     grid_loads = []
     for r in range(cfg.grid_rounds):  # every cell once per round, in turn: drifting load hits all cells alike
@@ -340,12 +338,12 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -
                  grid_loads[-1]["end"])
     cells = [combine_rounds(list(rows)) for rows in zip(*per_round)]
     pool = dict(list(fx.pool.items())[:cfg.swap_samples])
-    swap = await swap_costs(engine, driver, pool, fx.on_demand, fx.prompts[0])
+    swap = await swap_costs(engine, driver, pool, fx.on_demand, fx.prompts)
     swap["peft_load_adapter_p50_ms"] = percentile_ms(peft_load)
     log.info("swap costs: %s", {k: round(v, 2) for k, v in swap.items() if v is not None})
-    streams = cell_requests(fx.prompts[:cfg.interference_streams], list(fx.cell)[:4], cfg.max_tokens)
+    streams = cell_requests(fx.prompts.take(cfg.interference_streams), list(fx.cell)[:4], cfg.max_tokens)
     loads = dict(list(fx.pool.items())[:cfg.interference_loads])
-    intf = await interference(driver, streams, loads, cfg.interference_rounds)
+    intf = await interference(driver, streams, loads, fx.prompts, cfg.interference_rounds)
     log.info("load interference: %s", {k: round(v, 3) for k, v in intf.items() if k != "per_round"})
     out = {"cells": cells, "grid_loads": grid_loads, "swap": swap, "interference": intf}
     if cfg.structured_share:

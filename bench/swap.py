@@ -62,25 +62,27 @@ async def activate_seconds(engine, entries) -> list[float]:
     return [await on_step_thread(engine, lambda k=e.key: activate(k)) for e in entries]
 
 
-async def first_request(driver: Driver, names: list[str], prompt: list[int]) -> dict:
-    """TTFT of the first request on an on-disk-only adapter, and of the second one on it (now resident)."""
+async def first_request(driver: Driver, names: list[str], prompts) -> dict:
+    """TTFT of the first request on an on-disk-only adapter, and of the second one on it (now resident); each
+    on a fresh prompt (``prompts``: a PromptSource), so the second is not served from the first's KV."""
     first, second = [], []
     for name in names:
         for bucket in (first, second):
-            trace = (await run_concurrent(driver, [BenchRequest(prompt, name, 2)]))[0]
+            trace = (await run_concurrent(driver, [BenchRequest(prompts.take(1)[0], name, 2)]))[0]
             bucket.append(trace.ttft)
     return {"first_ttft_p50_ms": percentile_ms(first), "warm_ttft_p50_ms": percentile_ms(second),
             "samples": len(names)}
 
 
-async def interference(driver: Driver, reqs: list[BenchRequest], loads: dict[str, Path], rounds: int = 3) -> dict:
+async def interference(driver: Driver, reqs: list[BenchRequest], loads: dict[str, Path], prompts,
+                       rounds: int = 3) -> dict:
     """The same streams, alone then with every adapter in ``loads`` cold-loading meanwhile, ``rounds`` times
     (fresh adapter names each round, so every load is cold). The figures are medians over the rounds: one
     run's p99 is its ~5 worst token gaps, and on a shared machine one stray stall in either run decided it
     (measured here: a quiet p99 of 546 ms against a 60 ms median, and rises from +5% to +64% between runs)."""
     rows = []
     for r in range(rounds):
-        quiet = summarize(await run_concurrent(driver, reqs))
+        quiet = summarize(await run_concurrent(driver, prompts.renew(reqs)))  # fresh prompts: no prefix hits
 
         async def load_all():
             await asyncio.sleep(quiet["ttft_p50_ms"] / 1e3)  # start once the streams are decoding
@@ -88,7 +90,7 @@ async def interference(driver: Driver, reqs: list[BenchRequest], loads: dict[str
             await asyncio.gather(*(driver.load_adapter(f"intf{r}-{n}", str(p)) for n, p in loads.items()))
             return time.perf_counter() - start
 
-        traces, load_s = await asyncio.gather(run_concurrent(driver, reqs), load_all())
+        traces, load_s = await asyncio.gather(run_concurrent(driver, prompts.renew(reqs)), load_all())
         busy = summarize(traces)
         rows.append({"loads_seconds": load_s, "quiet_itl_p99_ms": quiet["itl_p99_ms"],
                      "loading_itl_p99_ms": busy["itl_p99_ms"], "quiet_itl_p50_ms": quiet["itl_p50_ms"],
@@ -99,11 +101,11 @@ async def interference(driver: Driver, reqs: list[BenchRequest], loads: dict[str
 
 
 async def swap_costs(engine, driver: Driver, pool: dict[str, Path], on_demand: list[str],
-                     prompt: list[int]) -> dict:
+                     prompts) -> dict:
     entries = await cold_loads(engine, pool)
     load_s = [e.load_seconds for e in entries]
     act_s = await activate_seconds(engine, entries)
     return {"adapter_mb": entries[0].info["size_bytes"] / 1e6, "samples": len(entries),
             "cold_load_p50_ms": percentile_ms(load_s), "cold_load_max_ms": max(load_s) * 1e3,
             "activate_p50_ms": percentile_ms(act_s), "activate_max_ms": max(act_s) * 1e3,
-            **await first_request(driver, on_demand, prompt)}
+            **await first_request(driver, on_demand, prompts)}

@@ -42,7 +42,7 @@ from bench.config import TrafficConfig, parse_args, setup_logging
 from bench.drivers import BenchRequest, EngineDriver, cell_requests, load_and_warm, run_arrivals, run_concurrent
 from bench.probe import EngineProbe
 from bench.report import loadavg
-from bench.request_set import RequestSet, poisson_offsets, random_prompt, rng_for, round_robin
+from bench.request_set import PromptSource, RequestSet, poisson_offsets, random_prompt, rng_for, round_robin
 from bench.timing import goodput, median_range, summarize
 
 log = logging.getLogger("bench")
@@ -94,8 +94,7 @@ async def serving(spec: TrafficSpec, wide: bool, adapters: dict[str, str]):
     try:
         driver, probe = EngineDriver(engine), EngineProbe(engine, spec.config.poll_s)
         vocab = len(engine.tokenizer)
-        warm = [random_prompt(rng_for(spec.seed, "warm-up", i), 8, vocab) for i in range(4)]
-        await load_and_warm(driver, adapters, warm)
+        await load_and_warm(driver, adapters, PromptSource(vocab, 8, spec.seed))
         about = {**server_api.describe(engine), "dropped_settings": dropped}
         log.info("traffic engine (%s): %s", spec.label, about)
         yield driver, probe, vocab, about
