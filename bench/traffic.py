@@ -114,7 +114,10 @@ def _medians(rows: list[dict], paths: dict[str, tuple]) -> dict:
 
 async def long_one(driver, cfg: TrafficConfig, adapters: list[str], vocab: int, seed: int) -> dict:
     """(a): cells A (all short) and B (request 0 long), ``rounds`` times interleaved. ``A_short`` and
-    ``B_short`` summarize requests 1.. only (the short ones in both cells)."""
+    ``B_short`` summarize requests 1.. only (the short ones in both cells). Cell L, the long prompt alone with
+    one output token (its prefill), gives the round's work-conserving bound: B can not take less than A + L on
+    cores that A already keeps busy, so ``bound`` = (A + L) / A is the least B / A can be, and ``over_bound``
+    = B / (A + L) is what the engine adds to it."""
     names = round_robin(adapters or [None], cfg.requests)
     rows = []
     for r in range(cfg.rounds):
@@ -126,11 +129,16 @@ async def long_one(driver, cfg: TrafficConfig, adapters: list[str], vocab: int, 
             traces = await run_concurrent(driver, reqs)
             row[cell], row[cell + "_short"] = summarize(traces), summarize(traces[1:])
             row[cell + "_first_ttft_ms"] = traces[0].ttft * 1e3
-        row.update(ratio=row["B"]["seconds"] / row["A"]["seconds"], load_end=loadavg())
-        log.info("traffic (a) round %d: A %.1fs, B %.1fs (B/A %.2f)", r + 1, row["A"]["seconds"],
-                 row["B"]["seconds"], row["ratio"])
+        rng = rng_for(seed, "long-one", r, "L")
+        alone = await run_concurrent(driver, [BenchRequest(random_prompt(rng, cfg.long_prompt, vocab), names[0], 1)])
+        row["L"] = summarize(alone)
+        a_s, b_s, l_s = row["A"]["seconds"], row["B"]["seconds"], row["L"]["seconds"]
+        row.update(ratio=b_s / a_s, bound=(a_s + l_s) / a_s, over_bound=b_s / (a_s + l_s), load_end=loadavg())
+        log.info("traffic (a) round %d: A %.1fs, B %.1fs (B/A %.2f), the long prompt alone %.1fs (bound %.2f)",
+                 r + 1, a_s, b_s, row["ratio"], l_s, row["bound"])
         rows.append(row)
     paths = {"wall_A_s": ("A", "seconds"), "wall_B_s": ("B", "seconds"), "ratio": ("ratio",),
+             "wall_L_s": ("L", "seconds"), "bound": ("bound",), "over_bound": ("over_bound",),
              "long_ttft_ms": ("B_first_ttft_ms",)}
     for cell in ("A", "B"):
         for stat in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):

@@ -122,6 +122,9 @@ def check_run(run: dict, cfg: TrafficConfig) -> None:
     a = run["long_one"]
     assert len(a["rounds"]) == cfg.rounds and a["ratio"]["n"] == cfg.rounds
     assert all(r[c]["tokens"] == cfg.requests * cfg.max_tokens for r in a["rounds"] for c in "AB")
+    assert all(r["L"]["tokens"] == 1 for r in a["rounds"])  # the long prompt alone: its prefill
+    assert all(r["bound"] == pytest.approx((r["A"]["seconds"] + r["L"]["seconds"]) / r["A"]["seconds"])
+               for r in a["rounds"])
     rs = RequestSet.long_tailed(cfg, 0)
     c = run["poisson"]
     assert len(c["rates"]) == 3 and c["base_all_at_once"]["tokens"] == sum(rs.output_lens)
@@ -191,6 +194,8 @@ def run_dict(label_commit: str, paged: bool, ratio_a: float, ratio_b: float, rat
     long_one = {"requests": 32, "max_tokens": 32, "short_prompt": 32, "long_prompt": 1500, "adapters": 16,
                 "wall_A_s": mr(10.0), "wall_B_s": mr(10.0 * ratio_a), "ratio": mr(ratio_a), "long_ttft_ms": mr(5000.0),
                 **{f"short_{k}_{c}": mr(v) for k, v in stats.items() for c in "AB"}}
+    if paged:  # the work-conserving bound (cell L) came after engine v1's runs were stored
+        long_one.update(wall_L_s=mr(6.0), bound=mr(1.6), over_bound=mr(ratio_a / 1.6))
     cached = mr(1200.0) if paged else median_range([None])
     return {"label": "x", "commit": label_commit, "threads": 1, "load_start": "1.00", "load_end": "1.50",
             "engine": engine, "wide_engine": {**engine, "max_num_seqs": 64, "max_loras": 64},
@@ -217,11 +222,13 @@ def test_real_traffic_section_sets_the_engines_side_by_side():
                                     run_dict("b715e68", False, 3.5, 1.0, 0.67, 72.0)]}}
     text = "\n".join(traffic_section(results))
     assert "## Real traffic" in text and "engine v1 (b715e68) in a subprocess" in text
-    assert ("| (a) wall time, one long prompt among short ones / all short | ≤ 1.3x | **1.10x** | **3.50x** |"
-            in text)
+    assert ("| (a) wall time, one long prompt among short ones / all short (the bound: all short + the long "
+            "prompt alone) | ≤ 1.3x | **1.10x (bound 1.60x)** | **3.50x** |") in text
     assert ("| (c') base model, continuous batching / HF static batches at equal GEMM | > 1.0x | **1.25x** | "
             "**0.90x** |") in text
-    assert "| engine v2 (6bc0125) | 10.0 (9.0–11.0) | 11.0 (9.9–12.1) | **1.10x (0.99–1.21)** |" in text
+    assert ("| engine v2 (6bc0125) | 10.0 (9.0–11.0) | 11.0 (9.9–12.1) | **1.10x (0.99–1.21)** | 6.0 (5.4–6.6) | "
+            "1.60x (1.44–1.76) | 0.69x (0.62–0.76) |") in text
+    assert "| **3.50x (3.15–3.85)** | – | – | – |" in text  # a stored run from before cell L
     assert "| 1200 (1080–1320) / 1200 (1080–1320) |" not in text and "0 / 1200 (1080–1320) |" in text
     assert "– (no prefix cache)" in text
     assert "lognormal(median 80, σ 1.2) clipped to [16, 2048] (drawn: mean 150, p50 96, p90 350, max 900" in text
