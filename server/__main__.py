@@ -68,6 +68,10 @@ ENGINE_FLAGS = (
     Flag("max-num-batched-tokens", int, 0, "tokens computed per step: one per running sequence plus prefill chunks; "
          "a longer prompt is split across steps (chunked prefill), so this bounds how long one step can stall "
          "the running streams. 0: 256 on CPU, 2048 on GPU (at least --max-num-seqs)"),
+    Flag("long-prefill-token-threshold", int, 0, "most prompt tokens one request computes in a step (vLLM's "
+         "flag): a long prompt then leaves part of each step's budget to requests that arrive after it, which "
+         "start (and stream) beside it instead of waiting for its whole prefill; the long prompt takes more steps. "
+         "0: no cap but --max-num-batched-tokens", metavar="TOKENS"),
     Flag("kv-cache-memory", str, "auto", "memory for the paged KV cache, taken once at start: a size (4GiB, 512MiB, "
          "2e9) or a fraction 0 < f <= 1 of the memory free then. auto: on CPU min(4 GiB, half the free RAM), on "
          "GPU 90%% of the free device memory, each capped at what --max-num-seqs sequences of --max-model-len "

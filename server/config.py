@@ -48,6 +48,7 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_model_len: int = 2048
     max_num_batched_tokens: int = 0  # tokens computed per step (decodes + prefill chunks); 0 = auto by device
+    long_prefill_token_threshold: int = 0  # most prompt tokens one request computes a step; 0 = the whole budget
     kv_cache_memory: str = "auto"  # KV pool size: bytes ("4GiB"), a fraction of free memory ("0.3"), or auto
     block_size: int = 16  # tokens per KV block
     enable_prefix_caching: bool = True  # reuse full KV blocks by (tokens, adapter content); vLLM's flag
@@ -99,6 +100,9 @@ class EngineConfig:
         if 0 < self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be >= --max-num-seqs "
                              f"({self.max_num_seqs}): every running sequence computes at least one token a step")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("--long-prefill-token-threshold must be >= 1 (or 0: no cap but the step's budget), got "
+                             f"{self.long_prefill_token_threshold}")
         parse_memory(self.kv_cache_memory)  # the form now; the size is resolved against free memory at start
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")

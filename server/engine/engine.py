@@ -43,7 +43,8 @@ class LLMEngine:
             raise ValueError(f"--max-model-len {self.max_len} does not fit the KV cache ({self.blocks.capacity_tokens} "
                              "tokens); raise --kv-cache-memory or lower --max-model-len")
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_loras,
-                                   token_budget(config, self.runner.device.type), config.max_waiting)
+                                   token_budget(config, self.runner.device.type), config.max_waiting,
+                                   long_prefill_threshold=config.long_prefill_token_threshold)
         mask = TokenMask(config.max_num_seqs, self.runner.vocab_size, config.overlap_token_masks)
         self.sampler = Sampler(self.eos_token_ids, config.seed, mask)
         self.grammar = GrammarCompiler(self.tokenizer, self.runner.vocab_size, self.eos_token_ids)

@@ -6,8 +6,11 @@ tokens scheduled (a decode token per running sequence plus prefill chunks), neve
 1. Running requests that decode get their one token first (oldest first), so a long prompt arriving never
    delays the running streams by more than the chunk it shares their step with.
 2. Running requests still prefilling (a prompt in chunks, or a preempted one being recomputed) get chunks
-   from what budget is left: ``min(tokens left, budget)``.
+   from what budget is left: ``min(tokens left, budget)``, and at most ``long_prefill_threshold`` tokens a
+   step when that is set (vLLM's --long-prefill-token-threshold), so a long prompt leaves budget for short
+   ones to start beside it instead of holding every later arrival until its whole prefill is done.
 3. Waiting requests are admitted FCFS while a sequence slot (``max_num_seqs``), budget and KV blocks are free
+   (their first chunk capped by ``long_prefill_threshold`` too)
    and the step would hold at most ``max_loras`` distinct adapters (every component of a mixture counts);
    their prompt starts after its longest cached prefix. A request whose adapter is still loading, or has no
    slot, is passed over (others behind it may go); once passed over ``starvation_steps`` times, nothing
@@ -47,13 +50,14 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_loras: int, max_num_batched_tokens: int,
-                 max_waiting: int, starvation_steps: int = 32):
+                 max_waiting: int, starvation_steps: int = 32, long_prefill_threshold: int = 0):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_loras = max_loras
         self.token_budget = max_num_batched_tokens
         self.max_waiting = max_waiting
         self.starvation_steps = starvation_steps
+        self.chunk_cap = long_prefill_threshold or max_num_batched_tokens  # the most one request computes a step
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the newest is preempted first
 
@@ -76,7 +80,7 @@ class Scheduler:
                 break
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this step
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens - req.num_computed_tokens, budget, self.chunk_cap)
             if self._allocate_or_preempt(req, n, batch):
                 batch.seqs.append((req, n))
                 budget -= n
@@ -110,7 +114,7 @@ class Scheduler:
                     break  # let the running adapters drain so this one gets its slots
                 continue
             prefix = self.blocks.cached_prefix(req)
-            n = min(req.num_tokens - len(prefix) * self.blocks.block_size, budget)
+            n = min(req.num_tokens - len(prefix) * self.blocks.block_size, budget, self.chunk_cap)
             if not self.blocks.allocate(req, n, prefix):
                 break  # FCFS: no KV for the head of the queue now; running requests will free some
             self.waiting.remove(req)

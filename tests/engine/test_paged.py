@@ -127,6 +127,19 @@ def test_prompt_longer_than_the_token_budget_is_prefilled_in_chunks(fresh_llm, o
         check(req, oracle, req.params.max_tokens)
 
 
+def test_long_prefill_threshold_starts_later_prompts_beside_a_long_one(fresh_llm, oracle):
+    """--long-prefill-token-threshold 5 under a 16-token budget: a 45-token prompt computes 5 tokens a step and a
+    short prompt sent after it starts in its first step; every request still equals PEFT."""
+    eng = fresh_llm(max_num_batched_tokens=16, max_num_seqs=4, long_prefill_token_threshold=5)
+    long = submit(eng, tokens(45, 9), "adalora", max_tokens=4, logprobs=True)
+    short = submit(eng, tokens(4, 3), "dora", max_tokens=6, logprobs=True)
+    step(eng)
+    assert long.num_computed_tokens == 5 and short.num_computed_tokens == 4 and len(short.output_token_ids) == 1
+    run(eng, [long, short])
+    for req in (long, short):
+        check(req, oracle, req.params.max_tokens)
+
+
 @pytest.mark.parametrize("attention", ["numba", "torch"])
 def test_preempted_requests_are_recomputed_with_unchanged_output(fresh_llm, oracle, attention):
     """A KV cache of 11 usable blocks for four requests that need 4 each: the newest are preempted, recomputed

@@ -104,6 +104,30 @@ def test_decodes_first_then_chunks_within_the_token_budget():
     assert len(long.output_token_ids) == 1  # sampled once, after its last chunk
 
 
+@pytest.mark.parametrize("threshold", [0, 6])
+def test_long_prefill_threshold_lets_later_arrivals_start_beside_a_long_prompt(threshold):
+    """vLLM's --long-prefill-token-threshold: a long prompt computes at most the threshold a step, so short
+    prompts sent after it start in its first step instead of waiting for its whole prefill; without it the
+    long prompt takes the whole budget until it is done. Contents stay right either way (FakeKV.check)."""
+    s = sched(budget=10, long_prefill_threshold=threshold)
+    kv = FakeKV(s)
+    long = req(prompt_len=30, name="long")
+    shorts = [req(prompt_len=2, name=f"s{i}") for i in range(2)]
+    s.waiting.extend([long, *shorts])
+    steps = []
+    while long.num_computed_tokens < 30:
+        steps.append(dict((r.request_id, n) for r, n in run_step(s, kv).seqs))
+        assert sum(steps[-1].values()) <= 10
+    if threshold:
+        assert steps[0] == {"long": 6, "s0": 2, "s1": 2}  # the shorts start in the long prompt's first step
+        assert all(step["long"] <= 6 for step in steps) and len(steps) == 5
+        assert steps[1] == {"s0": 1, "s1": 1, "long": 6}  # then decode beside it
+    else:
+        assert steps == [{"long": 10}, {"long": 10}, {"long": 10}]
+        assert all(r.num_computed_tokens == 0 for r in shorts)  # still waiting behind it
+    assert [len(r.output_token_ids) for r in shorts] == ([len(steps)] * 2 if threshold else [0, 0])
+
+
 def test_budget_smaller_than_a_prompt_still_runs_it():
     s = sched(budget=8)
     kv = FakeKV(s)
