@@ -10,7 +10,7 @@ import inspect
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -174,7 +174,8 @@ async def start_generation(request: Request, jobs: list[tuple[list[int], Samplin
     authorized (every adapter it names, or the base model: 403 before any name is resolved or loaded) and
     admitted under its limits (429); server.api.tenancy settles it when its rows finish. The versions the request
     reads go out in the x-adapter-version header (adapter_version_header). ``user``: the body's ``user``, else the
-    x-user-id header, makes a traffic split's choice sticky per user; without either it is drawn per HTTP request."""
+    x-user-id header, makes a traffic split's choice sticky per user; without either it is drawn per HTTP request.
+    A tenant's rows are salted with its name (tenant_salt), so its prefix-cache blocks are its own."""
     engine, tenancy = request.app.state.engine, request.app.state.tenancy
     tenant, ticket = getattr(request.state, "tenant", None), None
     user = user if user is not None else request.headers.get("x-user-id")
@@ -183,6 +184,8 @@ async def start_generation(request: Request, jobs: list[tuple[list[int], Samplin
     try:
         tenancy.authorize(tenant, [name for name, _ in adapters], engine.model_name)
         if tenant is not None:
+            jobs = [(prompt, replace(params, cache_salt=tenant_salt(tenant.name, params.cache_salt)))
+                    for prompt, params in jobs]
             ticket = tenancy.admit(tenant, jobs, request_id, getattr(request.state, "usage_meter", None))
         generation = await Generation.start(engine, jobs, adapters, request_id, sticky)
     except BaseException as exc:
@@ -198,6 +201,13 @@ async def start_generation(request: Request, jobs: list[tuple[list[int], Samplin
     if versions is not None:
         request.state.adapter_version = adapter_version_header(versions)
     return generation
+
+
+def tenant_salt(tenant: str, salt: str | None) -> str:
+    """The prefix-cache salt of a tenant's request: its name, then the request's own cache_salt (length-prefixed,
+    so no two (tenant, salt) pairs give one string). Two tenants never share a block, whatever they send: a
+    cache hit shows in the time to first token and would tell one tenant what another's prompts begin with."""
+    return f"tenant:{len(tenant)}:{tenant}:{salt or ''}"
 
 
 ADAPTER_VERSION_HEADER = "x-adapter-version"

@@ -77,6 +77,7 @@ class SamplingFields(Strict):
     structured_outputs: StructuredOutputs | None = None
     use_beam_search: bool = False
     logit_bias: dict[str, float] | None = None
+    cache_salt: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = None  # vLLM's
 
     @model_validator(mode="after")
     def _refuse_unimplemented(self):
@@ -121,7 +122,7 @@ class SamplingFields(Strict):
             seed=None if self.seed is None else self.seed + index, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs if logprobs else 0,
-            prompt_logprobs=prompt_logprobs, grammar=grammar)
+            prompt_logprobs=prompt_logprobs, grammar=grammar, cache_salt=self.cache_salt)
 
 
 class CompletionRequest(SamplingFields):

@@ -6,7 +6,9 @@ full block has a content hash chained from its parent's:
     hash[i] = sha256(hash[i - 1] | identity | tokens of block i)
 
 where ``identity`` is the content hash of the request's adapter (its weights and config, never its name; empty
-for the base model). So a base-model request never reuses an adapter's KV and the other way round, two names
+for the base model), salted with the request's ``cache_salt`` when it has one (vLLM's field; the API salts
+every request of a tenant with the tenant's name, so tenants never share KV: a prefix-cache hit is visible
+in the time to first token, and would tell one tenant what another has sent). So a base-model request never reuses an adapter's KV and the other way round, two names
 for the same weights share KV, and a name reloaded with other weights never meets the old weights' KV. SHA-256,
 not Python's hash: a tenant must not be able to craft a collision into another tenant's prefix.
 
@@ -33,6 +35,15 @@ def adapter_identity(uses) -> bytes:
         return uses[0].entry.content_hash
     parts = sorted((u.entry.content_hash, u.scale) for u in uses)
     return hashlib.sha256(b"mix" + b"".join(h + struct.pack("<d", s) for h, s in parts)).digest()
+
+
+def prefix_identity(uses, salt: str | None = None) -> bytes:
+    """``adapter_identity``, salted with a request's ``cache_salt`` when it has one: a salted request shares
+    blocks only with requests of the same salt and adapter content, never with unsalted ones."""
+    identity = adapter_identity(uses)
+    if salt is None:
+        return identity
+    return hashlib.sha256(b"salt" + struct.pack("<I", len(identity)) + identity + salt.encode()).digest()
 
 
 def block_hash(parent: bytes, identity: bytes, tokens) -> bytes:

@@ -8,7 +8,7 @@ import torch
 
 from server.adapters.store import AdapterStore
 from server.config import EngineConfig, token_budget
-from server.engine.block_manager import BlockManager, adapter_identity
+from server.engine.block_manager import BlockManager, prefix_identity
 from server.engine.block_pool import BlockPool
 from server.engine.constraint import TokenMask
 from server.engine.detokenizer import Detokenizer
@@ -145,7 +145,7 @@ class LLMEngine:
         for use in req.active_uses:
             if use.entry.pinned:
                 self.runner.manager.pin(use.key)
-        req.prefix_identity = adapter_identity(req.active_uses)
+        req.prefix_identity = prefix_identity(req.active_uses, req.params.cache_salt)
         return True
 
     def _reap(self) -> list[tuple[Request, RequestOutput]]:

@@ -212,3 +212,25 @@ def test_keys_never_reach_the_logs(tenant_server, caplog):
     assert "tenant=tenant-a adapters=alpha " in line
     for key in (*ALL_KEYS, "sk-wrong-9999", hashlib.sha256(KEY_B.encode()).hexdigest()):
         assert key not in caplog.text
+
+
+def test_tenants_never_share_prefix_cache_blocks(tenant_server):
+    """Every tenant's requests are salted with its name: a prompt one tenant sent is a prefix-cache hit for
+    that tenant only (a hit shows in the time to first token, and would tell another tenant what was sent).
+    Unrestricted keys share among themselves; vLLM's cache_salt splits further within a tenant."""
+    prompt = [1] + list(range(100, 139))  # 40 tokens: two full blocks can come from the cache
+
+    def cached(key, **fields):
+        r = complete(http, key, prompt=prompt, **fields)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    with tenant_server.client() as http:
+        assert [cached(KEY_B), cached(KEY_B)] == [0, 32]
+        assert cached(KEY_CONC) == 0  # another tenant, the same prompt
+        assert [cached(API_KEY), cached(API_KEY)] == [0, 32]  # no tenant: unsalted
+        assert [cached(KEY_B, cache_salt="s1"), cached(KEY_B, cache_salt="s1"), cached(KEY_CONC, cache_salt="s1")
+                ] == [0, 32, 0]
+        assert cached(API_KEY, cache_salt="s1") == 0
+        r = complete(http, KEY_B, prompt=prompt, cache_salt="")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"

@@ -79,6 +79,21 @@ def test_base_and_adapter_never_share_a_prefix(fresh_llm, oracle):
         check(req, oracle, 5)
 
 
+def test_cache_salt_shares_blocks_only_within_one_salt(fresh_llm, oracle):
+    """vLLM's cache_salt: requests share prefix blocks only with the same salt (and adapter content); an unsalted
+    request never meets a salted one's blocks. Every output still equals PEFT."""
+    eng = fresh_llm()
+    prompt = tokens(37, seed=6)
+    order = [("lora", "a"), ("lora", "b"), ("lora", None), ("lora", "a"), (None, "a"), ("lora", None), ("lora", "b")]
+    reqs = []
+    for adapter, salt in order:  # one at a time: each finds what the earlier ones left in the cache
+        reqs.append(submit(eng, prompt, adapter, max_tokens=5, logprobs=True, cache_salt=salt))
+        run(eng, reqs[-1:])
+    assert [r.num_cached_tokens for r in reqs] == [0, 0, 0, 32, 0, 32, 32]
+    for req in reqs:
+        check(req, oracle, 5)
+
+
 def test_a_name_reloaded_with_other_weights_never_reuses_the_old_kv(fresh_llm, oracle, root, tmp_path):
     """vLLM #42125: the cache is keyed by the adapter's content, so reloading a name with new weights starts
     cold, and the old weights' blocks serve neither it nor anyone else."""
