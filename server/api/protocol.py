@@ -23,6 +23,7 @@ from server.engine.request import SamplingParams
 I64 = 2**63 - 1
 BIG = 1 << 20  # bound on token counts; the engine enforces --max-model-len on top
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
 Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 StopStr = Annotated[str, StringConstraints(max_length=512)]  # "" is accepted and ignored
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -76,7 +77,8 @@ class SamplingFields(Strict):
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     use_beam_search: bool = False
-    logit_bias: dict[str, float] | None = None
+    # OpenAI's: token id (a decimal string, as JSON keys are) -> a bias in [-100, 100] added to its logit
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     cache_salt: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = None  # vLLM's
 
     @model_validator(mode="after")
@@ -85,8 +87,13 @@ class SamplingFields(Strict):
             raise refuse(self, "best_of", "best_of other than n is not supported (no best-of search); omit it")
         if self.use_beam_search:
             raise refuse(self, "use_beam_search", "beam search is not supported; omit use_beam_search")
-        if self.logit_bias:
-            raise refuse(self, "logit_bias", "logit_bias is not supported; omit it")
+        bad = next((k for k in self.logit_bias or () if not (k.isascii() and k.isdigit())), None)
+        if bad is not None:
+            raise refuse(self, "logit_bias", f"logit_bias keys are token ids (decimal strings); got {bad!r}")
+        bad = next((k for k, v in (self.logit_bias or {}).items() if not -100.0 <= v <= 100.0), None)
+        if bad is not None:
+            raise refuse(self, "logit_bias", f"logit_bias values are between -100 and 100; got "
+                         f"{self.logit_bias[bad]} for token {bad}")
         if self.stream_options is not None and not self.stream:
             raise refuse(self, "stream_options", "stream_options can only be given when stream is true")
         if self.stream and self.prompt_logprobs is not None:
@@ -122,7 +129,8 @@ class SamplingFields(Strict):
             seed=None if self.seed is None else self.seed + index, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs if logprobs else 0,
-            prompt_logprobs=prompt_logprobs, grammar=grammar, cache_salt=self.cache_salt)
+            prompt_logprobs=prompt_logprobs, grammar=grammar, cache_salt=self.cache_salt,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None)
 
 
 class CompletionRequest(SamplingFields):

@@ -287,6 +287,10 @@ class AsyncEngine:
         bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"token id {bad} is out of the vocabulary [0, {vocab})", param="prompt")
+        bad = next((t for t in params.logit_bias or () if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"logit_bias: token id {bad} is out of the vocabulary [0, {vocab})",
+                                      param="logit_bias")
         max_len = self.engine.max_len
         if len(prompt) + params.max_tokens > max_len:
             raise InvalidRequestError(

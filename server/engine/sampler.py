@@ -7,6 +7,7 @@ row masked first (TokenMask, one op for the batch), so everything after it (argm
 sampling) sees only the tokens its grammar allows, as in vLLM.
 
 Per row, in order (each step a batched op over the rows that need it; the others pass through untouched):
+    logit_bias  OpenAI's: the request's bias added to its tokens (vLLM's order: before the penalties)
     penalties   repetition (HF: seen positive logits / p, negative * p, over prompt and output), presence and
                 frequency (OpenAI: minus presence + frequency * count, over generated tokens), min_tokens (EOS
                 and stop ids at -inf until reached)
@@ -115,7 +116,7 @@ class Sampler:
         """Greedy with nothing that edits the logits: the batched argmax is the answer."""
         p = req.params
         return (p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-                and len(req.output_token_ids) >= p.min_tokens)
+                and not p.logit_bias and len(req.output_token_ids) >= p.min_tokens)
 
     def _choose(self, scores: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """scores: [m, vocab] penalised -> [m] tokens: argmax for greedy rows, a draw for the others. (max's
@@ -140,11 +141,16 @@ class Sampler:
         return tokens
 
     def _process(self, scores: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Repetition penalty (HF semantics), presence/frequency penalties (OpenAI semantics, over generated
+        """logit_bias, then repetition penalty (HF semantics), presence/frequency penalties (OpenAI semantics, over generated
         tokens) and min_tokens (no EOS / stop token before it), in place on ``scores`` [m, vocab]. Each touches
         only its (row, token) pairs, gathered from the host in one copy each: dense [m, vocab] masks cost
         10 ms a step on a CPU for a few hundred entries."""
         device = scores.device
+        bias = [(j, list(r.params.logit_bias), list(r.params.logit_bias.values())) for j, r in enumerate(requests)
+                if r.params.logit_bias]
+        if bias:
+            rows, cols, value = _pairs(bias, device)
+            scores[rows, cols] += value
         rep = [(j, sorted(set(r.all_token_ids)), r.params.repetition_penalty) for j, r in enumerate(requests)
                if r.params.repetition_penalty != 1.0]
         if rep:

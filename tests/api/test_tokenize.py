@@ -76,11 +76,31 @@ def test_stream_options_conventions(server):
 
 
 @pytest.mark.parametrize("field, value", [("best_of", 3), ("use_beam_search", True), ("suffix", "tail"),
-                                          ("logit_bias", {"5": 10}), ("min_p", 0.1), ("prompt_logprobs", -1)])
+                                          ("logit_bias", {"x5": 10}), ("logit_bias", {"5": 101}),
+                                          ("logit_bias", {"99999": 1}), ("min_p", 0.1), ("prompt_logprobs", -1)])
 def test_unimplemented_fields_are_400_naming_them(server, field, value):
     with server.client() as http:
         r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, field: value})
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_logit_bias_steers_completions_and_chat(server):
+    """OpenAI's logit_bias: +100 on one token makes every greedy token that one, on both routes; -100 on the
+    token greedy chose first takes it out."""
+    with server.client() as http:
+        plain = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0,
+                                                   "return_token_ids": True}).json()["choices"][0]["token_ids"]
+        forced = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0,
+                                                    "return_token_ids": True, "logit_bias": {"42": 100}})
+        banned = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "temperature": 0,
+                                                    "return_token_ids": True,
+                                                    "logit_bias": {str(plain[0]): -100}})
+        chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+                                                       "return_token_ids": True, "logit_bias": {"42": 100}})
+    assert forced.json()["choices"][0]["token_ids"] == [42] * 3
+    assert banned.json()["choices"][0]["token_ids"] != plain[:1]
+    assert chat.status_code == 200 and chat.json()["choices"][0]["token_ids"] == [42] * 3, chat.text
 
 
 def test_missing_path_under_a_root_is_404_outside_403(server, adapter_root):

@@ -189,3 +189,30 @@ def test_presence_and_frequency_penalties_follow_openai():
     assert Sampler(set())(logits, [req])[0] == [1]
     req.params.frequency_penalty = 0.0  # 3.0 - 0.05 = 2.95 > 2.9
     assert Sampler(set())(logits, [req])[0] == [0]
+
+
+def test_logit_bias_is_added_to_the_logits_before_everything_else():
+    """OpenAI's logit_bias: greedy picks from the biased logits; a seeded draw with a bias equals the same seed's
+    draw from logits with the bias already added; the bias comes before the repetition penalty (vLLM's order);
+    logprobs stay the raw model's."""
+    x = logits(3, seed=9)
+    top = int(x[0].argmax())
+    forced, banned = req(temperature=0.0, logit_bias={7: 100.0}), req(temperature=0.0, logit_bias={top: -100.0})
+    tokens, _, _ = Sampler({EOS})(x[:2].clone(), [forced, req(temperature=0.0, logprobs=True)])
+    assert tokens == [7, int(x[1].argmax())]
+    assert Sampler({EOS})(x[:1], [banned])[0] == [int(x[0].sort(descending=True).indices[1])]
+
+    bias = {3: 2.5, 11: -1.0, 40: 4.0}
+    shifted = x[2].clone()
+    for t, b in bias.items():
+        shifted[t] += b
+    biased = draw(Sampler({EOS}), x[2], req(temperature=1.0, top_p=0.95, seed=5, logit_bias=bias), 25)
+    plain = draw(Sampler({EOS}), shifted, req(temperature=1.0, top_p=0.95, seed=5), 25)
+    assert biased == plain and len(set(biased)) > 1
+
+    # token 0, seen in the prompt: bias first, -1 + 2 = 1, then / 1.5 (now positive) = 0.67 > 0.6: token 0;
+    # the penalty first would give -1 * 1.5 + 2 = 0.5 < 0.6: token 1
+    row = torch.tensor([[-1.0, 0.6, 0.0, 0.0]])
+    r = req(temperature=0.0, repetition_penalty=1.5, logit_bias={0: 2.0}, prompt=(0,), logprobs=True)
+    tokens, lps, _ = Sampler(set())(row, [r])
+    assert tokens == [0] and lps[0] == pytest.approx(float(torch.log_softmax(row[0], -1)[0]), abs=1e-6)
