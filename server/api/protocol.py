@@ -2,7 +2,7 @@
 
 Every numeric field is bounded and every list is capped, so no request can ask for unbounded work. No field is
 silently ignored (server.api.strict.Strict): unknown ones are refused with 400 naming them, and known ones the
-server does not implement (best_of > n, use_beam_search, suffix, logit_bias) are refused the same way. Sampling
+server does not implement (best_of > n, use_beam_search, suffix) are refused the same way. Sampling
 fields keep vLLM's names; vLLM's extensions prompt_logprobs, structured_outputs, truncate_prompt_tokens and
 return_token_ids are implemented. swapserve's own `adapters` (also TGI's `parameters.adapters`) asks for a weighted
 mixture of adapters, or one adapter at a strength (server.api.generation.adapters_for).
