@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import copy
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 from torch import nn
 
 from server.layers.gemm import PackedLinear
+from server.layers.host_weights import ModuleWeights
 from server.layers.mapping import MappingHolder
 from server.layers.ops import scale_rows, shift_rows
 from server.layers.slot_bank import SlotBank
-
-if TYPE_CHECKING:  # the layers take host weights (adapters/) but never import that package: the arrow points down
-    from server.adapters.weights import ModuleWeights
 
 
 def layer_features(layer: nn.Module) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
 Member i of a bank sees ``bank.lora_a[i]`` as its own ``lora_a`` [num_slots, max_rank, in] (a view), so the
 forward path is unchanged; what changes is filling a slot: an adapter packed per bank on the host
-(formats.PackedBank) goes in with one copy per tensor kind for the whole bank (a handful of copies per adapter)
+(host_weights.PackedBank) goes in with one copy per tensor kind for the whole bank (a handful of copies per adapter)
 instead of a few per layer (hundreds), which is what made a host -> device swap cost Python time, not bytes.
 
 Per-layer bookkeeping (``ranks``, ``in_scaled``, ``out_scaled``) stays on each AdapterLinear: the bank keeps
@@ -11,12 +11,10 @@ it exact, so layer-by-layer fills (DoRA, mixed-kind banks) and bank fills can fo
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # host weights come from adapters/, which imports this package, not the other way round
-    from server.adapters.weights import PackedBank
+from server.layers.host_weights import PackedBank
 
 
 class SlotBank:
