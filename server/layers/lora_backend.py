@@ -52,7 +52,7 @@ class TorchLora:
         if groups is None:
             lora_segments(y, x2, layer.lora_a, layer.lora_b, layer.ranks, mapping.segments, layer.slot_views)
             return
-        rank = max(layer.ranks[groups.lo:groups.hi])
+        rank = mapping.live_ranks(layer.bank)[layer.position]
         if rank:
             lora_grouped_views(y, x2, *layer.range_views(groups.lo, groups.hi, rank), groups)
 
@@ -184,8 +184,7 @@ class TritonLora(TorchLora):
         first, count, own = self._group(layer)
         h, rank = self._reuse(plan, layer.bank, first, x2)
         if h is None:
-            members = layer.bank.layers[first:first + count]
-            rank = max(int(m.ranks[plan.slots].max()) for m in members)
+            rank = max(mapping.live_ranks(layer.bank)[first:first + count])
             if not rank:
                 return
             h = lora_triton.shrink(x2, layer.bank.lora_a[first:first + count], plan, rank)

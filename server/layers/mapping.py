@@ -68,10 +68,23 @@ class AdapterMapping:
     runs: "SlotRuns | None" = None
     overlap: "object | None" = None  # a LoraWorker that computes ``runs`` beside the base GEMM (large steps only)
     triton: "object | None" = None  # the routes laid out for the Triton kernels (lora_triton.TritonPlan)
+    # SlotBank -> (its version, live_ranks' list): the step's ranks, filled by the first layer of each bank
+    _live: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def empty(self) -> bool:
         return not self.slots
+
+    def live_ranks(self, bank) -> list[int]:
+        """Per member of ``bank`` (a SlotBank), the largest live rank over the slots this step's grouped or Triton op
+        covers (the grouped op's slot range, else the Triton plan's slots): the rank the op runs that layer at.
+        Computed once per bank per step, one numpy op for all its members rather than one per layer; computed
+        again only if the bank was written since (its ``version``), so a mapping reused across fills stays right."""
+        hit = self._live.get(bank)
+        if hit is None or hit[0] != bank.version:
+            covered = slice(self.groups.lo, self.groups.hi) if self.groups is not None else self.triton.slots
+            hit = self._live[bank] = (bank.version, bank.ranks[:, covered].max(axis=1).tolist())
+        return hit[1]
 
     @classmethod
     def build(cls, token_slots, num_slots: int, device: torch.device | str = "cpu",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from support import peft_model_for
@@ -148,3 +149,40 @@ def test_one_slot_refilled_through_both_fills_equals_peft(model_and_manager, tin
             assert torch.equal(t[0], value.expand_as(t[0])), path
         if layer.out_shift is not None:
             assert not layer.out_shift[0].any(), path
+
+
+# ---------------------------------------------------------------- the step's ranks
+
+def test_step_ranks_come_from_the_banks_books_once_a_step_and_follow_every_write():
+    """A layer runs the grouped op over the step's slot range, and the Triton kernels over the step's slots, at the
+    largest live rank there: read from the bank's books once per bank and step, and again after any fill."""
+    from server.layers.host_weights import ModuleWeights
+    from server.layers.mapping import AdapterMapping, Routes
+    from server.layers.slot_bank import SlotBank
+
+    bank = SlotBank(3, 4, 4, False, 6, 8, torch.float32, torch.device("cpu"))
+
+    def fill(slot, ranks):
+        bank.fill_layers(slot, [ModuleWeights(a=torch.ones(r, 4), slot_b=torch.ones(r, 4)) if r else None
+                                for r in ranks])
+
+    fill(1, (2, 0, 5))
+    fill(2, (0, 6, 0))  # inside the range of slots 1-3, not in the step
+    fill(3, (4, 1, 0))
+    fill(4, (8, 8, 8))  # outside it
+    routes = Routes(np.arange(4), np.array([1, 3, 3, 1]), np.ones(4), 4)
+    grouped = AdapterMapping.route(routes, 6)
+    assert (grouped.groups.lo, grouped.groups.hi) == (1, 4)
+    assert grouped.live_ranks(bank) == [4, 6, 5]
+    assert grouped.live_ranks(bank) is grouped.live_ranks(bank)  # once per step
+    fill(3, (7, 0, 0))  # the same mapping after a write: read again
+    assert grouped.live_ranks(bank) == [7, 6, 5]
+    bank.reset(2)
+    assert grouped.live_ranks(bank) == [7, 0, 5]
+    pytest.importorskip("triton")
+    from server.layers.lora_backend import TritonLora
+
+    plan = TritonLora().plan(routes, 6, torch.device("cpu"))
+    assert plan.live_ranks(bank) == [7, 0, 5] and plan.triton.slots.tolist() == [1, 3]
+    fill(2, (0, 8, 0))  # not among the Triton plan's slots
+    assert plan.live_ranks(bank) == [7, 0, 5]
