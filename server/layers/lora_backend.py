@@ -37,8 +37,12 @@ SHARE_STEP = 1 / 32  # how fast an overlapped layer's split of the runs between 
 class TorchLora:
     name = "reference"
 
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        """``dtype``: the slots' (the plan puts the step's scales in it once, for every layer)."""
+        self.dtype = dtype
+
     def plan(self, routes: Routes, num_slots: int, device: torch.device) -> AdapterMapping:
-        return AdapterMapping.route(routes, num_slots, device)
+        return AdapterMapping.route(routes, num_slots, device, dtype=self.dtype)
 
     def forward(self, layer, x2: torch.Tensor, mapping: AdapterMapping) -> torch.Tensor:
         """x2: [num_tokens, in] (IA3 input scaling applied) -> y: [num_tokens, out]."""
@@ -61,6 +65,7 @@ class NumbaLora(TorchLora):
     name = "numba"
 
     def __init__(self, max_run: int, worker: LoraWorker | None = None):
+        super().__init__(torch.float32)
         self.max_run = max_run
         self.worker = worker
         self._share: dict[int, float] = {}  # per layer: the share of an overlapped step's runs the worker takes
@@ -130,7 +135,7 @@ def choose(kernel: str, overlap: str, device: torch.device, dtype: torch.dtype, 
                          "use --lora-kernel auto or reference")
     if kernel == "reference" or not usable:
         _no_overlap(overlap)
-        return TorchLora()
+        return TorchLora(dtype)
     kernels.warm_up()
     max_run = kernels.max_run(threads)
     log.info("LoRA kernel: numba (compiled CPU loop) for steps with up to %d tokens per adapter (%d torch threads); "

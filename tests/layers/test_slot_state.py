@@ -186,3 +186,33 @@ def test_step_ranks_come_from_the_banks_books_once_a_step_and_follow_every_write
     assert plan.live_ranks(bank) == [7, 0, 5] and plan.triton.slots.tolist() == [1, 3]
     fill(2, (0, 8, 0))  # not among the Triton plan's slots
     assert plan.live_ranks(bank) == [7, 0, 5]
+
+
+def test_the_steps_scales_are_put_in_the_slots_dtype_once_with_the_same_values():
+    """A bfloat16 model's grouped op multiplies each entry's delta by its scale in bfloat16: the plan casts the step's
+    scales once (TorchLora(dtype)), which gives bit for bit what each layer casting the float32 scales gave."""
+    from torch import nn
+
+    from server.layers.adapter_linear import AdapterLinear
+    from server.layers.host_weights import ModuleWeights
+    from server.layers.lora_backend import TorchLora
+    from server.layers.mapping import MappingHolder, Routes
+
+    bf16, gen = torch.bfloat16, torch.Generator().manual_seed(7)
+    holder = MappingHolder()
+    layer = AdapterLinear(nn.Linear(16, 12, dtype=bf16), holder, 4, 8, bf16, torch.device("cpu"))
+    for slot, rank in ((0, 8), (1, 3), (3, 5)):
+        layer.bank.fill_layers(slot, [ModuleWeights(a=torch.randn(rank, 16, generator=gen),
+                                                    slot_b=torch.randn(rank, 12, generator=gen))])
+    # a mixture (token 1), scaled adapters, a base token (4)
+    routes = Routes(np.array([0, 1, 1, 2, 3, 5]), np.array([0, 1, 3, 3, 0, 1]),
+                    np.array([0.3, -1.7, 2 / 3, 1.0, 0.1, 1.0]), 6)
+    x = torch.randn(6, 16, generator=gen).to(bf16)
+    outs = []
+    for backend in (TorchLora(), TorchLora(bf16)):
+        holder.mapping = backend.plan(routes, 4, torch.device("cpu"))
+        assert holder.mapping.groups.weight.dtype == backend.dtype
+        with torch.no_grad():
+            outs.append(layer(x))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0][0], layer.base_layer(x)[0])  # the adapters did apply
