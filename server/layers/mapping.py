@@ -1,7 +1,9 @@
 """AdapterMapping: which device slot each token of one forward step uses.
 
-Built once per step by the AdapterManager and read by every wrapped layer, so the per-layer work is a few
-tensor ops, never Python bookkeeping over rows.
+Built once per step (the LoRA backend's plan, which the AdapterManager calls after the step's slot fills), on the
+model's device, and read by every wrapped layer, so the per-layer work is a few tensor ops, never Python
+bookkeeping over rows: the routes (token -> slot, segments or groups or kernel runs), the scale rows, the scales
+in the slots' dtype, and each layer's rank for the step (``live_ranks``, read from its bank's books once per bank).
 """
 from __future__ import annotations
 
