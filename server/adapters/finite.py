@@ -14,7 +14,8 @@ from typing import Iterator
 import torch
 
 from server.adapters.formats import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, AdapterFormatError
-from server.adapters.weights import AdapterWeights, ModuleWeights
+from server.adapters.weights import AdapterWeights
+from server.layers.host_weights import ModuleWeights
 
 
 def check_finite(weights: AdapterWeights, dtype: torch.dtype = torch.float32) -> None:

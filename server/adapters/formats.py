@@ -22,8 +22,9 @@ from typing import BinaryIO
 import torch
 
 from server.adapters.adapter_dir import AdapterDir
-from server.adapters.weights import AdapterWeights, ModuleWeights
+from server.adapters.weights import AdapterWeights
 from server.errors import AdapterError
+from server.layers.host_weights import ModuleWeights
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,9 @@ import torch
 
 from server.adapters.finite import check_finite
 from server.adapters.formats import WEIGHTS_FILE, AdapterFormatError, check_against_base, load_adapter_dir
-from server.adapters.weights import Alloc, AdapterWeights, ModuleWeights, PackedBank
+from server.adapters.weights import AdapterWeights
 from server.errors import AdapterError, AdapterNotAllowedError
+from server.layers.host_weights import Alloc, ModuleWeights, PackedBank
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
-"""AdapterManager: the device tier. Owns the preallocated slots of every wrapped layer, LRU over them, and
-builds each step's AdapterMapping.
+"""AdapterManager: the device tier. Decides which adapter holds which of the preallocated slots (LRU over them,
+pins), has the slot banks fill and clear them (server/layers/slot_bank.py: the banks alone write slot state),
+and has the backend plan each step's AdapterMapping.
 
 An adapter is identified on device by its ``AdapterKey``, the SHA-256 of its content (AdapterVersion.key in
 server/adapters/versions.py): two names with the same content share one slot, and a name reloaded with other
@@ -107,8 +108,7 @@ class AdapterManager:
             if packed is not None:
                 bank.fill(slot, packed)
             else:  # not packed (mixed kinds in the bank, DoRA before its factors, no module in the bank)
-                for path, layer in zip(bank.paths, bank.layers):
-                    layer.set_slot(slot, w.modules.get(path))
+                bank.fill_layers(slot, [w.modules.get(path) for path in bank.paths])
         self.slot_of[key] = slot
         self.loads += 1
 
@@ -119,7 +119,7 @@ class AdapterManager:
         return self.evict(victim, clear=False)
 
     def evict(self, key: AdapterKey, clear: bool = True) -> int:
-        """Free ``key``'s slot and return it. ``clear=False`` when the caller refills it at once: set_slot
+        """Free ``key``'s slot and return it. ``clear=False`` when the caller refills it at once: a fill
         itself clears whatever the new adapter does not overwrite, so no stale weight can leak either way."""
         slot = self.slot_of.pop(key)
         self.evictions += 1

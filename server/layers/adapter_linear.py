@@ -6,24 +6,21 @@ Semantics for a token routed to slot s (PEFT's, for the adapter loaded in s), wi
     IA3 (output):  base(x) * l           IA3 (feedforward, input):  base(x * l)
     no slot:       base(x), bit for bit
 All slot tensors are preallocated; loading an adapter is a copy into a slot, never a module-graph change.
+The slot tensors and their books (live ranks, scaled slots) belong to the layer's SlotBank, which alone writes
+them (slot_bank.py); the layer reads its views of them.
 """
 from __future__ import annotations
 
 import copy
 
-from typing import TYPE_CHECKING
-
-import numpy as np
 import torch
 from torch import nn
 
 from server.layers.gemm import PackedLinear
+from server.layers.host_weights import ModuleWeights
 from server.layers.mapping import MappingHolder
 from server.layers.ops import scale_rows, shift_rows
 from server.layers.slot_bank import SlotBank
-
-if TYPE_CHECKING:  # the layers take host weights (adapters/) but never import that package: the arrow points down
-    from server.adapters.weights import ModuleWeights
 
 
 def layer_features(layer: nn.Module) -> tuple[int, int]:
@@ -86,15 +83,17 @@ class AdapterLinear(nn.Module):
             bank = SlotBank(1, self.in_features, self.out_features, getattr(base_layer, "bias", None) is not None,
                             num_slots, max_rank, dtype, device)
         self.bank = bank
-        for name, view in bank.member(len(bank.layers)).items():  # [S, R, in], [S, R, out], [S + 1, dim]
+        self.position = bank.join(self)
+        for name, view in bank.member(self.position).items():  # [S, R, in], [S, R, out], [S + 1, dim]
             self.register_buffer(name, view, persistent=False)
-        bank.layers.append(self)
-        self.ranks = np.zeros(num_slots, dtype=np.int64)  # live rank per slot (the CPU kernel reads it as is)
+        # the bank's books for this member, read here and written only by the bank (slot_bank.py): the live rank
+        # per slot (a row of its array; the CPU kernel reads it as is) and the slots with IA3/DoRA scale rows
+        self.ranks = bank.ranks[self.position]
+        self.in_scaled = bank.in_scaled[self.position]
+        self.out_scaled = bank.out_scaled[self.position]
         # numpy views of the slot tensors for the CPU kernel (same memory; the tensors are never reallocated)
         cpu32 = self.lora_a.device.type == "cpu" and self.lora_a.dtype == torch.float32
         self.numpy_slots = (self.lora_a.numpy(), self.lora_b.numpy()) if cpu32 else None
-        self.in_scaled: set[int] = set()
-        self.out_scaled: set[int] = set()
         self._views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -143,50 +142,9 @@ class AdapterLinear(nn.Module):
         return views
 
     @torch.no_grad()
-    def reset_slot(self, slot: int, keep: int = 0) -> None:
-        """Back to "no adapter". Rows past a slot's rank are always zero, so only live rows need clearing;
-        ``keep`` rows are about to be overwritten by the caller and are left alone."""
-        r = self.ranks[slot]
-        if r > keep:
-            self.lora_a[slot, keep:r].zero_()
-            self.lora_b[slot, keep:r].zero_()
-        self.ranks[slot] = 0
-        if slot in self.in_scaled:
-            self.in_scale[slot].fill_(1)
-            self.in_scaled.discard(slot)
-        if slot in self.out_scaled:
-            self.out_scale[slot].fill_(1)
-            if self.out_shift is not None:
-                self.out_shift[slot].zero_()
-            self.out_scaled.discard(slot)
-
-    @torch.no_grad()
-    def set_slot(self, slot: int, mw: ModuleWeights | None) -> None:
-        """Copy one adapter's tensors for this layer into ``slot`` (None: the adapter skips this layer)."""
-        self.reset_slot(slot, keep=0 if mw is None or mw.ia3 is not None else mw.rank)
-        if mw is None:
-            return
-        if mw.ia3 is not None:
-            table, scaled = (self.in_scale, self.in_scaled) if mw.ia3_on_input else (self.out_scale, self.out_scaled)
-            table[slot].copy_(mw.ia3)
-            scaled.add(slot)
-            return
-        r = mw.rank
-        if mw.magnitude is not None:
-            self.prepare_dora(mw)
-            self.out_scale[slot].copy_(mw.dora_scale)
-            if self.out_shift is not None:
-                self.out_shift[slot].copy_(mw.dora_shift)
-            self.out_scaled.add(slot)
-        elif mw.slot_b is None:
-            mw.slot_b = mw.scaled_bt().to(self.lora_b.dtype)
-        self.lora_a[slot, :r].copy_(mw.a)
-        self.lora_b[slot, :r].copy_(mw.slot_b)
-        self.ranks[slot] = r
-
-    @torch.no_grad()
     def prepare_dora(self, mw: ModuleWeights) -> None:
-        """DoRA's factors for this layer, computed once per adapter and kept on the host weights:
+        """DoRA's factors for this layer, computed once per adapter and kept on the host weights (no slot state:
+        SlotBank copies them into a slot):
         d = m / ||W + scaling * B A|| per output row (W dequantized for bitsandbytes layers), the slot-ready
         B with d folded in, and the bias shift b * (1 - d). The engine calls this on the store's loader thread
         (ModelRunner.prepare_dora): it reads the whole base weight, far too slow for the step thread."""

@@ -37,8 +37,12 @@ SHARE_STEP = 1 / 32  # how fast an overlapped layer's split of the runs between 
 class TorchLora:
     name = "reference"
 
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        """``dtype``: the slots' (the plan puts the step's scales in it once, for every layer)."""
+        self.dtype = dtype
+
     def plan(self, routes: Routes, num_slots: int, device: torch.device) -> AdapterMapping:
-        return AdapterMapping.route(routes, num_slots, device)
+        return AdapterMapping.route(routes, num_slots, device, dtype=self.dtype)
 
     def forward(self, layer, x2: torch.Tensor, mapping: AdapterMapping) -> torch.Tensor:
         """x2: [num_tokens, in] (IA3 input scaling applied) -> y: [num_tokens, out]."""
@@ -52,7 +56,7 @@ class TorchLora:
         if groups is None:
             lora_segments(y, x2, layer.lora_a, layer.lora_b, layer.ranks, mapping.segments, layer.slot_views)
             return
-        rank = max(layer.ranks[groups.lo:groups.hi])
+        rank = mapping.live_ranks(layer.bank)[layer.position]
         if rank:
             lora_grouped_views(y, x2, *layer.range_views(groups.lo, groups.hi, rank), groups)
 
@@ -61,6 +65,7 @@ class NumbaLora(TorchLora):
     name = "numba"
 
     def __init__(self, max_run: int, worker: LoraWorker | None = None):
+        super().__init__(torch.float32)
         self.max_run = max_run
         self.worker = worker
         self._share: dict[int, float] = {}  # per layer: the share of an overlapped step's runs the worker takes
@@ -130,7 +135,7 @@ def choose(kernel: str, overlap: str, device: torch.device, dtype: torch.dtype, 
                          "use --lora-kernel auto or reference")
     if kernel == "reference" or not usable:
         _no_overlap(overlap)
-        return TorchLora()
+        return TorchLora(dtype)
     kernels.warm_up()
     max_run = kernels.max_run(threads)
     log.info("LoRA kernel: numba (compiled CPU loop) for steps with up to %d tokens per adapter (%d torch threads); "
@@ -184,8 +189,7 @@ class TritonLora(TorchLora):
         first, count, own = self._group(layer)
         h, rank = self._reuse(plan, layer.bank, first, x2)
         if h is None:
-            members = layer.bank.layers[first:first + count]
-            rank = max(int(m.ranks[plan.slots].max()) for m in members)
+            rank = max(mapping.live_ranks(layer.bank)[first:first + count])
             if not rank:
                 return
             h = lora_triton.shrink(x2, layer.bank.lora_a[first:first + count], plan, rank)

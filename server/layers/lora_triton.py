@@ -3,7 +3,7 @@
 Semantics are ops.lora_segments': for every route entry e = (token t, slot s, scale c),
     y[t] += c * (x[t] @ A[s, :r].T) @ B[s, :r]
 with r the largest live rank among the step's slots in the layer (rows past a slot's own rank are zero, as
-AdapterLinear keeps them, so they add exactly 0). Two shapes of the same math:
+the SlotBank keeps them, so they add exactly 0). Two shapes of the same math:
 
     decode (BGMV)   every slot has a few entries: one program per entry for the shrink (a vector-matrix
                     product), one per token for the expand, which walks that token's entries in order, so a

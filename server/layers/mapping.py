@@ -1,7 +1,9 @@
 """AdapterMapping: which device slot each token of one forward step uses.
 
-Built once per step by the AdapterManager and read by every wrapped layer, so the per-layer work is a few
-tensor ops, never Python bookkeeping over rows.
+Built once per step (the LoRA backend's plan, which the AdapterManager calls after the step's slot fills), on the
+model's device, and read by every wrapped layer, so the per-layer work is a few tensor ops, never Python
+bookkeeping over rows: the routes (token -> slot, segments or groups or kernel runs), the scale rows, the scales
+in the slots' dtype, and each layer's rank for the step (``live_ranks``, read from its bank's books once per bank).
 """
 from __future__ import annotations
 
@@ -68,21 +70,35 @@ class AdapterMapping:
     runs: "SlotRuns | None" = None
     overlap: "object | None" = None  # a LoraWorker that computes ``runs`` beside the base GEMM (large steps only)
     triton: "object | None" = None  # the routes laid out for the Triton kernels (lora_triton.TritonPlan)
+    # SlotBank -> (its version, live_ranks' list): the step's ranks, filled by the first layer of each bank
+    _live: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def empty(self) -> bool:
         return not self.slots
 
+    def live_ranks(self, bank) -> list[int]:
+        """Per member of ``bank`` (a SlotBank), the largest live rank over the slots this step's grouped or Triton op
+        covers (the grouped op's slot range, else the Triton plan's slots): the rank the op runs that layer at.
+        Computed once per bank per step, one numpy op for all its members rather than one per layer; computed
+        again only if the bank was written since (its ``version``), so a mapping reused across fills stays right."""
+        hit = self._live.get(bank)
+        if hit is None or hit[0] != bank.version:
+            covered = slice(self.groups.lo, self.groups.hi) if self.groups is not None else self.triton.slots
+            hit = self._live[bank] = (bank.version, bank.ranks[:, covered].max(axis=1).tolist())
+        return hit[1]
+
     @classmethod
     def build(cls, token_slots, num_slots: int, device: torch.device | str = "cpu",
-              max_run: int = 0) -> "AdapterMapping":
+              max_run: int = 0, dtype: torch.dtype = torch.float32) -> "AdapterMapping":
         """token_slots: one slot (or NO_SLOT) per token of the step's flat batch, scale 1 (Routes.per_token)."""
-        return cls.route(Routes.per_token(token_slots), num_slots, device, max_run)
+        return cls.route(Routes.per_token(token_slots), num_slots, device, max_run, dtype)
 
     @classmethod
     def route(cls, routes: Routes, num_slots: int, device: torch.device | str = "cpu",
-              max_run: int = 0) -> "AdapterMapping":
-        """The mapping of ``routes``. ``max_run`` > 0 asks for ``runs`` (CPU only)."""
+              max_run: int = 0, dtype: torch.dtype = torch.float32) -> "AdapterMapping":
+        """The mapping of ``routes``. ``max_run`` > 0 asks for ``runs`` (CPU only); ``dtype``: the slots' dtype,
+        which the grouped op's per-entry scales are put in once here rather than by every layer."""
         present = frozenset(routes.slot.tolist())
         if not present:
             return cls()
@@ -93,10 +109,11 @@ class AdapterMapping:
             runs = SlotRuns.build(routes, min(max_run, ALONE_MAX_RUN)) if max_run else None
             return cls(((slot, None, scale),), index, present, runs=runs)
         runs = SlotRuns.build(routes, max_run) if max_run else None
-        segments = tuple((slot, torch.from_numpy(routes.tok[(routes.slot == slot) & (routes.scale == c)]).to(device), c)
+        segments = tuple((slot, to_device(torch.from_numpy(routes.tok[(routes.slot == slot) & (routes.scale == c)]),
+                                          device), c)
                          for slot, c in keys)
         scale_index = cls.scale_index_of(routes, num_slots, device)
-        groups = None if runs is not None else SlotGroups.build(routes, present, device)
+        groups = None if runs is not None else SlotGroups.build(routes, present, device, dtype)
         return cls(segments, scale_index, present, groups, runs)
 
 
@@ -155,7 +172,8 @@ class SlotGroups:
     index:   [hi - lo, width] token indices, group g holding slot lo + g's entries; padding points at token 0.
     keep:    [(hi - lo) * width, 1] bool, True for real entries; the op selects on it, so padding adds exactly 0
              to token 0 even when a padded slot holds NaN or Inf.
-    weight:  [(hi - lo) * width, 1] float32 scale of each entry, or None when every entry's is 1.
+    weight:  [(hi - lo) * width, 1] scale of each entry in the slots' dtype (what the op multiplies in), or None
+             when every entry's is 1.
     flat:    index as [(hi - lo) * width]; padded: whether any entry is padding.
     """
 
@@ -170,7 +188,8 @@ class SlotGroups:
     MAX_PADDING = 2.0  # grouped only while padded entries <= this x real tokens (+ a small constant)
 
     @classmethod
-    def build(cls, routes: Routes, present: frozenset[int], device) -> "SlotGroups | None":
+    def build(cls, routes: Routes, present: frozenset[int], device,
+              dtype: torch.dtype = torch.float32) -> "SlotGroups | None":
         lo, hi = min(present), max(present) + 1
         counts = np.bincount(routes.slot - lo, minlength=hi - lo)  # [hi - lo]
         width = int(counts.max())
@@ -184,10 +203,11 @@ class SlotGroups:
             index[g, :len(members)] = routes.tok[members]
             keep[g, :len(members)] = True
             weight[g, :len(members)] = routes.scale[members]
-        flat = torch.from_numpy(index).to(device).view(-1)
-        scaled = None if (routes.scale == 1).all() else torch.from_numpy(weight).to(device).view(-1, 1)
-        return cls(lo, hi, flat.view(hi - lo, width), torch.from_numpy(keep).to(device).view(-1, 1), scaled, flat,
-                   int(counts.sum()) != (hi - lo) * width)
+        flat = to_device(torch.from_numpy(index), device).view(-1)
+        keep = to_device(torch.from_numpy(keep), device).view(-1, 1)
+        scaled = not (routes.scale == 1).all()
+        weight = to_device(torch.from_numpy(weight).to(dtype), device).view(-1, 1) if scaled else None
+        return cls(lo, hi, flat.view(hi - lo, width), keep, weight, flat, int(counts.sum()) != (hi - lo) * width)
 
 
 class MappingHolder:

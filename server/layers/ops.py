@@ -33,7 +33,7 @@ def lora_grouped(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b:
                  groups) -> None:
     """Same result as ``lora_segments`` for the step's slots, as two bmm calls over padded groups.
 
-    Needs rows past each slot's live rank to be zero (AdapterLinear keeps them so): every slot in the group
+    Needs rows past each slot's live rank to be zero (the SlotBank keeps them so): every slot in the group
     range is computed at ``rank`` = the largest live rank there, and the extra rows contribute exactly 0.
     y: [num_tokens, out]   x: [num_tokens, in]   groups: SlotGroups
     """

@@ -1,22 +1,32 @@
-"""SlotBank: the slot tensors of same-shaped AdapterLinear layers, stacked into one tensor per kind.
+"""SlotBank: the slot tensors of same-shaped AdapterLinear layers, stacked into one tensor per kind, and the one
+writer of every per-slot state those layers read.
 
 Member i of a bank sees ``bank.lora_a[i]`` as its own ``lora_a`` [num_slots, max_rank, in] (a view), so the
 forward path is unchanged; what changes is filling a slot: an adapter packed per bank on the host
-(formats.PackedBank) goes in with one copy per tensor kind for the whole bank (a handful of copies per adapter)
-instead of a few per layer (hundreds), which is what made a host -> device swap cost Python time, not bytes.
+(host_weights.PackedBank) goes in with one copy per tensor kind for the whole bank (a handful of copies per
+adapter) instead of a few per layer (hundreds), which is what made a host -> device swap cost Python time, not bytes.
 
-Per-layer bookkeeping (``ranks``, ``in_scaled``, ``out_scaled``) stays on each AdapterLinear: the bank keeps
-it exact, so layer-by-layer fills (DoRA, mixed-kind banks) and bank fills can follow each other in one slot.
+Who writes what:
+    SlotBank           every per-slot state: the device tensors (lora_a, lora_b, in_scale, out_scale, out_shift) and
+                       the books (``ranks`` [members, num_slots], the live rank of each member's slots; ``in_scaled``
+                       / ``out_scaled``, per member the slots whose scale rows are not the identity), through
+                       ``fill`` (a packed adapter), ``fill_layers`` (one adapter's modules layer by layer: DoRA
+                       before its factors, banks of mixed kinds) and ``reset``. Each of them bumps ``version``.
+    AdapterLinear      reads its member's views of all of the above (its ``ranks`` is a row of the bank's array,
+                       its ``in_scaled`` / ``out_scaled`` the bank's sets), never writes them; its
+                       ``prepare_dora`` writes DoRA's factors into the host ModuleWeights, not into a slot.
+    AdapterManager     (adapters/manager.py) decides which adapter goes into which slot (LRU, pins) and calls the
+                       three methods above; it holds no slot state of its own.
+The books are exact, so the two fills can follow each other in one slot in any order.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-if TYPE_CHECKING:  # host weights come from adapters/, which imports this package, not the other way round
-    from server.adapters.weights import PackedBank
+from server.layers.host_weights import ModuleWeights, PackedBank
 
 
 class SlotBank:
@@ -29,8 +39,17 @@ class SlotBank:
         self.in_scale = torch.ones(size, s + 1, in_features, dtype=dtype, device=device)
         self.out_scale = torch.ones(size, s + 1, out_features, dtype=dtype, device=device)
         self.out_shift = torch.zeros(size, s + 1, out_features, dtype=dtype, device=device) if bias else None
+        self.ranks = np.zeros((size, s), dtype=np.int64)  # live rank per member and slot (rows past it are zero)
+        self.in_scaled: list[set[int]] = [set() for _ in range(size)]  # per member: slots with an input scale row
+        self.out_scaled: list[set[int]] = [set() for _ in range(size)]  # ... an output scale (and shift) row
+        self.version = 0  # bumped by every write: what a step's cached view of the books is checked against
         self.layers: list = []  # the AdapterLinear members, in bank order
         self.paths: list[str] = []  # their module paths (set by wrap_model)
+
+    def join(self, layer) -> int:
+        """Add ``layer`` as the next member; its position."""
+        self.layers.append(layer)
+        return len(self.layers) - 1
 
     def member(self, pos: int) -> dict[str, torch.Tensor | None]:
         """Member ``pos``'s slot tensors: views into the bank."""
@@ -48,41 +67,67 @@ class SlotBank:
         """Load one adapter's packed tensors for this bank into ``slot``; members it does not target get none."""
         covers_all = len(packed.positions) == len(self.layers)
         self._clear(slot, keep_rank=packed.rank, covers_all=covers_all)
-        layers = self.layers
         if packed.a is not None:
             r = packed.rank
             _put(self.lora_a[:, slot, :r], packed.index, packed.a)
             _put(self.lora_b[:, slot, :r], packed.index, packed.b)
-            for pos, rank in zip(packed.positions, packed.ranks):
-                layers[pos].ranks[slot] = rank
+            self.ranks[packed.positions, slot] = packed.ranks
             if packed.out_scale is not None:  # DoRA
                 _put(self.out_scale[:, slot], packed.index, packed.out_scale)
                 if self.out_shift is not None and packed.out_shift is not None:
                     _put(self.out_shift[:, slot], packed.index, packed.out_shift)
                 for pos in packed.positions:
-                    layers[pos].out_scaled.add(slot)
+                    self.out_scaled[pos].add(slot)
         else:
             on_input = packed.ia3_on_input
             _put((self.in_scale if on_input else self.out_scale)[:, slot], packed.index, packed.ia3)
             for pos in packed.positions:
-                (layers[pos].in_scaled if on_input else layers[pos].out_scaled).add(slot)
+                (self.in_scaled if on_input else self.out_scaled)[pos].add(slot)
+
+    @torch.no_grad()
+    def fill_layers(self, slot: int, modules: list[ModuleWeights | None]) -> None:
+        """Load one adapter into ``slot`` member by member: ``modules`` holds each member's tensors, in bank order
+        (None: the adapter skips that member). The path of adapters not packed for the bank."""
+        self.reset(slot)
+        for pos, mw in enumerate(modules):
+            if mw is not None:
+                self._put_member(slot, pos, mw)
+
+    def _put_member(self, slot: int, pos: int, mw: ModuleWeights) -> None:
+        if mw.ia3 is not None:
+            on_input = mw.ia3_on_input
+            (self.in_scale if on_input else self.out_scale)[pos, slot].copy_(mw.ia3)
+            (self.in_scaled if on_input else self.out_scaled)[pos].add(slot)
+            return
+        if mw.magnitude is not None:
+            self.layers[pos].prepare_dora(mw)  # done already when the loader thread prepared the adapter
+            self.out_scale[pos, slot].copy_(mw.dora_scale)
+            if self.out_shift is not None:
+                self.out_shift[pos, slot].copy_(mw.dora_shift)
+            self.out_scaled[pos].add(slot)
+        elif mw.slot_b is None:
+            mw.slot_b = mw.scaled_bt().to(self.lora_b.dtype)
+        r = mw.rank
+        self.lora_a[pos, slot, :r].copy_(mw.a)
+        self.lora_b[pos, slot, :r].copy_(mw.slot_b)
+        self.ranks[pos, slot] = r
 
     def _clear(self, slot: int, keep_rank: int, covers_all: bool) -> None:
         """Zero what a fill of rank ``keep_rank`` would not overwrite, restore the scale rows, reset the books.
         Rows past a member's live rank are always zero, so only live rows can need it."""
-        live = max(layer.ranks[slot] for layer in self.layers)
+        self.version += 1
+        live = int(self.ranks[:, slot].max())
         if live > keep_rank or (live and not covers_all):
             self.lora_a[:, slot, :live].zero_()
             self.lora_b[:, slot, :live].zero_()
-        if any(slot in layer.in_scaled or slot in layer.out_scaled for layer in self.layers):
+        if any(slot in s for s in self.in_scaled) or any(slot in s for s in self.out_scaled):
             self.in_scale[:, slot].fill_(1)
             self.out_scale[:, slot].fill_(1)
             if self.out_shift is not None:
                 self.out_shift[:, slot].zero_()
-        for layer in self.layers:
-            layer.ranks[slot] = 0
-            layer.in_scaled.discard(slot)
-            layer.out_scaled.discard(slot)
+        self.ranks[:, slot] = 0
+        for scaled in (*self.in_scaled, *self.out_scaled):
+            scaled.discard(slot)
 
 
 class FillStream:

@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 from server.layers import lora_triton  # noqa: E402  (after the skip: triton may be missing)
 from server.layers.adapter_linear import AdapterLinear  # noqa: E402
+from server.layers.host_weights import ModuleWeights  # noqa: E402
 from server.layers.lora_backend import TorchLora, TritonLora, choose  # noqa: E402
 from server.layers.mapping import AdapterMapping, MappingHolder, Routes  # noqa: E402
 from server.layers.ops import lora_segments  # noqa: E402
@@ -111,12 +112,14 @@ def attention_block(holder, dtype):
         base.weight.copy_(torch.randn(24, 24, generator=gen))
         layers[name] = AdapterLinear(base, holder, 3, 8, dtype, DEVICE, bank=bank)
         bank.paths.append(f"model.layers.0.self_attn.{name}")
-    for name, layer in layers.items():
+    modules = {1: {}, 2: {}}  # slot -> member -> its adapter tensors (A [r, in], slot-ready B [r, out])
+    for name in layers:
         for slot, rank in ((1, 4), (2, 6 if name == "k_proj" else 0)):
             if rank:
-                layer.lora_a[slot, :rank] = torch.randn(rank, 24, generator=gen).to(dtype)
-                layer.lora_b[slot, :rank] = torch.randn(rank, 24, generator=gen).to(dtype)
-                layer.ranks[slot] = rank
+                modules[slot][name] = ModuleWeights(a=torch.randn(rank, 24, generator=gen).to(dtype),
+                                                    slot_b=torch.randn(rank, 24, generator=gen).to(dtype))
+    for slot, members in modules.items():
+        bank.fill_layers(slot, [members.get(name) for name in layers])
     return layers
 
 

@@ -155,7 +155,7 @@ def wrapped(bias: bool, slot_kinds, toy_adapters, max_run: int = 0, worker=None)
     holder = MappingHolder(NumbaLora(max_run, worker) if max_run else None)
     layer = AdapterLinear(Toy(bias).proj, holder, SLOTS, MAX_RANK, torch.float32, torch.device("cpu"))
     for slot, kind in enumerate(slot_kinds):
-        layer.set_slot(slot, toy_adapters[kind][1])
+        layer.bank.fill_layers(slot, [toy_adapters[kind][1]])
     return layer, holder
 
 
@@ -238,11 +238,11 @@ def test_identity_row_survives_full_slots_and_reset_leaves_no_residue(toy):
     if bias:
         assert torch.equal(layer.out_shift[SLOTS], torch.zeros(OUT))
     for slot in range(SLOTS):
-        layer.reset_slot(slot)
+        layer.bank.reset(slot)
         assert_same_state(slot_state(layer, slot), slot_state(fresh, slot))
     # a LoRA loaded where DoRA / IA3 lived must see none of their scales
-    layer.set_slot(1, adapters["lora"][1])  # slot 1 held DoRA
-    layer.set_slot(3, adapters["lora"][1])  # slot 3 held input IA3
+    layer.bank.fill_layers(1, [adapters["lora"][1]])  # slot 1 held DoRA
+    layer.bank.fill_layers(3, [adapters["lora"][1]])  # slot 3 held input IA3
     x = torch.randn(3, 2, IN)
     holder.mapping = AdapterMapping.build(per_token([1, 3, NO_SLOT], 2), SLOTS)
     with torch.no_grad():
@@ -251,10 +251,10 @@ def test_identity_row_survives_full_slots_and_reset_leaves_no_residue(toy):
     assert torch.equal(y[2], layer.base_layer(x.reshape(-1, IN)).view(3, 2, OUT)[2])
 
 
-def test_set_slot_none_means_layer_untouched(toy):
+def test_fill_without_a_module_leaves_the_layer_base(toy):
     bias, adapters = toy
     layer, holder = wrapped(bias, TOY_KINDS, adapters)
-    layer.set_slot(1, None)  # e.g. an adapter that does not target this module
+    layer.bank.fill_layers(1, [None])  # e.g. an adapter that does not target this module
     x = torch.randn(2, 4, IN)
     holder.mapping = AdapterMapping.build(per_token([1, 1], 4), SLOTS)
     with torch.no_grad():

@@ -24,16 +24,19 @@ def meta_model(tiny_model_dir):
     return model, holder, layers
 
 
-def test_fills_and_activation_keep_host_tensors_off_the_device_code_path(tiny_model_dir, adapters):
-    """Every kind but DoRA (its factors read the base weights, which meta tensors do not hold), packed per bank:
-    one copy per bank, index_copy for adapters that target some members only (rsLoRA's q/v/down)."""
+@pytest.mark.parametrize("packed", [True, False], ids=["banks", "per-layer"])
+def test_fills_and_activation_keep_host_tensors_off_the_device_code_path(tiny_model_dir, adapters, packed):
+    """Every kind but DoRA (its factors read the base weights, which meta tensors do not hold), packed per bank
+    (one copy per bank, index_copy for adapters that target some members only: rsLoRA's q/v/down) or not (the
+    banks fill layer by layer)."""
     model, holder, layers = meta_model(tiny_model_dir)
     manager = AdapterManager(layers, holder, 4, META)
     host = {}
     for name in ("lora", "rslora", "lora_pattern", "ia3", "adalora", "lora2"):
         w = load_adapter_dir(adapters[name], name)
         check_against_base(w, target_shapes(layers), 8)
-        w.prepare_slots(manager.layout)
+        if packed:
+            w.prepare_slots(manager.layout)
         host[(name, 0)] = w
     keys = list(host)
     for start in (0, 4):  # more adapters than slots: fills into used slots too
