@@ -46,6 +46,7 @@ def layer_with_slots(inp: int, out: int, slots: int, rank: int, dtype, device):
     from torch import nn
 
     from server.layers.adapter_linear import AdapterLinear
+    from server.layers.host_weights import ModuleWeights
 
     holder = MappingHolder()
     bank = SlotBank(1, inp, out, False, slots, rank, dtype, device)
@@ -53,9 +54,9 @@ def layer_with_slots(inp: int, out: int, slots: int, rank: int, dtype, device):
                           dtype, device, bank=bank)
     bank.paths.append("model.layers.0.mlp.down_proj")
     gen = torch.Generator(device="cpu").manual_seed(0)
-    layer.lora_a.copy_((torch.randn(slots, rank, inp, generator=gen) / inp ** 0.5).to(dtype))
-    layer.lora_b.copy_((torch.randn(slots, rank, out, generator=gen) / rank ** 0.5).to(dtype))
-    layer.ranks[:] = rank
+    for slot in range(slots):  # through the bank, the one writer of slot state
+        bank.fill_layers(slot, [ModuleWeights(a=(torch.randn(rank, inp, generator=gen) / inp ** 0.5).to(dtype),
+                                              b=(torch.randn(out, rank, generator=gen) / rank ** 0.5).to(dtype))])
     return layer, holder
 
 
