@@ -58,6 +58,7 @@ class SamplingFields(Strict):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=BIG)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -119,9 +120,9 @@ class SamplingFields(Strict):
         """Engine parameters for choice `index`: choices of one seeded request get seeds seed, seed+1, ...
         ``defaults``: the model's sampling defaults (generation_config.json) for fields the request omits."""
         stop = [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop or []) if s]
-        given = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")
+        given = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
                  if getattr(self, k) is not None}
-        sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0,
+        sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
                     **(defaults or {}), **given}
         return SamplingParams(
             max_tokens=max_tokens, **sampling,

@@ -14,6 +14,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1 / 0 = off
+    min_p: float = 0.0  # vLLM's: after temperature, drop tokens less likely than min_p x the most likely one
     repetition_penalty: float = 1.0  # HF: divides positive / multiplies negative logits of seen tokens
     presence_penalty: float = 0.0  # OpenAI: minus this once for every token already generated
     frequency_penalty: float = 0.0  # OpenAI: minus this times how often a token was generated
@@ -39,7 +40,7 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
-SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def sampling_defaults(generation_config) -> dict:

@@ -12,7 +12,8 @@ Per row, in order (each step a batched op over the rows that need it; the others
                 frequency (OpenAI: minus presence + frequency * count, over generated tokens), min_tokens (EOS
                 and stop ids at -inf until reached)
     greedy      argmax of the penalised logits
-    sampled     / temperature, top-k (below the k-th value -> -inf), softmax, top-p (the smallest prefix of the
+    sampled     / temperature, min_p (vLLM's: below min_p x the top probability -> -inf), top-k (below the
+                k-th value -> -inf), softmax, top-p (the smallest prefix of the
                 sorted probabilities whose mass before each token is < top_p; the rest -> 0), then the draw
                 torch.multinomial makes for one sample, argmax(p / q), q ~ Exp(1) from the row's own generator
     logprobs    log_softmax of the raw (masked) logits at the token, and the top n
@@ -180,14 +181,19 @@ class Sampler:
 
     @staticmethod
     def _filter(scores: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Temperature, then top-k, then top-p; returns probabilities (not renormalised: multinomial is not
-        affected)."""
+        """Temperature, then min_p, then top-k, then top-p (vLLM's order); returns probabilities (not
+        renormalised: multinomial is not affected)."""
         device, vocab = scores.device, scores.shape[1]
         temperatures = [r.params.temperature for r in requests]
         if len(set(temperatures)) == 1:
             scores = scores / temperatures[0]
         else:  # a contiguous divisor: a broadcast [m, 1] one runs at a quarter of the speed on a CPU
             scores = scores / _column(temperatures, device).expand_as(scores).contiguous()
+        mins = [r.params.min_p for r in requests]
+        if any(mins):  # rows at min_p 0 keep everything (no probability is below 0)
+            probs = torch.softmax(scores, -1)
+            floor = probs.max(-1, keepdim=True).values * _column(mins, device)
+            scores = scores.masked_fill(probs < floor, NEG_INF)
         ks = [r.params.top_k if r.params.top_k and 0 < r.params.top_k < vocab else 0 for r in requests]
         if any(ks):
             values = torch.topk(scores, max(ks)).values  # [m, max k], descending

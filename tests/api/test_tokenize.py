@@ -77,7 +77,7 @@ def test_stream_options_conventions(server):
 
 @pytest.mark.parametrize("field, value", [("best_of", 3), ("use_beam_search", True), ("suffix", "tail"),
                                           ("logit_bias", {"x5": 10}), ("logit_bias", {"5": 101}),
-                                          ("logit_bias", {"99999": 1}), ("min_p", 0.1), ("prompt_logprobs", -1)])
+                                          ("logit_bias", {"99999": 1}), ("min_p", 1.5), ("prompt_logprobs", -1)])
 def test_unimplemented_fields_are_400_naming_them(server, field, value):
     with server.client() as http:
         r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, field: value})

@@ -216,3 +216,18 @@ def test_logit_bias_is_added_to_the_logits_before_everything_else():
     r = req(temperature=0.0, repetition_penalty=1.5, logit_bias={0: 2.0}, prompt=(0,), logprobs=True)
     tokens, lps, _ = Sampler(set())(row, [r])
     assert tokens == [0] and lps[0] == pytest.approx(float(torch.log_softmax(row[0], -1)[0]), abs=1e-6)
+
+
+def test_min_p_drops_tokens_below_its_share_of_the_top_probability():
+    """vLLM's min_p, after temperature: a seeded draw equals the same seed's draw from logits with every token
+    under min_p x the top probability (of the tempered distribution) set to -inf; min_p 1 keeps only the top."""
+    x = logits(2, seed=11)
+    temperature, min_p = 0.8, 0.2
+    probs = torch.softmax(x[0] / temperature, -1)
+    masked = x[0].masked_fill(probs < min_p * probs.max(), float("-inf"))
+    assert 1 < int(torch.isfinite(masked).sum()) < VOCAB  # the cut is real and keeps several tokens
+    with_min_p = draw(Sampler({EOS}), x[0], req(temperature=temperature, min_p=min_p, seed=3), 30)
+    by_hand = draw(Sampler({EOS}), masked, req(temperature=temperature, seed=3), 30)
+    assert with_min_p == by_hand and len(set(with_min_p)) > 1
+    assert set(with_min_p) <= set(torch.isfinite(masked).nonzero()[:, 0].tolist())
+    assert draw(Sampler({EOS}), x[1], req(temperature=1.5, min_p=1.0, seed=4), 10) == [int(x[1].argmax())] * 10
