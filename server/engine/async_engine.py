@@ -287,10 +287,11 @@ class AsyncEngine:
         bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"token id {bad} is out of the vocabulary [0, {vocab})", param="prompt")
-        bad = next((t for t in params.logit_bias or () if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"logit_bias: token id {bad} is out of the vocabulary [0, {vocab})",
-                                      param="logit_bias")
+        for field in ("logit_bias", "allowed_token_ids"):
+            bad = next((t for t in getattr(params, field) or () if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequestError(f"{field}: token id {bad} is out of the vocabulary [0, {vocab})",
+                                          param=field)
         max_len = self.engine.max_len
         if len(prompt) + params.max_tokens > max_len:
             raise InvalidRequestError(

@@ -30,6 +30,7 @@ class SamplingParams:
     # from the prefix cache (cached blocks carry no logits)
     grammar: object = None  # a compiled grammar (engine.grammar.GrammarCompiler.compile): the output must match
     # it; each request built from these params gets its own matcher (Request.constraint)
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be generated (greedy included)
     logit_bias: dict[int, float] | None = None  # OpenAI's: added to these tokens' logits before penalties and
     # sampling (greedy included); logprobs stay the raw model's, as vLLM's default
     cache_salt: str | None = None  # vLLM's: hashed into every prefix-cache block of the request, so only requests

@@ -7,6 +7,7 @@ row masked first (TokenMask, one op for the batch), so everything after it (argm
 sampling) sees only the tokens its grammar allows, as in vLLM.
 
 Per row, in order (each step a batched op over the rows that need it; the others pass through untouched):
+    allowed     vLLM's allowed_token_ids: every other token -> -inf
     logit_bias  OpenAI's: the request's bias added to its tokens (vLLM's order: before the penalties)
     penalties   repetition (HF: seen positive logits / p, negative * p, over prompt and output), presence and
                 frequency (OpenAI: minus presence + frequency * count, over generated tokens), min_tokens (EOS
@@ -117,7 +118,7 @@ class Sampler:
         """Greedy with nothing that edits the logits: the batched argmax is the answer."""
         p = req.params
         return (p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-                and not p.logit_bias and len(req.output_token_ids) >= p.min_tokens)
+                and not p.logit_bias and not p.allowed_token_ids and len(req.output_token_ids) >= p.min_tokens)
 
     def _choose(self, scores: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """scores: [m, vocab] penalised -> [m] tokens: argmax for greedy rows, a draw for the others. (max's
@@ -142,11 +143,19 @@ class Sampler:
         return tokens
 
     def _process(self, scores: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """logit_bias, then repetition penalty (HF semantics), presence/frequency penalties (OpenAI semantics, over generated
+        """allowed_token_ids, logit_bias, then repetition penalty (HF semantics), presence/frequency penalties (OpenAI semantics, over generated
         tokens) and min_tokens (no EOS / stop token before it), in place on ``scores`` [m, vocab]. Each touches
         only its (row, token) pairs, gathered from the host in one copy each: dense [m, vocab] masks cost
         10 ms a step on a CPU for a few hundred entries."""
         device = scores.device
+        allowed = [(j, r.params.allowed_token_ids) for j, r in enumerate(requests) if r.params.allowed_token_ids]
+        if allowed:
+            pairs = to_device(torch.tensor([(i, t) for i, (_, ids) in enumerate(allowed) for t in ids],
+                                           dtype=torch.long), device)
+            keep = torch.zeros(len(allowed), scores.shape[1], dtype=torch.bool, device=device)
+            keep[pairs[:, 0], pairs[:, 1]] = True
+            block = _indices([j for j, _ in allowed], device)
+            scores.index_copy_(0, block, scores.index_select(0, block).masked_fill(~keep, NEG_INF))
         bias = [(j, list(r.params.logit_bias), list(r.params.logit_bias.values())) for j, r in enumerate(requests)
                 if r.params.logit_bias]
         if bias:

@@ -77,7 +77,8 @@ def test_stream_options_conventions(server):
 
 @pytest.mark.parametrize("field, value", [("best_of", 3), ("use_beam_search", True), ("suffix", "tail"),
                                           ("logit_bias", {"x5": 10}), ("logit_bias", {"5": 101}),
-                                          ("logit_bias", {"99999": 1}), ("min_p", 1.5), ("prompt_logprobs", -1)])
+                                          ("logit_bias", {"99999": 1}), ("min_p", 1.5), ("prompt_logprobs", -1),
+                                          ("allowed_token_ids", [3, 99999]), ("allowed_token_ids", [])])
 def test_unimplemented_fields_are_400_naming_them(server, field, value):
     with server.client() as http:
         r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, field: value})
@@ -86,7 +87,7 @@ def test_unimplemented_fields_are_400_naming_them(server, field, value):
 
 def test_logit_bias_steers_completions_and_chat(server):
     """OpenAI's logit_bias: +100 on one token makes every greedy token that one, on both routes; -100 on the
-    token greedy chose first takes it out."""
+    token greedy chose first takes it out. vLLM's allowed_token_ids keeps a sampled completion in its set."""
     with server.client() as http:
         plain = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0,
                                                    "return_token_ids": True}).json()["choices"][0]["token_ids"]
@@ -99,6 +100,10 @@ def test_logit_bias_steers_completions_and_chat(server):
                                                        "max_tokens": 3, "temperature": 0, "ignore_eos": True,
                                                        "return_token_ids": True, "logit_bias": {"42": 100}})
     assert forced.json()["choices"][0]["token_ids"] == [42] * 3
+    with server.client() as http:
+        only = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 6, "temperature": 1.0, "seed": 1,
+                                                  "return_token_ids": True, "allowed_token_ids": [40, 41, 43]})
+    assert only.status_code == 200 and set(only.json()["choices"][0]["token_ids"]) <= {40, 41, 43}, only.text
     assert banned.json()["choices"][0]["token_ids"] != plain[:1]
     assert chat.status_code == 200 and chat.json()["choices"][0]["token_ids"] == [42] * 3, chat.text
 

@@ -231,3 +231,21 @@ def test_min_p_drops_tokens_below_its_share_of_the_top_probability():
     assert with_min_p == by_hand and len(set(with_min_p)) > 1
     assert set(with_min_p) <= set(torch.isfinite(masked).nonzero()[:, 0].tolist())
     assert draw(Sampler({EOS}), x[1], req(temperature=1.5, min_p=1.0, seed=4), 10) == [int(x[1].argmax())] * 10
+
+
+def test_allowed_token_ids_restrict_greedy_and_sampling_to_the_set():
+    """vLLM's allowed_token_ids: greedy takes the best allowed token, a draw never leaves the set, a row without
+    the field beside it is untouched; logprobs stay the raw model's."""
+    x = logits(3, seed=12)
+    allowed = [5, 9, 17, 30]
+    best = max(allowed, key=lambda t: float(x[0, t]))
+    rows = [req(temperature=0.0, allowed_token_ids=allowed, logprobs=True), req(temperature=0.0),
+            req(temperature=2.0, seed=6, allowed_token_ids=allowed)]
+    sampler = Sampler({EOS})
+    drawn = set()
+    for _ in range(30):
+        tokens, lps, _ = sampler(x, rows)
+        assert tokens[:2] == [best, int(x[1].argmax())]
+        drawn.add(tokens[2])
+    assert drawn <= set(allowed) and len(drawn) > 1
+    assert lps[0] == pytest.approx(float(torch.log_softmax(x[0], -1)[best]), abs=1e-6)
