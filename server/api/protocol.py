@@ -81,6 +81,8 @@ class SamplingFields(Strict):
     # OpenAI's: token id (a decimal string, as JSON keys are) -> a bias in [-100, 100] added to its logit
     logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     allowed_token_ids: Annotated[list[TokenId], Field(min_length=1, max_length=BIG)] | None = None  # vLLM's
+    include_stop_str_in_output: bool = False  # vLLM's
+    skip_special_tokens: bool = True  # vLLM's
     cache_salt: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = None  # vLLM's
 
     @model_validator(mode="after")
@@ -133,7 +135,8 @@ class SamplingFields(Strict):
             ignore_eos=self.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs if logprobs else 0,
             prompt_logprobs=prompt_logprobs, grammar=grammar, cache_salt=self.cache_salt,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
-            allowed_token_ids=list(self.allowed_token_ids) if self.allowed_token_ids else None)
+            allowed_token_ids=list(self.allowed_token_ids) if self.allowed_token_ids else None,
+            include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens)
 
 
 class CompletionRequest(SamplingFields):

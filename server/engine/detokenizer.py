@@ -35,21 +35,23 @@ class Detokenizer:
 
         Holds back an incomplete UTF-8 sequence and, while running, any tail that could still become a stop
         string. A stop string ends the request (finish_reason "stop") and is not emitted; neither is the EOS or
-        stop token that ended it.
+        stop token that ended it (both are, with vLLM's include_stop_str_in_output).
         """
         ids = req.output_token_ids
         end = len(ids)
-        if req.finish_reason == "stop" and ids and (ids[-1] in req.params.stop_token_ids
-                                                    or ids[-1] in self.eos_token_ids):
+        keep_stop = req.params.include_stop_str_in_output
+        if req.finish_reason == "stop" and ids and not keep_stop and (ids[-1] in req.params.stop_token_ids
+                                                                      or ids[-1] in self.eos_token_ids):
             end -= 1
         self._advance(req, end, flush=req.finish_reason is not None)
         text = req.text
         stops = req.params.stop
         if stops and len(ids) > req.params.min_tokens:  # vLLM: min_tokens defers stop strings
             start = max(0, req.sent_text_len - max(len(s) for s in stops))
-            hits = [i for i in (text.find(s, start) for s in stops) if i != -1]
+            hits = [(i, len(s)) for i, s in ((text.find(s, start), s) for s in stops) if i != -1]
             if hits:
-                req.text = text = text[:min(hits)]
+                at = min(hits)[0]  # the earliest stop string; kept, the longest of those that start there
+                req.text = text = text[:max(a + n for a, n in hits if a == at) if keep_stop else at]
                 req.finish_reason = "stop"
         safe = len(text)
         if req.finish_reason is None and stops:
@@ -64,9 +66,9 @@ class Detokenizer:
         if end <= req.read_offset:
             return
         ids = req.output_token_ids
-        decode = self.tokenizer.decode
-        before = decode(ids[req.prefix_offset:req.read_offset], skip_special_tokens=True)
-        after = decode(ids[req.prefix_offset:end], skip_special_tokens=True)
+        decode, skip = self.tokenizer.decode, req.params.skip_special_tokens
+        before = decode(ids[req.prefix_offset:req.read_offset], skip_special_tokens=skip)
+        after = decode(ids[req.prefix_offset:end], skip_special_tokens=skip)
         if len(after) > len(before) and (flush or not after.endswith(REPLACEMENT)):
             req.text += after[len(before):]
             req.prefix_offset, req.read_offset = req.read_offset, end

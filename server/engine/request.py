@@ -30,6 +30,8 @@ class SamplingParams:
     # from the prefix cache (cached blocks carry no logits)
     grammar: object = None  # a compiled grammar (engine.grammar.GrammarCompiler.compile): the output must match
     # it; each request built from these params gets its own matcher (Request.constraint)
+    include_stop_str_in_output: bool = False  # vLLM's: keep the stop string (or stop token's text) in the output
+    skip_special_tokens: bool = True  # vLLM's: special tokens' text is left out of the output
     allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be generated (greedy included)
     logit_bias: dict[int, float] | None = None  # OpenAI's: added to these tokens' logits before penalties and
     # sampling (greedy included); logprobs stay the raw model's, as vLLM's default

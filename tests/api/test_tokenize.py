@@ -134,3 +134,18 @@ def test_sampling_defaults_come_from_generation_config(tiny_model_dir, tmp_path)
                                           extra_body={"top_k": -1}).choices[0].text for s in range(3)}
     assert texts == {greedy}
     assert len(free) > 1
+
+
+def test_include_stop_str_in_output_over_http(server):
+    """vLLM's include_stop_str_in_output keeps the stop string that ended a completion; without it the text ends
+    before it. (skip_special_tokens is covered in tests/engine/test_detokenizer.py.)"""
+    with server.client() as http:
+        plain = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 8, "temperature": 0,
+                                                   "ignore_eos": True}).json()["choices"][0]["text"]
+        stop = plain[2:4]
+        body = {"prompt": "hi", "max_tokens": 8, "temperature": 0, "ignore_eos": True, "stop": [stop]}
+        cut = http.post("/v1/completions", json=body).json()["choices"][0]
+        kept = http.post("/v1/completions", json={**body, "include_stop_str_in_output": True}).json()["choices"][0]
+    first = plain.find(stop)
+    assert cut["text"] == plain[:first] and kept["text"] == plain[:first + len(stop)]
+    assert cut["finish_reason"] == kept["finish_reason"] == "stop"

@@ -88,3 +88,26 @@ def test_detokenizer_work_per_token_does_not_grow_with_the_output(llm):
     req, deltas = _feed(Detokenizer(Counting(), {2}), tokens)
     assert "".join(deltas) == tok.decode(tokens, skip_special_tokens=True)
     assert len(tokens) > 300 and max(decoded_lengths) <= 8
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string_and_the_stop_token(llm):
+    """vLLM's include_stop_str_in_output: the stop string stays in the text (the longest of those that match at
+    the earliest place), and so does the text of the stop token that ended the request."""
+    tok = llm.tokenizer
+    req, deltas = _feed(Detokenizer(tok, {2}), _byte_tokens(tok, "ab你好cd!"), stop=["好c", "你好"],
+                        include_stop_str_in_output=True)  # 你好 completes first
+    assert req.finish_reason == "stop" and req.text == "ab你好" == "".join(deltas)
+    assert not any(FFFD in d for d in deltas)
+    x = _byte_tokens(tok, "x")[0]
+    kept, _ = _feed(Detokenizer(tok, {2}), _byte_tokens(tok, "abxyz"), stop_token_ids=[x],
+                    include_stop_str_in_output=True)
+    dropped, _ = _feed(Detokenizer(tok, {2}), _byte_tokens(tok, "abxyz"), stop_token_ids=[x])
+    assert (kept.finish_reason, kept.text, dropped.text) == ("stop", "abx", "ab")
+
+
+def test_skip_special_tokens_false_keeps_their_text(llm):
+    tok = llm.tokenizer
+    tokens = _byte_tokens(tok, "ab") + [tok.bos_token_id] + _byte_tokens(tok, "cd")
+    plain, _ = _feed(Detokenizer(tok, {2}), tokens)
+    raw, deltas = _feed(Detokenizer(tok, {2}), tokens, skip_special_tokens=False)
+    assert plain.text == "abcd" and raw.text == "ab<s>cd" == "".join(deltas)
