@@ -22,7 +22,7 @@ from server.config import EngineConfig  # noqa: E402
 from server.engine.attention import AttentionMetadata, PagedAttention, attention_kernel_choice  # noqa: E402
 from server.engine.kv_cache import PagedKVCache  # noqa: E402
 from server.engine.step_input import _decode_batch, _decode_groups  # noqa: E402
-from .helpers import drain, submit  # noqa: E402
+from .helpers import drain, step, submit  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -158,29 +158,35 @@ def test_choice(monkeypatch):
 
 
 def _served(fresh_llm, attention: str, prompts):
-    """Greedy requests on an engine with ``attention``, mixed lengths decoding together; the logits of every
-    step, recorded from the runner."""
+    """Greedy requests on an engine with ``attention``, mixed lengths decoding together, the last one arriving
+    after the first step (its prefill shares a step with the others' decodes); the logits of every step,
+    recorded from the runner."""
     eng = fresh_llm(attention_kernel=attention, block_size=8)
     assert eng.runner.attention.decode == attention
-    logits = []
+    logits, mixed = [], []
     execute = eng.runner.execute
 
     def recording(seqs, weights):
         out = execute(seqs, weights)
         logits.append(out.logits.clone())
+        mixed.append(any(n == 1 for _, n in seqs) and any(n > 1 for _, n in seqs))
         return out
 
     eng.runner.execute = recording
     reqs = [submit(eng, prompt, adapter, max_tokens=max_tokens, logprobs=True)
-            for prompt, adapter, max_tokens in prompts]
+            for prompt, adapter, max_tokens in prompts[:-1]]
+    step(eng)
+    prompt, adapter, max_tokens = prompts[-1]
+    reqs.append(submit(eng, prompt, adapter, max_tokens=max_tokens, logprobs=True))
     drain(eng)
     assert all(r.finish_reason == "length" for r in reqs)
+    assert any(mixed), "no step had decodes and a prefill together"
     return reqs, logits
 
 
 def test_engine_with_triton_attention_equals_torch_and_peft(fresh_llm, oracle):
     """Four requests of very different lengths (1 to 38 prompt tokens, crossing 8-token blocks while they
-    decode side by side, one with a LoRA, one finishing early): every step's logits within 1e-4 of the torch
+    decode side by side, one with a LoRA, one finishing early, the longest arriving late): every step's logits within 1e-4 of the torch
     path's, the same greedy tokens, and PEFT's tokens and log-probabilities."""
     gen = torch.Generator().manual_seed(3)
     lengths, outputs = (1, 7, 15, 38), (5, 4, 5, 5)
