@@ -85,6 +85,9 @@ class PagedAttention:
         self.kv = kv
         self.decode = decode
         self.meta: AttentionMetadata | None = None
+        if decode == "triton":  # imported only here: triton is optional, and read TRITON_INTERPRET at import
+            from server.engine.attention_triton import paged_decode as triton_decode
+            self._triton_decode = triton_decode
 
     def forward(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 scale: float | None) -> torch.Tensor:
@@ -99,11 +102,8 @@ class PagedAttention:
             paged_decode(q[:, d.lo:d.hi].transpose(0, 1).contiguous(), self.kv.keys[layer], self.kv.values[layer],
                          d.tables, d.lengths, self.kv.block_size, scale, out[d.lo:d.hi])
         elif self.decode == "triton" and d is not None:
-            from server.engine import attention_triton
-
-            attention_triton.paged_decode(q[:, d.lo:d.hi].transpose(0, 1), self.kv.keys[layer],
-                                          self.kv.values[layer], d.device_tables, d.device_lengths,
-                                          self.kv.block_size, scale, out[d.lo:d.hi])
+            self._triton_decode(q[:, d.lo:d.hi].transpose(0, 1), self.kv.keys[layer], self.kv.values[layer],
+                                d.device_tables, d.device_lengths, self.kv.block_size, scale, out[d.lo:d.hi])
         else:
             for g in meta.decode_groups:
                 out[g.lo:g.hi] = self._decode(layer, q[:, g.lo:g.hi], g, scale)

@@ -52,7 +52,7 @@ def usable(device: torch.device) -> bool:
 
 
 def paged_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
-                 lengths: torch.Tensor, block_size: int, scale: float, out: torch.Tensor,
+                 lengths: torch.Tensor, block_size: int, scale: float | None, out: torch.Tensor,
                  tile_size: int | None = None) -> None:
     """out = attention of each sequence's one query over its own cached tokens (see the module docstring).
 
@@ -61,6 +61,7 @@ def paged_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tabl
     tables: [n, max_blocks] int32/int64 block ids (any width >= each sequence's blocks; padding is never read)
     lengths: [n] int32/int64 tokens each sequence attends to, >= 1
     All on one device; q, keys, values and out float32, bfloat16 or float16 (out in q's dtype).
+    scale: None is SDPA's default, dim ** -0.5.
     tile_size: positions per tile, a power of two >= 16 (default ``tile``; the tests make it small, so that
     short sequences span several tiles).
     """
@@ -70,7 +71,7 @@ def paged_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tabl
         return
     group = heads // kv_heads
     _decode[(n, kv_heads)](
-        q, keys, values, tables, lengths, out, float(scale), block_size, group, dim,
+        q, keys, values, tables, lengths, out, dim ** -0.5 if scale is None else float(scale), block_size, group, dim,
         *q.stride(), *keys.stride(), *values.stride(), *tables.stride(), lengths.stride(0), *out.stride(),
         TILE=tile_size or tile(group, dim), BLOCK_G=triton.next_power_of_2(group),
         BLOCK_D=triton.next_power_of_2(dim))

@@ -22,7 +22,8 @@ from server.config import EngineConfig  # noqa: E402
 from server.engine.attention import AttentionMetadata, PagedAttention, attention_kernel_choice  # noqa: E402
 from server.engine.kv_cache import PagedKVCache  # noqa: E402
 from server.engine.step_input import _decode_batch, _decode_groups  # noqa: E402
-from .helpers import drain, step, submit  # noqa: E402
+from server.engine.engine import LLMEngine  # noqa: E402
+from .helpers import config, drain, step, submit  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -140,9 +141,9 @@ def test_forward_equals_the_torch_path(kv_heads):
     torch.testing.assert_close(out["triton"], out["torch"], atol=1e-5, rtol=1e-5)
 
 
-def test_choice(monkeypatch):
+def test_choice(monkeypatch, tiny_model_dir, root):
     """auto never takes triton on a CPU; --attention-kernel triton on a CPU runs only under the interpreter and
-    is otherwise refused with a message naming what is missing."""
+    is otherwise refused, by the engine at start, with a message naming what is missing."""
     cpu = torch.device("cpu")
     assert attention_kernel_choice("auto", cpu, torch.bfloat16) == "torch"
     assert attention_kernel_choice("auto", cpu, torch.float32) == (
@@ -153,6 +154,9 @@ def test_choice(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="--attention-kernel triton needs a CUDA device.*TRITON_INTERPRET"):
         attention_kernel_choice("triton", cpu, torch.float32)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--attention-kernel triton needs a CUDA device"):
+            LLMEngine(config(tiny_model_dir, root, attention_kernel="triton"))
     with pytest.raises(ValueError, match="--attention-kernel must be one of auto, numba, torch, triton"):
         EngineConfig(model="m", attention_kernel="flash")
 
