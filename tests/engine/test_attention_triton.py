@@ -107,6 +107,23 @@ def test_kernel_writes_strided_views_and_no_other_row():
     assert not out[0].any() and not out[-1].any()
 
 
+def test_a_non_finite_sequence_stays_its_own():
+    """A NaN key and an infinite value in one sequence's blocks (a poisoned adapter's own KV) make that
+    sequence's row non-finite and no other."""
+    q, keys, values, tables, lengths = random_case(5, torch.float32, 3, 4, 8)
+    others = set(tables[[0, 1, 3, 4], :2].flatten().tolist())
+    assert lengths[2] > 9 and not set(tables[2, :3].tolist()) & others  # the poisoned block is sequence 2's alone
+    keys[int(tables[1, 0]) * 4, 0, 0] = float("nan")  # sequence 1's first position
+    values[int(tables[2, 2]) * 4 + 1, 0, 2] = float("inf")  # inside sequence 2's third block, its own
+    out = torch.empty_like(q)
+    attention_triton.paged_decode(q, keys, values, tables, lengths, 4, 0.3, out, 16)
+    want = reference(q, keys, values, tables, lengths, 4, 0.3)
+    rest = [0, 3, 4]
+    assert not torch.isfinite(out[1]).all() and not torch.isfinite(out[2]).all()
+    assert torch.isfinite(out[rest]).all()
+    torch.testing.assert_close(out[rest].cpu(), want[rest], atol=1e-5, rtol=1e-5)
+
+
 class Seq:
     """What the planners read off a request: its blocks and computed tokens."""
 
@@ -190,8 +207,8 @@ def _served(fresh_llm, attention: str, prompts):
 
 def test_engine_with_triton_attention_equals_torch_and_peft(fresh_llm, oracle):
     """Four requests of very different lengths (1 to 38 prompt tokens, crossing 8-token blocks while they
-    decode side by side, one with a LoRA, one finishing early, the longest arriving late): every step's logits within 1e-4 of the torch
-    path's, the same greedy tokens, and PEFT's tokens and log-probabilities."""
+    decode side by side, one with a LoRA, one finishing early, the longest arriving late): every step's logits
+    within 1e-4 of the torch path's, the same greedy tokens, and PEFT's tokens and log-probabilities."""
     gen = torch.Generator().manual_seed(3)
     lengths, outputs = (1, 7, 15, 38), (5, 4, 5, 5)
     prompts = [(torch.randint(6, 300, (n,), generator=gen).tolist(), "lora" if n == 15 else None, m)
