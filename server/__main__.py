@@ -110,8 +110,10 @@ ENGINE_FLAGS = (
          "kernel is in use and a core is left beside --threads", ("auto", "on", "off")),
     Flag("attention-kernel", str, "auto", "how decode attention reads the paged KV cache: numba (a compiled CPU "
          "loop reading each cached key and value once where it lies; float32 on CPU, 4-5x the torch path's speed "
-         "per layer), torch (gather the blocks, then SDPA: the reference, and what GPUs use for now), auto (numba "
-         "where it applies and is installed)", ("auto", "numba", "torch")),
+         "per layer), triton (one kernel reading the cache in place through device block tables, with an online "
+         "softmax over blocks; CUDA, any float dtype; tested under Triton's interpreter only, not yet run on a "
+         "GPU), torch (gather the blocks, then SDPA: the reference), auto (numba for float32 on CPU with numba "
+         "installed, triton on CUDA with triton installed, else torch)", ("auto", "numba", "torch", "triton")),
     Flag("cpu-gemm", str, "auto", "how the base model's float32 linear layers multiply on CPU: onednn (each weight "
          "packed once into oneDNN's blocked layout, replacing the dense copy, so no extra memory; 2-3x torch's "
          "default MKL sgemm on AMD EPYC from 2 rows up), torch (F.linear as loaded), auto (onednn for float32 on "

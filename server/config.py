@@ -66,7 +66,7 @@ class EngineConfig:
     adapter_loader: str = "process"  # process | thread: where adapters are read, validated and packed
     lora_kernel: str = "auto"  # auto | reference | numba | triton: how batched LoRA is computed (layers/lora_backend.py)
     lora_overlap: str = "auto"  # auto | on | off: the CPU LoRA kernel on a spare core beside the base GEMM
-    attention_kernel: str = "auto"  # auto | numba | torch: decode attention by a compiled CPU loop or gather + SDPA
+    attention_kernel: str = "auto"  # auto | numba | torch | triton: decode attention (engine/attention.py)
     generation_config: str = "auto"  # auto: sampling defaults from the model's generation_config.json | vllm
     overlap_token_masks: bool = True  # grammar masks are built on a worker thread while the forward runs
     cpu_gemm: str = "auto"  # auto | onednn | torch: the base's float32 CPU linears packed for oneDNN (layers/gemm.py)
@@ -85,7 +85,7 @@ class EngineConfig:
         _choice("adapter_loader", self.adapter_loader, ("process", "thread"))
         _choice("lora_kernel", self.lora_kernel, ("auto", "reference", "numba", "triton"))
         _choice("cpu_gemm", self.cpu_gemm, ("auto", "onednn", "torch"))
-        _choice("attention_kernel", self.attention_kernel, ("auto", "numba", "torch"))
+        _choice("attention_kernel", self.attention_kernel, ("auto", "numba", "torch", "triton"))
         _choice("lora_overlap", self.lora_overlap, ("auto", "on", "off"))
         _choice("generation_config", self.generation_config, ("auto", "vllm"))
         for name in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_adapters_per_request", "max_num_seqs",

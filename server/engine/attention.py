@@ -6,7 +6,8 @@ and no mask: the model computes q, k, v as usual and calls ``paged_attention`` p
 keys and values into their slots, then attends each sequence over its own tokens:
 
     decodes:       sequences computing one token, batched: on CPU (float32, numba) one compiled loop reads each
-                   cached key and value once where it lies (attention_kernels.py); elsewhere (the reference)
+                   cached key and value once where it lies (attention_kernels.py); on CUDA one Triton kernel does
+                   the same through device block tables (attention_triton.py); elsewhere (the reference)
                    groups of similar length are gathered and padded, and the kv-head's G = heads / kv_heads
                    queries are folded into SDPA's query length so each key is read once per kv head
     prefill spans: one sequence's chunk of q tokens after ``ctx`` computed ones, causal (offset ``ctx``);
@@ -17,7 +18,9 @@ masked scores weigh exactly 0 and a zero value row keeps that 0 exact, whatever 
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,12 +55,14 @@ class PrefillSpan:
 
 @dataclass
 class DecodeBatch:
-    """Every decoding sequence of the step, for the compiled kernel (CPU, numpy)."""
+    """Every decoding sequence of the step, for the kernels: numpy for numba's, device tensors for Triton's."""
 
     lo: int  # query tokens [lo, hi) of the flat batch, one per sequence
     hi: int
     tables: np.ndarray  # [n, max_blocks] int64 block ids (0, the null block, past a sequence's blocks)
     lengths: np.ndarray  # [n] int64 tokens each attends to (its computed tokens plus this one)
+    device_tables: torch.Tensor | None = None  # the same as int32 on the cache's device (the Triton path only)
+    device_lengths: torch.Tensor | None = None
 
 
 @dataclass
@@ -72,12 +77,17 @@ class AttentionMetadata:
 
 class PagedAttention:
     """The step's metadata and the cache, shared by every attention module of one model (set by ``install``).
-    ``decode_kernel``: decodes run the compiled CPU kernel (chosen at start, see attention_kernel_choice)."""
+    ``decode``: which path decodes take, one of DECODE_PATHS (chosen at start, see attention_kernel_choice)."""
 
-    def __init__(self, kv: PagedKVCache, decode_kernel: bool = False):
+    def __init__(self, kv: PagedKVCache, decode: str = "torch"):
+        if decode not in DECODE_PATHS:
+            raise ValueError(f"decode attention path {decode!r}: one of {DECODE_PATHS}")
         self.kv = kv
-        self.decode_kernel = decode_kernel
+        self.decode = decode
         self.meta: AttentionMetadata | None = None
+        if decode == "triton":  # imported only here: triton is optional, and read TRITON_INTERPRET at import
+            from server.engine.attention_triton import paged_decode as triton_decode
+            self._triton_decode = triton_decode
 
     def forward(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 scale: float | None) -> torch.Tensor:
@@ -87,10 +97,13 @@ class PagedAttention:
         heads, num_tokens, dim = q.shape
         self.kv.write(layer, meta.slot_mapping, key[0].transpose(0, 1), value[0].transpose(0, 1))
         out = q.new_empty(num_tokens, heads, dim)
-        if self.decode_kernel and meta.decode is not None:
-            d = meta.decode
+        d = meta.decode
+        if self.decode == "numba" and d is not None:
             paged_decode(q[:, d.lo:d.hi].transpose(0, 1).contiguous(), self.kv.keys[layer], self.kv.values[layer],
                          d.tables, d.lengths, self.kv.block_size, scale, out[d.lo:d.hi])
+        elif self.decode == "triton" and d is not None:
+            self._triton_decode(q[:, d.lo:d.hi].transpose(0, 1), self.kv.keys[layer], self.kv.values[layer],
+                                d.device_tables, d.device_lengths, self.kv.block_size, scale, out[d.lo:d.hi])
         else:
             for g in meta.decode_groups:
                 out[g.lo:g.hi] = self._decode(layer, q[:, g.lo:g.hi], g, scale)
@@ -100,8 +113,8 @@ class PagedAttention:
         return out[None]
 
     def _decode(self, layer: int, q: torch.Tensor, g: DecodeGroup, scale) -> torch.Tensor:
-        """The reference decode (and the GPU's until a paged kernel lands): q: [H, n, d] -> [n, H, d]; head h
-        reads kv head h // G (Hugging Face's repeat_kv order)."""
+        """The reference decode (and the path where no kernel applies: 16-bit on CPU, CUDA without triton):
+        q: [H, n, d] -> [n, H, d]; head h reads kv head h // G (Hugging Face's repeat_kv order)."""
         heads, n, dim = q.shape
         kv_heads = self.kv.kv_heads
         keys, values = self.kv.gather(layer, g.kv_index)  # [n, L, kvh, d]
@@ -122,17 +135,50 @@ class PagedAttention:
         return o[0].transpose(0, 1)
 
 
-def attention_kernel_choice(choice: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """--attention-kernel: True for the compiled CPU decode kernel (compiled here, before the first request)."""
-    usable = device.type == "cpu" and dtype == torch.float32 and attention_kernels.available()
-    if choice == "numba" and not usable:
+DECODE_PATHS = ("numba", "torch", "triton")
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton installed and able to run on ``device``: CUDA, or CPU under its interpreter (TRITON_INTERPRET=1,
+    the tests)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        from server.engine import attention_triton
+    except ImportError:
+        return False
+    return attention_triton.usable(device)
+
+
+def attention_kernel_choice(choice: str, device: torch.device, dtype: torch.dtype) -> str:
+    """--attention-kernel: which decode path, one of DECODE_PATHS. auto: numba for float32 on CPU with numba
+    installed (compiled here, before the first request), triton on CUDA with triton installed, else torch."""
+    numba_usable = device.type == "cpu" and dtype == torch.float32 and attention_kernels.available()
+    if choice == "numba" and not numba_usable:
         raise ValueError("--attention-kernel numba needs float32 on CPU and the numba package (here: "
                          f"{dtype} on {device}); use --attention-kernel auto or torch")
-    if choice == "torch" or not usable:
-        return False
-    attention_kernels.warm_up()
-    log.info("decode attention: numba (a compiled loop over the paged cache); prefill chunks: SDPA")
-    return True
+    if choice == "triton" and not triton_usable(device):
+        interpreted = " (on a CPU only under TRITON_INTERPRET=1, for tests)" if device.type == "cpu" else ""
+        raise ValueError(f"--attention-kernel triton needs a CUDA device and the triton package{interpreted} "
+                         f"(here: {device}, triton "
+                         + ("installed" if importlib.util.find_spec("triton") else "missing")
+                         + f", TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')}); "
+                         "use --attention-kernel auto or torch")
+    if choice == "auto":
+        if numba_usable:
+            choice = "numba"
+        elif device.type == "cuda" and triton_usable(device):
+            choice = "triton"
+        else:
+            choice = "torch"
+    if choice == "numba":
+        attention_kernels.warm_up()
+        log.info("decode attention: numba (a compiled loop over the paged cache); prefill chunks: SDPA")
+    elif choice == "triton":
+        log.info("decode attention: triton (one kernel over the paged cache's block tables); prefill chunks: SDPA")
+    else:
+        log.info("decode attention: torch (gather + SDPA); prefill chunks: SDPA")
+    return choice
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

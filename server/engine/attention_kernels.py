@@ -1,7 +1,7 @@
 """The CPU fast path of decode attention: one compiled loop over the paged cache, reading each key and value once
 where it lies (numba).
 
-Semantics are ``PagedAttention._decode_torch``'s (gather + SDPA, the reference): for sequence i with context
+Semantics are ``PagedAttention._decode``'s (gather + SDPA, the reference): for sequence i with context
 length L_i and kv head k, each of its G = heads / kv_heads query heads h = k * G + g gets
 
     out[i, h] = softmax(scale * q[i, h] . K_i[:, k]) @ V_i[:, k]         (over positions 0 .. L_i - 1)

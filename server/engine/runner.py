@@ -76,7 +76,7 @@ class ModelRunner:
         """One forward over ``seqs`` (each request and how many tokens it computes from its
         ``num_computed_tokens``; its blocks already allocated). Returns the logits of the requests that reach
         their last token, and of the prompt rows whose logprobs were asked for."""
-        step = StepInput.build(seqs, self.kv.block_size, self.device, not self.attention.decode_kernel)
+        step = StepInput.build(seqs, self.kv.block_size, self.device, self.attention.decode)
         self.manager.activate([[(u.key, u.scale) for u in r.active_uses] for r, _ in step.seqs],
                               [n for _, n in step.seqs], weights)
         self.attention.meta = step.attention

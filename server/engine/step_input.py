@@ -16,6 +16,7 @@ import torch
 from server.engine.attention import AttentionMetadata, DecodeBatch, DecodeGroup, PrefillSpan
 from server.engine.block_pool import NULL_BLOCK
 from server.engine.request import Request
+from server.layers.transfer import to_device
 
 # A decode group is padded to its longest sequence; a new group starts when padding would pass this share of
 # the real tokens (+ a constant: each group is one more SDPA call per layer, ~0.1 ms on CPU).
@@ -39,8 +40,9 @@ class StepInput:
 
     @classmethod
     def build(cls, seqs: list[tuple[Request, int]], block_size: int, device: torch.device,
-              decode_groups: bool = True) -> "StepInput":
-        """``decode_groups``: also plan the decodes as padded groups, for the torch attention path."""
+              decode: str = "torch") -> "StepInput":
+        """``decode``: the decode attention path (PagedAttention.decode): torch also plans the decodes as
+        padded groups, triton copies their block tables and lengths to ``device``."""
         decodes = sorted((s for s in seqs if s[1] == 1), key=lambda s: -s[0].num_computed_tokens)
         prefills = [s for s in seqs if s[1] > 1]
         ordered = decodes + prefills
@@ -61,8 +63,9 @@ class StepInput:
             if start + n == req.num_tokens:
                 sample_rows.append(row - 1)
                 sampled.append(req)
-        meta = AttentionMetadata(_tensor(np.concatenate(slots), device), _decode_batch(decodes),
-                                 _decode_groups(decodes, block_size, device) if decode_groups else [],
+        meta = AttentionMetadata(_tensor(np.concatenate(slots), device),
+                                 _decode_batch(decodes, device if decode == "triton" else None),
+                                 _decode_groups(decodes, block_size, device) if decode == "torch" else [],
                                  _prefill_spans(prefills, len(decodes), block_size, device))
         return cls(torch.tensor(ids, dtype=torch.long, device=device), _tensor(np.concatenate(positions), device),
                    meta, ordered, torch.tensor(sample_rows, dtype=torch.long, device=device), sampled, prompt_rows)
@@ -85,7 +88,9 @@ def _tensor(a: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
 
 
-def _decode_batch(decodes) -> DecodeBatch | None:
+def _decode_batch(decodes, device=None) -> DecodeBatch | None:
+    """The decodes' block tables and lengths; with ``device``, also on it (the Triton kernel's), as int32
+    views of one tensor: one host-to-device copy a step, not queued behind the device's work on CUDA."""
     if not decodes:
         return None
     widest = max(len(req.block_ids) for req, _ in decodes)
@@ -93,7 +98,11 @@ def _decode_batch(decodes) -> DecodeBatch | None:
     for i, (req, _) in enumerate(decodes):
         tables[i, :len(req.block_ids)] = req.block_ids
     lengths = np.array([req.num_computed_tokens + 1 for req, _ in decodes], dtype=np.int64)
-    return DecodeBatch(0, len(decodes), tables, lengths)
+    batch = DecodeBatch(0, len(decodes), tables, lengths)
+    if device is not None:
+        flat = to_device(torch.from_numpy(np.concatenate([tables.reshape(-1), lengths]).astype(np.int32)), device)
+        batch.device_tables, batch.device_lengths = flat[:tables.size].view(tables.shape), flat[tables.size:]
+    return batch
 
 
 def _decode_groups(decodes, block_size: int, device) -> list[DecodeGroup]:

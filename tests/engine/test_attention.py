@@ -36,7 +36,7 @@ def both(kv, seqs, q):
                              _decode_groups(decodes, BS, "cpu"))
     out = {}
     for kernel in (True, False):
-        attn = PagedAttention(kv, decode_kernel=kernel)
+        attn = PagedAttention(kv, "numba" if kernel else "torch")
         attn.meta = meta
         o = torch.empty(len(seqs), HEADS, DIM)
         if kernel:
