@@ -20,7 +20,7 @@ PY=${PY:-python3}
 VENV=${VENV:-.venv}  # the local virtual environment (prepare, smoke)
 # the tests that exercise device code (LoRA backends and kernels, slot fills, sampling, the paged engine against
 # PEFT): ~1/4 of the suite; TEST_TIMEOUT bounds them so the grid keeps its time
-GPU_TESTS="tests/layers tests/engine/test_mixtures.py tests/engine/test_sampler.py tests/engine/test_sampler_batched.py tests/engine/test_paged.py tests/engine/test_runner.py"
+GPU_TESTS="tests/engine/test_attention_triton.py tests/layers tests/engine/test_mixtures.py tests/engine/test_sampler.py tests/engine/test_sampler_batched.py tests/engine/test_paged.py tests/engine/test_runner.py"
 TEST_TIMEOUT=${TEST_TIMEOUT:-180}
 
 run() {  # a command of the plan: printed under DRY_RUN=1, else run
