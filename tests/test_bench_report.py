@@ -277,3 +277,31 @@ def test_grid_rounds_combine_into_medians_and_per_round_ratios():
     assert c["round_ratios"]["base_onednn"] == [0.9, 0.8, 0.9]
     assert "**0.90x (0.80–0.90)**" in "\n".join(throughput_table({"cells": [c]}))
     assert "**0.90x (0.80–0.90) the base model at equal GEMM**" in headline({"cells": [c], "config": {}})
+
+
+def test_the_page_says_how_long_each_section_took():
+    """results["section_seconds"] (bench.timing.SectionClock) renders as one line under the machine: the total,
+    each section in minutes in the order it ran, and the time outside every section."""
+    import json
+    from pathlib import Path
+
+    from bench.markdown import machine_lines
+    from bench.timing import SectionClock, section_summary
+
+    clock = SectionClock()
+    for name in ("grid", "traffic", "grid"):  # a section timed twice adds up
+        with clock.section(name):
+            pass
+    assert list(clock.seconds) == ["grid", "traffic"]
+    assert section_summary({"grid": 150.0, "traffic": 240.0}, 420.0) == "7.0 min: grid 2.5, traffic 4.0, the rest 0.5"
+    assert section_summary({"grid": 150.0, "traffic": 240.0}) == "6.5 min: grid 2.5, traffic 4.0"
+
+    results = json.loads(Path("bench/results/default.json").read_text())
+    results.pop("section_seconds", None)
+    assert not any("Time by section" in line for line in machine_lines(results))  # older runs: no line
+    results.update(wall_seconds=780.0, section_seconds={"memory": 30.0, "grid": 150.0, "peers": 240.0,
+                                                        "traffic": 330.0},
+                   peers={"prepare_seconds": 1800.0})
+    line = next(line for line in machine_lines(results) if "Time by section" in line)
+    assert "13.0 min: memory 0.5, grid 2.5, peers 4.0, traffic 5.5, the rest 0.5" in line
+    assert "peers includes 30.0 min preparing llama-server" in line
