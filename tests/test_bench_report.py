@@ -305,3 +305,21 @@ def test_the_page_says_how_long_each_section_took():
     line = next(line for line in machine_lines(results) if "Time by section" in line)
     assert "13.0 min: memory 0.5, grid 2.5, peers 4.0, traffic 5.5, the rest 0.5" in line
     assert "peers includes 30.0 min preparing llama-server" in line
+
+
+def test_llama_lora_cache_key_ignores_the_order_peft_writes_its_module_sets_in(tmp_path):
+    """PEFT saves target_modules from a set (an order per process): the same adapter must keep its converted
+    GGUF across runs, and a different one must not share it."""
+    import json
+
+    from bench.llama_server import _canonical_config
+
+    def adapter(name: str, modules: list[str], r: int = 16):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": r, "target_modules": modules,
+                                                                         "peft_type": "LORA"}))
+        return tmp_path / name
+
+    one = _canonical_config(adapter("a", ["q_proj", "v_proj", "o_proj"]))
+    assert one == _canonical_config(adapter("b", ["o_proj", "q_proj", "v_proj"]))
+    assert one != _canonical_config(adapter("c", ["o_proj", "q_proj", "v_proj"], r=8))
