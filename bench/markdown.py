@@ -46,9 +46,14 @@ def headline(results: dict) -> str:
                  + (f", pooled over all cells' {pooled['requests']} requests" if pooled else "")
                  + f"; target >= 8x); PEFT's mixed batch runs at {_x(ratio(top, 'peft', 'base'))} stock HF")
     wide = next((c for c in cells if c["adapters"] == c["concurrency"] == 64 and c.get("swapserve_no_adapter")), None)
+    traffic_wide = ((results.get("traffic") or {}).get("runs") or [{}])[0].get("wide")
     if wide:
         lines.append(f"- 64 requests over 64 adapters: {cell_ratio(wide, 'swapserve', 'swapserve_no_adapter')} the "
                      "same 64 requests on the base model, same engine (target >= 0.85x)")
+    elif traffic_wide and traffic_wide["ratio"].get("median") is not None:  # the default grid stops at 16
+        lines.append(f"- {traffic_wide['requests']} requests over {traffic_wide['adapters']} adapters: "
+                     f"{spread(traffic_wide['ratio'], '{:.2f}', 'x')} the same requests on the base model, same "
+                     "engine (the traffic section's (d); target >= 0.85x)")
     peers = results.get("peers")
     if peers:
         for row, target, what in (("adapters", ">= 3x", f"{peers['concurrency']} requests over {peers['adapters']} "
@@ -209,7 +214,8 @@ def render(results: dict, json_path: Path, png_path: Path | None, md_path: Path)
            "does not grow with N). *swapserve*: the in-process `AsyncEngine`, N concurrent streams (the same cell "
            "through the HTTP server: its own section below). With rounds (the machine line says how many), every "
            "number is the median over the rounds and swapserve's ratios are medians of per-round ratios (min–max); "
-           "PEFT mixed and naive serial run in the first round only.", "",
+           "PEFT mixed and naive serial run in the first round only; the HF base anchors, which run the same N "
+           "prompts whatever k is, once per N per round (the first cell of that N), for every cell of that N.", "",
            *throughput_table(results), ""]
     if png_path:
         out += [f"![throughput vs distinct adapters]({_rel(png_path, here)})", ""]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,9 @@ from bench.drivers import cell_requests, load_and_warm, run_streams
 from bench.timing import median_range, summarize
 
 log = logging.getLogger("bench")
+# One worker process, its streams on its event loop (as our client's are): GuideLLM's default spawns one process
+# per stream (up to 10), each importing GuideLLM afresh, ~20 s of every run's start on 2 busy CPUs.
+GUIDELLM_ENV = {"GUIDELLM__MAX_WORKER_PROCESSES": "1"}
 
 
 def guidellm_command(url: str, model: str, tokenizer: Path, streams: int, requests: int, prompt: int,
@@ -55,7 +59,8 @@ async def run_guidellm(url: str, model: str, tokenizer: Path, streams: int, requ
     with tempfile.TemporaryDirectory(prefix="swapserve-bench-guidellm-") as tmp:
         out = Path(tmp) / "report.json"
         cmd = guidellm_command(url, model, tokenizer, streams, requests, prompt, output, out)
-        proc = await asyncio.create_subprocess_exec(*cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = await asyncio.create_subprocess_exec(*cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                    env={**os.environ, **GUIDELLM_ENV})
         text, _ = await proc.communicate()
         if proc.returncode or not out.exists():
             raise RuntimeError(f"guidellm exited {proc.returncode}: {text.decode(errors='replace')[-1500:]}")
@@ -107,7 +112,8 @@ def outside_section(results: dict) -> list[str]:
              f"sends its next request when its last finished: GuideLLM's `concurrent` profile), {o['requests']} "
              f"requests of {o['prompt_tokens']} prompt and {o['output_tokens']} output tokens (`ignore_eos`), "
              f"{o['rounds']} alternating rounds; tok/s as median (min–max), latency medians in ms. GuideLLM's "
-             "prompts are synthetic text of that many tokens, ours token ids.", "",
+             "prompts are synthetic text of that many tokens, ours token ids; it runs its streams in one worker "
+             "process (`GUIDELLM__MAX_WORKER_PROCESSES=1`), as our client runs them on one event loop.", "",
              "| model | client | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | GuideLLM / ours |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row, r in o["rows"].items():

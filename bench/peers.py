@@ -4,8 +4,8 @@ model and the same adapters, one client driving all of them over HTTP the same w
 Rows (each N concurrent requests sent at once, greedy, ``ignore_eos``, the grid's prompts and output length):
 the base model alone, and N requests over k adapters (request i on adapter i mod k). Systems: swapserve
 (fp32, the same weights it always serves: the bundled GGUF dequantized), llama-server on an f32 GGUF of those
-weights (the same math), and llama-server on the bundled quantized GGUF (its own fast path; swapserve does not
-run quantized GGUF kernels). Rounds are interleaved (every system once per round, in turn), so drifting load
+weights (the same math), and, with ``peer_quantized`` (--full), llama-server on the bundled quantized GGUF (its
+own fast path; swapserve does not run quantized GGUF kernels). Rounds are interleaved (every system once per round, in turn), so drifting load
 on a shared machine hits all alike; ratios are taken per round, then their median and range.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ async def run_peers(cfg, fx, root: Path, server_args: list[str], threads: int) -
     binary = await asyncio.to_thread(build, cache)
     models = {F32: await asyncio.to_thread(convert_base, cache, fx.model_dir, "f32")}
     bundled = cfg.model or default_model()
-    if bundled.endswith(".gguf"):
+    if cfg.peer_quantized and bundled.endswith(".gguf"):
         models[f"llama-server {_quant_label(Path(bundled))}"] = Path(bundled)
     loras = {name: await asyncio.to_thread(convert_adapter, cache, fx.model_dir, fx.cell[name]) for name in names}
     prepare = time.perf_counter() - start  # minutes the first time (the build), then seconds (all cached)
@@ -113,8 +113,10 @@ def peers_section(results: dict) -> list[str]:
              f"multi-adapter setup: all {k} adapters (converted by its own `convert_lora_to_gguf.py`) loaded with "
              f"`--lora ... --lora-init-without-apply`, `-np {n}`, each request choosing its adapter with "
              "`lora: [{id, scale}]`. *f32*: the base converted by `convert_hf_to_gguf.py --outtype f32` from the "
-             "fp32 weights swapserve serves (the same math); the quantized row runs the bundled GGUF as it ships "
-             "(llama.cpp's own quantized kernels; swapserve serves those weights dequantized). "
+             "fp32 weights swapserve serves (the same math)"
+             + ("; the quantized row runs the bundled GGUF as it ships (llama.cpp's own quantized kernels; "
+                "swapserve serves those weights dequantized). " if len(peers) > 1 else
+                " (`--peer-quantized`, in `--full`, adds the bundled quantized GGUF as it ships). ") +
              f"{p['rounds']} interleaved rounds; tok/s as median (min–max), latency medians in ms; ratios per "
              "round, then median (min–max).", "",
              "| requests | system | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |",

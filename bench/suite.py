@@ -100,16 +100,24 @@ def engine_config(cfg: BenchConfig, fx: Fixtures, root: Path):
                         seed=cfg.seed)
 
 
+BASE_ANCHORS = ("base", "base_onednn")
+
+
 async def measure_cell(cfg: BenchConfig, fx: Fixtures, anchors: Anchors | None, driver: Driver,
-                       n: int, k: int, with_base_engine: bool, slow_anchors: bool = True) -> dict:
+                       n: int, k: int, with_base_engine: bool, slow_anchors: bool = True,
+                       base_rows: dict | None = None) -> dict:
     """One (concurrency, adapters) cell, systems back to back. Request i uses adapter i % k. ``slow_anchors``:
     also PEFT's mixed batch and the naive serial flow (the grid runs them in its first round only: no target is
-    set on them, and at 64 adapters PEFT alone takes longer than every other system of the cell together)."""
+    set on them, and at 64 adapters PEFT alone takes longer than every other system of the cell together).
+    ``base_rows``: the HF base-model anchors (BASE_ANCHORS) another cell of this N measured in this round; they
+    run the same N prompts whatever k is, so they are taken over rather than run again."""
     prompts_n, m = fx.prompts[:n], cfg.max_tokens
     adapters = list(fx.cell)[:k]
     rows = [adapters[i % k] for i in range(n)]
     row: dict = {"concurrency": n, "adapters": k}
-    if anchors:
+    if anchors and base_rows:
+        row.update(base_rows)
+    elif anchors:
         row["base"] = summarize(anchors.base_batch(prompts_n, m))
         if anchors.base_onednn is not None:
             row["base_onednn"] = summarize(anchors.base_onednn_batch(prompts_n, m))
@@ -338,11 +346,12 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float], c
         grid_loads = []
         for r in range(cfg.grid_rounds):  # every cell once per round, in turn: drifting load hits all cells alike
             load = {"start": loadavg()}
-            seen: set[int] = set()
+            base_rows: dict[int, dict] = {}  # N -> this round's HF base anchors at N
             per_round.append([])
             for n, k in progress.bar(cfg.cells, desc=f"bench cells, round {r + 1}/{cfg.grid_rounds}", unit="cell"):
-                per_round[-1].append(await measure_cell(cfg, fx, anchors, driver, n, k, n not in seen, r == 0))
-                seen.add(n)
+                row = await measure_cell(cfg, fx, anchors, driver, n, k, n not in base_rows, r == 0, base_rows.get(n))
+                base_rows.setdefault(n, {key: row[key] for key in BASE_ANCHORS if key in row})
+                per_round[-1].append(row)
             grid_loads.append(load | {"end": loadavg()})
             log.info("grid round %d/%d done (load average %s -> %s)", r + 1, cfg.grid_rounds, load["start"],
                      grid_loads[-1]["end"])

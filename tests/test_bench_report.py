@@ -41,11 +41,12 @@ def test_headline_quotes_the_peers_64_adapters_and_http_with_their_targets():
 
 
 def test_headline_stays_on_the_target_cell_and_64_adapters_get_a_cell():
-    """The issue's grid has 64 adapters over concurrency up to 32: that point runs as 64 requests, one adapter
-    each, and the headline stays on the 32 x 16 cell the targets are set on."""
+    """A grid with 64 adapters over concurrency up to 32 runs that point as 64 requests, one adapter each, and
+    the headline stays on the 32 x 16 cell the targets are set on."""
     from bench.config import parse_args
 
-    assert parse_args([]).cells[-1] == (64, 64) and parse_args([]).max_concurrency == 64
+    assert parse_args(["--concurrency", "1,32", "--adapters", "1,16,64"]).cells[-1] == (64, 64)
+    assert parse_args(["--full"]).max_concurrency == 64
     assert (64, 64) not in parse_args(["--adapters", "1,16"]).cells
     cells = [cell(32, 16, 100.0, 90.0, 96, 12.0), cell(64, 64, 120.0, 60.0, 96, 12.0)]
     assert "32 concurrent requests over 16 distinct adapters" in headline({"cells": cells, "config": {}})
@@ -323,3 +324,32 @@ def test_llama_lora_cache_key_ignores_the_order_peft_writes_its_module_sets_in(t
     one = _canonical_config(adapter("a", ["q_proj", "v_proj", "o_proj"]))
     assert one == _canonical_config(adapter("b", ["o_proj", "q_proj", "v_proj"]))
     assert one != _canonical_config(adapter("c", ["o_proj", "q_proj", "v_proj"], r=8))
+
+
+def test_default_preset_keeps_the_issues_cells_and_full_keeps_the_larger_settings():
+    """The default preset is sized to ~13 min on 2 CPUs, but still runs what the issue's targets are set on
+    (32 x 16 in >= 3 rounds, the peers and GuideLLM sections, (a)'s long prompt among 31 short, (d)'s 64
+    adapters); --full keeps every larger setting the default had before (64 x 64, 32 output tokens and more)."""
+    from bench.config import parse_args
+
+    cfg = parse_args([])
+    assert (32, 16) in cfg.cells and (32, 1) in cfg.cells and cfg.grid_rounds >= 3 and cfg.rounds >= 3
+    assert cfg.peers and cfg.guidellm and not cfg.skip_traffic and not cfg.skip_scale and cfg.scale_adapters == 200
+    t = cfg.traffic
+    assert (t.requests, t.long_prompt, t.wide_requests, len(t.loads)) == (32, 1500, 64, 3) and t.rounds >= 3
+    full = parse_args(["--full"])
+    assert (64, 64) in full.cells and full.max_tokens >= 32 and full.peers and full.guidellm and full.peer_quantized
+    assert full.guidellm_requests >= 32 and full.scale_requests >= 64 and full.traffic.poisson_requests >= 32
+    assert parse_args(["--peer-quantized"]).peer_quantized and not parse_args(["--no-peer-quantized", "--full"]).peer_quantized
+
+
+def test_headline_takes_64_adapters_from_traffic_d_when_the_grid_has_no_such_cell():
+    cells = [cell(32, 16, 100.0, 90.0, 96, 12.0)]
+    traffic = {"runs": [{"wide": {"requests": 64, "adapters": 64,
+                                  "ratio": {"median": 0.91, "min": 0.88, "max": 0.95, "n": 3}}}]}
+    text = headline({"cells": cells, "config": {}, "traffic": traffic})
+    assert "- 64 requests over 64 adapters: 0.91x (0.88–0.95) the same requests on the base model" in text
+    assert "traffic section's (d); target >= 0.85x" in text
+    grid = headline({"cells": cells + [{**cell(64, 64, 120.0, 60.0, 96, 12.0),
+                                        "swapserve_no_adapter": {"tok_s": 75.0}}], "config": {}, "traffic": traffic})
+    assert "0.80x the same 64 requests on the base model" in grid and "(d)" not in grid  # the grid's cell wins
