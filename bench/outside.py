@@ -67,16 +67,15 @@ async def run_guidellm(url: str, model: str, tokenizer: Path, streams: int, requ
         return guidellm_numbers(json.loads(out.read_text()))
 
 
-async def run_outside(cfg, fx, server_args: list[str], threads: int) -> dict:
-    """Both clients against one swapserve server, base model and one adapter, ``cfg.rounds`` rounds each."""
-    from bench.http import BASE, HttpDriver, ServerProcess
+async def run_outside(cfg, fx, server, threads: int) -> dict:
+    """Both clients against one swapserve server (``server``, a running bench.http.ServerProcess, left running),
+    base model and one adapter, ``cfg.rounds`` rounds each."""
+    from bench.http import BASE, HttpDriver
 
     if shutil.which("guidellm", path=str(Path(sys.executable).parent)) is None and shutil.which("guidellm") is None:
         raise RuntimeError("guidellm is not installed: `pip install -e .[bench]` (make bench does)")
     s, r, p, m = cfg.guidellm_streams, cfg.guidellm_requests, cfg.prompt_tokens, cfg.max_tokens
     adapter = next(iter(fx.cell))
-    server = ServerProcess(server_args, Path(tempfile.mkstemp(prefix="swapserve-bench-outside-")[1]), threads)
-    await server.wait_ready()
     driver = HttpDriver(server)
     rows = {}
     try:
@@ -94,7 +93,6 @@ async def run_outside(cfg, fx, server_args: list[str], threads: int) -> dict:
                      [round(o["tok_s"], 1) for o in ours], [round(g["tok_s"], 1) for g in theirs])
     finally:
         await driver.close()
-        server.close()
     return {"streams": s, "requests": r, "prompt_tokens": p, "output_tokens": m, "rounds": cfg.rounds,
             "threads": threads, "rows": rows}
 

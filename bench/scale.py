@@ -109,11 +109,13 @@ async def run_types(cfg, engine, typed: dict[str, Path], kinds: dict[str, str], 
     cells = {"ia3": by_kind["ia3"][:k], "mixed": mixed}
     await run_concurrent(driver, cell_requests(prompts[:len(typed)], list(typed), 2))  # first activations
     out = []
+    base = summarize(anchors.base_batch(prompts[:n], cfg.max_tokens)) if anchors else None  # one anchor: the
+    # same N prompts on the base model, whatever the cell's adapters
     for label, adapters in cells.items():
         row: dict = {"cell": label, "concurrency": n, "adapters": len(adapters),
                      "kinds": dict(Counter(kinds.get(a, "lora") for a in adapters))}
-        if anchors:
-            row["base"] = summarize(anchors.base_batch(prompts[:n], cfg.max_tokens))
+        if base:
+            row["base"] = base
         row["swapserve"] = summarize(await run_concurrent(driver, cell_requests(prompts[:n], adapters, cfg.max_tokens)))
         log.info("types cell %s N=%d k=%d: swapserve %.1f tok/s%s", label, n, len(adapters), row["swapserve"]["tok_s"],
                  f" HF base {row['base']['tok_s']:.1f}" if anchors else "")

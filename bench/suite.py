@@ -214,21 +214,8 @@ async def run_suite(cfg: BenchConfig) -> dict:
         finally:
             await engine.shutdown(5)
         del engine
-        if not cfg.skip_http:
-            with clock.section("http"):
-                results["http"] = await run_http(cfg, fx, root)
-        if cfg.peers:
-            from bench.peers import run_peers
-
-            with clock.section("peers"):
-                await _optional(results, "peers", "peers (llama-server)", run_peers(
-                    cfg, fx, root, server_args(cfg, fx, root), torch.get_num_threads()))
-        if cfg.guidellm:
-            from bench.outside import run_outside
-
-            with clock.section("guidellm"):
-                await _optional(results, "outside", "GuideLLM", run_outside(
-                    cfg, fx, server_args(cfg, fx, root), torch.get_num_threads()))
+        if not cfg.skip_http or cfg.peers or cfg.guidellm:
+            await http_sections(cfg, fx, root, results, clock)
         if fx.scale:
             with clock.section("scale"):
                 results["scale"] = await run_scale(cfg, fx.model_dir, fx.scale_root, fx.scale,
@@ -238,7 +225,7 @@ async def run_suite(cfg: BenchConfig) -> dict:
         if not cfg.skip_traffic:
             with clock.section("traffic"):
                 results["traffic"] = await run_traffic_section(cfg, fx, root, anchors)
-        return {"section_seconds": clock.seconds, **results}
+        return {"section_seconds": clock.seconds, "section_cpu_seconds": clock.cpu_seconds, **results}
 
 
 async def _optional(results: dict, key: str, label: str, coro) -> None:
@@ -261,17 +248,45 @@ def server_args(cfg: BenchConfig, fx: Fixtures, root: Path) -> list[str]:
             "--adapter-root", str(root), "--seed", str(ec.seed)]
 
 
-async def run_http(cfg: BenchConfig, fx: Fixtures, root: Path) -> dict:
+async def http_sections(cfg: BenchConfig, fx: Fixtures, root: Path, results: dict, clock: SectionClock) -> None:
+    """The sections that drive `python -m server serve` over HTTP (this module's run_http, the peers, GuideLLM),
+    on one server they share: a server's start (imports, model load, packing) is ~10-20 s on 2 CPUs, and each
+    section warms the adapters it uses before it measures anything."""
+    from bench.http import ServerProcess
+
+    log_path = Path(tempfile.mkstemp(prefix="swapserve-bench-server-", suffix=".log")[1])  # kept if one fails
+    threads = torch.get_num_threads()
+    with clock.section("serve"):
+        server = ServerProcess(server_args(cfg, fx, root), log_path, threads)
+        start = time.perf_counter()
+        await server.wait_ready()
+        log.info("HTTP server up in %.1fs (port %d)", time.perf_counter() - start, server.port)
+    try:
+        if not cfg.skip_http:
+            with clock.section("http"):
+                results["http"] = await run_http(cfg, fx, server)
+        if cfg.peers:
+            from bench.peers import run_peers
+
+            with clock.section("peers"):
+                await _optional(results, "peers", "peers (llama-server)", run_peers(cfg, fx, server, threads))
+        if cfg.guidellm:
+            from bench.outside import run_outside
+
+            with clock.section("guidellm"):
+                await _optional(results, "outside", "GuideLLM", run_outside(cfg, fx, server, threads))
+    finally:
+        server.close()
+    if not any(key in results for key in ("peers_error", "outside_error")):
+        log_path.unlink()
+
+
+async def run_http(cfg: BenchConfig, fx: Fixtures, server) -> dict:
     """The target cell and the load-interference rounds again, through the real server (bench/http.py)."""
-    from bench.http import HttpDriver, ServerProcess
+    from bench.http import HttpDriver
     from bench.markdown import TARGET_CELL
 
     n, k = TARGET_CELL if TARGET_CELL in cfg.cells else max(cfg.cells)
-    log_path = Path(tempfile.mkstemp(prefix="swapserve-bench-server-", suffix=".log")[1])  # kept if it fails
-    server = ServerProcess(server_args(cfg, fx, root), log_path, torch.get_num_threads())
-    start = time.perf_counter()
-    await server.wait_ready()
-    log.info("HTTP server up in %.1fs (port %d)", time.perf_counter() - start, server.port)
     driver = HttpDriver(server)
     try:
         await warm_up(driver, fx, cfg)
@@ -284,8 +299,6 @@ async def run_http(cfg: BenchConfig, fx: Fixtures, root: Path) -> dict:
         log.info("HTTP load interference: %+.0f%%", intf["itl_p99_rise"] * 100)
     finally:
         await driver.close()
-        server.close()
-    log_path.unlink()
     return {"concurrency": n, "adapters": k, "swapserve": cell, "interference": intf}
 
 

@@ -115,16 +115,28 @@ class SectionClock:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}  # CPU time of this process and the children it waited for
 
     @contextlib.contextmanager
     def section(self, name: str):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         try:
             yield
         finally:
-            took = time.perf_counter() - start
+            took, used = time.perf_counter() - start, cpu_seconds() - cpu
             self.seconds[name] = round(self.seconds.get(name, 0.0) + took, 1)
-            logging.getLogger("bench").info("%s took %.0fs", name, took)
+            self.cpu_seconds[name] = round(self.cpu_seconds.get(name, 0.0) + used, 1)
+            logging.getLogger("bench").info("%s took %.0fs (CPU %.0fs)", name, took, used)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that have exited (servers, converters,
+    GuideLLM, the memory subprocesses). On a shared machine a section's wall time grows with the other jobs'
+    load; its CPU time much less, so the two together say what the run costs on an idle machine."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def section_summary(seconds: dict[str, float], wall: float | None = None) -> str:

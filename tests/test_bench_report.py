@@ -122,15 +122,22 @@ def test_http_driver_streams_and_loads_through_the_real_server(tiny_model_dir, a
         driver = HttpDriver(server)
         try:
             await driver.load_adapter("x", str(adapters["lora"]))
-            return await run_concurrent(driver, [BenchRequest([5, 6, 7], "x", 9), BenchRequest([5, 6], None, 4)])
+            first = await run_concurrent(driver, [BenchRequest([5, 6, 7], "x", 9), BenchRequest([5, 6], None, 4)])
         finally:
             await driver.close()
+        later = HttpDriver(server)  # the next section on the same server (bench.suite.http_sections)
+        try:
+            await later.load_adapter("x", str(adapters["lora"]))  # loaded already: no second load (a 400)
+            return first, await run_concurrent(later, [BenchRequest([5], "x", 3)])
+        finally:
+            await later.close()
 
     try:
-        traces = asyncio.run(go())
+        traces, again = asyncio.run(go())
     finally:
         server.close()
     assert [t.tokens for t in traces] == [9, 4] and all(t.ttft > 0 for t in traces)
+    assert again[0].tokens == 3 and server.loaded == {"x"}
 
 
 def test_http_section_sets_the_http_cell_beside_the_in_process_one():
@@ -292,8 +299,9 @@ def test_the_page_says_how_long_each_section_took():
     clock = SectionClock()
     for name in ("grid", "traffic", "grid"):  # a section timed twice adds up
         with clock.section(name):
-            pass
-    assert list(clock.seconds) == ["grid", "traffic"]
+            sum(i * i for i in range(200_000))  # some CPU time
+    assert list(clock.seconds) == list(clock.cpu_seconds) == ["grid", "traffic"]
+    assert all(s >= 0 for s in clock.cpu_seconds.values())
     assert section_summary({"grid": 150.0, "traffic": 240.0}, 420.0) == "7.0 min: grid 2.5, traffic 4.0, the rest 0.5"
     assert section_summary({"grid": 150.0, "traffic": 240.0}) == "6.5 min: grid 2.5, traffic 4.0"
 
@@ -302,9 +310,11 @@ def test_the_page_says_how_long_each_section_took():
     assert not any("Time by section" in line for line in machine_lines(results))  # older runs: no line
     results.update(wall_seconds=780.0, section_seconds={"memory": 30.0, "grid": 150.0, "peers": 240.0,
                                                         "traffic": 330.0},
+                   section_cpu_seconds={"memory": 30.0, "grid": 120.0, "peers": 90.0, "traffic": 300.0},
                    peers={"prepare_seconds": 1800.0})
     line = next(line for line in machine_lines(results) if "Time by section" in line)
     assert "13.0 min: memory 0.5, grid 2.5, peers 4.0, traffic 5.5, the rest 0.5" in line
+    assert "CPU time in those sections 9.0 min" in line
     assert "peers includes 30.0 min preparing llama-server" in line
 
 
@@ -353,3 +363,49 @@ def test_headline_takes_64_adapters_from_traffic_d_when_the_grid_has_no_such_cel
     grid = headline({"cells": cells + [{**cell(64, 64, 120.0, 60.0, 96, 12.0),
                                         "swapserve_no_adapter": {"tok_s": 75.0}}], "config": {}, "traffic": traffic})
     assert "0.80x the same 64 requests on the base model" in grid and "(d)" not in grid  # the grid's cell wins
+
+
+def test_grid_runs_the_hf_base_anchors_once_per_concurrency_per_round():
+    """bench.suite.measure_cell: HF's base-model anchors run the same N prompts whatever k is, so the second
+    cell of an N in a round takes the first one's over instead of running them again; swapserve runs in both."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from bench.suite import BASE_ANCHORS, measure_cell
+    from bench.timing import Trace
+
+    calls = []
+
+    class Anchors:
+        base_onednn = object()
+
+        def base_batch(self, prompts, m):
+            calls.append(("base", len(prompts)))
+            return [Trace(0.0, [0.5, 1.0], [1, m - 1]) for _ in prompts]
+
+        def base_onednn_batch(self, prompts, m):
+            calls.append(("base_onednn", len(prompts)))
+            return [Trace(0.0, [0.25, 0.5], [1, m - 1]) for _ in prompts]
+
+    class Driver:
+        name = "fake"
+
+        async def stream(self, req):
+            calls.append(("swapserve", req.adapter))
+            yield 1
+            yield req.max_tokens - 1
+
+    cfg = SimpleNamespace(max_tokens=4, naive_requests=2)
+    fx = SimpleNamespace(prompts=[[1, 2, 3]] * 4, cell={"a00": None, "a01": None})
+
+    async def grid_round():
+        first = await measure_cell(cfg, fx, Anchors(), Driver(), 4, 1, True, False)
+        shared = {key: first[key] for key in BASE_ANCHORS}
+        second = await measure_cell(cfg, fx, Anchors(), Driver(), 4, 2, False, False, shared)
+        return first, second
+
+    first, second = asyncio.run(grid_round())
+    assert [c for c in calls if c[0] != "swapserve"] == [("base", 4), ("base_onednn", 4)]  # once, for both cells
+    assert second["base"] is first["base"] and second["base_onednn"]["tok_s"] == 16 / 0.5
+    assert sum(c == ("swapserve", "a01") for c in calls) == 2  # the k=2 cell still ran its own swapserve rows
+    assert "swapserve_no_adapter" in first and "swapserve_no_adapter" not in second
