@@ -14,19 +14,20 @@ PRESETS = {
                   scale_rounds=1, grid_rounds=1,
                   traffic=dict(rounds=1, max_tokens=16, prefix_max_tokens=8, poisson_requests=12, prompt_median=48,
                                output_median=16, output_sigma=0.5)),
-    # everything the benchmarks issue (#20) asks for, sized to ~13 min on 2 CPUs (1 torch thread, load average ~1;
-    # each section's time is on the page): the 32 x 16 headline cell and 32 x 1 in 3 interleaved rounds, 16
-    # output tokens; llama-server on the f32 GGUF beside swapserve's HTTP server, base and 16 adapters, 3 rounds
-    # (its first build takes 15-50 min, then it is cached); GuideLLM beside our client, 3 rounds of 16 requests;
-    # the IA3 and mixed-type cells, the 200-adapter Zipf scale run (32 requests), the plain / int8 / nf4 memory
-    # subprocesses; the traffic section in 3 rounds: (a) 1,500 tokens among 31 short, (b) a 1,200-token prefix,
-    # (c) 16 long-tailed requests at 3 rates, (d) 64 adapters vs base. --traffic-baseline b715e68 adds ~10 min
-    # (engine v1 prefills (a)'s B cell as rows padded to 1,500 tokens). `--full` keeps the larger settings.
+    # everything the benchmarks issue (#20) asks for, sized to ~13-14 min on 2 CPUs (1 torch thread, load average
+    # ~1; BENCHMARKS.md lists each section's minutes; a busier machine takes longer): the 32 x 16 headline cell and
+    # 32 x 1 in 3 interleaved rounds, 16 output tokens; llama-server on the f32 GGUF beside swapserve's HTTP
+    # server, base and 16 adapters, 3 rounds (its first build takes 15-50 min, then it is cached); GuideLLM
+    # beside our client, 3 rounds of 8 requests over 4 streams; the IA3 and mixed-type cells, the 200-adapter
+    # Zipf scale run (32 requests), the plain / int8 / nf4 memory subprocesses; the traffic section in 3 rounds:
+    # (a) 1,500 tokens among 31 short, (b) an 800-token prefix, (c) 12 long-tailed requests at 3 rates, (d) 64
+    # adapters vs base. --traffic-baseline b715e68 adds ~10 min (engine v1 prefills (a)'s B cell as rows padded
+    # to 1,500 tokens). `--full` keeps the larger settings.
     "default": dict(concurrency=[32], adapters=[1, 16], max_tokens=16, naive_requests=2, swap_samples=3,
                     grid_rounds=3, scale_requests=32, peers=True, peer_quantized=False, guidellm=True,
-                    guidellm_requests=16,
-                    traffic=dict(max_tokens=16, poisson_requests=16, prompt_median=48, output_median=16,
-                                 output_sigma=0.7)),
+                    guidellm_streams=4, guidellm_requests=8,
+                    traffic=dict(max_tokens=16, prefix_tokens=800, poisson_requests=12, prompt_median=48,
+                                 output_median=16, output_sigma=0.7)),
     # a GPU or a quiet machine (hours on 2 CPUs): the larger grid (N = 1, 8, 32, 64 over 1, 4, 16, 64 adapters,
     # 64 x 64 among them), 64 output tokens, llama-server on the quantized GGUF too, GuideLLM's 32 requests, the
     # scale run's 64 requests, the traffic section at TrafficConfig's sizes with 64 Poisson requests

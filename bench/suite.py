@@ -276,7 +276,8 @@ async def http_sections(cfg: BenchConfig, fx: Fixtures, root: Path, results: dic
             with clock.section("guidellm"):
                 await _optional(results, "outside", "GuideLLM", run_outside(cfg, fx, server, threads))
     finally:
-        server.close()
+        with clock.section("serve"):  # its CPU time over all three sections is counted when it exits
+            server.close()
     if not any(key in results for key in ("peers_error", "outside_error")):
         log_path.unlink()
 
