@@ -14,8 +14,9 @@ PRESETS = {
                   scale_rounds=1, grid_rounds=1,
                   traffic=dict(rounds=1, max_tokens=16, prefix_max_tokens=8, poisson_requests=12, prompt_median=48,
                                output_median=16, output_sigma=0.5)),
-    # everything the benchmarks issue (#20) asks for, sized to ~13-14 min on 2 CPUs (1 torch thread, load average
-    # ~1; BENCHMARKS.md lists each section's minutes; a busier machine takes longer): the 32 x 16 headline cell and
+    # everything the benchmarks issue (#20) asks for, sized to ~14 min on 2 CPUs (13.9 min measured at 0fc479c, 1
+    # torch thread, load average ~1; longer on a busier machine; BENCHMARKS.md lists each section's minutes and the
+    # run's CPU time; with 32 output tokens and the old sizes it was 52 min): the 32 x 16 headline cell and
     # 32 x 1 in 3 interleaved rounds, 16 output tokens; llama-server on the f32 GGUF beside swapserve's HTTP
     # server, base and 16 adapters, 3 rounds (its first build takes 15-50 min, then it is cached); GuideLLM
     # beside our client, 3 rounds of 8 requests over 4 streams; the IA3 and mixed-type cells, the 200-adapter

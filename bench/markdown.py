@@ -182,8 +182,8 @@ def _time_line(results: dict) -> list[str]:
     cpu = results.get("section_cpu_seconds")
     return [f"- **Time by section** (minutes): {section_summary(seconds, results.get('wall_seconds'))}"
             + (f"; CPU time in those sections {sum(cpu.values()) / 60:.1f} min (this process and the servers, "
-               "converters and clients it started; the wall time beyond it waited on CPUs other jobs held, or on "
-               "Poisson arrivals)" if cpu else "")
+               "converters and clients it started: well below the wall time when other jobs held the CPUs)"
+               if cpu else "")
             + (f"; peers includes {prepare / 60:.1f} min preparing llama-server and its GGUF files (built and "
                "converted the first time, cached after)" if prepare and prepare >= 30 else "")]
 
