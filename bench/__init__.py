@@ -7,7 +7,8 @@ Modules:
     config.py    BenchConfig and the --quick / default / --full presets
     fixtures.py  the base model (the server's cached GGUF conversion) and the PEFT adapters made at bench time
                  (LoRA; IA3 / DoRA / AdaLoRA; cheap scaled copies for the scale run)
-    timing.py    Trace (one request's token timestamps) and summarize() -> tok/s, TTFT, ITL
+    timing.py    Trace (one request's token timestamps) and summarize() -> tok/s, TTFT, ITL; SectionClock (each
+                 section's wall and CPU time: results["section_seconds"], shown on the page)
     anchors.py   the baselines: HF base batch, PEFT mixed batch, naive serial flow, PEFT load_adapter, HF static
                  batches of mixed lengths
     drivers.py   Driver protocol + EngineDriver (in-process AsyncEngine); run_concurrent(), run_arrivals()

@@ -84,6 +84,7 @@ class ServerProcess(ChildServer):
 
     def __init__(self, args: list[str], log_path: Path, threads: int) -> None:
         port, self.admin_key = free_port(), secrets.token_hex(16)
+        self.loaded: set[str] = set()  # adapters loaded through any driver: one server serves several sections
         super().__init__(
             [sys.executable, "-m", "server", "serve", *args, "--served-model-name", BASE, "--host", "127.0.0.1",
              "--port", str(port), "--admin-key", self.admin_key, "--threads", str(threads),
@@ -98,6 +99,7 @@ class HttpDriver:
 
     def __init__(self, server) -> None:
         self.admin = {"Authorization": f"Bearer {getattr(server, 'admin_key', '')}"}
+        self.loaded: set[str] = getattr(server, "loaded", set())
         self.client = httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(600.0),
                                         limits=httpx.Limits(max_connections=512, max_keepalive_connections=512))
 
@@ -127,10 +129,14 @@ class HttpDriver:
                     seen = usage["completion_tokens"]
 
     async def load_adapter(self, name: str, path: str) -> None:
+        """Load ``name`` unless an earlier section already did on this server (a second load is a 400)."""
+        if name in self.loaded:
+            return
         r = await self.client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
                                    headers=self.admin)
         if r.status_code != 200:
             raise RuntimeError(f"loading {name}: {r.status_code} {r.text}")
+        self.loaded.add(name)
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -104,11 +104,22 @@ def convert_adapter(cache: Path, model_dir: Path, adapter: Path) -> Path:
     """A PEFT LoRA directory as a llama.cpp LoRA GGUF (f32), by llama.cpp's own converter; cached by the
     adapter's content (the bench's adapters are seeded, so a rerun converts nothing)."""
     src = source_dir(cache)
-    digest = hashlib.sha256((adapter / "adapter_config.json").read_bytes()
-                            + (adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(_canonical_config(adapter) + (adapter / "adapter_model.safetensors").read_bytes()
+                            ).hexdigest()[:16]
     out = cache / "llama.cpp" / VERSION / "loras" / f"{digest}.gguf"
     return _convert(src, "convert_lora_to_gguf.py", ["--base", str(model_dir), "--outtype", "f32", str(adapter)],
                     out)
+
+
+def _canonical_config(adapter: Path) -> bytes:
+    """adapter_config.json with sorted keys and its lists of names sorted: PEFT writes ``target_modules`` from a
+    set, in an order that changes with every process's string hashing, so the file's bytes would give the same
+    adapter a new cache key (and a fresh conversion, a minute for 16 adapters) on every run."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    for key, value in config.items():
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            config[key] = sorted(value)
+    return json.dumps(config, sort_keys=True).encode()
 
 
 class LlamaServerProcess(ChildServer):

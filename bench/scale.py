@@ -14,7 +14,6 @@ types      an IA3 cell and a mixed cell (LoRA + DoRA + IA3 + AdaLoRA, round-robi
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -112,13 +111,15 @@ async def run_types(cfg, engine, typed: dict[str, Path], kinds: dict[str, str], 
     cells = {"ia3": by_kind["ia3"][:k], "mixed": mixed}
     await run_concurrent(driver, cell_requests(prompts.take(len(typed)), list(typed), 2))  # first activations
     out = []
+    base = summarize(anchors.base_batch(prompts.take(n), cfg.max_tokens)) if anchors else None  # one anchor: the
+    # same N (fresh) prompt lengths on the base model, whatever the cell's adapters
     for label, adapters in cells.items():
         row: dict = {"cell": label, "concurrency": n, "adapters": len(adapters),
                      "kinds": dict(Counter(kinds.get(a, "lora") for a in adapters))}
-        cell = prompts.take(n)
-        if anchors:
-            row["base"] = summarize(anchors.base_batch(cell, cfg.max_tokens))
-        row["swapserve"] = summarize(await run_concurrent(driver, cell_requests(cell, adapters, cfg.max_tokens)))
+        if base:
+            row["base"] = base
+        row["swapserve"] = summarize(await run_concurrent(driver, cell_requests(prompts.take(n), adapters,
+                                                                                cfg.max_tokens)))
         log.info("types cell %s N=%d k=%d: swapserve %.1f tok/s%s", label, n, len(adapters), row["swapserve"]["tok_s"],
                  f" HF base {row['base']['tok_s']:.1f}" if anchors else "")
         out.append(row)
@@ -129,9 +130,3 @@ async def run_types(cfg, engine, typed: dict[str, Path], kinds: dict[str, str], 
         host.setdefault(info.get("type") or kinds.get(name, "lora"), info.get("size_bytes"))
     return {"cells": out, "host_bytes": host}
 
-
-async def timed(label: str, coro):
-    start = time.perf_counter()
-    result = await coro
-    log.info("%s took %.0fs", label, time.perf_counter() - start)
-    return result

@@ -19,11 +19,11 @@ from bench.fixtures import adapter_bytes, copy_adapters, make_adapters, make_typ
 from bench.memory import model_memory
 from bench.report import loadavg, machine_git
 from bench.request_set import PromptSource, RequestSet
-from bench.scale import run_scale, run_types, timed
+from bench.scale import run_scale, run_types
 from bench.mixtures import run_mixtures
 from bench.structured import run_structured
 from bench.swap import interference, swap_costs
-from bench.timing import summarize
+from bench.timing import SectionClock, summarize
 from bench.traffic import TrafficSpec, run_traffic
 from server import progress
 
@@ -98,16 +98,24 @@ def engine_config(cfg: BenchConfig, fx: Fixtures, root: Path):
                         seed=cfg.seed)
 
 
+BASE_ANCHORS = ("base", "base_onednn")
+
+
 async def measure_cell(cfg: BenchConfig, fx: Fixtures, anchors: Anchors | None, driver: Driver,
-                       n: int, k: int, with_base_engine: bool, slow_anchors: bool = True) -> dict:
+                       n: int, k: int, with_base_engine: bool, slow_anchors: bool = True,
+                       base_rows: dict | None = None) -> dict:
     """One (concurrency, adapters) cell, systems back to back. Request i uses adapter i % k. ``slow_anchors``:
     also PEFT's mixed batch and the naive serial flow (the grid runs them in its first round only: no target is
-    set on them, and at 64 adapters PEFT alone takes longer than every other system of the cell together)."""
+    set on them, and at 64 adapters PEFT alone takes longer than every other system of the cell together).
+    ``base_rows``: the HF base-model anchors (BASE_ANCHORS) another cell of this N measured in this round; they
+    run N prompts of the same lengths whatever k is, so they are taken over rather than run again."""
     prompts_n, m = fx.prompts.take(n), cfg.max_tokens  # every system of the cell: the same (fresh) prompts
     adapters = list(fx.cell)[:k]
     rows = [adapters[i % k] for i in range(n)]
     row: dict = {"concurrency": n, "adapters": k}
-    if anchors:
+    if anchors and base_rows:
+        row.update(base_rows)
+    elif anchors:
         row["base"] = summarize(anchors.base_batch(prompts_n, m))
         if anchors.base_onednn is not None:
             row["base_onednn"] = summarize(anchors.base_onednn_batch(prompts_n, m))
@@ -181,54 +189,48 @@ async def run_suite(cfg: BenchConfig) -> dict:
     torch.set_num_threads(cfg.threads or auto_threads())
     log.info("torch threads: %d (load average %.2f, %d CPUs)", torch.get_num_threads(), os.getloadavg()[0],
              os.cpu_count())
+    clock = SectionClock()
     memory = []
     if not cfg.skip_memory and cfg.device == "cpu":  # first, before anything is timed: three loads side by side
-        memory = await timed("memory (plain / int8 / nf4 subprocesses)",
-                             model_memory(str(model_dir(cfg.model, cfg.cache_dir))))
+        with clock.section("memory"):  # plain / int8 / nf4 subprocesses
+            memory = await model_memory(str(model_dir(cfg.model, cfg.cache_dir)))
         log.info("model RSS: %s", {m["quantization"]: round(m.get("model_rss", 0) / 1e6) for m in memory})
     with tempfile.TemporaryDirectory(prefix="swapserve-bench-") as tmp:
         root = Path(tmp)
-        fx = build_fixtures(cfg, root)
-        anchors, peft_load = None, []
-        if not cfg.skip_anchors:
-            anchors = Anchors(fx.model_dir, fx.cell, cfg.device, cfg.dtype, cfg.quantization)
-            peft_load = anchors.load_adapter_seconds(dict(list(fx.pool.items())[:cfg.swap_samples]))
-        start = time.perf_counter()
-        engine = AsyncEngine(engine_config(cfg, fx, root))
-        log.info("swapserve engine up in %.1fs", time.perf_counter() - start)
-        await engine.start()
+        with clock.section("setup"):  # fixtures, the HF/PEFT anchors, the in-process engine
+            fx = build_fixtures(cfg, root)
+            anchors, peft_load = None, []
+            if not cfg.skip_anchors:
+                anchors = Anchors(fx.model_dir, fx.cell, cfg.device, cfg.dtype, cfg.quantization)
+                peft_load = anchors.load_adapter_seconds(dict(list(fx.pool.items())[:cfg.swap_samples]))
+            start = time.perf_counter()
+            engine = AsyncEngine(engine_config(cfg, fx, root))
+            log.info("swapserve engine up in %.1fs", time.perf_counter() - start)
+            await engine.start()
         try:
-            results = await _measure(cfg, fx, anchors, engine, peft_load)
+            results = await _measure(cfg, fx, anchors, engine, peft_load, clock)
         finally:
             await engine.shutdown(5)
         del engine
-        if not cfg.skip_http:
-            results["http"] = await timed("HTTP server", run_http(cfg, fx, root))
-        if cfg.peers:
-            from bench.peers import run_peers
-
-            await _optional(results, "peers", "peers (llama-server)", run_peers(
-                cfg, fx, root, server_args(cfg, fx, root), torch.get_num_threads()))
-        if cfg.guidellm:
-            from bench.outside import run_outside
-
-            await _optional(results, "outside", "GuideLLM", run_outside(cfg, fx, server_args(cfg, fx, root),
-                                                                        torch.get_num_threads()))
+        if not cfg.skip_http or cfg.peers or cfg.guidellm:
+            await http_sections(cfg, fx, root, results, clock)
         if fx.scale:
-            results["scale"] = await timed("scale", run_scale(cfg, fx.model_dir, fx.scale_root, fx.scale,
-                                                              fx.prompts, anchors))
+            with clock.section("scale"):
+                results["scale"] = await run_scale(cfg, fx.model_dir, fx.scale_root, fx.scale,
+                                                   fx.prompts, anchors)
         if memory:
             results["memory"] = {"models": memory, "adapter": results.get("scale", {}).get("tiers")}
         if not cfg.skip_traffic:
-            results["traffic"] = await timed("traffic", run_traffic_section(cfg, fx, root, anchors))
-        return results
+            with clock.section("traffic"):
+                results["traffic"] = await run_traffic_section(cfg, fx, root, anchors)
+        return {"section_seconds": clock.seconds, "section_cpu_seconds": clock.cpu_seconds, **results}
 
 
 async def _optional(results: dict, key: str, label: str, coro) -> None:
     """A section that needs outside tools (a C++ toolchain, another client): its failure is logged and
     recorded (``<key>_error``, shown in BENCHMARKS.md) and the rest of the run's results are kept."""
     try:
-        results[key] = await timed(label, coro)
+        results[key] = await coro
     except (RuntimeError, OSError, ValueError) as e:
         log.error("%s failed: %s", label, e)
         results[f"{key}_error"] = str(e)
@@ -244,17 +246,46 @@ def server_args(cfg: BenchConfig, fx: Fixtures, root: Path) -> list[str]:
             "--adapter-root", str(root), "--seed", str(ec.seed)]
 
 
-async def run_http(cfg: BenchConfig, fx: Fixtures, root: Path) -> dict:
+async def http_sections(cfg: BenchConfig, fx: Fixtures, root: Path, results: dict, clock: SectionClock) -> None:
+    """The sections that drive `python -m server serve` over HTTP (this module's run_http, the peers, GuideLLM),
+    on one server they share: a server's start (imports, model load, packing) is ~10-20 s on 2 CPUs, and each
+    section warms the adapters it uses before it measures anything."""
+    from bench.http import ServerProcess
+
+    log_path = Path(tempfile.mkstemp(prefix="swapserve-bench-server-", suffix=".log")[1])  # kept if one fails
+    threads = torch.get_num_threads()
+    with clock.section("serve"):
+        server = ServerProcess(server_args(cfg, fx, root), log_path, threads)
+        start = time.perf_counter()
+        await server.wait_ready()
+        log.info("HTTP server up in %.1fs (port %d)", time.perf_counter() - start, server.port)
+    try:
+        if not cfg.skip_http:
+            with clock.section("http"):
+                results["http"] = await run_http(cfg, fx, server)
+        if cfg.peers:
+            from bench.peers import run_peers
+
+            with clock.section("peers"):
+                await _optional(results, "peers", "peers (llama-server)", run_peers(cfg, fx, server, threads))
+        if cfg.guidellm:
+            from bench.outside import run_outside
+
+            with clock.section("guidellm"):
+                await _optional(results, "outside", "GuideLLM", run_outside(cfg, fx, server, threads))
+    finally:
+        with clock.section("serve"):  # its CPU time over all three sections is counted when it exits
+            server.close()
+    if not any(key in results for key in ("peers_error", "outside_error")):
+        log_path.unlink()
+
+
+async def run_http(cfg: BenchConfig, fx: Fixtures, server) -> dict:
     """The target cell and the load-interference rounds again, through the real server (bench/http.py)."""
-    from bench.http import HttpDriver, ServerProcess
+    from bench.http import HttpDriver
     from bench.markdown import TARGET_CELL
 
     n, k = TARGET_CELL if TARGET_CELL in cfg.cells else max(cfg.cells)
-    log_path = Path(tempfile.mkstemp(prefix="swapserve-bench-server-", suffix=".log")[1])  # kept if it fails
-    server = ServerProcess(server_args(cfg, fx, root), log_path, torch.get_num_threads())
-    start = time.perf_counter()
-    await server.wait_ready()
-    log.info("HTTP server up in %.1fs (port %d)", time.perf_counter() - start, server.port)
     driver = HttpDriver(server)
     try:
         await warm_up(driver, fx, cfg)
@@ -267,8 +298,6 @@ async def run_http(cfg: BenchConfig, fx: Fixtures, root: Path) -> dict:
         log.info("HTTP load interference: %+.0f%%", intf["itl_p99_rise"] * 100)
     finally:
         await driver.close()
-        server.close()
-    log_path.unlink()
     return {"concurrency": n, "adapters": k, "swapserve": cell, "interference": intf}
 
 
@@ -317,40 +346,45 @@ def hf_static(cfg: BenchConfig, anchors: Anchors) -> dict:
     return out
 
 
-async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float]) -> dict:
+async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float], clock: SectionClock) -> dict:
     from bench.timing import percentile_ms
 
     driver = EngineDriver(engine)
-    await warm_up(driver, fx, cfg)
-    if anchors:
-        anchors.warm_up(fx.prompts.take(1)[0])
-    per_round: list[list[dict]] = []
-    grid_loads = []
-    for r in range(cfg.grid_rounds):  # every cell once per round, in turn: drifting load hits all cells alike
-        load = {"start": loadavg()}
-        seen: set[int] = set()
-        per_round.append([])
-        for n, k in progress.bar(cfg.cells, desc=f"bench cells, round {r + 1}/{cfg.grid_rounds}", unit="cell"):
-            per_round[-1].append(await measure_cell(cfg, fx, anchors, driver, n, k, n not in seen, r == 0))
-            seen.add(n)
-        grid_loads.append(load | {"end": loadavg()})
-        log.info("grid round %d/%d done (load average %s -> %s)", r + 1, cfg.grid_rounds, load["start"],
-                 grid_loads[-1]["end"])
-    cells = [combine_rounds(list(rows)) for rows in zip(*per_round)]
-    pool = dict(list(fx.pool.items())[:cfg.swap_samples])
-    swap = await swap_costs(engine, driver, pool, fx.on_demand, fx.prompts)
-    swap["peft_load_adapter_p50_ms"] = percentile_ms(peft_load)
-    log.info("swap costs: %s", {k: round(v, 2) for k, v in swap.items() if v is not None})
-    streams = cell_requests(fx.prompts.take(cfg.interference_streams), list(fx.cell)[:4], cfg.max_tokens)
-    loads = dict(list(fx.pool.items())[:cfg.interference_loads])
-    intf = await interference(driver, streams, loads, fx.prompts, cfg.interference_rounds)
-    log.info("load interference: %s", {k: round(v, 3) for k, v in intf.items() if k != "per_round"})
+    with clock.section("grid"):
+        await warm_up(driver, fx, cfg)
+        if anchors:
+            anchors.warm_up(fx.prompts.take(1)[0])
+        per_round: list[list[dict]] = []
+        grid_loads = []
+        for r in range(cfg.grid_rounds):  # every cell once per round, in turn: drifting load hits all cells alike
+            load = {"start": loadavg()}
+            base_rows: dict[int, dict] = {}  # N -> this round's HF base anchors at N
+            per_round.append([])
+            for n, k in progress.bar(cfg.cells, desc=f"bench cells, round {r + 1}/{cfg.grid_rounds}", unit="cell"):
+                row = await measure_cell(cfg, fx, anchors, driver, n, k, n not in base_rows, r == 0, base_rows.get(n))
+                base_rows.setdefault(n, {key: row[key] for key in BASE_ANCHORS if key in row})
+                per_round[-1].append(row)
+            grid_loads.append(load | {"end": loadavg()})
+            log.info("grid round %d/%d done (load average %s -> %s)", r + 1, cfg.grid_rounds, load["start"],
+                     grid_loads[-1]["end"])
+        cells = [combine_rounds(list(rows)) for rows in zip(*per_round)]
+    with clock.section("swap"):  # swap costs and load interference
+        pool = dict(list(fx.pool.items())[:cfg.swap_samples])
+        swap = await swap_costs(engine, driver, pool, fx.on_demand, fx.prompts)
+        swap["peft_load_adapter_p50_ms"] = percentile_ms(peft_load)
+        log.info("swap costs: %s", {k: round(v, 2) for k, v in swap.items() if v is not None})
+        streams = cell_requests(fx.prompts.take(cfg.interference_streams), list(fx.cell)[:4], cfg.max_tokens)
+        loads = dict(list(fx.pool.items())[:cfg.interference_loads])
+        intf = await interference(driver, streams, loads, fx.prompts, cfg.interference_rounds)
+        log.info("load interference: %s", {k: round(v, 3) for k, v in intf.items() if k != "per_round"})
     out = {"cells": cells, "grid_loads": grid_loads, "swap": swap, "interference": intf}
     if cfg.structured_share:
-        out["structured"] = await timed("structured outputs", run_structured(cfg, engine, fx.cell, fx.prompts))
+        with clock.section("structured"):
+            out["structured"] = await run_structured(cfg, engine, fx.cell, fx.prompts)
     if cfg.mixtures:
-        out["mixtures"] = await timed("mixtures", run_mixtures(cfg, engine, fx.cell, fx.prompts))
+        with clock.section("mixtures"):
+            out["mixtures"] = await run_mixtures(cfg, engine, fx.cell, fx.prompts)
     if fx.typed:
-        out["types"] = await timed("types", run_types(cfg, engine, fx.typed, fx.kinds, list(fx.cell)[:4],
-                                                      fx.prompts, anchors))
+        with clock.section("types"):
+            out["types"] = await run_types(cfg, engine, fx.typed, fx.kinds, list(fx.cell)[:4], fx.prompts, anchors)
     return out

@@ -2,6 +2,8 @@
 reported numbers. Every system under test produces Traces, so every number is computed the same way."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -104,3 +106,46 @@ class StepClock:
 
 def percentile_ms(values: list[float], q: float = 50) -> float | None:
     return _pct(values, q)
+
+
+class SectionClock:
+    """Wall seconds of each section of a run, in the order they ran: results["section_seconds"], so a results
+    file (and BENCHMARKS.md) says what a preset costs and where, e.g. when sizing a preset to a time budget.
+    A section timed twice adds up; a section that fails still gets its time."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}  # CPU time of this process and the children it waited for
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        start, cpu = time.perf_counter(), cpu_seconds()
+        try:
+            yield
+        finally:
+            took, used = time.perf_counter() - start, cpu_seconds() - cpu
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + took, 1)
+            self.cpu_seconds[name] = round(self.cpu_seconds.get(name, 0.0) + used, 1)
+            logging.getLogger("bench").info("%s took %.0fs (CPU %.0fs)", name, took, used)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that have exited (servers, converters,
+    GuideLLM, the memory subprocesses). On a shared machine a section's wall time grows with the other jobs'
+    load; its CPU time much less, so the two together say what the run costs on an idle machine."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def section_summary(seconds: dict[str, float], wall: float | None = None) -> str:
+    """"13.0 min: grid 2.1, traffic 4.2, ..., the rest 0.4" (minutes; "the rest": wall time outside every
+    section: imports, fixtures, writing the outputs)."""
+    parts = [f"{name} {s / 60:.1f}" for name, s in seconds.items()]
+    if wall is not None:
+        rest = wall - sum(seconds.values())
+        if rest >= 0.05 * 60:
+            parts.append(f"the rest {rest / 60:.1f}")
+    total = wall if wall is not None else sum(seconds.values())
+    return f"{total / 60:.1f} min: " + ", ".join(parts)

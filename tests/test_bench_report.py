@@ -3,6 +3,7 @@ serial rate pooled over every cell (the serial flow does not batch, so one rate 
 from __future__ import annotations
 
 from bench.markdown import headline, pooled_naive
+from bench.request_set import PromptSource
 
 
 def cell(n: int, k: int, base: float, ours: float, naive_tokens: int, naive_seconds: float) -> dict:
@@ -41,11 +42,12 @@ def test_headline_quotes_the_peers_64_adapters_and_http_with_their_targets():
 
 
 def test_headline_stays_on_the_target_cell_and_64_adapters_get_a_cell():
-    """The issue's grid has 64 adapters over concurrency up to 32: that point runs as 64 requests, one adapter
-    each, and the headline stays on the 32 x 16 cell the targets are set on."""
+    """A grid with 64 adapters over concurrency up to 32 runs that point as 64 requests, one adapter each, and
+    the headline stays on the 32 x 16 cell the targets are set on."""
     from bench.config import parse_args
 
-    assert parse_args([]).cells[-1] == (64, 64) and parse_args([]).max_concurrency == 64
+    assert parse_args(["--concurrency", "1,32", "--adapters", "1,16,64"]).cells[-1] == (64, 64)
+    assert parse_args(["--full"]).max_concurrency == 64
     assert (64, 64) not in parse_args(["--adapters", "1,16"]).cells
     cells = [cell(32, 16, 100.0, 90.0, 96, 12.0), cell(64, 64, 120.0, 60.0, 96, 12.0)]
     assert "32 concurrent requests over 16 distinct adapters" in headline({"cells": cells, "config": {}})
@@ -121,15 +123,22 @@ def test_http_driver_streams_and_loads_through_the_real_server(tiny_model_dir, a
         driver = HttpDriver(server)
         try:
             await driver.load_adapter("x", str(adapters["lora"]))
-            return await run_concurrent(driver, [BenchRequest([5, 6, 7], "x", 9), BenchRequest([5, 6], None, 4)])
+            first = await run_concurrent(driver, [BenchRequest([5, 6, 7], "x", 9), BenchRequest([5, 6], None, 4)])
         finally:
             await driver.close()
+        later = HttpDriver(server)  # the next section on the same server (bench.suite.http_sections)
+        try:
+            await later.load_adapter("x", str(adapters["lora"]))  # loaded already: no second load (a 400)
+            return first, await run_concurrent(later, [BenchRequest([5], "x", 3)])
+        finally:
+            await later.close()
 
     try:
-        traces = asyncio.run(go())
+        traces, again = asyncio.run(go())
     finally:
         server.close()
     assert [t.tokens for t in traces] == [9, 4] and all(t.ttft > 0 for t in traces)
+    assert again[0].tokens == 3 and server.loaded == {"x"}
 
 
 def test_http_section_sets_the_http_cell_beside_the_in_process_one():
@@ -277,3 +286,127 @@ def test_grid_rounds_combine_into_medians_and_per_round_ratios():
     assert c["round_ratios"]["base_onednn"] == [0.9, 0.8, 0.9]
     assert "**0.90x (0.80–0.90)**" in "\n".join(throughput_table({"cells": [c]}))
     assert "**0.90x (0.80–0.90) the base model at equal GEMM**" in headline({"cells": [c], "config": {}})
+
+
+def test_the_page_says_how_long_each_section_took():
+    """results["section_seconds"] (bench.timing.SectionClock) renders as one line under the machine: the total,
+    each section in minutes in the order it ran, and the time outside every section."""
+    import json
+    from pathlib import Path
+
+    from bench.markdown import machine_lines
+    from bench.timing import SectionClock, section_summary
+
+    clock = SectionClock()
+    for name in ("grid", "traffic", "grid"):  # a section timed twice adds up
+        with clock.section(name):
+            sum(i * i for i in range(200_000))  # some CPU time
+    assert list(clock.seconds) == list(clock.cpu_seconds) == ["grid", "traffic"]
+    assert all(s >= 0 for s in clock.cpu_seconds.values())
+    assert section_summary({"grid": 150.0, "traffic": 240.0}, 420.0) == "7.0 min: grid 2.5, traffic 4.0, the rest 0.5"
+    assert section_summary({"grid": 150.0, "traffic": 240.0}) == "6.5 min: grid 2.5, traffic 4.0"
+
+    results = json.loads(Path("bench/results/default.json").read_text())
+    results.pop("section_seconds", None)
+    assert not any("Time by section" in line for line in machine_lines(results))  # older runs: no line
+    results.update(wall_seconds=780.0, section_seconds={"memory": 30.0, "grid": 150.0, "peers": 240.0,
+                                                        "traffic": 330.0},
+                   section_cpu_seconds={"memory": 30.0, "grid": 120.0, "peers": 90.0, "traffic": 300.0},
+                   peers={"prepare_seconds": 1800.0})
+    line = next(line for line in machine_lines(results) if "Time by section" in line)
+    assert "13.0 min: memory 0.5, grid 2.5, peers 4.0, traffic 5.5, the rest 0.5" in line
+    assert "CPU time in those sections 9.0 min" in line
+    assert "peers includes 30.0 min preparing llama-server" in line
+
+
+def test_llama_lora_cache_key_ignores_the_order_peft_writes_its_module_sets_in(tmp_path):
+    """PEFT saves target_modules from a set (an order per process): the same adapter must keep its converted
+    GGUF across runs, and a different one must not share it."""
+    import json
+
+    from bench.llama_server import _canonical_config
+
+    def adapter(name: str, modules: list[str], r: int = 16):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": r, "target_modules": modules,
+                                                                         "peft_type": "LORA"}))
+        return tmp_path / name
+
+    one = _canonical_config(adapter("a", ["q_proj", "v_proj", "o_proj"]))
+    assert one == _canonical_config(adapter("b", ["o_proj", "q_proj", "v_proj"]))
+    assert one != _canonical_config(adapter("c", ["o_proj", "q_proj", "v_proj"], r=8))
+
+
+def test_default_preset_keeps_the_issues_cells_and_full_keeps_the_larger_settings():
+    """The default preset is sized to ~13 min on 2 CPUs, but still runs what the issue's targets are set on
+    (32 x 16 in >= 3 rounds, the peers and GuideLLM sections, (a)'s long prompt among 31 short, (d)'s 64
+    adapters); --full keeps every larger setting the default had before (64 x 64, 32 output tokens and more)."""
+    from bench.config import parse_args
+
+    cfg = parse_args([])
+    assert (32, 16) in cfg.cells and (32, 1) in cfg.cells and cfg.grid_rounds >= 3 and cfg.rounds >= 3
+    assert cfg.peers and cfg.guidellm and not cfg.skip_traffic and not cfg.skip_scale and cfg.scale_adapters == 200
+    t = cfg.traffic
+    assert (t.requests, t.long_prompt, t.wide_requests, len(t.loads)) == (32, 1500, 64, 3) and t.rounds >= 3
+    full = parse_args(["--full"])
+    assert (64, 64) in full.cells and full.max_tokens >= 32 and full.peers and full.guidellm and full.peer_quantized
+    assert full.guidellm_requests >= 32 and full.scale_requests >= 64 and full.traffic.poisson_requests >= 32
+    assert parse_args(["--peer-quantized"]).peer_quantized and not parse_args(["--no-peer-quantized", "--full"]).peer_quantized
+
+
+def test_headline_takes_64_adapters_from_traffic_d_when_the_grid_has_no_such_cell():
+    cells = [cell(32, 16, 100.0, 90.0, 96, 12.0)]
+    traffic = {"runs": [{"wide": {"requests": 64, "adapters": 64,
+                                  "ratio": {"median": 0.91, "min": 0.88, "max": 0.95, "n": 3}}}]}
+    text = headline({"cells": cells, "config": {}, "traffic": traffic})
+    assert "- 64 requests over 64 adapters: 0.91x (0.88–0.95) the same requests on the base model" in text
+    assert "traffic section's (d); target >= 0.85x" in text
+    grid = headline({"cells": cells + [{**cell(64, 64, 120.0, 60.0, 96, 12.0),
+                                        "swapserve_no_adapter": {"tok_s": 75.0}}], "config": {}, "traffic": traffic})
+    assert "0.80x the same 64 requests on the base model" in grid and "(d)" not in grid  # the grid's cell wins
+
+
+def test_grid_runs_the_hf_base_anchors_once_per_concurrency_per_round():
+    """bench.suite.measure_cell: HF's base-model anchors run the same N prompts whatever k is, so the second
+    cell of an N in a round takes the first one's over instead of running them again; swapserve runs in both."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from bench.suite import BASE_ANCHORS, measure_cell
+    from bench.timing import Trace
+
+    calls = []
+
+    class Anchors:
+        base_onednn = object()
+
+        def base_batch(self, prompts, m):
+            calls.append(("base", len(prompts)))
+            return [Trace(0.0, [0.5, 1.0], [1, m - 1]) for _ in prompts]
+
+        def base_onednn_batch(self, prompts, m):
+            calls.append(("base_onednn", len(prompts)))
+            return [Trace(0.0, [0.25, 0.5], [1, m - 1]) for _ in prompts]
+
+    class Driver:
+        name = "fake"
+
+        async def stream(self, req):
+            calls.append(("swapserve", req.adapter))
+            yield 1
+            yield req.max_tokens - 1
+
+    cfg = SimpleNamespace(max_tokens=4, naive_requests=2)
+    fx = SimpleNamespace(prompts=PromptSource(100, 3, 0), cell={"a00": None, "a01": None})
+
+    async def grid_round():
+        first = await measure_cell(cfg, fx, Anchors(), Driver(), 4, 1, True, False)
+        shared = {key: first[key] for key in BASE_ANCHORS}
+        second = await measure_cell(cfg, fx, Anchors(), Driver(), 4, 2, False, False, shared)
+        return first, second
+
+    first, second = asyncio.run(grid_round())
+    assert [c for c in calls if c[0] != "swapserve"] == [("base", 4), ("base_onednn", 4)]  # once, for both cells
+    assert second["base"] is first["base"] and second["base_onednn"]["tok_s"] == 16 / 0.5
+    assert sum(c == ("swapserve", "a01") for c in calls) == 2  # the k=2 cell still ran its own swapserve rows
+    assert "swapserve_no_adapter" in first and "swapserve_no_adapter" not in second
