@@ -157,7 +157,7 @@ def poisson_intro(runs: list[dict], cfg: dict) -> str:
     return (f"One fixed request set of {drawn['requests']} requests: {_lengths('prompt', cfg, drawn['prompt'])}; "
             f"{_lengths('output', cfg, drawn['output'])}. The lengths are each distribution's quantiles at "
             f"(i + ½) / {drawn['requests']} (a stratified draw, so the tail is there however few the requests), "
-            "prompts and outputs each in a seeded random order. Request i is on adapter i mod {adapters} "
+            f"prompts and outputs each in a seeded random order. Request i is on adapter i mod {adapters} "
             f"({_lora(runs[0]) if adapters else 'the base model'}), with fresh random prompt tokens in "
             f"every run. Poisson arrivals (one draw of unit-rate gaps, scaled per rate; open loop: TTFT counts from "
             f"the scheduled send) {rates}; every engine runs at the same rates (*load*: the rate over that engine's "

@@ -232,6 +232,7 @@ def test_real_traffic_section_sets_the_engines_side_by_side():
     assert "| 1200 (1080–1320) / 1200 (1080–1320) |" not in text and "0 / 1200 (1080–1320) |" in text
     assert "– (no prefix cache)" in text
     assert "lognormal(median 80, σ 1.2) clipped to [16, 2048] (drawn: mean 150, p50 96, p90 350, max 900" in text
+    assert "Request i is on adapter i mod 16 (" in text and "{adapters}" not in text
     assert ("| engine v1 (b715e68) | 0.500 (0.90x) | 100.0 | 0.450 | 10 | 20 | 30 | 40 | **84%** (27/32) | "
             "200.0 |") in text
     assert "| – | – |" in text  # v1 has no preemption or prefix-hit counters
