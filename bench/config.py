@@ -14,7 +14,7 @@ PRESETS = {
                   scale_rounds=1, grid_rounds=1,
                   traffic=dict(rounds=1, max_tokens=16, prefix_max_tokens=8, poisson_requests=12, prompt_median=48,
                                output_median=16, output_sigma=0.5)),
-    # everything the benchmarks issue (#20) asks for, sized to ~15 min on 2 CPUs (BENCHMARKS.md lists each
+    # everything the benchmarks issue (#20) asks for: 17.0 min on 2 CPUs at d9543fd (load ~1; BENCHMARKS.md lists each
     # section's minutes and the run's CPU time; longer on a busier machine; the old default was 52 min): the
     # 32 x 16 headline cell and 32 x 1 in 3 interleaved rounds, 32-token prompts and 32 output tokens (fewer
     # output tokens make prefill, where the server leads HF most, a larger share: 16 read 1.14x at equal GEMM
