@@ -34,15 +34,17 @@ class PromptSource:
         self.calls = 0
 
     def take(self, n: int, length: int | None = None) -> list[list[int]]:
-        rng = rng_for(self.seed, "prompts", self.calls)
-        self.calls += 1
+        rng = self._next()
         return [random_prompt(rng, length or self.length, self.vocab) for _ in range(n)]
 
     def renew(self, reqs: list) -> list:
         """Copies of ``reqs`` (BenchRequests) with fresh prompts, each as long as the one it replaces."""
-        rng = rng_for(self.seed, "prompts", self.calls)
-        self.calls += 1
+        rng = self._next()
         return [dataclasses.replace(r, prompt=random_prompt(rng, len(r.prompt), self.vocab)) for r in reqs]
+
+    def _next(self) -> np.random.Generator:
+        self.calls += 1
+        return rng_for(self.seed, "prompts", self.calls - 1)
 
 
 def lognormal_lengths(rng: np.random.Generator, n: int, median: float, sigma: float, lo: int, hi: int) -> list[int]:

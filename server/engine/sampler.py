@@ -149,13 +149,11 @@ class Sampler:
         10 ms a step on a CPU for a few hundred entries."""
         device = scores.device
         allowed = [(j, r.params.allowed_token_ids) for j, r in enumerate(requests) if r.params.allowed_token_ids]
-        if allowed:
-            pairs = to_device(torch.tensor([(i, t) for i, (_, ids) in enumerate(allowed) for t in ids],
-                                           dtype=torch.long), device)
-            keep = torch.zeros(len(allowed), scores.shape[1], dtype=torch.bool, device=device)
-            keep[pairs[:, 0], pairs[:, 1]] = True
-            block = _indices([j for j, _ in allowed], device)
-            scores.index_copy_(0, block, scores.index_select(0, block).masked_fill(~keep, NEG_INF))
+        if allowed:  # keep the allowed (row, token) scores, set the rest of those rows to -inf
+            rows, cols, _ = _pairs([(j, ids, [0.0] * len(ids)) for j, ids in allowed], device)
+            kept = scores[rows, cols]
+            scores.index_fill_(0, _indices([j for j, _ in allowed], device), NEG_INF)
+            scores[rows, cols] = kept
         bias = [(j, list(r.params.logit_bias), list(r.params.logit_bias.values())) for j, r in enumerate(requests)
                 if r.params.logit_bias]
         if bias:

@@ -21,16 +21,11 @@ class RowSampler(Sampler):
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int | None], list, list]:
-        """logits: [rows, vocab] float32 (one row per request). Returns per row: the token, its logprob (or
-        None) and the top_logprobs [(token_id, logprob)] (or None) of the raw model distribution (after its
-        grammar's mask, if any). A row whose logits are not all finite gets token None (the engine fails that
-        request alone)."""
+        """Sampler.__call__'s contract, one row at a time."""
         if self.mask is not None:
             self.mask.apply(logits, requests)
         plain = [self._plain_greedy(r) for r in requests]
-        # one pass gives the common case's answer (greedy: the argmax) and the health check: max propagates NaN
-        # and is inf when any logit is (3x faster than argmax alone, 10x faster than isfinite(logits).all())
-        top, fast = logits.max(-1)
+        top, fast = logits.max(-1)  # the plain-greedy tokens and, by NaN/inf propagation, the health check
         finite = torch.isfinite(top).tolist()
         fast = fast.tolist()
         logits = logits.cpu()
