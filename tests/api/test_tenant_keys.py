@@ -83,26 +83,19 @@ def test_a_malformed_json_file_names_the_line_and_entry_and_never_the_key(tmp_pa
     assert SECRET not in message and "sk-other-key" not in message
 
 
-@pytest.mark.parametrize("text, where", [
-    ('[\n  {"key": "sk-very-secret-key-0001", "name": "a" "adapters": []}\n]', "line 2 column 50: invalid JSON"),
-    ('[{"key": "k", "name": "a", "key": "j", "base_model": true}]', "entry 1: field 'key' is given twice"),
-    ('[{"key": "k1", "name": "a", "base_model": true}] x', "line 1: text after the list"),
+@pytest.mark.parametrize("suffix, text, where", [
+    ("json", '[\n  {"key": "sk-very-secret-key-0001", "name": "a" "adapters": []}\n]', "line 2 column 50: invalid JSON"),
+    ("json", '[{"key": "k", "name": "a", "key": "j", "base_model": true}]', "entry 1: field 'key' is given twice"),
+    ("json", '[{"key": "k1", "name": "a", "base_model": true}] x', "line 1: text after the list"),
+    ("yaml", "- key: sk-very-secret-key-0001\n  name: a\n  adapters: [x\n- key: k2\n", "line 4 column 6: invalid YAML"),
+    ("yaml", "- key: sk-very-secret-key-0001\n  name: a\n  name: b\n  base_model: true\n", "line 3 (entry 1): field "
+                                                                                           "'name' is given twice"),
+    ("yaml", "key: sk-very-secret-key-0001\n", "line 1: expected a list"),
+    ("yaml", "", "line 1: expected a list"),
+    ("yaml", "- key: 12345\n  name: a\n  base_model: true\n", "line 1 (entry 1, 'a'): key must be a non-empty string"),
 ])
-def test_json_syntax_errors_name_the_line(tmp_path, text, where):
-    message = error_of(write(tmp_path / "keys.json", text))
-    assert where in message and SECRET not in message, message
-
-
-@pytest.mark.parametrize("text, where", [
-    ("- key: sk-very-secret-key-0001\n  name: a\n  adapters: [x\n- key: k2\n", "line 4 column 6: invalid YAML"),
-    ("- key: sk-very-secret-key-0001\n  name: a\n  name: b\n  base_model: true\n", "line 3 (entry 1): field "
-                                                                                   "'name' is given twice"),
-    ("key: sk-very-secret-key-0001\n", "line 1: expected a list"),
-    ("", "line 1: expected a list"),
-    ("- key: 12345\n  name: a\n  base_model: true\n", "line 1 (entry 1, 'a'): key must be a non-empty string"),
-])
-def test_yaml_errors_name_the_line_and_never_quote_it(tmp_path, text, where):
-    message = error_of(write(tmp_path / "keys.yaml", text))
+def test_syntax_errors_name_the_line_and_never_quote_it(tmp_path, suffix, text, where):
+    message = error_of(write(tmp_path / f"keys.{suffix}", text))
     assert where in message and SECRET not in message, message
 
 
