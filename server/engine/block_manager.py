@@ -8,9 +8,10 @@ full block has a content hash chained from its parent's:
 where ``identity`` is the content hash of the request's adapter (its weights and config, never its name; empty
 for the base model), salted with the request's ``cache_salt`` when it has one (vLLM's field; the API salts
 every request of a tenant with the tenant's name, so tenants never share KV: a prefix-cache hit is visible
-in the time to first token, and would tell one tenant what another has sent). So a base-model request never reuses an adapter's KV and the other way round, two names
-for the same weights share KV, and a name reloaded with other weights never meets the old weights' KV. SHA-256,
-not Python's hash: a tenant must not be able to craft a collision into another tenant's prefix.
+in the time to first token, and would tell one tenant what another has sent). So a base-model request never
+reuses an adapter's KV and the other way round, two names for the same weights share KV, and a name reloaded
+with other weights never meets the old weights' KV. SHA-256, not Python's hash: a tenant must not be able to
+craft a collision into another tenant's prefix.
 
 Blocks are registered in the pool (``commit``) only after the step that computed them ran, so a block is never
 findable before its KV exists: a request preempted, aborted or failed mid-step leaves nothing wrong behind.
