@@ -47,9 +47,9 @@ def paged(engine) -> bool:
 def kv_bytes(engine) -> tuple[float, float]:
     """(bytes of KV held by running sequences, bytes the KV cache holds in all) now.
 
-    v2: held blocks x block bytes, and the pool (reserved at start; on CPU its pages become resident as
-    blocks are first written). v1: live tokens x bytes per token, and its buffer as grown so far (rows x
-    columns; it reads the runner's KVCache, which v1's stats() does not report)."""
+    v2: held blocks x block bytes, and the pool (allocated at start, and on CPU made resident then too).
+    v1: live tokens x bytes per token, and its buffer as grown so far (rows x columns; it reads the runner's
+    KVCache, which v1's stats() does not report)."""
     stats = engine.stats()
     if "kv_cache_bytes" in stats:
         return stats["kv_cache_usage"] * stats["kv_cache_bytes"], float(stats["kv_cache_bytes"])

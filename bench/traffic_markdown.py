@@ -164,8 +164,8 @@ def poisson_intro(runs: list[dict], cfg: dict) -> str:
             f"own capacity). *Goodput*: the share of requests with "
             f"TTFT ≤ {cfg['slo_ttft_s']:g} s and mean ITL ≤ {cfg['slo_itl_s'] * 1e3:g} ms. *KV in use*: the peak, "
             f"polled every {cfg['poll_s'] * 1e3:g} ms, of the KV bytes held by running sequences (v2: blocks held × "
-            "block bytes; v1: live tokens × bytes per token); *KV held*: the cache itself (v2: the pool reserved at "
-            "start, paged in as blocks are first written; v1: its buffer as grown). Latencies in ms.")
+            "block bytes; v1: live tokens × bytes per token); *KV held*: the cache itself (v2: the pool allocated at "
+            "start; v1: its buffer as grown). Latencies in ms.")
 
 
 def traffic_section(results: dict) -> list[str]:

@@ -298,3 +298,17 @@ def test_too_many_adapters_in_one_step_is_refused_before_touching_slots(runner, 
     with pytest.raises(RuntimeError, match="5 adapters in one step but only 4 slots"):
         rows.prefill(0, prompts_of([3] * 5), keys(names), host)
     assert_unchanged(before, snapshot(runner))
+
+
+def test_cpu_kv_pool_is_resident_from_the_start(runner):
+    """On CPU the runner makes the KV pool resident at start: no step pays a page fault for its blocks' first
+    write (host_memory.populate). Reading the untouched pool would fault in every page; reading does not write."""
+    import resource
+
+    pool = runner.kv.keys + runner.kv.values
+    pages = sum(t.numel() * t.element_size() for t in pool) // 4096
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for t in pool:
+        t.sum()  # reads every page
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert pages >= 256 and faults < 0.1 * pages, (faults, pages)  # unpopulated: a fault a page
