@@ -92,9 +92,11 @@ class AsyncEngine:
         self._inbox: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._wake_queued = False  # a wake-up is queued on the event loop (see _submit)
         self._stop = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self._heap_frozen = False
         self.merger = AdapterMerger(self.engine.store, self.engine.runner.model.config,
                                     Path(config.adapters_cache) / "merged", config.max_adapter_bytes)
@@ -125,6 +127,7 @@ class AsyncEngine:
             _freeze_heap(True)
             self._heap_frozen = True
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
         self._thread.start()
 
@@ -181,8 +184,21 @@ class AsyncEngine:
                 time.sleep(0.002)  # only waiting requests whose adapters are loading: do not spin
 
     def _submit(self, fn: Callable[[], None]) -> None:
+        """Hand ``fn`` to the step thread. From the event loop, the wake-up waits for the loop's next turn, so
+        everything submitted in this turn (a client's 32 requests sent at once) starts in one step: woken at the
+        first, an idle step thread took the GIL within the 0.5 ms switch interval and ran a step for the first
+        request or few alone, and the rest waited for it (one extra step, ~3% of a 32 x 32-token batch)."""
         with self._lock:
             self._inbox.append(fn)
+        loop = self._loop
+        if loop is None or loop.is_closed() or threading.get_ident() != self._loop_thread:
+            self._wake.set()
+        elif not self._wake_queued:
+            self._wake_queued = True
+            loop.call_soon(self._wake_now)
+
+    def _wake_now(self) -> None:
+        self._wake_queued = False
         self._wake.set()
 
     def _deliver(self, request_id: str, out: RequestOutput) -> None:

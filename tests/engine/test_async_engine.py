@@ -296,3 +296,28 @@ def test_start_freezes_the_startup_heap_and_the_last_shutdown_thaws_it(loop, tin
     finally:
         loop.run_until_complete(first.shutdown(5))
     assert async_engine._frozen == already and (gc.get_freeze_count() == 0) == (already == 0)
+
+
+def test_requests_sent_in_one_loop_turn_start_in_one_step(loop, tiny_model_dir, root):
+    """A client's burst (requests added in one turn of the event loop) is prefilled in one step. The loop thread
+    releases the GIL between the adds here (as a tokenizer call does): a step thread woken at the first add ran
+    a step for it alone, and the others waited for that step."""
+    import time
+
+    eng = start(loop, config(tiny_model_dir, root, max_num_seqs=8))
+    steps = []
+    execute = eng.engine.runner.execute
+    eng.engine.runner.execute = lambda seqs, weights: (steps.append(len(seqs)), execute(seqs, weights))[1]
+    try:
+        async def burst():
+            streams = []
+            for i in range(8):
+                streams.append(eng.add_request([5 + i, 6, 7], greedy(2)))
+                time.sleep(0.002)  # GIL released: an awake step thread would run now
+            return await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), 30)
+
+        done = loop.run_until_complete(burst())
+        assert all(outs[-1].finish_reason == "length" for outs in done)
+        assert steps[0] == 8, steps
+    finally:
+        loop.run_until_complete(eng.shutdown(5))
