@@ -39,6 +39,9 @@ def _c_library():
             _libc = ctypes.CDLL(None, use_errno=True)  # the malloc this process uses (a preloaded one included)
         except OSError:
             _libc = False
+        else:
+            if hasattr(_libc, "madvise"):
+                _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return _libc or None
 
 
@@ -68,7 +71,6 @@ def populate(tensors: list) -> str:
     contents are then zero; a populated tensor keeps its contents)."""
     libc = _c_library()
     if libc is not None and hasattr(libc, "madvise"):
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         if all(_populate_one(libc, t) for t in tensors):
             return "madvise"
     for t in tensors:
@@ -77,8 +79,12 @@ def populate(tensors: list) -> str:
 
 
 def _populate_one(libc, t) -> bool:
-    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
-        return t.numel() == 0
+    """True when ``t``'s pages are resident after the call; False where madvise cannot do it (not CPU memory, not
+    one contiguous span, or the kernel refused), and the caller zeroes instead."""
+    if t.numel() == 0:
+        return True
+    if t.device.type != "cpu" or not t.is_contiguous():
+        return False
     start = t.data_ptr() // PAGE * PAGE
     end = t.data_ptr() + t.numel() * t.element_size()
     return libc.madvise(ctypes.c_void_p(start), end - start, MADV_POPULATE_WRITE) == 0
