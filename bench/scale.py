@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import server_api
 from bench.drivers import BenchRequest, EngineDriver, cell_requests, run_concurrent
 from bench.timing import summarize
 
@@ -62,6 +63,7 @@ async def run_scale(cfg, model_dir: Path, root: Path, names: list[str], source, 
     events = AdapterEvents()
     engine.add_observer(events)
     await engine.start()
+    await server_api.kv_resident(engine)
     driver = EngineDriver(engine)
     manager = engine.engine.runner.manager
     rounds = []

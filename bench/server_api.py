@@ -47,7 +47,7 @@ def paged(engine) -> bool:
 def kv_bytes(engine) -> tuple[float, float]:
     """(bytes of KV held by running sequences, bytes the KV cache holds in all) now.
 
-    v2: held blocks x block bytes, and the pool (allocated at start, and on CPU made resident then too).
+    v2: held blocks x block bytes, and the pool (allocated at start, and on CPU made resident from then).
     v1: live tokens x bytes per token, and its buffer as grown so far (rows x columns; it reads the runner's
     KVCache, which v1's stats() does not report)."""
     stats = engine.stats()
@@ -55,6 +55,17 @@ def kv_bytes(engine) -> tuple[float, float]:
         return stats["kv_cache_usage"] * stats["kv_cache_bytes"], float(stats["kv_cache_bytes"])
     kv = engine.engine.runner.kv
     return stats["kv_cache_usage"] * kv.max_nbytes, float(kv.nbytes)
+
+
+async def kv_resident(engine) -> None:
+    """Wait until the engine's KV pool is resident: on CPU this tree populates it on a background thread after
+    start (host_memory.populate_in_background), and no measured step should race that thread for the CPUs.
+    Engines before that populated at start or not at all: nothing to wait for."""
+    import asyncio
+
+    event = getattr(engine.engine.runner, "kv_resident", None)
+    if event is not None:
+        await asyncio.to_thread(event.wait)
 
 
 def describe(engine) -> dict:

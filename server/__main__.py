@@ -75,8 +75,8 @@ ENGINE_FLAGS = (
     Flag("kv-cache-memory", str, "auto", "memory for the paged KV cache, taken once at start: a size (4GiB, 512MiB, "
          "2e9) or a fraction 0 < f <= 1 of the memory free then. auto: on CPU min(4 GiB, half the free RAM), on "
          "GPU 90%% of the free device memory, each capped at what --max-num-seqs sequences of --max-model-len "
-         "tokens could hold twice over. On CPU the pool's pages are made resident at start (like vLLM's CPU "
-         "backend and llama.cpp), so no step pays their first-touch page faults",
+         "tokens could hold twice over. On CPU the pool's pages are made resident from the start (like vLLM's "
+         "CPU backend and llama.cpp), on a background thread, so no step pays their first-touch page faults",
          metavar="SIZE"),
     Flag("block-size", int, 16, "tokens per KV-cache block (the unit of allocation and of prefix reuse)"),
     Flag("enable-prefix-caching", bool, True, "reuse the KV of earlier requests' full blocks with the same tokens "

@@ -9,9 +9,11 @@ pages over and over:
   of SmolLM2 took ~150,000 faults, ~15% of the step. ``keep_freed_heap`` raises both thresholds so freed memory
   stays in the process for the next step (what vLLM gets on CPU by preloading tcmalloc).
 - the paged KV pool was reserved, not touched: every block's first write faulted (7% of a prefill step until
-  the free queue had gone round the whole pool). ``populate`` makes a tensor's pages resident at start, in one
-  madvise(MADV_POPULATE_WRITE) call (Linux 5.14+; 0.4 s per GiB here), or by zeroing it where that call is
-  missing (what vLLM and llama.cpp do with their KV caches).
+  the free queue had gone round the whole pool). ``populate`` makes a tensor's pages resident, in one
+  madvise(MADV_POPULATE_WRITE) call (Linux 5.14+), or by zeroing it where that call is missing (what vLLM and
+  llama.cpp do with their KV caches). It costs 0.4 s per GiB here where the VM has backed that memory before
+  and ~2.7 s per GiB where it has not (a fresh VM: 11 s for the default 4 GiB pool), so the runner calls
+  ``populate_in_background``: the server starts at once and the pages become resident on a daemon thread.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import ctypes
 import logging
 import os
 import sys
+import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,34 @@ def populate(tensors: list) -> str:
     for t in tensors:
         t.zero_()
     return "zeroed"
+
+
+def populate_in_background(tensors: list, what: str) -> threading.Event:
+    """``populate`` on a daemon thread; the returned event is set once every page is resident. madvise never
+    changes contents, so the caller may write the tensors meanwhile (a page it writes first faults, as it would
+    have without this). Zeroing would not be safe beside writers: where madvise cannot do it (probed on the
+    first tensor's first page, here) the tensors are zeroed before this returns, and the event is set."""
+    done = threading.Event()
+    libc = _c_library()
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors or libc is None or not hasattr(libc, "madvise") or not _populate_one(libc, tensors[0][:1]):
+        start = time.perf_counter()
+        how = populate(tensors)
+        log.info("%s made resident (%s) in %.1fs", what, how, time.perf_counter() - start)
+        done.set()
+        return done
+
+    def work() -> None:
+        start = time.perf_counter()
+        try:
+            ok = all(_populate_one(libc, t) for t in tensors)
+            log.info("%s %s in %.1fs, in the background", what, "made resident (madvise)" if ok else
+                     "partly resident: madvise stopped, the rest faults in on first write", time.perf_counter() - start)
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="populate", daemon=True).start()
+    return done
 
 
 def _populate_one(libc, t) -> bool:

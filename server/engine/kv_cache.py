@@ -4,8 +4,8 @@ Layout: ``keys[layer]: [num_blocks * block_size, kv_heads, head_dim]``; the toke
 with blocks ``block_ids`` lives in slot ``block_ids[p // block_size] * block_size + p % block_size``. The pools
 are allocated once at start from a byte budget (``--kv-cache-memory``); sequences take blocks as they grow and
 give them back when they finish, so the pool is sized by a budget, never ``max_num_seqs x max_model_len``. On CPU
-the runner makes the pools resident at start (host_memory.populate): a step no longer pays a page fault for the
-first write to each of its blocks' pages. Block 0 (the null block) is
+the runner makes the pools resident from the start, on a background thread (host_memory.populate_in_background): a
+step no longer pays a page fault for the first write to each of its blocks' pages. Block 0 (the null block) is
 zeroed and never written: padded attention reads it (see block_pool.py).
 """
 from __future__ import annotations

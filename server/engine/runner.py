@@ -3,7 +3,7 @@ and runs one forward over a step's flat token batch, returning the logits of the
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from server.adapters.manager import AdapterManager
 from server.config import EngineConfig
 from server.engine.attention import PagedAttention, attention_kernel_choice, install
-from server.engine.host_memory import keep_freed_heap, populate
+from server.engine.host_memory import keep_freed_heap, populate_in_background
 from server.engine.kv_cache import PagedKVCache, budget_bytes
 from server.engine.loader import load_model, pack_cpu_linears, settle_layout, usable_cores
 from server.engine.request import Request
@@ -46,19 +46,19 @@ class ModelRunner:
         useful = 2 * config.max_num_seqs * self.max_len * PagedKVCache.block_bytes(self.model.config, 1, self.dtype)
         self.kv = PagedKVCache.for_model(self.model.config, budget_bytes(config.kv_cache_memory, self.device, useful),
                                          config.block_size, self.dtype, self.device)
-        resident = ""
-        if self.device.type == "cpu":  # pages resident now, not faulted in by the steps' first writes
-            start = time.perf_counter()
-            how = populate(self.kv.keys + self.kv.values)
-            resident = f", made resident ({how}) in {time.perf_counter() - start:.1f}s"
+        self.kv_resident = threading.Event()  # set once the pool's pages are resident (at once off CPU)
+        if self.device.type == "cpu":  # pages resident before the steps need them, not faulted in by first writes
+            self.kv_resident = populate_in_background(self.kv.keys + self.kv.values, "KV cache pool")
+        else:
+            self.kv_resident.set()
         self.attention = PagedAttention(self.kv, attention_kernel_choice(config.attention_kernel, self.device,
                                                                          self.dtype))
         install(self.model, self.attention)
         self.backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         self.vocab_size = self.head.out_features
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens; --kv-cache-memory %s%s), prefix caching %s",
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens; --kv-cache-memory %s), prefix caching %s",
                  self.kv.num_blocks - 1, config.block_size, self.kv.nbytes / 2**20,
-                 (self.kv.num_blocks - 1) * config.block_size, config.kv_cache_memory, resident,
+                 (self.kv.num_blocks - 1) * config.block_size, config.kv_cache_memory,
                  "on" if config.enable_prefix_caching else "off")
 
     def _model_max_len(self) -> int:

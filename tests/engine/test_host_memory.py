@@ -53,6 +53,25 @@ def test_populate_without_madvise_zeroes(monkeypatch):
     assert not t.any()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page faults counted through Linux getrusage")
+def test_background_populate_leaves_concurrent_writes_alone_and_ends_resident():
+    """The runner's way: the caller goes on while a daemon thread populates; what it writes meanwhile stays."""
+    t = torch.empty(64 * MIB // 4)
+    done = host_memory.populate_in_background([t, torch.empty(0)], "test pool")
+    t[:1000] = torch.arange(1000, dtype=torch.float32)  # races the thread; madvise never changes contents
+    assert done.wait(60)
+    assert torch.equal(t[:1000], torch.arange(1000, dtype=torch.float32))
+    if host_memory._c_library() is not None:
+        assert write_faults(t) < 0.02 * pages(t)
+
+
+def test_background_populate_without_madvise_zeroes_before_it_returns(monkeypatch):
+    monkeypatch.setattr(host_memory, "_c_library", lambda: None)
+    t = torch.full((1000,), 7.0)
+    done = host_memory.populate_in_background([t], "test pool")
+    assert done.is_set() and not t.any()  # zeroing beside writers would lose their data: it happens first
+
+
 SCRIPT = textwrap.dedent("""
     import ctypes, json, resource, sys
     sys.path.insert(0, sys.argv[1])

@@ -302,9 +302,10 @@ def test_too_many_adapters_in_one_step_is_refused_before_touching_slots(runner, 
 
 def test_cpu_kv_pool_is_resident_from_the_start(runner):
     """On CPU the runner makes the KV pool resident at start: no step pays a page fault for its blocks' first
-    write (host_memory.populate). Reading the untouched pool would fault in every page; reading does not write."""
+    write (host_memory.populate_in_background). Reading the untouched pool would fault in every page; reading does not write."""
     import resource
 
+    assert runner.kv_resident.wait(60)  # populated on a daemon thread: the server does not wait for it to start
     pool = runner.kv.keys + runner.kv.values
     pages = sum(t.numel() * t.element_size() for t in pool) // 4096
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
