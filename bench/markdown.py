@@ -36,6 +36,11 @@ def headline(results: dict) -> str:
         lines.append(f"- **{cell_ratio(top, 'swapserve', 'base_onednn')} the base model at equal GEMM** (HF "
                      "`generate` on the same oneDNN-packed linears, what serving adapters costs at equal matmuls; "
                      "target >= 0.9x)")
+    plain = next((c for c in cells if c["concurrency"] == n and c.get("no_adapter_round_ratios")), None)
+    if plain:
+        lines.append(f"- the base model with no adapter, {n} requests: "
+                     f"{spread(median_range(plain['no_adapter_round_ratios']), '{:.2f}', 'x')} HF `generate` at "
+                     "equal GEMM (the engine alone, no adapter math; target >= 1.0x)")
     lines.append(f"- {cell_ratio(top, 'swapserve', 'base')} stock HF `generate` on the base model (MKL sgemm "
                  "linears; target >= 0.8x)" + (f"; HF on the packed linears is itself "
                                                 f"{_x(ratio(top, 'base_onednn', 'base'))} stock HF"
@@ -73,10 +78,13 @@ def headline(results: dict) -> str:
 
 def cell_ratio(c: dict, num: str, den: str) -> str:
     """swapserve over an anchor in one grid cell: the median of the per-round ratios with their range when the
-    grid ran rounds, else the ratio of the two numbers (older results)."""
+    anchor ran in several rounds, that round's own ratio when it ran in one (stock HF, the first round only),
+    else the ratio of the two numbers (older results)."""
     rounds = (c.get("round_ratios") or {}).get(den) if num == "swapserve" else None
     if rounds and len(rounds) > 1:
         return spread(median_range(rounds), "{:.2f}", "x")
+    if rounds and c.get("rounds", 1) > 1:
+        return f"{_x(rounds[0])} (first round)"
     return _x(ratio(c, num, den))
 
 
@@ -218,8 +226,11 @@ def render(results: dict, json_path: Path, png_path: Path | None, md_path: Path)
            "does not grow with N). *swapserve*: the in-process `AsyncEngine`, N concurrent streams (the same cell "
            "through the HTTP server: its own section below). With rounds (the machine line says how many), every "
            "number is the median over the rounds and swapserve's ratios are medians of per-round ratios (min–max); "
-           "PEFT mixed and naive serial run in the first round only; the HF base anchors, which run the same N "
-           "prompts whatever k is, once per N per round (the first cell of that N), for every cell of that N.", "",
+           "PEFT mixed, naive serial and stock HF base run in the first round only; HF base, oneDNN, which runs the "
+           "same N prompts whatever k is, once per N per round (the first cell of that N), for every cell of that N"
+           + ("; after the first round swapserve runs on adapters in the 32 x 16 cell only (its no-adapter run "
+              "still every round): a ratio measured in one round says so." if cfg.get("grid_later_rounds") == "target"
+              else "."), "",
            *throughput_table(results), ""]
     if png_path:
         out += [f"![throughput vs distinct adapters]({_rel(png_path, here)})", ""]
@@ -322,7 +333,8 @@ def types_section(results: dict) -> list[str]:
              "modules (IA3 scales `down_proj`'s input, the others' outputs). *mixed*: LoRA, DoRA, IA3 and "
              "AdaLoRA adapters round-robin in one batch. No PEFT row: PEFT's `adapter_names` mixed batch works "
              "only across LoRA adapters, and a PeftModel cannot hold LoRA and IA3 adapters and mix them in one "
-             "batch, so its only way to serve these is the naive serial flow.", "",
+             "batch, so its only way to serve these is the naive serial flow. HF base: stock HF `generate` on N "
+             "prompts of the same lengths (the throughput grid's, where it has that N).", "",
              "| cell | N | adapters | HF base tok/s | swapserve tok/s | **swapserve / base** | TTFT p50 | TTFT p99 | "
              "ITL p50 | ITL p99 |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in ty["cells"]:

@@ -4,8 +4,9 @@ measured by it and by this harness's own client, to show that our client measure
 Workload: GuideLLM's `concurrent` profile (S streams, each sending its next request when the last finished),
 R requests of synthetic text with P prompt tokens and M output tokens (it asks for ``ignore_eos``), against
 /v1/completions of one swapserve server, on the base model and on one adapter. Our client runs the same closed
-loop (bench.drivers.run_streams) with token-id prompts of P tokens and M output tokens. The two alternate,
-round by round, on one server.
+loop (bench.drivers.run_streams) with token-id prompts of P tokens and M output tokens. Per model, our client's
+rounds, then GuideLLM's as the benchmarks of one `guidellm run` (its profile takes a list of stream counts):
+one process, not one per round, saves GuideLLM's ~6 s start (imports, tokenizer) on every round but the first.
 """
 from __future__ import annotations
 
@@ -29,20 +30,22 @@ GUIDELLM_ENV = {"GUIDELLM__MAX_WORKER_PROCESSES": "1"}
 
 
 def guidellm_command(url: str, model: str, tokenizer: Path, streams: int, requests: int, prompt: int,
-                     output: int, out: Path) -> list[str]:
+                     output: int, out: Path, rounds: int = 1) -> list[str]:
+    """One `guidellm run` of ``rounds`` benchmarks, each ``requests`` requests over ``streams`` streams."""
     exe = shutil.which("guidellm", path=str(Path(sys.executable).parent)) or "guidellm"
     return [exe, "run",
             "--backend", f"kind=openai_http,target={url},model={model},request_format=/v1/completions",
-            "--profile", f"kind=concurrent,streams={streams}",
+            "--profile", json.dumps({"kind": "concurrent", "streams": [streams] * rounds}),
             "--constraint", f"kind=max_requests,count={requests}",
             "--data", f"kind=synthetic_text,prompt_tokens={prompt},output_tokens={output}",
             "--tokenizer", f"kind=hf_auto,model={tokenizer}",
             "--output", f"kind=json,path={out}", "--disable-console"]
 
 
-def guidellm_numbers(report: dict) -> dict:
-    """Output tok/s, TTFT and ITL (p50, p99; ms) and the request count from GuideLLM's JSON report."""
-    m = report["benchmarks"][0]["metrics"]
+def guidellm_numbers(report: dict, i: int = 0) -> dict:
+    """Output tok/s, TTFT and ITL (p50, p99; ms) and the request count of benchmark ``i`` of GuideLLM's JSON
+    report."""
+    m = report["benchmarks"][i]["metrics"]
 
     def pct(name: str, q: str) -> float | None:
         return m[name]["successful"]["percentiles"].get(q)
@@ -55,16 +58,20 @@ def guidellm_numbers(report: dict) -> dict:
 
 
 async def run_guidellm(url: str, model: str, tokenizer: Path, streams: int, requests: int, prompt: int,
-                       output: int) -> dict:
+                       output: int, rounds: int = 1) -> list[dict]:
+    """guidellm_numbers of each of the run's ``rounds`` benchmarks."""
     with tempfile.TemporaryDirectory(prefix="swapserve-bench-guidellm-") as tmp:
         out = Path(tmp) / "report.json"
-        cmd = guidellm_command(url, model, tokenizer, streams, requests, prompt, output, out)
+        cmd = guidellm_command(url, model, tokenizer, streams, requests, prompt, output, out, rounds)
         proc = await asyncio.create_subprocess_exec(*cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                     env={**os.environ, **GUIDELLM_ENV})
         text, _ = await proc.communicate()
         if proc.returncode or not out.exists():
             raise RuntimeError(f"guidellm exited {proc.returncode}: {text.decode(errors='replace')[-1500:]}")
-        return guidellm_numbers(json.loads(out.read_text()))
+        report = json.loads(out.read_text())
+        if len(report["benchmarks"]) != rounds:
+            raise RuntimeError(f"guidellm ran {len(report['benchmarks'])} benchmarks, not {rounds}")
+        return [guidellm_numbers(report, i) for i in range(rounds)]
 
 
 async def run_outside(cfg, fx, server, threads: int) -> dict:
@@ -81,11 +88,11 @@ async def run_outside(cfg, fx, server, threads: int) -> dict:
     try:
         await load_and_warm(driver, {adapter: str(fx.cell[adapter])}, fx.prompts)
         for model, name in ((BASE, None), (adapter, adapter)):
-            ours, theirs = [], []
+            ours = []
             for _ in range(cfg.rounds):
                 reqs = cell_requests(fx.prompts.take(r), [name], m)  # fresh prompts: no prefix-cache hits
                 ours.append(summarize(await run_streams(driver, reqs, s)))
-                theirs.append(await run_guidellm(server.url, model, fx.model_dir, s, r, p, m))
+            theirs = await run_guidellm(server.url, model, fx.model_dir, s, r, p, m, cfg.rounds)
             rows["base" if name is None else "adapter"] = {
                 "model": model, "swapserve_client": ours, "guidellm": theirs,
                 "ratio": median_range([g["tok_s"] / o["tok_s"] for g, o in zip(theirs, ours) if o.get("tok_s")])}
@@ -109,7 +116,8 @@ def outside_section(results: dict) -> list[str]:
              f"harness's client, against one `python -m server serve`: {o['streams']} concurrent streams (each "
              f"sends its next request when its last finished: GuideLLM's `concurrent` profile), {o['requests']} "
              f"requests of {o['prompt_tokens']} prompt and {o['output_tokens']} output tokens (`ignore_eos`), "
-             f"{o['rounds']} alternating rounds; tok/s as median (min–max), latency medians in ms. GuideLLM's "
+             f"{o['rounds']} rounds each (ours, then GuideLLM's as the benchmarks of one `guidellm run`); tok/s "
+             "as median (min–max), latency medians in ms. GuideLLM's "
              "prompts are synthetic text of that many tokens, ours token ids; it runs its streams in one worker "
              "process (`GUIDELLM__MAX_WORKER_PROCESSES=1`), as our client runs them on one event loop.", "",
              "| model | client | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | GuideLLM / ours |",

@@ -100,8 +100,10 @@ async def run_scale(cfg, model_dir: Path, root: Path, names: list[str], source, 
 
 
 async def run_types(cfg, engine, typed: dict[str, Path], kinds: dict[str, str], lora: list[str],
-                    prompts, anchors) -> dict:
-    """The IA3 cell and the mixed cell. ``lora``: LoRA cell adapters already loaded in the engine."""
+                    prompts, anchors, base: dict | None = None) -> dict:
+    """The IA3 cell and the mixed cell. ``lora``: LoRA cell adapters already loaded in the engine. ``base``: the
+    grid's stock HF anchor for the same N, prompt and output lengths (the same work whatever the prompts' ids),
+    taken over instead of run again; without it the anchor runs here."""
     driver = EngineDriver(engine)
     for name, path in typed.items():
         await driver.load_adapter(name, str(path))
@@ -113,8 +115,8 @@ async def run_types(cfg, engine, typed: dict[str, Path], kinds: dict[str, str], 
     cells = {"ia3": by_kind["ia3"][:k], "mixed": mixed}
     await run_concurrent(driver, cell_requests(prompts.take(len(typed)), list(typed), 2))  # first activations
     out = []
-    base = summarize(anchors.base_batch(prompts.take(n), cfg.max_tokens)) if anchors else None  # one anchor: the
-    # same N (fresh) prompt lengths on the base model, whatever the cell's adapters
+    if base is None and anchors:  # one anchor: the same N (fresh) prompt lengths on the base model, whatever the
+        base = summarize(anchors.base_batch(prompts.take(n), cfg.max_tokens))  # cell's adapters
     for label, adapters in cells.items():
         row: dict = {"cell": label, "concurrency": n, "adapters": len(adapters),
                      "kinds": dict(Counter(kinds.get(a, "lora") for a in adapters))}
@@ -123,7 +125,7 @@ async def run_types(cfg, engine, typed: dict[str, Path], kinds: dict[str, str], 
         row["swapserve"] = summarize(await run_concurrent(driver, cell_requests(prompts.take(n), adapters,
                                                                                 cfg.max_tokens)))
         log.info("types cell %s N=%d k=%d: swapserve %.1f tok/s%s", label, n, len(adapters), row["swapserve"]["tok_s"],
-                 f" HF base {row['base']['tok_s']:.1f}" if anchors else "")
+                 f" HF base {row['base']['tok_s']:.1f}" if base else "")
         out.append(row)
     store = engine.engine.store
     host = {}

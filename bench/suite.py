@@ -2,6 +2,7 @@
 swap costs. Everything runs in one process, one system at a time, so the ratios share the machine's state."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import tempfile
@@ -19,6 +20,7 @@ from bench.fixtures import adapter_bytes, copy_adapters, make_adapters, make_typ
 from bench.memory import model_memory
 from bench.report import loadavg, machine_git
 from bench.request_set import PromptSource, RequestSet
+from bench import server_api
 from bench.scale import run_scale, run_types
 from bench.mixtures import run_mixtures
 from bench.structured import run_structured
@@ -101,14 +103,25 @@ def engine_config(cfg: BenchConfig, fx: Fixtures, root: Path):
 BASE_ANCHORS = ("base", "base_onednn")
 
 
+def target_cell(cfg: BenchConfig) -> tuple[int, int]:
+    """The cell the headline's targets are set on (32 x 16), or the grid's largest where it has no such cell."""
+    from bench.markdown import TARGET_CELL
+
+    return TARGET_CELL if TARGET_CELL in cfg.cells else max(cfg.cells)
+
+
 async def measure_cell(cfg: BenchConfig, fx: Fixtures, anchors: Anchors | None, driver: Driver,
                        n: int, k: int, with_base_engine: bool, slow_anchors: bool = True,
-                       base_rows: dict | None = None) -> dict:
+                       base_rows: dict | None = None, with_adapters: bool = True) -> dict:
     """One (concurrency, adapters) cell, systems back to back. Request i uses adapter i % k. ``slow_anchors``:
-    also PEFT's mixed batch and the naive serial flow (the grid runs them in its first round only: no target is
-    set on them, and at 64 adapters PEFT alone takes longer than every other system of the cell together).
+    also PEFT's mixed batch, the naive serial flow and stock HF (the grid runs them in its first round only: no
+    target is set on them, at 64 adapters PEFT alone takes longer than every other system of the cell together,
+    and the headline's anchor is HF on the oneDNN-packed linears, which runs every round; stock HF runs every
+    round only where there is no packed anchor).
     ``base_rows``: the HF base-model anchors (BASE_ANCHORS) another cell of this N measured in this round; they
-    run N prompts of the same lengths whatever k is, so they are taken over rather than run again."""
+    run N prompts of the same lengths whatever k is, so they are taken over rather than run again.
+    ``with_adapters`` False: swapserve on the cell's adapters is left out (a later round of a cell no headline
+    ratio rests on, with ``--grid-later-rounds target``); the anchors and the no-adapter run still go."""
     prompts_n, m = fx.prompts.take(n), cfg.max_tokens  # every system of the cell: the same (fresh) prompts
     adapters = list(fx.cell)[:k]
     rows = [adapters[i % k] for i in range(n)]
@@ -116,10 +129,12 @@ async def measure_cell(cfg: BenchConfig, fx: Fixtures, anchors: Anchors | None, 
     if anchors and base_rows:
         row.update(base_rows)
     elif anchors:
-        row["base"] = summarize(anchors.base_batch(prompts_n, m))
+        if slow_anchors or anchors.base_onednn is None:  # the equal-GEMM anchor, when there is one, every round
+            row["base"] = summarize(anchors.base_batch(prompts_n, m))
         if anchors.base_onednn is not None:
             row["base_onednn"] = summarize(anchors.base_onednn_batch(prompts_n, m))
-    row["swapserve"] = summarize(await run_concurrent(driver, cell_requests(prompts_n, adapters, m)))
+    if with_adapters:
+        row["swapserve"] = summarize(await run_concurrent(driver, cell_requests(prompts_n, adapters, m)))
     if with_base_engine:
         row["swapserve_no_adapter"] = summarize(await run_concurrent(driver, cell_requests(prompts_n, [None], m)))
     if anchors and slow_anchors:
@@ -152,8 +167,10 @@ def combine_rounds(rows: list[dict]) -> dict:
         merged["round_tok_s"] = [run.get("tok_s") for run in runs]
         out[key] = merged
     out["round_ratios"] = {den: [r["swapserve"]["tok_s"] / r[den]["tok_s"] for r in rows
-                                 if den in r and r[den].get("tok_s")]
+                                 if "swapserve" in r and den in r and r[den].get("tok_s")]
                            for den in GRID_SYSTEMS if den != "swapserve" and den in out}
+    out["no_adapter_round_ratios"] = [r["swapserve_no_adapter"]["tok_s"] / r["base_onednn"]["tok_s"] for r in rows
+                                      if "swapserve_no_adapter" in r and r.get("base_onednn", {}).get("tok_s")]
     return out
 
 
@@ -191,22 +208,26 @@ async def run_suite(cfg: BenchConfig) -> dict:
              os.cpu_count())
     clock = SectionClock()
     memory = []
-    if not cfg.skip_memory and cfg.device == "cpu":  # first, before anything is timed: three loads side by side
-        with clock.section("memory"):  # plain / int8 / nf4 subprocesses
-            memory = await model_memory(str(model_dir(cfg.model, cfg.cache_dir)))
-        log.info("model RSS: %s", {m["quantization"]: round(m.get("model_rss", 0) / 1e6) for m in memory})
     with tempfile.TemporaryDirectory(prefix="swapserve-bench-") as tmp:
         root = Path(tmp)
         with clock.section("setup"):  # fixtures, the HF/PEFT anchors, the in-process engine
-            fx = build_fixtures(cfg, root)
+            sizing, directory = None, model_dir(cfg.model, cfg.cache_dir)  # a GGUF is converted once, here
+            if not cfg.skip_memory and cfg.device == "cpu":  # plain / int8 / nf4 subprocesses: RSS, never timed,
+                # so they run beside the fixtures (nothing is timed before the grid)
+                sizing = asyncio.create_task(model_memory(str(directory)))
+            fx = await asyncio.to_thread(build_fixtures, cfg, root)
+            if sizing is not None:
+                memory = await sizing
+                log.info("model RSS: %s", {m["quantization"]: round(m.get("model_rss", 0) / 1e6) for m in memory})
             anchors, peft_load = None, []
             if not cfg.skip_anchors:
                 anchors = Anchors(fx.model_dir, fx.cell, cfg.device, cfg.dtype, cfg.quantization)
                 peft_load = anchors.load_adapter_seconds(dict(list(fx.pool.items())[:cfg.swap_samples]))
             start = time.perf_counter()
             engine = AsyncEngine(engine_config(cfg, fx, root))
-            log.info("swapserve engine up in %.1fs", time.perf_counter() - start)
             await engine.start()
+            await server_api.kv_resident(engine)
+            log.info("swapserve engine up in %.1fs", time.perf_counter() - start)
         try:
             results = await _measure(cfg, fx, anchors, engine, peft_load, clock)
         finally:
@@ -283,9 +304,7 @@ async def http_sections(cfg: BenchConfig, fx: Fixtures, root: Path, results: dic
 async def run_http(cfg: BenchConfig, fx: Fixtures, server) -> dict:
     """The target cell and the load-interference rounds again, through the real server (bench/http.py)."""
     from bench.http import HttpDriver
-    from bench.markdown import TARGET_CELL
-
-    n, k = TARGET_CELL if TARGET_CELL in cfg.cells else max(cfg.cells)
+    n, k = target_cell(cfg)
     driver = HttpDriver(server)
     try:
         await warm_up(driver, fx, cfg)
@@ -294,7 +313,7 @@ async def run_http(cfg: BenchConfig, fx: Fixtures, server) -> dict:
         log.info("HTTP cell N=%d k=%d: %.1f tok/s", n, k, cell["tok_s"])
         streams = cell_requests(fx.prompts.take(cfg.interference_streams), list(fx.cell)[:4], cfg.max_tokens)
         intf = await interference(driver, streams, dict(list(fx.pool.items())[:cfg.interference_loads]),
-                                  fx.prompts, cfg.interference_rounds)
+                                  fx.prompts, cfg.http_interference_rounds)
         log.info("HTTP load interference: %+.0f%%", intf["itl_p99_rise"] * 100)
     finally:
         await driver.close()
@@ -355,13 +374,16 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float], c
         if anchors:
             anchors.warm_up(fx.prompts.take(1)[0])
         per_round: list[list[dict]] = []
+        target = target_cell(cfg)
         grid_loads = []
         for r in range(cfg.grid_rounds):  # every cell once per round, in turn: drifting load hits all cells alike
             load = {"start": loadavg()}
             base_rows: dict[int, dict] = {}  # N -> this round's HF base anchors at N
             per_round.append([])
             for n, k in progress.bar(cfg.cells, desc=f"bench cells, round {r + 1}/{cfg.grid_rounds}", unit="cell"):
-                row = await measure_cell(cfg, fx, anchors, driver, n, k, n not in base_rows, r == 0, base_rows.get(n))
+                every = r == 0 or cfg.grid_later_rounds == "all" or (n, k) == target
+                row = await measure_cell(cfg, fx, anchors, driver, n, k, n not in base_rows, r == 0, base_rows.get(n),
+                                         every)
                 base_rows.setdefault(n, {key: row[key] for key in BASE_ANCHORS if key in row})
                 per_round[-1].append(row)
             grid_loads.append(load | {"end": loadavg()})
@@ -386,5 +408,8 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float], c
             out["mixtures"] = await run_mixtures(cfg, engine, fx.cell, fx.prompts)
     if fx.typed:
         with clock.section("types"):
-            out["types"] = await run_types(cfg, engine, fx.typed, fx.kinds, list(fx.cell)[:4], fx.prompts, anchors)
+            grid_base = next((c["base"] for c in cells if c["concurrency"] == cfg.types_concurrency and "base" in c),
+                             None)
+            out["types"] = await run_types(cfg, engine, fx.typed, fx.kinds, list(fx.cell)[:4], fx.prompts, anchors,
+                                           grid_base)
     return out

@@ -286,6 +286,33 @@ def test_grid_rounds_combine_into_medians_and_per_round_ratios():
     assert c["round_ratios"]["base_onednn"] == [0.9, 0.8, 0.9]
     assert "**0.90x (0.80–0.90)**" in "\n".join(throughput_table({"cells": [c]}))
     assert "**0.90x (0.80–0.90) the base model at equal GEMM**" in headline({"cells": [c], "config": {}})
+    assert "no_adapter_round_ratios" in c and c["no_adapter_round_ratios"] == []  # no no-adapter run in this cell
+    for row, plain in zip(rounds, (95.0, 110.0, 99.0)):
+        row["swapserve_no_adapter"] = {"tok_s": plain}
+    c = combine_rounds(rounds)
+    assert c["no_adapter_round_ratios"] == [0.95, 1.1, 0.9]
+    assert ("the base model with no adapter, 32 requests: 0.95x (0.90–1.10) HF `generate` at equal GEMM"
+            in headline({"cells": [c], "config": {}}))
+
+
+def test_anchors_and_cells_of_the_first_round_only_show_that_rounds_own_ratio():
+    """Stock HF (every grid) and, with --grid-later-rounds target, swapserve in cells other than 32 x 16 run in
+    the first round only: the cell's ratio to stock HF is that round's own pair, not a median over rounds
+    against one round's anchor, and it says so."""
+    from bench.markdown import cell_ratio
+    from bench.suite import combine_rounds
+
+    rounds = []
+    for r, (ours, onednn) in enumerate(((90.0, 100.0), (80.0, 100.0), (99.0, 110.0))):
+        row = cell(32, 1, 100.0, ours, 96, 12.0)
+        row["base_onednn"] = {"tok_s": onednn}
+        if r:
+            del row["base"], row["swapserve"]  # a later round: the equal-GEMM anchor (and no-adapter) only
+        rounds.append(row)
+    c = combine_rounds(rounds)
+    assert c["swapserve"]["round_tok_s"] == [90.0] and c["base_onednn"]["round_tok_s"] == [100.0, 100.0, 110.0]
+    assert c["round_ratios"]["base"] == [0.9] and c["round_ratios"]["base_onednn"] == [0.9]
+    assert cell_ratio(c, "swapserve", "base") == "0.90x (first round)"
 
 
 def test_the_page_says_how_long_each_section_took():
@@ -368,7 +395,8 @@ def test_headline_takes_64_adapters_from_traffic_d_when_the_grid_has_no_such_cel
 
 def test_grid_runs_the_hf_base_anchors_once_per_concurrency_per_round():
     """bench.suite.measure_cell: HF's base-model anchors run the same N prompts whatever k is, so the second
-    cell of an N in a round takes the first one's over instead of running them again; swapserve runs in both."""
+    cell of an N in a round takes the first one's over instead of running them again; swapserve runs in both.
+    Stock HF runs in the first round only (with PEFT and naive); HF on the packed linears, in every round."""
     import asyncio
     from types import SimpleNamespace
 
@@ -388,6 +416,14 @@ def test_grid_runs_the_hf_base_anchors_once_per_concurrency_per_round():
             calls.append(("base_onednn", len(prompts)))
             return [Trace(0.0, [0.25, 0.5], [1, m - 1]) for _ in prompts]
 
+        def peft_mixed(self, prompts, names, m):
+            calls.append(("peft", len(prompts)))
+            return [Trace(0.0, [0.5, 1.0], [1, m - 1]) for _ in prompts]
+
+        def naive(self, prompts, names, m):
+            calls.append(("naive", len(prompts)))
+            return [Trace(0.0, [0.5, 1.0], [1, m - 1]) for _ in prompts]
+
     class Driver:
         name = "fake"
 
@@ -399,14 +435,19 @@ def test_grid_runs_the_hf_base_anchors_once_per_concurrency_per_round():
     cfg = SimpleNamespace(max_tokens=4, naive_requests=2)
     fx = SimpleNamespace(prompts=PromptSource(100, 3, 0), cell={"a00": None, "a01": None})
 
-    async def grid_round():
-        first = await measure_cell(cfg, fx, Anchors(), Driver(), 4, 1, True, False)
-        shared = {key: first[key] for key in BASE_ANCHORS}
-        second = await measure_cell(cfg, fx, Anchors(), Driver(), 4, 2, False, False, shared)
+    async def grid_round(first_round: bool):
+        first = await measure_cell(cfg, fx, Anchors(), Driver(), 4, 1, True, first_round)
+        shared = {key: first[key] for key in BASE_ANCHORS if key in first}
+        second = await measure_cell(cfg, fx, Anchors(), Driver(), 4, 2, False, first_round, shared)
         return first, second
 
-    first, second = asyncio.run(grid_round())
-    assert [c for c in calls if c[0] != "swapserve"] == [("base", 4), ("base_onednn", 4)]  # once, for both cells
+    first, second = asyncio.run(grid_round(True))
+    anchors_run = [c for c in calls if c[0] in BASE_ANCHORS]
+    assert anchors_run == [("base", 4), ("base_onednn", 4)]  # once, for both cells
     assert second["base"] is first["base"] and second["base_onednn"]["tok_s"] == 16 / 0.5
     assert sum(c == ("swapserve", "a01") for c in calls) == 2  # the k=2 cell still ran its own swapserve rows
     assert "swapserve_no_adapter" in first and "swapserve_no_adapter" not in second
+    calls.clear()
+    first, second = asyncio.run(grid_round(False))  # a later round: the equal-GEMM anchor only, still once
+    assert [c for c in calls if c[0] != "swapserve"] == [("base_onednn", 4)]
+    assert "base" not in first and "base" not in second and second["base_onednn"] is first["base_onednn"]
