@@ -16,8 +16,8 @@ PRESETS = {
                                output_median=16, output_sigma=0.5)),
     # everything the benchmarks issue (#20) asks for: 10.8 min on 2 CPUs at 4a0bf55 (load ~1, on a day the machine
     # ran ~1.3x faster than for baaa7f7's 18.3 min before the cuts below: ~14 min at that speed; BENCHMARKS.md
-    # lists each section's minutes and the run's CPU time; the old default was 52 min): the 32 x 16 headline cell, with HF on the packed linears and swapserve with no
-    # adapter, in 3 interleaved rounds, 32-token prompts and 32 output tokens (fewer output tokens make prefill,
+    # lists each section's minutes and the run's CPU time; the old default was 52 min): the 32 x 16 headline
+    # cell, with HF on the packed linears and swapserve with no adapter, in 3 interleaved rounds, 32-token prompts and 32 output tokens (fewer output tokens make prefill,
     # where the server leads HF most, a larger share: 16 read 1.14x at equal GEMM where 32 read 0.81x); the
     # 32 x 1 cell's adapter run, stock HF, PEFT mixed and naive serial in the first round only (no headline
     # ratio rests on them); llama-server on the f32 GGUF beside swapserve's HTTP server, 16 requests on the base
