@@ -71,9 +71,17 @@ def headline(results: dict) -> str:
     same = next((c for c in cells if http and (c["concurrency"], c["adapters"]) ==
                  (http["concurrency"], http["adapters"])), None)
     if same:
-        lines.append(f"- over HTTP: {_x(ratio({**same, 'http': http['swapserve']}, 'http', 'swapserve'))} the "
-                     "in-process engine (target >= 0.95x)")
+        lines.append(f"- over HTTP: {http_ratio(http, same, 'swapserve')} the in-process engine (target >= 0.95x)")
     return "\n".join(lines)
+
+
+def http_ratio(http: dict, same: dict, den: str) -> str:
+    """The HTTP cell over a system of the same in-process cell: the median (min–max) of each HTTP round over
+    that system's median where the HTTP cell ran rounds, else the one ratio."""
+    rounds, base = http["swapserve"].get("round_tok_s") or [], (same.get(den) or {}).get("tok_s")
+    if len(rounds) > 1 and base:
+        return spread(median_range([t / base for t in rounds]), "{:.2f}", "x")
+    return _x(ratio({**same, "http": http["swapserve"]}, "http", den))
 
 
 def cell_ratio(c: dict, num: str, den: str) -> str:
@@ -274,18 +282,19 @@ def scale_section(results: dict) -> list[str]:
              "per-tensor scaled weights) registered on disk under an `--adapter-root` and never pre-loaded; "
              f"swapserve with `max_cpu_loras={sc['max_cpu_loras']}` (host tier) and `max_loras={sc['max_loras']}` "
              f"(device slots); {sc['requests']} requests sent at once, each naming an adapter drawn "
-             f"Zipf(s={sc['zipf_s']}) over all {sc['adapters']}. Round 1 starts with empty tiers; round 2 draws "
-             "again on the tiers round 1 left. *Host hit rate*: requests whose adapter was already in host memory "
+             f"Zipf(s={sc['zipf_s']}) over all {sc['adapters']}. Round 1 starts with empty tiers"
+             + ("; round 2 draws again on the tiers round 1 left" if len(sc["rounds"]) > 1 else
+                " (the default preset runs only it; `--scale-rounds 2` draws again on the tiers it left)")
+             + ". *Host hit rate*: requests whose adapter was already in host memory "
              "when admitted (a request arriving while its adapter is still loading counts as a miss, so round 1, "
              "where all requests arrive at once onto empty tiers, is 0% by construction; *host loads* counts the "
              "disk reads). *Device loads*: host -> device slot copies (`runner.manager.loads`). Anchor: HF "
-             f"`generate` on the base model, batch {sc['requests']}.", "",
-             "| round | distinct adapters | HF base tok/s | swapserve tok/s | **swapserve / base** | TTFT p50 | "
-             "TTFT p99 | ITL p50 | ITL p99 | host hit rate | host loads | host evictions | device loads |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"`generate` on the base model, batch {sc['requests']}, on the oneDNN-packed linears the server uses (equal "
+             "GEMM) and stock.", "",
+             f"| round | distinct adapters | {VS_BASE_HEADER} | host hit rate | host loads | host evictions | "
+             "device loads |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sc["rounds"]:
-        lines.append(f"| {r['round']} | {r['distinct_adapters']} | {_f(r.get('base', {}).get('tok_s'))} | "
-                     f"{_stats_vs_base(r)} | "
+        lines.append(f"| {r['round']} | {r['distinct_adapters']} | {_stats_vs_base(r)} | "
                      f"{r['host_hit_rate'] * 100:.0f}% ({r['host_hits']}/{r['host_hits'] + r['host_misses']}) | "
                      f"{r['host_loads']} | {r['host_evictions']} | {r['device_loads']} |")
     lines += ["", "Latency in ms (TTFT from send, ITL per token). HF base TTFT/ITL for the same batch: " + "; ".join(
@@ -305,22 +314,33 @@ def http_section(results: dict) -> list[str]:
             "The same engine settings served by `python -m server serve`, a child of the benchmark on a loopback "
             "port, driven as vLLM's benchmark_serving drives a server: SSE from `/v1/completions` with "
             "`ignore_eos` (each chunk one token for the gaps, the final usage for the count), adapters loaded "
-            "with `/v1/load_lora_adapter`. What a client sees: HTTP, JSON, SSE and the event loop included.", "",
-            "| N | k | swapserve in-process tok/s | **over HTTP tok/s** | HTTP / in-process | **HTTP / HF base** | "
-            "TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "with `/v1/load_lora_adapter`. What a client sees: HTTP, JSON, SSE and the event loop included. "
+            + (f"The cell ran {len(s['round_tok_s'])} times in a row: tok/s and latencies are medians, the "
+               "ratios the median (min–max) of each run over the in-process cell's median."
+               if len(s.get("round_tok_s") or []) > 1 else ""), "",
+            "| N | k | swapserve in-process tok/s | **over HTTP tok/s** | HTTP / in-process | **HTTP / HF base, "
+            "oneDNN** | HTTP / HF base | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             f"| {h['concurrency']} | {h['adapters']} | {_f(same.get('swapserve', {}).get('tok_s'))} | "
-            f"**{_f(s['tok_s'])}** | {_x(ratio({**same, 'http': s}, 'http', 'swapserve'))} | "
-            f"**{_x(ratio({**same, 'http': s}, 'http', 'base'))}** | {_f(s['ttft_p50_ms'])} | {_f(s['ttft_p99_ms'])} | "
+            f"**{_f(s['tok_s'])}** | {http_ratio(h, same, 'swapserve')} | **{http_ratio(h, same, 'base_onednn')}** | "
+            f"{http_ratio(h, same, 'base')} | {_f(s['ttft_p50_ms'])} | {_f(s['ttft_p99_ms'])} | "
             f"{_f(s['itl_p50_ms'])} | {_f(s['itl_p99_ms'])} |", "",
             f"ITL p99 of {i['streams']} streams over HTTP, quiet -> while {i['loads']} adapters load through "
             f"`/v1/load_lora_adapter` ({i['loads_seconds']:.2f} s){_rounds(i)}: {_f(i['quiet_itl_p99_ms'])} -> "
             f"{_f(i['loading_itl_p99_ms'])} ms (**{i['itl_p99_rise'] * 100:+.0f}%**; target <= +20%).", ""]
 
 
+VS_BASE_HEADER = ("HF base, oneDNN tok/s | HF base tok/s | swapserve tok/s | **swapserve / HF base, oneDNN** | "
+                  "swapserve / HF base | TTFT p50 | TTFT p99 | ITL p50 | ITL p99")
+
+
 def _stats_vs_base(row: dict) -> str:
-    """swapserve tok/s | its ratio to base | TTFT p50 | TTFT p99 | ITL p50 | ITL p99, as table cells."""
+    """The cells under VS_BASE_HEADER: both anchors' tok/s, swapserve's, its ratio to each (equal GEMM first;
+    "–" where a run had no such anchor), its latencies."""
     s = row["swapserve"]
-    return (f"{_f(s['tok_s'])} | **{_x(ratio(row, 'swapserve', 'base'))}** | {_f(s['ttft_p50_ms'])} | "
+    return (f"{_f(row.get('base_onednn', {}).get('tok_s'))} | {_f(row.get('base', {}).get('tok_s'))} | "
+            f"{_f(s['tok_s'])} | **{_x(ratio(row, 'swapserve', 'base_onednn'))}** | "
+            f"{_x(ratio(row, 'swapserve', 'base'))} | {_f(s['ttft_p50_ms'])} | "
             f"{_f(s['ttft_p99_ms'])} | {_f(s['itl_p50_ms'])} | {_f(s['itl_p99_ms'])}")
 
 
@@ -333,14 +353,13 @@ def types_section(results: dict) -> list[str]:
              "modules (IA3 scales `down_proj`'s input, the others' outputs). *mixed*: LoRA, DoRA, IA3 and "
              "AdaLoRA adapters round-robin in one batch. No PEFT row: PEFT's `adapter_names` mixed batch works "
              "only across LoRA adapters, and a PeftModel cannot hold LoRA and IA3 adapters and mix them in one "
-             "batch, so its only way to serve these is the naive serial flow. HF base: stock HF `generate` on N "
-             "prompts of the same lengths (the throughput grid's, where it has that N).", "",
-             "| cell | N | adapters | HF base tok/s | swapserve tok/s | **swapserve / base** | TTFT p50 | TTFT p99 | "
-             "ITL p50 | ITL p99 |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "batch, so its only way to serve these is the naive serial flow. Anchors: HF `generate` on N prompts "
+             "of the same lengths, on the oneDNN-packed linears (equal GEMM) and stock (the throughput grid's, "
+             "where it has that N).", "",
+             f"| cell | N | adapters | {VS_BASE_HEADER} |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in ty["cells"]:
         kinds = " + ".join(f"{v} {k}" for k, v in c["kinds"].items())
-        lines.append(f"| {c['cell']} | {c['concurrency']} | {kinds} | {_f(c.get('base', {}).get('tok_s'))} | "
-                     f"{_stats_vs_base(c)} |")
+        lines.append(f"| {c['cell']} | {c['concurrency']} | {kinds} | {_stats_vs_base(c)} |")
     return lines + [""]
 
 

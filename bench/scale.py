@@ -82,10 +82,13 @@ async def run_scale(cfg, model_dir: Path, root: Path, names: list[str], source, 
                    "top_adapter_share": Counter(draw).most_common(1)[0][1] / len(draw)}
             if anchors:
                 row["base"] = summarize(anchors.base_batch(prompts, cfg.max_tokens))
+                if anchors.base_onednn is not None:  # the equal-GEMM anchor, beside it
+                    row["base_onednn"] = summarize(anchors.base_onednn_batch(prompts, cfg.max_tokens))
             log.info("scale round %d: %d distinct adapters, swapserve %.1f tok/s%s, host hit rate %.2f, "
                      "device loads %d", r + 1, row["distinct_adapters"], summary["tok_s"],
-                     f" (HF base {row['base']['tok_s']:.1f})" if anchors else "", row["host_hit_rate"],
-                     row["device_loads"])
+                     "".join(f" ({label} {row[key]['tok_s']:.1f})" for key, label in
+                             (("base_onednn", "HF base, oneDNN"), ("base", "HF base")) if key in row),
+                     row["host_hit_rate"], row["device_loads"])
             rounds.append(row)
         entry = next(e for e in engine.engine.store.entries.values() if e.info.get("size_bytes"))
         tiers = {"disk_bytes": (Path(entry.source) / "adapter_model.safetensors").stat().st_size,
@@ -100,10 +103,10 @@ async def run_scale(cfg, model_dir: Path, root: Path, names: list[str], source, 
 
 
 async def run_types(cfg, engine, typed: dict[str, Path], kinds: dict[str, str], lora: list[str],
-                    prompts, anchors, base: dict | None = None) -> dict:
-    """The IA3 cell and the mixed cell. ``lora``: LoRA cell adapters already loaded in the engine. ``base``: the
-    grid's stock HF anchor for the same N, prompt and output lengths (the same work whatever the prompts' ids),
-    taken over instead of run again; without it the anchor runs here."""
+                    prompts, anchors, grid_anchors: dict | None = None) -> dict:
+    """The IA3 cell and the mixed cell. ``lora``: LoRA cell adapters already loaded in the engine.
+    ``grid_anchors``: the grid's HF anchors ("base", "base_onednn") for the same N, prompt and output lengths
+    (the same work whatever the prompts' ids), taken over instead of run again; without them they run here."""
     driver = EngineDriver(engine)
     for name, path in typed.items():
         await driver.load_adapter(name, str(path))
@@ -115,17 +118,20 @@ async def run_types(cfg, engine, typed: dict[str, Path], kinds: dict[str, str], 
     cells = {"ia3": by_kind["ia3"][:k], "mixed": mixed}
     await run_concurrent(driver, cell_requests(prompts.take(len(typed)), list(typed), 2))  # first activations
     out = []
-    if base is None and anchors:  # one anchor: the same N (fresh) prompt lengths on the base model, whatever the
-        base = summarize(anchors.base_batch(prompts.take(n), cfg.max_tokens))  # cell's adapters
+    base = dict(grid_anchors or {})  # one anchor per system: the same N prompt lengths whatever the cell's adapters
+    if anchors and "base" not in base:
+        base["base"] = summarize(anchors.base_batch(prompts.take(n), cfg.max_tokens))
+    if anchors and anchors.base_onednn is not None and "base_onednn" not in base:
+        base["base_onednn"] = summarize(anchors.base_onednn_batch(prompts.take(n), cfg.max_tokens))
     for label, adapters in cells.items():
         row: dict = {"cell": label, "concurrency": n, "adapters": len(adapters),
                      "kinds": dict(Counter(kinds.get(a, "lora") for a in adapters))}
-        if base:
-            row["base"] = base
+        row.update(base)
         row["swapserve"] = summarize(await run_concurrent(driver, cell_requests(prompts.take(n), adapters,
                                                                                 cfg.max_tokens)))
         log.info("types cell %s N=%d k=%d: swapserve %.1f tok/s%s", label, n, len(adapters), row["swapserve"]["tok_s"],
-                 f" HF base {row['base']['tok_s']:.1f}" if base else "")
+                 "".join(f" {label} {row[key]['tok_s']:.1f}" for key, label in
+                         (("base_onednn", "HF base, oneDNN"), ("base", "HF base")) if key in row))
         out.append(row)
     store = engine.engine.store
     host = {}

@@ -152,26 +152,31 @@ def combine_rounds(rows: list[dict]) -> dict:
     """One cell's rounds as one row: every system's numbers are the medians over the rounds, with each round's
     tok/s kept (``round_tok_s``), and ``round_ratios``: swapserve over each anchor, round by round (a ratio's
     median is taken over rounds, not between two medians)."""
-    from statistics import median
-
     out = {"concurrency": rows[0]["concurrency"], "adapters": rows[0]["adapters"], "rounds": len(rows)}
     for key in GRID_SYSTEMS:
         runs = [r[key] for r in rows if key in r]
-        if not runs:
-            continue
-        merged = dict(runs[0])
-        for field, value in runs[0].items():
-            values = [run.get(field) for run in runs]
-            if isinstance(value, float) and all(isinstance(v, (int, float)) for v in values):
-                merged[field] = median(values)
-        merged["round_tok_s"] = [run.get("tok_s") for run in runs]
-        out[key] = merged
+        if runs:
+            out[key] = median_summary(runs)
     out["round_ratios"] = {den: [r["swapserve"]["tok_s"] / r[den]["tok_s"] for r in rows
                                  if "swapserve" in r and den in r and r[den].get("tok_s")]
                            for den in GRID_SYSTEMS if den != "swapserve" and den in out}
     out["no_adapter_round_ratios"] = [r["swapserve_no_adapter"]["tok_s"] / r["base_onednn"]["tok_s"] for r in rows
                                       if "swapserve_no_adapter" in r and r.get("base_onednn", {}).get("tok_s")]
     return out
+
+
+def median_summary(runs: list[dict]) -> dict:
+    """Summaries of one system's rounds as one: every float field the median over the rounds, and each round's
+    tok/s kept (``round_tok_s``)."""
+    from statistics import median
+
+    merged = dict(runs[0])
+    for field, value in runs[0].items():
+        values = [run.get(field) for run in runs]
+        if isinstance(value, float) and all(isinstance(v, (int, float)) for v in values):
+            merged[field] = median(values)
+    merged["round_tok_s"] = [run.get("tok_s") for run in runs]
+    return merged
 
 
 def naive_summary(traces, n: int) -> dict:
@@ -302,15 +307,18 @@ async def http_sections(cfg: BenchConfig, fx: Fixtures, root: Path, results: dic
 
 
 async def run_http(cfg: BenchConfig, fx: Fixtures, server) -> dict:
-    """The target cell and the load-interference rounds again, through the real server (bench/http.py)."""
+    """The target cell (``grid_rounds`` times: its ratio to the in-process cell carries a target) and the
+    load-interference rounds again, through the real server (bench/http.py)."""
     from bench.http import HttpDriver
     n, k = target_cell(cfg)
     driver = HttpDriver(server)
     try:
         await warm_up(driver, fx, cfg)
-        cell = summarize(await run_concurrent(driver, cell_requests(fx.prompts.take(n), list(fx.cell)[:k],
-                                                                    cfg.max_tokens)))
-        log.info("HTTP cell N=%d k=%d: %.1f tok/s", n, k, cell["tok_s"])
+        runs = [summarize(await run_concurrent(driver, cell_requests(fx.prompts.take(n), list(fx.cell)[:k],
+                                                                     cfg.max_tokens)))
+                for _ in range(cfg.grid_rounds)]
+        cell = median_summary(runs)
+        log.info("HTTP cell N=%d k=%d: %s tok/s", n, k, [round(r["tok_s"], 1) for r in runs])
         streams = cell_requests(fx.prompts.take(cfg.interference_streams), list(fx.cell)[:4], cfg.max_tokens)
         intf = await interference(driver, streams, dict(list(fx.pool.items())[:cfg.interference_loads]),
                                   fx.prompts, cfg.http_interference_rounds)
@@ -408,8 +416,7 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float], c
             out["mixtures"] = await run_mixtures(cfg, engine, fx.cell, fx.prompts)
     if fx.typed:
         with clock.section("types"):
-            grid_base = next((c["base"] for c in cells if c["concurrency"] == cfg.types_concurrency and "base" in c),
-                             None)
+            same_n = next((c for c in cells if c["concurrency"] == cfg.types_concurrency), {})
             out["types"] = await run_types(cfg, engine, fx.typed, fx.kinds, list(fx.cell)[:4], fx.prompts, anchors,
-                                           grid_base)
+                                           {key: same_n[key] for key in BASE_ANCHORS if key in same_n})
     return out

@@ -142,17 +142,42 @@ def test_http_driver_streams_and_loads_through_the_real_server(tiny_model_dir, a
 
 
 def test_http_section_sets_the_http_cell_beside_the_in_process_one():
+    """Over HTTP against the in-process cell, then against HF at equal GEMM, then stock HF."""
     from bench.markdown import http_section
 
     intf = {"streams": 16, "loads": 10, "loads_seconds": 0.5, "quiet_itl_p99_ms": 100.0,
             "loading_itl_p99_ms": 110.0, "itl_p99_rise": 0.1}
-    results = {"cells": [cell(32, 16, 100.0, 90.0, 96, 12.0)],
+    results = {"cells": [{**cell(32, 16, 100.0, 90.0, 96, 12.0), "base_onednn": {"tok_s": 108.0}}],
                "http": {"concurrency": 32, "adapters": 16, "interference": intf,
                         "swapserve": {"tok_s": 81.0, "ttft_p50_ms": 1, "ttft_p99_ms": 2, "itl_p50_ms": 3,
                                       "itl_p99_ms": 4}}}
     text = "\n".join(http_section(results))
-    assert "| 32 | 16 | 90.0 | **81.0** | 0.90x | **0.81x** |" in text and "**+10%**" in text
+    assert "| 32 | 16 | 90.0 | **81.0** | 0.90x | **0.75x** | 0.81x |" in text and "**+10%**" in text
+    results["http"]["swapserve"]["round_tok_s"] = [81.0, 90.0, 72.0]  # three runs: each over the in-process median
+    text = "\n".join(http_section(results))
+    assert "| **81.0** | 0.90x (0.80–1.00) | **0.75x (0.67–0.83)** | 0.81x (0.72–0.90) |" in text
+    assert "over HTTP: 0.90x (0.80–1.00) the in-process engine" in headline({**results, "config": {}})
     assert http_section({"cells": []}) == []
+
+
+def test_scale_and_types_tables_put_the_equal_gemm_anchor_first():
+    """Issue 20: every section's ratio is first against HF on the packed linears, then against stock HF; a run
+    without the packed anchor (older results, a GPU) shows a dash there."""
+    from bench.markdown import scale_section, types_section
+
+    s = _rounds(90.0)[0]
+    row = {"swapserve": s, "base": _rounds(100.0)[0], "base_onednn": _rounds(120.0)[0]}
+    scale = {"adapters": 200, "rank": 16, "max_cpu_loras": 32, "max_loras": 16, "requests": 32, "zipf_s": 1.1,
+             "rounds": [{**row, "round": 1, "distinct_adapters": 21, "host_hits": 0, "host_misses": 32,
+                         "host_hit_rate": 0.0, "host_loads": 21, "host_evictions": 0, "device_loads": 21}]}
+    text = "\n".join(scale_section({"scale": scale}))
+    assert "| 1 | 21 | 120.0 | 100.0 | 90.0 | **0.75x** | 0.90x |" in text
+    types = {"cells": [{**row, "cell": "ia3", "concurrency": 32, "kinds": {"ia3": 16}},
+                       {"swapserve": s, "base": _rounds(100.0)[0], "cell": "mixed", "concurrency": 32,
+                        "kinds": {"lora": 4, "ia3": 4}}]}
+    text = "\n".join(types_section({"types": types}))
+    assert "| ia3 | 32 | 16 ia3 | 120.0 | 100.0 | 90.0 | **0.75x** | 0.90x |" in text
+    assert "| mixed | 32 | 4 lora + 4 ia3 | – | 100.0 | 90.0 | **–** | 0.90x |" in text
 
 
 def _rounds(*tok_s: float) -> list[dict]:
