@@ -36,15 +36,16 @@ def free_port() -> int:
 
 
 async def wait_http(server, path: str, timeout: float) -> None:
-    """Poll ``server.url + path`` until it answers 200; on exit or timeout close the server and raise, naming
-    its log (``server.proc``, ``server.log`` and ``server.close`` as ServerProcess has them)."""
+    """Poll ``server.url + path`` until ``server.answered`` accepts the response (200 for ChildServer); on exit
+    or timeout close the server and raise, naming its log (``server.proc``, ``server.log`` and ``server.close``
+    as ServerProcess has them)."""
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(base_url=server.url) as client:
         while time.monotonic() < deadline:
             if server.proc.poll() is not None:
                 break
             try:
-                if (await client.get(path)).status_code == 200:
+                if server.answered(await client.get(path)):
                     return
             except httpx.TransportError:
                 pass
@@ -68,6 +69,9 @@ class ChildServer:
     async def wait_ready(self, timeout: float = 300.0) -> None:
         await wait_http(self, self.ready_path, timeout)
 
+    def answered(self, response: httpx.Response) -> bool:
+        return response.status_code == 200
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -90,6 +94,12 @@ class ServerProcess(ChildServer):
              "--port", str(port), "--admin-key", self.admin_key, "--threads", str(threads),
              "--log-level", "warning"],
             log_path, port, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+    def answered(self, response: httpx.Response) -> bool:
+        """Ready, and its KV pool resident (servers before that field: ready is enough): no measured request
+        races the thread that populates the pool."""
+        return response.status_code == 200 and response.json().get("kv_cache_resident", True)
 
 
 class HttpDriver:

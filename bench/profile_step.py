@@ -39,6 +39,7 @@ def build_engine(directory: Path, root: Path, rows: int, slots: int, prompt_toke
     engine = LLMEngine(cfg)
     for entry in [engine.store.resolve(p.name) for p in root.iterdir()]:
         engine.store.ensure_host(entry).result()
+    engine.runner.kv_resident.wait()  # no step races the thread that populates the KV pool
     return engine
 
 

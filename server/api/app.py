@@ -88,10 +88,12 @@ def _add_probes(app: FastAPI) -> None:
 
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:
-        """Readiness: 200 once the model is loaded and warmed up and the loop runs; 503 while loading or draining."""
+        """Readiness: 200 once the model is loaded and warmed up and the loop runs; 503 while loading or draining.
+        ``kv_cache_resident`` says whether the KV pool's pages are resident yet (on CPU a background thread makes
+        them so after start; a benchmark waits for it, a client need not)."""
         engine = request.app.state.engine
         if engine.ready:
-            return JSONResponse({"status": "ready"})
+            return JSONResponse({"status": "ready", "kv_cache_resident": getattr(engine, "kv_resident", True)})
         status = ("failed" if getattr(engine, "error", None) is not None else
                   "draining" if engine.draining else "loading")
         return JSONResponse({"status": status}, status_code=503)

@@ -107,6 +107,12 @@ class AsyncEngine:
 
     # ---- lifecycle --------------------------------------------------------------------------------------
     @property
+    def kv_resident(self) -> bool:
+        """True once the KV pool's pages are resident: on CPU a background thread populates them after start
+        (host_memory.populate_in_background); requests are served meanwhile, their first writes page faulting."""
+        return self.engine.runner.kv_resident.is_set()
+
+    @property
     def ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self.draining
 

@@ -46,10 +46,10 @@ class ModelRunner:
         useful = 2 * config.max_num_seqs * self.max_len * PagedKVCache.block_bytes(self.model.config, 1, self.dtype)
         self.kv = PagedKVCache.for_model(self.model.config, budget_bytes(config.kv_cache_memory, self.device, useful),
                                          config.block_size, self.dtype, self.device)
-        self.kv_resident = threading.Event()  # set once the pool's pages are resident (at once off CPU)
         if self.device.type == "cpu":  # pages resident before the steps need them, not faulted in by first writes
             self.kv_resident = populate_in_background(self.kv.keys + self.kv.values, "KV cache pool")
-        else:
+        else:  # device memory: nothing to populate
+            self.kv_resident = threading.Event()
             self.kv_resident.set()
         self.attention = PagedAttention(self.kv, attention_kernel_choice(config.attention_kernel, self.device,
                                                                          self.dtype))

@@ -15,9 +15,19 @@ REQUIRED = ("vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_
 
 
 def test_probes(server):
+    """/ready also says when the KV pool is resident (populated on a background thread after start on CPU):
+    ready comes first, resident follows without any request."""
+    import time
+
     with server.client() as http:
         assert http.get("/health").status_code == 200
-        assert http.get("/ready").json() == {"status": "ready"}
+        body = http.get("/ready").json()
+        assert body["status"] == "ready" and isinstance(body["kv_cache_resident"], bool)
+        deadline = time.monotonic() + 60
+        while not body["kv_cache_resident"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+            body = http.get("/ready").json()
+        assert body == {"status": "ready", "kv_cache_resident": True}
 
 
 def test_series_are_exposed_and_count_requests(server):
