@@ -22,14 +22,19 @@ def _rel(path: Path | None, start: Path) -> str:
 TARGET_CELL = (32, 16)  # the issue's targets are set on 32 concurrent requests over 16 adapters
 
 
+def pick_target(cells: list[tuple[int, int]]) -> tuple[int, int]:
+    """The (N, k) the headline's targets are read on: 32 x 16 when the grid has it, else its largest cell (a GPU
+    run's grid). The suite decides with it which cells repeat in later rounds; the report, which to quote."""
+    return TARGET_CELL if TARGET_CELL in cells else max(cells)
+
+
 def headline(results: dict) -> str:
     """The figures the targets are set on, each beside its target: first against the anchor that runs the same
     linears (HF ``generate`` with the linears packed for oneDNN as the server packs them), then against stock HF,
     then the peers. On the target cell when the run has it, else on its largest (a GPU run's grid)."""
     cells = results["cells"]
-    top = next((c for c in cells if (c["concurrency"], c["adapters"]) == TARGET_CELL), None) or \
-        max(cells, key=lambda c: (c["concurrency"], c["adapters"]))
-    n, k = top["concurrency"], top["adapters"]
+    n, k = pick_target([(c["concurrency"], c["adapters"]) for c in cells])
+    top = next(c for c in cells if (c["concurrency"], c["adapters"]) == (n, k))
     lines = [f"**{n} concurrent requests over {k} distinct adapters:** swapserve {top['swapserve']['tok_s']:.1f} "
              "output tok/s."]
     if top.get("base_onednn"):
@@ -42,9 +47,8 @@ def headline(results: dict) -> str:
                      f"{spread(median_range(plain['no_adapter_round_ratios']), '{:.2f}', 'x')} HF `generate` at "
                      "equal GEMM (the engine alone, no adapter math; target >= 1.0x)")
     lines.append(f"- {cell_ratio(top, 'swapserve', 'base')} stock HF `generate` on the base model (MKL sgemm "
-                 "linears; target >= 0.8x)" + (f"; HF on the packed linears is itself "
-                                                f"{_x(ratio(top, 'base_onednn', 'base'))} stock HF"
-                                                if top.get("base_onednn") else ""))
+                 "linears; target >= 0.8x)" + (f"; HF on the packed linears is itself {packed_over_stock(top)} "
+                                                "stock HF" if top.get("base_onednn") else ""))
     pooled = pooled_naive(cells)
     naive = top["swapserve"]["tok_s"] / pooled["tok_s"] if pooled else ratio(top, "swapserve", "naive")
     lines.append(f"- {_x(naive)} the seed's naive serial flow (`set_adapter` + `generate` per request"
@@ -73,6 +77,33 @@ def headline(results: dict) -> str:
     if same:
         lines.append(f"- over HTTP: {http_ratio(http, same, 'swapserve')} the in-process engine (target >= 0.95x)")
     return "\n".join(lines)
+
+
+def grid_rounds_text(results: dict) -> str:
+    """Which grid systems ran in which rounds, read from the run itself (older runs and GPU runs ran stock HF in
+    every round; runs with --grid-later-rounds target ran most cells' adapters in the first round only)."""
+    cells = results["cells"]
+    stock_once = any(len(c.get("base", {}).get("round_tok_s") or []) == 1 < c.get("rounds", 1) for c in cells)
+    anchors = "HF base, oneDNN, which runs" if stock_once else "the HF base anchors, which run"
+    text = ("PEFT mixed and naive serial run in the first round only" + (", and so does stock HF base" if stock_once
+                                                                         else "")
+            + f"; {anchors} the same N prompts whatever k is, once per N per round (the first cell of that N), for "
+            "every cell of that N")
+    once = [c for c in cells if len(c.get("swapserve", {}).get("round_tok_s") or []) == 1 < c.get("rounds", 1)]
+    if once:
+        n, k = pick_target([(c["concurrency"], c["adapters"]) for c in cells])
+        text += (f"; after the first round swapserve runs on adapters in the {n} x {k} cell only (its no-adapter "
+                 "run still every round)")
+    return text + (": a ratio measured in one round says so." if stock_once or once else ".")
+
+
+def packed_over_stock(c: dict) -> str:
+    """HF on the packed linears over stock HF in one cell: their first round's pair where stock HF ran in that
+    round only, else the ratio of the two medians (both ran every round)."""
+    stock, packed = (c.get(k, {}).get("round_tok_s") or [] for k in ("base", "base_onednn"))
+    if len(stock) == 1 < len(packed):
+        return f"{_x(packed[0] / stock[0])} (first round)"
+    return _x(ratio(c, "base_onednn", "base"))
 
 
 def http_ratio(http: dict, same: dict, den: str) -> str:
@@ -234,11 +265,7 @@ def render(results: dict, json_path: Path, png_path: Path | None, md_path: Path)
            "does not grow with N). *swapserve*: the in-process `AsyncEngine`, N concurrent streams (the same cell "
            "through the HTTP server: its own section below). With rounds (the machine line says how many), every "
            "number is the median over the rounds and swapserve's ratios are medians of per-round ratios (min–max); "
-           "PEFT mixed, naive serial and stock HF base run in the first round only; HF base, oneDNN, which runs the "
-           "same N prompts whatever k is, once per N per round (the first cell of that N), for every cell of that N"
-           + ("; after the first round swapserve runs on adapters in the 32 x 16 cell only (its no-adapter run "
-              "still every round): a ratio measured in one round says so." if cfg.get("grid_later_rounds") == "target"
-              else "."), "",
+           + grid_rounds_text(results), "",
            *throughput_table(results), ""]
     if png_path:
         out += [f"![throughput vs distinct adapters]({_rel(png_path, here)})", ""]
@@ -277,6 +304,7 @@ def scale_section(results: dict) -> list[str]:
     sc = results.get("scale")
     if not sc:
         return []
+    head, width = vs_base_columns(sc["rounds"])
     lines = ["## Scale: many adapters on disk, Zipf traffic, loaded on demand", "",
              f"{sc['adapters']} LoRA r{sc['rank']} adapters (all 7 linear modules; one PEFT save, then copies with "
              "per-tensor scaled weights) registered on disk under an `--adapter-root` and never pre-loaded; "
@@ -284,17 +312,17 @@ def scale_section(results: dict) -> list[str]:
              f"(device slots); {sc['requests']} requests sent at once, each naming an adapter drawn "
              f"Zipf(s={sc['zipf_s']}) over all {sc['adapters']}. Round 1 starts with empty tiers"
              + ("; round 2 draws again on the tiers round 1 left" if len(sc["rounds"]) > 1 else
-                " (the default preset runs only it; `--scale-rounds 2` draws again on the tiers it left)")
+                " (this run has only it; `--scale-rounds 2` draws again on the tiers it left)")
              + ". *Host hit rate*: requests whose adapter was already in host memory "
              "when admitted (a request arriving while its adapter is still loading counts as a miss, so round 1, "
              "where all requests arrive at once onto empty tiers, is 0% by construction; *host loads* counts the "
              "disk reads). *Device loads*: host -> device slot copies (`runner.manager.loads`). Anchor: HF "
-             f"`generate` on the base model, batch {sc['requests']}, on the oneDNN-packed linears the server uses (equal "
-             "GEMM) and stock.", "",
-             f"| round | distinct adapters | {VS_BASE_HEADER} | host hit rate | host loads | host evictions | "
-             "device loads |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"`generate` on the base model, batch {sc['requests']}, on the oneDNN-packed linears the server uses "
+             "(equal GEMM) and stock.", "",
+             f"| round | distinct adapters | {head} | host hit rate | host loads | host evictions | device loads |",
+             "|---:|---:|" + "---:|" * (width + 4)]
     for r in sc["rounds"]:
-        lines.append(f"| {r['round']} | {r['distinct_adapters']} | {_stats_vs_base(r)} | "
+        lines.append(f"| {r['round']} | {r['distinct_adapters']} | {_stats_vs_base(r, width > 7)} | "
                      f"{r['host_hit_rate'] * 100:.0f}% ({r['host_hits']}/{r['host_hits'] + r['host_misses']}) | "
                      f"{r['host_loads']} | {r['host_evictions']} | {r['device_loads']} |")
     lines += ["", "Latency in ms (TTFT from send, ITL per token). HF base TTFT/ITL for the same batch: " + "; ".join(
@@ -310,6 +338,7 @@ def http_section(results: dict) -> list[str]:
     same = next((c for c in results["cells"] if (c["concurrency"], c["adapters"]) == (h["concurrency"], h["adapters"])),
                 {})
     s, i = h["swapserve"], h["interference"]
+    packed = "base_onednn" in same
     return ["## Through the HTTP server", "",
             "The same engine settings served by `python -m server serve`, a child of the benchmark on a loopback "
             "port, driven as vLLM's benchmark_serving drives a server: SSE from `/v1/completions` with "
@@ -318,48 +347,57 @@ def http_section(results: dict) -> list[str]:
             + (f"The cell ran {len(s['round_tok_s'])} times in a row: tok/s and latencies are medians, the "
                "ratios the median (min–max) of each run over the in-process cell's median."
                if len(s.get("round_tok_s") or []) > 1 else ""), "",
-            "| N | k | swapserve in-process tok/s | **over HTTP tok/s** | HTTP / in-process | **HTTP / HF base, "
-            "oneDNN** | HTTP / HF base | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| N | k | swapserve in-process tok/s | **over HTTP tok/s** | HTTP / in-process | "
+            + ("**HTTP / HF base, oneDNN** | HTTP / HF base" if packed else "**HTTP / HF base**")
+            + " | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |", "|---:|---:|" + "---:|" * (9 if packed else 8),
             f"| {h['concurrency']} | {h['adapters']} | {_f(same.get('swapserve', {}).get('tok_s'))} | "
-            f"**{_f(s['tok_s'])}** | {http_ratio(h, same, 'swapserve')} | **{http_ratio(h, same, 'base_onednn')}** | "
-            f"{http_ratio(h, same, 'base')} | {_f(s['ttft_p50_ms'])} | {_f(s['ttft_p99_ms'])} | "
+            f"**{_f(s['tok_s'])}** | {http_ratio(h, same, 'swapserve')} | "
+            + (f"**{http_ratio(h, same, 'base_onednn')}** | {http_ratio(h, same, 'base')}" if packed
+               else f"**{http_ratio(h, same, 'base')}**")
+            + f" | {_f(s['ttft_p50_ms'])} | {_f(s['ttft_p99_ms'])} | "
             f"{_f(s['itl_p50_ms'])} | {_f(s['itl_p99_ms'])} |", "",
             f"ITL p99 of {i['streams']} streams over HTTP, quiet -> while {i['loads']} adapters load through "
             f"`/v1/load_lora_adapter` ({i['loads_seconds']:.2f} s){_rounds(i)}: {_f(i['quiet_itl_p99_ms'])} -> "
             f"{_f(i['loading_itl_p99_ms'])} ms (**{i['itl_p99_rise'] * 100:+.0f}%**; target <= +20%).", ""]
 
 
-VS_BASE_HEADER = ("HF base, oneDNN tok/s | HF base tok/s | swapserve tok/s | **swapserve / HF base, oneDNN** | "
-                  "swapserve / HF base | TTFT p50 | TTFT p99 | ITL p50 | ITL p99")
+def vs_base_columns(rows: list[dict]) -> tuple[str, int]:
+    """(header cells, how many) of a table setting swapserve beside the HF anchors: equal GEMM first where any row
+    has that anchor (CPU runs since it exists; never on a GPU), then stock HF, then swapserve's latencies."""
+    if any("base_onednn" in r for r in rows):
+        return ("HF base, oneDNN tok/s | HF base tok/s | swapserve tok/s | **swapserve / HF base, oneDNN** | "
+                "swapserve / HF base | TTFT p50 | TTFT p99 | ITL p50 | ITL p99", 9)
+    return "HF base tok/s | swapserve tok/s | **swapserve / HF base** | TTFT p50 | TTFT p99 | ITL p50 | ITL p99", 7
 
 
-def _stats_vs_base(row: dict) -> str:
-    """The cells under VS_BASE_HEADER: both anchors' tok/s, swapserve's, its ratio to each (equal GEMM first;
-    "–" where a run had no such anchor), its latencies."""
+def _stats_vs_base(row: dict, onednn: bool) -> str:
+    """The cells under vs_base_columns: the anchors' tok/s, swapserve's, its ratio to each (equal GEMM first;
+    "–" where this row had no such anchor), its latencies."""
     s = row["swapserve"]
-    return (f"{_f(row.get('base_onednn', {}).get('tok_s'))} | {_f(row.get('base', {}).get('tok_s'))} | "
-            f"{_f(s['tok_s'])} | **{_x(ratio(row, 'swapserve', 'base_onednn'))}** | "
-            f"{_x(ratio(row, 'swapserve', 'base'))} | {_f(s['ttft_p50_ms'])} | "
-            f"{_f(s['ttft_p99_ms'])} | {_f(s['itl_p50_ms'])} | {_f(s['itl_p99_ms'])}")
+    packed = (f"{_f(row.get('base_onednn', {}).get('tok_s'))} | " if onednn else "")
+    ratios = (f"**{_x(ratio(row, 'swapserve', 'base_onednn'))}** | {_x(ratio(row, 'swapserve', 'base'))}" if onednn
+              else f"**{_x(ratio(row, 'swapserve', 'base'))}**")
+    return (f"{packed}{_f(row.get('base', {}).get('tok_s'))} | {_f(s['tok_s'])} | {ratios} | "
+            f"{_f(s['ttft_p50_ms'])} | {_f(s['ttft_p99_ms'])} | {_f(s['itl_p50_ms'])} | {_f(s['itl_p99_ms'])}")
 
 
 def types_section(results: dict) -> list[str]:
     ty = results.get("types")
     if not ty:
         return []
+    head, width = vs_base_columns(ty["cells"])
     lines = ["## Adapter types: IA3 and a mixed batch", "",
              "Same engine as the throughput grid; r16 LoRA / DoRA / AdaLoRA (init_r 16) and IA3 on all 7 linear "
              "modules (IA3 scales `down_proj`'s input, the others' outputs). *mixed*: LoRA, DoRA, IA3 and "
              "AdaLoRA adapters round-robin in one batch. No PEFT row: PEFT's `adapter_names` mixed batch works "
              "only across LoRA adapters, and a PeftModel cannot hold LoRA and IA3 adapters and mix them in one "
              "batch, so its only way to serve these is the naive serial flow. Anchors: HF `generate` on N prompts "
-             "of the same lengths, on the oneDNN-packed linears (equal GEMM) and stock (the throughput grid's, "
-             "where it has that N).", "",
-             f"| cell | N | adapters | {VS_BASE_HEADER} |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "of the same lengths" + (", on the oneDNN-packed linears (equal GEMM) and stock" if width > 7 else "")
+             + " (the throughput grid's, measured minutes earlier, where it has that N).", "",
+             f"| cell | N | adapters | {head} |", "|---|---:|---|" + "---:|" * width]
     for c in ty["cells"]:
         kinds = " + ".join(f"{v} {k}" for k, v in c["kinds"].items())
-        lines.append(f"| {c['cell']} | {c['concurrency']} | {kinds} | {_stats_vs_base(c)} |")
+        lines.append(f"| {c['cell']} | {c['concurrency']} | {kinds} | {_stats_vs_base(c, width > 7)} |")
     return lines + [""]
 
 

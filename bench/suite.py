@@ -105,9 +105,15 @@ BASE_ANCHORS = ("base", "base_onednn")
 
 def target_cell(cfg: BenchConfig) -> tuple[int, int]:
     """The cell the headline's targets are set on (32 x 16), or the grid's largest where it has no such cell."""
-    from bench.markdown import TARGET_CELL
+    from bench.markdown import pick_target
 
-    return TARGET_CELL if TARGET_CELL in cfg.cells else max(cfg.cells)
+    return pick_target(cfg.cells)
+
+
+def runs_adapters(cfg: BenchConfig, round_index: int, cell: tuple[int, int], target: tuple[int, int]) -> bool:
+    """Whether swapserve runs on the cell's adapters in this grid round: always in the first, and later only in
+    the target cell with --grid-later-rounds target."""
+    return round_index == 0 or cfg.grid_later_rounds == "all" or cell == target
 
 
 async def measure_cell(cfg: BenchConfig, fx: Fixtures, anchors: Anchors | None, driver: Driver,
@@ -220,7 +226,12 @@ async def run_suite(cfg: BenchConfig) -> dict:
             if not cfg.skip_memory and cfg.device == "cpu":  # plain / int8 / nf4 subprocesses: RSS, never timed,
                 # so they run beside the fixtures (nothing is timed before the grid)
                 sizing = asyncio.create_task(model_memory(str(directory)))
-            fx = await asyncio.to_thread(build_fixtures, cfg, root)
+            try:
+                fx = await asyncio.to_thread(build_fixtures, cfg, root)
+            except BaseException:
+                if sizing is not None:
+                    sizing.cancel()
+                raise
             if sizing is not None:
                 memory = await sizing
                 log.info("model RSS: %s", {m["quantization"]: round(m.get("model_rss", 0) / 1e6) for m in memory})
@@ -389,9 +400,8 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float], c
             base_rows: dict[int, dict] = {}  # N -> this round's HF base anchors at N
             per_round.append([])
             for n, k in progress.bar(cfg.cells, desc=f"bench cells, round {r + 1}/{cfg.grid_rounds}", unit="cell"):
-                every = r == 0 or cfg.grid_later_rounds == "all" or (n, k) == target
                 row = await measure_cell(cfg, fx, anchors, driver, n, k, n not in base_rows, r == 0, base_rows.get(n),
-                                         every)
+                                         runs_adapters(cfg, r, (n, k), target))
                 base_rows.setdefault(n, {key: row[key] for key in BASE_ANCHORS if key in row})
                 per_round[-1].append(row)
             grid_loads.append(load | {"end": loadavg()})

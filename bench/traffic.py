@@ -148,7 +148,7 @@ async def long_one(driver, cfg: TrafficConfig, adapters: list[str], vocab: int, 
         for stat in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):
             paths[f"short_{stat}_{cell}"] = (cell + "_short", stat)
     return {"requests": cfg.requests, "short_prompt": cfg.short_prompt, "long_prompt": cfg.long_prompt,
-            "max_tokens": cfg.max_tokens, "adapters": len(set(names) - {None}), "rounds": rows,
+            "max_tokens": cfg.max_tokens, "adapters": len(set(names) - {None}), "rounds": rows, "l_rounds": 1,
             **_medians(rows, paths)}
 
 

@@ -178,6 +178,9 @@ def test_scale_and_types_tables_put_the_equal_gemm_anchor_first():
     text = "\n".join(types_section({"types": types}))
     assert "| ia3 | 32 | 16 ia3 | 120.0 | 100.0 | 90.0 | **0.75x** | 0.90x |" in text
     assert "| mixed | 32 | 4 lora + 4 ia3 | – | 100.0 | 90.0 | **–** | 0.90x |" in text
+    gpu = {"cells": [{k: v for k, v in cell.items() if k != "base_onednn"} for cell in types["cells"]]}
+    text = "\n".join(types_section({"types": gpu}))  # no packed anchor anywhere (a GPU run): no such column
+    assert "oneDNN" not in text and "| ia3 | 32 | 16 ia3 | 100.0 | 90.0 | **0.90x** |" in text
 
 
 def _rounds(*tok_s: float) -> list[dict]:
@@ -476,3 +479,45 @@ def test_grid_runs_the_hf_base_anchors_once_per_concurrency_per_round():
     first, second = asyncio.run(grid_round(False))  # a later round: the equal-GEMM anchor only, still once
     assert [c for c in calls if c[0] != "swapserve"] == [("base_onednn", 4)]
     assert "base" not in first and "base" not in second and second["base_onednn"] is first["base_onednn"]
+
+
+def test_later_grid_rounds_run_adapters_in_the_target_cell_only_when_asked():
+    from bench.config import BenchConfig
+    from bench.suite import runs_adapters, target_cell
+
+    cfg = BenchConfig(concurrency=[32], adapters=[1, 16], grid_later_rounds="target")
+    target = target_cell(cfg)
+    assert target == (32, 16)
+    assert runs_adapters(cfg, 0, (32, 1), target) and runs_adapters(cfg, 2, (32, 16), target)
+    assert not runs_adapters(cfg, 1, (32, 1), target)
+    every = BenchConfig(concurrency=[32], adapters=[1, 16])
+    assert every.grid_later_rounds == "all" and runs_adapters(every, 1, (32, 1), target)
+    assert target_cell(BenchConfig(concurrency=[1, 8], adapters=[1, 4])) == (8, 4)  # no 32 x 16: the largest
+
+
+def test_grid_text_says_which_systems_ran_in_which_rounds():
+    """Read from the run: an older run (stock HF every round) is not told it ran stock HF once."""
+    from bench.markdown import grid_rounds_text
+
+    def c(k, stock, ours):
+        return {"concurrency": 32, "adapters": k, "rounds": 3, "base": {"round_tok_s": stock},
+                "swapserve": {"round_tok_s": ours}}
+
+    old = grid_rounds_text({"cells": [c(1, [1, 2, 3], [1, 2, 3]), c(16, [1, 2, 3], [1, 2, 3])]})
+    assert "stock HF" not in old and "the HF base anchors, which run" in old and old.endswith("of that N.")
+    new = grid_rounds_text({"cells": [c(1, [1], [1]), c(16, [1], [1, 2, 3])]})
+    assert "and so does stock HF base" in new and "in the 32 x 16 cell only" in new and "says so" in new
+
+
+def test_guidellm_runs_its_rounds_as_benchmarks_of_one_process(tmp_path):
+    import json
+
+    from bench.outside import guidellm_command, guidellm_numbers
+
+    cmd = guidellm_command("http://127.0.0.1:1", "base", tmp_path, 4, 8, 32, 16, tmp_path / "r.json", rounds=3)
+    assert json.loads(cmd[cmd.index("--profile") + 1]) == {"kind": "concurrent", "streams": [4, 4, 4]}
+    metric = {"successful": {"mean": 0.0, "percentiles": {"p50": 1.0, "p99": 2.0}}}
+    bench = [{"metrics": {"output_tokens_per_second": {"successful": {"mean": t}},
+                          "request_totals": {"successful": 8}, "output_token_count": {"successful": {"mean": 16}},
+                          "time_to_first_token_ms": metric, "inter_token_latency_ms": metric}} for t in (1.0, 2.0)]
+    assert [guidellm_numbers({"benchmarks": bench}, i)["tok_s"] for i in (0, 1)] == [1.0, 2.0]
