@@ -14,22 +14,22 @@ PRESETS = {
                   scale_rounds=1, grid_rounds=1,
                   traffic=dict(rounds=1, max_tokens=16, poisson_requests=12, prompt_median=48,
                                output_median=16, output_sigma=0.5)),
-    # everything the benchmarks issue (#20) asks for: 10.8 and 11.7 min on 2 CPUs at 4a0bf55 and 0a725d8 (load ~1,
-    # on a day the machine ran ~1.3x faster than for baaa7f7's 18.3 min before the cuts below: ~14 min at that
-    # speed; BENCHMARKS.md lists each section's minutes and the run's CPU time; the old default was 52 min): the 32
-    # x 16 headline cell, with HF on the packed linears and swapserve with no adapter, in 3 interleaved rounds,
-    # 32-token prompts and 32 output tokens (fewer output tokens make prefill, where the server leads HF most, a
-    # larger share: 16 read 1.14x at equal GEMM where 32 read 0.81x); the 32 x 1 cell's adapter run, stock HF, PEFT
-    # mixed and naive serial in the first round only (no headline ratio rests on them); llama-server on the f32 GGUF
-    # beside swapserve's HTTP server, 16 requests on the base model and over 16 adapters (one each), 3 rounds, and
-    # GuideLLM beside our client, 3 rounds of 8 requests over 4 streams (one `guidellm run` of 3 benchmarks per
-    # model), both at 16 output tokens (llama-server's rows are the run's slowest; its first build takes 15-50 min,
-    # then it is cached); the IA3 and mixed-type cells; one round each of the 200-adapter Zipf scale run (32
-    # requests) and of load interference over HTTP (the in-process one keeps 3); the plain / int8 / nf4 memory
-    # subprocesses beside the fixtures; the traffic section in 3 rounds as issue 15 defines it: (a) 1,500 tokens
-    # among 31 short, 32 output tokens, (b) a 1,200-token prefix, (c) 12 long-tailed requests at 3 rates, (d) 64
-    # adapters vs base. --traffic-baseline b715e68 adds ~10 min (engine v1 prefills (a)'s B cell as rows padded to
-    # 1,500 tokens). `--full` keeps the larger settings.
+    # everything the benchmarks issue (#20) asks for: 10.8-12.1 min on 2 CPUs in three runs (4a0bf55 to f28bb7e)
+    # (load ~1, on a day the machine ran ~1.3x faster than for baaa7f7's 18.3 min before the cuts below: ~14 min at
+    # that speed; BENCHMARKS.md lists each section's minutes and the run's CPU time; the old default was 52 min):
+    # the 32 x 16 headline cell, with HF on the packed linears and swapserve with no adapter, in 3 interleaved
+    # rounds, 32-token prompts and 32 output tokens (fewer output tokens make prefill, where the server leads HF
+    # most, a larger share: 16 read 1.14x at equal GEMM where 32 read 0.81x); the 32 x 1 cell's adapter run, stock
+    # HF, PEFT mixed and naive serial in the first round only (no headline ratio rests on them); llama-server on the
+    # f32 GGUF beside swapserve's HTTP server, 16 requests on the base model and over 16 adapters (one each), 3
+    # rounds, and GuideLLM beside our client, 3 rounds of 8 requests over 4 streams (one `guidellm run` of 3
+    # benchmarks per model), both at 16 output tokens (llama-server's rows are the run's slowest; its first build
+    # takes 15-50 min, then it is cached); the IA3 and mixed-type cells; one round each of the 200-adapter Zipf
+    # scale run (32 requests) and of load interference over HTTP (the in-process one keeps 3); the plain / int8 /
+    # nf4 memory subprocesses beside the fixtures; the traffic section in 3 rounds as issue 15 defines it: (a) 1,500
+    # tokens among 31 short, 32 output tokens, (b) a 1,200-token prefix, (c) 12 long-tailed requests at 3 rates, (d)
+    # 64 adapters vs base. --traffic-baseline b715e68 adds ~10 min (engine v1 prefills (a)'s B cell as rows padded
+    # to 1,500 tokens). `--full` keeps the larger settings.
     "default": dict(concurrency=[32], adapters=[1, 16], max_tokens=32, naive_requests=2, swap_samples=3,
                     grid_rounds=3, grid_later_rounds="target", scale_requests=32, scale_rounds=1,
                     http_interference_rounds=1, peers=True, peer_concurrency=16, peer_quantized=False,
