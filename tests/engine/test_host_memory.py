@@ -114,3 +114,24 @@ def test_kept_heap_does_not_fault_a_freed_temporary_in_again():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_the_users_own_allocator_tuning_is_left_alone():
     assert run_steps("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072")["kept"] is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
+def test_background_populate_works_in_chunks_so_others_can_map_memory(monkeypatch):
+    """madvise holds the mmap lock for the range of one call: the pool goes in POPULATE_CHUNK calls, so an
+    allocation elsewhere in the process waits for one chunk, never the whole pool (counted, not timed)."""
+    libc = host_memory._c_library()
+    if libc is None or not hasattr(libc, "madvise"):
+        pytest.skip("no madvise")
+    calls = []
+
+    class Counting:
+        def madvise(self, addr, length, advice):
+            calls.append(length)
+            return libc.madvise(addr, length, advice)
+
+    monkeypatch.setattr(host_memory, "POPULATE_CHUNK", MIB)
+    t = torch.empty(8 * MIB // 4 + 100)  # 8 MiB and a bit, page-aligned or not
+    assert host_memory._populate_one(Counting(), t)
+    assert len(calls) >= 8 and max(calls) <= MIB and sum(calls) >= t.numel() * 4
+    assert write_faults(t) < 0.02 * pages(t)
