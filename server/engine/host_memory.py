@@ -8,12 +8,13 @@ pages over and over:
   heap's free top is trimmed, so the next step's activations fault their pages in again. One 1024-token prefill
   of SmolLM2 took ~150,000 faults, ~15% of the step. ``keep_freed_heap`` raises both thresholds so freed memory
   stays in the process for the next step (what vLLM gets on CPU by preloading tcmalloc).
-- the paged KV pool was reserved, not touched: every block's first write faulted (7% of a prefill step until
-  the free queue had gone round the whole pool). ``populate`` makes a tensor's pages resident, with
-  madvise(MADV_POPULATE_WRITE) (Linux 5.14+; in POPULATE_CHUNK calls, see there), or by zeroing it where that
-  call is missing (what vLLM and llama.cpp do with their KV caches). It costs 0.4 s per GiB here where the VM has backed that memory before
-  and ~2.7 s per GiB where it has not (a fresh VM: 11 s for the default 4 GiB pool), so the runner calls
-  ``populate_in_background``: the server starts at once and the pages become resident on a daemon thread.
+- the paged KV pool was reserved, not touched: every block's first write faulted (7% of a prefill step until the
+  free queue had gone round the whole pool). ``populate`` makes a tensor's pages resident, with
+  madvise(MADV_POPULATE_WRITE) (Linux 5.14+; in POPULATE_CHUNK calls, see there), or by zeroing it where that call
+  is missing (what vLLM and llama.cpp do with their KV caches). It costs 0.4 s per GiB here where the VM has
+  backed that memory before and ~2.7 s per GiB where it has not (a fresh VM: 11 s for the default 4 GiB pool), so
+  the runner calls ``populate_in_background``: the server starts at once and the pages become resident on a daemon
+  thread.
 """
 from __future__ import annotations
 
