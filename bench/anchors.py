@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bench.fixtures import load_base
-from bench.timing import StepClock, Trace
+from bench.timing import StepClock, Trace, summarize
 from server.engine.loader import pack_cpu_linears
 from server.layers import gemm
 
@@ -91,6 +91,17 @@ class Anchors:
 
     def base_onednn_batch(self, prompts: list[list[int]], max_tokens: int) -> list[Trace]:
         return self._generate(self.base_onednn, prompts, max_tokens)
+
+    def base_summaries(self, prompts: list[list[int]], max_tokens: int, stock: bool = True) -> dict:
+        """The base-model anchors on ``prompts``, summarized: "base" (stock HF) and "base_onednn" (the linears
+        packed as the server packs them, where that runs). ``stock`` False leaves stock HF out where the packed
+        anchor runs (a later grid round); where it cannot run, stock HF is the only anchor and always runs."""
+        out = {}
+        if stock or self.base_onednn is None:
+            out["base"] = summarize(self.base_batch(prompts, max_tokens))
+        if self.base_onednn is not None:
+            out["base_onednn"] = summarize(self.base_onednn_batch(prompts, max_tokens))
+        return out
 
     def peft_mixed(self, prompts: list[list[int]], names: list[str], max_tokens: int) -> list[Trace]:
         """names: the adapter of each row (PEFT groups rows by adapter inside every LoRA layer)."""

@@ -95,7 +95,6 @@ class ServerProcess(ChildServer):
              "--log-level", "warning"],
             log_path, port, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
-
     def answered(self, response: httpx.Response) -> bool:
         """Ready, and its KV pool resident (servers before that field: ready is enough): no measured request
         races the thread that populates the pool."""

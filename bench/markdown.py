@@ -138,7 +138,7 @@ def pooled_naive(cells: list[dict]) -> dict | None:
 
 def throughput_table(results: dict) -> list[str]:
     cells = results["cells"]
-    onednn = any("base_onednn" in c for c in cells)  # older runs and GPU runs have no such anchor
+    onednn = has_packed(cells)  # older runs and GPU runs have no such anchor
     systems = ["base"] + ["base_onednn"] * onednn + ["swapserve", "swapserve_no_adapter", "peft", "naive"]
     heads = {"base": "HF base", "base_onednn": "HF base, oneDNN", "swapserve": "swapserve",
              "swapserve_no_adapter": "swapserve, no adapter", "peft": "PEFT mixed", "naive": "naive serial"}
@@ -304,7 +304,8 @@ def scale_section(results: dict) -> list[str]:
     sc = results.get("scale")
     if not sc:
         return []
-    head, width = vs_base_columns(sc["rounds"])
+    onednn = has_packed(sc["rounds"])
+    head = vs_base_head(onednn)
     lines = ["## Scale: many adapters on disk, Zipf traffic, loaded on demand", "",
              f"{sc['adapters']} LoRA r{sc['rank']} adapters (all 7 linear modules; one PEFT save, then copies with "
              "per-tensor scaled weights) registered on disk under an `--adapter-root` and never pre-loaded; "
@@ -320,9 +321,9 @@ def scale_section(results: dict) -> list[str]:
              f"`generate` on the base model, batch {sc['requests']}, on the oneDNN-packed linears the server uses "
              "(equal GEMM) and stock.", "",
              f"| round | distinct adapters | {head} | host hit rate | host loads | host evictions | device loads |",
-             "|---:|---:|" + "---:|" * (width + 4)]
+             "|---:|---:|" + "---:|" * (_columns(head) + 4)]
     for r in sc["rounds"]:
-        lines.append(f"| {r['round']} | {r['distinct_adapters']} | {_stats_vs_base(r, width > 7)} | "
+        lines.append(f"| {r['round']} | {r['distinct_adapters']} | {_stats_vs_base(r, onednn)} | "
                      f"{r['host_hit_rate'] * 100:.0f}% ({r['host_hits']}/{r['host_hits'] + r['host_misses']}) | "
                      f"{r['host_loads']} | {r['host_evictions']} | {r['device_loads']} |")
     lines += ["", "Latency in ms (TTFT from send, ITL per token). HF base TTFT/ITL for the same batch: " + "; ".join(
@@ -338,7 +339,7 @@ def http_section(results: dict) -> list[str]:
     same = next((c for c in results["cells"] if (c["concurrency"], c["adapters"]) == (h["concurrency"], h["adapters"])),
                 {})
     s, i = h["swapserve"], h["interference"]
-    packed = "base_onednn" in same
+    packed = has_packed([same])
     return ["## Through the HTTP server", "",
             "The same engine settings served by `python -m server serve`, a child of the benchmark on a loopback "
             "port, driven as vLLM's benchmark_serving drives a server: SSE from `/v1/completions` with "
@@ -361,17 +362,26 @@ def http_section(results: dict) -> list[str]:
             f"{_f(i['loading_itl_p99_ms'])} ms (**{i['itl_p99_rise'] * 100:+.0f}%**; target <= +20%).", ""]
 
 
-def vs_base_columns(rows: list[dict]) -> tuple[str, int]:
-    """(header cells, how many) of a table setting swapserve beside the HF anchors: equal GEMM first where any row
-    has that anchor (CPU runs since it exists; never on a GPU), then stock HF, then swapserve's latencies."""
-    if any("base_onednn" in r for r in rows):
+def has_packed(rows: list[dict]) -> bool:
+    """Whether any row has the equal-GEMM anchor (CPU runs since it exists; never a GPU run): its columns show."""
+    return any("base_onednn" in r for r in rows)
+
+
+def vs_base_head(onednn: bool) -> str:
+    """The header cells of a table setting swapserve beside the HF anchors: equal GEMM first where the run has
+    that anchor, then stock HF, then swapserve's latencies."""
+    if onednn:
         return ("HF base, oneDNN tok/s | HF base tok/s | swapserve tok/s | **swapserve / HF base, oneDNN** | "
-                "swapserve / HF base | TTFT p50 | TTFT p99 | ITL p50 | ITL p99", 9)
-    return "HF base tok/s | swapserve tok/s | **swapserve / HF base** | TTFT p50 | TTFT p99 | ITL p50 | ITL p99", 7
+                "swapserve / HF base | TTFT p50 | TTFT p99 | ITL p50 | ITL p99")
+    return "HF base tok/s | swapserve tok/s | **swapserve / HF base** | TTFT p50 | TTFT p99 | ITL p50 | ITL p99"
+
+
+def _columns(head: str) -> int:
+    return head.count("|") + 1
 
 
 def _stats_vs_base(row: dict, onednn: bool) -> str:
-    """The cells under vs_base_columns: the anchors' tok/s, swapserve's, its ratio to each (equal GEMM first;
+    """The cells under vs_base_head: the anchors' tok/s, swapserve's, its ratio to each (equal GEMM first;
     "–" where this row had no such anchor), its latencies."""
     s = row["swapserve"]
     packed = (f"{_f(row.get('base_onednn', {}).get('tok_s'))} | " if onednn else "")
@@ -385,19 +395,20 @@ def types_section(results: dict) -> list[str]:
     ty = results.get("types")
     if not ty:
         return []
-    head, width = vs_base_columns(ty["cells"])
+    onednn = has_packed(ty["cells"])
+    head = vs_base_head(onednn)
     lines = ["## Adapter types: IA3 and a mixed batch", "",
              "Same engine as the throughput grid; r16 LoRA / DoRA / AdaLoRA (init_r 16) and IA3 on all 7 linear "
              "modules (IA3 scales `down_proj`'s input, the others' outputs). *mixed*: LoRA, DoRA, IA3 and "
              "AdaLoRA adapters round-robin in one batch. No PEFT row: PEFT's `adapter_names` mixed batch works "
              "only across LoRA adapters, and a PeftModel cannot hold LoRA and IA3 adapters and mix them in one "
              "batch, so its only way to serve these is the naive serial flow. Anchors: HF `generate` on N prompts "
-             "of the same lengths" + (", on the oneDNN-packed linears (equal GEMM) and stock" if width > 7 else "")
+             "of the same lengths" + (", on the oneDNN-packed linears (equal GEMM) and stock" if onednn else "")
              + " (the throughput grid's, measured minutes earlier, where it has that N).", "",
-             f"| cell | N | adapters | {head} |", "|---|---:|---|" + "---:|" * width]
+             f"| cell | N | adapters | {head} |", "|---|---:|---|" + "---:|" * _columns(head)]
     for c in ty["cells"]:
         kinds = " + ".join(f"{v} {k}" for k, v in c["kinds"].items())
-        lines.append(f"| {c['cell']} | {c['concurrency']} | {kinds} | {_stats_vs_base(c, width > 7)} |")
+        lines.append(f"| {c['cell']} | {c['concurrency']} | {kinds} | {_stats_vs_base(c, onednn)} |")
     return lines + [""]
 
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 from bench.drivers import cell_requests, load_and_warm, run_streams
 from bench.timing import median_range, summarize
@@ -96,8 +97,7 @@ async def run_outside(cfg, fx, server, threads: int) -> dict:
             rows["base" if name is None else "adapter"] = {
                 "model": model, "swapserve_client": ours, "guidellm": theirs,
                 # the rounds are not paired (ours all run first): the ratio of the two medians
-                "ratio": median_range([median_range([g["tok_s"] for g in theirs])["median"]
-                                       / median_range([o["tok_s"] for o in ours])["median"]])}
+                "ratio": median_range([median(g["tok_s"] for g in theirs) / median(o["tok_s"] for o in ours)])}
             log.info("outside client on %s: ours %s, guidellm %s tok/s", model,
                      [round(o["tok_s"], 1) for o in ours], [round(g["tok_s"], 1) for g in theirs])
     finally:

@@ -81,13 +81,9 @@ async def run_scale(cfg, model_dir: Path, root: Path, names: list[str], source, 
                    "host_evictions": d["evict_host"], "device_loads": manager.loads - loads,
                    "top_adapter_share": Counter(draw).most_common(1)[0][1] / len(draw)}
             if anchors:
-                row["base"] = summarize(anchors.base_batch(prompts, cfg.max_tokens))
-                if anchors.base_onednn is not None:  # the equal-GEMM anchor, beside it
-                    row["base_onednn"] = summarize(anchors.base_onednn_batch(prompts, cfg.max_tokens))
+                row.update(anchors.base_summaries(prompts, cfg.max_tokens))
             log.info("scale round %d: %d distinct adapters, swapserve %.1f tok/s%s, host hit rate %.2f, "
-                     "device loads %d", r + 1, row["distinct_adapters"], summary["tok_s"],
-                     "".join(f" ({label} {row[key]['tok_s']:.1f})" for key, label in
-                             (("base_onednn", "HF base, oneDNN"), ("base", "HF base")) if key in row),
+                     "device loads %d", r + 1, row["distinct_adapters"], summary["tok_s"], _anchors_said(row),
                      row["host_hit_rate"], row["device_loads"])
             rounds.append(row)
         entry = next(e for e in engine.engine.store.entries.values() if e.info.get("size_bytes"))
@@ -100,6 +96,12 @@ async def run_scale(cfg, model_dir: Path, root: Path, names: list[str], source, 
     return {"adapters": len(names), "requests": cfg.scale_requests, "zipf_s": cfg.zipf_s,
             "max_cpu_loras": cfg.scale_cpu_loras, "max_loras": cfg.scale_loras, "rank": cfg.scale_rank,
             "rounds": rounds, "tiers": tiers}
+
+
+def _anchors_said(row: dict) -> str:
+    """" (HF base, oneDNN 150.1) (HF base 113.8)" for a log line: the row's base-model anchors."""
+    return "".join(f" ({label} {row[key]['tok_s']:.1f})" for key, label in
+                   (("base_onednn", "HF base, oneDNN"), ("base", "HF base")) if key in row)
 
 
 async def run_types(cfg, engine, typed: dict[str, Path], kinds: dict[str, str], lora: list[str],
@@ -119,10 +121,8 @@ async def run_types(cfg, engine, typed: dict[str, Path], kinds: dict[str, str], 
     await run_concurrent(driver, cell_requests(prompts.take(len(typed)), list(typed), 2))  # first activations
     out = []
     base = dict(grid_anchors or {})  # one anchor per system: the same N prompt lengths whatever the cell's adapters
-    if anchors and "base" not in base:
-        base["base"] = summarize(anchors.base_batch(prompts.take(n), cfg.max_tokens))
-    if anchors and anchors.base_onednn is not None and "base_onednn" not in base:
-        base["base_onednn"] = summarize(anchors.base_onednn_batch(prompts.take(n), cfg.max_tokens))
+    if not base and anchors:
+        base = anchors.base_summaries(prompts.take(n), cfg.max_tokens)
     for label, adapters in cells.items():
         row: dict = {"cell": label, "concurrency": n, "adapters": len(adapters),
                      "kinds": dict(Counter(kinds.get(a, "lora") for a in adapters))}
@@ -130,8 +130,7 @@ async def run_types(cfg, engine, typed: dict[str, Path], kinds: dict[str, str], 
         row["swapserve"] = summarize(await run_concurrent(driver, cell_requests(prompts.take(n), adapters,
                                                                                 cfg.max_tokens)))
         log.info("types cell %s N=%d k=%d: swapserve %.1f tok/s%s", label, n, len(adapters), row["swapserve"]["tok_s"],
-                 "".join(f" {label} {row[key]['tok_s']:.1f}" for key, label in
-                         (("base_onednn", "HF base, oneDNN"), ("base", "HF base")) if key in row))
+                 _anchors_said(row))
         out.append(row)
     store = engine.engine.store
     host = {}

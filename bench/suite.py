@@ -134,11 +134,8 @@ async def measure_cell(cfg: BenchConfig, fx: Fixtures, anchors: Anchors | None, 
     row: dict = {"concurrency": n, "adapters": k}
     if anchors and base_rows:
         row.update(base_rows)
-    elif anchors:
-        if slow_anchors or anchors.base_onednn is None:  # the equal-GEMM anchor, when there is one, every round
-            row["base"] = summarize(anchors.base_batch(prompts_n, m))
-        if anchors.base_onednn is not None:
-            row["base_onednn"] = summarize(anchors.base_onednn_batch(prompts_n, m))
+    elif anchors:  # the equal-GEMM anchor, where there is one, every round; stock HF with the slow ones
+        row.update(anchors.base_summaries(prompts_n, m, stock=slow_anchors))
     if with_adapters:
         row["swapserve"] = summarize(await run_concurrent(driver, cell_requests(prompts_n, adapters, m)))
     if with_base_engine:

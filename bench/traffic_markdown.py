@@ -192,8 +192,8 @@ def traffic_section(results: dict) -> list[str]:
             f"{a['requests']} requests × {a['max_tokens']} output tokens sent together, request i on adapter "
             f"i mod {a['adapters']}. A: every prompt {a['short_prompt']} tokens. B: the same, but request 0 (sent "
             f"first) has a {a['long_prompt']}-token prompt. L: the long prompt alone, one output token (its "
-            f"prefill" + (", the same work every round: measured in the first round only). Rounds interleave A, B, A, B"
-                          if a.get("l_rounds") == 1 else "). Rounds interleave A, B, L, A, B, L")
+            f"prefill" + (", the same work every round: measured in the first round only). Rounds interleave A, B, "
+                          "A, B" if a.get("l_rounds") == 1 else "). Rounds interleave A, B, L, A, B, L")
             + f"; {rounds}. *Short*: requests 1.. in both cells. The "
             "bound: on cores A already keeps busy, B can not take less than A + L (the same work plus the long "
             "prompt's), so (A + L) / A is the least B / A any scheduler reaches here and B / (A + L) is what the "

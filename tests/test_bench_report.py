@@ -428,6 +428,7 @@ def test_grid_runs_the_hf_base_anchors_once_per_concurrency_per_round():
     import asyncio
     from types import SimpleNamespace
 
+    from bench.anchors import Anchors as RealAnchors
     from bench.suite import BASE_ANCHORS, measure_cell
     from bench.timing import Trace
 
@@ -435,6 +436,7 @@ def test_grid_runs_the_hf_base_anchors_once_per_concurrency_per_round():
 
     class Anchors:
         base_onednn = object()
+        base_summaries = RealAnchors.base_summaries  # which anchors run when: the real rule, over the fakes below
 
         def base_batch(self, prompts, m):
             calls.append(("base", len(prompts)))
