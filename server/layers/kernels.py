@@ -16,6 +16,7 @@ and stay with torch's GEMM. It releases the GIL, so HTTP work overlaps it.
 from __future__ import annotations
 
 import functools
+import time
 
 import numpy as np
 import torch
@@ -87,6 +88,122 @@ def lora_runs(y: torch.Tensor, x: torch.Tensor, a: np.ndarray, b: np.ndarray, ra
     ranks: [num_slots] int64, each slot's live rank in this layer (rows past it are never read)
     """
     _compiled()(y.numpy(), x.numpy(), a, b, ranks, runs.order, runs.starts, runs.slots, runs.weights)
+
+
+# ---- the LoRA worker's handoff (lora_worker.py): a shared int64 control array read and written with atomic
+# (sequentially consistent) loads and stores, and the worker's loop, all compiled and run without the GIL
+
+if numba is not None:
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    def _word(context, builder, aryty, ary, index):
+        return cgutils.get_item_pointer(context, builder, aryty, context.make_array(aryty)(context, builder, ary),
+                                        [index])
+
+    @intrinsic
+    def _atomic_load(typingctx, arr, index):
+        def codegen(context, builder, sig, args):
+            return builder.load_atomic(_word(context, builder, sig.args[0], args[0], args[1]), "seq_cst", 8)
+        return types.int64(arr, index), codegen
+
+    @intrinsic
+    def _atomic_store(typingctx, arr, index, value):
+        def codegen(context, builder, sig, args):
+            builder.store_atomic(args[2], _word(context, builder, sig.args[0], args[0], args[1]), "seq_cst", 8)
+            return context.get_dummy_value()
+        return types.void(arr, index, value), codegen
+
+    @intrinsic
+    def _pointer(typingctx, address):
+        """An int64 address as a pointer, for numba.carray."""
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], cgutils.voidptr_t)
+        return types.voidptr(address), codegen
+
+    _OPTIONS = dict(nogil=True, fastmath={"reassoc", "contract"}, boundscheck=False, cache=True)
+    _kernel = numba.njit(**_OPTIONS)(_lora_runs)  # the same loop, callable from the worker's compiled loop
+
+    @numba.njit(nogil=True, cache=True)
+    def _load(ctrl, index):
+        return _atomic_load(ctrl, index)
+
+    @numba.njit(nogil=True, cache=True)
+    def _publish(ctrl, index, value):
+        _atomic_store(ctrl, index, value)
+
+    @numba.njit(nogil=True, cache=True)
+    def _post(ctrl, seq):
+        _atomic_store(ctrl, 0, seq)
+        return _atomic_load(ctrl, 2) != 0
+
+    @numba.njit(nogil=True, cache=True)
+    def _wait_for(ctrl, index, value, spins):
+        for _ in range(spins):
+            if _atomic_load(ctrl, index) == value:
+                return True
+        return _atomic_load(ctrl, index) == value
+
+    @numba.njit(**_OPTIONS)
+    def _serve(ctrl, job, spins):
+        """Run jobs as they are posted (ctrl[0] > ctrl[1]); False after ``spins`` idle checks, True on stop.
+        job: the arguments of lora_runs as addresses and sizes (lora_worker.py's word names)."""
+        idle = 0
+        while True:
+            posted = _atomic_load(ctrl, 0)
+            if posted == _atomic_load(ctrl, 1):
+                if _atomic_load(ctrl, 3):
+                    return True
+                idle += 1
+                if idle > spins:
+                    return False
+                continue
+            idle = 0
+            t, n_in, n_out, s, r, n, runs = job[9], job[10], job[11], job[12], job[13], job[14], job[15]
+            f4, i8 = np.float32, np.int64
+            y = numba.carray(_pointer(job[0]), (t, n_out), f4)
+            y[:] = 0
+            _kernel(y, numba.carray(_pointer(job[1]), (t, n_in), f4),
+                    numba.carray(_pointer(job[2]), (s, r, n_in), f4),
+                    numba.carray(_pointer(job[3]), (s, r, n_out), f4), numba.carray(_pointer(job[4]), (s,), i8),
+                    numba.carray(_pointer(job[5]), (n,), i8), numba.carray(_pointer(job[7]), (runs + 1,), i8),
+                    numba.carray(_pointer(job[8]), (runs,), i8), numba.carray(_pointer(job[6]), (n,), f4))
+            _atomic_store(ctrl, 1, posted)
+
+
+def load(ctrl: np.ndarray, index: int) -> int:
+    return _load(ctrl, index)
+
+
+def publish(ctrl: np.ndarray, index: int, value: int) -> None:
+    """ctrl[index] = value, ordered after every write this thread made before it."""
+    _publish(ctrl, index, value)
+
+
+def post(ctrl: np.ndarray, seq: int) -> bool:
+    """ctrl[POSTED] = seq, ordered after every write this thread made before it; whether the worker sleeps."""
+    return _post(ctrl, seq)
+
+
+def wait_for(ctrl: np.ndarray, index: int, value: int, spins: int) -> bool:
+    """Spin (without the GIL) until ctrl[index] == value; False if it did not within ``spins`` checks."""
+    return _wait_for(ctrl, index, value, spins)
+
+
+def serve(ctrl: np.ndarray, job: np.ndarray, spins: int) -> bool:
+    return _serve(ctrl, job, spins)
+
+
+@functools.cache
+def spins_for(seconds: float) -> int:
+    """How many idle checks take about ``seconds`` on this CPU (measured once)."""
+    ctrl = np.zeros(4, np.int64)
+    n = 1 << 20
+    wait_for(ctrl, 0, 1, 1)  # compiled or loaded from the cache first
+    start = time.perf_counter()
+    wait_for(ctrl, 0, 1, n)
+    return max(1, int(n * seconds / max(time.perf_counter() - start, 1e-9)))
 
 
 def warm_up() -> None:

@@ -8,7 +8,7 @@ layer (``forward``: the base layer with IA3/DoRA scaling, plus the LoRA deltas).
                (slot, scale) segments (the oracle the others are tested against; what runs where neither
                other backend applies)
     numba   CPU float32: the compiled loop of kernels.py for steps whose runs are short (decode), the torch
-            ops for GEMM-shaped ones (long prefill runs); with a LoraWorker, steps with many adapters run the
+            ops for GEMM-shaped ones (long prefill runs); with a LoraWorker, steps with two or more adapters run the
             loop on a spare core beside the base GEMM (lora_worker.py)
     triton  CUDA, any float dtype: the shrink/expand kernels of lora_triton.py (BGMV for decode, SGMV for
             prefill); the shrink of layers that share their input and a SlotBank (k/v, gate/up) is one launch
@@ -28,9 +28,9 @@ from server.layers.ops import lora_grouped_views, lora_segments
 
 log = logging.getLogger(__name__)
 
-# a handoff to the LoRA worker costs ~30-50 us a layer: worth it once a step's LoRA work is a sizeable share of the
-# layer (measured on SmolLM2, one core each: 64 adapters x 1 token -21% a step; 16 x 2 tokens no gain)
-OVERLAP_MIN_RUNS = 24
+# a handoff to the LoRA worker costs ~10 us (lora_worker.py): worth it from two runs a step (measured on SmolLM2, one
+# core each: 16 adapters x 2 tokens -13% a decode step, 4 x 8 tokens -5%, a 16-adapter prefill of 1024 tokens -8%)
+OVERLAP_MIN_RUNS = 2
 SHARE_STEP = 1 / 32  # how fast an overlapped layer's split of the runs between the two threads adapts
 
 
@@ -92,9 +92,10 @@ class NumbaLora(TorchLora):
         base GEMM and then the remaining runs into ``y``. The share adapts per layer (SHARE_STEP a call) so both
         tend to finish together: up when the worker was done first, down when this thread had to wait."""
         share = self._share.get(id(layer), 1.0)
-        ahead, here = mapping.runs.split(max(1, round(share * len(mapping.runs.slots))))
-        delta = torch.zeros(x2.shape[0], layer.out_features)  # [num_tokens, out]: only the worker's rows change
-        self.worker.submit(kernels.lora_runs, delta, x2, *layer.numpy_slots, layer.ranks, ahead)
+        count = max(1, round(share * len(mapping.runs.slots)))
+        _, here = mapping.runs.split(count)
+        delta = torch.empty(x2.shape[0], layer.out_features)  # [num_tokens, out]: the worker zeroes it first
+        self.worker.submit(delta, x2, *layer.numpy_slots, layer.ranks, mapping.runs, count)
         try:
             y = layer.base_out(x2, mapping).contiguous()
             if here is not None:

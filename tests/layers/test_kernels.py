@@ -86,6 +86,53 @@ def test_kernel_matches_reference_and_leaves_other_tokens_bit_exact(rows, tpr):
     assert torch.equal(got[untouched], y[untouched])
 
 
+def test_lora_worker_equals_the_kernel_for_every_job_and_after_it_slept(monkeypatch):
+    """The spin-waiting worker (lora_worker.py): each job equals the kernel on the same runs (its first ``count``
+    runs, into a buffer it zeroes itself, whatever was there), jobs follow each other on the same words, a job
+    posted after the worker went to sleep wakes it, and close() ends the thread."""
+    import time
+
+    from server.layers import lora_worker
+
+    monkeypatch.setattr(lora_worker, "SPIN_S", 1e-4)  # sleeps soon after a job
+    gen = torch.Generator().manual_seed(2)
+    ranks = np.array([3, 0, 8, 1], dtype=np.int64)
+    a, b = slot_tensors(ranks, gen)
+    worker = lora_worker.LoraWorker()
+    try:
+        for rows, count in (([0, 2, 3, 0, 2], 3), ([2, NO_SLOT, 3, 3], 1), ([0, 1, 2, 3], 2)):
+            x = torch.randn(len(rows), IN, generator=gen)
+            runs = SlotRuns.build(Routes.per_token(per_token(rows, 1)), RUN)
+            ahead, _ = runs.split(count)
+            want = torch.zeros(len(rows), OUT)
+            kernels.lora_runs(want, x, a.numpy(), b.numpy(), ranks, ahead)
+            got = torch.full((len(rows), OUT), float("nan"))
+            worker.submit(got, x, a.numpy(), b.numpy(), ranks, runs, count)
+            worker.wait()
+            assert worker.finished() and torch.equal(got, want)
+            deadline = time.monotonic() + 5
+            while not kernels.load(worker._ctrl, lora_worker.SLEEPING) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert kernels.load(worker._ctrl, lora_worker.SLEEPING), "the idle worker should sleep"
+    finally:
+        worker.close()
+    assert not worker._thread.is_alive()
+
+
+def test_lora_worker_refuses_arrays_it_cannot_address():
+    from server.layers.lora_worker import LoraWorker
+
+    worker = LoraWorker()
+    try:
+        a = np.zeros((SLOTS, MAX_RANK, 2 * IN), np.float32)[:, :, ::2]  # a strided view
+        runs = SlotRuns.build(Routes.per_token(per_token([0], 1)), RUN)
+        with pytest.raises(ValueError, match="C-contiguous"):
+            worker.submit(torch.zeros(1, OUT), torch.zeros(1, IN), a, np.zeros((SLOTS, MAX_RANK, OUT), np.float32),
+                          np.ones(SLOTS, np.int64), runs, 1)
+    finally:
+        worker.close()
+
+
 def test_kernel_reads_slot_tensors_in_place():
     """The layer hands the kernel numpy views of its slot tensors once; a later slot fill must be seen."""
     gen = torch.Generator().manual_seed(1)
