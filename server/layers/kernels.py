@@ -116,6 +116,15 @@ if numba is not None:
         return types.void(arr, index, value), codegen
 
     @intrinsic
+    def _atomic_claim(typingctx, arr, index, expected, value):
+        """ctrl[index] = value if it holds ``expected`` (compare-and-swap); whether it did."""
+        def codegen(context, builder, sig, args):
+            ptr = _word(context, builder, sig.args[0], args[0], args[1])
+            result = builder.cmpxchg(ptr, args[2], args[3], "seq_cst", "seq_cst")
+            return builder.extract_value(result, 1)
+        return types.boolean(arr, index, expected, value), codegen
+
+    @intrinsic
     def _pointer(typingctx, address):
         """An int64 address as a pointer, for numba.carray."""
         def codegen(context, builder, sig, args):
@@ -134,9 +143,13 @@ if numba is not None:
         _atomic_store(ctrl, index, value)
 
     @numba.njit(nogil=True, cache=True)
+    def _claim(ctrl, seq):
+        return _atomic_claim(ctrl, 1, seq - 1, seq)
+
+    @numba.njit(nogil=True, cache=True)
     def _post(ctrl, seq):
         _atomic_store(ctrl, 0, seq)
-        return _atomic_load(ctrl, 2) != 0
+        return _atomic_load(ctrl, 3) != 0
 
     @numba.njit(nogil=True, cache=True)
     def _wait_for(ctrl, index, value, spins):
@@ -147,19 +160,21 @@ if numba is not None:
 
     @numba.njit(**_OPTIONS)
     def _serve(ctrl, job, spins):
-        """Run jobs as they are posted (ctrl[0] > ctrl[1]); False after ``spins`` idle checks, True on stop.
-        job: the arguments of lora_runs as addresses and sizes (lora_worker.py's word names)."""
+        """Run each job posted (ctrl[0] past ctrl[1]) that this thread claims first; False after ``spins`` idle
+        checks, True on stop. job: the arguments of lora_runs as addresses and sizes (lora_worker.py's words)."""
         idle = 0
         while True:
             posted = _atomic_load(ctrl, 0)
             if posted == _atomic_load(ctrl, 1):
-                if _atomic_load(ctrl, 3):
+                if _atomic_load(ctrl, 4):
                     return True
                 idle += 1
                 if idle > spins:
                     return False
                 continue
             idle = 0
+            if not _atomic_claim(ctrl, 1, posted - 1, posted):
+                continue  # the step thread took it back
             t, n_in, n_out, s, r, n, runs = job[9], job[10], job[11], job[12], job[13], job[14], job[15]
             f4, i8 = np.float32, np.int64
             y = numba.carray(_pointer(job[0]), (t, n_out), f4)
@@ -169,7 +184,7 @@ if numba is not None:
                     numba.carray(_pointer(job[3]), (s, r, n_out), f4), numba.carray(_pointer(job[4]), (s,), i8),
                     numba.carray(_pointer(job[5]), (n,), i8), numba.carray(_pointer(job[7]), (runs + 1,), i8),
                     numba.carray(_pointer(job[8]), (runs,), i8), numba.carray(_pointer(job[6]), (n,), f4))
-            _atomic_store(ctrl, 1, posted)
+            _atomic_store(ctrl, 2, posted)
 
 
 def load(ctrl: np.ndarray, index: int) -> int:
@@ -179,6 +194,11 @@ def load(ctrl: np.ndarray, index: int) -> int:
 def publish(ctrl: np.ndarray, index: int, value: int) -> None:
     """ctrl[index] = value, ordered after every write this thread made before it."""
     _publish(ctrl, index, value)
+
+
+def claim(ctrl: np.ndarray, seq: int) -> bool:
+    """Take job ``seq`` (posted, not yet started by the worker) to run here; whether this thread got it."""
+    return _claim(ctrl, seq)
 
 
 def post(ctrl: np.ndarray, seq: int) -> bool:

@@ -102,7 +102,7 @@ class NumbaLora(TorchLora):
                 kernels.lora_runs(y, x2, *layer.numpy_slots, layer.ranks, here)
         finally:
             first = self.worker.finished()
-            self.worker.wait()
+            self.worker.wait()  # takes the job back if the worker has not started it
         self._share[id(layer)] = min(1.0, share + SHARE_STEP) if first else max(0.0, share - SHARE_STEP)
         return y.add_(delta)
 

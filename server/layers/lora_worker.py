@@ -13,6 +13,9 @@ sleeps while a step is running: it waits for jobs by spinning in compiled code (
 counter with atomic loads; the step thread publishes a job (pointers and sizes in an int64 array) with an atomic
 store and waits for it the same way. A round trip costs ~1 us. After ``SPIN_S`` without a job (between steps)
 the worker goes to sleep on an Event, and the next job wakes it (one slow wake-up per step, not per layer).
+The worker claims a job with a compare-and-swap before it starts it; a job still unclaimed when the step thread
+comes to wait for it (the worker was asleep, or descheduled: the HTTP event loop shares its core) is claimed
+back and run on the step thread, so a step never waits for a thread that is not running.
 
 The step thread, once its GEMM is done, takes the rest of the layer's runs itself (NumbaLora._overlapped in
 lora_backend.py): for the narrow k/v projections the LoRA work outweighs the GEMM, and waiting would idle its core.
@@ -25,25 +28,28 @@ import numpy as np
 
 from server.layers import kernels
 
-# ctrl words
-POSTED, DONE, SLEEPING, STOP = 0, 1, 2, 3
-# job words: the kernel's arguments as (address, sizes)
+# ctrl words: the last job posted, claimed (by the worker, or taken back by the step thread), done by the worker
+POSTED, CLAIMED, DONE, SLEEPING, STOP = range(5)
+# job words: the kernel's arguments as (addresses, sizes)
 Y, X, A, B, RANKS, ORDER, WEIGHTS, STARTS, SLOTS, TOKENS, N_IN, N_OUT, NUM_SLOTS, MAX_RANK, ENTRIES, RUNS = range(16)
-SPIN_S = 0.002  # how long an idle worker spins before it sleeps: longer than any gap between a step's layers
+SPIN_S = 0.001  # how long an idle worker spins before it sleeps: longer than a decode step's gaps between layers
 
 
 class LoraWorker:
     def __init__(self) -> None:
-        self._ctrl = np.zeros(4, np.int64)
+        self._ctrl = np.zeros(5, np.int64)
         self._job = np.zeros(16, np.int64)
         self._seq = 0
         self._slots: dict[int, tuple] = {}  # id(a) -> (a, b, ranks, their addresses)
         self._runs: tuple | None = None  # (the step's SlotRuns, its arrays' addresses)
+        self._pending: tuple = ()  # the job in flight, as lora_runs arguments, for the step thread to take back
+        self._taken_back = False
         self._wake = threading.Event()
         self._spins = kernels.spins_for(SPIN_S)
-        stopped = np.array([0, 0, 0, 1], np.int64)
+        stopped = np.array([0, 0, 0, 0, 1], np.int64)
         kernels.serve(stopped, self._job, 1)  # compiled (or loaded from numba's cache) here, not in the first step
         kernels.post(stopped, 0)
+        kernels.claim(stopped, 1)
         kernels.publish(stopped, SLEEPING, 0)
         kernels.load(stopped, SLEEPING)
         self._thread = threading.Thread(target=self._run, name="lora-worker", daemon=True)
@@ -63,6 +69,7 @@ class LoraWorker:
         job[Y], job[X], job[TOKENS], job[N_IN], job[N_OUT] = y.data_ptr(), x.data_ptr(), x.shape[0], x.shape[1], \
             y.shape[1]
         job[NUM_SLOTS], job[MAX_RANK], job[ENTRIES], job[RUNS] = a.shape[0], a.shape[1], runs.order.shape[0], count
+        self._pending = (y, x, a, b, ranks, runs, count)
         self._seq += 1
         if kernels.post(self._ctrl, self._seq):  # a release (the words above are visible first); True: it sleeps
             self._wake.set()
@@ -85,16 +92,25 @@ class LoraWorker:
         return hit[1]
 
     def finished(self) -> bool:
-        """Whether the submitted job is already done (then ``wait`` returns at once)."""
+        """Whether the worker already finished the submitted job."""
         return kernels.load(self._ctrl, DONE) == self._seq
 
-    def wait(self) -> None:
-        """Until the submitted job is done. Spins (without the GIL); past a while it wakes the worker again, in
-        case it went to sleep as the job came (harmless when it did not), and fails if the thread is gone."""
+    def wait(self) -> bool:
+        """Until the submitted job is done; True if the worker did it. A job the worker has not started yet
+        (it was descheduled: the HTTP thread shares its core, or it was asleep) is taken back and run on this
+        thread, so a step never waits for a thread that is not running. Waiting spins (without the GIL); past a
+        while it wakes the worker again, in case it went to sleep as the job came, and fails if it is gone."""
+        y, x, a, b, ranks, runs, count = self._pending
+        self._pending = ()
+        if kernels.claim(self._ctrl, self._seq):
+            y.zero_()
+            kernels.lora_runs(y, x, a, b, ranks, runs.split(count)[0])
+            return False
         while not kernels.wait_for(self._ctrl, DONE, self._seq, self._spins):
             if not self._thread.is_alive():
                 raise RuntimeError("the LoRA worker thread died")
             self._wake.set()
+        return True
 
     def close(self) -> None:
         kernels.publish(self._ctrl, STOP, 1)
@@ -106,7 +122,7 @@ class LoraWorker:
         while not kernels.serve(ctrl, self._job, self._spins):  # returns False when idle for SPIN_S, True on STOP
             kernels.publish(ctrl, SLEEPING, 1)
             # a job posted before the flag was seen by submit() is caught here; one posted after it sees the flag
-            if kernels.load(ctrl, POSTED) == kernels.load(ctrl, DONE) and not kernels.load(ctrl, STOP):
+            if kernels.load(ctrl, POSTED) == kernels.load(ctrl, CLAIMED) and not kernels.load(ctrl, STOP):
                 self._wake.wait()
             self._wake.clear()
             kernels.publish(ctrl, SLEEPING, 0)

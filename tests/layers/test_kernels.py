@@ -109,7 +109,7 @@ def test_lora_worker_equals_the_kernel_for_every_job_and_after_it_slept(monkeypa
             got = torch.full((len(rows), OUT), float("nan"))
             worker.submit(got, x, a.numpy(), b.numpy(), ranks, runs, count)
             worker.wait()
-            assert worker.finished() and torch.equal(got, want)
+            assert torch.equal(got, want)
             deadline = time.monotonic() + 5
             while not kernels.load(worker._ctrl, lora_worker.SLEEPING) and time.monotonic() < deadline:
                 time.sleep(0.001)
@@ -117,6 +117,26 @@ def test_lora_worker_equals_the_kernel_for_every_job_and_after_it_slept(monkeypa
     finally:
         worker.close()
     assert not worker._thread.is_alive()
+
+
+def test_a_job_the_worker_has_not_started_is_taken_back():
+    """The step thread never waits on a worker that is not running: a job still unclaimed when it waits (here:
+    the worker thread is gone) runs on the waiting thread, with the same result."""
+    from server.layers.lora_worker import LoraWorker
+
+    gen = torch.Generator().manual_seed(3)
+    ranks = np.array([3, 0, 8, 1], dtype=np.int64)
+    a, b = slot_tensors(ranks, gen)
+    worker = LoraWorker()
+    worker.close()
+    x = torch.randn(4, IN, generator=gen)
+    runs = SlotRuns.build(Routes.per_token(per_token([0, 2, 3, 2], 1)), RUN)
+    want = torch.zeros(4, OUT)
+    kernels.lora_runs(want, x, a.numpy(), b.numpy(), ranks, runs)
+    got = torch.full((4, OUT), float("nan"))
+    worker.submit(got, x, a.numpy(), b.numpy(), ranks, runs, len(runs.slots))
+    worker.wait()
+    assert torch.equal(got, want) and not worker.finished()
 
 
 def test_lora_worker_refuses_arrays_it_cannot_address():
