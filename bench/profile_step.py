@@ -56,10 +56,17 @@ def admit(engine, batch: list[list[int]], adapters: list[str | None], max_tokens
         engine.scheduler.waiting.append(Request(f"p{i}", prompt, params, uses))
 
 
+def prefilling(engine) -> bool:
+    """Some admitted request has prompt tokens left to compute (waiting, or its prefill chunked over steps)."""
+    sched = engine.scheduler
+    return bool(sched.waiting) or any(r.num_computed_tokens < len(r.prompt_token_ids) for r in sched.running)
+
+
 def decode_steps(engine, batch, adapters, steps: int, warm: int = 1, profiler=None) -> list[float]:
     """Seconds of each of ``steps`` decode steps (after prefill and ``warm`` steps); runs the rows to the end."""
     admit(engine, batch, adapters, warm + steps + 1)
-    engine.step()  # prefill
+    while prefilling(engine):  # the prompts, in as many steps as the token budget takes
+        engine.step()
     for _ in range(warm):
         engine.step()
     if profiler:
