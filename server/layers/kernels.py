@@ -158,10 +158,17 @@ if numba is not None:
                 return True
         return _atomic_load(ctrl, index) == value
 
+    @numba.njit(nogil=True, cache=True)
+    def _idle(spins, give_way):
+        for _ in range(spins):
+            give_way()
+
     @numba.njit(**_OPTIONS)
-    def _serve(ctrl, job, spins):
+    def _serve(ctrl, job, spins, give_way):
         """Run each job posted (ctrl[0] past ctrl[1]) that this thread claims first; False after ``spins`` idle
-        checks, True on stop. job: the arguments of lora_runs as addresses and sizes (lora_worker.py's words)."""
+        checks, True on stop. job: the arguments of lora_runs as addresses and sizes (lora_worker.py's words).
+        Each idle check first calls ``give_way`` (sched_yield): the core is only lent to the worker, and any
+        other thread that wants it (the HTTP event loop, the adapter loader) gets it at once."""
         idle = 0
         while True:
             posted = _atomic_load(ctrl, 0)
@@ -171,6 +178,7 @@ if numba is not None:
                 idle += 1
                 if idle > spins:
                     return False
+                give_way()
                 continue
             idle = 0
             if not _atomic_claim(ctrl, 1, posted - 1, posted):
@@ -212,17 +220,33 @@ def wait_for(ctrl: np.ndarray, index: int, value: int, spins: int) -> bool:
 
 
 def serve(ctrl: np.ndarray, job: np.ndarray, spins: int) -> bool:
-    return _serve(ctrl, job, spins)
+    return _serve(ctrl, job, spins, _give_way())
 
 
 @functools.cache
-def spins_for(seconds: float) -> int:
-    """How many idle checks take about ``seconds`` on this CPU (measured once)."""
-    ctrl = np.zeros(4, np.int64)
-    n = 1 << 20
-    wait_for(ctrl, 0, 1, 1)  # compiled or loaded from the cache first
+def _give_way():
+    """sched_yield as a ctypes function (passed to the compiled loop as an argument, so it stays cacheable);
+    a no-op where the C library has none."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None).sched_yield
+    except (OSError, AttributeError):  # pragma: no cover - every POSIX libc has it
+        fn = numba.cfunc("int32()")(lambda: 0).ctypes
+    fn.argtypes, fn.restype = [], ctypes.c_int
+    return fn
+
+
+@functools.cache
+def spins_for(seconds: float, give_way: bool = False) -> int:
+    """How many idle checks (each giving way first, with ``give_way``: the worker's) take about ``seconds`` on
+    this CPU (measured once)."""
+    ctrl = np.zeros(5, np.int64)
+    n = 1 << (12 if give_way else 20)
+    run = (lambda k: _idle(k, _give_way())) if give_way else (lambda k: wait_for(ctrl, 0, 1, k))
+    run(1)  # compiled or loaded from the cache first
     start = time.perf_counter()
-    wait_for(ctrl, 0, 1, n)
+    run(n)
     return max(1, int(n * seconds / max(time.perf_counter() - start, 1e-9)))
 
 

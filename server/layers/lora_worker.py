@@ -11,8 +11,11 @@ thread woken through a lock (queue, Event) pays the futex wake-up of an idle CPU
 hypervisor: measured here ~190 us per layer for a no-op job, more than the work it moved. So the worker never
 sleeps while a step is running: it waits for jobs by spinning in compiled code (numba, no GIL), reading a shared
 counter with atomic loads; the step thread publishes a job (pointers and sizes in an int64 array) with an atomic
-store and waits for it the same way. A round trip costs ~1 us. After ``SPIN_S`` without a job (between steps)
-the worker goes to sleep on an Event, and the next job wakes it (one slow wake-up per step, not per layer).
+store and waits for it the same way. A round trip costs ~1 us. While it waits, the worker calls sched_yield
+before each check, so its core stays free for any other thread that wants it (the HTTP event loop, the adapter
+loader process): a spin that held it made adapter loads 4x slower beside running streams. After ``SPIN_S``
+without a job (between steps) the worker goes to sleep on an Event, and the next job wakes it (one slow wake-up
+per step, not per layer).
 The worker claims a job with a compare-and-swap before it starts it; a job still unclaimed when the step thread
 comes to wait for it (the worker was asleep, or descheduled: the HTTP event loop shares its core) is claimed
 back and run on the step thread, so a step never waits for a thread that is not running.
@@ -45,7 +48,8 @@ class LoraWorker:
         self._pending: tuple = ()  # the job in flight, as lora_runs arguments, for the step thread to take back
         self._taken_back = False
         self._wake = threading.Event()
-        self._spins = kernels.spins_for(SPIN_S)
+        self._spins = kernels.spins_for(SPIN_S)  # the step thread's wait, between checks that the worker is alive
+        self._idle_spins = kernels.spins_for(SPIN_S, give_way=True)
         stopped = np.array([0, 0, 0, 0, 1], np.int64)
         kernels.serve(stopped, self._job, 1)  # compiled (or loaded from numba's cache) here, not in the first step
         kernels.post(stopped, 0)
@@ -119,7 +123,7 @@ class LoraWorker:
 
     def _run(self) -> None:
         ctrl = self._ctrl
-        while not kernels.serve(ctrl, self._job, self._spins):  # returns False when idle for SPIN_S, True on STOP
+        while not kernels.serve(ctrl, self._job, self._idle_spins):  # returns False when idle for SPIN_S, True on STOP
             kernels.publish(ctrl, SLEEPING, 1)
             # a job posted before the flag was seen by submit() is caught here; one posted after it sees the flag
             if kernels.load(ctrl, POSTED) == kernels.load(ctrl, CLAIMED) and not kernels.load(ctrl, STOP):
