@@ -38,9 +38,14 @@ def headline(results: dict) -> str:
     lines = [f"**{n} concurrent requests over {k} distinct adapters:** swapserve {top['swapserve']['tok_s']:.1f} "
              "output tok/s."]
     if top.get("base_onednn"):
+        m = results.get("machine") or {}
+        spare = (not m.get("gpu") and m.get("torch_threads") and (m.get("cpus") or 0) > m["torch_threads"])
         lines.append(f"- **{cell_ratio(top, 'swapserve', 'base_onednn')} the base model at equal GEMM** (HF "
                      "`generate` on the same oneDNN-packed linears, what serving adapters costs at equal matmuls; "
-                     "target >= 0.9x)")
+                     "target >= 0.9x)" + ("; both run the same torch threads, and swapserve, with its defaults, "
+                                          "runs its LoRA kernel on the CPU those leave free, beside the base GEMM "
+                                          "(`--lora-overlap auto`; HF has no adapter math to put there)"
+                                          if spare else ""))
     plain = next((c for c in cells if c["concurrency"] == n and c.get("no_adapter_round_ratios")), None)
     if plain:
         lines.append(f"- the base model with no adapter, {n} requests: "

@@ -25,6 +25,16 @@ def test_headline_leads_with_equal_gemm_and_uses_the_pooled_naive_rate():
     assert lines[1].startswith("- **0.80x the base model at equal GEMM**") and "target >= 0.9x" in lines[1]
     assert "0.90x stock HF" in lines[2] and "1.12x stock HF" in lines[2]  # 112.5 / 100
     assert "9.38x the seed's naive serial flow" in text and "6 requests" in text  # 90 / (192 / 20)
+    assert "--lora-overlap" not in text  # no machine recorded: nothing said about a spare CPU
+
+
+def test_headline_says_where_the_lora_kernel_runs_when_a_cpu_is_left_beside_the_torch_threads():
+    c = cell(32, 16, 100.0, 90.0, 96, 12.0)
+    c["base_onednn"] = {"tok_s": 112.5}
+    line = lambda machine: headline({"cells": [c], "config": {}, "machine": machine}).splitlines()[1]
+    assert "`--lora-overlap auto`" in line({"cpus": 2, "torch_threads": 1, "gpu": None})
+    assert "--lora-overlap" not in line({"cpus": 2, "torch_threads": 2, "gpu": None})
+    assert "--lora-overlap" not in line({"cpus": 16, "torch_threads": 1, "gpu": "NVIDIA H200"})
 
 
 def test_headline_quotes_the_peers_64_adapters_and_http_with_their_targets():
