@@ -14,9 +14,10 @@ PRESETS = {
                   scale_rounds=1, grid_rounds=1,
                   traffic=dict(rounds=1, max_tokens=16, poisson_requests=12, prompt_median=48,
                                output_median=16, output_sigma=0.5)),
-    # everything the benchmarks issue (#20) asks for: 10.8-12.1 min on 2 CPUs in three runs (4a0bf55 to f28bb7e)
-    # (load ~1, on a day the machine ran ~1.3x faster than for baaa7f7's 18.3 min before the cuts below: ~14 min at
-    # that speed; BENCHMARKS.md lists each section's minutes and the run's CPU time; the old default was 52 min):
+    # everything the benchmarks issue (#20) asks for: 14.3-14.8 min on 2 CPUs in three runs (afdd541 to b1f93ad,
+    # load ~1; 10.8-12.1 min in three runs 4a0bf55 to f28bb7e, on a day the machine ran ~1.15x faster; baaa7f7 took
+    # 18.3 min before the cuts below; BENCHMARKS.md lists each section's minutes and the run's CPU time; the old
+    # default was 52 min):
     # the 32 x 16 headline cell, with HF on the packed linears and swapserve with no adapter, in 3 interleaved
     # rounds, 32-token prompts and 32 output tokens (fewer output tokens make prefill, where the server leads HF
     # most, a larger share: 16 read 1.14x at equal GEMM where 32 read 0.81x); the 32 x 1 cell's adapter run, stock
