@@ -46,7 +46,6 @@ class LoraWorker:
         self._slots: dict[int, tuple] = {}  # id(a) -> (a, b, ranks, their addresses)
         self._runs: tuple | None = None  # (the step's SlotRuns, its arrays' addresses)
         self._pending: tuple = ()  # the job in flight, as lora_runs arguments, for the step thread to take back
-        self._taken_back = False
         self._wake = threading.Event()
         self._spins = kernels.spins_for(SPIN_S)  # the step thread's wait, between checks that the worker is alive
         self._idle_spins = kernels.spins_for(SPIN_S, give_way=True)
@@ -123,7 +122,7 @@ class LoraWorker:
 
     def _run(self) -> None:
         ctrl = self._ctrl
-        while not kernels.serve(ctrl, self._job, self._idle_spins):  # returns False when idle for SPIN_S, True on STOP
+        while not kernels.serve(ctrl, self._job, self._idle_spins):  # False: idle for SPIN_S; True: stopped
             kernels.publish(ctrl, SLEEPING, 1)
             # a job posted before the flag was seen by submit() is caught here; one posted after it sees the flag
             if kernels.load(ctrl, POSTED) == kernels.load(ctrl, CLAIMED) and not kernels.load(ctrl, STOP):
