@@ -107,8 +107,8 @@ ENGINE_FLAGS = (
          "with triton installed, numba on a float32 CPU model with numba installed, else reference)",
          ("auto", "reference", "numba", "triton")),
     Flag("lora-overlap", str, "auto", "run the compiled CPU LoRA kernel on a spare core while the base model's GEMM "
-         "runs, for every step with two or more adapters (on 2 cores: 16 adapters x 2 tokens -13%% a decode step, "
-         "a 16-adapter prefill -8%%). The worker spin-waits for the next layer while a step runs (a wake-up per "
+         "runs, for every step with an adapter (on 2 cores: 16 adapters x 2 tokens -8..13%% a decode step, one "
+         "adapter -4%%, a 16-adapter prefill -8%%). The worker spin-waits for the next layer while a step runs (a wake-up per "
          "layer would cost more than it saves) and sleeps between steps. auto: when the numba kernel is in use "
          "and a core is left beside --threads", ("auto", "on", "off")),
     Flag("attention-kernel", str, "auto", "how decode attention reads the paged KV cache: numba (a compiled CPU "

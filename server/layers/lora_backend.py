@@ -8,7 +8,7 @@ layer (``forward``: the base layer with IA3/DoRA scaling, plus the LoRA deltas).
                (slot, scale) segments (the oracle the others are tested against; what runs where neither
                other backend applies)
     numba   CPU float32: the compiled loop of kernels.py for steps whose runs are short (decode), the torch
-            ops for GEMM-shaped ones (long prefill runs); with a LoraWorker, steps with two or more adapters run the
+            ops for GEMM-shaped ones (long prefill runs); with a LoraWorker, every step with an adapter runs the
             loop on a spare core beside the base GEMM (lora_worker.py)
     triton  CUDA, any float dtype: the shrink/expand kernels of lora_triton.py (BGMV for decode, SGMV for
             prefill); the shrink of layers that share their input and a SlotBank (k/v, gate/up) is one launch
@@ -23,14 +23,15 @@ import torch
 
 from server.layers import kernels
 from server.layers.lora_worker import LoraWorker
-from server.layers.mapping import AdapterMapping, Routes
+from server.layers.mapping import ALONE_MAX_RUN, AdapterMapping, Routes
 from server.layers.ops import lora_grouped_views, lora_segments
 
 log = logging.getLogger(__name__)
 
-# a handoff to the LoRA worker costs ~10 us (lora_worker.py): worth it from two runs a step (measured on SmolLM2, one
-# core each: 16 adapters x 2 tokens -13% a decode step, 4 x 8 tokens -5%, a 16-adapter prefill of 1024 tokens -8%)
-OVERLAP_MIN_RUNS = 2
+# a handoff to the LoRA worker costs ~10 us (lora_worker.py): worth it for every step with an adapter (measured on
+# SmolLM2, one core each, paired steps: 16 adapters x 2 tokens -8..13% a decode step, 4 x 8 tokens -5%, one adapter x
+# 32 tokens -4%, a 16-adapter prefill of 1024 tokens -8%)
+OVERLAP_MIN_RUNS = 1
 SHARE_STEP = 1 / 32  # how fast an overlapped layer's split of the runs between the two threads adapts
 
 
@@ -71,7 +72,9 @@ class NumbaLora(TorchLora):
         self._share: dict[int, float] = {}  # per layer: the share of an overlapped step's runs the worker takes
 
     def plan(self, routes: Routes, num_slots: int, device: torch.device) -> AdapterMapping:
-        mapping = AdapterMapping.route(routes, num_slots, device, self.max_run)
+        # with a worker, one adapter's run goes to it too (its addmm would run here, after the GEMM)
+        alone = self.max_run if self.worker is not None else ALONE_MAX_RUN
+        mapping = AdapterMapping.route(routes, num_slots, device, self.max_run, alone_max_run=alone)
         if self.worker is not None and mapping.runs is not None and len(mapping.runs.slots) >= OVERLAP_MIN_RUNS:
             mapping = dataclasses.replace(mapping, overlap=self.worker)
         return mapping
@@ -143,8 +146,7 @@ def choose(kernel: str, overlap: str, device: torch.device, dtype: torch.dtype, 
              "torch ops for longer runs", max_run, threads)
     worker = None
     if overlap == "on" or (overlap == "auto" and cores > threads):
-        log.info("LoRA overlap: steps with >= %d adapters run the loop on a spare core beside the base GEMM",
-                 OVERLAP_MIN_RUNS)
+        log.info("LoRA overlap: steps with an adapter run the loop on a spare core beside the base GEMM")
         worker = LoraWorker()
     return NumbaLora(max_run, worker)
 

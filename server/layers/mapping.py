@@ -96,9 +96,13 @@ class AdapterMapping:
 
     @classmethod
     def route(cls, routes: Routes, num_slots: int, device: torch.device | str = "cpu",
-              max_run: int = 0, dtype: torch.dtype = torch.float32) -> "AdapterMapping":
+              max_run: int = 0, dtype: torch.dtype = torch.float32,
+              alone_max_run: int = ALONE_MAX_RUN) -> "AdapterMapping":
         """The mapping of ``routes``. ``max_run`` > 0 asks for ``runs`` (CPU only); ``dtype``: the slots' dtype,
-        which the grouped op's per-entry scales are put in once here rather than by every layer."""
+        which the grouped op's per-entry scales are put in once here rather than by every layer;
+        ``alone_max_run``: the longest run that still gets ``runs`` when every token is on one adapter (past it the
+        step keeps its no-gather addmm; a caller whose runs go to the LoRA worker, off the step thread, asks for
+        more)."""
         present = frozenset(routes.slot.tolist())
         if not present:
             return cls()
@@ -106,7 +110,7 @@ class AdapterMapping:
         if len(keys) == 1 and len(routes.tok) == routes.num_tokens:  # every token on one adapter: no gathers
             slot, scale = keys[0]
             index = torch.full((routes.num_tokens,), slot, dtype=torch.long, device=device)
-            runs = SlotRuns.build(routes, min(max_run, ALONE_MAX_RUN)) if max_run else None
+            runs = SlotRuns.build(routes, min(max_run, alone_max_run)) if max_run else None
             return cls(((slot, None, scale),), index, present, runs=runs)
         runs = SlotRuns.build(routes, max_run) if max_run else None
         segments = tuple((slot, to_device(torch.from_numpy(routes.tok[(routes.slot == slot) & (routes.scale == c)]),

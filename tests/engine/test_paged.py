@@ -250,14 +250,14 @@ def test_prompt_logprobs_equal_peft_in_a_mixed_batch(fresh_llm, oracle, budget):
     check(others[0], oracle, 4)
 
 
-def test_lora_overlap_on_a_spare_core_matches_peft(fresh_llm, oracle, monkeypatch):
-    """--lora-overlap on, every step overlapped (threshold 1): a mixed continuous batch equals PEFT."""
-    from server.layers import lora_backend
-
-    monkeypatch.setattr(lora_backend, "OVERLAP_MIN_RUNS", 1)
+def test_lora_overlap_on_a_spare_core_matches_peft(fresh_llm, oracle):
+    """--lora-overlap on: every step with an adapter is overlapped, a mixed continuous batch and a batch all on one
+    adapter (whose run goes to the worker too) equal PEFT."""
     eng = fresh_llm(lora_overlap="on", max_loras=4, max_num_seqs=6)
     names = ["lora", None, "dora", "ia3", "adalora", "lora"]
     reqs = [submit(eng, tokens(3 + 4 * i, 60 + i), name, max_tokens=6, logprobs=True) for i, name in enumerate(names)]
     run(eng, reqs)
-    for req in reqs:
+    alone = [submit(eng, tokens(5 + 3 * i, 80 + i), "dora", max_tokens=6, logprobs=True) for i in range(4)]
+    run(eng, alone)
+    for req in reqs + alone:
         check(req, oracle, 6)

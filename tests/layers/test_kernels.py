@@ -54,6 +54,23 @@ def test_a_step_on_one_slot_alone_keeps_its_addmm_path_past_a_few_tokens():
     assert with_base.runs is not None  # base rows mean a gather anyway: the kernel is the cheaper one
 
 
+def test_with_a_lora_worker_one_adapter_alone_goes_to_it_too():
+    """The worker takes a lone adapter's run off the step thread (the addmm would run there after the GEMM):
+    NumbaLora with a worker plans runs up to its max_run for it, and hands every step with an adapter over."""
+    from server.layers.lora_backend import NumbaLora
+    from server.layers.lora_worker import LoraWorker
+
+    routes = Routes.per_token(per_token([2, 2], ALONE_MAX_RUN))
+    assert AdapterMapping.route(routes, SLOTS, max_run=RUN, alone_max_run=RUN).runs.slots.tolist() == [2]
+    assert NumbaLora(RUN).plan(routes, SLOTS, torch.device("cpu")).runs is None  # no worker: the addmm path
+    worker = LoraWorker()
+    try:
+        planned = NumbaLora(RUN, worker).plan(routes, SLOTS, torch.device("cpu"))
+        assert planned.runs.slots.tolist() == [2] and planned.overlap is worker
+    finally:
+        worker.close()
+
+
 def test_max_run_is_short_when_torch_has_threads_to_split_over():
     assert kernels.max_run(1) >= 64 and 2 <= kernels.max_run(2) < 8
 
