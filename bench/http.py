@@ -3,8 +3,9 @@ vLLM's benchmark_serving drives a server (SSE from /v1/completions, `ignore_eos`
 the inter-token gaps, the final usage for the count) and loaded with vLLM's /v1/load_lora_adapter.
 
 It measures what a client of the server sees, HTTP, JSON, SSE and the event loop included, for the target
-cell and for the load-interference row; the grid runs in-process (bench.drivers.EngineDriver), where every
-anchor runs too.
+cell (once per grid round, right beside the in-process run of that cell, so their ratio is taken round by round)
+and for the load-interference row; the grid runs in-process (bench.drivers.EngineDriver), where every anchor runs
+too.
 """
 from __future__ import annotations
 

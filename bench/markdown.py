@@ -112,8 +112,12 @@ def packed_over_stock(c: dict) -> str:
 
 
 def http_ratio(http: dict, same: dict, den: str) -> str:
-    """The HTTP cell over a system of the same in-process cell: the median (min–max) of each HTTP round over
-    that system's median where the HTTP cell ran rounds, else the one ratio."""
+    """The HTTP cell over a system of the same in-process cell: where the HTTP cell ran beside the grid's rounds
+    (``round_ratios``), the median (min–max) of each round's ratio to that round's run of the system; in runs
+    before that, each HTTP run over that system's median; else the one ratio."""
+    paired = (http.get("round_ratios") or {}).get(den)
+    if paired:
+        return spread(median_range(paired), "{:.2f}", "x") if len(paired) > 1 else f"{_x(paired[0])} (first round)"
     rounds, base = http["swapserve"].get("round_tok_s") or [], (same.get(den) or {}).get("tok_s")
     if len(rounds) > 1 and base:
         return spread(median_range([t / base for t in rounds]), "{:.2f}", "x")
@@ -350,7 +354,11 @@ def http_section(results: dict) -> list[str]:
             "port, driven as vLLM's benchmark_serving drives a server: SSE from `/v1/completions` with "
             "`ignore_eos` (each chunk one token for the gaps, the final usage for the count), adapters loaded "
             "with `/v1/load_lora_adapter`. What a client sees: HTTP, JSON, SSE and the event loop included. "
-            + (f"The cell ran {len(s['round_tok_s'])} times in a row: tok/s and latencies are medians, the "
+            + (f"The cell ran once in each of the grid's {len(s['round_tok_s'])} rounds, right beside the "
+               "in-process cell (before it in odd rounds, after it in even ones): tok/s and latencies are medians, "
+               "each ratio the median (min–max) of the rounds' own ratios." if h.get("round_ratios") and
+               len(s.get("round_tok_s") or []) > 1 else
+               f"The cell ran {len(s['round_tok_s'])} times in a row: tok/s and latencies are medians, the "
                "ratios the median (min–max) of each run over the in-process cell's median."
                if len(s.get("round_tok_s") or []) > 1 else ""), "",
             "| N | k | swapserve in-process tok/s | **over HTTP tok/s** | HTTP / in-process | "

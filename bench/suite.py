@@ -241,13 +241,23 @@ async def run_suite(cfg: BenchConfig) -> dict:
             await engine.start()
             await server_api.kv_resident(engine)
             log.info("swapserve engine up in %.1fs", time.perf_counter() - start)
+        server, results = None, {}
         try:
-            results = await _measure(cfg, fx, anchors, engine, peft_load, clock)
+            if not cfg.skip_http or cfg.peers or cfg.guidellm:  # up before the grid, which runs its HTTP cell
+                server = await start_server(cfg, fx, root, clock)
+            try:
+                results = await _measure(cfg, fx, anchors, engine, peft_load, clock, server)
+            finally:
+                await engine.shutdown(5)
+            del engine
+            if server is not None:
+                await http_sections(cfg, fx, server, results, clock)
         finally:
-            await engine.shutdown(5)
-        del engine
-        if not cfg.skip_http or cfg.peers or cfg.guidellm:
-            await http_sections(cfg, fx, root, results, clock)
+            if server is not None:
+                with clock.section("serve"):  # its CPU time over every section is counted when it exits
+                    server.close()
+                if not any(key in results for key in ("peers_error", "outside_error")):
+                    Path(server.log.name).unlink()  # kept when a section failed
         if fx.scale:
             with clock.section("scale"):
                 results["scale"] = await run_scale(cfg, fx.model_dir, fx.scale_root, fx.scale,
@@ -280,60 +290,64 @@ def server_args(cfg: BenchConfig, fx: Fixtures, root: Path) -> list[str]:
             "--adapter-root", str(root), "--seed", str(ec.seed)]
 
 
-async def http_sections(cfg: BenchConfig, fx: Fixtures, root: Path, results: dict, clock: SectionClock) -> None:
-    """The sections that drive `python -m server serve` over HTTP (this module's run_http, the peers, GuideLLM),
-    on one server they share: a server's start (imports, model load, packing) is ~10-20 s on 2 CPUs, and each
-    section warms the adapters it uses before it measures anything."""
+async def start_server(cfg: BenchConfig, fx: Fixtures, root: Path, clock: SectionClock):
+    """`python -m server serve` on the in-process engine's settings (bench/http.py), one server for every section
+    that drives HTTP: the grid's HTTP cell, load interference, the peers and GuideLLM. A server's start (imports,
+    model load, packing) is ~10-20 s on 2 CPUs; idle, it takes no CPU from the in-process runs beside it."""
     from bench.http import ServerProcess
 
-    log_path = Path(tempfile.mkstemp(prefix="swapserve-bench-server-", suffix=".log")[1])  # kept if one fails
-    threads = torch.get_num_threads()
+    log_path = Path(tempfile.mkstemp(prefix="swapserve-bench-server-", suffix=".log")[1])
     with clock.section("serve"):
-        server = ServerProcess(server_args(cfg, fx, root), log_path, threads)
+        server = ServerProcess(server_args(cfg, fx, root), log_path, torch.get_num_threads())
         start = time.perf_counter()
         await server.wait_ready()
         log.info("HTTP server up in %.1fs (port %d)", time.perf_counter() - start, server.port)
-    try:
-        if not cfg.skip_http:
-            with clock.section("http"):
-                results["http"] = await run_http(cfg, fx, server)
-        if cfg.peers:
-            from bench.peers import run_peers
-
-            with clock.section("peers"):
-                await _optional(results, "peers", "peers (llama-server)", run_peers(cfg, fx, server, threads))
-        if cfg.guidellm:
-            from bench.outside import run_outside
-
-            with clock.section("guidellm"):
-                await _optional(results, "outside", "GuideLLM", run_outside(cfg, fx, server, threads))
-    finally:
-        with clock.section("serve"):  # its CPU time over all three sections is counted when it exits
-            server.close()
-    if not any(key in results for key in ("peers_error", "outside_error")):
-        log_path.unlink()
+    return server
 
 
-async def run_http(cfg: BenchConfig, fx: Fixtures, server) -> dict:
-    """The target cell (``grid_rounds`` times: its ratio to the in-process cell carries a target) and the
-    load-interference rounds again, through the real server (bench/http.py)."""
+async def http_sections(cfg: BenchConfig, fx: Fixtures, server, results: dict, clock: SectionClock) -> None:
+    """The sections after the grid that drive the server over HTTP: load interference (this module's
+    run_http), the peers, GuideLLM; each warms the adapters it uses before it measures anything."""
+    if "http" in results:
+        with clock.section("http"):
+            results["http"]["interference"] = await run_http_interference(cfg, fx, server)
+    if cfg.peers:
+        from bench.peers import run_peers
+
+        with clock.section("peers"):
+            await _optional(results, "peers", "peers (llama-server)", run_peers(cfg, fx, server,
+                                                                                torch.get_num_threads()))
+    if cfg.guidellm:
+        from bench.outside import run_outside
+
+        with clock.section("guidellm"):
+            await _optional(results, "outside", "GuideLLM", run_outside(cfg, fx, server, torch.get_num_threads()))
+
+
+def http_cell(runs: list[dict], rows: list[dict], n: int, k: int) -> dict:
+    """The grid's HTTP cell: one run per round (``runs``), each beside that round's in-process run of the same
+    cell (``rows``, its row of each round); ``round_ratios``: each HTTP run over that round's run of each system
+    (swapserve in-process, HF at equal GEMM, stock HF where that round ran it): drift between rounds cancels."""
+    ratios = {den: [run["tok_s"] / row[den]["tok_s"] for run, row in zip(runs, rows) if row.get(den, {}).get("tok_s")]
+              for den in ("swapserve", *BASE_ANCHORS)}
+    return {"concurrency": n, "adapters": k, "swapserve": median_summary(runs),
+            "round_ratios": {den: r for den, r in ratios.items() if r}}
+
+
+async def run_http_interference(cfg: BenchConfig, fx: Fixtures, server) -> dict:
+    """The load-interference rounds again, through the real server (bench/http.py)."""
     from bench.http import HttpDriver
-    n, k = target_cell(cfg)
+
     driver = HttpDriver(server)
     try:
         await warm_up(driver, fx, cfg)
-        runs = [summarize(await run_concurrent(driver, cell_requests(fx.prompts.take(n), list(fx.cell)[:k],
-                                                                     cfg.max_tokens)))
-                for _ in range(cfg.grid_rounds)]
-        cell = median_summary(runs)
-        log.info("HTTP cell N=%d k=%d: %s tok/s", n, k, [round(r["tok_s"], 1) for r in runs])
         streams = cell_requests(fx.prompts.take(cfg.interference_streams), list(fx.cell)[:4], cfg.max_tokens)
         intf = await interference(driver, streams, dict(list(fx.pool.items())[:cfg.interference_loads]),
                                   fx.prompts, cfg.http_interference_rounds)
         log.info("HTTP load interference: %+.0f%%", intf["itl_p99_rise"] * 100)
     finally:
         await driver.close()
-    return {"concurrency": n, "adapters": k, "swapserve": cell, "interference": intf}
+    return intf
 
 
 def traffic_spec(cfg: BenchConfig, fx: Fixtures, root: Path) -> TrafficSpec:
@@ -381,30 +395,55 @@ def hf_static(cfg: BenchConfig, anchors: Anchors) -> dict:
     return out
 
 
-async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float], clock: SectionClock) -> dict:
+async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float], clock: SectionClock,
+                   server=None) -> dict:
+    """The in-process sections; with ``server`` (and not --skip-http), the target cell over HTTP too, once per grid
+    round right beside the in-process cell (before it in odd rounds, after it in even ones)."""
+    from bench.http import HttpDriver
     from bench.timing import percentile_ms
 
     driver = EngineDriver(engine)
-    with clock.section("grid"):
-        await warm_up(driver, fx, cfg)
-        if anchors:
-            anchors.warm_up(fx.prompts.take(1)[0])
-        per_round: list[list[dict]] = []
-        target = target_cell(cfg)
-        grid_loads = []
-        for r in range(cfg.grid_rounds):  # every cell once per round, in turn: drifting load hits all cells alike
-            load = {"start": loadavg()}
-            base_rows: dict[int, dict] = {}  # N -> this round's HF base anchors at N
-            per_round.append([])
-            for n, k in progress.bar(cfg.cells, desc=f"bench cells, round {r + 1}/{cfg.grid_rounds}", unit="cell"):
-                row = await measure_cell(cfg, fx, anchors, driver, n, k, n not in base_rows, r == 0, base_rows.get(n),
-                                         runs_adapters(cfg, r, (n, k), target))
-                base_rows.setdefault(n, {key: row[key] for key in BASE_ANCHORS if key in row})
-                per_round[-1].append(row)
-            grid_loads.append(load | {"end": loadavg()})
-            log.info("grid round %d/%d done (load average %s -> %s)", r + 1, cfg.grid_rounds, load["start"],
-                     grid_loads[-1]["end"])
-        cells = [combine_rounds(list(rows)) for rows in zip(*per_round)]
+    http = HttpDriver(server) if server is not None and not cfg.skip_http else None
+    target = target_cell(cfg)
+    http_runs: list[dict] = []
+
+    async def http_run(r: int, before: bool) -> None:
+        if http is not None and bool(r % 2) == before:
+            n, k = target
+            http_runs.append(summarize(await run_concurrent(http, cell_requests(fx.prompts.take(n), list(fx.cell)[:k],
+                                                                                cfg.max_tokens))))
+            log.info("HTTP cell N=%d k=%d, round %d: %.1f tok/s", n, k, r + 1, http_runs[-1]["tok_s"])
+
+    try:
+        with clock.section("grid"):
+            await warm_up(driver, fx, cfg)
+            if http is not None:
+                await warm_up(http, fx, cfg)
+            if anchors:
+                anchors.warm_up(fx.prompts.take(1)[0])
+            per_round: list[list[dict]] = []
+            grid_loads = []
+            for r in range(cfg.grid_rounds):  # every cell once per round, in turn: drifting load hits all alike
+                load = {"start": loadavg()}
+                base_rows: dict[int, dict] = {}  # N -> this round's HF base anchors at N
+                per_round.append([])
+                for n, k in progress.bar(cfg.cells, desc=f"bench cells, round {r + 1}/{cfg.grid_rounds}",
+                                         unit="cell"):
+                    if (n, k) == target:
+                        await http_run(r, before=True)
+                    row = await measure_cell(cfg, fx, anchors, driver, n, k, n not in base_rows, r == 0,
+                                             base_rows.get(n), runs_adapters(cfg, r, (n, k), target))
+                    if (n, k) == target:
+                        await http_run(r, before=False)
+                    base_rows.setdefault(n, {key: row[key] for key in BASE_ANCHORS if key in row})
+                    per_round[-1].append(row)
+                grid_loads.append(load | {"end": loadavg()})
+                log.info("grid round %d/%d done (load average %s -> %s)", r + 1, cfg.grid_rounds, load["start"],
+                         grid_loads[-1]["end"])
+            cells = [combine_rounds(list(rows)) for rows in zip(*per_round)]
+    finally:
+        if http is not None:
+            await http.close()
     with clock.section("swap"):  # swap costs and load interference
         pool = dict(list(fx.pool.items())[:cfg.swap_samples])
         swap = await swap_costs(engine, driver, pool, fx.on_demand, fx.prompts)
@@ -415,6 +454,9 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float], c
         intf = await interference(driver, streams, loads, fx.prompts, cfg.interference_rounds)
         log.info("load interference: %s", {k: round(v, 3) for k, v in intf.items() if k != "per_round"})
     out = {"cells": cells, "grid_loads": grid_loads, "swap": swap, "interference": intf}
+    if http_runs:
+        rows = [row for rows in per_round for row in rows if (row["concurrency"], row["adapters"]) == target]
+        out["http"] = http_cell(http_runs, rows, *target)
     if cfg.structured_share:
         with clock.section("structured"):
             out["structured"] = await run_structured(cfg, engine, fx.cell, fx.prompts)

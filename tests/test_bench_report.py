@@ -170,6 +170,30 @@ def test_http_section_sets_the_http_cell_beside_the_in_process_one():
     assert http_section({"cells": []}) == []
 
 
+def test_the_http_cell_is_paired_with_each_grid_round():
+    """bench.suite.http_cell: each HTTP run over its own round's in-process and HF runs (machine drift between
+    rounds cancels), and the report quotes those paired ratios, not runs over a median."""
+    from bench.markdown import http_section
+    from bench.suite import http_cell
+
+    rows = [{"swapserve": {"tok_s": t}, "base_onednn": {"tok_s": b}} for t, b in ((100.0, 110.0), (80.0, 90.0),
+                                                                                  (120.0, 130.0))]
+    rows[0]["base"] = {"tok_s": 50.0}  # stock HF: the first round only
+    runs = [{"tok_s": t, "ttft_p50_ms": 1.0, "ttft_p99_ms": 2.0, "itl_p50_ms": 3.0, "itl_p99_ms": 4.0}
+            for t in (95.0, 80.0, 108.0)]
+    cell_ = http_cell(runs, rows, 32, 16)
+    assert cell_["round_ratios"]["swapserve"] == [0.95, 1.0, 0.9] and cell_["round_ratios"]["base"] == [1.9]
+    assert cell_["swapserve"]["tok_s"] == 95.0 and cell_["swapserve"]["round_tok_s"] == [95.0, 80.0, 108.0]
+    intf = {"streams": 16, "loads": 10, "loads_seconds": 0.5, "quiet_itl_p99_ms": 100.0,
+            "loading_itl_p99_ms": 110.0, "itl_p99_rise": 0.1}
+    results = {"cells": [{**cell(32, 16, 100.0, 90.0, 96, 12.0), "base_onednn": {"tok_s": 110.0}}],
+               "http": {**cell_, "interference": intf}}
+    text = "\n".join(http_section(results))
+    assert "| **95.0** | 0.95x (0.90–1.00) | **0.86x (0.83–0.89)** | 1.90x (first round) |" in text
+    assert "once in each of the grid's 3 rounds" in text
+    assert "over HTTP: 0.95x (0.90–1.00) the in-process engine" in headline({**results, "config": {}})
+
+
 def test_scale_and_types_tables_put_the_equal_gemm_anchor_first():
     """Issue 20: every section's ratio is first against HF on the packed linears, then against stock HF; a run
     without the packed anchor (older results, a GPU) shows a dash there."""
