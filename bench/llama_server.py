@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -42,11 +43,15 @@ def source_dir(cache: Path) -> Path:
     if (src / "CMakeLists.txt").exists():
         return src
     root.mkdir(parents=True, exist_ok=True)
-    meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/{PACKAGE}/{VERSION}/json", timeout=60))
-    sdist = next(u for u in meta["urls"] if u["packagetype"] == "sdist")
+    # the project's JSON, not the version's (/pypi/<name>/<version>/json): some registry mirrors and proxies
+    # answer only the former
+    index = f"https://pypi.org/pypi/{PACKAGE}/json"
+    meta = json.load(urllib.request.urlopen(index, timeout=60))
+    sdist = next(u for u in meta["releases"][VERSION] if u["packagetype"] == "sdist")
+    url = urllib.parse.urljoin(index, sdist["url"])  # some proxies give the file's address relative to the index
     archive = root / sdist["filename"]
     log.info("downloading %s (%.0f MB) from PyPI", sdist["filename"], sdist["size"] / 1e6)
-    with urllib.request.urlopen(sdist["url"], timeout=600) as r, open(archive, "wb") as f:
+    with urllib.request.urlopen(url, timeout=600) as r, open(archive, "wb") as f:
         shutil.copyfileobj(r, f)
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     if digest != sdist["digests"]["sha256"]:
