@@ -395,11 +395,12 @@ def _columns(head: str) -> int:
 
 def _stats_vs_base(row: dict, onednn: bool) -> str:
     """The cells under vs_base_head: the anchors' tok/s, swapserve's, its ratio to each (equal GEMM first;
-    "–" where this row had no such anchor), its latencies."""
+    "–" where this row had no such anchor; over rounds, the median (min–max) of each round's ratio), its
+    latencies."""
     s = row["swapserve"]
     packed = (f"{_f(row.get('base_onednn', {}).get('tok_s'))} | " if onednn else "")
-    ratios = (f"**{_x(ratio(row, 'swapserve', 'base_onednn'))}** | {_x(ratio(row, 'swapserve', 'base'))}" if onednn
-              else f"**{_x(ratio(row, 'swapserve', 'base'))}**")
+    ratios = (f"**{cell_ratio(row, 'swapserve', 'base_onednn')}** | {cell_ratio(row, 'swapserve', 'base')}" if onednn
+              else f"**{cell_ratio(row, 'swapserve', 'base')}**")
     return (f"{packed}{_f(row.get('base', {}).get('tok_s'))} | {_f(s['tok_s'])} | {ratios} | "
             f"{_f(s['ttft_p50_ms'])} | {_f(s['ttft_p99_ms'])} | {_f(s['itl_p50_ms'])} | {_f(s['itl_p99_ms'])}")
 
@@ -410,6 +411,7 @@ def types_section(results: dict) -> list[str]:
         return []
     onednn = has_packed(ty["cells"])
     head = vs_base_head(onednn)
+    rounds = max(c.get("rounds", 1) for c in ty["cells"])
     lines = ["## Adapter types: IA3 and a mixed batch", "",
              "Same engine as the throughput grid; r16 LoRA / DoRA / AdaLoRA (init_r 16) and IA3 on all 7 linear "
              "modules (IA3 scales `down_proj`'s input, the others' outputs). *mixed*: LoRA, DoRA, IA3 and "
@@ -417,7 +419,11 @@ def types_section(results: dict) -> list[str]:
              "only across LoRA adapters, and a PeftModel cannot hold LoRA and IA3 adapters and mix them in one "
              "batch, so its only way to serve these is the naive serial flow. Anchors: HF `generate` on N prompts "
              "of the same lengths" + (", on the oneDNN-packed linears (equal GEMM) and stock" if onednn else "")
-             + " (the throughput grid's, measured minutes earlier, where it has that N).", "",
+             + (f". Each cell ran once in each of the grid's {rounds} rounds, after that round's cells, beside that "
+                "round's anchors at its N (the grid's, where it has that N): tok/s and latencies are medians over "
+                "the rounds, each ratio the median (min–max) of the rounds' own ratios (one measured in one round "
+                "says so)." if rounds > 1 else
+                " (the throughput grid's, measured minutes earlier, where it has that N)."), "",
              f"| cell | N | adapters | {head} |", "|---|---:|---|" + "---:|" * _columns(head)]
     for c in ty["cells"]:
         kinds = " + ".join(f"{v} {k}" for k, v in c["kinds"].items())

@@ -8,7 +8,7 @@ scale      ``scale_adapters`` LoRA adapters on disk under an --adapter-root (nev
            (AdapterStore's ``hit``/``miss`` events, one per request at admission), device loads
            (``runner.manager.loads``), host loads (the store's ``load`` events).
 types      an IA3 cell and a mixed cell (LoRA + DoRA + IA3 + AdaLoRA, round-robin) at one concurrency, in the
-           main engine, vs HF base with the same batch. PEFT's ``adapter_names`` mixed batch only mixes LoRA
+           main engine, once per grid round, vs that round's HF base with the same batch. PEFT's ``adapter_names`` mixed batch only mixes LoRA
            adapters, so PEFT has no row here.
 """
 from __future__ import annotations
@@ -104,38 +104,44 @@ def _anchors_said(row: dict) -> str:
                    (("base_onednn", "HF base, oneDNN"), ("base", "HF base")) if key in row)
 
 
-async def run_types(cfg, engine, typed: dict[str, Path], kinds: dict[str, str], lora: list[str],
-                    prompts, anchors, grid_anchors: dict | None = None) -> dict:
-    """The IA3 cell and the mixed cell. ``lora``: LoRA cell adapters already loaded in the engine.
-    ``grid_anchors``: the grid's HF anchors ("base", "base_onednn") for the same N, prompt and output lengths
-    (the same work whatever the prompts' ids), taken over instead of run again; without them they run here."""
-    driver = EngineDriver(engine)
-    for name, path in typed.items():
-        await driver.load_adapter(name, str(path))
-    n, k = cfg.types_concurrency, cfg.types_adapters
-    by_kind = {kind: [a for a, t in kinds.items() if t == kind] for kind in ("ia3", "dora", "adalora")}
-    by_kind["lora"] = lora
-    per = max(1, k // 4)
-    mixed = [by_kind[kind][i] for i in range(per) for kind in ("lora", "dora", "ia3", "adalora")]
-    cells = {"ia3": by_kind["ia3"][:k], "mixed": mixed}
-    await run_concurrent(driver, cell_requests(prompts.take(len(typed)), list(typed), 2))  # first activations
-    out = []
-    base = dict(grid_anchors or {})  # one anchor per system: the same N prompt lengths whatever the cell's adapters
-    if not base and anchors:
-        base = anchors.base_summaries(prompts.take(n), cfg.max_tokens)
-    for label, adapters in cells.items():
-        row: dict = {"cell": label, "concurrency": n, "adapters": len(adapters),
-                     "kinds": dict(Counter(kinds.get(a, "lora") for a in adapters))}
-        row.update(base)
-        row["swapserve"] = summarize(await run_concurrent(driver, cell_requests(prompts.take(n), adapters,
-                                                                                cfg.max_tokens)))
-        log.info("types cell %s N=%d k=%d: swapserve %.1f tok/s%s", label, n, len(adapters), row["swapserve"]["tok_s"],
-                 _anchors_said(row))
-        out.append(row)
-    store = engine.engine.store
-    host = {}
-    for name in [lora[0], *typed]:
-        info = store.entries[name].info
-        host.setdefault(info.get("type") or kinds.get(name, "lora"), info.get("size_bytes"))
-    return {"cells": out, "host_bytes": host}
+class TypesCells:
+    """The IA3 cell and the mixed cell in the grid's engine. ``lora``: LoRA cell adapters already loaded there.
+    load() once, then run() once per grid round (bench/suite.py), each run beside that round's HF anchors for
+    the same N (``base``: the same work whatever the prompts' ids), so each ratio pairs runs of one round;
+    ``rows``: each cell's rows, one per round."""
+
+    def __init__(self, cfg, engine, typed: dict[str, Path], kinds: dict[str, str], lora: list[str]) -> None:
+        self.engine, self.typed, self.kinds, self.lora = engine, typed, kinds, lora
+        self.driver = EngineDriver(engine)
+        self.n, self.max_tokens, k = cfg.types_concurrency, cfg.max_tokens, cfg.types_adapters
+        by_kind = {kind: [a for a, t in kinds.items() if t == kind] for kind in ("ia3", "dora", "adalora")}
+        by_kind["lora"] = lora
+        per = max(1, k // 4)
+        mixed = [by_kind[kind][i] for i in range(per) for kind in ("lora", "dora", "ia3", "adalora")]
+        self.cells = {"ia3": by_kind["ia3"][:k], "mixed": mixed}
+        self.rows: dict[str, list[dict]] = {label: [] for label in self.cells}
+
+    async def load(self, prompts) -> None:
+        for name, path in self.typed.items():
+            await self.driver.load_adapter(name, str(path))
+        await run_concurrent(self.driver, cell_requests(prompts.take(len(self.typed)), list(self.typed), 2))
+
+    async def run(self, prompts, base: dict) -> None:
+        """Each cell once; ``base``: this round's HF anchors ("base", "base_onednn") at this N."""
+        for label, adapters in self.cells.items():
+            row: dict = {"cell": label, "concurrency": self.n, "adapters": len(adapters),
+                         "kinds": dict(Counter(self.kinds.get(a, "lora") for a in adapters)), **base}
+            row["swapserve"] = summarize(await run_concurrent(self.driver, cell_requests(
+                prompts.take(self.n), adapters, self.max_tokens)))
+            log.info("types cell %s N=%d k=%d, round %d: swapserve %.1f tok/s%s", label, self.n, len(adapters),
+                     len(self.rows[label]) + 1, row["swapserve"]["tok_s"], _anchors_said(row))
+            self.rows[label].append(row)
+
+    def host_bytes(self) -> dict:
+        """Host-tier bytes of one adapter of each type (the first LoRA cell adapter and each typed one)."""
+        host = {}
+        for name in [self.lora[0], *self.typed]:
+            info = self.engine.engine.store.entries[name].info
+            host.setdefault(info.get("type") or self.kinds.get(name, "lora"), info.get("size_bytes"))
+        return host
 

@@ -21,7 +21,7 @@ from bench.memory import model_memory
 from bench.report import loadavg, machine_git
 from bench.request_set import PromptSource, RequestSet
 from bench import server_api
-from bench.scale import run_scale, run_types
+from bench.scale import TypesCells, run_scale
 from bench.mixtures import run_mixtures
 from bench.structured import run_structured
 from bench.swap import interference, swap_costs
@@ -166,6 +166,13 @@ def combine_rounds(rows: list[dict]) -> dict:
     out["no_adapter_round_ratios"] = [r["swapserve_no_adapter"]["tok_s"] / r["base_onednn"]["tok_s"] for r in rows
                                       if "swapserve_no_adapter" in r and r.get("base_onednn", {}).get("tok_s")]
     return out
+
+
+def types_result(types: TypesCells) -> dict:
+    """The types cells' rounds (bench.scale.TypesCells.rows) as results["types"]: one row per cell as
+    combine_rounds makes the grid's, and the host bytes per adapter type."""
+    return {"cells": [{**combine_rounds(rows), "cell": label, "kinds": rows[0]["kinds"]}
+                      for label, rows in types.rows.items()], "host_bytes": types.host_bytes()}
 
 
 def median_summary(runs: list[dict]) -> dict:
@@ -414,6 +421,11 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float], c
                                                                                 cfg.max_tokens))))
             log.info("HTTP cell N=%d k=%d, round %d: %.1f tok/s", n, k, r + 1, http_runs[-1]["tok_s"])
 
+    types = None
+    if fx.typed:
+        with clock.section("types"):  # their runs go in the grid's rounds, below
+            types = TypesCells(cfg, engine, fx.typed, fx.kinds, list(fx.cell)[:4])
+            await types.load(fx.prompts)
     try:
         with clock.section("grid"):
             await warm_up(driver, fx, cfg)
@@ -437,6 +449,11 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float], c
                         await http_run(r, before=False)
                     base_rows.setdefault(n, {key: row[key] for key in BASE_ANCHORS if key in row})
                     per_round[-1].append(row)
+                if types is not None:  # the types cells, once per round, beside this round's anchors at their N
+                    if types.n not in base_rows and anchors:
+                        base_rows[types.n] = anchors.base_summaries(fx.prompts.take(types.n), cfg.max_tokens,
+                                                                    stock=r == 0)
+                    await types.run(fx.prompts, base_rows.get(types.n, {}))
                 grid_loads.append(load | {"end": loadavg()})
                 log.info("grid round %d/%d done (load average %s -> %s)", r + 1, cfg.grid_rounds, load["start"],
                          grid_loads[-1]["end"])
@@ -463,9 +480,6 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float], c
     if cfg.mixtures:
         with clock.section("mixtures"):
             out["mixtures"] = await run_mixtures(cfg, engine, fx.cell, fx.prompts)
-    if fx.typed:
-        with clock.section("types"):
-            same_n = next((c for c in cells if c["concurrency"] == cfg.types_concurrency), {})
-            out["types"] = await run_types(cfg, engine, fx.typed, fx.kinds, list(fx.cell)[:4], fx.prompts, anchors,
-                                           {key: same_n[key] for key in BASE_ANCHORS if key in same_n})
+    if types is not None:
+        out["types"] = types_result(types)
     return out

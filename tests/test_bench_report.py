@@ -557,3 +557,47 @@ def test_guidellm_runs_its_rounds_as_benchmarks_of_one_process(tmp_path):
                           "request_totals": {"successful": 8}, "output_token_count": {"successful": {"mean": 16}},
                           "time_to_first_token_ms": metric, "inter_token_latency_ms": metric}} for t in (1.0, 2.0)]
     assert [guidellm_numbers({"benchmarks": bench}, i)["tok_s"] for i in (0, 1)] == [1.0, 2.0]
+
+
+def test_the_types_cells_run_once_per_grid_round_and_pair_each_round_with_its_anchors():
+    """bench.scale.TypesCells: the IA3 and mixed cells run once per grid round, each round beside that round's
+    HF anchors, and the report gives each ratio as the median (min–max) of the rounds' own ratios (stock HF,
+    run in the first round only, says so)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from bench.markdown import types_section
+    from bench.scale import TypesCells
+    from bench.suite import types_result
+
+    rate = {"i": 2.0}  # swapserve's seconds per run, changed between rounds
+
+    class Driver:
+        name = "fake"
+
+        async def stream(self, req):
+            yield 1
+            yield req.max_tokens - 1
+
+    cfg = SimpleNamespace(types_concurrency=4, max_tokens=4, types_adapters=4)
+    kinds = {"i00": "ia3", "i01": "ia3", "i02": "ia3", "i03": "ia3", "d00": "dora", "ad00": "adalora"}
+    cells = TypesCells(cfg, SimpleNamespace(), {}, kinds, ["a00"])
+    cells.driver = Driver()
+    assert cells.cells == {"ia3": ["i00", "i01", "i02", "i03"], "mixed": ["a00", "d00", "i00", "ad00"]}
+    cells.host_bytes = lambda: {"lora": 1, "ia3": 2}
+    prompts = PromptSource(100, 3, 0)
+    anchors = [{"base": {"tok_s": 10.0}, "base_onednn": {"tok_s": 20.0}}, {"base_onednn": {"tok_s": 40.0}},
+               {"base_onednn": {"tok_s": 10.0}}]
+    for base in anchors:
+        asyncio.run(cells.run(prompts, base))
+    assert [len(rows) for rows in cells.rows.values()] == [3, 3]
+    result = types_result(cells)
+    ia3 = result["cells"][0]
+    assert ia3["cell"] == "ia3" and ia3["rounds"] == 3 and ia3["kinds"] == {"ia3": 4}
+    s = [r["swapserve"]["tok_s"] for r in cells.rows["ia3"]]
+    assert ia3["round_ratios"]["base_onednn"] == [s[0] / 20.0, s[1] / 40.0, s[2] / 10.0]
+    assert ia3["round_ratios"]["base"] == [s[0] / 10.0]
+    text = "\n".join(types_section({"types": result}))
+    assert "once in each of the grid's 3 rounds" in text
+    r = sorted(ia3["round_ratios"]["base_onednn"])
+    assert f"**{r[1]:.2f}x ({r[0]:.2f}–{r[2]:.2f})** | {s[0] / 10.0:.2f}x (first round) |" in text
