@@ -18,11 +18,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from statistics import median
 
 from bench.drivers import cell_requests, load_and_warm, run_streams
-from bench.timing import median_range, summarize
+from bench.timing import cpu_seconds, median_range, summarize
 
 log = logging.getLogger("bench")
 # One worker process, its streams on its event loop (as our client's are): GuideLLM's default spawns one process
@@ -64,9 +65,12 @@ async def run_guidellm(url: str, model: str, tokenizer: Path, streams: int, requ
     with tempfile.TemporaryDirectory(prefix="swapserve-bench-guidellm-") as tmp:
         out = Path(tmp) / "report.json"
         cmd = guidellm_command(url, model, tokenizer, streams, requests, prompt, output, out, rounds)
+        start, cpu = time.perf_counter(), cpu_seconds()
         proc = await asyncio.create_subprocess_exec(*cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                     env={**os.environ, **GUIDELLM_ENV})
         text, _ = await proc.communicate()
+        log.info("guidellm run of %d benchmarks on %s: %.0fs (CPU %.0fs: GuideLLM and this process)", rounds, model,
+                 time.perf_counter() - start, cpu_seconds() - cpu)
         if proc.returncode or not out.exists():
             raise RuntimeError(f"guidellm exited {proc.returncode}: {text.decode(errors='replace')[-1500:]}")
         report = json.loads(out.read_text())
