@@ -32,7 +32,8 @@ PRESETS = {
     # 64 adapters vs base. --traffic-baseline b715e68 adds ~10 min (engine v1 prefills (a)'s B cell as rows padded
     # to 1,500 tokens). `--full` keeps the larger settings.
     "default": dict(concurrency=[32], adapters=[1, 16], max_tokens=32, naive_requests=2, swap_samples=3,
-                    grid_rounds=3, grid_later_rounds="target", scale_requests=32, scale_rounds=1,
+                    grid_rounds=3, grid_later_rounds="target", peft_naive_cells="target", scale_requests=32,
+                    scale_rounds=1,
                     http_interference_rounds=1, peers=True, peer_concurrency=16, peer_quantized=False,
                     peer_max_tokens=16, guidellm=True, guidellm_streams=4, guidellm_requests=8,
                     traffic=dict(poisson_requests=12, prompt_median=48, output_median=16, output_sigma=0.7)),
@@ -126,6 +127,8 @@ class BenchConfig:
     grid_rounds: int = 3  # rounds of the throughput grid, every cell once per round in turn (medians, ranges)
     grid_later_rounds: str = "all"  # "target": rounds after the first run swapserve on its adapters in the
     # target cell only (the anchors and the no-adapter run still run in every round)
+    peft_naive_cells: str = "all"  # "target": PEFT's mixed batch and the naive serial flow (first round only
+    # either way) run in the target cell only
     rounds: int = 3  # interleaved rounds of the peers and outside-client sections (medians and ranges)
     peers: bool = False  # llama.cpp's llama-server beside swapserve's server (bench/peers.py, bench/llama_server.py)
     peer_concurrency: int = 32
@@ -281,6 +284,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--grid-later-rounds", choices=("all", "target"), help="all: every round runs every cell's "
                    "systems (default); target: after the first round, swapserve on adapters runs in the 32 x 16 "
                    "cell only (the HF oneDNN anchor and the no-adapter run still every round; the default preset)")
+    p.add_argument("--peft-naive-cells", choices=("all", "target"), help="all: PEFT's mixed batch and the naive "
+                   "serial flow run in every cell's first round (default); target: in the 32 x 16 cell only (the "
+                   "default preset: no target is set on them elsewhere, and they are the grid's slowest systems)")
     p.add_argument("--http-interference-rounds", type=int, help="rounds of load interference through the HTTP "
                    "server (default 3; the default preset: 1, the in-process section keeps 3)")
     p.add_argument("--rounds", type=int, help="interleaved rounds of the peers and GuideLLM sections (default 3)")

@@ -57,7 +57,8 @@ def headline(results: dict) -> str:
     pooled = pooled_naive(cells)
     naive = top["swapserve"]["tok_s"] / pooled["tok_s"] if pooled else ratio(top, "swapserve", "naive")
     lines.append(f"- {_x(naive)} the seed's naive serial flow (`set_adapter` + `generate` per request"
-                 + (f", pooled over all cells' {pooled['requests']} requests" if pooled else "")
+                 + ((f", pooled over all cells' {pooled['requests']} requests" if pooled["cells"] > 1 else
+                     f", over its {pooled['requests']} requests") if pooled else "")
                  + f"; target >= 8x); PEFT's mixed batch runs at {_x(ratio(top, 'peft', 'base'))} stock HF")
     wide = next((c for c in cells if c["adapters"] == c["concurrency"] == 64 and c.get("swapserve_no_adapter")), None)
     traffic_wide = ((results.get("traffic") or {}).get("runs") or [{}])[0].get("wide")
@@ -90,8 +91,10 @@ def grid_rounds_text(results: dict) -> str:
     cells = results["cells"]
     stock_once = any(len(c.get("base", {}).get("round_tok_s") or []) == 1 < c.get("rounds", 1) for c in cells)
     anchors = "HF base, oneDNN, which runs" if stock_once else "the HF base anchors, which run"
-    text = ("PEFT mixed and naive serial run in the first round only" + (", and so does stock HF base" if stock_once
-                                                                         else "")
+    with_peft = [(c["concurrency"], c["adapters"]) for c in cells if "peft" in c or "naive" in c]
+    where = (f" of the {with_peft[0][0]} x {with_peft[0][1]} cell" if len(with_peft) == 1 < len(cells) else "")
+    text = (f"PEFT mixed and naive serial run in the first round{where} only"
+            + (", and so does stock HF base" if stock_once else "")
             + f"; {anchors} the same N prompts whatever k is, once per N per round (the first cell of that N), for "
             "every cell of that N")
     once = [c for c in cells if len(c.get("swapserve", {}).get("round_tok_s") or []) == 1 < c.get("rounds", 1)]
@@ -142,7 +145,7 @@ def pooled_naive(cells: list[dict]) -> dict | None:
     if not runs:
         return None
     tokens, seconds = sum(r["tokens"] for r in runs), sum(r["seconds"] for r in runs)
-    return {"tok_s": tokens / seconds, "requests": sum(r["requests"] for r in runs)}
+    return {"tok_s": tokens / seconds, "requests": sum(r["requests"] for r in runs), "cells": len(runs)}
 
 
 def throughput_table(results: dict) -> list[str]:

@@ -118,7 +118,8 @@ def runs_adapters(cfg: BenchConfig, round_index: int, cell: tuple[int, int], tar
 
 async def measure_cell(cfg: BenchConfig, fx: Fixtures, anchors: Anchors | None, driver: Driver,
                        n: int, k: int, with_base_engine: bool, slow_anchors: bool = True,
-                       base_rows: dict | None = None, with_adapters: bool = True) -> dict:
+                       base_rows: dict | None = None, with_adapters: bool = True,
+                       peft_naive: bool | None = None) -> dict:
     """One (concurrency, adapters) cell, systems back to back. Request i uses adapter i % k. ``slow_anchors``:
     also PEFT's mixed batch, the naive serial flow and stock HF (the grid runs them in its first round only: no
     target is set on them, at 64 adapters PEFT alone takes longer than every other system of the cell together,
@@ -127,7 +128,9 @@ async def measure_cell(cfg: BenchConfig, fx: Fixtures, anchors: Anchors | None, 
     ``base_rows``: the HF base-model anchors (BASE_ANCHORS) another cell of this N measured in this round; they
     run N prompts of the same lengths whatever k is, so they are taken over rather than run again.
     ``with_adapters`` False: swapserve on the cell's adapters is left out (a later round of a cell no headline
-    ratio rests on, with ``--grid-later-rounds target``); the anchors and the no-adapter run still go."""
+    ratio rests on, with ``--grid-later-rounds target``); the anchors and the no-adapter run still go.
+    ``peft_naive`` False: PEFT's mixed batch and the naive flow are left out even with ``slow_anchors`` (a cell
+    other than the target with ``--peft-naive-cells target``); None: as ``slow_anchors``."""
     prompts_n, m = fx.prompts.take(n), cfg.max_tokens  # every system of the cell: the same (fresh) prompts
     adapters = list(fx.cell)[:k]
     rows = [adapters[i % k] for i in range(n)]
@@ -140,7 +143,7 @@ async def measure_cell(cfg: BenchConfig, fx: Fixtures, anchors: Anchors | None, 
         row["swapserve"] = summarize(await run_concurrent(driver, cell_requests(prompts_n, adapters, m)))
     if with_base_engine:
         row["swapserve_no_adapter"] = summarize(await run_concurrent(driver, cell_requests(prompts_n, [None], m)))
-    if anchors and slow_anchors:
+    if anchors and (slow_anchors if peft_naive is None else peft_naive):
         row["peft"] = summarize(anchors.peft_mixed(prompts_n, rows, m))
         c = min(n, cfg.naive_requests)
         row["naive"] = naive_summary(anchors.naive(prompts_n[:c], rows[:c], m), n)
@@ -243,16 +246,23 @@ async def run_suite(cfg: BenchConfig) -> dict:
             if not cfg.skip_anchors:
                 anchors = Anchors(fx.model_dir, fx.cell, cfg.device, cfg.dtype, cfg.quantization)
                 peft_load = anchors.load_adapter_seconds(dict(list(fx.pool.items())[:cfg.swap_samples]))
-            start = time.perf_counter()
-            engine = AsyncEngine(engine_config(cfg, fx, root))
-            await engine.start()
-            await server_api.kv_resident(engine)
-            log.info("swapserve engine up in %.1fs", time.perf_counter() - start)
-        server, results = None, {}
-        try:
-            if not cfg.skip_http or cfg.peers or cfg.guidellm:  # up before the grid, which runs its HTTP cell
-                server = await start_server(cfg, fx, root, clock)
+            server, results = None, {}
+            if not cfg.skip_http or cfg.peers or cfg.guidellm:  # up before the grid, which runs its HTTP cell;
+                server = spawn_server(cfg, fx, root)  # it starts beside the engine (nothing timed meanwhile)
             try:
+                start = time.perf_counter()
+                engine = AsyncEngine(engine_config(cfg, fx, root))
+                await engine.start()
+                await server_api.kv_resident(engine)
+                log.info("swapserve engine up in %.1fs", time.perf_counter() - start)
+            except BaseException:
+                if server is not None:
+                    server.close()
+                raise
+        try:
+            try:
+                if server is not None:
+                    await server_ready(server, clock)
                 results = await _measure(cfg, fx, anchors, engine, peft_load, clock, server)
             finally:
                 await engine.shutdown(5)
@@ -297,19 +307,23 @@ def server_args(cfg: BenchConfig, fx: Fixtures, root: Path) -> list[str]:
             "--adapter-root", str(root), "--seed", str(ec.seed)]
 
 
-async def start_server(cfg: BenchConfig, fx: Fixtures, root: Path, clock: SectionClock):
+def spawn_server(cfg: BenchConfig, fx: Fixtures, root: Path):
     """`python -m server serve` on the in-process engine's settings (bench/http.py), one server for every section
-    that drives HTTP: the grid's HTTP cell, load interference, the peers and GuideLLM. A server's start (imports,
-    model load, packing) is ~10-20 s on 2 CPUs; idle, it takes no CPU from the in-process runs beside it."""
+    that drives HTTP: the grid's HTTP cell, load interference, the peers and GuideLLM. Started, not waited for
+    (server_ready): its start (imports, model load, packing, ~10-20 s on 2 CPUs) runs beside the in-process
+    engine's; idle, it takes no CPU from the in-process runs beside it."""
     from bench.http import ServerProcess
 
     log_path = Path(tempfile.mkstemp(prefix="swapserve-bench-server-", suffix=".log")[1])
-    with clock.section("serve"):
-        server = ServerProcess(server_args(cfg, fx, root), log_path, torch.get_num_threads())
-        start = time.perf_counter()
-        await server.wait_ready()
-        log.info("HTTP server up in %.1fs (port %d)", time.perf_counter() - start, server.port)
+    server = ServerProcess(server_args(cfg, fx, root), log_path, torch.get_num_threads())
+    server.started = time.perf_counter()
     return server
+
+
+async def server_ready(server, clock: SectionClock) -> None:
+    with clock.section("serve"):
+        await server.wait_ready()
+        log.info("HTTP server up %.1fs after its start (port %d)", time.perf_counter() - server.started, server.port)
 
 
 async def http_sections(cfg: BenchConfig, fx: Fixtures, server, results: dict, clock: SectionClock) -> None:
@@ -444,7 +458,8 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float], c
                     if (n, k) == target:
                         await http_run(r, before=True)
                     row = await measure_cell(cfg, fx, anchors, driver, n, k, n not in base_rows, r == 0,
-                                             base_rows.get(n), runs_adapters(cfg, r, (n, k), target))
+                                             base_rows.get(n), runs_adapters(cfg, r, (n, k), target),
+                                             r == 0 and (cfg.peft_naive_cells == "all" or (n, k) == target))
                     if (n, k) == target:
                         await http_run(r, before=False)
                     base_rows.setdefault(n, {key: row[key] for key in BASE_ANCHORS if key in row})

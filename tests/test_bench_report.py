@@ -18,7 +18,7 @@ def test_headline_leads_with_equal_gemm_and_uses_the_pooled_naive_rate():
              cell(32, 16, 100.0, 90.0, 96, 12.0)]  # naive 8 tok/s in this cell alone
     cells[1]["base_onednn"] = {"tok_s": 112.5}
     pooled = pooled_naive(cells)
-    assert pooled == {"tok_s": 192 / 20.0, "requests": 6}
+    assert pooled == {"tok_s": 192 / 20.0, "requests": 6, "cells": 2}
     text = headline({"cells": cells, "config": {"naive_requests": 3}})
     lines = text.splitlines()
     assert "32 concurrent requests over 16 distinct adapters" in lines[0]
@@ -515,6 +515,10 @@ def test_grid_runs_the_hf_base_anchors_once_per_concurrency_per_round():
     first, second = asyncio.run(grid_round(False))  # a later round: the equal-GEMM anchor only, still once
     assert [c for c in calls if c[0] != "swapserve"] == [("base_onednn", 4)]
     assert "base" not in first and "base" not in second and second["base_onednn"] is first["base_onednn"]
+    calls.clear()  # --peft-naive-cells target: a first-round cell other than the target keeps stock HF only
+    other = asyncio.run(measure_cell(cfg, fx, Anchors(), Driver(), 4, 1, True, True, None, True, False))
+    assert [c[0] for c in calls if c[0] != "swapserve"] == ["base", "base_onednn"]
+    assert "peft" not in other and "naive" not in other and "base" in other
 
 
 def test_later_grid_rounds_run_adapters_in_the_target_cell_only_when_asked():
@@ -543,6 +547,9 @@ def test_grid_text_says_which_systems_ran_in_which_rounds():
     assert "stock HF" not in old and "the HF base anchors, which run" in old and old.endswith("of that N.")
     new = grid_rounds_text({"cells": [c(1, [1], [1]), c(16, [1], [1, 2, 3])]})
     assert "and so does stock HF base" in new and "in the 32 x 16 cell only" in new and "says so" in new
+    assert "PEFT mixed and naive serial run in the first round only" in new
+    target_only = grid_rounds_text({"cells": [c(1, [1], [1]), {**c(16, [1], [1, 2, 3]), "peft": {}, "naive": {}}]})
+    assert "PEFT mixed and naive serial run in the first round of the 32 x 16 cell only" in target_only
 
 
 def test_guidellm_runs_its_rounds_as_benchmarks_of_one_process(tmp_path):
