@@ -14,18 +14,20 @@ PRESETS = {
                   scale_rounds=1, grid_rounds=1,
                   traffic=dict(rounds=1, max_tokens=16, poisson_requests=12, prompt_median=48,
                                output_median=16, output_sigma=0.5)),
-    # everything the benchmarks issue (#20) asks for: 14.3-14.8 min on 2 CPUs in three runs (afdd541 to b1f93ad,
-    # load ~1; 10.8-12.1 min in three runs 4a0bf55 to f28bb7e, on a day the machine ran ~1.15x faster; baaa7f7 took
-    # 18.3 min before the cuts below; BENCHMARKS.md lists each section's minutes and the run's CPU time; the old
-    # default was 52 min):
-    # the 32 x 16 headline cell, with HF on the packed linears and swapserve with no adapter, in 3 interleaved
-    # rounds, 32-token prompts and 32 output tokens (fewer output tokens make prefill, where the server leads HF
-    # most, a larger share: 16 read 1.14x at equal GEMM where 32 read 0.81x); the 32 x 1 cell's adapter run, stock
-    # HF, PEFT mixed and naive serial in the first round only (no headline ratio rests on them); llama-server on the
+    # everything the benchmarks issue (#20) asks for: 14.3-14.8 min on 2 CPUs in three runs at normal speed (afdd541
+    # to b1f93ad, load ~1), 17.4 and 17.6 min in two runs on slow hours (d32482a; e670215, with the types cells in
+    # every round, ~0.7 min more, paid in part by PEFT and naive leaving the 32 x 1 cell); 10.8-12.1 min in three
+    # runs 4a0bf55 to f28bb7e, on a day the machine ran ~1.15x faster; baaa7f7 took 18.3 min before the cuts below;
+    # BENCHMARKS.md lists each section's minutes and the run's CPU time; the old default was 52 min):
+    # the 32 x 16 headline cell, with HF on the packed linears, swapserve with no adapter, the same cell over HTTP
+    # and the IA3 and mixed-type cells, in 3 interleaved rounds, 32-token prompts and 32 output tokens (fewer output
+    # tokens make prefill, where the server leads HF most, a larger share: 16 read 1.14x at equal GEMM where 32 read
+    # 0.81x); the 32 x 1 cell's adapter run and stock HF in the first round only, PEFT mixed and naive serial in
+    # the first round of the 32 x 16 cell only (no headline ratio rests on them elsewhere); llama-server on the
     # f32 GGUF beside swapserve's HTTP server, 16 requests on the base model and over 16 adapters (one each), 3
     # rounds, and GuideLLM beside our client, 3 rounds of 8 requests over 4 streams (one `guidellm run` of 3
     # benchmarks per model), both at 16 output tokens (llama-server's rows are the run's slowest; its first build
-    # takes 15-50 min, then it is cached); the IA3 and mixed-type cells; one round each of the 200-adapter Zipf
+    # takes 8-50 min, then it is cached); one round each of the 200-adapter Zipf
     # scale run (32 requests) and of load interference over HTTP (the in-process one keeps 3); the plain / int8 /
     # nf4 memory subprocesses beside the fixtures; the traffic section in 3 rounds as issue 15 defines it: (a) 1,500
     # tokens among 31 short, 32 output tokens, (b) a 1,200-token prefix, (c) 12 long-tailed requests at 3 rates, (d)
