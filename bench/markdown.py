@@ -220,7 +220,7 @@ def machine_lines(results: dict) -> list[str]:
             f"({m['torch_threads']} intra-op thread{'s' if m['torch_threads'] != 1 else ''}), Python {m['python']}",
             f"- **Date:** {results['date']} (wall time {results['wall_seconds']:.0f} s); load average at start "
             f"{results['load_start']}, at end {results['load_end']} (the machine is shared)"
-            + _grid_loads(results.get("grid_loads")),
+            + _grid_loads(results.get("grid_loads")) + _probe(results.get("cpu_gflops")),
             *_time_line(results),
             f"- **Command:** `{results['command']}`; commit {m['git'] or '?'}{' (dirty tree)' if m['git_dirty'] else ''}",
             f"- **Model:** {results['model']}, {_setting(results['config'])}; adapters: PEFT LoRA "
@@ -228,6 +228,16 @@ def machine_lines(results: dict) -> list[str]:
             f"on all 7 linear modules, random small weights, made at bench time; greedy, "
             f"{results['config']['prompt_tokens']}-token prompts, exactly {results['config']['max_tokens']} "
             "output tokens per request"]
+
+
+def _probe(probe: dict | None) -> str:
+    """"; one thread's fp32 GEMM per CPU at start -> end: 66 / 65 -> 64 / 58 GFLOP/s" (bench.report.cpu_probe;
+    older runs have none: nothing)."""
+    if not probe or not probe.get("start"):
+        return ""
+    each = [" / ".join(f"{g:.0f}" for g in probe[key]) for key in ("start", "end") if probe.get(key)]
+    return ("; one thread's fp32 GEMM (512-square) on each CPU at start -> end: " + " -> ".join(each)
+            + " GFLOP/s (a slow hour reads lower)")
 
 
 def _time_line(results: dict) -> list[str]:

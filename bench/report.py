@@ -48,6 +48,37 @@ def loadavg() -> str:
         return "?"
 
 
+def cpu_probe(size: int = 512, repeats: int = 7) -> list[float] | None:
+    """GFLOP/s of one thread's fp32 GEMM (``size``-square, the median of ``repeats``) on each CPU this process may
+    run on, pinned there in turn (~0.1 s per CPU): a run taken on a slow hour or beside a busy neighbour says so
+    (the host can slow one vCPU and not the other; swapserve's LoRA kernel runs on the second). None where the OS
+    cannot pin threads."""
+    from statistics import median
+
+    import torch
+
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus, threads = sorted(os.sched_getaffinity(0)), torch.get_num_threads()
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = []
+    try:
+        torch.set_num_threads(1)
+        for cpu in cpus:
+            os.sched_setaffinity(0, {cpu})
+            a @ b
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - start)
+            out.append(round(2 * size**3 / median(times) / 1e9, 1))
+    finally:
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(threads)
+    return out
+
+
 def machine_git() -> str:
     """This tree's short commit ("" outside git)."""
     return _git("rev-parse", "--short", "HEAD")

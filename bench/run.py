@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def main(argv: list[str] | None = None) -> dict:
     from bench.config import parse_args, setup_logging
-    from bench.report import loadavg, stamp, write_outputs
+    from bench.report import cpu_probe, loadavg, stamp, write_outputs
     from bench.suite import run_suite
     from bench.timing import section_summary
 
@@ -26,10 +26,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     cfg.command = " ".join(["python -m bench.run", *argv])
     started = time.time()
-    load_start = loadavg()
+    load_start, probe_start = loadavg(), cpu_probe()
     results = asyncio.run(run_suite(cfg))
     results = stamp({"model": _model_name(cfg), "config": cfg.to_dict(), "load_start": load_start,
-                     "load_end": loadavg(), **results}, cfg.command, started)
+                     "load_end": loadavg(), "cpu_gflops": {"start": probe_start, "end": cpu_probe()}, **results},
+                    cfg.command, started)
     written = write_outputs(results, cfg)
     log = logging.getLogger("bench")
     log.info("done in %s (CPU in those sections: %.1f min)", section_summary(results["section_seconds"],

@@ -408,6 +408,29 @@ def test_the_page_says_how_long_each_section_took():
     assert "peers includes 30.0 min preparing llama-server" in line
 
 
+def test_the_page_gives_each_cpus_speed_at_the_start_and_end_of_the_run():
+    """bench.report.cpu_probe: one thread's GEMM rate on each CPU the run may use, pinned in turn, the process's
+    affinity and torch threads left as they were; the machine line shows it (older runs: nothing)."""
+    import json
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from bench.markdown import machine_lines
+    from bench.report import cpu_probe
+
+    cpus, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    probe = cpu_probe(size=64, repeats=3)
+    assert len(probe) == len(cpus) and all(g > 0 for g in probe)
+    assert os.sched_getaffinity(0) == cpus and torch.get_num_threads() == threads
+    results = json.loads(Path("bench/results/default.json").read_text())
+    results.pop("cpu_gflops", None)
+    assert "GFLOP/s" not in machine_lines(results)[1]
+    results["cpu_gflops"] = {"start": [66.04, 65.2], "end": [64.0, 58.0]}
+    assert "on each CPU at start -> end: 66 / 65 -> 64 / 58 GFLOP/s" in machine_lines(results)[1]
+
+
 def test_llama_lora_cache_key_ignores_the_order_peft_writes_its_module_sets_in(tmp_path):
     """PEFT saves target_modules from a set (an order per process): the same adapter must keep its converted
     GGUF across runs, and a different one must not share it."""
