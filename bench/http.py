@@ -66,6 +66,7 @@ class ChildServer:
         self.port, self.url = port, f"http://127.0.0.1:{port}"
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, **popen)
+        self.started = time.perf_counter()  # what its start cost shows in the log line of whoever waits for it
 
     async def wait_ready(self, timeout: float = 300.0) -> None:
         await wait_http(self, self.ready_path, timeout)

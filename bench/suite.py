@@ -119,8 +119,7 @@ def runs_adapters(cfg: BenchConfig, round_index: int, cell: tuple[int, int], tar
 
 async def measure_cell(cfg: BenchConfig, fx: Fixtures, anchors: Anchors | None, driver: Driver,
                        n: int, k: int, with_base_engine: bool, slow_anchors: bool = True,
-                       base_rows: dict | None = None, with_adapters: bool = True,
-                       peft_naive: bool | None = None) -> dict:
+                       base_rows: dict | None = None, with_adapters: bool = True, peft_naive: bool = True) -> dict:
     """One (concurrency, adapters) cell, systems back to back. Request i uses adapter i % k. ``slow_anchors``:
     also PEFT's mixed batch, the naive serial flow and stock HF (the grid runs them in its first round only: no
     target is set on them, at 64 adapters PEFT alone takes longer than every other system of the cell together,
@@ -131,7 +130,7 @@ async def measure_cell(cfg: BenchConfig, fx: Fixtures, anchors: Anchors | None, 
     ``with_adapters`` False: swapserve on the cell's adapters is left out (a later round of a cell no headline
     ratio rests on, with ``--grid-later-rounds target``); the anchors and the no-adapter run still go.
     ``peft_naive`` False: PEFT's mixed batch and the naive flow are left out even with ``slow_anchors`` (a cell
-    other than the target with ``--peft-naive-cells target``); None: as ``slow_anchors``."""
+    other than the target with ``--peft-naive-cells target``)."""
     prompts_n, m = fx.prompts.take(n), cfg.max_tokens  # every system of the cell: the same (fresh) prompts
     adapters = list(fx.cell)[:k]
     rows = [adapters[i % k] for i in range(n)]
@@ -144,7 +143,7 @@ async def measure_cell(cfg: BenchConfig, fx: Fixtures, anchors: Anchors | None, 
         row["swapserve"] = summarize(await run_concurrent(driver, cell_requests(prompts_n, adapters, m)))
     if with_base_engine:
         row["swapserve_no_adapter"] = summarize(await run_concurrent(driver, cell_requests(prompts_n, [None], m)))
-    if anchors and (slow_anchors if peft_naive is None else peft_naive):
+    if anchors and slow_anchors and peft_naive:
         row["peft"] = summarize(anchors.peft_mixed(prompts_n, rows, m))
         c = min(n, cfg.naive_requests)
         row["naive"] = naive_summary(anchors.naive(prompts_n[:c], rows[:c], m), n)
@@ -322,9 +321,7 @@ def spawn_server(cfg: BenchConfig, fx: Fixtures, root: Path):
     from bench.http import ServerProcess
 
     log_path = Path(tempfile.mkstemp(prefix="swapserve-bench-server-", suffix=".log")[1])
-    server = ServerProcess(server_args(cfg, fx, root), log_path, torch.get_num_threads())
-    server.started = time.perf_counter()
-    return server
+    return ServerProcess(server_args(cfg, fx, root), log_path, torch.get_num_threads())
 
 
 async def server_ready(server, clock: SectionClock) -> None:
@@ -466,7 +463,7 @@ async def _measure(cfg, fx: Fixtures, anchors, engine, peft_load: list[float], c
                         await http_run(r, before=True)
                     row = await measure_cell(cfg, fx, anchors, driver, n, k, n not in base_rows, r == 0,
                                              base_rows.get(n), runs_adapters(cfg, r, (n, k), target),
-                                             r == 0 and (cfg.peft_naive_cells == "all" or (n, k) == target))
+                                             cfg.peft_naive_cells == "all" or (n, k) == target)
                     if (n, k) == target:
                         await http_run(r, before=False)
                     base_rows.setdefault(n, {key: row[key] for key in BASE_ANCHORS if key in row})

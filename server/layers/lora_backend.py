@@ -28,10 +28,9 @@ from server.layers.ops import lora_grouped_views, lora_segments
 
 log = logging.getLogger(__name__)
 
-# a handoff to the LoRA worker costs ~10 us (lora_worker.py): worth it for every step with an adapter (measured on
-# SmolLM2, one core each, paired steps: 16 adapters x 2 tokens -8..13% a decode step, 4 x 8 tokens -5%, one adapter x
-# 32 tokens -4%, a 16-adapter prefill of 1024 tokens -8%)
-OVERLAP_MIN_RUNS = 1
+# a handoff to the LoRA worker costs ~10 us (lora_worker.py): worth it for every step with runs, even one adapter's
+# (measured on SmolLM2, one core each, paired steps: 16 adapters x 2 tokens -8..13% a decode step, 4 x 8 tokens -5%,
+# one adapter x 32 tokens -4%, a 16-adapter prefill of 1024 tokens -8%)
 SHARE_STEP = 1 / 32  # how fast an overlapped layer's split of the runs between the two threads adapts
 
 
@@ -75,7 +74,7 @@ class NumbaLora(TorchLora):
         # with a worker, one adapter's run goes to it too (its addmm would run here, after the GEMM)
         alone = self.max_run if self.worker is not None else ALONE_MAX_RUN
         mapping = AdapterMapping.route(routes, num_slots, device, self.max_run, alone_max_run=alone)
-        if self.worker is not None and mapping.runs is not None and len(mapping.runs.slots) >= OVERLAP_MIN_RUNS:
+        if self.worker is not None and mapping.runs is not None:
             mapping = dataclasses.replace(mapping, overlap=self.worker)
         return mapping
 
