@@ -39,6 +39,14 @@ class Trace:
             out += [(now - prev) / n] * n
         return out
 
+    def itls_from(self, start: float) -> list[float]:
+        """``itls`` of the increments that arrived after a gap beginning at or after ``start``."""
+        out = []
+        for prev, now, n in zip(self.arrivals, self.arrivals[1:], self.counts[1:]):
+            if prev >= start:
+                out += [(now - prev) / n] * n
+        return out
+
     @property
     def mean_itl(self) -> float | None:
         """Seconds per token after the first (None for a single token)."""
@@ -63,6 +71,17 @@ def summarize(traces: list[Trace]) -> dict:
     return {"requests": len(traces), "tokens": tokens, "seconds": end - start,
             "tok_s": tokens / (end - start), "ttft_p50_ms": _pct(ttfts, 50), "ttft_p99_ms": _pct(ttfts, 99),
             "itl_p50_ms": _pct(itls, 50), "itl_p99_ms": _pct(itls, 99)}
+
+
+def steady_itl(traces: list[Trace]) -> dict:
+    """ITL p50 / p99 (ms) over the gaps that begin once every stream has its first token: the streams' shared
+    decode, without the first gap of a request whose prefill step ran before the others had arrived (over HTTP
+    the requests of one burst reach the server a few ms apart, and the first one or two are prefilled alone;
+    their next token then waits for the rest's prefill step: a 1.5-2 s gap, enough to set a p99 of 16 streams)."""
+    traces = [t for t in traces if t.arrivals]
+    start = max(t.arrivals[0] for t in traces)
+    itls = [x for t in traces for x in t.itls_from(start)]
+    return {"itl_p50_ms": _pct(itls, 50), "itl_p99_ms": _pct(itls, 99)}
 
 
 def goodput(traces: list[Trace], ttft_s: float, itl_s: float) -> dict:

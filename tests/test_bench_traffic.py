@@ -15,7 +15,7 @@ import pytest
 
 from bench.config import TrafficConfig, parse_args, traffic_fields
 from bench.request_set import RequestSet, lognormal_lengths, poisson_offsets, random_prompt, rng_for, round_robin
-from bench.timing import Trace, goodput, median_range
+from bench.timing import Trace, goodput, median_range, steady_itl
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(rounds=2, requests=5, short_prompt=8, long_prompt=80, max_tokens=4, adapters=2, prefix_tokens=64,
@@ -81,6 +81,16 @@ def test_goodput_needs_both_the_ttft_and_the_mean_itl():
     out = goodput(traces, ttft_s=2.0, itl_s=0.2)
     assert (out["good"], out["of"], out["share"]) == (2, 5, 0.4)
     assert out["good_req_s"] == pytest.approx(2 / 3.0)  # first send 0.0 -> last token 3.0
+
+
+def test_steady_itl_counts_the_gaps_once_every_stream_decodes():
+    """Over HTTP the first request of a burst can be prefilled alone, its second token waiting for the others'
+    prefill: that 2 s gap is in summarize's ITL but not in the steady-state one the interference rows use."""
+    early = trace(0.0, 0.3, 2.3, 2.5, 2.7)  # its first gap (0.3 -> 2.3) spans the others' prefill
+    late = [trace(0.0, 2.2, 2.4, 2.6), trace(0.0, 2.3, 2.5, 2.7)]
+    steady = steady_itl([early, *late])  # from 2.3, the last first token: every gap is 200 ms
+    assert steady["itl_p50_ms"] == pytest.approx(200) and steady["itl_p99_ms"] == pytest.approx(200)
+    assert early.itls_from(2.3) == pytest.approx([0.2, 0.2]) and len(early.itls) == 3
 
 
 def test_median_range_leaves_missing_rounds_out():
