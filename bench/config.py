@@ -16,7 +16,8 @@ PRESETS = {
                                output_median=16, output_sigma=0.5)),
     # everything the benchmarks issue (#20) asks for: 14.3-14.8 min on 2 CPUs in three runs at normal speed (afdd541
     # to b1f93ad, load ~1), 17.4 and 17.6 min in two runs on slow hours (d32482a; e670215, with the types cells in
-    # every round, ~0.7 min more, paid in part by PEFT and naive leaving the 32 x 1 cell); 10.8-12.1 min in three
+    # every round, ~0.7 min more, paid in part by PEFT and naive leaving the 32 x 1 cell; 18.4 and 19.6 min at
+    # b298725 and 85fb74f on a VM with AVX2 and no AVX-512, the machine line's ISA since); 10.8-12.1 min in three
     # runs 4a0bf55 to f28bb7e, on a day the machine ran ~1.15x faster; baaa7f7 took 18.3 min before the cuts below;
     # BENCHMARKS.md lists each section's minutes and the run's CPU time; the old default was 52 min):
     # the 32 x 16 headline cell, with HF on the packed linears, swapserve with no adapter, the same cell over HTTP

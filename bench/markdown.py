@@ -221,7 +221,8 @@ def _setting(cfg: dict) -> str:
 def machine_lines(results: dict) -> list[str]:
     m = results["machine"]
     gpu = f"{m['gpu']}, " if m.get("gpu") else ""
-    return [f"- **Machine:** {gpu}{m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB RAM; torch {m['torch']} "
+    isa = f" ({m['cpu_capability']})" if m.get("cpu_capability") else ""
+    return [f"- **Machine:** {gpu}{m['cpu']}{isa}, {m['cpus']} CPUs, {m['memory_gb']} GB RAM; torch {m['torch']} "
             f"({m['torch_threads']} intra-op thread{'s' if m['torch_threads'] != 1 else ''}), Python {m['python']}",
             f"- **Date:** {results['date']} (wall time {results['wall_seconds']:.0f} s); load average at start "
             f"{results['load_start']}, at end {results['load_end']} (the machine is shared)"

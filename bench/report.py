@@ -23,6 +23,9 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
                 if line.startswith("model name")), platform.processor())
     return {"cpu": cpu, "cpus": os.cpu_count(), "memory_gb": _mem_gb(), "python": platform.python_version(),
+            # the vector ISA torch's (and oneDNN's) CPU kernels dispatch to: AVX2 / AVX512; the same model name
+            # has come with either on this project's VMs, and it moves every CPU number
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
             "git": machine_git(), "git_dirty": bool(_git("status", "--porcelain")),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

@@ -429,6 +429,10 @@ def test_the_page_gives_each_cpus_speed_at_the_start_and_end_of_the_run():
     assert "GFLOP/s" not in machine_lines(results)[1]
     results["cpu_gflops"] = {"start": [66.04, 65.2], "end": [64.0, 58.0]}
     assert "on each CPU at start -> end: 66 / 65 -> 64 / 58 GFLOP/s" in machine_lines(results)[1]
+    results["machine"].pop("cpu_capability", None)  # older runs: the vector ISA was not recorded
+    assert "AVX" not in machine_lines(results)[0]
+    results["machine"]["cpu_capability"] = "AVX512"
+    assert f"{results['machine']['cpu']} (AVX512), " in machine_lines(results)[0]
 
 
 def test_llama_lora_cache_key_ignores_the_order_peft_writes_its_module_sets_in(tmp_path):
