@@ -34,10 +34,7 @@ class Trace:
     @property
     def itls(self) -> list[float]:
         """Inter-token latency, per token: an increment of n tokens after a gap g counts n gaps of g / n."""
-        out = []
-        for prev, now, n in zip(self.arrivals, self.arrivals[1:], self.counts[1:]):
-            out += [(now - prev) / n] * n
-        return out
+        return self.itls_from(float("-inf"))
 
     def itls_from(self, start: float) -> list[float]:
         """``itls`` of the increments that arrived after a gap beginning at or after ``start``."""
