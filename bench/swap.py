@@ -86,10 +86,10 @@ async def interference(driver: Driver, reqs: list[BenchRequest], loads: dict[str
     rows = []
     for r in range(rounds):
         traces = await run_concurrent(driver, prompts.renew(reqs))  # fresh prompts: no prefix hits
-        quiet = {**summarize(traces), **steady_itl(traces)}
+        quiet, decoding_at = steady_itl(traces), summarize(traces)["ttft_p50_ms"] / 1e3
 
         async def load_all():
-            await asyncio.sleep(quiet["ttft_p50_ms"] / 1e3)  # start once the streams are decoding
+            await asyncio.sleep(decoding_at)  # start once the streams are decoding
             start = time.perf_counter()
             await asyncio.gather(*(driver.load_adapter(f"intf{r}-{n}", str(p)) for n, p in loads.items()))
             return time.perf_counter() - start

@@ -64,10 +64,13 @@ def summarize(traces: list[Trace]) -> dict:
     end = max(t.arrivals[-1] for t in traces)
     tokens = sum(t.tokens for t in traces)
     ttfts = [t.ttft for t in traces]
-    itls = [x for t in traces for x in t.itls]
     return {"requests": len(traces), "tokens": tokens, "seconds": end - start,
             "tok_s": tokens / (end - start), "ttft_p50_ms": _pct(ttfts, 50), "ttft_p99_ms": _pct(ttfts, 99),
-            "itl_p50_ms": _pct(itls, 50), "itl_p99_ms": _pct(itls, 99)}
+            **_itl_pcts([x for t in traces for x in t.itls])}
+
+
+def _itl_pcts(itls: list[float]) -> dict:
+    return {"itl_p50_ms": _pct(itls, 50), "itl_p99_ms": _pct(itls, 99)}
 
 
 def steady_itl(traces: list[Trace]) -> dict:
@@ -77,8 +80,7 @@ def steady_itl(traces: list[Trace]) -> dict:
     their next token then waits for the rest's prefill step: a 1.5-2 s gap, enough to set a p99 of 16 streams)."""
     traces = [t for t in traces if t.arrivals]
     start = max(t.arrivals[0] for t in traces)
-    itls = [x for t in traces for x in t.itls_from(start)]
-    return {"itl_p50_ms": _pct(itls, 50), "itl_p99_ms": _pct(itls, 99)}
+    return _itl_pcts([x for t in traces for x in t.itls_from(start)])
 
 
 def goodput(traces: list[Trace], ttft_s: float, itl_s: float) -> dict:
