@@ -108,7 +108,7 @@ def _chat_delta(call: Call, tools: ToolOutput):
             items.append({"index": choice.index, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None})
         stream = streams.setdefault(choice.index, tools.stream())
-        message, finish_reason = stream.feed(out.text, out.finish_reason)
+        message, finish_reason = stream.feed(out.text, out.finish_reason, bool(out.token_ids))
         if message or out.finish_reason or call.logprobs:
             logprobs = call.shapes.chat(out.token_ids, out.logprobs or [], out.top_logprobs) if call.logprobs else None
             items.append({"index": choice.index, "delta": message, "logprobs": logprobs,

@@ -52,14 +52,16 @@ class ToolStream:
         self.call_id = new_call_id()
         self.named_started = False
 
-    def feed(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
-        """(delta, finish_reason) for the next increment; the delta may be empty."""
+    def feed(self, text: str, finish_reason: str | None, new_tokens: bool = False) -> tuple[dict, str | None]:
+        """(delta, finish_reason) for the next increment; the delta may be empty. Plain text: an increment of new
+        tokens whose text is held back (half of a multi-byte character) is still a chunk, with empty content, as
+        vLLM sends it: a client timing tokens by chunks would otherwise see two tokens' gap and then two at once."""
         self.text += text
         mode = self.output.mode
         if mode == "named":
             return self._named(text), finish_reason
         if mode not in ("auto", "required"):
-            return ({"content": text} if text else {}), finish_reason
+            return ({"content": text} if text or new_tokens else {}), finish_reason
         if finish_reason is None:
             return self._content_so_far(), None
         _, calls = self.output.calls(self.text, finish_reason)

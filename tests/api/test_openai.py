@@ -223,3 +223,23 @@ def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(server):
     assert cold.usage.prompt_tokens_details.cached_tokens in (0, 32)  # 32 if an earlier test sent it already
     assert warm.usage.prompt_tokens_details.cached_tokens == 32
     assert warm.choices[0].text == cold.choices[0].text
+
+
+def test_streams_send_one_chunk_per_token_even_while_a_character_is_incomplete(server):
+    """A token that ends inside a multi-byte character adds no text yet, but its chunk still goes out (with empty
+    text, as vLLM sends it): a client timing tokens by chunks (GuideLLM, the bench) must not see two tokens' gap and
+    then two tokens at once. Checked on completions and chat, over seeds until such a token has been seen."""
+    client = server.openai()
+    held = 0
+    for seed in range(12):
+        kwargs = dict(max_tokens=12, temperature=1.0, seed=seed, stream=True,
+                      extra_body={"return_token_ids": True, "ignore_eos": True})
+        chunks = list(complete(client, prompt="é你🙂 emoji 你好世界 🙂", **kwargs))
+        assert [len(c.choices[0].token_ids) for c in chunks if c.choices] == [1] * 12  # the last with its finish
+        held += sum(1 for c in chunks if c.choices and not c.choices[0].text and c.choices[0].finish_reason is None)
+        chat = list(client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "你好 🙂"}],
+                                                   **kwargs))
+        steps = [c for c in chat if c.choices and c.choices[0].delta.role is None]
+        assert [len(c.choices[0].token_ids) for c in steps] == [1] * 12
+        held += sum(1 for c in steps if not c.choices[0].delta.content)
+    assert held > 0  # the held-back path was exercised
