@@ -84,7 +84,8 @@ class LLMEngine:
         keep = [i for i, r in enumerate(result.sampled) if r.params.max_tokens > 0]
         outs = [self._prompt_only(r) for r in result.sampled if r.params.max_tokens == 0]
         sampled = [result.sampled[i] for i in keep]
-        tokens, logprobs, tops = self.sampler(result.logits[keep], sampled)
+        logits = result.logits if len(keep) == len(result.sampled) else result.logits[keep]  # no copy if all
+        tokens, logprobs, tops = self.sampler(logits, sampled)
         now = time.monotonic()
         for req, token, lp, top in zip(sampled, tokens, logprobs, tops):
             outs.append(self._accept(req, token, lp, top, now))

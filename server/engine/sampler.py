@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import torch
 
 from server.engine.constraint import TokenMask
@@ -70,9 +71,9 @@ class Sampler:
         n = len(requests)
         if not n:
             return [], [], []
-        # one pass gives the common case's answer (greedy: the argmax) and the health check: max propagates NaN
-        # and is inf when any logit is (3x faster than argmax alone, 10x faster than isfinite(logits).all())
-        top, tokens = logits.max(-1)  # [n], [n]
+        # one pass gives the common case's answer (greedy: the argmax) and the health check: the max propagates NaN
+        # and is inf when any logit is +inf (10x faster than isfinite(logits).all())
+        top, tokens = row_max(logits)  # [n], [n]
         finite = torch.isfinite(top)
         edited = [i for i, r in enumerate(requests) if not self._plain_greedy(r)]
         if edited:
@@ -249,3 +250,14 @@ def _pairs(rows: list[tuple[int, list[int], list[float]]], device) -> tuple[torc
     index = to_device(torch.tensor([(j, t) for j, ids, _ in rows for t in ids], dtype=torch.long), device)
     values = to_device(torch.tensor([v for _, _, vs in rows for v in vs], dtype=torch.float32), device)
     return index[:, 0], index[:, 1], values
+
+
+def row_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's max and the index of its first occurrence, as ``logits.max(-1)`` gives them (NaN counts as the
+    max, so a row with one has a NaN max). On a CPU numpy's vectorized argmax does it: 0.2 ms for 32 rows of a
+    49k vocabulary where torch's max(-1) took 1.8 ms and argmax 4 (one thread), 1% of a 32-row decode step."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32:
+        return logits.max(-1)
+    rows = logits.numpy()
+    index = rows.argmax(1)  # [n] int64, the first max; the first NaN where there is one
+    return torch.from_numpy(np.take_along_axis(rows, index[:, None], 1)[:, 0]), torch.from_numpy(index)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server.engine.request import Request, SamplingParams
-from server.engine.sampler import Sampler
+from server.engine.sampler import Sampler, row_max
 
 VOCAB = 50
 EOS = 2
@@ -34,6 +34,22 @@ def test_greedy_is_argmax_per_row():
     tokens, lps, tops = Sampler({EOS}).__call__(x, [req(temperature=0.0) for _ in range(5)])
     assert tokens == x.argmax(-1).tolist()
     assert lps == [None] * 5 and tops == [None] * 5
+
+
+def test_row_max_is_torch_max_with_nan_inf_ties_and_views():
+    """The CPU fast path (numpy's argmax) gives torch's max(-1): the first maximal index, a NaN row's NaN (its
+    first NaN's index), +inf; on a slice of a larger logits tensor too (the runner's rows to sample)."""
+    x = logits(9, seed=4)
+    x[1, 7] = x[1, 30] = float("nan")
+    x[2, 11] = float("inf")
+    x[3] = 1.0  # a tie over the whole row: index 0
+    x[4, 5] = x[4, 40] = 100.0
+    x[5, :10] = -float("inf")
+    for view in (x, x[2:7], x[:, :40]):
+        top, index = row_max(view)
+        want_top, want_index = view.max(-1)
+        assert index.tolist() == want_index.tolist() and index.dtype == want_index.dtype
+        assert torch.equal(top.isnan(), want_top.isnan()) and torch.equal(top.nan_to_num(), want_top.nan_to_num())
 
 
 def test_logprobs_and_top_logprobs_are_the_raw_distribution():
