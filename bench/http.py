@@ -139,6 +139,20 @@ class HttpDriver:
                     yield usage["completion_tokens"] - seen
                     seen = usage["completion_tokens"]
 
+    async def itl_totals(self) -> tuple[float, float]:
+        """The server's own inter-token latency histogram so far (``vllm:inter_token_latency_seconds``): (sum in
+        seconds, count). The difference of two readings is what the server measured between them."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        r = await self.client.get("/metrics")
+        r.raise_for_status()
+        for family in text_string_to_metric_families(r.text):
+            if family.name == "vllm:inter_token_latency_seconds":
+                found = {s.name.rsplit("_", 1)[-1]: s.value for s in family.samples
+                         if s.name.endswith(("_sum", "_count"))}
+                return found["sum"], found["count"]
+        raise RuntimeError("the server's /metrics has no vllm:inter_token_latency_seconds")
+
     async def load_adapter(self, name: str, path: str) -> None:
         """Load ``name`` unless an earlier section already did on this server (a second load is a 400)."""
         if name in self.loaded:

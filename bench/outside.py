@@ -94,12 +94,19 @@ async def run_outside(cfg, fx, server, threads: int) -> dict:
         await load_and_warm(driver, {adapter: str(fx.cell[adapter])}, fx.prompts)
         for model, name in ((BASE, None), (adapter, adapter)):
             ours = []
+            before = await driver.itl_totals()
             for _ in range(cfg.rounds):
                 reqs = cell_requests(fx.prompts.take(r), [name], m)  # fresh prompts: no prefix-cache hits
                 ours.append(summarize(await run_streams(driver, reqs, s)))
+            between = await driver.itl_totals()
             theirs = await run_guidellm(server.url, model, fx.model_dir, s, r, p, m, cfg.rounds)
+            after = await driver.itl_totals()
             rows["base" if name is None else "adapter"] = {
                 "model": model, "swapserve_client": ours, "guidellm": theirs,
+                # what the server itself measured while each client ran: tells a client that measures differently
+                # from a server that ran slower during that client's run (another process's CPU share on 2 CPUs)
+                "server_itl_ms": {"swapserve_client": mean_gap_ms(before, between),
+                                  "guidellm": mean_gap_ms(between, after)},
                 # the rounds are not paired (ours all run first): the ratio of the two medians
                 "ratio": median_range([median(g["tok_s"] for g in theirs) / median(o["tok_s"] for o in ours)])}
             log.info("outside client on %s: ours %s, guidellm %s tok/s", model,
@@ -110,8 +117,14 @@ async def run_outside(cfg, fx, server, threads: int) -> dict:
             "threads": threads, "rows": rows}
 
 
+def mean_gap_ms(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """The mean inter-token gap (ms) the server recorded between two HttpDriver.itl_totals readings."""
+    count = after[1] - before[1]
+    return 1000 * (after[0] - before[0]) / count if count > 0 else None
+
+
 def outside_section(results: dict) -> list[str]:
-    from bench.numbers import rounds_cells, spread
+    from bench.numbers import fixed, rounds_cells, spread
 
     o = results.get("outside")
     if not o:
@@ -126,12 +139,18 @@ def outside_section(results: dict) -> list[str]:
              "as median (min–max), latency medians in ms. GuideLLM's "
              "prompts are synthetic text of that many tokens, ours token ids; it runs its streams in one worker "
              "process (`GUIDELLM__MAX_WORKER_PROCESSES=1`), as our client runs them on one event loop. GuideLLM / "
-             "ours: the ratio of the two medians (the rounds are not paired).", "",
-             "| model | client | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | GuideLLM / ours |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "ours: the ratio of the two medians (the rounds are not paired). *Server ITL*: the mean inter-token "
+             "gap the server itself recorded (its `vllm:inter_token_latency_seconds`) over that client's rounds: "
+             "where the two clients' ITLs differ and the server's own figures differ alike, the server ran slower "
+             "during that client's run (the client's own CPU use among them, on this machine's CPUs), not that "
+             "the clients measure differently.", "",
+             "| model | client | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | server ITL "
+             "| GuideLLM / ours |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row, r in o["rows"].items():
         for client, label in (("swapserve_client", "this harness"), ("guidellm", "GuideLLM")):
             runs = r[client]
-            lines.append(f"| {r['model']} | {label} | {rounds_cells(runs)} | "
+            server_itl = fixed((r.get("server_itl_ms") or {}).get(client))
+            lines.append(f"| {r['model']} | {label} | {rounds_cells(runs)} | {server_itl} | "
                          + (f"**{spread(r['ratio'], '{:.2f}', 'x')}**" if client == "guidellm" else "") + " |")
     return lines + [""]

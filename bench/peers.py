@@ -123,7 +123,9 @@ def peers_section(results: dict) -> list[str]:
                 "swapserve serves those weights dequantized). " if len(peers) > 1 else
                 " (`--peer-quantized`, in `--full`, adds the bundled quantized GGUF as it ships). ") +
              f"{p['rounds']} interleaved rounds; tok/s as median (min–max), latency medians in ms; ratios per "
-             "round, then median (min–max).", "",
+             "round, then median (min–max). ITL counts one token per SSE chunk: llama-server sends no chunk for a "
+             "token that ends inside a multi-byte character (its next chunk carries both), so its ITL p99 can show "
+             "such a token's gap doubled; swapserve sends that chunk with empty text, as vLLM does.", "",
              "| requests | system | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |",
              "|---|---|---:|---:|---:|---:|---:|"]
     what = {"base": f"{n} on the base model", "adapters": f"{n} over {k} adapters"}

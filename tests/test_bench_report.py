@@ -245,6 +245,7 @@ def test_report_renders_the_stored_run_with_peer_and_guidellm_sections(tmp_path)
     results["outside"] = {"streams": 8, "requests": 32, "prompt_tokens": 32, "output_tokens": 32, "rounds": 3,
                           "threads": 1, "rows": {"base": {"model": "base", "swapserve_client": _rounds(100, 110, 90),
                                                           "guidellm": _rounds(95, 104, 99),
+                                                          "server_itl_ms": {"swapserve_client": 48.0, "guidellm": 51.5},
                                                           "ratio": {"median": 0.95, "min": 0.94, "max": 1.1, "n": 3}}}}
     md = tmp_path / "BENCHMARKS.md"
     text = render(results, Path("bench/results/default.json"), chart(results, tmp_path / "c.png"), md)
@@ -253,7 +254,8 @@ def test_report_renders_the_stored_run_with_peer_and_guidellm_sections(tmp_path)
         assert heading in text, heading
     assert "| 32 over 16 adapters | llama-server f32 | 50.0 (40.0–70.0) | 100.0 | 200.0 | 50.0 | 60.0 |" in text
     assert "**3.00x (2.00–4.00)** (target >= 3x)" in text
-    assert "| base | GuideLLM | 99.0 (95.0–104.0) | 100.0 | 200.0 | 50.0 | 60.0 | **0.95x (0.94–1.10)** |" in text
+    assert "| base | GuideLLM | 99.0 (95.0–104.0) | 100.0 | 200.0 | 50.0 | 60.0 | 51.5 | **0.95x (0.94–1.10)** |" in text
+    assert "| base | this harness | 100.0 (90.0–110.0) | 100.0 | 200.0 | 50.0 | 60.0 | 48.0 |  |" in text
     assert "**3.00x llama.cpp's `llama-server`**" in text  # in the headline too
     assert (tmp_path / "c.png").stat().st_size > 0
     assert "uncommitted changes" not in text
