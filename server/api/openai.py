@@ -110,10 +110,10 @@ def _completion_delta(call: Call, echo: list[str] | None):
     def delta(choice: Choice, out, first: bool) -> list[dict]:
         echoed = echo[choice.index // call.body.n] if echo and first else ""
         text = echoed + out.text
-        if not (text or out.token_ids or out.finish_reason or call.logprobs):
-            return []
         # new tokens whose text is held back (half of a multi-byte character) still make a chunk, with empty
         # text, as in vLLM: one chunk per step's tokens, so a client timing tokens by chunks sees each one
+        if not (text or out.token_ids or out.finish_reason or call.logprobs):
+            return []
         offset = len(choice.text) - len(out.text)
         logprobs = _logprobs(call, choice, out.token_ids, out.logprobs or [], out.top_logprobs, echoed, offset)
         return [{"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
