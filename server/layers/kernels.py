@@ -26,6 +26,8 @@ try:  # an optional speed-up: without numba every step takes the torch path, wit
 except ImportError:  # pragma: no cover - numba ships wheels for every platform we build on
     numba = None
 
+_CLOCK_MONOTONIC = getattr(time, "CLOCK_MONOTONIC", 1)  # the platform's clockid (1 on Linux)
+
 
 def available() -> bool:
     return numba is not None
@@ -159,28 +161,33 @@ if numba is not None:
         return _atomic_load(ctrl, index) == value
 
     @numba.njit(nogil=True, cache=True)
-    def _idle(spins, give_way):
-        for _ in range(spins):
-            give_way()
+    def _now_ns(clock, ts):
+        clock(_CLOCK_MONOTONIC, ts.ctypes)
+        return ts[0] * 1_000_000_000 + ts[1]
 
     @numba.njit(**_OPTIONS)
-    def _serve(ctrl, job, spins, give_way):
-        """Run each job posted (ctrl[0] past ctrl[1]) that this thread claims first; False after ``spins`` idle
-        checks, True on stop. job: the arguments of lora_runs as addresses and sizes (lora_worker.py's words).
-        Each idle check first calls ``give_way`` (sched_yield): the core is only lent to the worker, and any
-        other thread that wants it (the HTTP event loop, the adapter loader) gets it at once."""
-        idle = 0
+    def _serve(ctrl, job, idle_ns, give_way, clock, ts):
+        """Run each job posted (ctrl[0] past ctrl[1]) that this thread claims first; False once idle for
+        ``idle_ns`` nanoseconds of wall time (``clock``: clock_gettime, into ``ts``), True on stop. job: the
+        arguments of lora_runs as addresses and sizes (lora_worker.py's words). Each idle check first calls
+        ``give_way`` (sched_yield): the core is only lent to the worker, and any other thread that wants it (the
+        HTTP event loop, the adapter loader) gets it at once. The bound is a time, not a count of checks: on a
+        busy machine each sched_yield can give the core away for a whole time slice (ms), so a count calibrated
+        on an idle moment let a worker spin for seconds before it slept (a CI run waited 5 s in vain)."""
+        idle_since = -1
         while True:
             posted = _atomic_load(ctrl, 0)
             if posted == _atomic_load(ctrl, 1):
                 if _atomic_load(ctrl, 4):
                     return True
-                idle += 1
-                if idle > spins:
+                now = _now_ns(clock, ts)
+                if idle_since < 0:
+                    idle_since = now
+                elif now - idle_since >= idle_ns:
                     return False
                 give_way()
                 continue
-            idle = 0
+            idle_since = -1
             if not _atomic_claim(ctrl, 1, posted - 1, posted):
                 continue  # the step thread took it back
             t, n_in, n_out, s, r, n, runs = job[9], job[10], job[11], job[12], job[13], job[14], job[15]
@@ -219,8 +226,11 @@ def wait_for(ctrl: np.ndarray, index: int, value: int, spins: int) -> bool:
     return _wait_for(ctrl, index, value, spins)
 
 
-def serve(ctrl: np.ndarray, job: np.ndarray, spins: int) -> bool:
-    return _serve(ctrl, job, spins, _give_way())
+def serve(ctrl: np.ndarray, job: np.ndarray, idle_s: float, ts: np.ndarray) -> bool:
+    """Run the jobs posted to ``ctrl`` / ``job`` on this thread (lora_worker.py) until it has been idle for
+    ``idle_s`` seconds (False) or is stopped (True). ts: two int64 words of scratch for the clock, this
+    thread's own."""
+    return _serve(ctrl, job, int(idle_s * 1e9), _give_way(), _clock(), ts)
 
 
 @functools.cache
@@ -238,12 +248,22 @@ def _give_way():
 
 
 @functools.cache
-def spins_for(seconds: float, give_way: bool = False) -> int:
-    """How many idle checks (each giving way first, with ``give_way``: the worker's) take about ``seconds`` on
-    this CPU (measured once)."""
+def _clock():
+    """clock_gettime as a ctypes function (an argument of the compiled loop, as ``_give_way``): ~30 ns a call
+    through the vDSO."""
+    import ctypes
+
+    fn = ctypes.CDLL(None).clock_gettime
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_int
+    return fn
+
+
+@functools.cache
+def spins_for(seconds: float) -> int:
+    """How many checks of a word (``wait_for``) take about ``seconds`` on this CPU (measured once)."""
     ctrl = np.zeros(5, np.int64)
-    n = 1 << (12 if give_way else 20)
-    run = (lambda k: _idle(k, _give_way())) if give_way else (lambda k: wait_for(ctrl, 0, 1, k))
+    n = 1 << 20
+    run = lambda k: wait_for(ctrl, 0, 1, k)  # noqa: E731
     run(1)  # compiled or loaded from the cache first
     start = time.perf_counter()
     run(n)

@@ -48,9 +48,9 @@ class LoraWorker:
         self._pending: tuple = ()  # the job in flight, as lora_runs arguments, for the step thread to take back
         self._wake = threading.Event()
         self._spins = kernels.spins_for(SPIN_S)  # the step thread's wait, between checks that the worker is alive
-        self._idle_spins = kernels.spins_for(SPIN_S, give_way=True)
+        self._clock_words = np.zeros(2, np.int64)  # the worker thread's scratch for clock_gettime
         stopped = np.array([0, 0, 0, 0, 1], np.int64)
-        kernels.serve(stopped, self._job, 1)  # compiled (or loaded from numba's cache) here, not in the first step
+        kernels.serve(stopped, self._job, SPIN_S, self._clock_words)  # compiled (or loaded from the cache) here
         kernels.post(stopped, 0)
         kernels.claim(stopped, 1)
         kernels.publish(stopped, SLEEPING, 0)
@@ -122,7 +122,7 @@ class LoraWorker:
 
     def _run(self) -> None:
         ctrl = self._ctrl
-        while not kernels.serve(ctrl, self._job, self._idle_spins):  # False: idle for SPIN_S; True: stopped
+        while not kernels.serve(ctrl, self._job, SPIN_S, self._clock_words):  # False: idle SPIN_S; True: stopped
             kernels.publish(ctrl, SLEEPING, 1)
             # a job posted before the flag was seen by submit() is caught here; one posted after it sees the flag
             if kernels.load(ctrl, POSTED) == kernels.load(ctrl, CLAIMED) and not kernels.load(ctrl, STOP):

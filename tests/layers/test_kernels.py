@@ -136,6 +136,38 @@ def test_lora_worker_equals_the_kernel_for_every_job_and_after_it_slept(monkeypa
     assert not worker._thread.is_alive()
 
 
+def test_an_idle_worker_sleeps_after_its_time_however_slowly_its_core_comes_back(monkeypatch):
+    """The worker's idle spin is bounded in wall time, not in checks: on a busy machine each sched_yield can
+    give its core away for a time slice, and a count of checks calibrated on an idle moment kept a CI run's
+    worker spinning for over 5 s. Here giving way takes 20 ms (a slow core): the worker still sleeps after its
+    first idle check past SPIN_S, instead of after as many checks as fit in SPIN_S on a quiet core."""
+    import ctypes
+    import time
+
+    from server.layers import lora_worker
+
+    calls = []
+
+    @ctypes.CFUNCTYPE(ctypes.c_int)
+    def slow_give_way():
+        calls.append(1)
+        time.sleep(0.02)
+        return 0
+
+    monkeypatch.setattr(lora_worker, "SPIN_S", 1e-4)
+    monkeypatch.setattr(kernels, "_give_way", lambda: slow_give_way)
+    worker = lora_worker.LoraWorker()
+    try:
+        deadline = time.monotonic() + 30
+        while not kernels.load(worker._ctrl, lora_worker.SLEEPING) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert kernels.load(worker._ctrl, lora_worker.SLEEPING), "the idle worker should sleep"
+        assert 1 <= len(calls) <= 2, f"{len(calls)} idle checks before sleeping"
+    finally:
+        worker.close()
+    assert not worker._thread.is_alive()
+
+
 def test_a_job_the_worker_has_not_started_is_taken_back():
     """The step thread never waits on a worker that is not running: a job still unclaimed when it waits (here:
     the worker thread is gone) runs on the waiting thread, with the same result."""
