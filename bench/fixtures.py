@@ -46,19 +46,39 @@ def lora_config(rank: int):
 
 def make_adapters(directory: Path, names: list[str], root: Path, rank: int, seed: int) -> dict[str, Path]:
     """Save one PEFT LoRA (r=rank on all 7 linear modules, random small weights, safetensors) per name."""
-    from peft import get_peft_model
-
-    peft_model = get_peft_model(load_base(directory), lora_config(rank))
-    params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    template = _peft_template(directory, lora_config(rank))
     made = {}
     for i, name in enumerate(names):
         gen = torch.Generator().manual_seed(seed * 1000 + i)
-        with torch.no_grad():
-            for p in params:
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-        made[name] = root / name
-        peft_model.save_pretrained(made[name], safe_serialization=True)
+        made[name] = _save_adapter(root / name, template, {k: 0.02 * torch.randn(t.shape, generator=gen)
+                                                         for k, t in template[1].items()})
     return made
+
+
+def _peft_template(directory: Path, config) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """What PEFT saves for ``config`` on this model at its initial weights: (adapter_config.json, tensors).
+    Every adapter of one config shares its keys, shapes and config; writing the others' tensors straight to
+    safetensors takes ~0.1 s an adapter where PEFT's save_pretrained took ~0.6 (19.6 MB at r16 on SmolLM2)."""
+    import tempfile
+
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        get_peft_model(load_base(directory), config).save_pretrained(tmp, safe_serialization=True)
+        return (Path(tmp, "adapter_config.json").read_bytes(),
+                load_file(str(Path(tmp, "adapter_model.safetensors"))))
+
+
+def _save_adapter(out: Path, template: tuple[bytes, dict], tensors: dict[str, torch.Tensor]) -> Path:
+    """A PEFT adapter directory as save_pretrained writes it: the template's config, these tensors."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_bytes(template[0])
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(out / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    return out
 
 
 def adapter_bytes(path: Path) -> int:
@@ -83,29 +103,27 @@ def typed_config(kind: str, rank: int):
 
 
 def make_typed_adapters(directory: Path, kinds: dict[str, str], root: Path, rank: int, seed: int) -> dict[str, Path]:
-    """kinds: name -> lora | dora | ia3 | adalora. One PEFT model per kind, random weights per adapter."""
-    from peft import get_peft_model
-
+    """kinds: name -> lora | dora | ia3 | adalora. One PEFT model per kind, random weights per adapter: IA3
+    vectors near 1, DoRA magnitudes near their initial values (the base weights' norms), AdaLoRA's E larger."""
     made = {}
     for kind in dict.fromkeys(kinds.values()):
-        peft_model = get_peft_model(load_base(directory), typed_config(kind, rank))
-        params = [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n or "ia3_l" in n]
-        init = {n: p.detach().clone() for n, p in params}
+        template = _peft_template(directory, typed_config(kind, rank))
         for i, name in enumerate(n for n, k in kinds.items() if k == kind):
             gen = torch.Generator().manual_seed(seed * 1000 + 500 + i)
-            with torch.no_grad():
-                for n, p in params:
-                    noise = torch.randn(p.shape, generator=gen)
-                    if "ia3_l" in n:
-                        p.copy_(1 + 0.1 * noise)
-                    elif "lora_magnitude_vector" in n:
-                        p.copy_(init[n] * (1 + 0.05 * noise))
-                    elif "lora_E" in n:
-                        p.copy_(0.5 * noise)
-                    else:
-                        p.copy_(0.02 * noise)
-            made[name] = root / name
-            peft_model.save_pretrained(made[name], safe_serialization=True)
+            tensors = {}
+            for key, init in template[1].items():
+                noise = torch.randn(init.shape, generator=gen)
+                if "ia3_l" in key:
+                    tensors[key] = 1 + 0.1 * noise
+                elif "lora_magnitude_vector" in key:
+                    tensors[key] = init * (1 + 0.05 * noise)
+                elif "lora_E" in key:
+                    tensors[key] = 0.5 * noise
+                elif "lora_" in key:
+                    tensors[key] = 0.02 * noise
+                else:  # bookkeeping PEFT saves beside the weights: as initialized
+                    tensors[key] = init
+            made[name] = _save_adapter(root / name, template, tensors)
     return made
 
 
