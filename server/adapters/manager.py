@@ -66,9 +66,18 @@ class AdapterManager:
         return mapping
 
     def _routes(self, seq_uses, seq_tokens) -> Routes:
+        """One entry per (token, slot): a mixture naming one content twice (two names of the same files, a name
+        and its current name@version) reads it once at the sum of its scales, and a sum of 0 not at all. Two
+        entries of one slot on a token made a step of that mixture beside as many base tokens look like "every
+        token on one adapter", and the adapter went onto the base rows too."""
         tok, slot, scale, start = [], [], [], 0
         for uses, n in zip(seq_uses, seq_tokens):
+            merged: dict = {}
             for key, c in uses:
+                merged[key] = merged.get(key, 0.0) + c
+            for key, c in merged.items():
+                if c == 0:
+                    continue
                 tok.append(np.arange(start, start + n))
                 slot.append(np.full(n, self.slot_of[key]))
                 scale.append(np.full(n, c, dtype=np.float64))

@@ -24,7 +24,9 @@ ALONE_MAX_RUN = 16
 class Routes:
     """What a step asks of the adapter layers, one entry per (token, adapter it reads): token ``tok[e]`` adds
     ``scale[e]`` times slot ``slot[e]``'s delta. A plain adapter request gives its tokens one entry each at scale
-    1; a mixture gives its tokens one entry per component; base tokens have none.
+    1; a mixture gives its tokens one entry per component; base tokens have none. A token has at most one entry
+    per slot (AdapterManager merges a mixture's repeated components), so one (slot, scale) key over num_tokens
+    entries means every token reads that one slot.
 
     tok: [E] int64   slot: [E] int64   scale: [E] float64   num_tokens: tokens in the flat batch
     """

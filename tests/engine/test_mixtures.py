@@ -97,3 +97,34 @@ def test_a_scale_zero_adapter_is_the_base_model_bit_for_bit(tiny_model_dir, mix_
         assert zero.prefix_identity == b"" and not eng.runner.manager.resident(zero.uses[0].key)
     finally:
         eng.store.close()
+
+
+@pytest.mark.parametrize("kernel, n", [("auto", 100), ("reference", 12)])  # numba: runs past its max run
+def test_a_mixture_naming_one_content_twice_reads_it_once_and_leaves_other_rows_alone(tiny_model_dir, mix_root,
+                                                                                       tmp_path, kernel, n):
+    """Two names of the same files (one content, one slot) at 0.5 + 0.5 is that adapter at 1.0. Batched beside a
+    base request of as many tokens, its two entries per token once made the step look like "every token on one
+    adapter": the adapter went onto the base request's rows (another tenant's) and the mixture got half of it."""
+    import shutil
+
+    from server.engine.engine import LLMEngine
+
+    for name in ("m1", "twin"):
+        shutil.copytree(mix_root / "m1", tmp_path / name)
+    eng = LLMEngine(config(tiny_model_dir, tmp_path, max_loras=4, max_num_seqs=4, lora_kernel=kernel,
+                           enable_prefix_caching=False))  # the batched run computes both prompts whole
+    try:
+        base_prompt, mix_prompt = prompt_of(n, 91), prompt_of(n, 92)
+        alone = [submit(eng, p, mix, max_tokens=5, logprobs=True)
+                 for p, mix in ((base_prompt, None), (mix_prompt, [("m1", 1.0)]))]
+        drain(eng)
+        base, twice = (submit(eng, p, mix, max_tokens=5, logprobs=True)
+                       for p, mix in ((base_prompt, None), (mix_prompt, [("m1", 0.5), ("twin", 0.5)])))
+        drain(eng)
+        assert eng.store.resolve("m1").key == eng.store.resolve("twin").key  # one content: one slot
+        assert base.output_token_ids == alone[0].output_token_ids
+        torch.testing.assert_close(base.output_logprobs, alone[0].output_logprobs, rtol=0, atol=1e-5)
+        assert twice.output_token_ids == alone[1].output_token_ids
+        torch.testing.assert_close(twice.output_logprobs, alone[1].output_logprobs, rtol=0, atol=1e-5)
+    finally:
+        eng.store.close()
