@@ -14,11 +14,12 @@ import logging
 import math
 import mmap
 import os
-import re
 import struct
+import time
 from pathlib import Path
 from typing import BinaryIO
 
+import regex
 import torch
 
 from server.adapters.adapter_dir import AdapterDir
@@ -47,12 +48,41 @@ class AdapterFormatError(AdapterError):
     """An adapter directory we refuse to load; the message names the file and the reason."""
 
 
-def _pattern_value(patterns: dict | None, module: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup: first key that matches a suffix of the module path."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+PATTERN_BUDGET_S = 1.0  # all of one adapter's rank_pattern / alpha_pattern matching
+MAX_PATTERN_CHARS = 1024
+
+
+class _Patterns:
+    """PEFT's rank_pattern / alpha_pattern lookup: the value of the first key that matches a suffix of the module
+    path (``re.match(rf"(.*\.)?({key})$", module)``, PEFT's get_pattern_key). The keys are regular expressions
+    from the adapter's own config, so a hostile one could backtrack for minutes (``(.+)+!`` doubles its time per
+    character of a module name) in the one loader every tenant's loads go through: they are matched with the
+    ``regex`` module under a time budget shared by every lookup of the adapter, and the adapter is refused
+    past it."""
+
+    def __init__(self, config: dict, field: str, path: Path, deadline: float) -> None:
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterFormatError(f"{path}: {field} must be an object of pattern -> value")
+        self.field, self.path, self.deadline, self.items = field, path, deadline, []
+        for key, value in patterns.items():
+            if len(key) > MAX_PATTERN_CHARS:
+                raise AdapterFormatError(f"{path}: {field} key longer than {MAX_PATTERN_CHARS} characters")
+            try:
+                self.items.append((regex.compile(rf"(.*\.)?({key})$"), value))
+            except regex.error as e:
+                raise AdapterFormatError(f"{path}: {field} key {key!r} is not a regular expression ({e})") from None
+
+    def value(self, module: str, default):
+        for pattern, value in self.items:
+            try:
+                if pattern.match(module, timeout=max(self.deadline - time.monotonic(), 1e-3)):
+                    return value
+            except TimeoutError:
+                raise AdapterFormatError(f"{self.path}: matching {self.field} against the module names took over "
+                                         f"{PATTERN_BUDGET_S:g} s (a pattern that backtracks without end?); use "
+                                         "plain module-name suffixes") from None
+        return default
 
 
 def read_config(directory: AdapterDir) -> dict:
@@ -201,7 +231,7 @@ def _split_key(key: str, path: Path) -> tuple[str, str]:
 
 
 def _module_weights(module: str, t: dict[str, torch.Tensor], config: dict, peft_type: str,
-                    path: Path) -> ModuleWeights:
+                    path: Path, patterns: tuple[_Patterns, _Patterns]) -> ModuleWeights:
     if peft_type == "IA3":
         ia3 = t.get("ia3_l")
         if ia3 is None or ia3.dim() != 2 or 1 not in ia3.shape:
@@ -219,10 +249,11 @@ def _module_weights(module: str, t: dict[str, torch.Tensor], config: dict, peft_
         init_r = int(config.get("init_r", r))
         alpha = config.get("lora_alpha") or init_r
         return ModuleWeights(a=a * e, b=b, scaling=alpha / (init_r + 1e-5))
-    cfg_r = _pattern_value(config.get("rank_pattern"), module, config.get("r", r))
+    ranks, alphas = patterns
+    cfg_r = ranks.value(module, config.get("r", r))
     if cfg_r != r:
         raise AdapterFormatError(f"{path}: {module}: tensors have rank {r} but the config says r={cfg_r!r}")
-    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
+    alpha = alphas.value(module, config.get("lora_alpha", r))
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     magnitude = t.get("lora_magnitude_vector")
     if config.get("use_dora") and (magnitude is None or tuple(magnitude.shape) != (b.shape[0],)):
@@ -270,9 +301,12 @@ def load_adapter_dir(directory: str | Path, name: str, max_bytes: int = 2 << 30,
         grouped.setdefault(module, {})[part] = tensor
     if not grouped:
         raise AdapterFormatError(f"{weights_path}: holds no adapter tensors")
+    config_path, deadline = directory / CONFIG_FILE, time.monotonic() + PATTERN_BUDGET_S
     try:
-        modules = {m: _module_weights(m, t, config, peft_type, weights_path) for m, t in grouped.items()}
-    except (TypeError, ValueError, AttributeError, ZeroDivisionError, re.error) as e:
+        patterns = (_Patterns(config, "rank_pattern", config_path, deadline),
+                    _Patterns(config, "alpha_pattern", config_path, deadline))
+        modules = {m: _module_weights(m, t, config, peft_type, weights_path, patterns) for m, t in grouped.items()}
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
         if isinstance(e, AdapterFormatError):
             raise
         raise AdapterFormatError(f"{directory / CONFIG_FILE}: invalid value in r/lora_alpha/init_r/rank_pattern/"

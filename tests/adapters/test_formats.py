@@ -15,6 +15,7 @@ from peft import AdaLoraConfig, IA3Config, LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
+from server.adapters import formats
 from server.adapters.formats import (CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE, AdapterFormatError,
                                      check_against_base, config_kind, load_adapter_dir, read_safetensors)
 from server.errors import AdapterError
@@ -268,6 +269,26 @@ HOSTILE = [  # (id, mutate(dir), file named in the message, reason regex)
 def test_hostile_directory_refused(case, mutate, file, reason, lora_dir):
     mutate(lora_dir)
     assert_refused(lambda: load_adapter_dir(lora_dir, case), lora_dir / file, reason)
+
+
+def test_rank_patterns_that_backtrack_cannot_stall_the_loader(lora_dir, monkeypatch):
+    """rank_pattern / alpha_pattern keys are regular expressions from the adapter's config. ``(.+)+!`` takes
+    ~2^30 steps on a module name with Python's re (minutes, in the one loader every tenant's loads go through);
+    matched with the regex module it fails at once, and whatever still runs past the adapter's time budget is
+    refused, naming the field."""
+    edit_config(alpha_pattern={"(.+)+!": 2}, rank_pattern={"(\\w|\\w)+!": 2})(lora_dir)
+    weights = load_adapter_dir(lora_dir, "patterns")  # no key matches: the config's r and lora_alpha serve
+    assert weights.modules
+    import regex
+
+    class Slow:
+        def match(self, *args, timeout=None):
+            assert timeout is not None and timeout <= formats.PATTERN_BUDGET_S
+            raise TimeoutError("regex timed out")
+
+    monkeypatch.setattr(regex, "compile", lambda pattern: Slow())
+    assert_refused(lambda: load_adapter_dir(lora_dir, "patterns"), lora_dir / CONFIG_FILE,
+                   "rank_pattern against the module names took over")
 
 
 EMBEDDING_LORA = LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"])
