@@ -123,9 +123,10 @@ class Call:
                     first = not choices[i].token_ids and not choices[i].finish_reason
                     choices[i].add(out)
                     if out.error:
-                        raise output_error(out.error)
-                    for item in delta(choices[i], out, first):
-                        yield sse(json.dumps({**self.envelope([item], self.chunk_suffix), **self._usage_field(choices)}))
+                        raise output_error(out)
+                    for k, item in enumerate(delta(choices[i], out, first)):
+                        yield sse(json.dumps({**self.envelope([item], self.chunk_suffix), **self._usage_field(choices),
+                                              **self._chunk_prompt_ids(choices[i], first and k == 0)}))
             if self.body.include_usage:
                 yield sse(json.dumps({**self.envelope([], self.chunk_suffix), "usage": self.usage(choices)}))
         except SwapserveError as exc:
@@ -134,6 +135,13 @@ class Call:
             log.exception("stream %s failed", self.id)
             yield sse(json.dumps(error_payload("/v1", 500, "internal error", "internal_error")))
         yield sse("[DONE]")
+
+    def _chunk_prompt_ids(self, choice: Choice, first: bool) -> dict:
+        """vLLM's return_token_ids in a chat stream: the prompt's ids on each choice's first chunk, beside its
+        choices (a completion stream has them in the choice: token_ids_fields)."""
+        if first and self.chunk_suffix and self.body.return_token_ids:
+            return {"prompt_token_ids": self.prompt_of(choice)}
+        return {}
 
     def _usage_field(self, choices: list[Choice]) -> dict:
         if self.body.continuous_usage:

@@ -36,7 +36,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     spec = tool_grammar(body.tools, body.tool_choice, body.parallel_tool_calls is not False) if mode else None
     grammar = await call.grammar(spec or body.output_spec())
     generation = await call.start([prompt], [max_tokens], body.prompt_logprobs, grammar)
-    tools = ToolOutput(mode, body.tool_choice)
+    tools = ToolOutput(mode, body.tool_choice, body.parallel_tool_calls is not False)
     return await call.respond(request, generation, _chat_delta(call, tools),
                               lambda choices: _chat_response(call, tools, prompt, choices))
 
@@ -44,7 +44,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 def _chat_response(call: Call, tools: ToolOutput, prompt: list[int], choices: list[Choice]) -> dict:
     body, extra = call.body, {}
     if body.prompt_logprobs is not None:
-        extra["prompt_logprobs"] = call.shapes.vllm_prompt(prompt, choices[0].prompt_logprobs)
+        extra["prompt_logprobs"] = call.shapes.vllm_prompt(prompt, choices[0].prompt_logprobs, body.prompt_logprobs)
     if body.return_token_ids:
         extra["prompt_token_ids"] = prompt
     return call.response([_chat_item(call, tools, c) for c in choices], choices, **extra)
@@ -54,8 +54,12 @@ def _chat_item(call: Call, tools: ToolOutput, c: Choice) -> dict:
     message, finish_reason = tools.message(c.text, c.finish_reason)
     item = {"index": c.index, "message": message,
             "logprobs": call.shapes.chat(c.token_ids, c.logprobs, c.top_logprobs) if call.logprobs else None,
-            "finish_reason": finish_reason, "stop_reason": None}
+            "finish_reason": finish_reason, "stop_reason": c.stop_reason}
     return item | ({"token_ids": c.token_ids} if call.body.return_token_ids else {})
+
+
+RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "return_tensors", "return_dict", "chat_template", "padding",
+                            "truncation", "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask"}
 
 
 def chat_prompt_ids(tokenizer, messages: list[ChatMessage], options=None) -> list[int]:
@@ -68,8 +72,14 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage], options=None) -> lis
         raise InvalidRequestError("this model's tokenizer has no chat template; use /v1/completions", "messages")
     conversation = [_message_dict(m) for m in messages]
     kwargs = dict(add_generation_prompt=getattr(options, "add_generation_prompt", True),
-                  continue_final_message=getattr(options, "continue_final_message", False),
-                  **(getattr(options, "chat_template_kwargs", None) or {}))
+                  continue_final_message=getattr(options, "continue_final_message", False))
+    extra = getattr(options, "chat_template_kwargs", None) or {}
+    reserved = sorted(set(extra) & RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(reserved)}: the server renders and "
+                                  "tokenizes the template itself (a template of your own is not accepted)",
+                                  "chat_template_kwargs")
+    kwargs.update(extra)  # vLLM: they override the fields above
     tools = getattr(options, "tools", None)
     if tools:
         kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools]
@@ -112,7 +122,7 @@ def _chat_delta(call: Call, tools: ToolOutput):
         if message or out.finish_reason or call.logprobs:
             logprobs = call.shapes.chat(out.token_ids, out.logprobs or [], out.top_logprobs) if call.logprobs else None
             items.append({"index": choice.index, "delta": message, "logprobs": logprobs,
-                          "finish_reason": finish_reason, "stop_reason": None}
+                          "finish_reason": finish_reason, "stop_reason": out.stop_reason}
                          | ({"token_ids": out.token_ids} if call.body.return_token_ids else {}))
         return items
     return delta

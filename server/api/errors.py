@@ -77,11 +77,15 @@ def swapserve_error_response(path: str, exc: SwapserveError) -> JSONResponse:
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """('field: problem; ...', first offending field) from pydantic's error list."""
+    """('field: problem; ...', first offending field) from pydantic's error list. The field is a request
+    field's name (``prompt``, ``json_schema``), never the name pydantic gives a union's branch
+    (``constrained-str``, ``list[int]``) nor a list index: those are left out."""
     parts, param = [], None
     for err in exc.errors()[:5]:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
-        param = param or (loc[-1] if loc else None)
+        loc = [p for p in err.get("loc", ()) if p not in ("body", "query", "path")
+               and (isinstance(p, int) or str(p).isidentifier())]
+        param = param or next((p for p in reversed(loc) if isinstance(p, str)), None)
+        loc = [str(p) for p in loc]
         parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request", param
 

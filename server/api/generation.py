@@ -91,6 +91,8 @@ class Choice:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    error_status: int = 400
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it (vLLM's)
     prompt_logprobs: list | None = None  # the engine's, with SamplingParams.prompt_logprobs (first output)
 
     def add(self, out: RequestOutput) -> None:
@@ -101,9 +103,11 @@ class Choice:
         self.logprobs += out.logprobs or []
         self.top_logprobs += out.top_logprobs or []
         self.finish_reason = out.finish_reason or self.finish_reason
+        self.stop_reason = out.stop_reason if out.stop_reason is not None else self.stop_reason
         self.num_prompt_tokens = out.num_prompt_tokens
         self.num_cached_tokens = out.num_cached_tokens
-        self.error = out.error or self.error
+        if out.error:
+            self.error, self.error_status = out.error, out.error_status
 
 
 class Generation:
@@ -254,19 +258,21 @@ async def collect_unless_disconnected(request: Request, generation: Generation) 
     return work.result() if work.done() and not work.cancelled() else None
 
 
-def output_error(message: str) -> SwapserveError:
-    """The error of an engine request that failed after admission.
+def output_error(out: RequestOutput | Choice) -> SwapserveError:
+    """The error of an engine request that failed after admission (``out.error``, ``out.error_status``).
 
-    RequestOutput.error is set when the request's adapter could not be loaded (a bad adapter under a root or
-    on the Hub): the request cannot be served as asked, hence 400 rather than 500.
+    400 when the request cannot be served as asked (its adapter could not be loaded, a bad adapter under a root
+    or on the Hub); 500 when the engine failed (a step raised: every request in it ends so).
     """
-    return AdapterError(message, "model")
+    if out.error_status >= 500:
+        return SwapserveError(out.error)
+    return AdapterError(out.error, "model")
 
 
 def raise_choice_error(choices: list[Choice]) -> None:
     for choice in choices:
         if choice.error:
-            raise output_error(choice.error)
+            raise output_error(choice)
 
 
 def max_model_len(engine) -> int:

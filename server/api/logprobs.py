@@ -41,11 +41,12 @@ class LogprobShapes:
         return {"tokens": tokens, "token_logprobs": [finite(lp) for lp in logprobs], "text_offset": offsets,
                 "top_logprobs": top_dicts}
 
-    def echoed(self, prompt_ids: list[int], prompt_logprobs: list | None) -> dict:
-        """The completion shape of an echoed prompt from the engine's prompt logprobs."""
+    def echoed(self, prompt_ids: list[int], prompt_logprobs: list | None, k: int) -> dict:
+        """The completion shape of an echoed prompt from the engine's prompt logprobs, ``k`` (the request's
+        logprobs) most likely tokens each: the engine computed max(logprobs, prompt_logprobs)."""
         entries = prompt_logprobs or [None] * len(prompt_ids)
         lps = [None if e is None else e[0] for e in entries]
-        tops = [[] if e is None else e[1] for e in entries]
+        tops = [[] if e is None else e[1][:k] for e in entries]
         return self.completion(prompt_ids, lps, tops)
 
     def chat(self, token_ids: list[int], logprobs: list[float], tops: list | None = None) -> dict:
@@ -57,10 +58,10 @@ class LogprobShapes:
         return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]}
                             for t, lp, top in zip(token_ids, logprobs, tops)]}
 
-    def vllm_prompt(self, prompt_ids: list[int], prompt_logprobs: list | None) -> list | None:
-        """vLLM's prompt_logprobs: per prompt token, its own and the top-k tokens' {logprob, rank,
-        decoded_token} keyed by token id; rank is 1-based in the distribution (null for the prompt's token when
-        it is outside the top k: the engine does not rank the whole vocabulary)."""
+    def vllm_prompt(self, prompt_ids: list[int], prompt_logprobs: list | None, k: int) -> list | None:
+        """vLLM's prompt_logprobs (``k`` of them): per prompt token, its own and the top-k tokens' {logprob,
+        rank, decoded_token} keyed by token id; rank is 1-based in the distribution (null for the prompt's token
+        when it is outside the top k: the engine does not rank the whole vocabulary)."""
         if prompt_logprobs is None:
             return None
         out: list = []
@@ -68,7 +69,7 @@ class LogprobShapes:
             if entry is None:
                 out.append(None)
                 continue
-            lp, top = entry
+            lp, top = entry[0], entry[1][:k]
             ranked = {i: (v, rank) for rank, (i, v) in enumerate(top, 1)}
             own = {token: (lp, ranked.get(token, (lp, None))[1])}
             out.append({str(i): {"logprob": finite(v), "rank": r, "decoded_token": self.text(i)}

@@ -62,9 +62,10 @@ async def completions(body: CompletionRequest, request: Request):
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     generation = await call.start(prompts, [max_tokens] * len(prompts), body.prompt_logprobs_k, grammar)
     echo = None
-    if body.echo:
-        keep = isinstance(body.prompt, str) and body.truncate_prompt_tokens is None
-        echo = [body.prompt if keep else engine.tokenizer.decode(p) for p in prompts]
+    if body.echo:  # a text prompt echoes as given (not decoded back: no BOS the tokenizer added), unless truncated
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        keep = body.truncate_prompt_tokens is None and isinstance(texts[0], str)
+        echo = [texts[i] if keep else engine.tokenizer.decode(p) for i, p in enumerate(prompts)]
     return await call.respond(request, generation, _completion_delta(call, echo),
                               lambda choices: call.response([_completion_item(call, c, echo) for c in choices], choices))
 
@@ -74,9 +75,9 @@ def _completion_item(call: Call, c: Choice, echo: list[str] | None) -> dict:
     echoed = echo[c.index // body.n] if echo else ""
     item = {"index": c.index, "text": echoed + c.text,
             "logprobs": _logprobs(call, c, c.token_ids, c.logprobs, c.top_logprobs, echoed),
-            "finish_reason": c.finish_reason, "stop_reason": None}
+            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
     if body.prompt_logprobs is not None:
-        item["prompt_logprobs"] = call.shapes.vllm_prompt(call.prompt_of(c), c.prompt_logprobs)
+        item["prompt_logprobs"] = call.shapes.vllm_prompt(call.prompt_of(c), c.prompt_logprobs, body.prompt_logprobs)
     return item | call.token_ids_fields(c, c.token_ids, True)
 
 
@@ -86,7 +87,7 @@ def _logprobs(call: Call, choice: Choice, token_ids, logprobs, tops, echoed: str
         return None
     out = call.shapes.completion(token_ids, logprobs, tops, offset + len(echoed))
     if echoed:
-        prompt = call.shapes.echoed(call.prompt_of(choice), choice.prompt_logprobs)
+        prompt = call.shapes.echoed(call.prompt_of(choice), choice.prompt_logprobs, call.top)
         out = {key: prompt[key] + out[key] for key in out}
     return out
 
@@ -117,5 +118,5 @@ def _completion_delta(call: Call, echo: list[str] | None):
         offset = len(choice.text) - len(out.text)
         logprobs = _logprobs(call, choice, out.token_ids, out.logprobs or [], out.top_logprobs, echoed, offset)
         return [{"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
-                 "stop_reason": None} | call.token_ids_fields(choice, out.token_ids, first)]
+                 "stop_reason": out.stop_reason} | call.token_ids_fields(choice, out.token_ids, first)]
     return delta

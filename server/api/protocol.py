@@ -112,7 +112,8 @@ class SamplingFields(Strict):
 
     @property
     def continuous_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+        """vLLM's: only together with include_usage (alone it does nothing)."""
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
     def output_spec(self) -> GrammarSpec | None:
         return output_spec(self.response_format, self.structured_outputs)
@@ -288,7 +289,7 @@ class TGIParameters(Strict):
             temperature=(self.temperature or 1.0) if sample else 0.0,
             top_p=self.top_p or 1.0, top_k=self.top_k or -1,
             repetition_penalty=self.repetition_penalty or 1.0, frequency_penalty=self.frequency_penalty or 0.0,
-            seed=self.seed, stop=[s for s in self.stop if s],
+            seed=self.seed, stop=[s for s in self.stop if s], include_stop_str_in_output=True,  # TGI keeps it
             logprobs=logprobs, top_logprobs=(self.top_n_tokens or 0) if logprobs else 0,
             prompt_logprobs=0 if self.details and self.decoder_input_details else None, grammar=grammar)
 

@@ -52,7 +52,7 @@ async def generate(body: TGIRequest, request: Request):
     if params.details:
         tokenizer = request.app.state.engine.tokenizer
         tokens = [_token(tokenizer, t, lp, token_text(tokenizer, t)) for t, lp in _with_logprobs(choice)]
-        out["details"] = {"finish_reason": finish_reason(tokenizer, choice), "generated_tokens": len(tokens),
+        out["details"] = {"finish_reason": finish_reason(choice), "generated_tokens": len(tokens),
                           "seed": params.seed, "prefill": _prefill(tokenizer, generation.prompts[0], choice),
                           "tokens": tokens}
         if params.top_n_tokens:
@@ -90,7 +90,7 @@ async def _events(tokenizer, body: TGIRequest, generation: Generation) -> AsyncI
             async for _, out in events:
                 choice.add(out)
                 if out.error:
-                    raise output_error(out.error)
+                    raise output_error(out)
                 tokens = _increment_tokens(tokenizer, out)
                 tops = out.top_logprobs or [[]] * len(tokens)
                 for k, token in enumerate(tokens):
@@ -126,7 +126,7 @@ def _stream_event(tokenizer, body: TGIRequest, choice: Choice, index: int, token
     if last:
         event["generated_text"] = (body.inputs if body.parameters.return_full_text else "") + choice.text
         if body.parameters.details:
-            event["details"] = {"finish_reason": finish_reason(tokenizer, choice),
+            event["details"] = {"finish_reason": finish_reason(choice),
                                 "generated_tokens": len(choice.token_ids), "seed": body.parameters.seed,
                                 "input_length": choice.num_prompt_tokens}
     return event
@@ -155,10 +155,8 @@ def _with_logprobs(choice: Choice) -> list[tuple[int, float | None]]:
     return list(zip(choice.token_ids, logprobs))
 
 
-def finish_reason(tokenizer, choice: Choice) -> str:
+def finish_reason(choice: Choice) -> str:
     """TGI's reasons: eos_token (ended on EOS), stop_sequence (stop string/token), length (budget or abort)."""
     if choice.finish_reason != "stop":
         return "length"
-    eos = tokenizer.eos_token_id
-    ended_on_eos = bool(choice.token_ids) and eos is not None and choice.token_ids[-1] == eos
-    return "eos_token" if ended_on_eos else "stop_sequence"
+    return "eos_token" if choice.stop_reason is None else "stop_sequence"

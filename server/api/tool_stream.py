@@ -6,9 +6,10 @@ from server.api.tools import HermesParser, NamedToolChoice, ParsedCall, call_dic
 
 
 class ToolOutput:
-    def __init__(self, mode: str | None, choice) -> None:
+    def __init__(self, mode: str | None, choice, parallel: bool = True) -> None:
         self.mode = mode  # None (no tools) | "none" | "auto" | "required" | "named"
         self.name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        self.parallel = parallel  # parallel_tool_calls; false: one call at most (required: its grammar's maxItems)
         self.parser = HermesParser()
 
     def calls(self, text: str, finish_reason: str | None) -> tuple[str | None, list[ParsedCall]]:
@@ -19,7 +20,8 @@ class ToolOutput:
             calls = parse_required(text) if finish_reason == "stop" else None
             return (None, calls) if calls else (text, [])
         if self.mode == "auto":
-            return self.parser.parse(text)
+            content, calls = self.parser.parse(text)
+            return content, calls if self.parallel else calls[:1]  # vLLM keeps the first
         return text, []
 
     def finish_reason(self, calls: list[ParsedCall], finish_reason: str | None) -> str | None:

@@ -181,9 +181,11 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception:  # a failed step must not kill the server: fail its requests, keep going
+            except Exception as exc:  # a failed step must not kill the server: fail its requests, keep going
                 log.exception("engine step failed")
-                outputs = self.engine.fail_all(None)
+                outputs = self.engine.fail_all(f"internal error in an engine step ({type(exc).__name__}: {exc}); "
+                                               "every request in it was ended, the server keeps serving (please "
+                                               "report this)")
             for req, out in outputs:
                 self._loop.call_soon_threadsafe(self._deliver, req.request_id, out)
             if not outputs and self.engine.scheduler.has_work:
@@ -309,11 +311,14 @@ class AsyncEngine:
         bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"token id {bad} is out of the vocabulary [0, {vocab})", param="prompt")
-        for field in ("logit_bias", "allowed_token_ids"):
+        for field in ("logit_bias", "allowed_token_ids", "stop_token_ids"):
             bad = next((t for t in getattr(params, field) or () if not 0 <= t < vocab), None)
             if bad is not None:
                 raise InvalidRequestError(f"{field}: token id {bad} is out of the vocabulary [0, {vocab})",
                                           param=field)
+        if params.min_tokens > params.max_tokens:
+            raise InvalidRequestError(f"min_tokens ({params.min_tokens}) must be less than or equal to max_tokens "
+                                      f"({params.max_tokens})", param="min_tokens")
         max_len = self.engine.max_len
         if len(prompt) + params.max_tokens > max_len:
             raise InvalidRequestError(

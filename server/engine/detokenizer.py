@@ -24,7 +24,10 @@ class Detokenizer:
     def finish_reason(self, req: Request, token: int, max_len: int) -> str | None:
         """Why ``req`` stops after appending ``token`` (stop strings are checked in ``delta``)."""
         p = req.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+        if not p.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if token in p.stop_token_ids:
+            req.stop_reason = token
             return "stop"
         if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= max_len:
             return "length"
@@ -46,13 +49,16 @@ class Detokenizer:
         self._advance(req, end, flush=req.finish_reason is not None)
         text = req.text
         stops = req.params.stop
-        if stops and len(ids) > req.params.min_tokens:  # vLLM: min_tokens defers stop strings
-            start = max(0, req.sent_text_len - max(len(s) for s in stops))
-            hits = [(i, len(s)) for i, s in ((text.find(s, start), s) for s in stops) if i != -1]
+        if stops and len(ids) > req.params.min_tokens:
+            # a stop string must end in text not searched yet (vLLM: nor in the first min_tokens tokens' text)
+            hits = [(i, len(s), s) for i, s in ((text.find(s, max(0, req.stop_checked_len - len(s) + 1)), s)
+                                                for s in stops) if i != -1]
             if hits:
                 at = min(hits)[0]  # the earliest stop string; kept, the longest of those that start there
-                req.text = text = text[:max(a + n for a, n in hits if a == at) if keep_stop else at]
+                _, n, req.stop_reason = max((h for h in hits if h[0] == at), key=lambda h: h[1])
+                req.text = text = text[:at + n if keep_stop else at]
                 req.finish_reason = "stop"
+        req.stop_checked_len = len(text)
         safe = len(text)
         if req.finish_reason is None and stops:
             safe = min(safe, max(req.sent_text_len, safe - max(len(s) for s in stops) + 1))

@@ -98,7 +98,7 @@ class LLMEngine:
             return self._fail(req, "the model produced non-finite logits for this request (its adapter's weights "
                                    "overflow in this dtype?)")
         if req.constraint is not None and not req.constraint.accept(token):
-            return self._fail(req, f"token {token} is outside the request's grammar (please report this)")
+            return self._fail(req, f"token {token} is outside the request's grammar (please report this)", 500)
         req.output_token_ids.append(token)
         if lp is not None:
             req.output_logprobs.append(lp)
@@ -119,7 +119,7 @@ class LLMEngine:
         prompt, req.prompt_logprobs_sent = (None if req.prompt_logprobs_sent else req.prompt_logprobs), True
         return RequestOutput(req.request_id, tokens, text, logprobs, req.finish_reason,
                              len(req.prompt_token_ids), len(req.output_token_ids), error, top,
-                             req.num_cached_tokens, prompt)
+                             req.num_cached_tokens, prompt, stop_reason=req.stop_reason)
 
     def _prompt_only(self, req: Request) -> tuple[Request, RequestOutput]:
         """max_tokens 0 (echo the prompt, with its logprobs): done once the prompt is computed."""
@@ -128,10 +128,12 @@ class LLMEngine:
         self._finished(req)
         return req, self._output(req, [], "", None)
 
-    def _fail(self, req: Request, error: str | None) -> tuple[Request, RequestOutput]:
+    def _fail(self, req: Request, error: str | None, status: int = 400) -> tuple[Request, RequestOutput]:
         req.finish_reason = "abort"
         self._finished(req)
-        return req, self._output(req, [], "", None, error)
+        req_out = self._output(req, [], "", None, error)
+        req_out.error_status = status
+        return req, req_out
 
     # ---- adapters ---------------------------------------------------------------------------------------
     def _adapter_ready(self, req: Request) -> bool:
@@ -160,8 +162,9 @@ class LLMEngine:
         return outs
 
     def fail_all(self, error: str) -> list[tuple[Request, RequestOutput]]:
-        """End every request (after a failed step): nothing is left half-run."""
-        return [self._fail(r, error) for r in list(self.scheduler.running) + list(self.scheduler.waiting)]
+        """End every request after a failed step (an internal error: HTTP 500 with ``error``, never a quiet
+        "abort" that reads as a finished answer): nothing is left half-run."""
+        return [self._fail(r, error, 500) for r in list(self.scheduler.running) + list(self.scheduler.waiting)]
 
     def drop_device(self, key) -> None:
         """Free the device slot of version ``key`` (no name or request holds it any more)."""

@@ -6,9 +6,12 @@ import time
 from dataclasses import dataclass, field
 
 
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a smaller temperature is greedy (dividing by it overflows to inf)
+
+
 @dataclass
 class SamplingParams:
-    """Per-request sampling; vLLM's names and meanings. temperature 0 = greedy."""
+    """Per-request sampling; vLLM's names and meanings. temperature below GREEDY_BELOW (0 among them) = greedy."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -40,7 +43,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -69,7 +72,11 @@ class RequestOutput:
     top_logprobs: per new token, the [(token_id, logprob)] of the ``top_logprobs`` most likely tokens.
     finish_reason: None while running; "stop" (EOS, stop string or stop token), "length" or "abort".
     error: set when the request failed (e.g. its adapter could not be loaded); then finish_reason is "abort".
+    error_status: the HTTP status of that failure: 400, the request cannot be served as asked (its adapter
+                  failed to load, or produced non-finite logits); 500, the engine failed (a step raised).
     num_cached_tokens: prompt tokens served from cached prefix blocks (OpenAI's usage.prompt_tokens_details).
+    stop_reason: with finish_reason "stop", the stop token id or stop string that ended it (vLLM's); None
+                 for EOS.
     prompt_logprobs: with params.prompt_logprobs, on the first increment only: per prompt token, None for the
                      first, else (its logprob, [(token_id, logprob)] of the k most likely) given its prefix.
     """
@@ -85,6 +92,8 @@ class RequestOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     num_cached_tokens: int = 0
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    error_status: int = 400
+    stop_reason: int | str | None = None
 
     @property
     def finished(self) -> bool:
@@ -168,6 +177,9 @@ class Request:
 
     skipped: int = 0  # steps it was passed over because its adapter had no slot (starvation guard)
     sent_text_len: int = 0  # characters of ``text`` already emitted
+    stop_checked_len: int = 0  # characters of ``text`` no stop string may end in: searched, or from tokens
+    # within min_tokens (vLLM: a stop string must end after the first min_tokens tokens' text)
+    stop_reason: int | str | None = None  # what stopped it: the stop token id or stop string (None: EOS)
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:

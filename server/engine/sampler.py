@@ -175,13 +175,32 @@ class Sampler:
             _, _, frequency = _pairs([(j, ids, [p.frequency_penalty] * len(ids)) for j, ids, _, p in counted],
                                      device)
             scores[rows, cols] -= presence + frequency * counts
+        self._ban_before_min_tokens(scores, requests)
+        return scores
+
+    def _ban_before_min_tokens(self, scores: torch.Tensor, requests: list[Request]) -> None:
+        """EOS and stop tokens to -inf in the rows short of min_tokens. A grammar or allowed_token_ids that
+        leaves only those tokens (a complete JSON value can only end) wins over min_tokens: such a row keeps
+        them and the request ends short of min_tokens with an output its grammar accepts, where a row of -inf
+        would draw a token outside it."""
         banned = [(j, sorted(self._banned(r))) for j, r in enumerate(requests)
                   if len(r.output_token_ids) < r.params.min_tokens]
         banned = [(j, ids, [NEG_INF] * len(ids)) for j, ids in banned if ids]
-        if banned:
-            rows, cols, value = _pairs(banned, device)
-            scores[rows, cols] = value
-        return scores
+        if not banned:
+            return
+        device = scores.device
+        rows, cols, value = _pairs(banned, device)
+        restricted = [j for j, _, _ in banned
+                      if requests[j].constraint is not None or requests[j].params.allowed_token_ids]
+        kept = scores[rows, cols] if restricted else None
+        scores[rows, cols] = value
+        if restricted:
+            empty = scores.index_select(0, _indices(restricted, device)).max(-1).values == NEG_INF
+            dead = {restricted[i] for i in empty.nonzero()[:, 0].tolist()}
+            undo = [k for k, row in enumerate(rows.tolist()) if row in dead]
+            if undo:
+                at = _indices(undo, device)
+                scores[rows[at], cols[at]] = kept[at]
 
     def _banned(self, req: Request) -> set[int]:
         p = req.params

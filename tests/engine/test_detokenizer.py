@@ -73,6 +73,17 @@ def test_min_tokens_also_defers_stop_strings(llm):
     assert len(req.output_token_ids) >= 5
 
 
+@pytest.mark.parametrize("min_tokens, text, tokens", [(0, "a", 3), (2, "a", 3), (3, "abcde", 7), (4, "abcde", 7),
+                                                      (6, "abcde", 7), (7, "abcdebcx", 10)])
+def test_a_stop_string_must_end_after_the_first_min_tokens_tokens(llm, min_tokens, text, tokens):
+    """vLLM's rule: text of the first min_tokens tokens is never where a stop string ends (it may start there);
+    one ending inside it is not matched later either, and nothing sent is ever taken back."""
+    tok = llm.tokenizer
+    req, deltas = _feed(Detokenizer(tok, {2}), _byte_tokens(tok, "abcdebcxbcz"), stop=["bc"], min_tokens=min_tokens)
+    assert (req.text, len(req.output_token_ids), req.stop_reason) == (text, tokens, "bc")
+    assert "".join(deltas) == text
+
+
 def test_detokenizer_work_per_token_does_not_grow_with_the_output(llm):
     """Incremental: each step decodes a window of a few tokens, not the whole output (O(1) per token), and
     the streamed text is still exactly the whole output decoded at once."""
