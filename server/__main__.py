@@ -138,8 +138,10 @@ SERVER_FLAGS = (
          "sha256:<hex>), name, adapters (name globs), base_model, rpm, tpm, max_concurrent}; a key reaches only "
          "the adapters its globs match (403 otherwise) and gets 429 with Retry-After over its limits. Re-read when "
          "it changes (no restart); a malformed file refuses start-up, and at a reload keeps the old keys and logs "
-         "the line at fault. Tenant keys never open admin routes. See SECURITY.md", metavar="FILE"),
-    Flag("admin-key", str, None, "require `Authorization: Bearer KEY` on admin routes (without it: loopback only)"),
+         "the line at fault. Tenant keys never open admin routes; with this file /metrics (it names every tenant) "
+         "takes --admin-key too. See SECURITY.md", metavar="FILE"),
+    Flag("admin-key", str, None, "require `Authorization: Bearer KEY` on admin routes (without it: loopback only, "
+         "and with --api-keys-file only a loopback client sending --api-key)"),
     Flag("shutdown-timeout", float, 30.0, "seconds SIGTERM waits for in-flight requests before aborting them"),
     Flag("max-body-bytes", int, 4 << 20, "largest request body accepted; larger ones get 413"),
     Flag("max-prompts", int, 256, "most generations one request may start (prompts x n in /v1/completions; "

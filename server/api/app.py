@@ -15,13 +15,14 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api import admin, chat, console, merge, openai, tgi, tokenize
+from server.api.auth import require_metrics
 from server.api.errors import error_payload, install_error_handlers
 from server.api.generation import ADAPTER_VERSION_HEADER
 from server.api.metrics import Metrics
@@ -98,7 +99,7 @@ def _add_probes(app: FastAPI) -> None:
                   "draining" if engine.draining else "loading")
         return JSONResponse({"status": status}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(require_metrics)])
     async def metrics(request: Request) -> Response:
         state = request.app.state
         engine = getattr(state.engine, "inner", state.engine)  # a PendingEngine's, once built

@@ -4,8 +4,12 @@ require_api_key:   inference routes; passes when neither --api-key nor --api-key
                    `Authorization: Bearer <key>` with the api key or a tenant's key (server.api.tenancy), and
                    sets request.state.tenant (None: unrestricted) for the routes to authorize what it names.
 require_admin:     admin routes; with --admin-key needs `Authorization: Bearer <admin_key>`; without one, only
-                   loopback clients pass (and they still need the api key when one is set), and never a request
-                   that carries proxy headers: behind a reverse proxy on the same host every client is loopback.
+                   loopback clients pass (and they still need the api key when one is set, and with tenant keys
+                   but no api key none passes: a tenant's process on the host is loopback too), and never a
+                   request that carries proxy headers: behind a reverse proxy on the same host every client is
+                   loopback.
+require_metrics:   /metrics; open (as vLLM's) unless --api-keys-file is set: its tenant and adapter names are then
+                   for the operator, who scrapes with the admin key (require_admin's rules).
 Keys are compared in constant time (hmac.compare_digest on bytes).
 """
 from __future__ import annotations
@@ -77,3 +81,12 @@ async def require_admin(request: Request) -> None:
                              "--admin-key (or SWAPSERVE_ADMIN_KEY) and send 'Authorization: Bearer <key>'")
     if config.api_key is not None:
         _check_key(request, config.api_key, "API key")
+    elif config.api_keys_file is not None:
+        raise ForbiddenError("with --api-keys-file, the admin routes (and /metrics) need --admin-key (or the "
+                             "unrestricted --api-key on a loopback client): a tenant on this host is a loopback "
+                             "client too")
+
+
+async def require_metrics(request: Request) -> None:
+    if request.app.state.server_config.api_keys_file is not None:
+        await require_admin(request)

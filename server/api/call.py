@@ -11,7 +11,7 @@ from contextlib import aclosing
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from server.api.errors import error_payload
+from server.api.errors import client_message, error_payload
 from server.api.generation import (
     Choice,
     EventStream,
@@ -130,7 +130,8 @@ class Call:
             if self.body.include_usage:
                 yield sse(json.dumps({**self.envelope([], self.chunk_suffix), "usage": self.usage(choices)}))
         except SwapserveError as exc:
-            yield sse(json.dumps(error_payload("/v1", exc.status_code, exc.message, exc.error_type, exc.param)))
+            yield sse(json.dumps(error_payload("/v1", exc.status_code, client_message(self.request, exc), exc.error_type,
+                                               exc.param)))
         except Exception:  # the status line is already sent: report in-band, then end the stream properly
             log.exception("stream %s failed", self.id)
             yield sse(json.dumps(error_payload("/v1", 500, "internal error", "internal_error")))

@@ -6,6 +6,7 @@ TGI:    {"error": str, "error_type": str}
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -68,12 +69,29 @@ def status_for(exc: SwapserveError, path: str) -> int:
     return exc.status_code
 
 
-def swapserve_error_response(path: str, exc: SwapserveError) -> JSONResponse:
+def swapserve_error_response(path: str, exc: SwapserveError, message: str | None = None) -> JSONResponse:
     retry_after = getattr(exc, "retry_after", None)  # QueueFullError (429), HostMemoryFullError (503)
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     if isinstance(exc, AuthError):
         headers = {"WWW-Authenticate": "Bearer"}
-    return error_response(path, status_for(exc, path), exc.message, exc.error_type, exc.param, headers)
+    return error_response(path, status_for(exc, path), message or exc.message, exc.error_type, exc.param, headers)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])/[^\s'\"`,;()\[\]{}<>]+")
+_ROUTES = ("/v1/", "/generate", "/metrics", "/tokenize", "/detokenize", "/health", "/console", "/ping", "/version",
+           "/invocations", "/load", "/unload")
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` with each absolute filesystem path as <path> (API routes named in it are kept)."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(0) if m.group(0).startswith(_ROUTES) else "<path>", text)
+
+
+def client_message(request: Request, exc: SwapserveError) -> str:
+    """What the caller is told about ``exc``: a tenant key gets no server paths (another tenant's adapter
+    directories, the roots, the cache); the unrestricted key gets them as they are, as the log and the admin
+    routes do."""
+    return scrub_paths(exc.message) if getattr(request.state, "tenant", None) is not None else exc.message
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -91,7 +109,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 async def _on_swapserve_error(request: Request, exc: SwapserveError) -> JSONResponse:
-    return swapserve_error_response(request.url.path, exc)
+    return swapserve_error_response(request.url.path, exc, client_message(request, exc))
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

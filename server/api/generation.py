@@ -187,9 +187,11 @@ async def start_generation(request: Request, jobs: list[tuple[list[int], Samplin
     sticky = user if user is not None else request_id
     try:
         tenancy.authorize(tenant, [name for name, _ in adapters], engine.model_name)
+        if adapters and all(scale == 0 for _, scale in adapters):  # every component at 0 is the base model alone
+            tenancy.authorize(tenant, [], engine.model_name)
+        jobs = [(prompt, replace(params, cache_salt=tenant_salt(tenant.name if tenant else None, params.cache_salt)))
+                for prompt, params in jobs]
         if tenant is not None:
-            jobs = [(prompt, replace(params, cache_salt=tenant_salt(tenant.name, params.cache_salt)))
-                    for prompt, params in jobs]
             ticket = tenancy.admit(tenant, jobs, request_id, getattr(request.state, "usage_meter", None))
         generation = await Generation.start(engine, jobs, adapters, request_id, sticky)
     except BaseException as exc:
@@ -207,10 +209,14 @@ async def start_generation(request: Request, jobs: list[tuple[list[int], Samplin
     return generation
 
 
-def tenant_salt(tenant: str, salt: str | None) -> str:
+def tenant_salt(tenant: str | None, salt: str | None) -> str | None:
     """The prefix-cache salt of a tenant's request: its name, then the request's own cache_salt (length-prefixed,
     so no two (tenant, salt) pairs give one string). Two tenants never share a block, whatever they send: a
-    cache hit shows in the time to first token and would tell one tenant what another's prompts begin with."""
+    cache hit shows in the time to first token and would tell one tenant what another's prompts begin with.
+    Without a tenant (no keys, or the unrestricted key) the request's own salt, in a namespace of its own: a raw
+    salt spelling a tenant's ("tenant:8:tenant-a:") read that tenant's blocks."""
+    if tenant is None:
+        return None if salt is None else f"open:{salt}"
     return f"tenant:{len(tenant)}:{tenant}:{salt or ''}"
 
 

@@ -40,12 +40,14 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
 def _cards(request: Request) -> list[ModelCard]:
     engine, created, tenant = request.app.state.engine, request.app.state.created, tenant_of(request)
     max_len = max_model_len(engine)
-    cards = [ModelCard(id=engine.model_name, created=created, root=engine.config.model, max_model_len=max_len,
-                       permission=[_permission(created)])] if visible(tenant, None) else []
+    # root is where a model came from (vLLM's: a path); a tenant key gets the name instead of server paths
+    cards = [ModelCard(id=engine.model_name, created=created, root=engine.model_name if tenant else engine.config.model,
+                       max_model_len=max_len, permission=[_permission(created)])] if visible(tenant, None) else []
     for adapter in engine.list_adapters():
         if not visible(tenant, adapter["name"]):
             continue
-        cards.append(ModelCard(id=adapter["name"], created=created, root=adapter.get("source"),
+        cards.append(ModelCard(id=adapter["name"], created=created,
+                               root=adapter["name"] if tenant else adapter.get("source"),
                                parent=engine.model_name, max_model_len=max_len, permission=[_permission(created)],
                                version=adapter.get("version")))
     return cards

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-HEX_DIGEST_RE = re.compile(r"^[0-9a-fA-F]{64}$")
-FIELD_RE = re.compile(r"^[a-z_]{1,24}$")
+TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+HEX_DIGEST_RE = re.compile(r"^[0-9a-fA-F]{64}\Z")
+FIELD_RE = re.compile(r"^[a-z_]{1,24}\Z")
 FIELDS = ("key", "name", "adapters", "base_model", "rpm", "tpm", "max_concurrent")
 MAX_GLOBS = 256
 MAX_GLOB_CHARS = 256

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import require_api_key
-from server.api.errors import error_payload
+from server.api.errors import client_message, error_payload
 from server.api.generation import (
     Choice,
     EventStream,
@@ -64,7 +64,7 @@ async def generate(body: TGIRequest, request: Request):
 async def generate_stream(body: TGIRequest, request: Request):
     """SSE: one event per token; the last also carries generated_text (and details when asked for)."""
     generation = await _start(request, body, logprobs=True)
-    return EventStream(_events(request.app.state.engine.tokenizer, body, generation), generation.abort)
+    return EventStream(_events(request, body, generation), generation.abort)
 
 
 async def _start(request: Request, body: TGIRequest, logprobs: bool) -> Generation:
@@ -83,7 +83,8 @@ async def _start(request: Request, body: TGIRequest, logprobs: bool) -> Generati
                                   new_id("tgi"), field)
 
 
-async def _events(tokenizer, body: TGIRequest, generation: Generation) -> AsyncIterator[str]:
+async def _events(request: Request, body: TGIRequest, generation: Generation) -> AsyncIterator[str]:
+    tokenizer = request.app.state.engine.tokenizer
     choice, index = Choice(0), 0
     try:
         async with aclosing(generation.events()) as events:
@@ -101,7 +102,8 @@ async def _events(tokenizer, body: TGIRequest, generation: Generation) -> AsyncI
                         event["top_tokens"] = _top_tokens(tokenizer, tops[k] if k < len(tops) else [])
                     yield sse(json.dumps(event))
     except SwapserveError as exc:
-        yield sse(json.dumps(error_payload("/generate_stream", exc.status_code, exc.message, exc.error_type)))
+        yield sse(json.dumps(error_payload("/generate_stream", exc.status_code, client_message(request, exc),
+                                           exc.error_type)))
     except Exception:  # the status line is already sent: report in-band
         log.exception("generate_stream failed")
         yield sse(json.dumps(error_payload("/generate_stream", 500, "internal error", "internal_error")))

@@ -233,6 +233,14 @@ HOSTILE = [  # (id, mutate(dir), file named in the message, reason regex)
      WEIGHTS_FILE, "malformed header entry"),
     ("bad-metadata", weights_bytes(lambda b: header({"__metadata__": {"a": 1}, Q0 + "lora_A.weight": F32_2x2},
                                                     b"\0" * 16)), WEIGHTS_FILE, "__metadata__ must map strings"),
+    # tensors must tile the data: two sharing bytes would alias each other's memory, a hole could hide content
+    ("overlapping-tensors", weights_bytes(lambda b: header({Q0 + "lora_A.weight": F32_2x2,
+                                                            Q0 + "lora_B.weight": F32_2x2}, b"\0" * 16)),
+     WEIGHTS_FILE, "overlap or leave a hole"),
+    ("hole-between-tensors", weights_bytes(lambda b: header({Q0 + "lora_A.weight": F32_2x2, Q0 + "lora_B.weight": {
+        **F32_2x2, "data_offsets": [32, 48]}}, b"\0" * 48)), WEIGHTS_FILE, "starts at byte 32 where 16"),
+    ("bytes-after-tensors", weights_bytes(lambda b: header({Q0 + "lora_A.weight": F32_2x2}, b"\0" * 32)),
+     WEIGHTS_FILE, "cover 16 of the file's 32 data bytes"),
     ("no-tensors", weights_bytes(lambda b: header({"__metadata__": {"format": "pt"}})), WEIGHTS_FILE,
      "no adapter tensors"),
     ("int-tensor", tensors(replace(Q0 + "lora_A.weight", lambda t: t.to(torch.int32))), WEIGHTS_FILE, "non-float"),

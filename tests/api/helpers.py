@@ -15,11 +15,13 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
     return predicate()
 
 
-def samples(http) -> list:
-    text = http.get("/metrics").text
+def samples(http, headers: dict | None = None) -> list:
+    response = http.get("/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    text = response.text
     return [s for family in text_string_to_metric_families(text) for s in family.samples]
 
 
-def metric_value(http, name: str, **labels) -> float:
+def metric_value(http, name: str, headers: dict | None = None, **labels) -> float:
     """Sum of the samples called `name` whose labels include `labels` (0.0 when there are none)."""
-    return sum(s.value for s in samples(http) if s.name == name and labels.items() <= s.labels.items())
+    return sum(s.value for s in samples(http, headers) if s.name == name and labels.items() <= s.labels.items())

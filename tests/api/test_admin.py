@@ -41,6 +41,7 @@ def test_vllm_load_and_unload_lora_adapter(server, adapter_root):
     ({"lora_path": "/tmp"}, 400),
     ({"lora_name": "../evil", "lora_path": "/tmp"}, 400),
     ({"lora_name": "has space", "lora_path": "/tmp"}, 400),
+    ({"lora_name": "evil\n", "lora_path": "alpha"}, 400),  # '$' let a final newline through (log injection)
     ({"lora_name": "tiny-llama", "lora_path": "/tmp"}, 400),
 ])
 def test_load_lora_adapter_refuses_bad_requests(server, body, status):

@@ -61,7 +61,7 @@ def test_key_compare_and_loopback_rules():
 
 
 def _admin_check(host: str, token: str | None = None, api_key: str | None = None,
-                 admin_key: str | None = None) -> int:
+                 admin_key: str | None = None, api_keys_file: str | None = None) -> int:
     """Status require_admin gives a client at `host` (200 when it passes)."""
     import asyncio
     from types import SimpleNamespace
@@ -72,7 +72,8 @@ def _admin_check(host: str, token: str | None = None, api_key: str | None = None
     from server.api.settings import ServerConfig
     from server.errors import SwapserveError
 
-    app = SimpleNamespace(state=SimpleNamespace(server_config=ServerConfig(api_key=api_key, admin_key=admin_key)))
+    config = ServerConfig(api_key=api_key, admin_key=admin_key, api_keys_file=api_keys_file)
+    app = SimpleNamespace(state=SimpleNamespace(server_config=config))
     headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
     request = Request({"type": "http", "headers": headers, "client": (host, 40000), "app": app})
     try:
@@ -87,3 +88,6 @@ def test_admin_rules_for_each_key_combination():
     assert _admin_check("127.0.0.1", api_key="k") == 401 and _admin_check("127.0.0.1", "k", api_key="k") == 200
     assert _admin_check("10.1.2.3", "k", api_key="k") == 403  # the api key does not open admin to remote clients
     assert _admin_check("10.1.2.3", "a", admin_key="a") == 200 and _admin_check("127.0.0.1", admin_key="a") == 401
+    # tenant keys: a tenant's process on the host is loopback too; only the unrestricted key (or the admin key) opens
+    assert _admin_check("127.0.0.1", api_keys_file="keys.json") == 403
+    assert _admin_check("127.0.0.1", "k", api_key="k", api_keys_file="keys.json") == 200

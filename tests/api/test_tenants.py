@@ -18,13 +18,15 @@ from .helpers import metric_value, wait_for
 API_KEY, ADMIN_KEY = "sk-unrestricted-0000", "sk-admin-0000"
 KEY_A, KEY_B, KEY_RPM, KEY_TPM, KEY_CONC = ("sk-tenant-a-0001", "sk-tenant-b-0002", "sk-rpm-0003", "sk-tpm-0004",
                                             "sk-conc-0005")
-ALL_KEYS = (API_KEY, ADMIN_KEY, KEY_A, KEY_B, KEY_RPM, KEY_TPM, KEY_CONC)
+KEY_BROKEN = "sk-broken-0006"
+ALL_KEYS = (API_KEY, ADMIN_KEY, KEY_A, KEY_B, KEY_RPM, KEY_TPM, KEY_CONC, KEY_BROKEN)
 TENANTS = [
     {"key": KEY_A, "name": "tenant-a", "adapters": ["alph*", "gamma"]},
     {"key": "sha256:" + hashlib.sha256(KEY_B.encode()).hexdigest(), "name": "tenant-b", "base_model": True},
     {"key": KEY_RPM, "name": "rpm", "base_model": True, "rpm": 2},
     {"key": KEY_TPM, "name": "tpm", "base_model": True, "tpm": 40},
     {"key": KEY_CONC, "name": "conc", "adapters": ["alpha"], "base_model": True, "max_concurrent": 1},
+    {"key": KEY_BROKEN, "name": "broken-user", "adapters": ["broken"]},
 ]
 PROMPT = [1, 40, 41, 42, 43]  # 5 tokens
 LONG = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "temperature": 0}
@@ -66,6 +68,11 @@ def forbidden(response, param: str = "model") -> bool:
     return response.status_code == 403 and error["type"] == "permission_error" and error["param"] == param
 
 
+def operator_metric(http, name: str, **labels) -> float:
+    """A /metrics value, read with the admin key: with tenant keys /metrics is the operator's."""
+    return metric_value(http, name, headers=bearer(ADMIN_KEY), **labels)
+
+
 def loaded(server) -> set[str]:
     return {a["name"] for a in server.engine.list_adapters()}
 
@@ -76,6 +83,8 @@ def test_a_key_reaches_only_its_adapters_on_every_route(tenant_server):
         assert forbidden(complete(http, KEY_A, model="beta"))
         assert forbidden(complete(http, KEY_A, model="tiny-llama")) and forbidden(complete(http, KEY_A))
         assert complete(http, KEY_A, adapters=[{"name": "alpha", "scale": 0.5}, {"name": "gamma"}]).status_code == 200
+        # every component at scale 0 is the base model alone, which tenant-a may not use
+        assert forbidden(complete(http, KEY_A, adapters=[{"name": "alpha", "scale": 0}]), "adapters")
         mixed = complete(http, KEY_A, adapters=[{"name": "alpha"}, {"name": "beta", "scale": 0.3}])
         assert forbidden(mixed, "adapters") and "'beta'" in mixed.json()["error"]["message"]
         chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -149,8 +158,8 @@ def test_rpm_gives_429_with_retry_after(tenant_server):
         assert 1 <= rate_limited(complete(http, KEY_RPM)) <= 60
         tgi = http.post("/generate", headers=bearer(KEY_RPM), json={"inputs": "hi"})
         assert tgi.status_code == 429 and tgi.json()["error_type"] == "overloaded" and "retry-after" in tgi.headers
-        assert metric_value(http, "swapserve:tenant_requests_total", tenant="rpm") == 2
-        assert metric_value(http, "swapserve:tenant_rejected_requests_total", tenant="rpm", reason="rpm") == 2
+        assert operator_metric(http, "swapserve:tenant_requests_total", tenant="rpm") == 2
+        assert operator_metric(http, "swapserve:tenant_rejected_requests_total", tenant="rpm", reason="rpm") == 2
         assert complete(http, KEY_B).status_code == 200  # another key is not limited by it
 
 
@@ -162,8 +171,8 @@ def test_tpm_charges_prompt_and_completion_tokens(tenant_server):
         assert complete(http, KEY_TPM, max_tokens=5, ignore_eos=True).status_code == 200  # exactly 40
         too_big = complete(http, KEY_TPM, max_tokens=36)
         assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "max_tokens"
-        assert wait_for(lambda: metric_value(http, "swapserve:tenant_prompt_tokens_total", tenant="tpm") == 15)
-        assert metric_value(http, "swapserve:tenant_generation_tokens_total", tenant="tpm") == 25
+        assert wait_for(lambda: operator_metric(http, "swapserve:tenant_prompt_tokens_total", tenant="tpm") == 15)
+        assert operator_metric(http, "swapserve:tenant_generation_tokens_total", tenant="tpm") == 25
 
 
 def test_max_concurrent_gives_429_while_a_request_runs(tenant_server):
@@ -232,5 +241,61 @@ def test_tenants_never_share_prefix_cache_blocks(tenant_server):
         assert [cached(KEY_B, cache_salt="s1"), cached(KEY_B, cache_salt="s1"), cached(KEY_CONC, cache_salt="s1")
                 ] == [0, 32, 0]
         assert cached(API_KEY, cache_salt="s1") == 0
+        # the unrestricted key's own salts live in a namespace of their own: spelling a tenant's salt reads nothing
+        assert cached(API_KEY, cache_salt="tenant:8:tenant-b:") == 0
         r = complete(http, KEY_B, prompt=prompt, cache_salt="")
         assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
+
+
+def test_a_tenant_sees_only_its_own_adapters_stats_and_no_server_paths(tenant_server, adapter_root):
+    """/v1/stats/adapters, /v1/stats, /v1/models and error messages, read with a tenant key: only the adapters it
+    may use, and no filesystem path (another tenant's adapter directories, the roots); the unrestricted key and the
+    admin routes keep the paths."""
+    root = str(adapter_root)
+    with tenant_server.client() as http:
+        assert complete(http, KEY_A, model="alpha").status_code == 200
+        assert complete(http, API_KEY, model="beta").status_code == 200  # another tenant's adapter, now known
+        broken = complete(http, KEY_BROKEN, model="broken")
+        assert broken.status_code == 400 and root not in broken.text and "<path>" in broken.text, broken.text
+        assert root in complete(http, API_KEY, model="broken").text
+        streamed = http.post("/v1/completions", headers=bearer(KEY_BROKEN),
+                             json={"model": "broken", "prompt": PROMPT, "max_tokens": 2, "stream": True})
+        assert root not in streamed.text
+
+        def names(key):
+            rows = http.get("/v1/stats/adapters", headers=bearer(key)).json()["data"]
+            assert all(root not in json.dumps(row) for row in rows)
+            return {row["name"] for row in rows}
+
+        assert names(KEY_A) <= {"alpha", "gamma"} and "alpha" in names(KEY_A)
+        assert names(KEY_B) == set() and names(KEY_BROKEN) == {"broken"}
+        assert {"alpha", "beta", "broken"} <= {row["name"] for row in
+                                               http.get("/v1/stats/adapters", headers=bearer(API_KEY)).json()["data"]}
+        stats = http.get("/v1/stats", headers=bearer(KEY_B)).json()
+        assert "model" not in stats["engine"] and set(stats["running_adapters"]) <= set()
+        assert "model" in http.get("/v1/stats", headers=bearer(API_KEY)).json()["engine"]
+        cards = http.get("/v1/models", headers=bearer(KEY_A)).json()["data"]
+        assert cards and all(card["root"] == card["id"] for card in cards)
+        assert any(root in str(card["root"]) for card in
+                   http.get("/v1/models", headers=bearer(API_KEY)).json()["data"])
+
+
+def test_with_tenant_keys_metrics_are_the_operators(tenant_server):
+    """/metrics names every tenant and adapter: with --api-keys-file it takes the admin key, as the admin routes."""
+    with tenant_server.client() as http:
+        for headers in ({}, bearer(KEY_A), bearer(API_KEY)):
+            assert http.get("/metrics", headers=headers).status_code == 401
+        assert "tenant-b" in http.get("/metrics", headers=bearer(ADMIN_KEY)).text
+
+
+def test_tenant_keys_without_an_admin_key_close_the_admin_routes_to_keyless_loopback(tiny_model_dir, adapter_root,
+                                                                                     keys_file):
+    """Without --admin-key the admin routes answer loopback clients; with tenant keys a tenant's process on the
+    host is one too, so a keyless request is refused (and with --api-key it needs that key)."""
+    config = engine_config(tiny_model_dir, adapter_root)
+    with live_server(config, ServerConfig(api_keys_file=keys_file, shutdown_timeout=2)) as live, live.client() as http:
+        for headers in ({}, bearer(KEY_A)):
+            assert http.get("/v1/adapters", headers=headers).status_code == 403
+            assert http.post("/v1/unload_lora_adapter", headers=headers, json={"lora_name": "alpha"}).status_code == 403
+            assert http.get("/metrics", headers=headers).status_code == 403
+        assert complete(http, KEY_A, model="alpha").status_code == 200
