@@ -226,6 +226,9 @@ class AsyncEngine:
         (see mixture rules in _mixture). ``user``: keeps a user on one version of a name with a traffic split."""
         if not self.ready:
             raise NotReadyError("the server is not ready or is shutting down")
+        if request_id is not None and request_id in self._requests:  # its stream and sampler state are keyed by it
+            raise InvalidRequestError(f"request id {request_id!r} is already in flight; give each request its own",
+                                      param="request_id")
         self._validate(prompt_token_ids, params)
         if len(self.engine.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
             raise QueueFullError(f"too many waiting requests (limit {self.config.max_waiting}); retry shortly")

@@ -65,10 +65,14 @@ class BlockManager:
         """The most tokens one sequence can hold (the whole pool but the null block)."""
         return (self.pool.num_blocks - 1) * self.block_size
 
+    def looks_up(self, req: Request) -> bool:
+        """Whether ``req``'s admission asks the prefix cache (cached blocks hold no logits for prompt_logprobs)."""
+        return self.pool.enable_caching and req.params.prompt_logprobs is None
+
     def cached_prefix(self, req: Request) -> list[int]:
         """Cached blocks holding the start of ``req``'s tokens. At least its last token is left to compute
         (the step needs its logits), so a fully cached sequence recomputes its last block."""
-        if not self.pool.enable_caching or req.params.prompt_logprobs is not None:  # cached blocks hold no logits
+        if not self.looks_up(req):
             return []
         usable = (req.num_tokens - 1) // self.block_size
         return self.pool.lookup(self._hashes(req, usable))[:usable]
@@ -85,7 +89,8 @@ class BlockManager:
             self.pool.take(list(prefix))
             req.block_ids.extend(prefix)
             req.num_computed_tokens = computed
-            req.num_cached_tokens = computed
+            if not req.num_preemptions:  # the prompt's, reported in usage; a resumed request's recompute is not
+                req.num_cached_tokens = computed
         if fresh > 0:
             req.block_ids.extend(self.pool.allocate(fresh))
         return True

@@ -8,12 +8,15 @@ pieces of one character, SentencePiece's leading spaces) decodes the new token i
     new text = decode(ids[prefix_offset:]) minus decode(ids[prefix_offset:read_offset])
 
 While the window ends inside a UTF-8 character (decodes to U+FFFD) nothing is taken and the window grows.
+Until the first text is taken the window starts with the prompt's last few tokens (vLLM's too): decoded alone, a
+SentencePiece first token would lose its leading space ("▁fox" reads "fox" at the start of a text).
 """
 from __future__ import annotations
 
 from server.engine.request import Request
 
 REPLACEMENT = "\ufffd"
+PROMPT_CONTEXT = 6  # prompt tokens before the first output token's window
 
 
 class Detokenizer:
@@ -73,8 +76,16 @@ class Detokenizer:
             return
         ids = req.output_token_ids
         decode, skip = self.tokenizer.decode, req.params.skip_special_tokens
-        before = decode(ids[req.prefix_offset:req.read_offset], skip_special_tokens=skip)
-        after = decode(ids[req.prefix_offset:end], skip_special_tokens=skip)
+        head = self._prompt_context(req) if req.read_offset == 0 else []
+        before = decode(head + ids[req.prefix_offset:req.read_offset], skip_special_tokens=skip)
+        after = decode(head + ids[req.prefix_offset:end], skip_special_tokens=skip)
         if len(after) > len(before) and (flush or not after.endswith(REPLACEMENT)):
             req.text += after[len(before):]
             req.prefix_offset, req.read_offset = req.read_offset, end
+
+    def _prompt_context(self, req: Request) -> list[int]:
+        """The prompt's last PROMPT_CONTEXT tokens, or none where they end inside a character (the first output
+        token would complete it, and the text taken would start with the character's tail)."""
+        head = req.prompt_token_ids[-PROMPT_CONTEXT:]
+        text = self.tokenizer.decode(head, skip_special_tokens=req.params.skip_special_tokens)
+        return [] if text.endswith(REPLACEMENT) else head

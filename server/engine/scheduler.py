@@ -121,8 +121,9 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             batch.seqs.append((req, n))
-            batch.prefix_queries += req.num_tokens
-            batch.prefix_hits += req.num_computed_tokens
+            if not req.num_preemptions and self.blocks.looks_up(req):  # vLLM's: first admissions that look up
+                batch.prefix_queries += req.num_tokens
+                batch.prefix_hits += req.num_computed_tokens
             budget -= n
             active |= new
 

@@ -321,3 +321,20 @@ def test_requests_sent_in_one_loop_turn_start_in_one_step(loop, tiny_model_dir, 
         assert steps[0] == 8, steps
     finally:
         loop.run_until_complete(eng.shutdown(5))
+
+
+def test_a_request_id_already_in_flight_is_refused(loop, aengine):
+    """Streams and sampler state are keyed by the request id: a second request under a live id would take the
+    first one's tokens (and the first would never end). Refused with a 400; the id is free again once it ends."""
+    from server.errors import InvalidRequestError
+
+    async def main():
+        first = aengine.add_request([5, 6, 7], greedy(4), None, request_id="dup")
+        with pytest.raises(InvalidRequestError, match="already in flight"):
+            aengine.add_request([5, 6, 7], greedy(4), None, request_id="dup")
+        outs = await collect(first)
+        assert outs[-1].finished and sum(len(o.token_ids) for o in outs) == 4
+        again = await collect(aengine.add_request([5, 6, 7], greedy(4), None, request_id="dup"))
+        assert again[-1].finished
+
+    loop.run_until_complete(main())

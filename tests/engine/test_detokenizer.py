@@ -122,3 +122,28 @@ def test_skip_special_tokens_false_keeps_their_text(llm):
     plain, _ = _feed(Detokenizer(tok, {2}), tokens)
     raw, deltas = _feed(Detokenizer(tok, {2}), tokens, skip_special_tokens=False)
     assert plain.text == "abcd" and raw.text == "ab<s>cd" == "".join(deltas)
+
+
+def test_a_sentencepiece_first_token_keeps_its_leading_space():
+    """Metaspace (Llama-2, Mistral): "▁fox" decodes to "fox" at the start of a text, " fox" after other words.
+    The first output token is decoded after the prompt's last tokens, so the continuation keeps its space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import support
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tk.train_from_iterator(support.CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    full = tok.encode("The quick brown fox jumps", add_special_tokens=False)
+    prompt, out = full[:3], full[3:]
+    req = Request("d", prompt, SamplingParams(max_tokens=len(out)))
+    detok, deltas = Detokenizer(tok, {2}), []
+    for t in out:
+        req.output_token_ids.append(t)
+        req.finish_reason = req.finish_reason or detok.finish_reason(req, t, 1000)
+        deltas.append(detok.delta(req))
+    want = tok.decode(full)[len(tok.decode(prompt)):]
+    assert want.startswith(" ") and "".join(deltas) == req.text == want

@@ -162,6 +162,13 @@ def test_preempted_requests_are_recomputed_with_unchanged_output(fresh_llm, orac
     eng = fresh_llm(kv_cache_memory="96KiB", max_num_seqs=4, max_model_len=128, attention_kernel=attention)
     assert eng.blocks.pool.num_blocks == 12
     names = ["lora", None, "dora", "ia3"]
+    queries = []
+
+    class Counter:
+        def on_prefix_cache(self, asked: int, hits: int) -> None:
+            queries.append((asked, hits))
+
+    eng.observers.append(Counter())
     reqs = [submit(eng, tokens(20, 20 + i), name, max_tokens=40, logprobs=True) for i, name in enumerate(names)]
     run(eng, reqs)
     assert any(r.num_preemptions for r in reqs), "the cache was meant to run out"
@@ -169,6 +176,10 @@ def test_preempted_requests_are_recomputed_with_unchanged_output(fresh_llm, orac
     for req in reqs:
         check(req, oracle, 40)
     assert eng.blocks.pool.num_free == 11
+    # a resumed request's recompute (its own output's blocks come back from the cache) is neither the prompt's
+    # cached tokens reported in usage nor a prefix-cache query: vLLM counts first admissions only
+    assert [r.num_cached_tokens for r in reqs] == [0, 0, 0, 0]
+    assert sum(asked for asked, _ in queries) == 4 * 20 and sum(hits for _, hits in queries) == 0
 
 
 def test_a_request_larger_than_the_whole_cache_is_refused_at_start(tiny_model_dir, root):
