@@ -20,6 +20,7 @@ from server.api.generation import adapter_for, max_model_len, require_ready
 from server.api.protocol import ChatMessage, Name, TokenId
 from server.api.strict import Strict, refuse
 from server.api.tools import Tools
+from server.errors import InvalidRequestError
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 INFO_FIELDS = ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template", "clean_up_tokenization_spaces",
@@ -87,6 +88,10 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     engine = request.app.state.engine
     require_ready(engine)
     authorize_model(request, body.model)
+    vocab = len(engine.tokenizer)
+    bad = next((t for t in body.tokens if t >= vocab), None)
+    if bad is not None:  # decode() would drop it silently
+        raise InvalidRequestError(f"token id {bad} is out of the vocabulary [0, {vocab})", "tokens")
     return {"prompt": await run_in_threadpool(engine.tokenizer.decode, body.tokens)}
 
 

@@ -23,10 +23,12 @@ def test_tokenize_and_detokenize_round_trip(server):
         bare = http.post("/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()
         chat = http.post("/tokenize", json={"model": BASE, "messages": [{"role": "user", "content": "hi"}]}).json()
         back = http.post("/detokenize", json={"tokens": bare["tokens"]}).json()
+        outside = http.post("/detokenize", json={"tokens": [1, len(tok) + 5]})  # decode() would drop it silently
     assert plain["tokens"] == tok.encode("hello world") and plain["count"] == len(plain["tokens"])
     assert plain["token_strs"] == tok.convert_ids_to_tokens(plain["tokens"]) and plain["max_model_len"] == 512
     assert bare["tokens"] == tok.encode("hello world", add_special_tokens=False)
     assert back == {"prompt": "hello world"}
+    assert outside.status_code == 400 and outside.json()["error"]["param"] == "tokens"
     want = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True)
     assert chat["tokens"] == list(getattr(want, "input_ids", want))
 
