@@ -142,8 +142,10 @@ class RequestId:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers", [])).get(b"x-request-id", b"")
-        rid = given if 0 < len(given) <= 256 and given.isascii() and given.decode().isprintable() \
-            else uuid.uuid4().hex.encode()
+        valid = 0 < len(given) <= 256 and given.isascii() and given.decode().isprintable()
+        rid = given if valid else uuid.uuid4().hex.encode()
+        if valid:  # the request's own id builds on it (server.api.generation.new_id), as vLLM's does
+            scope.setdefault("state", {})["client_request_id"] = given.decode()
 
         async def with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

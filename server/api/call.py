@@ -39,7 +39,7 @@ class Call:
                  top: int = 0) -> None:
         self.app, self.body, self.kind, self.logprobs, self.top = request.app, body, kind, logprobs, top
         self.engine = request.app.state.engine
-        self.id, self.created = new_id(prefix), int(time.time())
+        self.id, self.created = new_id(prefix, request), int(time.time())
         self.model = body.model or self.engine.model_name
         self.request = request
         self.adapters = adapters_for(self.engine, body.model, body.adapters)

@@ -23,8 +23,11 @@ from server.engine.request import RequestOutput, SamplingParams
 from server.errors import AdapterError, InvalidRequestError, NotReadyError, SwapserveError, UnknownAdapterError
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, request: Request | None = None) -> str:
+    """The id of a completion (``cmpl-...``): built on the client's X-Request-Id when it sent one (vLLM's), so a
+    client's id finds its rows in the request log; a random suffix keeps two requests under one id apart."""
+    given = getattr(request.state, "client_request_id", None) if request is not None else None
+    return f"{prefix}-{given}-{uuid.uuid4().hex[:8]}" if given else f"{prefix}-{uuid.uuid4().hex}"
 
 
 def row_id(request_id: str, index: int) -> str:

@@ -134,35 +134,44 @@ class Metrics:
         self.preemptions.inc(count)
 
     def on_token(self, req, now: float) -> None:
+        """Counted as they come (vLLM's): generated tokens each step; TTFT and the prompt's tokens at the first
+        token, so rates over a long stream move while it streams, not all at its end."""
         last = self._last_token.get(req.request_id)
         if last is not None:
             self.itl.observe(max(0.0, now - last))
+        else:
+            self.ttft.observe(max(0.0, now - req.arrival_time))
+            self.prompt_tokens.inc(len(req.prompt_token_ids))
+        self.generation_tokens.inc()
         self._last_token[req.request_id] = now
 
     def on_request_finished(self, req) -> None:
-        self._last_token.pop(req.request_id, None)
-        end = req.last_token_time or time.monotonic()
+        if self._last_token.pop(req.request_id, None) is None and req.first_token_time is not None:
+            self.prompt_tokens.inc(len(req.prompt_token_ids))  # max_tokens 0: its prompt was computed, no token
+        end = req.finished_time or time.monotonic()
         self.e2e.observe(max(0.0, end - req.arrival_time))
         if req.first_scheduled_time is not None:
             self.queue_time.observe(max(0.0, req.first_scheduled_time - req.arrival_time))
-        if req.first_token_time is not None:
-            self.ttft.observe(max(0.0, req.first_token_time - req.arrival_time))
         generated = len(req.output_token_ids)
-        self.prompt_tokens.inc(len(req.prompt_token_ids))
-        self.generation_tokens.inc(generated)
-        self.request_success.labels(self.model_name, req.finish_reason or "abort").inc()
+        failed = req.error is not None
+        self.request_success.labels(self.model_name, "error" if failed else req.finish_reason or "abort").inc()
         # a mixture counts once for each of its adapters (labels stay adapter names, name@version pins counted
-        # under the name: bounded cardinality; versions have their own series)
-        for adapter in [getattr(u.entry, "name", u.name) for u in getattr(req, "uses", ())] or [self.model_name]:
-            self.adapter_requests.labels(adapter).inc()
-            self.adapter_tokens.labels(adapter).inc(generated)
-            if getattr(req, "error", None):
-                self.adapter_errors.labels(adapter, "generation").inc()
-        for use in getattr(req, "uses", ()):
-            entry = use.entry
-            version = getattr(entry, "version", None) or "unloaded"
-            self.version_requests.labels(getattr(entry, "name", use.name), version).inc()
-            self.version_tokens.labels(getattr(entry, "name", use.name), version).inc(generated)
+        # under the name: bounded cardinality; versions have their own series). A name that never loaded and
+        # failed (an invented on-demand name) is UNKNOWN_ADAPTER: client input must not create label values.
+        for use in req.uses:
+            name = use.entry.name if use.entry.version is not None or not failed else UNKNOWN_ADAPTER
+            self.adapter_requests.labels(name).inc()
+            self.adapter_tokens.labels(name).inc(generated)
+            if failed:
+                self.adapter_errors.labels(name, "generation").inc()
+            if use.entry.version is not None:
+                self.version_requests.labels(name, use.entry.version).inc()
+                self.version_tokens.labels(name, use.entry.version).inc(generated)
+        if not req.uses:
+            self.adapter_requests.labels(self.model_name).inc()
+            self.adapter_tokens.labels(self.model_name).inc(generated)
+            if failed:
+                self.adapter_errors.labels(self.model_name, "generation").inc()
 
     def on_adapter_event(self, event: str, name: str, seconds: float | None) -> None:
         if event == "hit":

@@ -14,11 +14,12 @@ class RequestLog:
         self.tenant_of = tenant_of or (lambda request_id: None)  # the tenant's name, never its key
 
     def on_request_finished(self, req) -> None:
-        end = req.last_token_time or req.arrival_time
+        end = req.finished_time or req.last_token_time or req.arrival_time
         ttft = "-" if req.first_token_time is None else f"{req.first_token_time - req.arrival_time:.3f}s"
         tenant = self.tenant_of(req.request_id)
         log.info("request %s finished: %sadapters=%s prompt_tokens=%d cached_tokens=%d generated_tokens=%d "
-                 "finish_reason=%s ttft=%s e2e=%.3fs", req.request_id, f"tenant={tenant} " if tenant else "",
+                 "finish_reason=%s ttft=%s e2e=%.3fs%s", req.request_id, f"tenant={tenant} " if tenant else "",
                  req.adapter or self.model_name,
                  len(req.prompt_token_ids), req.num_cached_tokens, len(req.output_token_ids),
-                 req.finish_reason or "abort", ttft, max(0.0, end - req.arrival_time))
+                 "error" if req.error else req.finish_reason or "abort", ttft, max(0.0, end - req.arrival_time),
+                 f" error={req.error!r}" if req.error else "")

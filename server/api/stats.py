@@ -67,12 +67,15 @@ def server_stats(engine, metrics, window: StatsWindow) -> dict:
     tiers = {"device": 0, "host": 0, "disk": 0}  # registered adapters per tier: counted here, not in every
     for adapter in engine.list_adapters():        # engine.stats() (the bench polls that every 50 ms)
         tiers[adapter["tier"]] += 1
+    # device slots hold versions, an older one of a reloaded name too (as /metrics' residency counts them)
+    slots = sum(1 for v in engine.residency() if v["tier"] == "device") if hasattr(engine, "residency") else \
+        tiers["device"]
     return {
         "time": time.time(), "model": engine.model_name, "engine": engine.describe(),
         "num_running": stats.get("num_running", 0), "num_waiting": stats.get("num_waiting", 0),
         "kv_cache_usage": stats.get("kv_cache_usage"), "kv_blocks_total": stats.get("kv_blocks_total"),
         "kv_blocks_free": stats.get("kv_blocks_free"),
-        "slots_used": tiers.get("device", 0), "max_loras": stats.get("max_loras"), "adapter_tiers": tiers,
+        "slots_used": slots, "max_loras": stats.get("max_loras"), "adapter_tiers": tiers,
         "running_adapters": stats.get("running_adapters", []), "waiting_adapters": stats.get("waiting_adapters", []),
         "totals": {k: totals[k] for k in ("prompt_tokens", "generation_tokens", "requests")},
         "window": window.observe(time.monotonic(), totals),

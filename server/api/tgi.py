@@ -33,6 +33,8 @@ from server.api.generation import (
     token_text,
 )
 from server.api.protocol import TGIRequest
+from server.engine.detokenizer import Detokenizer
+from server.engine.request import Request as EngineRequest, SamplingParams
 from server.errors import SwapserveError
 
 log = logging.getLogger("swapserve.api")
@@ -80,19 +82,23 @@ async def _start(request: Request, body: TGIRequest, logprobs: bool) -> Generati
         grammar = await run_in_threadpool(engine.grammar.compile, params.grammar.spec())
     field = "parameters.adapters" if params.adapters is not None else None
     return await start_generation(request, [(prompt, params.sampling_params(logprobs, grammar))], adapters,
-                                  new_id("tgi"), field)
+                                  new_id("tgi", request), field)
 
 
 async def _events(request: Request, body: TGIRequest, generation: Generation) -> AsyncIterator[str]:
     tokenizer = request.app.state.engine.tokenizer
     choice, index = Choice(0), 0
+    texts = TokenTexts(tokenizer, generation.prompts[0] if generation.prompts else [])
     try:
         async with aclosing(generation.events()) as events:
             async for _, out in events:
                 choice.add(out)
                 if out.error:
                     raise output_error(out)
-                tokens = _increment_tokens(tokenizer, out)
+                if out.finish_reason == "abort":  # the server is stopping (a client that left reads nothing)
+                    raise SwapserveError("the request was aborted before it finished (the server is shutting "
+                                         "down); retry it")
+                tokens = _increment_tokens(tokenizer, out, texts)
                 tops = out.top_logprobs or [[]] * len(tokens)
                 for k, token in enumerate(tokens):
                     index += 1
@@ -109,17 +115,29 @@ async def _events(request: Request, body: TGIRequest, generation: Generation) ->
         yield sse(json.dumps(error_payload("/generate_stream", 500, "internal error", "internal_error")))
 
 
-def _increment_tokens(tokenizer, out) -> list[dict]:
-    """Token dicts of one increment: all its text goes on its last token, so texts concatenate exactly.
+class TokenTexts:
+    """Each streamed token's own text, as TGI sends it: decoded incrementally (empty while it ends inside a
+    character), never held back for a stop sequence, which only shapes ``generated_text``."""
 
-    A final increment without tokens (an aborted request) still yields one event to carry the end.
-    """
+    def __init__(self, tokenizer, prompt: list[int]) -> None:
+        self.detokenizer = Detokenizer(tokenizer, set())
+        self.req = EngineRequest("tgi-stream", list(prompt), SamplingParams(max_tokens=1 << 30))
+
+    def next(self, token_id: int, last: bool) -> str:
+        self.req.output_token_ids.append(token_id)
+        self.req.finish_reason = "length" if last else None  # the last one flushes a character cut short
+        return self.detokenizer.delta(self.req)
+
+
+def _increment_tokens(tokenizer, out, texts: TokenTexts) -> list[dict]:
+    """Token dicts of one increment, each with its own text. A final increment without tokens (a stop that
+    came with no new token) still yields one event to carry the end."""
     logprobs = out.logprobs or [None] * len(out.token_ids)
-    tokens = [_token(tokenizer, t, lp, "") for t, lp in zip(out.token_ids, logprobs)]
-    if tokens:
-        tokens[-1]["text"] = out.text
-    elif out.finished:
-        tokens = [{"id": tokenizer.eos_token_id or 0, "text": out.text, "logprob": None, "special": True}]
+    n = len(out.token_ids)
+    tokens = [_token(tokenizer, t, lp, texts.next(t, out.finished and k == n - 1))
+              for k, (t, lp) in enumerate(zip(out.token_ids, logprobs))]
+    if not tokens and out.finished:
+        tokens = [{"id": tokenizer.eos_token_id or 0, "text": "", "logprob": None, "special": True}]
     return tokens
 
 

@@ -71,8 +71,6 @@ class LLMEngine:
         prompt logprobs asked for."""
         now = time.monotonic()
         for req, n in batch.seqs:
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now
             req.num_computed_tokens += n
             self.blocks.commit(req)
         for req, logits in result.prompt:
@@ -129,7 +127,7 @@ class LLMEngine:
         return req, self._output(req, [], "", None)
 
     def _fail(self, req: Request, error: str | None, status: int = 400) -> tuple[Request, RequestOutput]:
-        req.finish_reason = "abort"
+        req.finish_reason, req.error = "abort", error
         self._finished(req)
         req_out = self._output(req, [], "", None, error)
         req_out.error_status = status
@@ -177,6 +175,7 @@ class LLMEngine:
         self.runner.manager.pinned.discard(key)
 
     def _finished(self, req: Request) -> None:
+        req.finished_time = time.monotonic()
         self.scheduler.finish(req)
         self.sampler.forget(req.request_id)
         for use in req.uses:

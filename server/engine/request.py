@@ -159,6 +159,8 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     aborted: bool = False
+    finished_time: float | None = None
+    error: str | None = None  # why it failed (its RequestOutput's error); None for one that finished or was aborted
     # KV state (BlockManager): tokens [0, num_computed_tokens) have their KV in ``block_ids``
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # of the prompt, served from cached prefix blocks at (re)admission

@@ -23,6 +23,8 @@ The budget counts the tokens computed, so it bounds a step's cost.
 """
 from __future__ import annotations
 
+import time
+
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -119,6 +121,7 @@ class Scheduler:
                 break  # FCFS: no KV for the head of the queue now; running requests will free some
             self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
+            req.first_scheduled_time = req.first_scheduled_time or time.monotonic()  # queue time ends here
             self.running.append(req)
             batch.seqs.append((req, n))
             if not req.num_preemptions and self.blocks.looks_up(req):  # vLLM's: first admissions that look up
