@@ -44,6 +44,11 @@ _UNSUPPORTED_FLAGS = ("lora_bias", "use_qalora", "layer_replication", "trainable
                       "alora_invocation_tokens", "target_parameters", "use_bdlora")
 
 
+# init_lora_weights whose saved adapter only reproduces the fine-tuned model over a base PEFT modifies at load
+# (PiSSA, OLoRA, CorDA subtract their initial factors from the base weights); converted ones save "True"
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda")
+
+
 class AdapterFormatError(AdapterError):
     """An adapter directory we refuse to load; the message names the file and the reason."""
 
@@ -213,6 +218,13 @@ def check_config(config: dict, path: Path) -> str:
     for flag in _UNSUPPORTED_FLAGS:
         if config.get(flag):
             raise AdapterFormatError(f"{path}: {flag}={config[flag]!r} is not supported")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise AdapterFormatError(
+            f"{path}: init_lora_weights={init!r}: PEFT rebuilds the base weights from this adapter's initial "
+            "factors when it loads one (the adapter changes the base, not only adds a delta), which one shared base "
+            "cannot serve; convert it to a plain LoRA first (PEFT's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)) and load the result")
     return peft_type
 
 

@@ -36,7 +36,7 @@ from server.adapters.merge_spec import MergeSpec
 from server.adapters.store import AdapterStore, _lower_thread_priority
 from server.adapters.weights import AdapterWeights
 from server.config import valid_adapter_name
-from server.errors import AdapterError, UnknownAdapterError
+from server.errors import AdapterError, SwapserveError, UnknownAdapterError
 
 log = logging.getLogger(__name__)
 MERGED = "merged"  # the result's adapter name inside PEFT; sources are s0, s1, ... (adapter names may hold '.')
@@ -81,7 +81,13 @@ class AdapterMerger:
         return self.executor.submit(self.merge, spec, sources)
 
     def merge(self, spec: MergeSpec, sources: list[MergeSource]) -> Path:
-        model = self._peft_model(sources)
+        try:
+            model = self._peft_model(sources)
+        except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+            if isinstance(exc, SwapserveError):
+                raise
+            raise AdapterError(f"PEFT could not build the merge's sources ({', '.join(s.name for s in sources)}) from "
+                               f"their configs: {type(exc).__name__}: {exc}", param="sources") from None
         names = [f"s{i}" for i in range(len(sources))]
         try:
             with torch.random.fork_rng(devices=[]):

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.api.auth import require_admin
 from server.api.errors import ConflictError
+from server.adapters.sources import HUB_ID_RE
 from server.adapters.versions import split_pin
 from server.api.protocol import (AdapterCreate, AdapterPut, LoadLoRARequest, RollbackRequest, TrafficRequest,
                                  UnloadLoRARequest)
@@ -103,9 +104,9 @@ async def get_adapter(request: Request, name: str = Path(max_length=MAX_NAME_CHA
     return request.app.state.engine.adapter_info(name)
 
 
-@router.delete("/v1/adapters/{name}")
-async def delete_adapter(name: str, request: Request) -> dict:
-    """``name``, or ``name@version``: only that (older) version."""
+@router.delete("/v1/adapters/{name:path}")
+async def delete_adapter(request: Request, name: str = Path(max_length=MAX_NAME_CHARS)) -> dict:
+    """``name`` (a Hub id, with its '/', included), or ``name@version``: only that (older) version."""
     base, version = split_pin(name)
     if version is None:
         await _unload(request.app.state.engine, name)
@@ -136,7 +137,7 @@ async def _load(engine, name: str, source: str, **options):
 
 
 async def _unload(engine, name: str) -> None:
-    if not valid_adapter_name(name):
+    if not (valid_adapter_name(name) or HUB_ID_RE.match(name)):  # an on-demand Hub adapter is named by its id
         raise UnknownAdapterError(f"The lora adapter '{name}' cannot be found.", "lora_name")
     try:
         result = engine.unload_adapter(name)

@@ -75,6 +75,9 @@ class MergeRequest(Strict):
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise refuse(self, "sources", "a source is named twice; give each once, with its total weight")
+        if len(self.sources) == 1 and self.method not in ("linear", "cat"):  # PEFT runs any one-source merge as linear
+            raise refuse(self, "method", f"{self.method} combines several adapters; with one source PEFT merges it "
+                         "linearly (its other parameters unread): use method 'linear'")
         for source in self.sources:
             if not math.isfinite(source.weight) or abs(source.weight) > MAX_SCALE:
                 raise refuse(self, "sources", f"source {source.name!r}: weight {source.weight} must be finite and "

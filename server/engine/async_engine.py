@@ -364,7 +364,10 @@ class AsyncEngine:
             raise error(f"failed to load adapter {name!r}: {entry.error or e}", param="lora_path") from None
         if old is not None and old.key not in (None, entry.key) and not store.pinned(old.content):
             self._submit(lambda: self.engine.unpin_device(old.key))  # the older version stays, as name@version
-        return self._info(store.entries.get(name, entry))  # the entry it already had, for the same content
+        current = store.entries.get(name, entry)  # the entry it already had, for the same content
+        if not current.pinned and current.key is not None and not store.pinned(current.content):
+            self._submit(lambda: self.engine.unpin_device(current.key))  # re-registered unpinned: unpin its slot
+        return self._info(current)
 
     async def merge_adapter(self, spec: MergeSpec, pinned: bool = False, replace: bool = False) -> dict:
         """A new adapter ``spec.name`` made by PEFT's add_weighted_adapter on the merge thread (AdapterMerger: over

@@ -143,8 +143,8 @@ class LLMEngine:
                 self.store.ensure_host(entry)
         if waiting:
             return False
-        for use in req.active_uses:
-            if use.entry.pinned:
+        for use in req.active_uses:  # a pinned name's current version only (name@older is never pinned again)
+            if use.entry.pinned and self.store.entries.get(use.entry.name) is use.entry:
                 self.runner.manager.pin(use.key)
         req.prefix_identity = prefix_identity(req.active_uses, req.params.cache_salt)
         return True

@@ -262,6 +262,9 @@ HOSTILE = [  # (id, mutate(dir), file named in the message, reason regex)
     ("deep-json-header", weights_bytes(lambda b: struct.pack("<Q", 100_000) + b"[" * 100_000),
      WEIGHTS_FILE, "not valid JSON"),
     ("r-as-string", edit_config(r="4"), WEIGHTS_FILE, "config says r='4'"),
+    # PEFT rebuilds the base from these adapters' initial factors at load (W - A0 B0): not a delta over one base
+    *[(f"unconverted-{init}", edit_config(init_lora_weights=init), CONFIG_FILE, "convert it to a plain LoRA")
+      for init in ("pissa", "pissa_niter_4", "olora", "corda")],
     *[(f"config-{k}", edit_config(**{k: v}), CONFIG_FILE, k)
       for k, v in [("lora_alpha", "8"), ("lora_alpha", None), ("rank_pattern", ["q"]),
                    ("rank_pattern", {"(": 4}), ("alpha_pattern", {"[": 1})]],

@@ -142,3 +142,22 @@ def test_admin_bodies_refuse_fields_they_do_not_implement(server, adapter_root, 
         unknown = next(k for k in body if k in ("lora_int_id", "force", "pin", "replace"))
         assert r.json()["error"]["param"] == unknown and "not supported" in r.json()["error"]["message"], r.json()
         assert set(model_ids(http)) == before
+
+
+def test_an_on_demand_hub_adapter_can_be_unloaded_by_its_id(tiny_model_dir, adapter_root):
+    """On-demand Hub adapters are registered under their id ("org/repo"): both unload routes take it (they
+    refused any '/' and the DELETE route did not match it). The registration is made as resolve() makes it; its
+    download would need the network."""
+    from server.adapters.catalog import AdapterEntry
+    from .conftest import engine_config, live_server
+
+    config = engine_config(tiny_model_dir, adapter_root, allow_hub_adapters=True, hub_adapter_orgs=["org"])
+    with live_server(config) as live, live.client() as http:
+        store = live.engine.engine.store
+        for name, unload in (("org/one", lambda n: http.delete(f"/v1/adapters/{n}")),
+                             ("org/two", lambda n: http.post("/v1/unload_lora_adapter", json={"lora_name": n}))):
+            with store.lock:
+                store.catalog.add(AdapterEntry(name, f"hub:{name}", on_demand=True))
+            assert http.get(f"/v1/adapters/{name}").status_code == 200
+            assert unload(name).status_code == 200
+            assert name not in store.entries

@@ -83,6 +83,8 @@ REFUSED = [  # (body, status, words)
     ({"method": "cat", "sources": [{"name": "alpha", "weight": 101}]}, 400, ["within +-100"]),
     ({"method": "cat", "sources": [{"name": "alpha"}, {"name": "alpha"}]}, 400, ["twice"]),
     ({"method": "model_soup", "sources": [{"name": "alpha"}]}, 400, ["method"]),
+    # PEFT runs any one-source merge as linear, its density (or svd_rank) unread
+    ({"method": "ties", "density": 0.1, "sources": [{"name": "alpha"}]}, 400, ["one source", "linear"]),
     ({"method": "cat", "svd_driver": "gesvd", "sources": [{"name": "alpha"}]}, 400, ["svd_driver"]),
     ({"method": "cat", "sources": [{"name": "alpha"}, {"name": "beta"}, {"name": "preloaded"}]}, 400,
      ["rank 24", "--max-lora-rank"]),  # the store's own checks hold for a merged adapter
@@ -127,3 +129,21 @@ def test_merge_is_an_admin_route(merge_server):
     with merge_server.client(headers={"X-Forwarded-For": "203.0.113.9"}) as http:
         r = http.post("/v1/adapters/merge", json={"name": "x", "method": "cat", "sources": [{"name": "alpha"}]})
     assert r.status_code == 403
+
+
+def test_a_source_peft_cannot_rebuild_for_a_merge_is_400_not_500(merge_server, merge_root):
+    """layers_pattern without layers_to_transform serves (the weights name their layers) but PEFT refuses to
+    build the config for a merge: a 400 with PEFT's reason, nothing registered."""
+    import json
+    import shutil
+
+    odd = merge_root / "odd-config"
+    if not odd.exists():
+        shutil.copytree(merge_root / "alpha", odd)
+        config = json.loads((odd / "adapter_config.json").read_text())
+        (odd / "adapter_config.json").write_text(json.dumps({**config, "layers_pattern": "layers"}))
+    with merge_server.client() as http:
+        r = http.post("/v1/adapters/merge", json={"name": "odd-merge", "method": "linear",
+                                                  "sources": [{"name": "odd-config"}, {"name": "alpha"}]})
+        assert r.status_code == 400 and "PEFT could not build" in r.text, r.text
+        assert "odd-merge" not in {a["name"] for a in http.get("/v1/adapters").json()["data"]}

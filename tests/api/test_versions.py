@@ -13,7 +13,7 @@ from server.adapters.versions import pick_version
 from server.api.settings import ServerConfig
 from support import greedy_tokens, peft_mixture_for, peft_model_for
 from .conftest import engine_config, live_server
-from .helpers import metric_value, samples
+from .helpers import metric_value, samples, wait_for
 
 PROMPT = [1, 40, 41, 42, 43, 44, 45]
 STEPS = 5
@@ -239,3 +239,38 @@ def test_residency_gauges_and_counters(vserver):
         device_ratio = metric_value(http, "swapserve:adapter_hit_ratio", tier="device")
         host_ratio = metric_value(http, "swapserve:adapter_hit_ratio", tier="host")
         assert 0 < device_ratio < 1 and 0 < host_ratio < 1
+
+
+def test_unpinning_by_registering_again_unpins_the_device_slot(vserver, files):
+    """The console unpins by registering the same source with pinned false: the same content, so no new version;
+    its device slot must stop being pinned too (it stayed pinned, and the LRU skipped it forever)."""
+    manager = vserver.engine.engine.runner.manager
+    with vserver.client() as http:
+        assert http.post("/v1/adapters", json={"name": "twin-a", "source": str(files / "twin-a"), "pinned": True,
+                                               "replace": True}).status_code in (200, 201)
+        assert complete(http, "twin-a").status_code == 200
+        key = vserver.engine.engine.store.entries["twin-a"].key
+        assert key in manager.pinned
+        again = http.post("/v1/adapters", json={"name": "twin-a", "source": str(files / "twin-a"), "pinned": False,
+                                                "replace": True})
+        assert again.status_code in (200, 201) and again.json()["pinned"] is False, again.text
+        assert wait_for(lambda: key not in manager.pinned)
+
+
+def test_an_older_version_of_a_pinned_name_is_never_pinned_again(vserver, files, adapters):
+    """Pinning holds a name's current version: a request for name@older (after a reload) reads that version
+    without pinning its slot again (it was, with nothing left to unpin it)."""
+    shutil.copytree(adapters["lora"], files / "pin-old")
+    manager = vserver.engine.engine.runner.manager
+    with vserver.client() as http:
+        first = http.post("/v1/adapters", json={"name": "pin-old", "source": str(files / "pin-old"), "pinned": True})
+        assert first.status_code == 201, first.text
+        v1 = first.json()["version"]
+        assert complete(http, "pin-old").status_code == 200
+        old_key = vserver.engine.engine.store.entries["pin-old"].key
+        overwrite(files, "pin-old", adapters["lora2"])
+        reload = http.put("/v1/adapters/pin-old", json={"source": str(files / "pin-old"), "pinned": True})
+        assert reload.status_code == 200, reload.text
+        assert wait_for(lambda: old_key not in manager.pinned)
+        assert complete(http, f"pin-old@{v1}").status_code == 200
+        assert old_key not in manager.pinned
