@@ -69,6 +69,7 @@ def _unknown(name: str, param: str = "lora_name") -> UnknownAdapterError:
 class AdapterCatalog:
     def __init__(self, rng: random.Random | None = None):
         self.entries: dict[str, AdapterEntry] = {}  # name -> its current entry
+        self.pending: dict[str, AdapterEntry] = {}  # name -> a reload still loading (current once placed)
         self.history: dict[str, dict[str, AdapterEntry]] = {}  # name -> {version: entry}, in load order
         self.versions: dict[str, AdapterVersion] = {}  # key -> every version some name holds
         self.retired: dict[str, AdapterVersion] = {}  # key -> versions no name holds, kept for requests in flight
@@ -91,13 +92,22 @@ class AdapterCatalog:
         return self.history[name][pick_version(split, name, user, self.rng)]
 
     def add(self, entry: AdapterEntry) -> AdapterEntry:
-        """``entry`` becomes its name's current entry (the versions it had stay in its history)."""
-        self.entries[entry.name] = entry
+        """``entry`` becomes its name's current entry (the versions it had stay in its history). A reload of a
+        name whose current version is loaded waits in ``pending`` instead: requests keep resolving to the
+        version the name serves until the new one has loaded (place), and a failed reload leaves it there."""
+        current = self.entries.get(entry.name)
+        if current is not None and current.version is not None:
+            self.pending[entry.name] = entry
+        else:
+            self.entries[entry.name] = entry
         return entry
 
     def restore(self, entry: AdapterEntry, previous: AdapterEntry | None) -> None:
         """``entry``'s load failed: point its name back at ``previous`` (the entry it replaced) while that one's
         version is still held, else at its latest loaded version; a name with none is forgotten."""
+        if self.pending.get(entry.name) is entry:
+            del self.pending[entry.name]  # the name never left the version it serves
+            return
         if self.entries.get(entry.name) is not entry:
             return
         held = self.history.get(entry.name, {})
@@ -113,6 +123,7 @@ class AdapterCatalog:
         if name not in self.entries:
             raise _unknown(name)
         del self.entries[name]
+        self.pending.pop(name, None)
         self.splits.pop(name, None)
         return [c for held in self.history.pop(name, {}).values() if (c := self._unhold(name, held.content))]
 
@@ -132,6 +143,18 @@ class AdapterCatalog:
         del self.history[name][version]
         dropped = self._unhold(name, old.content)
         return old, [dropped] if dropped else []
+
+    def forget_unreadable(self, name: str, older: AdapterEntry) -> list[AdapterVersion]:
+        """``older`` stopped being ``name``'s current version when new files at its own source loaded: out of
+        host memory it can never be read again (its directory holds the new files), so it is forgotten as an
+        older version leaving host memory is (forget_older); in a traffic split it stays until the split
+        changes."""
+        content = older.content
+        if content is None or content.weights is not None or content.version in self.splits.get(name, {}) \
+                or self.history.get(name, {}).get(content.version) is not older:
+            return []
+        del self.history[name][content.version]
+        return [c for c in [self._unhold(name, content)] if c]
 
     def forget_older(self, content: AdapterVersion) -> list[AdapterVersion]:
         """``content`` left host memory: the names holding it as an older version forget it."""
@@ -208,6 +231,9 @@ class AdapterCatalog:
         entry or one of its versions, and return the entry that holds it there; else (unloaded mid-load) keep it
         only for requests in flight (retired) and return None."""
         name, version = entry.name, content.version
+        if self.pending.get(name) is entry and name in self.entries:  # a reload has loaded: the name moves now
+            del self.pending[name]
+            self.entries[name] = entry
         history = self.history.setdefault(name, {}) if name in self.entries else {}
         if not (self.entries.get(name) is entry or history.get(version) is entry):
             if not content.names and content.in_flight > 0:

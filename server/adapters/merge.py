@@ -48,6 +48,7 @@ class MergeSource:
     name: str
     source: str  # a directory, or "hub:org/name[@revision]" (fetched on the merge thread)
     roots: list[str] | None
+    content_hash: str | None = None  # the version the name serves (hex), when registered: what the read must be
 
 
 class AdapterMerger:
@@ -73,7 +74,8 @@ class AdapterMerger:
                 raise UnknownAdapterError(f"merge source {name!r} does not exist (not loaded, and not under an "
                                           "--adapter-root)", param="sources")
             roots = self.store.sources.roots_for(source, trusted)
-            found.append(MergeSource(name, source, None if roots is None else [str(r) for r in roots]))
+            served = entry.content_hash.hex() if entry is not None and entry.content is not None else None
+            found.append(MergeSource(name, source, None if roots is None else [str(r) for r in roots], served))
         return found
 
     def submit(self, spec: MergeSpec, sources: list[MergeSource]) -> Future:
@@ -107,6 +109,10 @@ class AdapterMerger:
         for i, src in enumerate(sources):
             directory = self.store.sources.materialize(src.source)
             weights = load_adapter_dir(directory, src.name, self.max_bytes, roots=src.roots)
+            if src.content_hash is not None and weights.content_hash != src.content_hash:
+                raise AdapterError(f"merge source {src.name!r}: its files changed since the version it serves "
+                                   f"({src.content_hash[:12]}) was loaded, so the merge would not be of what it "
+                                   "serves; reload it first (or restore its files)", param="sources")
             _check_mergeable(weights)
             config = PeftConfig.from_peft_type(**{**weights.config, "inference_mode": True})
             if model is None:

@@ -224,9 +224,12 @@ class AdapterStore:
 
     def _place(self, entry: AdapterEntry, content: AdapterVersion) -> None:
         """Enter a freshly read ``content`` in the name's history (AdapterCatalog.place) and the host tier."""
+        before = self.catalog.entries.get(entry.name)
         held = self.catalog.place(entry, content)
         if held is None:
             return
+        if before is not None and before is not held and before.source == held.source:
+            self._dropped(self.catalog.forget_unreadable(entry.name, before))
         self.host.setdefault(content.key, content)
         self._touch(held)
         self._evict_host(keep=content)  # never the adapter just loaded: someone is about to use it

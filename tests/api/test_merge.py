@@ -147,3 +147,19 @@ def test_a_source_peft_cannot_rebuild_for_a_merge_is_400_not_500(merge_server, m
                                                   "sources": [{"name": "odd-config"}, {"name": "alpha"}]})
         assert r.status_code == 400 and "PEFT could not build" in r.text, r.text
         assert "odd-merge" not in {a["name"] for a in http.get("/v1/adapters").json()["data"]}
+
+
+def test_a_source_whose_files_changed_since_its_version_loaded_is_refused(merge_server, merge_root, adapters):
+    """A merge reads its sources' files: when a registered source's files no longer hold the version it serves
+    (overwritten, and not reloaded, or rolled back from), merging them would merge something it does not serve."""
+    import shutil
+
+    shutil.copytree(merge_root / "alpha", merge_root / "moving")
+    with merge_server.client() as http:
+        assert http.post("/v1/adapters", json={"name": "moving", "source": "moving"}).status_code == 201
+        shutil.rmtree(merge_root / "moving")
+        shutil.copytree(merge_root / "beta", merge_root / "moving")
+        r = http.post("/v1/adapters/merge", json={"name": "moved-merge", "method": "linear",
+                                                  "sources": [{"name": "moving"}, {"name": "alpha"}]})
+        assert r.status_code == 400 and "files changed since the version it serves" in r.text, r.text
+        assert "moved-merge" not in {a["name"] for a in http.get("/v1/adapters").json()["data"]}

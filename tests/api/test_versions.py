@@ -274,3 +274,32 @@ def test_an_older_version_of_a_pinned_name_is_never_pinned_again(vserver, files,
         assert wait_for(lambda: old_key not in manager.pinned)
         assert complete(http, f"pin-old@{v1}").status_code == 200
         assert old_key not in manager.pinned
+
+
+@pytest.mark.parametrize("new_files", ["broken", "lora2"])
+def test_requests_during_a_reload_read_the_version_the_name_serves(vserver, files, adapters, want, new_files):
+    """The name moves once the new version has loaded (README): a request arriving while the reload loads reads
+    the version the name serves, and a reload that fails leaves the name, and such requests, on it (they were
+    bound to the unloaded new entry, and failed with it)."""
+    import time
+
+    shutil.copytree(adapters["lora"], files / f"window-{new_files}")
+    name = f"window-{new_files}"
+    with vserver.client() as http:
+        v1 = http.put(f"/v1/adapters/{name}", json={"source": str(files / name)}).json()["version"]
+        if new_files == "broken":
+            (files / name / "adapter_config.json").write_text("{broken")
+        else:
+            overwrite(files, name, adapters["lora2"])
+        store, result = vserver.engine.engine.store, {}
+        store.executor.submit(time.sleep, 1.0)  # the loader is busy (a large adapter): the reload waits
+        reload = threading.Thread(target=lambda: result.update(r=vserver.client().post(
+            "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(files / name), "load_inplace": True})))
+        reload.start()
+        time.sleep(0.3)
+        during = complete(http, name)
+        reload.join(30)
+        assert tokens(during) == want["lora"][:STEPS] and during.headers["x-adapter-version"] == v1
+        assert result["r"].status_code == (400 if new_files == "broken" else 200), result["r"].text
+        after = complete(http, name)
+        assert tokens(after) == want["lora" if new_files == "broken" else "lora2"][:STEPS]

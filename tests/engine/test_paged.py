@@ -106,7 +106,8 @@ def test_a_name_reloaded_with_other_weights_never_reuses_the_old_kv(fresh_llm, o
     old = eng.store.entries["swap"]
     shutil.rmtree(swap)
     shutil.copytree(root / "lora2", swap)
-    eng.store.register("swap", str(swap), replace=True)  # what load_inplace / replace does
+    new = eng.store.register("swap", str(swap), replace=True)  # what load_inplace / replace does: the name moves
+    eng.store.ensure_host(new).result(timeout=60)  # once the new version has loaded
     eng.drop_device(old.key)
     v2 = []
     for _ in range(2):

@@ -125,8 +125,9 @@ def test_register_replace_gives_a_new_version_and_duplicate_is_refused(make_stor
     with pytest.raises(AdapterError):
         s.register("mine", str(root / "dora"))
     second = s.register("mine", str(root / "dora"), replace=True)
-    assert s.resolve("mine") is second and second.version is None  # known once read
+    assert s.resolve("mine") is first and second.version is None  # the name moves once the new one is read
     s.ensure_host(second).result(timeout=20)
+    assert s.resolve("mine") is second
     assert second.version != first.version and s.version_list("mine") == [first.version, second.version]
     with pytest.raises(AdapterError):
         s.register("bad name!", str(root / "lora"))
@@ -556,3 +557,20 @@ def test_versions_in_a_traffic_split_stay_in_host_memory(make_store, root):
     s.set_split("m", None)
     load(s, "lora2")  # now the older one may go, and is forgotten with it
     assert v1.key not in s.host and s.version_list("m") == [v2.version]
+
+
+def test_a_current_version_out_of_host_memory_is_forgotten_when_new_files_replace_it(make_store, root, tmp_path):
+    """A name's current version evicted from host memory, then reloaded in place with new files: the old
+    version can never be read again (its directory holds the new files), so it is forgotten then, as an older
+    version leaving host memory is; it used to stay listed, splittable and pinnable, failing every read."""
+    s, _ = make_store(max_cpu_loras=1, adapter_roots=[str(tmp_path), str(root)])
+    shutil.copytree(root / "lora", tmp_path / "moving")
+    first = s.register("moving", str(tmp_path / "moving"))
+    s.ensure_host(first).result(timeout=20)
+    s.ensure_host(s.register("other", str(root / "dora"))).result(timeout=20)  # evicts moving's only version
+    assert first.weights is None and s.version_list("moving") == [first.version]
+    shutil.rmtree(tmp_path / "moving")
+    shutil.copytree(root / "lora2" if (root / "lora2").exists() else root / "ia3", tmp_path / "moving")
+    second = s.register("moving", str(tmp_path / "moving"), replace=True)
+    s.ensure_host(second).result(timeout=20)
+    assert s.version_list("moving") == [second.version] and second.version != first.version
