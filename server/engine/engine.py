@@ -69,7 +69,6 @@ class LLMEngine:
     def _advance(self, batch: ScheduledBatch, result: StepOutput) -> None:
         """The step's tokens are computed: count them, offer their full blocks to the prefix cache, take the
         prompt logprobs asked for."""
-        now = time.monotonic()
         for req, n in batch.seqs:
             req.num_computed_tokens += n
             self.blocks.commit(req)
@@ -129,9 +128,9 @@ class LLMEngine:
     def _fail(self, req: Request, error: str | None, status: int = 400) -> tuple[Request, RequestOutput]:
         req.finish_reason, req.error = "abort", error
         self._finished(req)
-        req_out = self._output(req, [], "", None, error)
-        req_out.error_status = status
-        return req, req_out
+        out = self._output(req, [], "", None, error)
+        out.error_status = status
+        return req, out
 
     # ---- adapters ---------------------------------------------------------------------------------------
     def _adapter_ready(self, req: Request) -> bool:

@@ -25,3 +25,17 @@ def samples(http, headers: dict | None = None) -> list:
 def metric_value(http, name: str, headers: dict | None = None, **labels) -> float:
     """Sum of the samples called `name` whose labels include `labels` (0.0 when there are none)."""
     return sum(s.value for s in samples(http, headers) if s.name == name and labels.items() <= s.labels.items())
+
+
+def fail_next_step(server, monkeypatch) -> None:
+    """The server's next engine step raises (an injected internal error); the steps after it run as usual."""
+    runner = server.engine.engine.runner
+    real, failed = runner.execute, []
+
+    def execute_once_failing(*args, **kwargs):
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "execute", execute_once_failing)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from .helpers import metric_value
+from .helpers import fail_next_step, metric_value
 
 BASE = "tiny-llama"
 
@@ -27,18 +27,9 @@ def test_token_counters_and_ttft_move_while_a_stream_runs(server):
 
 
 def test_a_failed_request_finishes_as_error(server, monkeypatch):
-    engine = server.engine.engine
-    real, failed = engine.runner.execute, []
-
-    def execute_once_failing(*args, **kwargs):
-        if not failed:
-            failed.append(1)
-            raise RuntimeError("injected")
-        return real(*args, **kwargs)
-
     with server.client() as http:
         errors = metric_value(http, "vllm:request_success_total", finished_reason="error")
-        monkeypatch.setattr(engine.runner, "execute", execute_once_failing)
+        fail_next_step(server, monkeypatch)
         assert http.post("/v1/completions", json={"model": BASE, "prompt": "hi", "max_tokens": 2}).status_code == 500
         assert metric_value(http, "vllm:request_success_total", finished_reason="error") == errors + 1
 

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from server.api.tool_stream import ToolOutput
+from .helpers import fail_next_step
 
 BASE = "tiny-llama"
 PROMPT = "Paris is the capital of"
@@ -157,16 +158,7 @@ def test_parallel_tool_calls_false_keeps_the_first_call_in_auto_mode():
 
 
 def test_a_failed_engine_step_ends_its_requests_with_a_500_and_the_server_keeps_serving(server, monkeypatch):
-    engine = server.engine.engine
-    real, failed = engine.runner.execute, []
-
-    def execute_once_failing(*args, **kwargs):
-        if not failed:
-            failed.append(1)
-            raise RuntimeError("injected")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine.runner, "execute", execute_once_failing)
+    fail_next_step(server, monkeypatch)
     r = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 3})
     assert r.status_code == 500 and "internal error in an engine step" in r.json()["error"]["message"], r.text
     assert post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 3}).status_code == 200
