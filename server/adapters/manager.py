@@ -72,10 +72,12 @@ class AdapterManager:
         token on one adapter", and the adapter went onto the base rows too."""
         tok, slot, scale, start = [], [], [], 0
         for uses, n in zip(seq_uses, seq_tokens):
-            merged: dict = {}
+            if len(uses) > 1:  # a plain request (one use, every step) needs no merging
+                merged: dict = {}
+                for key, c in uses:
+                    merged[key] = merged.get(key, 0.0) + c
+                uses = merged.items()
             for key, c in uses:
-                merged[key] = merged.get(key, 0.0) + c
-            for key, c in merged.items():
                 if c == 0:
                     continue
                 tok.append(np.arange(start, start + n))

@@ -158,20 +158,16 @@ class Metrics:
         # a mixture counts once for each of its adapters (labels stay adapter names, name@version pins counted
         # under the name: bounded cardinality; versions have their own series). A name that never loaded and
         # failed (an invented on-demand name) is UNKNOWN_ADAPTER: client input must not create label values.
-        for use in req.uses:
-            name = use.entry.name if use.entry.version is not None or not failed else UNKNOWN_ADAPTER
+        read = [(u.entry.name if u.entry.version is not None or not failed else UNKNOWN_ADAPTER, u.entry.version)
+                for u in req.uses] or [(self.model_name, None)]
+        for name, version in read:
             self.adapter_requests.labels(name).inc()
             self.adapter_tokens.labels(name).inc(generated)
             if failed:
                 self.adapter_errors.labels(name, "generation").inc()
-            if use.entry.version is not None:
-                self.version_requests.labels(name, use.entry.version).inc()
-                self.version_tokens.labels(name, use.entry.version).inc(generated)
-        if not req.uses:
-            self.adapter_requests.labels(self.model_name).inc()
-            self.adapter_tokens.labels(self.model_name).inc(generated)
-            if failed:
-                self.adapter_errors.labels(self.model_name, "generation").inc()
+            if version is not None:
+                self.version_requests.labels(name, version).inc()
+                self.version_tokens.labels(name, version).inc(generated)
 
     def on_adapter_event(self, event: str, name: str, seconds: float | None) -> None:
         if event == "hit":

@@ -263,10 +263,9 @@ def spins_for(seconds: float) -> int:
     """How many checks of a word (``wait_for``) take about ``seconds`` on this CPU (measured once)."""
     ctrl = np.zeros(5, np.int64)
     n = 1 << 20
-    run = lambda k: wait_for(ctrl, 0, 1, k)  # noqa: E731
-    run(1)  # compiled or loaded from the cache first
+    wait_for(ctrl, 0, 1, 1)  # compiled or loaded from the cache first
     start = time.perf_counter()
-    run(n)
+    wait_for(ctrl, 0, 1, n)
     return max(1, int(n * seconds / max(time.perf_counter() - start, 1e-9)))
 
 
