@@ -60,8 +60,8 @@ class LogprobShapes:
 
     def vllm_prompt(self, prompt_ids: list[int], prompt_logprobs: list | None, k: int) -> list | None:
         """vLLM's prompt_logprobs (``k`` of them): per prompt token, its own and the top-k tokens' {logprob,
-        rank, decoded_token} keyed by token id; rank is 1-based in the distribution (null for the prompt's token
-        when it is outside the top k: the engine does not rank the whole vocabulary)."""
+        rank, decoded_token} keyed by token id; rank is 1-based in the distribution (the prompt's own token is
+        ranked over the whole vocabulary, as vLLM does, inside the top k or not)."""
         if prompt_logprobs is None:
             return None
         out: list = []
@@ -69,9 +69,9 @@ class LogprobShapes:
             if entry is None:
                 out.append(None)
                 continue
-            lp, top = entry[0], entry[1][:k]
-            ranked = {i: (v, rank) for rank, (i, v) in enumerate(top, 1)}
-            own = {token: (lp, ranked.get(token, (lp, None))[1])}
+            lp, top, rank = entry[0], entry[1][:k], entry[2]
+            ranked = {i: (v, r) for r, (i, v) in enumerate(top, 1)}
+            own = {token: (lp, rank)}
             out.append({str(i): {"logprob": finite(v), "rank": r, "decoded_token": self.text(i)}
                         for i, (v, r) in {**own, **ranked}.items()})
         return out

@@ -49,6 +49,10 @@ class StreamOptions(Strict):
     continuous_usage_stats: bool | None = False  # every chunk carries the usage so far
 
 
+# vLLM refuses max_tokens 0 (SamplingParams: "at least 1") but for an echo of the prompt alone
+ZERO_TOKENS = "max_tokens must be at least 1; 0 asks for the prompt alone, which needs "
+
+
 class SamplingFields(Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -155,6 +159,8 @@ class CompletionRequest(SamplingFields):
     def _no_suffix(self):
         if self.suffix:
             raise refuse(self, "suffix", "suffix (insertion) is not supported; omit it")
+        if self.max_tokens == 0 and not self.echo and self.prompt_logprobs is None:
+            raise refuse(self, "max_tokens", ZERO_TOKENS + "echo or prompt_logprobs")
         return self
 
     @property
@@ -195,6 +201,10 @@ class ChatCompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _consistent(self):
+        asked = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if asked == 0 and self.prompt_logprobs is None:
+            field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+            raise refuse(self, field, ZERO_TOKENS.replace("max_tokens", field) + "prompt_logprobs")
         if self.top_logprobs and not self.logprobs:
             raise refuse(self, "top_logprobs", "top_logprobs needs logprobs: true")
         if self.add_generation_prompt and self.continue_final_message:

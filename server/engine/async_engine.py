@@ -230,7 +230,7 @@ class AsyncEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight; give each request its own",
                                       param="request_id")
         self._validate(prompt_token_ids, params)
-        if len(self.engine.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
+        if self._num_waiting() >= self.config.max_waiting:
             raise QueueFullError(f"too many waiting requests (limit {self.config.max_waiting}); retry shortly")
         if adapters is None:
             adapters = [] if adapter in (None, self.model_name) else [(adapter, 1.0)]
@@ -238,8 +238,14 @@ class AsyncEngine:
         req = Request(request_id or f"req-{uuid.uuid4().hex}", list(prompt_token_ids), params, uses)
         stream = RequestStream(req.request_id, self, uses)
         self._requests[req.request_id] = (req, stream)
-        self._submit(lambda: self.engine.scheduler.waiting.append(req))
+        self._submit(_Admission(self.engine.scheduler.waiting, req))
         return stream
+
+    def _num_waiting(self) -> int:
+        """Requests waiting to be scheduled: the scheduler's and those still in the inbox (not its admin jobs)."""
+        with self._lock:
+            admitting = sum(isinstance(fn, _Admission) for fn in self._inbox)
+        return len(self.engine.scheduler.waiting) + admitting
 
     def _mixture(self, adapters: list[tuple[str, float]]) -> list[tuple[str, float]]:
         """The (name, scale) pairs of a request, checked before anything is resolved or loaded: at most
@@ -511,7 +517,19 @@ class AsyncEngine:
         sched = self.engine.scheduler
         running = list(sched.running)
         waiting = list(sched.waiting)
-        return {**self.engine.stats(), "num_waiting": len(waiting) + len(self._inbox),
+        return {**self.engine.stats(), "num_waiting": self._num_waiting(),
                 "running_adapters": sorted({u.name for r in running for u in r.uses}),
                 "waiting_adapters": sorted({u.name for r in waiting for u in r.uses}),
                 "max_loras": self.config.max_loras}
+
+
+class _Admission:
+    """An inbox job that admits one request (told apart from admin jobs when counting waiting requests)."""
+
+    __slots__ = ("waiting", "req")
+
+    def __init__(self, waiting, req: Request):
+        self.waiting, self.req = waiting, req
+
+    def __call__(self) -> None:
+        self.waiting.append(self.req)

@@ -201,15 +201,18 @@ class LLMEngine:
                 fn(*args)
 
 
-def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[tuple[float, list]]:
-    """logits: [m, vocab], row i predicting ``targets[i]``. Per row: the target's logprob and the k most likely
-    tokens as [(token_id, logprob)] (raw model distribution, as the sampled tokens' logprobs)."""
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[tuple[float, list, int]]:
+    """logits: [m, vocab], row i predicting ``targets[i]``. Per row: the target's logprob, the k most likely
+    tokens as [(token_id, logprob)] (raw model distribution, as the sampled tokens' logprobs) and the target's
+    1-based rank (vLLM's: how many tokens are at least as likely)."""
     logp = torch.log_softmax(logits, -1)  # [m, vocab]
-    chosen = logp.gather(1, torch.tensor(targets[:len(logp)], device=logp.device)[:, None])[:, 0].tolist()
+    chosen_t = logp.gather(1, torch.tensor(targets[:len(logp)], device=logp.device)[:, None])  # [m, 1]
+    ranks = (logp >= chosen_t).sum(-1).tolist()
+    chosen = chosen_t[:, 0].tolist()
     if not k:
-        return [(lp, []) for lp in chosen]
+        return [(lp, [], r) for lp, r in zip(chosen, ranks)]
     values, ids = torch.topk(logp, k)
-    return [(lp, list(zip(i, v))) for lp, i, v in zip(chosen, ids.tolist(), values.tolist())]
+    return [(lp, list(zip(i, v)), r) for lp, i, v, r in zip(chosen, ids.tolist(), values.tolist(), ranks)]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -91,7 +91,7 @@ class RequestOutput:
     error: str | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     num_cached_tokens: int = 0
-    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]], int] | None] | None = None  # (logprob, top k, rank)
     error_status: int = 400
     stop_reason: int | str | None = None
 

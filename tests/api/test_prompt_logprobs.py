@@ -59,6 +59,20 @@ def test_max_tokens_zero_with_echo_returns_the_prompt_alone(server, prompt_oracl
     assert choice.finish_reason == "length"
 
 
+def test_max_tokens_zero_without_echo_or_prompt_logprobs_is_400(server):
+    """vLLM refuses max_tokens 0 (at least 1) except for the echoed prompt alone: nothing to return otherwise."""
+    with server.client() as http:
+        r = http.post("/v1/completions", json={"model": BASE, "prompt": "hi", "max_tokens": 0})
+        chat = http.post("/v1/chat/completions", json={"model": BASE, "messages": [{"role": "user", "content": "hi"}],
+                                                       "max_completion_tokens": 0})
+        scored = http.post("/v1/completions", json={"model": BASE, "prompt": "hi there", "max_tokens": 0,
+                                                    "prompt_logprobs": 0})
+    assert r.status_code == 400 and "max_tokens must be at least 1" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "max_tokens"
+    assert chat.status_code == 400 and "max_completion_tokens must be at least 1" in chat.text, chat.text
+    assert scored.status_code == 200 and scored.json()["usage"]["completion_tokens"] == 0, scored.text
+
+
 def test_vllm_prompt_logprobs_on_completions_and_chat(server, prompt_oracle):
     """vLLM's shape: per prompt token null (first) or {token_id: {logprob, rank, decoded_token}} holding the
     prompt token and the k most likely."""
@@ -76,7 +90,9 @@ def test_vllm_prompt_logprobs_on_completions_and_chat(server, prompt_oracle):
     for i, entry in enumerate(entries[1:]):
         own = entry[str(ids[i + 1])]
         assert own["logprob"] == pytest.approx(float(ref[i, ids[i + 1]]), abs=LP)
-        ranked = sorted((v for v in entry.values() if v["rank"] is not None), key=lambda v: v["rank"])
+        # the prompt token's rank over the whole vocabulary, inside the top 2 or not (vLLM's: never null)
+        assert own["rank"] == int((ref[i] >= ref[i, ids[i + 1]]).sum())
+        ranked = sorted(entry.values(), key=lambda v: v["rank"])
         assert [v["rank"] for v in ranked][:2] == [1, 2]
         assert ranked[0]["logprob"] == pytest.approx(float(ref[i].max()), abs=LP)
     body = chat.json()

@@ -263,7 +263,11 @@ def test_queue_bound(loop, tiny_model_dir, root):
         async def main():
             first = asyncio.ensure_future(collect(eng.add_request([5, 6], greedy(3), request_id="q0")))
             await wait_event(hold.reached)  # the step thread is busy: new requests queue up
+            for _ in range(3):  # admin jobs waiting in the inbox are not waiting requests (nor count to the bound)
+                eng._submit(lambda: None)
+            assert eng.stats()["num_waiting"] == 0
             queued = [asyncio.ensure_future(collect(eng.add_request([7, 8], greedy(2)))) for _ in range(2)]
+            assert eng.stats()["num_waiting"] == 2
             with pytest.raises(QueueFullError) as err:
                 eng.add_request([7, 8], greedy(2))
             assert err.value.status_code == 429
