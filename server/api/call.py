@@ -82,8 +82,9 @@ class Call:
     def prompt_of(self, choice: Choice) -> list[int]:
         return self.prompts[choice.index // self.body.n]
 
-    def usage(self, choices: list[Choice]) -> dict:
-        first = [c for c in choices if c.index % self.body.n == 0]  # the n choices of a prompt share it
+    def usage(self, choices: list[Choice], one: bool = False) -> dict:
+        """The request's usage; ``one``: that of the one choice given (its prompt and its own tokens)."""
+        first = choices if one else [c for c in choices if c.index % self.body.n == 0]  # n choices share a prompt
         prompt = sum(c.num_prompt_tokens for c in first)
         completion = sum(len(c.token_ids) for c in choices)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
@@ -125,7 +126,7 @@ class Call:
                     if out.error:
                         raise output_error(out)
                     for k, item in enumerate(delta(choices[i], out, first)):
-                        yield sse(json.dumps({**self.envelope([item], self.chunk_suffix), **self._usage_field(choices),
+                        yield sse(json.dumps({**self.envelope([item], self.chunk_suffix), **self._usage_field(choices[i]),
                                               **self._chunk_prompt_ids(choices[i], first and k == 0)}))
             if self.body.include_usage:
                 yield sse(json.dumps({**self.envelope([], self.chunk_suffix), "usage": self.usage(choices)}))
@@ -144,7 +145,8 @@ class Call:
             return {"prompt_token_ids": self.prompt_of(choice)}
         return {}
 
-    def _usage_field(self, choices: list[Choice]) -> dict:
+    def _usage_field(self, choice: Choice) -> dict:
+        """A chunk's usage: with continuous_usage_stats, the chunk's choice's so far (vLLM's, per choice)."""
         if self.body.continuous_usage:
-            return {"usage": self.usage(choices)}
+            return {"usage": self.usage([choice], one=True)}
         return {"usage": None} if self.body.include_usage else {}

@@ -128,6 +128,16 @@ def test_continuous_usage_stats_only_with_include_usage(server):
     body["stream_options"]["include_usage"] = True
     both = events(server, "/v1/completions", body)
     assert all(c["usage"] for c in both) and not both[-1]["choices"]
+    # with n > 1 a chunk's usage is its own choice's so far (vLLM's), the last chunk the whole request's
+    body.update(n=2, max_tokens=4, temperature=1.0, seed=3, ignore_eos=True)
+    chunks = events(server, "/v1/completions", body)
+    seen = {0: 0, 1: 0}
+    for c in chunks[:-1]:
+        (choice,) = c["choices"]
+        seen[choice["index"]] += 1
+        assert c["usage"]["completion_tokens"] == seen[choice["index"]], c
+        assert c["usage"]["prompt_tokens"] == chunks[-1]["usage"]["prompt_tokens"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 8 and seen == {0: 4, 1: 4}
 
 
 def test_validation_errors_name_the_request_field_not_a_union_branch(server):
