@@ -91,11 +91,26 @@ class AdapterStore:
         with self.lock:
             entry = self.catalog.lookup(name, user)
             if entry is not None:
-                return entry
+                return self._reread(name, entry)
             source = self.sources.on_demand(name)
             if source is None:
                 raise UnknownAdapterError(f"The model `{name}` does not exist.", param="model")
             return self.catalog.add(AdapterEntry(name, source, on_demand=True))
+
+    def _reread(self, name: str, entry: AdapterEntry) -> AdapterEntry:
+        """An on-demand name whose current version has left host memory is read from its source again as a
+        reload is (AdapterCatalog.add puts it aside until it has loaded): the same files give the same version
+        back, files changed meanwhile become the name's new version (the old one can never be read again and is
+        forgotten) instead of failing the request. A pinned ``name@version``, and a name in a traffic split
+        (routed by version), read what they name."""
+        if not (entry.on_demand and entry.content is not None and entry.weights is None and name == entry.name
+                and self.entries.get(name) is entry and name not in self.splits):
+            return entry
+        pending = self.catalog.pending.get(name)
+        if pending is None:
+            pending = self.catalog.add(AdapterEntry(name, entry.source, entry.pinned, on_demand=True,
+                                                    trusted=entry.trusted))
+        return pending
 
     def check_source(self, source: str) -> str:
         """Validate an admin-supplied source (AdapterSources.check)."""
@@ -259,7 +274,9 @@ class AdapterStore:
         entry.error = getattr(e, "message", None) or str(e)
         log.warning("adapter %s failed to load: %s", entry.name, entry.error)
         with self.lock:  # an on-demand name that cannot load is not listed; the next request retries it
-            if entry.on_demand and self.entries.get(entry.name) is entry:
+            if entry.on_demand and self.catalog.pending.get(entry.name) is entry:
+                self.catalog.restore(entry, None)  # a failed re-read (_reread): the name keeps the version it has
+            elif entry.on_demand and self.entries.get(entry.name) is entry:
                 self._dropped(self.catalog.forget(entry.name))
                 self.failures.record(LoadFailure(entry.name, entry.source, entry.error, time.time(),
                                                  getattr(e, "status_code", 400)))

@@ -516,6 +516,34 @@ def test_a_reread_that_finds_other_files_is_refused(make_store, root, tmp_path):
         s.ensure_host(swap).result(timeout=20)
 
 
+def test_an_on_demand_name_rereads_its_files_as_a_reload(make_store, root, tmp_path):
+    """An on-demand adapter out of host memory is read again by its next request: the same files give its
+    version back (history kept), changed files its new version (the old one, unreadable now, forgotten)
+    instead of failing that request and forgetting the name; a re-read that fails leaves the name as it was."""
+    s, _ = make_store(adapter_roots=[str(tmp_path)], max_cpu_loras=1)
+    shutil.copytree(root / "lora", tmp_path / "swap")
+    shutil.copytree(root / "dora", tmp_path / "other")
+    v1 = load(s, "swap")
+    load(s, "other")  # evicts swap: its current version stays, weightless
+    again = load(s, "swap")  # the same files: the same version, the same entry
+    assert s.entries["swap"] is v1 and again.version == v1.version and s.version_list("swap") == [v1.version]
+    load(s, "other")
+    shutil.rmtree(tmp_path / "swap")
+    shutil.copytree(root / "lora2", tmp_path / "swap")
+    v2 = load(s, "swap")
+    assert v2.version != v1.version and v2.weights is not None and s.entries["swap"] is v2
+    assert s.version_list("swap") == [v2.version] and not s.known(v1.key)
+    load(s, "other")
+    (tmp_path / "swap" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError):
+        load(s, "swap")
+    assert s.entries["swap"] is v2 and s.version_list("swap") == [v2.version] and not s.catalog.pending
+    shutil.rmtree(tmp_path / "swap")
+    shutil.copytree(root / "lora", tmp_path / "swap")
+    with pytest.raises(AdapterError, match=f"its files changed since version {v2.version}"):
+        load(s, f"swap@{v2.version}")  # a pinned version reads what it names or fails
+
+
 def test_in_flight_request_keeps_its_version_through_reload_and_unload(make_store, root):
     s, _ = make_store()
     v1 = reload(s, "m", root / "lora")
