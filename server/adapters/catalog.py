@@ -156,14 +156,15 @@ class AdapterCatalog:
         del self.history[name][content.version]
         return [c for c in [self._unhold(name, content)] if c]
 
-    def forget_older(self, content: AdapterVersion) -> list[AdapterVersion]:
-        """``content`` left host memory: the names holding it as an older version forget it."""
-        dropped = []
+    def forget_older(self, content: AdapterVersion) -> tuple[list[AdapterVersion], list[AdapterEntry]]:
+        """``content`` left host memory: the names holding it as an older version forget it. Returns the
+        versions no name holds any more and the entries forgotten."""
+        dropped, forgotten = [], []
         for name in list(content.names):
             if self.entries[name].content is not content and content.version not in self.splits.get(name, {}):
-                del self.history[name][content.version]
+                forgotten.append(self.history[name].pop(content.version))
                 dropped += [c for c in [self._unhold(name, content)] if c]
-        return dropped
+        return dropped, forgotten
 
     def _unhold(self, name: str, content: AdapterVersion | None) -> AdapterVersion | None:
         """``name`` no longer holds ``content``. Returns it when no name does any more: retired while requests

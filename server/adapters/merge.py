@@ -162,6 +162,22 @@ class AdapterMerger:
         if parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
 
+    def on_version_forgotten(self, name: str, source: str) -> None:
+        """Store observer: an older version of ``name`` left host memory and was forgotten (its reads of
+        ``source`` are over). A merged one's directory is deleted on the merge thread (prune runs only on merges
+        and unloads: evicted versions' files stayed until then)."""
+        directory = Path(source)
+        if valid_adapter_name(name) and directory.parent == self.directory / name:
+            self.executor.submit(self._discard, name, directory)
+
+    def _discard(self, name: str, directory: Path) -> None:
+        if str(directory) in self.store.sources_of(name):  # loaded again meanwhile (a rollback cannot: forgotten)
+            return
+        shutil.rmtree(directory, ignore_errors=True)
+        parent = directory.parent
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 

@@ -177,11 +177,11 @@ class AdapterStore:
             return self.catalog.known(key)
 
     def sources_of(self, name: str) -> list[str]:
-        """Where ``name``'s current entry and its loaded versions were read from."""
+        """Where ``name``'s current entry, its loaded versions and a reload still loading are read from."""
         with self.lock:
-            current = self.entries.get(name)
+            current = [self.entries.get(name), self.catalog.pending.get(name)]
             held = [e.source for e in self.history.get(name, {}).values()]
-            return held + ([current.source] if current is not None else [])
+            return held + [e.source for e in current if e is not None]
 
     def keys_of(self, name: str) -> list[str]:
         """The keys of ``name``'s loaded versions (what its device slots are keyed by)."""
@@ -336,7 +336,10 @@ class AdapterStore:
             content.weights = None
             self.evictions += 1
             self._emit("on_adapter_event", "evict_host", ",".join(sorted(content.names)) or content.version, None)
-            self._dropped(self.catalog.forget_older(content))
+            dropped, forgotten = self.catalog.forget_older(content)
+            self._dropped(dropped)
+            for entry in forgotten:  # the merger deletes a merged version's files (AsyncEngine)
+                self._emit("on_version_forgotten", entry.name, entry.source)
         return held
 
     def held_bytes(self) -> int:

@@ -100,6 +100,7 @@ class AsyncEngine:
         self._heap_frozen = False
         self.merger = AdapterMerger(self.engine.store, self.engine.runner.model.config,
                                     Path(config.adapters_cache) / "merged", config.max_adapter_bytes)
+        self.observers.append(self.merger)  # it deletes the files of merged versions forgotten on eviction
         for name, path in config.lora_modules.items():  # operator-given: trusted paths, pinned
             entry = self.engine.store.register(name, str(path), pinned=True, trusted=True)
             self.engine.store.ensure_host(entry).result()

@@ -544,6 +544,25 @@ def test_an_on_demand_name_rereads_its_files_as_a_reload(make_store, root, tmp_p
         load(s, f"swap@{v2.version}")  # a pinned version reads what it names or fails
 
 
+def test_a_merged_version_forgotten_on_eviction_takes_its_files_with_it(make_store, root, tmp_path, tiny_model_dir):
+    from server.adapters.merge import AdapterMerger
+
+    s, _ = make_store(max_cpu_loras=1)
+    merger = AdapterMerger(s, None, tmp_path / "merged", 1 << 30)
+    s.observers.append(merger)
+    older, newer = tmp_path / "merged" / "m" / "aaa", tmp_path / "merged" / "m" / "bbb"
+    shutil.copytree(root / "lora", older)
+    shutil.copytree(root / "lora2", newer)
+    for directory in (older, newer):  # what merge_adapter registers: a trusted path under the merger's directory
+        s.ensure_host(s.register("m", str(directory), replace=True, trusted=True)).result(timeout=20)
+    merger.executor.submit(lambda: None).result(timeout=20)  # the merge thread has run what was queued
+    assert not older.exists() and newer.exists() and s.version_list("m") == [s.entries["m"].version]
+    load(s, "dora")  # evicts the current version: it stays (read again from its files), and so do they
+    merger.executor.submit(lambda: None).result(timeout=20)
+    assert newer.exists()
+    merger.close()
+
+
 def test_in_flight_request_keeps_its_version_through_reload_and_unload(make_store, root):
     s, _ = make_store()
     v1 = reload(s, "m", root / "lora")
