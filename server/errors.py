@@ -21,6 +21,11 @@ class AdapterError(InvalidRequestError):
     """An adapter that cannot be loaded (bad path, bad format, over a limit)."""
 
 
+class AdapterExistsError(AdapterError):
+    """A load of a name already loaded, without replace: 400 on vLLM's /v1/load_lora_adapter (its convention),
+    409 on swapserve's own admin routes (which check first; this is the answer to a race between two loads)."""
+
+
 class AdapterNotAllowedError(AdapterError):
     status_code = 403
     error_type = "permission_error"

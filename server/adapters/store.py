@@ -33,7 +33,7 @@ from server.adapters.versions import AdapterVersion, version_of
 from server.adapters.weights import AdapterWeights
 from server.adapters.load_worker import prepare, shared_worker
 from server.config import EngineConfig, valid_adapter_name
-from server.errors import AdapterError, UnknownAdapterError
+from server.errors import AdapterError, AdapterExistsError, UnknownAdapterError
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class AdapterStore:
                                param="lora_name")
         with self.lock:
             if name in self.entries and not replace:
-                raise AdapterError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+                raise AdapterExistsError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
             return self.catalog.add(AdapterEntry(name, source, pinned, trusted=trusted))
 
     def restore(self, entry: AdapterEntry, previous: AdapterEntry | None) -> None:

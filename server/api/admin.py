@@ -29,7 +29,7 @@ from server.adapters.versions import split_pin
 from server.api.protocol import (AdapterCreate, AdapterPut, LoadLoRARequest, RollbackRequest, TrafficRequest,
                                  UnloadLoRARequest)
 from server.config import valid_adapter_name
-from server.errors import AdapterError, InvalidRequestError, SwapserveError, UnknownAdapterError
+from server.errors import AdapterError, AdapterExistsError, InvalidRequestError, SwapserveError, UnknownAdapterError
 
 router = APIRouter(dependencies=[Depends(require_admin)])
 MAX_NAME_CHARS = len("hub:") + 96 + len("/") + 96 + len("@") + 64  # the longest Hub id (sources.HUB_ID_RE)
@@ -66,8 +66,11 @@ async def create_adapter(body: AdapterCreate, request: Request) -> JSONResponse:
     engine = request.app.state.engine
     check_name(engine, body.name)
     if not body.replace and _exists(engine, body.name):
-        raise ConflictError(f"adapter '{body.name}' already exists; DELETE it first or set 'replace': true", "name")
-    info = await _load(engine, body.name, body.source, pinned=body.pinned, replace=body.replace)
+        raise exists(body.name)
+    try:
+        info = await _load(engine, body.name, body.source, pinned=body.pinned, replace=body.replace)
+    except AdapterExistsError:  # loaded by another call since the check above
+        raise exists(body.name) from None
     return JSONResponse(_jsonable(info, body.name), status_code=201)
 
 
@@ -122,6 +125,10 @@ def check_name(engine, name: str) -> None:
                            "(at most 128 characters, starting with a letter or digit)", "name")
     if name == engine.model_name:
         raise AdapterError(f"adapter name {name!r} is the base model's served name", "name")
+
+
+def exists(name: str) -> ConflictError:
+    return ConflictError(f"adapter '{name}' already exists; DELETE it first or set 'replace': true", "name")
 
 
 async def _load(engine, name: str, source: str, **options):

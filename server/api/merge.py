@@ -33,11 +33,11 @@ from fastapi.responses import JSONResponse
 from pydantic import Field, StringConstraints, model_validator
 
 from server.adapters.merge_spec import DENSITY_METHODS, METHODS, RANDOM_METHODS, SIGN_METHODS, SVD_METHODS, MergeSpec
-from server.api.admin import check_name
+from server.api.admin import check_name, exists
 from server.api.auth import require_admin
-from server.api.errors import ConflictError
 from server.api.strict import Strict, refuse
 from server.engine.request import MAX_SCALE
+from server.errors import AdapterExistsError
 
 router = APIRouter(dependencies=[Depends(require_admin)])
 MAX_MERGE_SOURCES = 16
@@ -96,9 +96,12 @@ async def merge_adapters(body: MergeRequest, request: Request) -> JSONResponse:
     engine = request.app.state.engine
     check_name(engine, body.name)
     if not body.replace and any(a.get("name") == body.name for a in engine.list_adapters()):
-        raise ConflictError(f"adapter '{body.name}' already exists; DELETE it first or set 'replace': true", "name")
+        raise exists(body.name)
     spec = body.spec()
-    info = await engine.merge_adapter(spec, pinned=body.pinned, replace=body.replace)
+    try:
+        info = await engine.merge_adapter(spec, pinned=body.pinned, replace=body.replace)
+    except AdapterExistsError:  # another merge or load took the name while this one merged
+        raise exists(body.name) from None
     merge = {k: v for k, v in vars(spec).items() if k not in ("name", "sources") and v is not None}
     merge["sources"] = [{"name": n, "weight": w} for n, w in spec.sources]
     return JSONResponse({**info, "merge": merge}, status_code=201)

@@ -2,6 +2,9 @@
 adapter (same add_weighted_adapter, same seed, on the real base model); refusals say why and leave nothing."""
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -123,6 +126,39 @@ def test_merge_names_conflict_unless_replaced_and_old_files_go(merge_server):
         assert sorted(str(v) for v in directory.iterdir()) == sorted([first.json()["source"], second.json()["source"]])
         assert http.delete(f"/v1/adapters/m-replace@{first.json()['version']}").status_code == 200
     assert [str(v) for v in directory.iterdir()] == [second.json()["source"]]
+
+
+def test_a_merge_that_loses_its_name_to_another_load_meanwhile_is_409(merge_server, merge_root):
+    """Both passed the route's check; the load registered first: the merge is the name's conflict (409), and
+    its written files go."""
+    merger = merge_server.engine.merger
+    gate = threading.Event()
+    merger.executor.submit(gate.wait, 30)  # the merge thread is busy: the merge below waits its turn
+    body = {"name": "m-race", "method": "linear", "sources": [{"name": "alpha", "weight": 0.5},
+                                                             {"name": "beta", "weight": 0.5}]}
+    out = {}
+
+    def merge():
+        with merge_server.client() as http:
+            out["merge"] = http.post("/v1/adapters/merge", json=body)
+
+    thread = threading.Thread(target=merge)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while merger.executor._work_queue.qsize() < 1 and time.monotonic() < deadline:  # the merge is queued
+            time.sleep(0.01)
+        with merge_server.client() as http:
+            loaded = http.post("/v1/adapters", json={"name": "m-race", "source": str(merge_root / "alpha")})
+        assert loaded.status_code == 201, loaded.text
+    finally:
+        gate.set()
+        thread.join(60)
+    assert out["merge"].status_code == 409 and out["merge"].json()["error"]["param"] == "name", out["merge"].text
+    assert not (merger.directory / "m-race").exists()
+    with merge_server.client() as http:
+        assert http.get("/v1/adapters/m-race").json()["source"] == str(merge_root / "alpha")
+        assert http.delete("/v1/adapters/m-race").status_code == 200
 
 
 def test_merge_is_an_admin_route(merge_server):
