@@ -26,6 +26,13 @@ class AdapterExistsError(AdapterError):
     409 on swapserve's own admin routes (which check first; this is the answer to a race between two loads)."""
 
 
+class ReloadInProgressError(AdapterError):
+    """A reload of a name while another reload of it is still loading: the second waits its turn (409), so
+    neither call reports a version the name does not end on."""
+    status_code = 409
+    error_type = "conflict_error"
+
+
 class AdapterNotAllowedError(AdapterError):
     status_code = 403
     error_type = "permission_error"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from server.adapters.disk_listing import target_names
 from server.adapters.versions import AdapterVersion, check_split, pick_version, split_pin, unknown_version
 from server.adapters.weights import AdapterWeights
-from server.errors import AdapterError, UnknownAdapterError
+from server.errors import AdapterError, ReloadInProgressError, UnknownAdapterError
 
 
 @dataclass(eq=False)
@@ -96,6 +96,10 @@ class AdapterCatalog:
         name whose current version is loaded waits in ``pending`` instead: requests keep resolving to the
         version the name serves until the new one has loaded (place), and a failed reload leaves it there."""
         current = self.entries.get(entry.name)
+        waiting = self.pending.get(entry.name)
+        if waiting is not None and not waiting.on_demand:  # an on-demand re-read gives way to an admin's reload
+            raise ReloadInProgressError(f"a reload of '{entry.name}' (from {waiting.source}) is still loading; "
+                                        "retry once it has finished", param="lora_name")
         if current is not None and current.version is not None:
             self.pending[entry.name] = entry
         else:

@@ -274,8 +274,8 @@ class AdapterStore:
         entry.error = getattr(e, "message", None) or str(e)
         log.warning("adapter %s failed to load: %s", entry.name, entry.error)
         with self.lock:  # an on-demand name that cannot load is not listed; the next request retries it
-            if entry.on_demand and self.catalog.pending.get(entry.name) is entry:
-                self.catalog.restore(entry, None)  # a failed re-read (_reread): the name keeps the version it has
+            if self.catalog.pending.get(entry.name) is entry:
+                self.catalog.restore(entry, None)  # a failed reload or re-read: the name keeps its version
             elif entry.on_demand and self.entries.get(entry.name) is entry:
                 self._dropped(self.catalog.forget(entry.name))
                 self.failures.record(LoadFailure(entry.name, entry.source, entry.error, time.time(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 
 import pytest
 
@@ -303,3 +304,33 @@ def test_requests_during_a_reload_read_the_version_the_name_serves(vserver, file
         assert result["r"].status_code == (400 if new_files == "broken" else 200), result["r"].text
         after = complete(http, name)
         assert tokens(after) == want["lora" if new_files == "broken" else "lora2"][:STEPS]
+
+
+def test_a_second_reload_while_one_is_loading_is_409(vserver, files, adapters, want):
+    """One reload of a name at a time: the second is refused (409, retry) rather than replacing the first,
+    whose call then reported a version the name never moved to; once the first has loaded, the name is on it."""
+    name = "twice"
+    shutil.copytree(adapters["lora"], files / name)
+    store, result, gate = vserver.engine.engine.store, {}, threading.Event()
+    with vserver.client() as http:
+        assert http.put(f"/v1/adapters/{name}", json={"source": str(files / name)}).status_code == 200
+        overwrite(files, name, adapters["lora2"])
+        store.executor.submit(gate.wait, 30)  # the loader is busy: the first reload stays pending
+        body = {"lora_name": name, "lora_path": str(files / name), "load_inplace": True}
+        first = threading.Thread(target=lambda: result.update(r=vserver.client().post("/v1/load_lora_adapter",
+                                                                                       json=body)))
+        first.start()
+        try:
+            deadline = time.monotonic() + 30
+            while name not in store.catalog.pending and time.monotonic() < deadline:
+                time.sleep(0.01)
+            second = http.post("/v1/load_lora_adapter", json=body)
+            put = http.put(f"/v1/adapters/{name}", json={"source": str(files / name)})
+        finally:
+            gate.set()
+            first.join(30)
+        assert second.status_code == 409 and "still loading" in second.json()["error"]["message"], second.text
+        assert put.status_code == 409, put.text
+        assert result["r"].status_code == 200, result["r"].text
+        assert tokens(complete(http, name)) == want["lora2"][:STEPS]
+        assert http.post("/v1/load_lora_adapter", json=body).status_code == 200  # the next one goes ahead

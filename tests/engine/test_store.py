@@ -14,7 +14,7 @@ import server.adapters.store as store_module
 from server.adapters.store import AdapterStore
 from server.config import EngineConfig
 from server.errors import (AdapterError, AdapterNotAllowedError, HostMemoryFullError, InvalidRequestError,
-                           UnknownAdapterError)
+                           ReloadInProgressError, UnknownAdapterError)
 
 NAMES = ("lora", "rslora", "dora", "ia3", "lora2")
 
@@ -484,12 +484,14 @@ def test_failed_reload_keeps_the_name_on_its_version(make_store, root, tmp_path)
         s.ensure_host(bad).result(timeout=20)
     s.restore(bad, v1)  # what AsyncEngine.load_adapter does
     assert s.resolve("m") is v1 and s.version_list("m") == [v1.version]
-    pending = s.register("m", str(root / "lora2"), replace=True)  # a reload not read yet, replaced meanwhile
     bad = s.register("m", str(tmp_path / "bad"), replace=True)
+    with pytest.raises(ReloadInProgressError):  # one reload of a name at a time: the second waits its turn
+        s.register("m", str(root / "lora2"), replace=True)
     with pytest.raises(AdapterError):
         s.ensure_host(bad).result(timeout=20)
-    s.restore(bad, pending)  # what it replaced holds no version: back to the latest one the name has
-    assert s.resolve("m") is v1
+    assert s.resolve("m") is v1 and not s.catalog.pending  # the failed load itself put the name back
+    v2 = reload(s, "m", root / "lora2")  # the next reload goes ahead
+    assert s.resolve("m") is v2 and s.version_list("m") == [v1.version, v2.version]
 
 
 def test_an_evicted_older_version_is_forgotten_the_current_one_reread(make_store, root):
