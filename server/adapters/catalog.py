@@ -38,6 +38,7 @@ class AdapterEntry:
     last_used: float | None = None
     load_seconds: float | None = None
     created: float = field(default_factory=time.time)
+    merged_into: AdapterEntry | None = None  # a reload that found the version its name held: that version's entry
 
     @property
     def version(self) -> str | None:
@@ -252,6 +253,8 @@ class AdapterCatalog:
         if current is entry and history.get(version) not in (None, entry):
             same = self.entries[name] = history[version]  # reloaded with the same content: the version stays,
             same.source, same.pinned, same.trusted = entry.source, entry.pinned, entry.trusted  # as reloaded
+            same.in_flight, same.hits = same.in_flight + entry.in_flight, same.hits + entry.hits
+            entry.in_flight, entry.merged_into = 0, same  # requests bound to entry count (and end) on same
             entry = same
         history[version] = entry
         content.names.add(name)

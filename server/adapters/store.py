@@ -356,6 +356,7 @@ class AdapterStore:
     # ---- used by the engine -----------------------------------------------------------------------------
     def acquire(self, entry: AdapterEntry) -> None:
         with self.lock:
+            entry = entry.merged_into or entry
             entry.in_flight += 1
             entry.hits += 1
             if entry.content is not None:
@@ -366,6 +367,7 @@ class AdapterStore:
         """One request on ``entry`` finished. Returns its key when that version was retired (no name holds it)
         and is now free: the engine then frees its device slot."""
         with self.lock:
+            entry = entry.merged_into or entry
             entry.in_flight -= 1
             content = entry.content
             if content is not None:

@@ -527,8 +527,11 @@ def test_an_on_demand_name_rereads_its_files_as_a_reload(make_store, root, tmp_p
     shutil.copytree(root / "dora", tmp_path / "other")
     v1 = load(s, "swap")
     load(s, "other")  # evicts swap: its current version stays, weightless
-    again = load(s, "swap")  # the same files: the same version, the same entry
+    again = load(s, "swap", hold=True)  # the same files: the same version, the same entry
     assert s.entries["swap"] is v1 and again.version == v1.version and s.version_list("swap") == [v1.version]
+    assert v1.in_flight == 1 and again.in_flight == 0  # the request bound to the re-read counts on the name
+    s.release(again)
+    assert v1.in_flight == 0 and v1.content.in_flight == 0
     load(s, "other")
     shutil.rmtree(tmp_path / "swap")
     shutil.copytree(root / "lora2", tmp_path / "swap")
