@@ -9,6 +9,7 @@ mixture of adapters, or one adapter at a strength (server.api.generation.adapter
 """
 from __future__ import annotations
 
+import random
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints, model_validator
@@ -292,8 +293,18 @@ class TGIParameters(Strict):
             raise refuse(self, "watermark", "watermarking is not supported; omit it")
         return self
 
+    @model_validator(mode="after")
+    def _draw_seed(self):
+        if self.seed is None and self.sampling:  # TGI draws the seed it samples with and reports it in details
+            self.seed = random.getrandbits(63)
+        return self
+
+    @property
+    def sampling(self) -> bool:
+        return self.do_sample or any(v is not None for v in (self.temperature, self.top_k, self.top_p))
+
     def sampling_params(self, logprobs: bool, grammar=None) -> SamplingParams:
-        sample = self.do_sample or any(v is not None for v in (self.temperature, self.top_k, self.top_p))
+        sample = self.sampling
         return SamplingParams(
             max_tokens=self.max_new_tokens or 100,
             temperature=(self.temperature or 1.0) if sample else 0.0,

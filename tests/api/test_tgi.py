@@ -27,6 +27,21 @@ def test_generate_with_details_matches_openai_greedy(server):
     assert all(t["logprob"] <= 0 for t in details["tokens"])
 
 
+def test_sampling_without_a_seed_reports_the_seed_it_drew(server):
+    """TGI's details.seed: the seed a sampled generation used (drawn when none was given; it reproduces the
+    text), null for greedy."""
+    params = {"max_new_tokens": 8, "details": True, "do_sample": True, "temperature": 1.5}
+    with server.client() as http:
+        drawn = http.post("/generate", json={"inputs": "hello world", "parameters": params}).json()
+        again = http.post("/generate", json={"inputs": "hello world",
+                                             "parameters": {**params, "seed": drawn["details"]["seed"]}}).json()
+        greedy = http.post("/generate", json={"inputs": "hello world",
+                                              "parameters": {"max_new_tokens": 2, "details": True}}).json()
+        streamed = sse_events(http.post("/generate_stream", json={"inputs": "hi", "parameters": params}))
+    assert isinstance(drawn["details"]["seed"], int) and again["generated_text"] == drawn["generated_text"]
+    assert greedy["details"]["seed"] is None and isinstance(streamed[-1]["details"]["seed"], int)
+
+
 def test_generate_adapter_id_and_full_text(server):
     with server.client() as http:
         r = http.post("/generate", json={"inputs": "hello world",
