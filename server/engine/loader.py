@@ -265,11 +265,14 @@ def pack_cpu_linears(model: torch.nn.Module, choice: str, device: torch.device, 
     if done:
         if quantization == "none":
             own_file_tensors(model)
-        dense = sum(not m.packed for m in done)
+        dense = [m for m in done if not m.packed]
+        copied = sum(m.packed_weight.numel() * 4 for m in dense if m.copied)
         small = sum(type(m) is torch.nn.Linear for m in model.modules())
+        shared = f"; {len(dense)} sharing a weight (a tied head) kept dense" + (
+            f", computed on a packed copy (+{copied / 2**20:.0f} MiB)" if copied else
+            f", reordered per call (a copy would exceed {gemm.TIED_COPY_MAX_BYTES >> 20} MiB)") if dense else ""
         log.info("base linears: oneDNN for %d, packed once into its blocked layout (dense copies dropped)%s%s",
-                 len(done) - dense, f"; {dense} sharing a weight (a tied head) kept dense" if dense else "",
-                 f"; {small} under {min_elements} weights stay on F.linear" if small else "")
+                 len(done) - len(dense), shared, f"; {small} under {min_elements} weights stay on F.linear" if small else "")
     return done
 
 

@@ -9,9 +9,12 @@ unquantized linears through oneDNN with packed weights.
 
 What changes: a plain float32 ``nn.Linear`` becomes a ``PackedLinear`` holding its weight once, in oneDNN's
 layout (the dense copy is dropped, so memory does not grow; ``dense()`` gives it back, exactly, for the
-DoRA factors). A weight shared with another module (a head tied to the embedding) cannot be dropped, so it
-stays dense and oneDNN reorders it per call (still 1.8-2.4x F.linear). Results are F.linear's up to float32
-summation order (~1e-6 relative), which the PEFT tests' tolerances already cover.
+DoRA factors). A weight shared with another module (a head tied to the embedding) cannot be dropped: it stays
+dense for the embedding's lookups, and the head computes on a packed copy of it when that copy is at most
+TIED_COPY_MAX_BYTES (SmolLM2's 49152-row head, 113 MiB: 16 and 32 rows took 38 and 44 ms on one core instead
+of 52 and 60 with oneDNN reordering the dense weight per call, ~7% of a 32-row decode step), else oneDNN
+reorders the dense weight per call (still 1.8-2.4x F.linear). Results are F.linear's up to float32 summation
+order (~1e-6 relative), which the PEFT tests' tolerances already cover.
 Inference only (the packed op has no backward); ``swapserve train`` never uses it.
 """
 from __future__ import annotations
@@ -38,6 +41,9 @@ def available() -> bool:
 # 32 rows (and 0.4x at one), 64x128 0.6x even at 32 rows. Real models' smallest linears (SmolLM2's 576x192
 # k/v projections) are above it; test-sized toy models are below and stay on F.linear.
 MIN_PACK_ELEMENTS = 1 << 16
+# A tied head's packed copy costs its bytes again (the embedding keeps the dense weight): taken up to this size
+# (SmolLM2's head: 113 MiB; a 1B model's 128k-row head, 1 GiB, is not copied)
+TIED_COPY_MAX_BYTES = 256 << 20
 
 
 def plan(choice: str, device: torch.device, dtype: torch.dtype) -> int | None:
@@ -61,21 +67,31 @@ class PackedLinear(nn.Module):
 
     ``weight`` is the packed tensor (an mkldnn tensor: dtype, device and shape read as the original's, so HF's
     checks of them pass; arithmetic on it outside oneDNN fails loudly rather than silently), or the original
-    dense parameter when ``keep_dense``."""
+    dense parameter when ``keep_dense``; then ``packed_copy`` adds ``packed_weight``, a packed copy the product
+    is computed on (the dense one stays for the modules sharing it)."""
 
-    def __init__(self, linear: nn.Linear, keep_dense: bool = False):
+    def __init__(self, linear: nn.Linear, keep_dense: bool = False, packed_copy: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        packed = None if keep_dense and not packed_copy else \
+            torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
         if keep_dense:
             self.weight = linear.weight
+            self.register_buffer("packed_weight", packed, persistent=False)
         else:
-            packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
             self.register_buffer("weight", packed, persistent=False)
+            self.packed_weight = None
         self.bias = linear.bias
 
     @property
     def packed(self) -> bool:
+        """Its weight is held packed only (False: dense, shared with another module)."""
         return self.weight.is_mkldnn
+
+    @property
+    def copied(self) -> bool:
+        """A shared dense weight whose product runs on a packed copy."""
+        return self.packed_weight is not None
 
     def dense(self) -> torch.Tensor:
         """The weight as a dense [out, in] tensor (a copy when packed; the reorder is exact)."""
@@ -88,21 +104,25 @@ class PackedLinear(nn.Module):
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         bias = None if self.bias is None else self.bias.detach()  # the op has no backward
-        y = torch.ops.mkldnn._linear_pointwise(x2, self.weight, bias, "none", [], "")
+        weight = self.weight if self.packed_weight is None else self.packed_weight
+        y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        how = "packed" if self.packed else "dense, shared"
+        how = "packed" if self.packed else "dense, shared, a packed copy" if self.copied else "dense, shared"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {how}"
 
 
-def pack(linear: nn.Module, shared: set[int], min_elements: int = 0) -> nn.Module:
+def pack(linear: nn.Module, shared: set[int], min_elements: int = 0,
+         copy_max_bytes: int = TIED_COPY_MAX_BYTES) -> nn.Module:
     """``linear`` as a PackedLinear when it is a plain float32 CPU nn.Linear of at least ``min_elements``
-    weights, else unchanged. ``shared``: ids of weights other modules also use (kept dense)."""
-    if (type(linear) is not nn.Linear or linear.weight.dtype != torch.float32 or linear.weight.device.type != "cpu"
-            or linear.weight.numel() < min_elements):
+    weights, else unchanged. ``shared``: ids of weights other modules also use (kept dense; computed on a packed
+    copy when it is at most ``copy_max_bytes``)."""
+    weight = linear.weight if type(linear) is nn.Linear else None
+    if weight is None or weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.numel() < min_elements:
         return linear
-    return PackedLinear(linear, keep_dense=id(linear.weight) in shared)
+    tied = id(weight) in shared
+    return PackedLinear(linear, keep_dense=tied, packed_copy=tied and weight.numel() * 4 <= copy_max_bytes)
 
 
 def pack_linears(model: nn.Module, min_elements: int = 0) -> list[PackedLinear]:

@@ -55,9 +55,12 @@ def test_only_plain_float32_cpu_linears_are_packed_and_shared_weights_stay_dense
     shared = gemm.shared_weights(model)
     assert shared == {id(emb.weight)}
     tied = gemm.pack(head, shared)
-    assert isinstance(tied, gemm.PackedLinear) and not tied.packed and tied.weight is emb.weight
+    assert isinstance(tied, gemm.PackedLinear) and not tied.packed and tied.weight is emb.weight and tied.copied
     x = torch.randn(4, 16)
     torch.testing.assert_close(tied(x), x @ emb.weight.T, rtol=1e-5, atol=1e-5)
+    large = gemm.pack(head, shared, copy_max_bytes=50 * 16 * 4 - 1)  # a copy over the cap: reordered per call
+    assert not large.copied and large.weight is emb.weight
+    torch.testing.assert_close(large(x), x @ emb.weight.T, rtol=1e-5, atol=1e-5)
     assert gemm.pack(model["bf16"], shared) is model["bf16"]
     assert gemm.pack(emb, shared) is emb
     assert gemm.pack(model["other"], shared, min_elements=16 * 16 + 1) is model["other"]  # too small to pay
@@ -75,9 +78,9 @@ def test_pack_linears_frees_each_dense_weight_as_it_goes():
     alive_at_pack = []
     inner = gemm.PackedLinear.__init__
 
-    def counting(self, linear, keep_dense=False):
+    def counting(self, linear, keep_dense=False, packed_copy=False):
         alive_at_pack.append(sum(r() is not None for r in refs))
-        inner(self, linear, keep_dense)
+        inner(self, linear, keep_dense, packed_copy)
     gemm.PackedLinear.__init__ = counting
     try:
         done = gemm.pack_linears(model)
