@@ -49,10 +49,13 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_token_ids, config.seed, mask)
         self.grammar = GrammarCompiler(self.tokenizer, self.runner.vocab_size, self.eos_token_ids)
         self.detokenizer = Detokenizer(self.tokenizer, self.eos_token_ids)
+        # the step's outputs so far: a step that raises leaves them here for fail_all (requests it already
+        # ended are out of the scheduler, and their final output must still reach their streams)
+        self._outputs: list[tuple[Request, RequestOutput]] = []
 
     # ---- the step ---------------------------------------------------------------------------------------
     def step(self) -> list[tuple[Request, RequestOutput]]:
-        outputs = self._reap()
+        outputs = self._outputs = self._reap()
         batch = self.scheduler.schedule(self._adapter_ready)
         if batch.prefix_queries:
             self._emit("on_prefix_cache", batch.prefix_queries, batch.prefix_hits)
@@ -63,7 +66,8 @@ class LLMEngine:
             self.sampler.prepare([r for r, n in batch.seqs if r.num_computed_tokens + n == r.num_tokens])
             result = self.runner.execute(batch.seqs, self.store.weights)
             self._advance(batch, result)
-            outputs += self._sample(result)
+            self._sample(result, outputs)
+        self._outputs = []
         return outputs
 
     def _advance(self, batch: ScheduledBatch, result: StepOutput) -> None:
@@ -76,17 +80,19 @@ class LLMEngine:
             req.prompt_logprobs += prompt_logprobs(logits, req.prompt_token_ids[len(req.prompt_logprobs):],
                                                    req.params.prompt_logprobs)
 
-    def _sample(self, result: StepOutput) -> list[tuple[Request, RequestOutput]]:
-        """A token for every request that reached its end (none for max_tokens 0, done with its prompt)."""
+    def _sample(self, result: StepOutput, outs: list) -> None:
+        """A token for every request that reached its end (none for max_tokens 0, done with its prompt),
+        appended to ``outs`` as each is made."""
         keep = [i for i, r in enumerate(result.sampled) if r.params.max_tokens > 0]
-        outs = [self._prompt_only(r) for r in result.sampled if r.params.max_tokens == 0]
+        for r in result.sampled:
+            if r.params.max_tokens == 0:
+                outs.append(self._prompt_only(r))
         sampled = [result.sampled[i] for i in keep]
         logits = result.logits if len(keep) == len(result.sampled) else result.logits[keep]  # no copy if all
         tokens, logprobs, tops = self.sampler(logits, sampled)
         now = time.monotonic()
         for req, token, lp, top in zip(sampled, tokens, logprobs, tops):
             outs.append(self._accept(req, token, lp, top, now))
-        return outs
 
     def _accept(self, req: Request, token: int | None, lp: float | None, top: list | None,
                 now: float) -> tuple[Request, RequestOutput]:
@@ -160,8 +166,10 @@ class LLMEngine:
 
     def fail_all(self, error: str) -> list[tuple[Request, RequestOutput]]:
         """End every request after a failed step (an internal error: HTTP 500 with ``error``, never a quiet
-        "abort" that reads as a finished answer): nothing is left half-run."""
-        return [self._fail(r, error, 500) for r in list(self.scheduler.running) + list(self.scheduler.waiting)]
+        "abort" that reads as a finished answer): nothing is left half-run. The outputs the failed step had
+        made come first: some ended their requests (an abort, a failed load, a last token) before it failed."""
+        made, self._outputs = self._outputs, []
+        return made + [self._fail(r, error, 500) for r in list(self.scheduler.running) + list(self.scheduler.waiting)]
 
     def drop_device(self, key) -> None:
         """Free the device slot of version ``key`` (no name or request holds it any more)."""
@@ -195,10 +203,15 @@ class LLMEngine:
                 "block_size": self.blocks.block_size}
 
     def _emit(self, method: str, *args) -> None:
+        """Tell the observers (metrics, tenancy, the request log): one that raises is logged and passed over,
+        never the step's failure (fail_all emits too: a raising observer there ended the step thread)."""
         for obs in self.observers:
             fn = getattr(obs, method, None)
             if fn:
-                fn(*args)
+                try:
+                    fn(*args)
+                except Exception:
+                    log.exception("observer %s.%s failed", type(obs).__name__, method)
 
 
 def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[tuple[float, list, int]]:

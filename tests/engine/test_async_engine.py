@@ -342,3 +342,57 @@ def test_a_request_id_already_in_flight_is_refused(loop, aengine):
         assert again[-1].finished
 
     loop.run_until_complete(main())
+
+
+def test_a_failed_step_still_delivers_what_it_had_made(loop, aengine, monkeypatch):
+    """A step that raises after ending some requests (here: an abort it reaped) still hands those requests their
+    final output: their streams end (they hung, their ids "in flight" forever), the others get the step's 500."""
+    hold = Hold("held", 3)
+    aengine.add_observer(hold)
+    runner = aengine.engine.runner
+    real, failed = runner.execute, []
+
+    def execute_once_failing(*args, **kwargs):
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    async def main():
+        aborted = asyncio.ensure_future(collect(aengine.add_request([5, 6, 7], greedy(50), None, request_id="gone")))
+        held = asyncio.ensure_future(collect(aengine.add_request([8, 9, 10], greedy(50), None, request_id="held")))
+        await wait_event(hold.reached)  # the step thread is parked mid-step
+        monkeypatch.setattr(runner, "execute", execute_once_failing)
+        aengine.abort("gone")  # reaped by the next step, which then fails
+        hold.go.set()
+        gone, kept = await asyncio.wait_for(asyncio.gather(aborted, held), 20)
+        assert gone[-1].finished and gone[-1].finish_reason == "abort" and gone[-1].error is None
+        assert kept[-1].finished and kept[-1].error_status == 500 and "injected" in kept[-1].error
+        assert "gone" not in aengine._requests and "held" not in aengine._requests
+        again = await asyncio.wait_for(collect(aengine.add_request([5, 6, 7], greedy(2), None, request_id="gone")), 20)
+        assert again[-1].finish_reason == "length"
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        hold.go.set()
+        aengine.observers.remove(hold)
+
+
+def test_an_observer_that_raises_is_passed_over(loop, aengine):
+    """Metrics, tenancy and the request log observe the step: one that raises is logged, and the requests (and
+    the step thread) go on as if it had not been there."""
+    class Broken:
+        def on_token(self, req, now):
+            raise RuntimeError("observer bug")
+
+        def on_request_finished(self, req):
+            raise RuntimeError("observer bug")
+
+    broken = Broken()
+    aengine.add_observer(broken)
+    try:
+        outs = loop.run_until_complete(asyncio.wait_for(collect(aengine.add_request([5, 6, 7], greedy(4))), 20))
+        assert outs[-1].finish_reason == "length" and sum(len(o.token_ids) for o in outs) == 4 and not outs[-1].error
+    finally:
+        aengine.observers.remove(broken)
