@@ -98,6 +98,9 @@ class LLMEngine:
                 now: float) -> tuple[Request, RequestOutput]:
         """Append the sampled ``token`` to ``req`` (advancing its grammar), and its output increment."""
         if token is None:  # its logits were not finite: its own adapter's doing; no other row is touched
+            if req.constraint is not None and req.params.allowed_token_ids:  # or its masks left it no token
+                return self._fail(req, "no token is left to generate: none of allowed_token_ids is one the "
+                                       "request's grammar accepts here (or its adapter's logits are not finite)")
             return self._fail(req, "the model produced non-finite logits for this request (its adapter's weights "
                                    "overflow in this dtype?)")
         if req.constraint is not None and not req.constraint.accept(token):

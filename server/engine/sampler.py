@@ -83,6 +83,7 @@ class Sampler:
             # a copy (the penalties edit it); a non-finite row goes through too (its token is dropped): nothing
             # below validates its input, unlike torch.multinomial, which raises (a device assert on a GPU)
             scores = self._process(logits.index_select(0, rows), [requests[i] for i in chunk])
+            finite[rows] &= scores.max(-1).values > float("-inf")  # its masks left it no token (dropped, as above)
             tokens[rows] = self._choose(scores, [requests[i] for i in chunk])
         wanted = [i for i, r in enumerate(requests) if r.params.logprobs]
         k = max((requests[i].params.top_logprobs for i in wanted), default=0)

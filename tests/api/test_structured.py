@@ -107,3 +107,14 @@ def test_tgi_grammar(server):
                                                                                        "value": "("}}})
     assert re.fullmatch(r"[0-9]{4}", r.json()["generated_text"]), r.text
     assert bad.status_code == 422
+
+
+def test_allowed_token_ids_the_grammar_never_accepts_say_so(server):
+    """A grammar and allowed_token_ids with nothing in common leave no token: the 400 says that, not that the
+    model's logits were not finite."""
+    tok = server.engine.tokenizer
+    letters = sorted({i for text in ("a", "b", "x") for i in tok.encode(text, add_special_tokens=False)})
+    with server.client() as http:
+        r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, "allowed_token_ids": letters,
+                                               "structured_outputs": {"regex": "[0-9]{3}"}})
+    assert r.status_code == 400 and "none of allowed_token_ids" in r.json()["error"]["message"], r.text
