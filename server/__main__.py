@@ -52,7 +52,8 @@ ENGINE_FLAGS = (
     Flag("adapter-root", list, [], "directory adapters may be loaded from; an adapter's name is its directory "
          "name (repeatable)", metavar="DIR"),
     Flag("max-loras", int, 16, "adapter slots on the device; also the most distinct adapters in one step"),
-    Flag("max-cpu-loras", int, 64, "adapters kept in host memory (LRU), >= --max-loras"),
+    Flag("max-cpu-loras", int, 64, "adapters kept in host memory (LRU), >= --max-loras (unset: 64, or --max-loras "
+         "when that is more)"),
     Flag("max-cpu-lora-bytes", int, 4 << 30, "byte budget of the host adapter tier, held hard: adapters with "
          "requests in flight and the load in progress count against it; an adapter larger than it is refused "
          "with 400"),
@@ -160,8 +161,40 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=f"Every flag is also read from {ENV_PREFIX}<FLAG>, e.g. {ENV_PREFIX}MAX_LORAS.")
     for flag in ENGINE_FLAGS + SERVER_FLAGS:
         _add_flag(serve, flag)
+    _add_vllm_spellings(serve)
     add_train_arguments(commands.add_parser("train", help="fine-tune a LoRA or IA3 adapter and optionally hot-load it"))
     return parser
+
+
+def _add_vllm_spellings(parser: argparse.ArgumentParser) -> None:
+    """vLLM's spellings a `vllm serve` command line brings: the same meaning where swapserve has it, else a
+    refusal naming swapserve's flag (vllm_spellings), never silently ignored."""
+    group = parser.add_argument_group("vLLM spellings", "accepted so that a `vllm serve` command line runs")
+    group.add_argument("model_tag", nargs="?", metavar="MODEL", help="the model, as in `vllm serve MODEL` (--model)")
+    group.add_argument("--enable-lora", action="store_true",
+                       help="vLLM's switch for adapters: they are always on here, so it changes nothing")
+    group.add_argument("--disable-log-requests", action="store_true",
+                       help="vLLM's: requests are logged only with --enable-log-requests (refused together with it)")
+    group.add_argument("--uvicorn-log-level", dest="log_level", type=str.lower, metavar="LEVEL",
+                       choices=("critical", "error", "warning", "info", "debug", "trace"),
+                       help="vLLM's name for --log-level")
+    group.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION",
+                       help="vLLM's share of the device for weights and KV: refused, use --kv-cache-memory")
+
+
+def vllm_spellings(args: argparse.Namespace, values: dict) -> None:
+    """Apply (or refuse, naming swapserve's flag) the vLLM spellings of _add_vllm_spellings to ``values``."""
+    tag = getattr(args, "model_tag", None)
+    if tag is not None:
+        if args.model is not None and args.model != tag:
+            raise ValueError(f"the model is given twice ({tag!r} and --model {args.model!r}); give one")
+        values["model"] = tag
+    if getattr(args, "gpu_memory_utilization", None) is not None:
+        raise ValueError("--gpu-memory-utilization is vLLM's share of the device for weights and KV cache; swapserve "
+                         "sizes the KV cache alone: give --kv-cache-memory as a fraction of the free memory (e.g. "
+                         "0.9) or in bytes (e.g. 8GiB)")
+    if getattr(args, "disable_log_requests", False) and values.get("enable_log_requests"):
+        raise ValueError("--disable-log-requests and --enable-log-requests contradict each other; give one")
 
 
 def _add_flag(parser: argparse.ArgumentParser, flag: Flag) -> None:
@@ -175,8 +208,12 @@ def _add_flag(parser: argparse.ArgumentParser, flag: Flag) -> None:
         parser.add_argument(f"--{flag.name}", action="extend", nargs="+", default=None, help=help_text,
                             metavar=flag.metavar)
     else:
-        parser.add_argument(f"--{flag.name}", type=flag.type, default=None, choices=flag.choices,
+        kind = str.lower if flag.choices and flag.type is str else flag.type  # INFO reads as info
+        parser.add_argument(f"--{flag.name}", type=kind, default=None, choices=flag.choices,
                             help=help_text, metavar=flag.metavar)
+
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def resolve(flag: Flag, cli_value: Any, environ: dict[str, str]) -> Any:
@@ -187,10 +224,16 @@ def resolve(flag: Flag, cli_value: Any, environ: dict[str, str]) -> Any:
     if raw is None or (raw == "" and flag.type is not str):
         return list(flag.default) if flag.type is list else flag.default
     if flag.type is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
+        word = raw.strip().lower()
+        if word not in TRUE + FALSE:
+            raise ValueError(f"{flag.env}={raw!r}: give one of {', '.join(TRUE + FALSE)}")
+        return word in TRUE
     if flag.type is list:
         return [item.strip() for item in raw.split(",") if item.strip()]
-    value = flag.type(raw)
+    try:
+        value = flag.type(raw).lower() if flag.choices and flag.type is str else flag.type(raw)
+    except ValueError:
+        raise ValueError(f"{flag.env}={raw!r}: not a valid value for --{flag.name}") from None
     if flag.choices and value not in flag.choices:
         raise ValueError(f"{flag.env} must be one of {', '.join(flag.choices)}; got {value!r}")
     return value
@@ -209,6 +252,10 @@ def parse_lora_modules(items: list[str]) -> dict[str, str]:
 def build_configs(args: argparse.Namespace, environ: dict[str, str]) -> tuple[EngineConfig, ServerConfig]:
     """EngineConfig and ServerConfig from parsed flags and the environment (raises ValueError when invalid)."""
     values = {f.dest: resolve(f, getattr(args, f.dest), environ) for f in ENGINE_FLAGS + SERVER_FLAGS}
+    vllm_spellings(args, values)
+    unset = getattr(args, "max_cpu_loras", None) is None and not environ.get(ENV_PREFIX + "MAX_CPU_LORAS")
+    if unset and values["max_loras"] > values["max_cpu_loras"]:  # vLLM's default: the device tier's size
+        values["max_cpu_loras"] = values["max_loras"]
     values["lora_modules"] = parse_lora_modules(values["lora_modules"])
     values["adapter_roots"] = values.pop("adapter_root")
     values["hub_adapter_orgs"] = values.pop("hub_adapter_org")
@@ -216,12 +263,22 @@ def build_configs(args: argparse.Namespace, environ: dict[str, str]) -> tuple[En
     server_fields = {f.name for f in dataclasses.fields(ServerConfig)}
     engine = EngineConfig(**{k: v for k, v in values.items() if k in engine_fields})
     server = ServerConfig(**{k: v for k, v in values.items() if k in server_fields})
+    if engine.served_model_name in engine.lora_modules:  # "model": that name would always read the base model
+        raise ValueError(f"--lora-modules names an adapter {engine.served_model_name!r}, the base model's served "
+                         "name (--served-model-name): give one of them another name")
     if server.api_keys_file:  # a malformed key file refuses start-up with the line at fault (KeyFileError)
         load_key_file(server.api_keys_file, {"--api-key": server.api_key, "--admin-key": server.admin_key})
     return engine, server
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the server's own handlers are in place (imports, parsing)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     progress.configure()  # bars for downloads, conversion and training on a terminal; none in logs

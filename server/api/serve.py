@@ -23,7 +23,7 @@ import uvicorn
 from server.api.app import Lifecycle, create_app
 from server.api.auth import is_loopback
 from server.api.settings import ServerConfig
-from server.errors import NotReadyError
+from server.errors import NotReadyError, SwapserveError
 
 log = logging.getLogger("swapserve")
 
@@ -95,7 +95,11 @@ class PendingEngine:
         try:
             engine = self._build(self.config)
         except BaseException as exc:  # reported; the server stops
-            log.exception("loading model %s failed", self.config.model)
+            if isinstance(exc, (ValueError, OSError, MemoryError, SwapserveError)):  # a setting or a path at fault
+                log.error("start-up failed: %s", exc)  # what to change; the traceback only for --log-level debug
+                log.debug("start-up failed while loading model %s", self.config.model, exc_info=exc)
+            else:
+                log.exception("loading model %s failed", self.config.model)
             self._call_soon(loop, self._failed, exc)
             return
         self._call_soon(loop, lambda: asyncio.ensure_future(self._started(engine)))

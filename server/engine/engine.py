@@ -40,8 +40,9 @@ class LLMEngine:
         self.blocks = BlockManager(BlockPool(self.runner.kv.num_blocks, config.enable_prefix_caching),
                                    config.block_size)
         if self.max_len > self.blocks.capacity_tokens:
-            raise ValueError(f"--max-model-len {self.max_len} does not fit the KV cache ({self.blocks.capacity_tokens} "
-                             "tokens); raise --kv-cache-memory or lower --max-model-len")
+            given = "" if self.max_len == config.max_model_len else f" (the model's limit; asked {config.max_model_len})"
+            raise ValueError(f"--max-model-len {self.max_len}{given} does not fit the KV cache "
+                             f"({self.blocks.capacity_tokens} tokens); raise --kv-cache-memory or lower --max-model-len")
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_loras,
                                    token_budget(config, self.runner.device.type), config.max_waiting,
                                    long_prefill_threshold=config.long_prefill_token_threshold)

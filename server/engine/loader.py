@@ -92,12 +92,18 @@ def set_threads(threads: int, device: torch.device) -> None:
 
 def _source(model: str) -> tuple[str, dict]:
     """(from_pretrained path or id, extra kwargs) for a Hub id, a local directory or a .gguf file."""
-    path = Path(model)
+    path = Path(model).expanduser()
     if model.endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"--model {model}: GGUF file not found")
         return str(path.parent), {"gguf_file": path.name}
-    return model, {}
+    if model.startswith(("/", "./", "../", "~")) and not path.exists():  # a path, not a Hub id
+        raise FileNotFoundError(f"--model {model}: no such directory (give a model directory, a .gguf file or a "
+                                "Hugging Face repo id)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model}: the directory holds no config.json (not a Hugging Face model "
+                                "directory; give one, a .gguf file or a Hugging Face repo id)")
+    return str(path) if path.exists() else model, {}
 
 
 # ---- GGUF -> safetensors, cached ----------------------------------------------------------------------------

@@ -43,6 +43,9 @@ class ModelRunner:
                                                   torch.get_num_threads(), usable_cores())
         self.manager = AdapterManager(self.layers, self.holder, config.max_loras, self.device)
         self.max_len = min(config.max_model_len, self._model_max_len())
+        if self.max_len < config.max_model_len:
+            log.warning("--max-model-len %d is more than this model allows (%d positions): serving %d",
+                        config.max_model_len, self.max_len, self.max_len)
         useful = 2 * config.max_num_seqs * self.max_len * PagedKVCache.block_bytes(self.model.config, 1, self.dtype)
         self.kv = PagedKVCache.for_model(self.model.config, budget_bytes(config.kv_cache_memory, self.device, useful),
                                          config.block_size, self.dtype, self.device)

@@ -85,10 +85,37 @@ def test_invalid_values_exit_with_usage_error(capsys):
 
 def test_every_flag_has_help_and_an_environment_variable():
     serve = build_parser()._subparsers._group_actions[0].choices["serve"]
-    flags = [a for a in serve._actions if a.option_strings and a.dest != "help"]
+    vllm = next(g for g in serve._action_groups if g.title == "vLLM spellings")._group_actions
+    flags = [a for a in serve._actions if a.option_strings and a.dest != "help" and a not in vllm]
     assert len(flags) >= 25
     for action in flags:
         assert action.help and f"SWAPSERVE_{action.dest.upper()}" in action.help, action.dest
+    assert all(a.help for a in vllm)
+
+
+def test_vllm_spellings_mean_the_same_or_are_refused_naming_ours(tmp_path, capsys):
+    """A `vllm serve` command line: MODEL positional, --enable-lora, --disable-log-requests and
+    --uvicorn-log-level work as there; --gpu-memory-utilization is refused naming --kv-cache-memory."""
+    engine, server = configs([str(tmp_path), "--enable-lora", "--disable-log-requests", "--uvicorn-log-level",
+                              "WARNING", "--max-loras", "100"])
+    assert engine.model == str(tmp_path) and server.log_level == "warning" and not server.enable_log_requests
+    assert engine.max_cpu_loras == 100  # unset, it follows --max-loras up (vLLM's default)
+    assert configs(["--model", str(tmp_path), "--log-level", "DEBUG"])[1].log_level == "debug"
+    for argv, words in ((["--gpu-memory-utilization", "0.9"], "--kv-cache-memory"),
+                        (["a", "--model", "b"], "given twice"),
+                        (["--served-model-name", "foo", "--lora-modules", "foo=/x"], "--served-model-name"),
+                        (["--disable-log-requests", "--enable-log-requests"], "contradict")):
+        with pytest.raises(SystemExit) as exc:
+            main(["serve", *argv])
+        assert exc.value.code == 2 and words in capsys.readouterr().err, argv
+
+
+@pytest.mark.parametrize("env, words", [({"SWAPSERVE_ENABLE_PREFIX_CACHING": "flase"}, "give one of"),
+                                        ({"SWAPSERVE_PORT": "abc"}, "SWAPSERVE_PORT='abc'")])
+def test_environment_values_that_mean_nothing_are_refused_naming_the_variable(tmp_path, env, words):
+    with pytest.raises(ValueError, match=words):
+        configs(["--model", str(tmp_path)], env)
+    assert configs(["--model", str(tmp_path)], {"SWAPSERVE_ENABLE_PREFIX_CACHING": "OFF"})[0].enable_prefix_caching is False
 
 
 def _stream(url: str, out: dict) -> None:
@@ -139,3 +166,12 @@ def _status(url: str, body: dict | None = None) -> int | None:
         return r.status_code
     except httpx.HTTPError:
         return None
+
+
+def test_a_model_path_that_does_not_exist_is_one_line_not_a_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "server", "serve", "--model", str(tmp_path / "nope"), "--port",
+                          str(free_port())], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert out.returncode == 1
+    assert "start-up failed: --model" in out.stderr and "no such directory" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
