@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -95,6 +96,12 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ValueError("give --max-steps > 0 or --epochs > 0")
     if bool(args.register) != bool(args.name):
         raise ValueError("--register URL and --name NAME go together")
+    if args.register and urllib.parse.urlsplit(args.register).scheme not in ("http", "https"):
+        raise ValueError(f"--register {args.register!r}: give the server's URL, e.g. http://127.0.0.1:8000")
+    # checked before training, not found after it when saving
+    taken = next((p for p in (args.output, *args.output.parents) if p.exists() and not p.is_dir()), None)
+    if taken is not None:
+        raise ValueError(f"--output {args.output}: {taken} is a file, not a directory; give a directory")
     if args.name and not valid_adapter_name(args.name):
         raise ValueError(f"--name {args.name!r}: use letters, digits, '.', '_', '-' (starting with a letter or digit)")
 

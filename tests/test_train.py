@@ -153,9 +153,12 @@ def test_bad_data_exits_2_naming_the_line(tiny_model_dir, tmp_path, capsys, line
     (["--register", "http://127.0.0.1:1"], "--register URL and --name NAME go together"),
     (["--register", "http://127.0.0.1:1", "--name", "../x"], "--name '../x'"),
     (["--r", "0"], "--r must be >= 1"),
+    (["--register", "localhost", "--name", "x"], "give the server's URL"),
+    (["--output", "{tmp}/ok.jsonl/out"], "is a file, not a directory"),
 ])
 def test_bad_flags_exit_2_before_training(tmp_path, capsys, argv, message):
     data = write_jsonl(tmp_path / "ok.jsonl", [{"text": "hello"}])
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert run_train(train_args("--data", str(data), "--output", str(tmp_path / "out"), *argv)) == 2
     assert message in capsys.readouterr().err
 
