@@ -212,10 +212,29 @@ def _quantization_config(kind: str, dtype: torch.dtype) -> BitsAndBytesConfig | 
     if kind == "none":
         return None
     if kind == "int8":
+        _once(logging.getLogger("bitsandbytes.autograd._functions"))  # it warns of the fp16 cast on every matmul
         # threshold 0 turns off LLM.int8's outlier columns: with it on, a column is computed in fp16 when ANY row
         # of the batch has an outlier there, so one request's output would depend on what it is batched with
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=dtype)
+
+
+class _Once(logging.Filter):
+    """Lets each message through once (bitsandbytes' int8 matmul warned ~1,000 times per short request)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        first = record.msg not in self.seen
+        self.seen.add(record.msg)
+        return first
+
+
+def _once(logger: logging.Logger) -> None:
+    if not any(isinstance(f, _Once) for f in logger.filters):
+        logger.addFilter(_Once())
 
 
 def load_model(config: EngineConfig) -> LoadedModel:

@@ -180,3 +180,17 @@ def test_default_gguf_nf4_answers_and_second_load_hits_the_cache(tmp_path):
     assert second.gguf_cache_hit is True and second.weights_from == str(entry)
     assert second.tokenizer.chat_template == tok.chat_template
     assert [p.name for p in (cache / "gguf").iterdir()] == [entry.name]
+
+
+def test_int8_warns_of_its_fp16_cast_once_not_per_matmul(caplog):
+    """bitsandbytes' int8 matmul warns of its fp16 cast on every call (~1,000 lines per short request on CPU)."""
+    import logging
+
+    from server.engine.loader import _quantization_config
+
+    _quantization_config("int8", torch.float32)
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        for _ in range(5):
+            logger.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", torch.float32)
+    assert len([r for r in caplog.records if r.name == logger.name]) <= 1
