@@ -187,8 +187,12 @@ class AsyncEngine:
                 outputs = self.engine.fail_all(f"internal error in an engine step ({type(exc).__name__}: {exc}); "
                                                "every request in it was ended, the server keeps serving (please "
                                                "report this)")
-            for req, out in outputs:
-                self._loop.call_soon_threadsafe(self._deliver, req.request_id, out)
+            try:
+                for req, out in outputs:
+                    self._loop.call_soon_threadsafe(self._deliver, req.request_id, out)
+            except RuntimeError:  # the event loop is closed (a forced exit: a second Ctrl-C): nobody to tell
+                log.info("the event loop has closed: the step loop stops")
+                return
             if not outputs and self.engine.scheduler.has_work:
                 time.sleep(0.002)  # only waiting requests whose adapters are loading: do not spin
 

@@ -396,3 +396,21 @@ def test_an_observer_that_raises_is_passed_over(loop, aengine):
         assert outs[-1].finish_reason == "length" and sum(len(o.token_ids) for o in outs) == 4 and not outs[-1].error
     finally:
         aengine.observers.remove(broken)
+
+
+def test_a_closed_event_loop_stops_the_step_loop_quietly(tiny_model_dir, root):
+    """A forced exit (a second Ctrl-C) closes the event loop under a running step thread: it stops, without the
+    "Event loop is closed" traceback it died with."""
+    own = asyncio.new_event_loop()
+    eng = start(own, config(tiny_model_dir, root))
+    errors = []
+    previous, threading.excepthook = threading.excepthook, lambda args: errors.append(args.exc_value)
+    try:
+        eng.add_request([5, 6, 7], greedy(100), request_id="long")  # from the loop's thread, as a route does
+        own.close()  # the loop goes away while the step thread generates
+        eng._thread.join(20)
+        assert not eng._thread.is_alive() and not errors, errors
+    finally:
+        threading.excepthook = previous
+        eng._stop = True
+        eng.engine.store.close()
