@@ -7,6 +7,7 @@ here (on_demand, check) answer early and clearly; the reads themselves check aga
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -17,6 +18,8 @@ from server.adapters.hub_cache import HubCache
 from server.config import EngineConfig, valid_adapter_name
 from server.errors import AdapterNotAllowedError, UnknownAdapterError
 
+log = logging.getLogger(__name__)
+
 HUB_ID_RE = re.compile(r"^(?:hub:)?([A-Za-z0-9][A-Za-z0-9_.-]{0,95})/([A-Za-z0-9][A-Za-z0-9_.-]{0,95})(?:@([A-Za-z0-9_.-]{1,64}))?\Z")
 
 
@@ -24,6 +27,10 @@ class AdapterSources:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.roots = [Path(r).resolve() for r in config.adapter_roots]
+        for root in self.roots:
+            if not root.is_dir():  # a typo: every adapter under it would be 404 without a word
+                log.warning("--adapter-root %s is not a directory (yet): nothing under it can be found until it "
+                            "is created", root)
         self.hub = HubCache(str(Path(config.adapters_cache).resolve()), config.adapters_cache_bytes,
                             config.max_adapter_bytes)
 

@@ -231,7 +231,7 @@ def log_startup(engine, server_config: ServerConfig, seconds: float | None = Non
                     "SWAPSERVE_ADMIN_KEY to use them through a proxy or from another host")
     else:
         log.info("admin routes: admin key required")
-    if not is_loopback(server_config.host) and not keys:
+    if not (is_loopback(server_config.host) or server_config.host == "localhost") and not keys:
         log.warning("listening on %s without --api-key: anyone who can reach it can generate",
                     server_config.host)
     log.info("ready: /ready answers 200")

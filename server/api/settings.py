@@ -43,8 +43,8 @@ class ServerConfig:
         self.api_keys_file = self.api_keys_file or None
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
-        if self.shutdown_timeout < 0:
-            raise ValueError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")
+        if not 0 <= self.shutdown_timeout <= 86400:  # inf and nan too: the drain needs a deadline
+            raise ValueError(f"--shutdown-timeout must be seconds in 0..86400, got {self.shutdown_timeout}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
         if not 1 <= self.max_prompts <= MAX_PROMPTS_HARD:

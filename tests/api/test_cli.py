@@ -110,6 +110,12 @@ def test_vllm_spellings_mean_the_same_or_are_refused_naming_ours(tmp_path, capsy
         assert exc.value.code == 2 and words in capsys.readouterr().err, argv
 
 
+def test_a_shutdown_timeout_without_a_deadline_is_refused(tmp_path):
+    for value in ("inf", "nan", "-1"):
+        with pytest.raises(ValueError, match="--shutdown-timeout must be seconds"):
+            configs(["--model", str(tmp_path), "--shutdown-timeout", value])
+
+
 @pytest.mark.parametrize("env, words", [({"SWAPSERVE_ENABLE_PREFIX_CACHING": "flase"}, "give one of"),
                                         ({"SWAPSERVE_PORT": "abc"}, "SWAPSERVE_PORT='abc'")])
 def test_environment_values_that_mean_nothing_are_refused_naming_the_variable(tmp_path, env, words):

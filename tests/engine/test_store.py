@@ -626,3 +626,9 @@ def test_a_current_version_out_of_host_memory_is_forgotten_when_new_files_replac
     second = s.register("moving", str(tmp_path / "moving"), replace=True)
     s.ensure_host(second).result(timeout=20)
     assert s.version_list("moving") == [second.version] and second.version != first.version
+
+
+def test_an_adapter_root_that_is_not_a_directory_is_warned_of(make_store, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="server.adapters.sources"):
+        make_store(adapter_roots=[str(tmp_path / "typo")])
+    assert any("is not a directory" in r.getMessage() and "typo" in r.getMessage() for r in caplog.records)
