@@ -334,3 +334,16 @@ def distinct_copy(src: Path, dst: Path) -> Path:
     config["revision"] = dst.name
     (dst / "adapter_config.json").write_text(json.dumps(config))
     return dst
+
+
+def fail_next_execute(runner, monkeypatch) -> None:
+    """``runner``'s next execute (an engine step's forward) raises an injected internal error; later ones run."""
+    real, failed = runner.execute, []
+
+    def execute_once_failing(*args, **kwargs):
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "execute", execute_once_failing)

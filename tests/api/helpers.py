@@ -5,6 +5,8 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
+import support
+
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
@@ -29,13 +31,4 @@ def metric_value(http, name: str, headers: dict | None = None, **labels) -> floa
 
 def fail_next_step(server, monkeypatch) -> None:
     """The server's next engine step raises (an injected internal error); the steps after it run as usual."""
-    runner = server.engine.engine.runner
-    real, failed = runner.execute, []
-
-    def execute_once_failing(*args, **kwargs):
-        if not failed:
-            failed.append(1)
-            raise RuntimeError("injected")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "execute", execute_once_failing)
+    support.fail_next_execute(server.engine.engine.runner, monkeypatch)

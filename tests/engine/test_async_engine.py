@@ -9,6 +9,7 @@ import threading
 import pytest
 
 import server.adapters.store as store_module
+import support
 from server.engine.request import SamplingParams
 from server.errors import InvalidRequestError, QueueFullError, UnknownAdapterError
 from .helpers import FFFD, Hold, Recorder, collect, config, encode, greedy, start, streamed, until, wait_event
@@ -349,20 +350,11 @@ def test_a_failed_step_still_delivers_what_it_had_made(loop, aengine, monkeypatc
     final output: their streams end (they hung, their ids "in flight" forever), the others get the step's 500."""
     hold = Hold("held", 3)
     aengine.add_observer(hold)
-    runner = aengine.engine.runner
-    real, failed = runner.execute, []
-
-    def execute_once_failing(*args, **kwargs):
-        if not failed:
-            failed.append(1)
-            raise RuntimeError("injected")
-        return real(*args, **kwargs)
-
     async def main():
         aborted = asyncio.ensure_future(collect(aengine.add_request([5, 6, 7], greedy(50), None, request_id="gone")))
         held = asyncio.ensure_future(collect(aengine.add_request([8, 9, 10], greedy(50), None, request_id="held")))
         await wait_event(hold.reached)  # the step thread is parked mid-step
-        monkeypatch.setattr(runner, "execute", execute_once_failing)
+        support.fail_next_execute(aengine.engine.runner, monkeypatch)
         aengine.abort("gone")  # reaped by the next step, which then fails
         hold.go.set()
         gone, kept = await asyncio.wait_for(asyncio.gather(aborted, held), 20)
