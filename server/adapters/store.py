@@ -275,8 +275,11 @@ class AdapterStore:
         log.warning("adapter %s failed to load: %s", entry.name, entry.error)
         with self.lock:  # an on-demand name that cannot load is not listed; the next request retries it
             if self.catalog.pending.get(entry.name) is entry:
-                self.catalog.restore(entry, None)  # a failed reload or re-read: the name keeps its version
-            elif entry.on_demand and self.entries.get(entry.name) is entry:
+                self.catalog.restore(entry, None)  # a failed reload: the name keeps its version...
+                if not entry.on_demand:
+                    return
+                entry = self.entries[entry.name]  # ...but a failed re-read (_reread) leaves none it can read
+            if entry.on_demand and self.entries.get(entry.name) is entry:
                 self._dropped(self.catalog.forget(entry.name))
                 self.failures.record(LoadFailure(entry.name, entry.source, entry.error, time.time(),
                                                  getattr(e, "status_code", 400)))

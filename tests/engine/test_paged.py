@@ -252,9 +252,9 @@ def test_prompt_logprobs_equal_peft_in_a_mixed_batch(fresh_llm, oracle, budget):
         with torch.no_grad():
             logp = torch.log_softmax(oracle.model(req.adapter)(torch.tensor([prompt])).logits[0, :-1].float(), -1)
         want = logp.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
-        got = torch.tensor([lp for lp, _ in first[1:]])
+        got = torch.tensor([lp for lp, *_ in first[1:]])
         assert (got - want).abs().max().item() <= LP
-        top_ids = [[i for i, _ in top] for _, top in first[1:]]
+        top_ids = [[i for i, _ in top] for _, top, _ in first[1:]]
         assert top_ids == logp.topk(2).indices.tolist()
     assert reqs[1].output_token_ids == [] and reqs[1].finish_reason == "length"
     assert outputs[reqs[1].request_id][-1].finished
