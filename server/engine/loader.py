@@ -212,7 +212,6 @@ def _quantization_config(kind: str, dtype: torch.dtype) -> BitsAndBytesConfig | 
     if kind == "none":
         return None
     if kind == "int8":
-        _once(logging.getLogger("bitsandbytes.autograd._functions"))  # it warns of the fp16 cast on every matmul
         # threshold 0 turns off LLM.int8's outlier columns: with it on, a column is computed in fp16 when ANY row
         # of the batch has an outlier there, so one request's output would depend on what it is batched with
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
@@ -254,9 +253,32 @@ def load_model(config: EngineConfig) -> LoadedModel:
             own_file_tensors(model)
     model.eval()
     model.requires_grad_(False)
+    exact_int8(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, device, dtype, where, cache_hit)
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Holds bitsandbytes layers: from --quantization, or a checkpoint saved quantized (served as it is)."""
+    return any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in model.modules())
+
+
+def exact_int8(model: torch.nn.Module) -> None:
+    """Every int8 layer without LLM.int8's outlier split (threshold 0), whoever quantized it: with the split on, a
+    column is computed in fp16 for every row when ANY row of the batch has an outlier there, so one request's
+    logits depend on what it is batched with. --quantization int8 sets it in its own config; a checkpoint saved
+    in int8 carries its own threshold (6.0 by default), which from_pretrained keeps whatever --quantization says."""
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear8bitLt"]
+    if not layers:
+        return
+    _once(logging.getLogger("bitsandbytes.autograd._functions"))  # it warns of the fp16 cast on every matmul
+    split = [m for m in layers if m.state.threshold]
+    if split:
+        log.info("int8 layers: the checkpoint's outlier threshold (%g) set to 0 on %d layers, so a request's "
+                 "output never depends on its batch", max(m.state.threshold for m in split), len(split))
+    for m in split:
+        m.state.threshold = 0.0
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from server.config import EngineConfig
 from server.engine.attention import PagedAttention, attention_kernel_choice, install
 from server.engine.host_memory import keep_freed_heap, populate_in_background
 from server.engine.kv_cache import PagedKVCache, budget_bytes
-from server.engine.loader import load_model, pack_cpu_linears, settle_layout, usable_cores
+from server.engine.loader import is_quantized, load_model, pack_cpu_linears, settle_layout, usable_cores
 from server.engine.request import Request
 from server.engine.step_input import StepInput
 from server.layers import lora_backend
@@ -28,7 +28,7 @@ class ModelRunner:
         loaded = load_model(config)
         if loaded.device.type == "cpu":
             keep_freed_heap()
-        if config.quantization != "none":
+        if is_quantized(loaded.model):  # --quantization, or a checkpoint saved quantized
             settle_layout(loaded.model, loaded.device)
         self.config = config
         self.model, self.tokenizer = loaded.model, loaded.tokenizer

@@ -182,13 +182,24 @@ def test_default_gguf_nf4_answers_and_second_load_hits_the_cache(tmp_path):
     assert [p.name for p in (cache / "gguf").iterdir()] == [entry.name]
 
 
-def test_int8_warns_of_its_fp16_cast_once_not_per_matmul(caplog):
-    """bitsandbytes' int8 matmul warns of its fp16 cast on every call (~1,000 lines per short request on CPU)."""
+def test_an_int8_checkpoint_is_served_without_the_outlier_split_and_warns_once(tiny_model_dir, tmp_path, caplog):
+    """A checkpoint saved in int8 carries LLM.int8's outlier threshold (6.0), which from_pretrained keeps whatever
+    --quantization says: with it, a request's logits depended on its batch (0.02-0.04 here). The load sets it
+    to 0, as --quantization int8 does; bitsandbytes' per-matmul warning of its fp16 cast goes out once."""
     import logging
 
-    from server.engine.loader import _quantization_config
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    _quantization_config("int8", torch.float32)
+    from server.config import EngineConfig
+    from server.engine.loader import is_quantized, load_model
+
+    saved = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=BitsAndBytesConfig(
+        load_in_8bit=True), device_map={"": "cpu"}, dtype=torch.float32)
+    saved.save_pretrained(tmp_path / "int8")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "int8")
+    loaded = load_model(EngineConfig(model=str(tmp_path / "int8"), quantization="none"))
+    layers = [m for m in loaded.model.modules() if type(m).__name__ == "Linear8bitLt"]
+    assert layers and is_quantized(loaded.model) and all(m.state.threshold == 0.0 for m in layers)
     logger = logging.getLogger("bitsandbytes.autograd._functions")
     with caplog.at_level(logging.WARNING, logger=logger.name):
         for _ in range(5):
