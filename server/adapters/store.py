@@ -276,9 +276,10 @@ class AdapterStore:
         with self.lock:  # an on-demand name that cannot load is not listed; the next request retries it
             if self.catalog.pending.get(entry.name) is entry:
                 self.catalog.restore(entry, None)  # a failed reload: the name keeps its version...
-                if not entry.on_demand:
+                current = self.entries.get(entry.name)
+                if not entry.on_demand or current is None:
                     return
-                entry = self.entries[entry.name]  # ...but a failed re-read (_reread) leaves none it can read
+                entry = current  # ...but a failed re-read (_reread) leaves none it can read
             if entry.on_demand and self.entries.get(entry.name) is entry:
                 self._dropped(self.catalog.forget(entry.name))
                 self.failures.record(LoadFailure(entry.name, entry.source, entry.error, time.time(),
